@@ -1,0 +1,484 @@
+"""The `arexport` command line: generate, build, inspect, verify, profile, calibrate, serve."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from arexport.errors import ArexportError
+
+
+class Group(click.Group):
+    """Turns ArexportError (bad input, bad files) into a one-line error and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ArexportError as e:
+            raise click.ClickException(str(e)) from None
+        except FileExistsError as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="arexport")
+def cli():
+    """Export visual AR image generators to step engines and run fast decoding around them.
+
+    Start with `arexport generate --model demo --classes 0,1,2,3 --out out/` (runs anywhere), then
+    `arexport build demo --out engines/demo` and `arexport generate engines/demo --backend ort ...`.
+    """
+
+
+def main():
+    """Console-script entry point."""
+    cli(prog_name="arexport")
+
+
+# -- shared options ---------------------------------------------------------------------------------
+
+def model_options(f):
+    """Options that pick a model and its weights (torch backend / build)."""
+    opts = [
+        click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model weights (.pt/.pth/.safetensors, any LlamaGen layout)."),
+        click.option("--random-init", is_flag=True, help="Random weights (latency work without checkpoints)."),
+        click.option("--vq-checkpoint", type=click.Path(dir_okay=False), help="LlamaGen VQ-16 tokenizer checkpoint, for images."),
+        click.option("--model-config", "model_config", metavar="K=V,...", help="Override config fields, e.g. n_layer=2,dim=256."),
+        click.option("--image-size", type=int, help="Output size in pixels (LlamaGen: 256, 384, 512; grid = size/16)."),
+        click.option("--init-seed", type=int, default=0, show_default=True, help="Seed of --random-init weights."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "x" in item:  # 3x4 = class 3 four times
+            c, k = item.split("x", 1)
+            out += [_int(c, "class id")] * _int(k, "repeat count")
+        else:
+            out.append(_int(item, "class id"))
+    if not out:
+        raise ArexportError("--classes is empty")
+    return out
+
+
+def _int(s: str, what: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise ArexportError(f"bad {what}: {s!r} is not an integer") from None
+
+
+def _load_captions(path: Optional[str]):
+    if path is None:
+        return None, None
+    import numpy as np
+
+    try:
+        data = np.load(path)
+    except Exception as e:  # numpy raises several types for bad files
+        raise ArexportError(f"cannot read caption embeddings {path}: {e}") from None
+    if isinstance(data, np.ndarray):
+        return data, None
+    if "embeds" not in data:
+        raise ArexportError(f"{path}: expected an array 'embeds' [N,T,C] (and optional 'mask' [N,T])")
+    return data["embeds"], (data["mask"] if "mask" in data else None)
+
+
+# -- generate ----------------------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--model", "model_name", help="Model name (torch backend), e.g. demo, llamagen-c2i-B, GPT-XL.")
+@model_options
+@click.option("--classes", help="Class ids, comma separated; repeats allowed (3,3,7 or 3x4 for four 3s).")
+@click.option("--caption-embeddings", type=click.Path(dir_okay=False), help="t2i: .npy [N,T,C] or .npz with 'embeds' and 'mask'.")
+@click.option("--method", default="ar", show_default=True, help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n.")
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend weight/cache dtype (default fp32).")
+@click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (>1 doubles the batch). Default: the model's.")
+@click.option("--cfg-interval", type=int, default=-1, show_default=True, help="Guide only image tokens 0..N+1 (LlamaGen); -1 = all.")
+@click.option("--top-k", type=int, help="Keep the k most likely tokens (0 = off). Default: the model's.")
+@click.option("--top-p", type=float, help="Nucleus sampling mass (1.0 = off).")
+@click.option("--temperature", type=float, help="Softmax temperature; 0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Request seed; image i uses a seed derived from (seed, i).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per batch (rows are doubled by CFG).")
+@click.option("--draft", help="Draft model name or engine directory (sd, lantern, vvs).")
+@click.option("--window", type=int, help="sjd: Jacobi window L (default 16).")
+@click.option("--sjd-init", type=click.Choice(["random", "repeat_horizon"]), help="sjd: how new drafts are initialised.")
+@click.option("--gamma", type=int, help="sd/lantern/vvs: draft tokens per round (default 4).")
+@click.option("--drafter", type=click.Choice(["sd", "sjd"]), help="lantern: drafter under the relaxed acceptance (default sd).")
+@click.option("--lantern-k", type=int, help="lantern: nearest codebook neighbours searched (default 1000).")
+@click.option("--lantern-delta", type=float, help="lantern: total-variation budget delta (default 0.1).")
+@click.option("--lantern-lambda", type=float, help="lantern: LANTERN++ bound, pooled mass <= (lambda-1) p(x).")
+@click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
+@click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write images DIR/0000.png, 0001.png, ...")
+@click.option("--grid", "grid_png", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
+@click.option("--stats-json", type=click.Path(dir_okay=False), help="Write run statistics as JSON.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
+             classes, caption_embeddings, method, backend, device, precision, cfg_scale, cfg_interval, top_k, top_p,
+             temperature, seed, batch_size, draft, window, sjd_init, gamma, drafter, lantern_k, lantern_delta,
+             lantern_lambda, method_opts, save_tokens, out_dir, grid_png, stats_json, progress):
+    """Generate images with any decoding method, from a model name or an ENGINE_DIR.
+
+    \b
+    Examples:
+      arexport generate --model demo --classes 0,1,2,3,4,5,6,7,8,9 --out out/demo
+      arexport generate --model GPT-B --random-init --classes 207,360 --save-tokens t.npy
+      arexport generate engines/demo --backend ort --classes 3x8 --stats-json stats.json
+    """
+    import numpy as np
+
+    from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
+    from arexport.models.registry import parse_overrides
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    if engine_dir and model_name:
+        raise ArexportError("give either ENGINE_DIR or --model, not both")
+    if not engine_dir and not model_name:
+        raise ArexportError("nothing to run: give an ENGINE_DIR or --model NAME (try --model demo)")
+    if not (save_tokens or out_dir or stats_json or grid_png):
+        raise ArexportError("no output requested: pass --out DIR, --grid FILE, --save-tokens FILE or --stats-json FILE")
+    source = engine_dir or model_name
+    kw = {}
+    if model_name:
+        kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
+                  image_size=image_size, vq_checkpoint=vq_checkpoint, dtype=precision)
+    gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
+    spec = gen.spec
+    d = spec.extra.get("sampling_defaults", {})
+    sampling = SamplingParams(
+        temperature=d.get("temperature", 1.0) if temperature is None else temperature,
+        top_k=d.get("top_k", 0) if top_k is None else top_k,
+        top_p=d.get("top_p", 1.0) if top_p is None else top_p,
+        cfg_scale=d.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale,
+        cfg_interval=cfg_interval,
+    )
+    captions, cmask = _load_captions(caption_embeddings)
+    opts = _parse_method_options(method_opts)
+    named = {"window": window, "init": sjd_init, "gamma": gamma, "drafter": drafter, "k": lantern_k,
+             "delta": lantern_delta, "lam": lantern_lambda}
+    opts.update({k: v for k, v in named.items() if v is not None})
+    show = sys.stderr.isatty() if progress is None else progress
+    need_images = bool(out_dir or grid_png)
+    result = _run_with_progress(gen, show, dict(
+        classes=_parse_classes(classes), captions=captions, caption_mask=cmask, method=method, method_options=opts,
+        sampling=sampling, seed=seed, batch_size=batch_size, images=need_images))
+    if save_tokens:
+        atomic_save_npy(save_tokens, result.tokens.astype(np.int64))
+    if out_dir:
+        out = Path(out_dir)
+        for i, img in enumerate(result.images):
+            atomic_save_png(out / f"{i:04d}.png", img)
+    if grid_png:
+        atomic_save_png(grid_png, image_grid(result.images))
+    stats = dict(result.stats, method=method, sampling=sampling.__dict__, model=spec.name, seed=seed)
+    if stats_json:
+        atomic_write_json(stats_json, stats)
+    click.echo(
+        f"{stats['images']} images in {stats['seconds']:.2f}s ({stats['seconds_per_image']:.3f}s/image), "
+        f"{stats['target_forwards_per_image']:.1f} target forwards per image"
+        + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else "")
+        + (f", mean accepted length {stats['mean_accepted_length']:.2f}" if "mean_accepted_length" in stats else "")
+        + (f" -> {out_dir}" if out_dir else ""),
+        err=True,
+    )
+
+
+# -- build / inspect / verify / decode ------------------------------------------------------------------
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ArexportError(f"bad {what}: {text!r} (expected comma-separated integers)") from None
+    if not vals:
+        raise ArexportError(f"{what} is empty")
+    return vals
+
+
+@cli.command()
+@click.argument("model_name")
+@model_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Engine directory to write.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Engine batch sizes in rows (CFG: 2 rows per image).")
+@click.option("--verify-len", type=int, default=16, show_default=True, help="Largest query length of the step (verify block K).")
+@click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True, help="onnx: ONNX graphs; trt: also TensorRT plans.")
+@click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory (only once the new one is complete).")
+@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="TensorRT builder optimization level.")
+@click.option("--trt-timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
+@click.option("--trt-workspace-gb", type=float, help="TensorRT workspace memory pool limit in GiB.")
+@click.option("--lantern-k", type=int, default=1000, show_default=True, help="Codebook neighbours stored per token for LANTERN.")
+def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
+          batch_sizes, verify_len, backend, no_images, overwrite, trt_opt_level, trt_timing_cache, trt_workspace_gb,
+          lantern_k):
+    """Export MODEL_NAME's step functions into an engine directory (written atomically).
+
+    \b
+    Examples:
+      arexport build demo --out engines/demo
+      arexport build GPT-B --random-init --precision fp16 --batch-sizes 2,4 --verify-len 16 --out engines/b
+      arexport build GPT-XL --checkpoint c2i_XL_384.pt --image-size 384 --backend trt --out engines/xl
+    """
+    from arexport.engines.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model, parse_overrides
+
+    opts = BuildOptions(precision=precision, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), verify_len=verify_len,
+                        backend=backend, images=not no_images, overwrite=overwrite, trt_opt_level=trt_opt_level,
+                        trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k).validate()
+    if Path(out_dir).exists() and not overwrite:
+        raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
+    if backend == "trt":
+        from arexport.engines.trt_build import require_tensorrt
+
+        require_tensorrt()
+    loaded = load_model(model_name, checkpoint=checkpoint, random_init=random_init, seed=init_seed,
+                        overrides=parse_overrides(model_config), image_size=image_size, vq_checkpoint=vq_checkpoint)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("building") as status:
+        def report(msg):
+            status.update(msg)
+            console.log(msg)
+
+        manifest = build_engine(loaded, out_dir, opts, report=report)
+    _print_manifest(manifest, console, brief=True)
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+@click.option("--check-hashes/--no-check-hashes", default=True, show_default=True, help="Verify file hashes too.")
+def inspect(engine_dir, as_json, check_hashes):
+    """Print an engine directory's manifest readably (and validate its files).
+
+    \b
+    Example:
+      arexport inspect engines/demo
+    """
+    import json as _json
+
+    from arexport.engines.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(engine_dir)
+    verify_files(engine_dir, manifest, check_hashes=check_hashes)
+    if as_json:
+        click.echo(_json.dumps(manifest, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+
+    _print_manifest(manifest, Console(), brief=False)
+
+
+def _print_manifest(m: dict, console, brief: bool) -> None:
+    from rich.table import Table
+
+    spec = m["spec"]
+    console.print(f"[bold]{spec['name']}[/] ({spec['family']} {spec['model_type']}), precision {m['precision']}, "
+                  f"format v{m['format_version']}, created {m.get('created', '?')}")
+    console.print(f"  layers {spec['n_layer']}, heads {spec['n_head']} (kv {spec['n_kv_head']}), dim {spec['dim']}, "
+                  f"vocab {spec['vocab_size']}, {spec['n_tokens']} tokens ({spec['grid_size']}x{spec['grid_size']}), "
+                  f"condition {spec['cond_len']} token(s), S_max {spec['s_max']}")
+    prof = m["profiles"]
+    console.print(f"  batch sizes (rows) {prof['batch_sizes']}, step kinds {prof['step_kinds']}")
+    w = m.get("weights", {})
+    if w:
+        console.print(f"  weights {w.get('file')}: {w.get('unique_bytes', 0) / 2**20:.1f} MiB stored, "
+                      f"{w.get('referenced_bytes', 0) / 2**20:.1f} MiB referenced by graphs")
+    t = Table(title="graphs", show_lines=False)
+    for col in ("graph", "file", "nodes", "parameters", "top operators"):
+        t.add_column(col)
+    for name, g in m["graphs"].items():
+        r = m.get("report", {}).get(name, {})
+        hist = r.get("op_histogram", {})
+        top = ", ".join(f"{k} {v}" for k, v in list(hist.items())[: (6 if brief else 12)])
+        t.add_row(name, g["file"], str(r.get("nodes", "?")), f"{r.get('parameters', 0):,}", top)
+    console.print(t)
+    if not brief:
+        for name, g in m["graphs"].items():
+            hist = m.get("report", {}).get(name, {}).get("op_histogram", {})
+            console.print(f"  {name} operators: " + ", ".join(f"{k} {v}" for k, v in hist.items()))
+            io = Table(title=f"{name} I/O")
+            for col in ("kind", "name", "dtype", "shape"):
+                io.add_column(col)
+            for kind in ("inputs", "outputs"):
+                vals = g.get(kind, [])
+                shown = vals if len(vals) <= 10 else vals[:6] + [{"name": f"... {len(vals) - 8} more", "dtype": "", "shape": ""}] + vals[-2:]
+                for v in shown:
+                    io.add_row(kind[:-1], v["name"], str(v["dtype"]), str(v["shape"]))
+            console.print(io)
+        trt = m.get("tensorrt")
+        if trt:
+            console.print(f"  TensorRT {trt.get('version')} plans for {trt.get('gpu', {}).get('name')} "
+                          f"(sm {trt.get('gpu', {}).get('compute_capability')}): {', '.join(trt.get('plans', {}))}")
+        console.print(f"  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items() if v))
+        console.print(f"  files: " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in m["files"].items()))
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch", type=int, default=2, show_default=True, help="Rows per case (rows sit at different offsets).")
+@click.option("--atol", type=float, help="Absolute tolerance (default per precision: fp32 1e-4).")
+@click.option("--rtol", type=float, help="Relative tolerance.")
+@click.option("--images", "n_images", type=int, default=2, show_default=True, help="Whole images for greedy token agreement (0 = skip).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
+    """Compare ENGINE_DIR with the PyTorch reference on every step function.
+
+    Prints max abs / relative error per output for prefill, decode (q = 1) and verify (q = K) at
+    zero and non-zero cache offsets, and greedy token agreement over whole images.
+
+    \b
+    Example:
+      arexport verify engines/demo
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from arexport.engines.directory import open_engine_dir, torch_engine_from_manifest
+    from arexport.engines.verify import verify_engine
+    from arexport.fileio import atomic_write_json
+
+    engine = open_engine_dir(engine_dir, backend=backend, device=device)
+    reference = torch_engine_from_manifest(engine.manifest, device=device)
+    rep = verify_engine(engine, reference, engine.manifest["precision"], batch=batch,
+                        verify_len=engine.manifest["profiles"]["verify_len"], atol=atol, rtol=rtol,
+                        full_image=n_images > 0, n_images=max(n_images, 1))
+    console = Console()
+    t = Table(title=f"{engine_dir}: {backend} vs torch ({rep.precision}, atol {rep.atol:g}, rtol {rep.rtol:g})")
+    for col in ("case", "cache slots", "output", "max abs", "max rel", ""):
+        t.add_column(col)
+    for r in rep.rows:
+        t.add_row(r["case"], str(r["offsets"]), r["output"], f"{r['max_abs']:.3g}", f"{r['max_rel']:.3g}",
+                  "[green]ok[/]" if r["passed"] else "[red]FAIL[/]")
+    console.print(t)
+    if rep.token_agreement is not None:
+        console.print(f"greedy whole-image token agreement: {rep.token_agreement:.4f} ({rep.images_identical} images identical)")
+    console.print(f"[bold]{'PASS' if rep.passed else 'FAIL'}[/] in {rep.seconds:.1f}s")
+    if json_out:
+        atomic_write_json(json_out, rep.as_dict())
+    if not rep.passed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("source")
+@model_options
+@click.option("--tokens", "tokens_file", required=True, type=click.Path(dir_okay=False), help=".npy int array [N, n_tokens].")
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write DIR/0000.png, ...")
+@click.option("--grid", "grid_png", type=click.Path(dir_okay=False), help="Write one grid PNG.")
+def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, tokens_file, backend,
+           device, out_dir, grid_png):
+    """Turn saved tokens into images with SOURCE's image decoder (a model name or engine directory).
+
+    \b
+    Example:
+      arexport decode demo --tokens tokens.npy --out out/decoded
+    """
+    import numpy as np
+    import torch
+
+    from arexport.fileio import atomic_save_png
+    from arexport.models.registry import parse_overrides
+    from arexport.runtime.loading import open_engine
+
+    if not (out_dir or grid_png):
+        raise ArexportError("no output requested: pass --out DIR or --grid FILE")
+    try:
+        tokens = np.load(tokens_file)
+    except Exception as e:  # numpy raises several types on bad files
+        raise ArexportError(f"cannot read tokens {tokens_file}: {e}") from None
+    kw = {}
+    if not Path(source).is_dir():
+        kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
+                  image_size=image_size, vq_checkpoint=vq_checkpoint)
+    engine = open_engine(source, backend=backend, device=device, **kw)
+    spec = engine.spec
+    if tokens.ndim != 2 or tokens.shape[1] != spec.n_tokens or not np.issubdtype(tokens.dtype, np.integer):
+        raise ArexportError(f"tokens must be an integer array [N, {spec.n_tokens}], got {tokens.dtype} {list(tokens.shape)}")
+    images = engine.decode_images(torch.from_numpy(tokens.astype(np.int64))).cpu().numpy()
+    if out_dir:
+        for i, img in enumerate(images):
+            atomic_save_png(Path(out_dir) / f"{i:04d}.png", img)
+    if grid_png:
+        atomic_save_png(grid_png, image_grid(images))
+    click.echo(f"decoded {len(images)} images", err=True)
+
+
+def _parse_method_options(items) -> dict:
+    opts = {}
+    for it in items:
+        if "=" not in it:
+            raise ArexportError(f"bad --option {it!r}: expected K=V")
+        k, v = it.split("=", 1)
+        opts[k.strip().replace("-", "_")] = _auto_type(v.strip())
+    return opts
+
+
+def _auto_type(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def _run_with_progress(gen, show: bool, kwargs: dict):
+    if not show:
+        return gen.generate(**kwargs)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("gen", total=None)
+
+        def cb(done, total):
+            bar.update(task, completed=done, total=total)
+
+        return gen.generate(progress=cb, **kwargs)
+
+
+def image_grid(images, cols: Optional[int] = None, pad: int = 4):
+    """uint8 [N,H,W,3] -> one uint8 grid image with `pad` grey pixels between cells."""
+    import numpy as np
+
+    n, h, w, c = images.shape
+    cols = cols or min(n, 10)
+    rows = (n + cols - 1) // cols
+    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), 96, dtype=np.uint8)  # grey gutters
+    for i, img in enumerate(images):
+        r, k = divmod(i, cols)
+        grid[r * (h + pad): r * (h + pad) + h, k * (w + pad): k * (w + pad) + w] = img
+    return grid
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""`arexport build`: model -> engine directory (ONNX graphs, shared weights, manifest, TRT plans).
+
+The directory is built in a temporary sibling and renamed into place only when complete, so an
+interrupted or failed build leaves nothing half-written (and an existing directory untouched).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from arexport.engines.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entry, tool_versions
+from arexport.errors import ArexportError
+from arexport.fileio import atomic_directory, atomic_write_json
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BuildOptions:
+    """What to build; batch sizes count rows (an image with CFG is 2 rows)."""
+
+    precision: str = "fp32"
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    verify_len: int = 16
+    backend: str = "onnx"  # onnx | trt
+    images: bool = True
+    overwrite: bool = False
+    trt_opt_level: int = 3
+    trt_timing_cache: Optional[str] = None
+    trt_workspace_gb: Optional[float] = None
+    lantern_k: int = 1000
+
+    def validate(self) -> "BuildOptions":
+        if self.precision not in PRECISIONS:
+            raise ArexportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ArexportError(f"batch sizes must be positive integers, got {self.batch_sizes}")
+        if self.verify_len < 1:
+            raise ArexportError(f"--verify-len must be >= 1, got {self.verify_len}")
+        if self.backend not in ("onnx", "trt"):
+            raise ArexportError(f"unknown build backend {self.backend!r}; choose onnx or trt")
+        return self
+
+
+Reporter = Callable[[str], None]
+
+
+def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> dict[str, Any]:
+    """Export `loaded` (a LoadedModel) into the engine directory `out`; returns the manifest."""
+    from arexport.exporter.checks import check_graph, raise_on_problems
+    from arexport.exporter.export import WeightStore, export_image_decoder, export_prefill, export_step
+
+    opts.validate()
+    if opts.backend == "trt":
+        from arexport.engines.trt_build import require_tensorrt
+
+        require_tensorrt()  # fail before the long export, not after
+    spec = loaded.spec
+    dtype = PRECISIONS[opts.precision]
+    max_q = min(max(opts.verify_len, 1), spec.s_max)
+    model = loaded.model.to(dtype=dtype).eval()
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    max_batch = max(opts.batch_sizes)
+    t_start = time.perf_counter()
+    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+        store = WeightStore(tmp)
+        graphs: dict[str, Any] = {}
+        try:
+            report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
+            t0 = time.perf_counter()
+            g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+            graphs["step"] = {"file": g.file, "kinds": {"decode": 1, "verify": max_q}, "q_range": [1, max_q],
+                              "aliases": {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")},
+                              "export_seconds": round(time.perf_counter() - t0, 2)}
+            if spec.model_type == "t2i":
+                report("exporting t2i prefill graph")
+                g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
+                graphs["prefill"] = {"file": g.file, "aliases": dict(graphs["step"]["aliases"])}
+            if opts.images and loaded.decoder is not None:
+                report("exporting image decoder graph")
+                g = export_image_decoder(loaded.decoder.float().eval(), spec, tmp, store, max_batch=max_batch)
+                graphs["vq_decoder"] = {"file": g.file}
+        finally:
+            store.close()
+        extras = _write_arrays(loaded, tmp, opts)
+        reports = {}
+        for name, g in graphs.items():
+            report(f"checking {g['file']}")
+            r = check_graph(tmp / g["file"])
+            raise_on_problems(r)
+            g["inputs"], g["outputs"] = r.inputs, r.outputs
+            reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "spec": spec.to_json(),
+            "source": loaded.source,
+            "precision": opts.precision,
+            "graphs": graphs,
+            "arrays": extras,
+            "weights": {"file": store.filename, "unique_bytes": store.unique_bytes, "referenced_bytes": store.referenced_bytes},
+            "profiles": {"batch_sizes": sorted(set(opts.batch_sizes)), "verify_len": max_q,
+                         "step_kinds": {"decode": 1, "verify": max_q}},
+            "cache": {"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
+                      "s_max": spec.s_max, "dtype": opts.precision, "slots": "generation order; positions drive RoPE"},
+            "report": reports,
+            "tools": tool_versions(),
+        }
+        if opts.backend == "trt":
+            from arexport.engines.trt_build import build_plans
+
+            report("building TensorRT plans")
+            manifest["tensorrt"] = build_plans(tmp, manifest, opts, report)
+        manifest["files"] = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+        manifest["build_seconds"] = round(time.perf_counter() - t_start, 2)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    report(f"wrote {out}")
+    return manifest
+
+
+def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:
+    """Codebook (+ latent neighbours for LANTERN) and the t2i null caption, as .npy files."""
+    out: dict[str, str] = {}
+    if loaded.decoder is not None and hasattr(loaded.decoder, "codebook"):
+        cb = loaded.decoder.codebook().detach().float().cpu().numpy()
+        np.save(tmp / "codebook.npy", cb)
+        out["codebook"] = "codebook.npy"
+        from arexport.runtime.speculative import latent_neighbors
+
+        nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k).numpy()
+        np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
+        out["neighbors"] = "neighbors.npy"
+    if loaded.spec.model_type == "t2i":
+        np.save(tmp / "uncond_embedding.npy", loaded.model.cls_embedding.uncond_embedding.detach().float().cpu().numpy())
+        out["uncond_embedding"] = "uncond_embedding.npy"
+    return out

@@ -1,0 +1,228 @@
+"""Export step functions to ONNX (opset 24) with static KV-cache inputs and aliased outputs.
+
+The dynamo exporter traces a wrapper (graphs.py); the KV write becomes `TensorScatter` and SDPA
+with a boolean mask becomes `Attention`. After export every initializer is moved into one shared,
+de-duplicated `weights.bin` (4 KiB-aligned, content-addressed), so graphs that share weights
+(t2i prefill and step) store them once, and models over 2 GB need no special path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import onnx
+import torch
+
+from arexport.exporter.graphs import ImageDecoderGraph, PrefillGraph, StepGraph
+from arexport.exporter.ops import OPSET, TRANSLATIONS
+from arexport.spec import ModelSpec
+
+ALIGN = 4096
+WEIGHTS_FILE = "weights.bin"
+
+
+class WeightStore:
+    """Append-only, content-addressed external-data file shared by several ONNX graphs."""
+
+    def __init__(self, directory: Path, filename: str = WEIGHTS_FILE):
+        self.path = Path(directory) / filename
+        self.filename = filename
+        self._index: dict[str, tuple[int, int]] = {}
+        self._f = open(self.path, "ab")
+        self.unique_bytes = 0
+        self.referenced_bytes = 0
+
+    def add(self, data: bytes) -> tuple[int, int]:
+        """Store bytes once; returns (offset, length)."""
+        key = hashlib.sha256(data).hexdigest()
+        self.referenced_bytes += len(data)
+        if key in self._index:
+            return self._index[key]
+        pos = self._f.tell()
+        pad = (-pos) % ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            pos += pad
+        self._f.write(data)
+        self._index[key] = (pos, len(data))
+        self.unique_bytes += len(data)
+        return pos, len(data)
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+@dataclass
+class ExportedGraph:
+    """One exported graph file and its I/O names."""
+
+    name: str
+    file: str
+    inputs: list[str]
+    outputs: list[str]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings (we report our own progress)."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    with _quiet(), torch.no_grad():
+        prog = torch.onnx.export(
+            module,
+            tuple(args),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table=TRANSLATIONS,
+            optimize=True,
+            verbose=False,
+            report=False,
+        )
+        prog.save(str(path), external_data=True)
+
+
+def _finalize(raw_path: Path, final_path: Path, store: WeightStore, dim_names: dict[str, str]) -> None:
+    """Move raw_path's initializers into the shared store and write the small graph to final_path."""
+    model = onnx.load(str(raw_path), load_external_data=False)
+    base = raw_path.parent
+    handles: dict[str, object] = {}
+    try:
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                info = {e.key: e.value for e in init.external_data}
+                loc = base / info["location"]
+                f = handles.get(str(loc)) or open(loc, "rb")
+                handles[str(loc)] = f
+                f.seek(int(info.get("offset", 0)))
+                data = f.read(int(info["length"])) if "length" in info else f.read()
+            elif init.raw_data:
+                data = init.raw_data
+            else:
+                continue  # typed-field constants (tiny) stay inline
+            if len(data) < 1024:
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    init.ClearField("external_data")
+                    init.data_location = onnx.TensorProto.DEFAULT
+                    init.raw_data = data
+                continue
+            offset, length = store.add(data)
+            init.ClearField("raw_data")
+            init.ClearField("external_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", store.filename), ("offset", str(offset)), ("length", str(length))):
+                e = init.external_data.add()
+                e.key, e.value = k, v
+    finally:
+        for f in handles.values():
+            f.close()
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in dim_names:
+                d.dim_param = dim_names[d.dim_param]
+    onnx.save(model, str(final_path))
+
+
+def _dim_renames(path: Path, wanted: dict[tuple[str, int], str]) -> dict[str, str]:
+    """Map the exporter's symbolic dim names (s0, s1, ...) to ours, by (input name, axis)."""
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for vi in model.graph.input:
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_param") and (vi.name, axis) in wanted:
+                out[d.dim_param] = wanted[(vi.name, axis)]
+    return out
+
+
+def _cache_args(spec: ModelSpec, batch: int, dtype) -> list[torch.Tensor]:
+    shape = spec.cache_shape(batch)
+    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * spec.n_cache_layers)]
+
+
+def export_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
+                max_batch: int, file: str = "model.onnx") -> ExportedGraph:
+    """Export the step function (dynamic batch and query length q in [1, max_q])."""
+    from torch.export import Dim
+
+    b_ex, q_ex = 2, min(3, max_q) if max_q > 1 else 1
+    s = spec.s_max
+    tokens = torch.zeros(b_ex, q_ex, dtype=torch.int64)
+    positions = torch.arange(q_ex).expand(b_ex, q_ex).contiguous()
+    write_index = torch.tensor([1, 2][:b_ex], dtype=torch.int64)
+    mask = torch.ones(b_ex, 1, q_ex, s, dtype=torch.bool)
+    caches = _cache_args(spec, b_ex, dtype)
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
+    q = Dim("q", min=1, max=max_q) if max_q > 1 else None
+    bq = {0: batch, 1: q} if q is not None else {0: batch}
+    dyn = [bq, bq, {0: batch}, ({0: batch, 2: q} if q is not None else {0: batch}), tuple([{0: batch}] * len(caches))]
+    ins, outs = StepGraph.io_names(spec.n_cache_layers)
+    raw = workdir / f".raw_{file}"
+    _export(StepGraph(model).eval(), [tokens, positions, write_index, mask, *caches], raw, ins, outs, dyn)
+    wanted = {("tokens", 0): "batch", ("tokens", 1): "q"}
+    _finalize(raw, workdir / file, store, _dim_renames(raw, wanted))
+    _cleanup_raw(raw)
+    return ExportedGraph("step", file, ins, outs)
+
+
+def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_batch: int,
+                   file: str = "prefill.onnx") -> ExportedGraph:
+    """Export the t2i condition prefill (dynamic batch; T = cond_len is static)."""
+    from torch.export import Dim
+
+    b_ex, t = 2, spec.cond_len
+    emb = torch.zeros(b_ex, t, spec.caption_dim, dtype=dtype)
+    mask = torch.ones(b_ex, 1, t, spec.s_max, dtype=torch.bool)
+    caches = _cache_args(spec, b_ex, dtype)
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
+    dyn = [{0: batch}, {0: batch}, tuple([{0: batch}] * len(caches))]
+    ins, outs = PrefillGraph.io_names(spec.n_cache_layers)
+    raw = workdir / f".raw_{file}"
+    _export(PrefillGraph(model).eval(), [emb, mask, *caches], raw, ins, outs, dyn)
+    _finalize(raw, workdir / file, store, _dim_renames(raw, {("cond_embeds", 0): "batch"}))
+    _cleanup_raw(raw)
+    return ExportedGraph("prefill", file, ins, outs)
+
+
+def export_image_decoder(decoder, spec: ModelSpec, workdir: Path, store: WeightStore, max_batch: int,
+                         file: str = "vq_decoder.onnx") -> ExportedGraph:
+    """Export tokens -> uint8 images (dynamic number of images)."""
+    from torch.export import Dim
+
+    tokens = torch.zeros(2, spec.n_tokens, dtype=torch.int64)
+    n = Dim("n", min=1, max=max(max_batch, 2))
+    ins, outs = ImageDecoderGraph.io_names()
+    raw = workdir / f".raw_{file}"
+    _export(ImageDecoderGraph(decoder).eval(), [tokens], raw, ins, outs, [{0: n}])
+    _finalize(raw, workdir / file, store, _dim_renames(raw, {("tokens", 0): "batch"}))
+    _cleanup_raw(raw)
+    return ExportedGraph("vq_decoder", file, ins, outs)
+
+
+def _cleanup_raw(raw: Path) -> None:
+    for p in raw.parent.glob(raw.name + "*"):
+        p.unlink()

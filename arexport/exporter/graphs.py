@@ -1,0 +1,74 @@
+"""Traceable wrappers fixing each step function's graph signature (names in io_names())."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from arexport.exporter.ops import functional_cache_write
+
+
+def cache_names(n_layers: int, prefix: str) -> list[str]:
+    """['{prefix}_key_0', '{prefix}_value_0', ...] in the order the graphs take and return them."""
+    out = []
+    for i in range(n_layers):
+        out += [f"{prefix}_key_{i}", f"{prefix}_value_{i}"]
+    return out
+
+
+class StepGraph(nn.Module):
+    """(tokens, positions, write_index, attn_mask, *past) -> (logits, *present)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.n = len(model.layers)
+
+    def forward(self, tokens, positions, write_index, attn_mask, *past):
+        keys, values = list(past[0::2]), list(past[1::2])
+        logits, nk, nv = self.model.step(tokens, positions, write_index, attn_mask, keys, values, cache_write=functional_cache_write)
+        out = [logits]
+        for k, v in zip(nk, nv):
+            out += [k, v]
+        return tuple(out)
+
+    @staticmethod
+    def io_names(n_layers: int):
+        ins = ["tokens", "positions", "write_index", "attn_mask"] + cache_names(n_layers, "past")
+        outs = ["logits"] + cache_names(n_layers, "present")
+        return ins, outs
+
+
+class PrefillGraph(nn.Module):
+    """t2i: (cond_embeds, attn_mask, *past) -> (logits of the last condition token, *present)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, cond_embeds, attn_mask, *past):
+        keys, values = list(past[0::2]), list(past[1::2])
+        logits, nk, nv = self.model.prefill_embeds(cond_embeds, attn_mask, keys, values, cache_write=functional_cache_write)
+        out = [logits]
+        for k, v in zip(nk, nv):
+            out += [k, v]
+        return tuple(out)
+
+    @staticmethod
+    def io_names(n_layers: int):
+        return ["cond_embeds", "attn_mask"] + cache_names(n_layers, "past"), ["logits"] + cache_names(n_layers, "present")
+
+
+class ImageDecoderGraph(nn.Module):
+    """tokens [N, n_tokens] int64 -> images [N, H, W, 3] uint8."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tokens):
+        return self.decoder(tokens)
+
+    @staticmethod
+    def io_names():
+        return ["tokens"], ["images"]

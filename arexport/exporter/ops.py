@@ -1,0 +1,44 @@
+"""The KV-cache write as a custom op that exports to ONNX `TensorScatter` (opset 24).
+
+Eager PyTorch runs it functionally (clone + scatter); the ONNX translation is a single
+`TensorScatter(past, update, write_indices, axis=2, mode="linear")`, which ONNX Runtime updates in
+place when one buffer is bound to both input and output, and which TensorRT >= 10.15 parses into
+`IKVCacheUpdateLayer`. The dynamo exporter would otherwise turn an in-place `index_copy_` into a
+copying ScatterND on a constant.
+"""
+
+from __future__ import annotations
+
+import onnxscript
+import torch
+
+OPSET = 24
+_op24 = onnxscript.values.Opset("", OPSET)  # onnxscript has no opset24 module yet
+
+
+@torch.library.custom_op("arexport::kv_scatter", mutates_args=())
+def kv_scatter(past: torch.Tensor, update: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    """present = past with update [B,H,q,D] written at slots write_index[b] .. + q (functional)."""
+    b, h, q, d = update.shape
+    out = past.clone()
+    slots = write_index.view(b, 1, 1, 1) + torch.arange(q, device=update.device).view(1, 1, q, 1)
+    out.scatter_(2, slots.expand(b, h, q, d), update.to(past.dtype))
+    return out
+
+
+@kv_scatter.register_fake
+def _kv_scatter_fake(past, update, write_index):
+    return torch.empty_like(past)
+
+
+def kv_scatter_onnx(past, update, write_index):
+    """ONNX translation of arexport::kv_scatter."""
+    return _op24.TensorScatter(past, update, write_index, axis=2, mode="linear")
+
+
+def functional_cache_write(past: torch.Tensor, new: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
+    """Cache-write callback for the model's step function during export."""
+    return torch.ops.arexport.kv_scatter(past, new.to(past.dtype), write_index)
+
+
+TRANSLATIONS = {torch.ops.arexport.kv_scatter.default: kv_scatter_onnx}

@@ -1,0 +1,123 @@
+"""Checkpoint reading for every layout the reference repositories write.
+
+Accepted: `.pt`/`.pth`/`.bin` (read with `torch.load(weights_only=True)`) holding a dict with a
+`model`, `ema`, `module` or `state_dict` entry, or a bare state dict (FSDP `consolidated.pth`);
+`.safetensors`. DDP/torch.compile prefixes (`module.`, `_orig_mod.`) are stripped, and buffers that
+the reference saves but recomputes (`freqs_cis`, `causal_mask`) are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from arexport.errors import CheckpointError
+
+WRAPPER_KEYS = ("model", "ema", "module", "state_dict")
+PREFIXES = ("module.", "_orig_mod.")
+RECOMPUTED_BUFFERS = ("freqs_cis", "causal_mask")
+
+
+def read_state_dict(path: str | os.PathLike, key: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file into a flat {name: tensor} dict (CPU), unwrapping known layouts."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint path is a directory, expected a file: {p}")
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            raw = load_file(str(p), device="cpu")
+        except Exception as e:  # safetensors raises SafetensorError / OSError on bad files
+            raise CheckpointError(f"not a readable safetensors file: {p} ({_short(e)})") from None
+    else:
+        try:
+            raw = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:  # the weights-only unpickler raises many types on foreign bytes
+            raise CheckpointError(f"not a readable PyTorch checkpoint: {p} ({_short(e)})") from None
+    return unwrap_state_dict(raw, source=str(p), key=key)
+
+
+def unwrap_state_dict(raw, source: str = "checkpoint", key: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Pick the state dict out of a loaded checkpoint object and normalise its key names."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a dict of tensors, found {type(raw).__name__}")
+    if key is not None:
+        if key not in raw:
+            raise CheckpointError(f"{source}: no entry {key!r} (entries: {_names(raw.keys())})")
+        raw = raw[key]
+    elif not _is_tensor_dict(raw):
+        for k in WRAPPER_KEYS:
+            if k in raw and isinstance(raw[k], dict) and _is_tensor_dict(raw[k]):
+                raw = raw[k]
+                break
+        else:
+            raise CheckpointError(
+                f"{source}: no state dict found; expected tensors or one of {', '.join(WRAPPER_KEYS)} "
+                f"(entries: {_names(raw.keys())})"
+            )
+    sd = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError(f"{source}: the state dict holds no tensors")
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k.split(".")[-1] not in RECOMPUTED_BUFFERS}
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_prefixes: Iterable[str] = ()) -> None:
+    """Copy sd into model, refusing missing, unexpected or mis-shaped keys with their names."""
+    expected = model.state_dict()
+    ignore = tuple(ignore_prefixes)
+    given = {k: v for k, v in sd.items() if not (ignore and k.startswith(ignore))}
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shaped = [
+        f"{k} (checkpoint {tuple(given[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if shaped:
+        problems.append(f"mis-shaped keys: {_names(shaped)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, t in expected.items():
+            t.copy_(given[k].to(t.dtype))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def _is_tensor_dict(d: dict) -> bool:
+    return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _names(keys, limit: int = 6) -> str:
+    keys = list(keys)
+    shown = ", ".join(str(k) for k in keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return s[:160]

@@ -1,0 +1,222 @@
+"""Model names -> configs, weights and image decoders.
+
+Names:
+* `llamagen-c2i-{B,L,XL,XXL,XXXL,1B,3B,7B}` and `llamagen-t2i-{...}` (every published LlamaGen
+  size; aliases `GPT-B`, `c2i-B`, `t2i-XL`, ...). Weights come from `--checkpoint` or
+  `--random-init`; images need `--vq-checkpoint` (or random VQ weights with `--random-init`).
+* `demo`, `demo-draft`: the digits models shipped inside the package (weights committed).
+Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
+fewer layers for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
+from arexport.models.llamagen import LlamaGen, LlamaGenConfig
+from arexport.spec import ModelSpec
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# (n_layer, n_head, dim) from LlamaGen's GPT configs.
+LLAMAGEN_SIZES = {
+    "B": (12, 12, 768),
+    "L": (24, 16, 1024),
+    "XL": (36, 20, 1280),
+    "XXL": (48, 24, 1536),
+    "XXXL": (48, 40, 2560),
+    "1B": (22, 32, 2048),
+    "3B": (24, 32, 3200),
+    "7B": (32, 32, 4096),
+}
+
+DEMO_MODELS = {
+    "demo": "demo.safetensors",
+    "demo-draft": "demo-draft.safetensors",
+}
+
+
+DEMO_CFG_SCALE = 1.5
+
+
+@dataclass
+class LoadedModel:
+    """A ready PyTorch model with its spec, image decoder and where its weights came from."""
+
+    name: str
+    model: torch.nn.Module
+    spec: ModelSpec
+    decoder: Optional[torch.nn.Module]
+    source: dict[str, Any]
+
+
+def canonical_name(name: str) -> str:
+    """Resolve aliases (GPT-B, c2i-B, B) to `llamagen-<type>-<size>`; raise on unknown names."""
+    n = name.strip()
+    if n in DEMO_MODELS:
+        return n
+    low = n.lower()
+    for prefix, mtype in (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i")):
+        if low.startswith(prefix):
+            size = n[len(prefix):].upper()
+            if size in LLAMAGEN_SIZES:
+                return f"llamagen-{mtype}-{size}"
+    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}")
+
+
+def known_models() -> list[str]:
+    """Every canonical model name."""
+    names = list(DEMO_MODELS)
+    names += [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES] + [f"llamagen-t2i-{s}" for s in LLAMAGEN_SIZES]
+    return names
+
+
+def parse_overrides(text: Optional[str]) -> dict[str, Any]:
+    """`n_layer=2,dim=256,n_kv_head=4` -> typed dict of LlamaGenConfig fields."""
+    if not text:
+        return {}
+    types = {f.name: f.type for f in fields(LlamaGenConfig)}
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ArexportError(f"bad model override {item!r}: expected KEY=VALUE")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if k not in types or k == "extra":
+            raise ArexportError(f"unknown model config field {k!r}; fields: {', '.join(t for t in types if t != 'extra')}")
+        t = str(types[k])
+        try:
+            if "int" in t and "float" not in t:
+                out[k] = None if v.lower() == "none" else int(v)
+            elif "float" in t:
+                out[k] = None if v.lower() == "none" else float(v)
+            else:
+                out[k] = v
+        except ValueError:
+            raise ArexportError(f"bad value for model config field {k}: {v!r}") from None
+    return out
+
+
+def model_config(name: str, overrides: Optional[dict] = None, image_size: Optional[int] = None) -> LlamaGenConfig:
+    """The LlamaGenConfig for a model name, with optional overrides and image size."""
+    name = canonical_name(name)
+    if name in DEMO_MODELS:
+        cfg = demo_config(name)
+    else:
+        _, mtype, size = name.split("-")
+        n_layer, n_head, dim = LLAMAGEN_SIZES[size]
+        kw: dict[str, Any] = dict(n_layer=n_layer, n_head=n_head, dim=dim, model_type=mtype)
+        if mtype == "t2i":
+            kw["cls_token_num"] = 120
+        if image_size is not None:
+            if image_size % 16:
+                raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
+            kw["grid_size"] = image_size // 16
+        cfg = LlamaGenConfig(**kw)
+    if overrides:
+        try:
+            cfg = cfg.with_overrides(**overrides)
+        except (ValueError, TypeError) as e:
+            raise ArexportError(f"invalid model config: {e}") from None
+    return cfg
+
+
+def demo_config(name: str) -> LlamaGenConfig:
+    """Config stored in the committed demo weights' metadata."""
+    path = WEIGHTS_DIR / DEMO_MODELS[name]
+    if not path.exists():
+        raise ArexportError(f"demo weights missing from the package: {path} (run scripts/train_demo.py)")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ArexportError(f"{path} has no config metadata")
+    return LlamaGenConfig(**json.loads(meta["config"]))
+
+
+def load_model(
+    name: str,
+    checkpoint: Optional[str] = None,
+    random_init: bool = False,
+    seed: int = 0,
+    overrides: Optional[dict] = None,
+    image_size: Optional[int] = None,
+    vq_checkpoint: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Build a model by name and fill its weights from a checkpoint, the package, or a seed."""
+    cname = canonical_name(name)
+    cfg = model_config(cname, overrides, image_size)
+    model = LlamaGen(cfg)
+    source: dict[str, Any] = {"model": cname, "overrides": dict(overrides or {}), "image_size": image_size}
+    if checkpoint is not None and random_init:
+        raise ArexportError("give either --checkpoint or --random-init, not both")
+    if checkpoint is not None:
+        load_into(model, read_state_dict(checkpoint), source=str(checkpoint))
+        source.update(checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=file_sha256(checkpoint))
+    elif random_init:
+        model.init_random(seed)
+        source.update(random_init_seed=seed)
+    elif cname in DEMO_MODELS and not overrides:
+        path = WEIGHTS_DIR / DEMO_MODELS[cname]
+        load_into(model, read_state_dict(path), source=str(path))
+        source.update(packaged=DEMO_MODELS[cname])
+    else:
+        raise ArexportError(f"model {cname} needs weights: pass --checkpoint PATH or --random-init")
+    model = model.to(device=device, dtype=dtype).eval()
+    # RoPE tables stay fp32 whatever the weight dtype (LlamaGen computes rotary math in fp32).
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    spec = cfg.spec(cname, image_size)
+    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, cfg)})
+    decoder = image_decoder(spec, random_init=random_init, seed=seed, vq_checkpoint=vq_checkpoint)
+    if decoder is not None:
+        decoder = decoder.to(device).eval()
+    if vq_checkpoint:
+        source.update(vq_checkpoint=str(Path(vq_checkpoint).resolve()), vq_checkpoint_sha256=file_sha256(vq_checkpoint))
+    return LoadedModel(cname, model, spec, decoder, source)
+
+
+def sampling_defaults(name: str, cfg: LlamaGenConfig) -> dict[str, Any]:
+    """Per-model sampler defaults: LlamaGen's demo settings (c2i cfg 4.0 / top-k 2000, t2i cfg 7.5 /
+    top-k 1000); the digits demo uses the settings its accuracy was measured with."""
+    if name in DEMO_MODELS:
+        return {"cfg_scale": DEMO_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    if cfg.model_type == "t2i":
+        return {"cfg_scale": 7.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0}
+    return {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+
+
+def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_checkpoint: Optional[str] = None):
+    """The torch module turning tokens into uint8 images, or None when no VQ weights were given."""
+    if spec.image.kind == "digits":
+        from arexport.models.digits import DigitsDecoder
+
+        return DigitsDecoder(scale=spec.image.image_size // spec.grid_size)
+    from arexport.models.vq import VQConfig, VQDecoder, load_vq_decoder
+
+    cfg = VQConfig(codebook_size=spec.vocab_size)
+    if vq_checkpoint:
+        return load_vq_decoder(vq_checkpoint, cfg)
+    if random_init:
+        return VQDecoder(cfg).init_random(seed + 1)
+    return None
+
+
+def load_packaged(module: torch.nn.Module, filename: str) -> torch.nn.Module:
+    """Fill a small packaged module (e.g. the digit classifier) from WEIGHTS_DIR."""
+    path = WEIGHTS_DIR / filename
+    if not path.exists():
+        raise ArexportError(f"packaged weights missing: {path} (run scripts/train_demo.py)")
+    load_into(module, read_state_dict(path), source=str(path))
+    return module.eval()

@@ -1,0 +1,1 @@
+"""Backends behind the StepEngine interface: torch (eager), ort (ONNX Runtime), trt (TensorRT)."""

@@ -1,0 +1,146 @@
+"""The `trt` backend: TensorRT plans run with `execute_async_v3` on torch CUDA buffers.
+
+Cache outputs are bound to the address of the input they alias (`present_key_i` -> the buffer of
+`past_key_i`), so IKVCacheUpdateLayer writes in place. One execution context per optimization
+profile (step kind x batch); with `cuda_graph=True` each (profile, q, cache) launch is captured once
+and replayed with fixed addresses. Written against the TensorRT 10.15/11 Python API; TensorRT is
+not installable on this project's CI machines, where the tests of this module skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arexport.engines.trt_build import check_plan_compat, current_gpu, require_tensorrt, select_profile
+from arexport.errors import ArexportError
+from arexport.runtime.backends.dir_arrays import EngineDirArrays
+from arexport.runtime.engine import Conditions, StepEngine
+from arexport.spec import ModelSpec
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Plan:
+    """A deserialized plan with one execution context per optimization profile."""
+
+    def __init__(self, trt, runtime, path: Path, profiles: list[dict], stream: torch.cuda.Stream):
+        blob = path.read_bytes()
+        self.engine = runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise ArexportError(f"TensorRT could not deserialize {path} (corrupt, truncated, or built for another version/GPU)")
+        self.profiles = profiles
+        self.contexts = []
+        for i in range(len(profiles)):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(i, stream.cuda_stream)
+            self.contexts.append(ctx)
+        stream.synchronize()
+        self.aliases = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                src = self.engine.get_aliased_input_tensor(name)
+                if src:
+                    self.aliases[name] = src
+
+    def profile_for(self, kind: str, batch: int, q: int) -> int:
+        return select_profile(self.profiles, kind, batch, q)
+
+
+class TrtEngine(EngineDirArrays, StepEngine):
+    """StepEngine over an engine directory's TensorRT plans."""
+
+    backend = "trt"
+
+    def __init__(self, directory: Path, manifest: dict[str, Any], spec: ModelSpec, device="cuda", cuda_graph: bool = False):
+        trt = require_tensorrt()
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ArexportError("the TensorRT backend runs on a CUDA device: pass --device cuda")
+        super().__init__(spec, dev, PRECISION_DTYPES[manifest["precision"]])
+        info = manifest.get("tensorrt")
+        if not info:
+            raise ArexportError(f"{directory} has no TensorRT plans: rebuild with arexport build --backend trt")
+        check_plan_compat(info, trt.__version__, current_gpu(dev.index or 0))
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.stream = torch.cuda.Stream(dev)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.plans: dict[str, _Plan] = {}
+        for plan_file, p in info["plans"].items():
+            self.plans[p["graph"]] = _Plan(trt, self._runtime, self.directory / plan_file, p["profiles"], self.stream)
+        self.batch_sizes = manifest["profiles"]["batch_sizes"]
+        self.max_q = int(manifest["graphs"]["step"]["q_range"][1])
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[tuple, tuple] = {}
+
+    def _launch(self, plan: _Plan, kind: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                cache, q: int) -> None:
+        b = next(iter(feeds.values())).shape[0]
+        idx = plan.profile_for(kind, b, q)
+        ctx = plan.contexts[idx]
+        for name, t in feeds.items():
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        if cache is not None:
+            for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+                for nm, buf in ((f"past_key_{i}", k), (f"past_value_{i}", v)):
+                    ctx.set_input_shape(nm, tuple(buf.shape))
+                    ctx.set_tensor_address(nm, buf.data_ptr())
+                # aliased outputs must be bound to their input's address
+                ctx.set_tensor_address(f"present_key_{i}", k.data_ptr())
+                ctx.set_tensor_address(f"present_value_{i}", v.data_ptr())
+        for name, t in outputs.items():
+            ctx.set_tensor_address(name, t.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not self.cuda_graph:
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise ArexportError(f"TensorRT execution failed for {kind} (batch {b}, q {q})")
+        else:
+            key = (kind, idx, q, tuple(t.data_ptr() for t in feeds.values()), tuple(t.data_ptr() for t in outputs.values()),
+                   id(cache))
+            graph = self._graphs.get(key)
+            if graph is None:
+                ctx.execute_async_v3(self.stream.cuda_stream)  # warm-up outside capture
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=self.stream):
+                    ctx.execute_async_v3(self.stream.cuda_stream)
+                self._graphs[key] = (g,)
+            else:
+                graph[0].replay()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def _step(self, cache, tokens, positions, write_index, attn_mask):
+        b, q = tokens.shape
+        feeds = {
+            "tokens": tokens.to(self.device, torch.int64).contiguous(),
+            "positions": positions.to(self.device, torch.int64).contiguous(),
+            "write_index": write_index.to(self.device, torch.int64).contiguous(),
+            "attn_mask": attn_mask.to(self.device, torch.bool).contiguous(),
+        }
+        logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        self._launch(self.plans["step"], "decode" if q == 1 else "verify", feeds, {"logits": logits}, cache, q)
+        return logits
+
+    def _prefill_embeds(self, cache, conds: Conditions, attn_mask):
+        if "prefill" not in self.plans:
+            raise ArexportError(f"{self.directory} has no prefill plan")
+        b = len(conds)
+        feeds = {"cond_embeds": conds.embeds.to(self.device, self.cache_dtype).contiguous(),
+                 "attn_mask": attn_mask.to(self.device, torch.bool).contiguous()}
+        logits = torch.empty(b, self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        self._launch(self.plans["prefill"], "prefill", feeds, {"logits": logits}, cache, 0)
+        return logits
+
+    def _decode_images(self, tokens):
+        if "vq_decoder" not in self.plans:
+            raise ArexportError(f"{self.directory} has no image decoder plan")
+        n = tokens.shape[0]
+        s = self.spec.image.image_size
+        out = torch.empty(n, s, s, 3, dtype=torch.uint8, device=self.device)
+        self._launch(self.plans["vq_decoder"], "vq_decoder", {"tokens": tokens.contiguous()}, {"images": out}, None, 0)
+        return out

@@ -1,0 +1,203 @@
+"""StepEngine: the one interface every backend implements (torch, ort, trt).
+
+An engine runs the model's step functions on device tensors and owns no decoding logic:
+* `prefill(cache, conds)` writes the condition into slots [0, cond_len) and returns the logits
+  of the last condition position [B, V];
+* `step(cache, tokens, positions, write_index, attn_mask)` feeds q new tokens and returns
+  logits [B, q, V] (fp32), writing their K/V into the cache buffers in place;
+* `decode_images(tokens)` turns raster token grids into uint8 RGB images.
+Every call is counted (and optionally timed) per step kind, which is how decoding loops report
+forward passes without trusting themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.runtime.kv_cache import KVCache
+from arexport.spec import ModelSpec
+
+
+@dataclass
+class Conditions:
+    """A batch of conditions: class ids [B] (c2i) or caption features [B,T,C] with mask [B,T] (t2i)."""
+
+    classes: Optional[torch.Tensor] = None
+    embeds: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0] if self.classes is not None else self.embeds.shape[0])
+
+    def cat(self, other: "Conditions") -> "Conditions":
+        """Rows of self followed by rows of other."""
+        if self.classes is not None:
+            return Conditions(classes=torch.cat([self.classes, other.classes]))
+        return Conditions(embeds=torch.cat([self.embeds, other.embeds]), mask=torch.cat([self.mask, other.mask]))
+
+    def select(self, rows) -> "Conditions":
+        """The given rows (slice or index tensor)."""
+        if self.classes is not None:
+            return Conditions(classes=self.classes[rows])
+        return Conditions(embeds=self.embeds[rows], mask=self.mask[rows])
+
+    def to(self, device) -> "Conditions":
+        if self.classes is not None:
+            return Conditions(classes=self.classes.to(device))
+        return Conditions(embeds=self.embeds.to(device), mask=self.mask.to(device))
+
+
+@dataclass
+class StepRecord:
+    """One timed engine call."""
+
+    kind: str  # prefill | decode | verify | multi_query | vq_decode
+    batch: int
+    q: int
+    seconds: float
+
+
+def step_kind(q: int) -> str:
+    """Name of a step by its query length: decode (q = 1) or verify (q > 1)."""
+    return "decode" if q == 1 else "verify"
+
+
+class StepEngine(ABC):
+    """Base class: counting, timing, validation and the c2i prefill shared by all backends."""
+
+    backend: str = "?"
+
+    def __init__(self, spec: ModelSpec, device: torch.device, cache_dtype: torch.dtype):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.cache_dtype = cache_dtype
+        self.calls: Counter = Counter()
+        self.record_timings = False
+        self.records: list[StepRecord] = []
+        self.max_q: int = spec.s_max
+        self.batch_sizes: Optional[list[int]] = None  # None = any batch size
+
+    # -- to implement ---------------------------------------------------------------------------
+    @abstractmethod
+    def _step(self, cache: KVCache, tokens, positions, write_index, attn_mask) -> torch.Tensor:
+        """Backend forward of the step function: logits [B,q,V] fp32, cache updated in place."""
+
+    def _prefill_embeds(self, cache: KVCache, conds: Conditions, attn_mask) -> torch.Tensor:
+        """Backend forward of the t2i prefill graph: logits [B,V]."""
+        raise ArexportError(f"backend {self.backend} has no text-conditional prefill")
+
+    @abstractmethod
+    def _decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [N, n_tokens] -> uint8 [N,H,W,3]."""
+
+    def codebook(self) -> torch.Tensor:
+        """Codebook latents [V, d] used for latent-space neighbourhoods (LANTERN, VVS)."""
+        raise ArexportError(f"backend {self.backend} has no codebook")
+
+    def neighbors(self, k: int) -> torch.Tensor:
+        """[V, min(k, V-1)] nearest other codes by L2 distance between codebook latents (cached)."""
+        have = getattr(self, "_neighbors", None)
+        if have is None or have.shape[1] < min(k, self.spec.vocab_size - 1):
+            have = self._load_neighbors(k)
+            if have is None or have.shape[1] < min(k, self.spec.vocab_size - 1):
+                from arexport.runtime.speculative import latent_neighbors
+
+                cb = self.codebook().cpu()
+                if cb.shape[0] != self.spec.vocab_size:
+                    raise ArexportError(f"codebook has {cb.shape[0]} entries but the model's vocabulary has {self.spec.vocab_size}")
+                have = latent_neighbors(cb, k)
+            self._neighbors = have
+        return have[:, :k]
+
+    def _load_neighbors(self, k: int):
+        """Backends with an engine directory return its precomputed table (or None)."""
+        return None
+
+    def null_caption(self) -> torch.Tensor:
+        """t2i: the null caption features [T, C] for unconditional CFG rows."""
+        raise ArexportError(f"backend {self.backend} has no null caption")
+
+    # -- public API ------------------------------------------------------------------------------
+    def allocate(self, batch: int) -> KVCache:
+        """Static cache buffers for `batch` rows."""
+        self.check_batch(batch)
+        return KVCache.allocate(self.spec, batch, self.cache_dtype, self.device)
+
+    def check_batch(self, batch: int) -> None:
+        if self.batch_sizes is not None and batch not in self.batch_sizes:
+            raise ArexportError(
+                f"batch of {batch} rows is not among this engine's batch sizes {self.batch_sizes} "
+                "(rows include the doubled CFG batch); rebuild with --batch-sizes"
+            )
+
+    def null_conditions(self, batch: int) -> Conditions:
+        """Unconditional rows for CFG."""
+        if self.spec.model_type == "c2i":
+            return Conditions(classes=torch.full((batch,), self.spec.null_class, dtype=torch.int64, device=self.device))
+        u = self.null_caption().to(self.device)
+        return Conditions(embeds=u.unsqueeze(0).expand(batch, *u.shape).clone(), mask=None)
+
+    def prefill(self, cache: KVCache, conds: Conditions) -> torch.Tensor:
+        """Write the condition at slots [0, cond_len); return logits of its last position [B, V]."""
+        b = len(conds)
+        t = self.spec.cond_len
+        zero = torch.zeros(b, dtype=torch.int64, device=self.device)
+        with self._timed("prefill", b, t):
+            if self.spec.model_type == "c2i":
+                tokens = (conds.classes.to(self.device).long() + self.spec.class_token_offset).view(b, 1)
+                positions = torch.full((b, 1), -1, dtype=torch.int64, device=self.device)
+                logits = self._step(cache, tokens, positions, zero, cache.causal_mask(zero, 1))[:, 0]
+            else:
+                cache.key_valid[:, :t] = conds.mask.to(self.device).bool()
+                logits = self._prefill_embeds(cache, conds, cache.causal_mask(zero, t))
+        cache.length.fill_(t)
+        return logits
+
+    def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
+        """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]."""
+        b, q = tokens.shape
+        if q > self.max_q:
+            raise ArexportError(f"step of {q} tokens exceeds this engine's maximum query length {self.max_q}")
+        with self._timed(kind or step_kind(q), b, q):
+            return self._step(cache, tokens, positions, write_index, attn_mask)
+
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Raster tokens [N, n_tokens] -> uint8 RGB [N, H, W, 3] (on this engine's device)."""
+        tokens = tokens.to(self.device).long()
+        bad = (tokens < 0) | (tokens >= self.spec.vocab_size)
+        if bool(bad.any()):
+            raise ArexportError(f"token ids outside the vocabulary [0, {self.spec.vocab_size}) cannot be decoded")
+        with self._timed("vq_decode", tokens.shape[0], tokens.shape[1]):
+            return self._decode_images(tokens)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    @contextmanager
+    def _timed(self, kind: str, batch: int, q: int):
+        self.calls[kind] += 1
+        if not self.record_timings:
+            yield
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.records.append(StepRecord(kind, batch, q, time.perf_counter() - t0))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def forward_count(self) -> int:
+        """Model forward passes so far (prefill + every step kind; image decoding excluded)."""
+        return sum(v for k, v in self.calls.items() if k != "vq_decode")
+
+    def describe(self) -> str:
+        return f"{self.backend}:{self.spec.name}@{self.device}"

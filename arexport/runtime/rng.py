@@ -1,0 +1,82 @@
+"""Counter-based random numbers, one independent stream per batch row, computed on device.
+
+Each row has a 63-bit seed and a draw counter. A draw hashes (seed, counter, lane) with a
+32-bit integer mixer (two rounds of the lowbias32 finaliser over several words) into 53-bit uniforms,
+so a row's numbers depend only on its own seed and how many draws it has made: the same request
+gives the same image whatever it is batched with, on any device, with no host round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for 32-bit x without int64 overflow (products stay below 2**48)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 finaliser on int64 tensors holding 32-bit values."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash_words(*words: torch.Tensor) -> torch.Tensor:
+    h = torch.zeros_like(words[0])
+    for i, w in enumerate(words):
+        h = _mix32(h ^ ((w & _M32) + 0x9E3779B9 * (i + 1)))
+    return h
+
+
+def uniforms(seeds: torch.Tensor, counters: torch.Tensor, n_lanes: int, stream: int = 0) -> torch.Tensor:
+    """Uniform float64 in [0, 1): [B, n_lanes] from per-row seeds [B] and counters [B] (int64)."""
+    dev = seeds.device
+    lanes = torch.arange(n_lanes, device=dev, dtype=torch.int64).unsqueeze(0)
+    s_lo = (seeds & _M32).unsqueeze(1)
+    s_hi = ((seeds >> 32) & _M32).unsqueeze(1)
+    c = counters.unsqueeze(1)
+    st = torch.full_like(lanes, stream)
+    hi = _hash_words(s_lo, s_hi, c, lanes, st, torch.zeros_like(lanes))
+    lo = _hash_words(s_lo, s_hi, c, lanes, st, torch.ones_like(lanes))
+    bits53 = ((hi >> 5) << 26) | (lo >> 6)  # 27 + 26 bits
+    return bits53.to(torch.float64) * (1.0 / (1 << 53))
+
+
+class RowRNG:
+    """Per-row random streams for a batch: `uniform(n)` -> [B, n] and advances every row by one."""
+
+    def __init__(self, seeds: torch.Tensor):
+        self.seeds = seeds.to(torch.int64)
+        self.counters = torch.zeros_like(self.seeds)
+
+    @classmethod
+    def from_seeds(cls, seeds, device) -> "RowRNG":
+        return cls(torch.as_tensor(list(seeds), dtype=torch.int64, device=device))
+
+    def uniform(self, n_lanes: int = 1) -> torch.Tensor:
+        u = uniforms(self.seeds, self.counters, n_lanes)
+        self.counters += 1
+        return u
+
+    def select(self, rows: torch.Tensor) -> "RowRNG":
+        """A view on some rows that shares nothing (used when candidates are copied)."""
+        r = RowRNG(self.seeds[rows].clone())
+        r.counters = self.counters[rows].clone()
+        return r
+
+
+def image_seed(request_seed: int, index: int) -> int:
+    """Seed of the index-th image of a request: a fixed function of both, independent of batching."""
+    a = torch.tensor([request_seed & _M32], dtype=torch.int64)
+    b = torch.tensor([(request_seed >> 32) & _M32], dtype=torch.int64)
+    i = torch.tensor([index], dtype=torch.int64)
+    h1 = _hash_words(a, b, i, torch.tensor([7]))
+    h2 = _hash_words(a, b, i, torch.tensor([11]))
+    return int(((h1 << 31) | (h2 >> 1)).item())

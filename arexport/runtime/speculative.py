@@ -1,0 +1,151 @@
+"""Shared pieces of speculative decoding: acceptance rules, chain verification, latent neighbours.
+
+`verify_chain` is the whole accept/resample step of speculative sampling for a batch of chains:
+draft tokens D[j] drawn from q_j are tested left to right against the target p_j, the first
+rejected one is replaced by a draw from the rule's residual, and if every draft is accepted the
+target's next distribution gives a bonus token. The acceptance rule decides how:
+
+* `StandardRule` — lossless speculative sampling: accept with min(1, p(x)/q(x)), resample from
+  norm(max(0, p - q)).
+* `LanternRule` — LANTERN's relaxed acceptance: the target mass of x's nearest codebook neighbours is
+  pooled onto x while the pooled mass stays <= delta (a total-variation budget) or, with lambda
+  (LANTERN++), <= (lambda - 1) p(x); accept with min(1, p~(x)/q(x)); on rejection x and its pooled
+  neighbours are removed before resampling from norm(max(0, p - q)). delta = 0 is StandardRule.
+  The credited mass is capped at delta * q(x) (see LanternRule) so the bound holds for soft drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.runtime.sampling import sample_from_probs
+
+
+class StandardRule:
+    """Lossless speculative sampling."""
+
+    name = "standard"
+
+    def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
+        """Extra target mass credited to draft x [N], and a [N, V] mask of tokens removed on rejection."""
+        removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
+        return torch.zeros_like(x, dtype=p.dtype), removed
+
+    def accept_prob(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """min(1, (p(x) + credit) / q(x)) for rows p, q [N, V] and drafts x [N]."""
+        extra, _ = self.credit(p, q, x)
+        px = p.gather(-1, x[:, None])[:, 0] + extra
+        qx = q.gather(-1, x[:, None])[:, 0]
+        return torch.where(qx > 0, (px / qx.clamp(min=1e-30)).clamp(max=1.0), torch.ones_like(px))
+
+    def residual(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised distribution to resample from after x was rejected: [N, V]."""
+        _, removed = self.credit(p, q, x)
+        r = (p - q).clamp(min=0).masked_fill(removed, 0.0)
+        # p == q up to rounding leaves no residual mass; rejection then had (near) zero probability
+        # and a draw from p without the removed tokens is as good as any.
+        empty = r.sum(-1, keepdim=True) <= 0
+        r = torch.where(empty, p.masked_fill(removed, 0.0), r)
+        empty = r.sum(-1, keepdim=True) <= 0
+        return torch.where(empty, p, r)
+
+
+class LanternRule(StandardRule):
+    """LANTERN relaxed acceptance over latent-space neighbourhoods.
+
+    For draft x the pooled mass m(x) is the target mass of x's nearest codebook neighbours, taken
+    nearest first while the running sum stays <= delta (or <= (lam - 1) p(x) with LANTERN++). The
+    credit added to p(x) is min(m(x), delta * q(x)): with one-hot drafts (SJD) that is LANTERN's
+    p~(x) exactly, and in general it caps every proposal's acceptance gain at delta, which keeps the
+    output distribution within total variation delta of the target (tests check this on enumerable
+    cases). On rejection x and its pooled neighbours are removed before resampling.
+    """
+
+    name = "lantern"
+
+    def __init__(self, neighbors: torch.Tensor, k: int = 1000, delta: float = 0.1, lam: Optional[float] = None):
+        if k < 1:
+            raise ArexportError(f"lantern k must be >= 1, got {k}")
+        if not 0 <= delta <= 1:
+            raise ArexportError(f"lantern delta must be in [0, 1], got {delta}")
+        if lam is not None and lam < 1:
+            raise ArexportError(f"lantern lambda must be >= 1, got {lam}")
+        self.neighbors = neighbors[:, : min(k, neighbors.shape[1])].long()
+        self.k = self.neighbors.shape[1]
+        self.delta = delta
+        self.lam = lam
+
+    def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
+        nb = self.neighbors.to(p.device)[x]  # [N, k], nearest first
+        pn = p.gather(-1, nb)
+        cum = pn.cumsum(-1)
+        if self.lam is not None:
+            limit = (self.lam - 1.0) * p.gather(-1, x[:, None])
+        else:
+            limit = torch.full_like(cum[:, :1], self.delta)
+        take = cum <= limit  # a prefix, since cum is non-decreasing
+        pooled = (pn * take).sum(-1)
+        qx = q.gather(-1, x[:, None])[:, 0]
+        extra = torch.minimum(pooled, self.delta * qx)
+        removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
+        removed.scatter_(-1, nb, take)  # neighbours never include x itself and never repeat
+        return extra, removed
+
+
+@dataclass
+class ChainResult:
+    """Per row: accepted drafts k [B] and the token at index k (resampled or bonus) [B]."""
+
+    accepted: torch.Tensor
+    token: torch.Tensor
+    rejected: torch.Tensor  # [B] bool: the chain stopped on a coin rejection (not a bonus)
+
+
+def verify_chain(P: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, allowed: torch.Tensor, u_accept: torch.Tensor,
+                 u_token: torch.Tensor, rule: StandardRule) -> ChainResult:
+    """Speculative verification of B chains of L drafts.
+
+    P [B, L+1, V]: target distributions for the L draft positions plus the bonus position;
+    Q [B, L, V]: distributions the drafts were drawn from; D [B, L] drafts; allowed [B, L]: drafts
+    that may be accepted at all (in range, inside the speculative interval); u_accept [B, L] and
+    u_token [B] uniforms. Accepted drafts are the leading run with u < acceptance probability.
+    """
+    b, l = D.shape
+    v = P.shape[-1]
+    if l:
+        acc = rule.accept_prob(P[:, :l].reshape(-1, v), Q.reshape(-1, v), D.reshape(-1)).view(b, l)
+        ok = (u_accept < acc) & allowed
+        k = ok.long().cumprod(1).sum(1)
+    else:
+        k = torch.zeros(b, dtype=torch.long, device=P.device)
+    idx = k.view(b, 1, 1).expand(b, 1, v)
+    p_k = P.gather(1, idx)[:, 0]
+    if l:
+        j = k.clamp(max=l - 1)
+        rejected = (k < l) & allowed.gather(1, j[:, None])[:, 0]
+        q_k = Q.gather(1, j.view(b, 1, 1).expand(b, 1, v))[:, 0]
+        d_k = D.gather(1, j[:, None])[:, 0]
+        dist = torch.where(rejected[:, None], rule.residual(p_k, q_k, d_k), p_k)
+    else:
+        rejected = torch.zeros(b, dtype=torch.bool, device=P.device)
+        dist = p_k
+    return ChainResult(k, sample_from_probs(dist, u_token), rejected)
+
+
+def latent_neighbors(codebook: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """[V, min(k, V-1)] int64: each code's nearest other codes by L2 distance, nearest first."""
+    v = codebook.shape[0]
+    k = min(k, v - 1)
+    cb = codebook.float()
+    out = torch.empty(v, k, dtype=torch.long)
+    for s in range(0, v, chunk):
+        d = torch.cdist(cb[s:s + chunk], cb)
+        d[torch.arange(d.shape[0]), torch.arange(s, s + d.shape[0])] = float("inf")  # exclude self
+        # stable order for ties: distance, then index
+        idx = torch.argsort(d, dim=1, stable=True)[:, :k]
+        out[s:s + chunk] = idx.cpu()
+    return out

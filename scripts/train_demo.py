@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Train the demo models on scikit-learn's 8x8 digits and write them to arexport/models/weights/.
+
+    python scripts/train_demo.py            # everything (a few minutes on 2 CPU cores)
+    python scripts/train_demo.py --only classifiers
+
+Writes:
+  digit-cnn.safetensors      DigitCNN scorer (verifiers, demo accuracy) + its feature stats
+  digit-mlp.safetensors      DigitMLP, an independent judge of a different architecture
+  digits-stats.safetensors   real-digit feature mean/covariance (held-out split) for the CNN and MLP
+  demo.safetensors           LlamaGen-architecture c2i target model (config in metadata)
+  demo-draft.safetensors     smaller draft model sharing the tokenizer
+Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
+The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from arexport.models.digits import DigitCNN, DigitMLP, feature_stats, tokens_to_input
+from arexport.models.llamagen import LlamaGen, LlamaGenConfig
+
+OUT = Path(__file__).resolve().parent.parent / "arexport" / "models" / "weights"
+
+TARGET = dict(dim=96, n_layer=4, n_head=4, multiple_of=64, vocab_size=17, num_classes=10,
+              grid_size=8, cls_token_num=1, model_type="c2i", image_kind="digits", class_dropout_prob=0.1,
+              token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
+DRAFT = dict(TARGET, dim=64, n_layer=2, n_head=2)
+
+
+def load_split(seed: int = 0):
+    """(x_train, y_train, x_test, y_test): tokens [N,64] int64 and labels, fixed stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.int64)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    return xtr, ytr, xte, yte
+
+
+def shift_augment(tokens: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to one pixel (zero fill), for classifier robustness."""
+    img = tokens.view(-1, 8, 8)
+    out = torch.zeros_like(img)
+    dy, dx = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
+    ys, yd = (slice(max(dy, 0), 8 + min(dy, 0)), slice(max(-dy, 0), 8 + min(-dy, 0)))
+    xs, xd = (slice(max(dx, 0), 8 + min(dx, 0)), slice(max(-dx, 0), 8 + min(-dx, 0)))
+    out[:, yd, xd] = img[:, ys, xs]
+    return out.view(-1, 64)
+
+
+def train_classifier(model, xtr, ytr, xte, yte, steps=1500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    for step in range(steps):
+        idx = torch.randint(0, len(xtr), (128,), generator=g)
+        xb = xtr[idx]
+        if step % 2:
+            xb = shift_augment(xb, g)
+        loss = F.cross_entropy(model(tokens_to_input(xb)), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(tokens_to_input(xte)).argmax(1) == yte).float().mean().item()
+    return acc
+
+
+def train_ar(cfg: LlamaGenConfig, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label=""):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = LlamaGen(cfg)
+    model.init_random(seed)
+    with torch.no_grad():
+        model.output.weight.zero_()  # LlamaGen zero-initialises the head
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(xtr), (batch,), generator=g)
+        tok, cls = xtr[idx], ytr[idx].clone()
+        drop = torch.rand(batch, generator=g) < cfg.class_dropout_prob
+        cls[drop] = cfg.num_classes  # null class for classifier-free guidance
+        logits = model(cls, tok)
+        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"[{label}] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return model.eval(), float(loss.item())
+
+
+def save_model(model: LlamaGen, cfg: LlamaGenConfig, path: Path, info: dict) -> None:
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps({k: v for k, v in asdict(cfg).items() if k != "extra"}), "info": json.dumps(info)}
+    save_file(sd, str(path), metadata=meta)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["classifiers", "target", "draft"], default=None)
+    ap.add_argument("--steps", type=int, default=2000, help="optimizer steps for the target model")
+    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    xtr, ytr, xte, yte = load_split()
+
+    if args.only in (None, "classifiers"):
+        cnn, mlp = DigitCNN(), DigitMLP()
+        acc_cnn = train_classifier(cnn, xtr, ytr, xte, yte, seed=0)
+        acc_mlp = train_classifier(mlp, xtr, ytr, xte, yte, seed=1)
+        print(f"held-out accuracy: cnn {acc_cnn:.4f}, mlp {acc_mlp:.4f}")
+        save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(args.out / "digit-cnn.safetensors"),
+                  metadata={"heldout_accuracy": f"{acc_cnn:.4f}"})
+        save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(args.out / "digit-mlp.safetensors"),
+                  metadata={"heldout_accuracy": f"{acc_mlp:.4f}"})
+        stats = {}
+        with torch.no_grad():
+            for name, clf in (("cnn", cnn), ("mlp", mlp)):
+                mu, cov = feature_stats(clf.features(tokens_to_input(xte)).numpy())
+                stats[f"{name}_mu"] = torch.tensor(mu)
+                stats[f"{name}_cov"] = torch.tensor(cov)
+                mu_tr, cov_tr = feature_stats(clf.features(tokens_to_input(xtr)).numpy())
+                stats[f"{name}_train_mu"] = torch.tensor(mu_tr)
+                stats[f"{name}_train_cov"] = torch.tensor(cov_tr)
+        save_file(stats, str(args.out / "digits-stats.safetensors"), metadata={"split": "sklearn digits, 20% held out, seed 0"})
+
+    if args.only in (None, "target"):
+        cfg = LlamaGenConfig(**TARGET)
+        model, loss = train_ar(cfg, xtr, ytr, args.steps, seed=0, label="demo")
+        save_model(model, cfg, args.out / "demo.safetensors", {"steps": args.steps, "final_loss": loss, "data": "sklearn digits train split"})
+    if args.only in (None, "draft"):
+        cfg = LlamaGenConfig(**DRAFT)
+        model, loss = train_ar(cfg, xtr, ytr, args.draft_steps, seed=1, label="draft")
+        save_model(model, cfg, args.out / "demo-draft.safetensors", {"steps": args.draft_steps, "final_loss": loss, "data": "sklearn digits train split"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random models of each family, seeded so tests are repeatable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = {"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32}
+
+
+@pytest.fixture(scope="session")
+def tiny_c2i():
+    """A 2-layer c2i LlamaGen with a 4x4 grid and random weights (vocab 16384 kept)."""
+    from arexport.models.registry import load_model
+
+    return load_model("llamagen-c2i-B", random_init=True, seed=1, overrides=dict(TINY))
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i():
+    """A 2-layer t2i LlamaGen with 6 caption tokens of width 32."""
+    from arexport.models.registry import load_model
+
+    return load_model("llamagen-t2i-B", random_init=True, seed=2, overrides=dict(TINY, cls_token_num=6, caption_dim=32))
+
+
+@pytest.fixture(scope="session")
+def demo():
+    from arexport.models.registry import load_model
+
+    return load_model("demo")

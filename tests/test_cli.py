@@ -1,0 +1,122 @@
+"""The CLI end to end on the demo model, and one-line errors (no traceback) for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from arexport.cli import cli
+
+
+def run(*args, ok=True):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert res.exit_code == 0, res.output
+    return res
+
+
+def test_generate_demo_writes_images_tokens_and_stats(tmp_path):
+    out = tmp_path / "imgs"
+    run("generate", "--model", "demo", "--classes", "3,1,4,1,5", "--batch-size", "2", "--out", out,
+        "--save-tokens", tmp_path / "t.npy", "--stats-json", tmp_path / "s.json", "--grid", tmp_path / "g.png", "--no-progress")
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png"]
+    img = np.asarray(Image.open(out / "0000.png"))
+    assert img.shape == (128, 128, 3)
+    tok = np.load(tmp_path / "t.npy")
+    assert tok.shape == (5, 64) and tok.dtype == np.int64 and tok.min() >= 0 and tok.max() <= 16
+    stats = json.loads((tmp_path / "s.json").read_text())
+    for key in ("images", "batches", "tokens_per_image", "target_forwards", "draft_forwards", "seconds"):
+        assert key in stats, key
+    assert stats["images"] == 5 and stats["batches"] == 3 and stats["tokens_per_image"] == 64
+    # AR: one prefill + 63 single-token steps per batch; a batched call counts once.
+    assert stats["target_forwards"] == 3 * 64 and stats["draft_forwards"] == 0
+    assert Image.open(tmp_path / "g.png").size[0] > 128
+
+
+def test_same_seed_same_tokens_any_batch_size(tmp_path):
+    run("generate", "--model", "demo", "--classes", "7x3", "--batch-size", "3", "--save-tokens", tmp_path / "a.npy", "--seed", "11")
+    run("generate", "--model", "demo", "--classes", "7x3", "--batch-size", "1", "--save-tokens", tmp_path / "b.npy", "--seed", "11")
+    run("generate", "--model", "demo", "--classes", "7x3", "--batch-size", "1", "--save-tokens", tmp_path / "c.npy", "--seed", "12")
+    a, b, c = (np.load(tmp_path / f"{x}.npy") for x in "abc")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_build_inspect_verify_generate_on_engine(tmp_path):
+    eng = tmp_path / "eng"
+    run("build", "demo", "--out", eng, "--batch-sizes", "1,2,4", "--verify-len", "8")
+    res = run("inspect", eng)
+    assert "TensorScatter" in res.output and "demo" in res.output and "tokens" in res.output
+    res = run("verify", eng, "--images", "2", "--json", tmp_path / "v.json")
+    assert "PASS" in res.output
+    rep = json.loads((tmp_path / "v.json").read_text())
+    assert rep["passed"] and rep["token_agreement"] == 1.0
+    run("generate", eng, "--backend", "ort", "--classes", "2,5", "--save-tokens", tmp_path / "ort.npy", "--out", tmp_path / "o")
+    run("generate", "--model", "demo", "--classes", "2,5", "--save-tokens", tmp_path / "torch.npy")
+    assert np.array_equal(np.load(tmp_path / "ort.npy"), np.load(tmp_path / "torch.npy"))
+    assert (tmp_path / "o" / "0001.png").exists()
+    # decode saved tokens through the engine's image graph
+    run("decode", eng, "--backend", "ort", "--tokens", tmp_path / "ort.npy", "--out", tmp_path / "d")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "d" / "0000.png")), np.asarray(Image.open(tmp_path / "o" / "0000.png")))
+
+
+def test_generate_random_init_llamagen_tokens_only(tmp_path):
+    run("generate", "--model", "GPT-B", "--random-init", "--model-config", "n_layer=1,grid_size=4", "--classes", "207,360",
+        "--save-tokens", tmp_path / "t.npy", "--top-k", "50")
+    tok = np.load(tmp_path / "t.npy")
+    assert tok.shape == (2, 16) and tok.max() < 16384
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "nope", "--classes", "1", "--save-tokens", "x.npy"], "unknown model name 'nope'"),
+    (["generate", "--model", "demo", "--classes", "10", "--save-tokens", "x.npy"], "class id 10 out of range [0, 9] for model demo"),
+    (["generate", "--model", "demo", "--classes", "a", "--save-tokens", "x.npy"], "bad class id: 'a' is not an integer"),
+    (["generate", "--model", "demo", "--classes", "1"], "no output requested"),
+    (["generate", "--model", "demo", "--classes", "1", "--method", "magic", "--save-tokens", "x.npy"], "unknown decoding method 'magic'"),
+    (["generate", "--model", "demo", "--classes", "1", "--top-p", "0", "--save-tokens", "x.npy"], "top-p must be in (0, 1]"),
+    (["generate", "--model", "GPT-B", "--classes", "1", "--save-tokens", "x.npy"], "needs weights: pass --checkpoint PATH or --random-init"),
+    (["generate", "no/such/engine", "--backend", "ort", "--classes", "1", "--save-tokens", "x.npy"], "engine directory not found"),
+    (["build", "demo", "--out", "e", "--batch-sizes", "x"], "bad --batch-sizes"),
+    (["build", "demo", "--out", "e", "--backend", "trt"], "TensorRT"),
+    (["inspect", "missing_dir"], "engine directory not found"),
+])
+def test_bad_input_is_one_line_error(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code != 0
+    assert message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert len([ln for ln in res.output.strip().splitlines() if ln.startswith("Error")]) == 1
+
+
+def test_unreadable_and_non_checkpoint_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.pt").write_bytes(b"\x00\x01not a checkpoint")
+    res = CliRunner().invoke(cli, ["generate", "--model", "GPT-B", "--checkpoint", "garbage.pt", "--classes", "1", "--save-tokens", "x.npy"])
+    assert res.exit_code == 1 and "not a readable PyTorch checkpoint: garbage.pt" in res.output and "Traceback" not in res.output
+    torch.save({"epoch": 3}, tmp_path / "meta.pt")
+    res = CliRunner().invoke(cli, ["generate", "--model", "GPT-B", "--checkpoint", "meta.pt", "--classes", "1", "--save-tokens", "x.npy"])
+    assert res.exit_code == 1 and "no state dict found" in res.output
+
+
+def test_tokens_outside_vocabulary(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "bad.npy", np.full((1, 64), 17, dtype=np.int64))
+    res = CliRunner().invoke(cli, ["decode", "demo", "--tokens", "bad.npy", "--out", "d"])
+    assert res.exit_code == 1 and "token ids outside the vocabulary [0, 17)" in res.output
+    np.save(tmp_path / "shape.npy", np.zeros((1, 10), dtype=np.int64))
+    res = CliRunner().invoke(cli, ["decode", "demo", "--tokens", "shape.npy", "--out", "d"])
+    assert res.exit_code == 1 and "tokens must be an integer array [N, 64]" in res.output
+
+
+def test_help_documents_every_option():
+    res = run("generate", "--help")
+    for opt in ("--model", "--checkpoint", "--random-init", "--vq-checkpoint", "--classes", "--method", "--backend", "--cfg-scale",
+                "--top-k", "--top-p", "--temperature", "--seed", "--batch-size", "--save-tokens", "--out", "--stats-json"):
+        assert opt in res.output, opt

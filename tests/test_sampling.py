@@ -1,0 +1,103 @@
+"""Sampling honours temperature/top-k/top-p/CFG, and the per-row RNG is uniform and batch-invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from arexport.runtime.rng import RowRNG, image_seed, uniforms
+from arexport.runtime.sampling import (SamplingParams, cfg_combine, filter_logits, guided_logits, probs_from_logits,
+                                       sample_from_probs, sample_logits)
+
+
+def _draw(logits, params, n=40000, seed=0):
+    rng = RowRNG(torch.arange(n) + seed * 1_000_003)
+    u = rng.uniform(1)[:, 0]
+    return sample_logits(logits.expand(n, -1), params, u).numpy()
+
+
+def _chi2_p(samples, probs):
+    probs = np.asarray(probs, dtype=np.float64)
+    support = probs > 0
+    counts = np.bincount(samples, minlength=len(probs))
+    assert counts[~support].sum() == 0, "sampled a token with zero probability"
+    exp = probs[support] / probs[support].sum() * len(samples)
+    return chisquare(counts[support], exp).pvalue
+
+
+def test_uniforms_are_uniform_and_independent_of_batch():
+    seeds = torch.arange(500) * 7919
+    u = uniforms(seeds, torch.zeros(500, dtype=torch.long), 40).numpy().ravel()
+    counts, _ = np.histogram(u, bins=50, range=(0, 1))
+    assert chisquare(counts).pvalue > 1e-3
+    # The same seed gives the same stream whatever else shares the batch.
+    a = RowRNG(torch.tensor([11, 22, 33]))
+    b = RowRNG(torch.tensor([22]))
+    for _ in range(3):
+        ua, ub = a.uniform(4), b.uniform(4)
+        assert torch.equal(ua[1], ub[0])
+    assert image_seed(5, 3) == image_seed(5, 3) != image_seed(5, 4)
+
+
+def test_plain_sampling_matches_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    p = torch.softmax(logits, -1)[0]
+    s = _draw(logits, SamplingParams())
+    assert _chi2_p(s, p) > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature(temperature):
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    p = torch.softmax(logits / temperature, -1)[0]
+    s = _draw(logits, SamplingParams(temperature=temperature), seed=1)
+    assert _chi2_p(s, p) > 1e-3
+    # And the wrong temperature is detected by the same test.
+    wrong = torch.softmax(logits, -1)[0]
+    assert _chi2_p(s, wrong) < 1e-6
+
+
+def test_top_k_keeps_k_and_ties():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
+    f = filter_logits(logits, top_k=2)
+    assert torch.isfinite(f).sum() == 3  # 3.0 and the tied 2.0s
+    f = filter_logits(torch.tensor([[3.0, 1.0, 2.5, 2.0, 0.0]]), top_k=2)
+    assert torch.isfinite(f)[0].tolist() == [True, False, True, False, False]
+    s = _draw(torch.tensor([[3.0, 1.0, 2.5, 2.0, 0.0]]), SamplingParams(top_k=2), seed=2)
+    p = torch.softmax(torch.tensor([3.0, 2.5]), -1)
+    assert _chi2_p(s, [p[0], 0, p[1], 0, 0]) > 1e-3
+
+
+def test_top_p_keeps_the_token_crossing_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_p=0.45)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.6)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.85)).tolist() == [[True, True, True, False]]
+    s = _draw(logits, SamplingParams(top_p=0.6), seed=3)
+    assert _chi2_p(s, [0.5 / 0.8, 0.3 / 0.8, 0, 0]) > 1e-3
+
+
+def test_greedy_and_one_hot_probs():
+    logits = torch.tensor([[0.1, 5.0, 0.2], [3.0, 0.0, 1.0]])
+    params = SamplingParams(temperature=0.0)
+    assert sample_logits(logits, params, torch.rand(2)).tolist() == [1, 0]
+    assert probs_from_logits(logits, params).tolist() == [[0, 1, 0], [1, 0, 0]]
+
+
+def test_cfg_combine_and_interval():
+    cond = torch.tensor([[1.0, 2.0]])
+    uncond = torch.tensor([[0.5, 0.0]])
+    both = torch.cat([cond, uncond])
+    assert torch.allclose(cfg_combine(both, 3.0), uncond + 3.0 * (cond - uncond))
+    p = SamplingParams(cfg_scale=3.0, cfg_interval=2)
+    assert p.cfg_active(0) and p.cfg_active(3) and not p.cfg_active(4)
+    assert torch.equal(guided_logits(both, p, False), cond)
+    assert not SamplingParams(cfg_scale=1.0).uses_cfg
+
+
+def test_inverse_cdf_edges():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(4, -1)
+    u = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 2**-53], dtype=torch.float64)
+    assert sample_from_probs(probs, u).tolist() == [1, 1, 3, 3]

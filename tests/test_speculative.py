@@ -1,0 +1,210 @@
+"""Speculative methods: lossless against exactly enumerated distributions, LANTERN's TV bound,
+and identical tokens across backends."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency, chisquare
+
+from arexport.models.registry import load_model
+from arexport.runtime.backends.torch_backend import TorchEngine
+from arexport.runtime.generator import Generator
+from arexport.runtime.sampling import SamplingParams, filter_logits
+from arexport.runtime.speculative import LanternRule, StandardRule, latent_neighbors
+
+ENUM = dict(vocab_size=3, num_classes=2, grid_size=2, dim=32, n_layer=2, n_head=2, multiple_of=32)
+
+
+def _tiny(seed, std=0.6):
+    lm = load_model("llamagen-c2i-B", random_init=True, seed=seed, overrides=dict(ENUM))
+    lm.model.init_random(seed, std=std)
+    for layer in lm.model.layers:  # keep the residual stream well-conditioned at this std
+        layer.attention_norm.weight.data.fill_(1.0)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def enum_models():
+    return _tiny(11), _tiny(12)
+
+
+def exact_distribution(lm, cls: int, params: SamplingParams) -> np.ndarray:
+    """P(sequence) for all 3^4 sequences under the guided, filtered conditionals (teacher forcing)."""
+    seqs = torch.tensor(list(itertools.product(range(3), repeat=4)))
+    n = len(seqs)
+    with torch.no_grad():
+        lc = lm.model(torch.full((n,), cls), seqs)
+        if params.uses_cfg:
+            lu = lm.model(torch.full((n,), 2), seqs)  # null class
+            lc = lu + params.cfg_scale * (lc - lu)
+        lc = lc / params.temperature
+        lc = filter_logits(lc, params.top_k, params.top_p)
+        logp = torch.log_softmax(lc, -1).gather(-1, seqs[..., None])[..., 0].sum(-1)
+    return logp.exp().double().numpy()
+
+
+def sample_counts(gen, method, params, n, opts=None, seed=0) -> np.ndarray:
+    res = gen.generate(classes=[1] * n, method=method, method_options=opts or {}, sampling=params, seed=seed,
+                       batch_size=n, images=False, timings=False)
+    idx = (res.tokens * np.array([27, 9, 3, 1])).sum(1)
+    return np.bincount(idx, minlength=81), res.stats
+
+
+def chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Chi-square goodness of fit, pooling cells with expected count < 5 into one."""
+    n = counts.sum()
+    exp = probs / probs.sum() * n
+    assert counts[exp == 0].sum() == 0, "sampled a sequence of probability zero"
+    big = exp >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    e = np.append(exp[big], exp[~big].sum())
+    keep = e > 0
+    return chisquare(obs[keep], e[keep]).pvalue
+
+
+N = 12000
+CASES = [SamplingParams(cfg_scale=2.0), SamplingParams(temperature=0.8, top_k=2, cfg_scale=1.0)]
+
+
+@pytest.mark.parametrize("params", CASES, ids=["cfg2", "t0.8-top2"])
+@pytest.mark.parametrize("method,opts", [("ar", {}), ("sjd", {"window": 3}), ("sjd", {"window": 4, "init": "repeat_horizon"}),
+                                         ("sd", {"gamma": 2}), ("sd", {"gamma": 3}), ("lantern", {"gamma": 2, "delta": 0.0})])
+def test_lossless_against_exact_distribution(enum_models, method, opts, params):
+    target, draft = enum_models
+    gen = Generator(TorchEngine(target), TorchEngine(draft))
+    probs = exact_distribution(target, 1, params)
+    seed = {"ar": 1, "sjd": 2, "sd": 3, "lantern": 4}[method] + 10 * len(opts)
+    counts, stats = sample_counts(gen, method, params, N, opts, seed=seed)
+    assert chi2_p(counts, probs) > 1e-3
+    if method != "ar":
+        assert stats["mean_accepted_length"] > 1.2  # drafts really were accepted
+
+
+def test_chi_square_has_power(enum_models):
+    """The same test rejects a wrong distribution: sampling with CFG vs the unguided distribution."""
+    target, draft = enum_models
+    gen = Generator(TorchEngine(target), TorchEngine(draft))
+    counts, _ = sample_counts(gen, "sjd", CASES[0], N, {"window": 3})
+    wrong = exact_distribution(target, 1, SamplingParams(cfg_scale=1.0))
+    assert chi2_p(counts, wrong) < 1e-6
+    # and the draft model's own distribution differs from the target's
+    assert chi2_p(counts, exact_distribution(draft, 1, CASES[0])) < 1e-6
+
+
+def _one_step_output(rule, p, q):
+    """Exact output distribution of one speculative step: draft x ~ q, accept or resample."""
+    v = p.shape[0]
+    xs = torch.arange(v)
+    P, Q = p.expand(v, v), q.expand(v, v)
+    a = rule.accept_prob(P, Q, xs)
+    r = rule.residual(P, Q, xs)
+    r = r / r.sum(-1, keepdim=True)
+    return q * a + ((q * (1 - a))[:, None] * r).sum(0)
+
+
+@pytest.mark.parametrize("onehot", [False, True], ids=["soft-draft", "one-hot-draft"])
+def test_lantern_output_within_tv_bound(onehot):
+    g = torch.Generator().manual_seed(0)
+    v = 6
+    worst = -1.0
+    for _ in range(400):
+        temp = float(torch.rand(1, generator=g)) * 5
+        p = torch.softmax(torch.randn(v, generator=g).double() * temp, 0)
+        nb = latent_neighbors(torch.randn(v, 2, generator=g), v - 1)
+        delta = float(torch.rand(1, generator=g)) * 0.4
+        rule = LanternRule(nb, k=v - 1, delta=delta)
+        if onehot:  # SJD-style: a deterministic draft x has q = one-hot(x); average over x
+            outs = []
+            for x in range(v):
+                q = torch.nn.functional.one_hot(torch.tensor(x), v).double()
+                outs.append(_one_step_output(rule, p, q))
+            out = torch.stack(outs).mean(0)
+            ref = p  # each one-hot proposal's output is compared through the mixture
+        else:
+            q = torch.softmax(torch.randn(v, generator=g).double() * temp, 0)
+            out = _one_step_output(rule, p, q)
+            ref = p
+        tv = 0.5 * (out - ref).abs().sum().item()
+        worst = max(worst, tv - delta)
+        assert abs(out.sum().item() - 1) < 1e-9
+    assert worst <= 1e-9, worst
+
+
+def test_lantern_relaxation_is_real_and_delta_zero_is_exact():
+    p = torch.tensor([0.05, 0.30, 0.25, 0.20, 0.20]).double()
+    q = torch.tensor([0.60, 0.10, 0.10, 0.10, 0.10]).double()
+    nb = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4], [1, 0, 3, 4], [2, 1, 0, 4], [3, 2, 1, 0]])
+    out_std = _one_step_output(StandardRule(), p, q)
+    assert torch.allclose(out_std, p, atol=1e-12)
+    out0 = _one_step_output(LanternRule(nb, k=4, delta=0.0), p, q)
+    assert torch.allclose(out0, p, atol=1e-12)
+    rule = LanternRule(nb, k=4, delta=0.35)
+    a_std = StandardRule().accept_prob(p[None], q[None], torch.tensor([0]))
+    a_lan = rule.accept_prob(p[None], q[None], torch.tensor([0]))
+    assert a_lan > a_std + 0.1  # neighbour mass raises acceptance of token 0
+    tv = 0.5 * (_one_step_output(rule, p, q) - p).abs().sum()
+    assert 0 < tv <= 0.35
+
+
+@pytest.fixture(scope="module")
+def demo_gen():
+    return Generator(TorchEngine(load_model("demo")), TorchEngine(load_model("demo-draft")))
+
+
+def test_greedy_speculative_equals_greedy_ar(demo_gen):
+    g = SamplingParams(temperature=0.0, cfg_scale=1.5)
+    ref = demo_gen.generate(classes=list(range(10)), method="ar", sampling=g, images=False).tokens
+    for method, opts in [("sjd", {}), ("sjd", {"init": "repeat_horizon", "window": 7}), ("sd", {"gamma": 5}), ("lantern", {"delta": 0.0})]:
+        out = demo_gen.generate(classes=list(range(10)), method=method, method_options=opts, sampling=g, images=False, batch_size=4)
+        assert np.array_equal(out.tokens, ref), (method, opts)
+
+
+def test_demo_marginals_match_ar_and_forwards_drop(demo_gen):
+    n = 600
+    params = SamplingParams(cfg_scale=1.5)
+    cls = [i % 10 for i in range(n)]
+    runs = {m: demo_gen.generate(classes=cls, method=m, sampling=params, seed=s, batch_size=200, images=False)
+            for m, s in (("ar", 1), ("sjd", 2), ("sd", 3))}
+    for m in ("sjd", "sd"):
+        pvals = []
+        for pos in range(64):
+            a = np.bincount(runs["ar"].tokens[:, pos], minlength=17)
+            b = np.bincount(runs[m].tokens[:, pos], minlength=17)
+            keep = (a + b) > 0
+            if keep.sum() < 2:
+                continue
+            pvals.append(chi2_contingency(np.stack([a[keep], b[keep]]))[1])
+        assert min(pvals) > 1e-4 / 1, (m, min(pvals))  # 64 tests; a Bonferroni-style floor
+        assert runs[m].stats["target_forwards_per_image"] < 0.7 * runs["ar"].stats["target_forwards_per_image"]
+        assert runs[m].stats["mean_accepted_length"] > 1.5
+    assert runs["sd"].stats["draft_forwards"] > 0 and runs["sjd"].stats["draft_forwards"] == 0
+
+
+def test_lantern_delta_zero_equals_sd_token_for_token(demo_gen):
+    params = SamplingParams(cfg_scale=1.5)
+    a = demo_gen.generate(classes=list(range(10)) * 2, method="sd", method_options={"gamma": 3}, sampling=params, seed=5, images=False)
+    b = demo_gen.generate(classes=list(range(10)) * 2, method="lantern", method_options={"gamma": 3, "delta": 0.0}, sampling=params, seed=5, images=False)
+    assert np.array_equal(a.tokens, b.tokens)
+    c = demo_gen.generate(classes=list(range(10)) * 2, method="lantern", method_options={"gamma": 3, "delta": 0.3}, sampling=params, seed=5, images=False)
+    assert c.stats["mean_accepted_length"] >= a.stats["mean_accepted_length"]
+
+
+def test_bad_method_options():
+    from arexport.errors import ArexportError
+    from arexport.runtime.decoding import make_method
+
+    with pytest.raises(ArexportError, match="sjd window must be >= 2"):
+        make_method("sjd", window=1)
+    with pytest.raises(ArexportError, match="sjd init must be one of"):
+        make_method("sjd", init="zeros")
+    with pytest.raises(ArexportError, match="bad options for method sd"):
+        make_method("sd", window=3)
+    with pytest.raises(ArexportError, match="lantern drafter must be sd or sjd"):
+        make_method("lantern", drafter="ar")
+    gen = Generator(TorchEngine(load_model("demo")))
+    with pytest.raises(ArexportError, match="needs a draft model"):
+        gen.generate(classes=[1], method="sd", images=False)
