@@ -183,6 +183,9 @@ class Generator:
         stats.update(merged)
         if acc:
             stats["mean_accepted_length"] = float(np.mean(acc))
+            # Forward passes one image needs on its own (prefill + the steps in which it was live),
+            # independent of how it was batched: the machine-independent cost of a method.
+            stats["forwards_per_image_alone"] = 1.0 + len(acc) / n
             values, counts = np.unique(np.asarray(acc), return_counts=True)
             stats["accepted_length_histogram"] = {int(v): int(c) for v, c in zip(values, counts)}
         stats["draft_forwards_per_image"] = df / n_batches if n_batches else 0.0

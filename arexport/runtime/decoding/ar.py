@@ -31,4 +31,4 @@ class AR(Method):
             pos = torch.full_like(feed, t)
             logits = engine.step(cache, feed, pos, write, cache.causal_mask(write, 1))[:, 0]
             cache.length += 1
-        return DecodeResult(tokens, {})
+        return DecodeResult(tokens, {"accepted_lengths": [1] * (b * (n - 1))})
