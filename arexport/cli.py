@@ -107,7 +107,7 @@ def _load_captions(path: Optional[str]):
 @model_options
 @click.option("--classes", help="Class ids, comma separated; repeats allowed (3,3,7 or 3x4 for four 3s).")
 @click.option("--caption-embeddings", type=click.Path(dir_okay=False), help="t2i: .npy [N,T,C] or .npz with 'embeds' and 'mask'.")
-@click.option("--method", default="ar", show_default=True, help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n.")
+@click.option("--method", help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n (default: ar; arpg for ARPG models).")
 @click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend weight/cache dtype (default fp32).")
@@ -126,6 +126,15 @@ def _load_captions(path: Optional[str]):
 @click.option("--lantern-k", type=int, help="lantern: nearest codebook neighbours searched (default 1000).")
 @click.option("--lantern-delta", type=float, help="lantern: total-variation budget delta (default 0.1).")
 @click.option("--lantern-lambda", type=float, help="lantern: LANTERN++ bound, pooled mass <= (lambda-1) p(x).")
+@click.option("--steps", type=int, help="arpg: parallel decoding steps (default 64).")
+@click.option("--schedule", type=click.Choice(["arccos", "cosine"]), help="arpg: tokens-per-step schedule (default arccos).")
+@click.option("--cfg-schedule", type=click.Choice(["linear", "constant"]), help="arpg: guidance schedule (default linear).")
+@click.option("--policy", type=click.Choice(["uniform", "dynamic", "none"]), help="vvs: when to skip verification (default uniform).")
+@click.option("--skip-interval", type=int, help="vvs uniform: skip every N-th round (default 5).")
+@click.option("--sim-threshold", type=float, help="vvs dynamic: candidate latent cosine similarity to skip (default 0.7).")
+@click.option("--candidates", type=int, help="gridar/best-of-n: candidates per condition (gridar: multiple of 4; default 4).")
+@click.option("--verifier", help="gridar: verifier (digits, accept-all, or module:callable).")
+@click.option("--scorer", help="gridar/best-of-n: final scorer (digits, or module:callable).")
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write images DIR/0000.png, 0001.png, ...")
@@ -135,7 +144,8 @@ def _load_captions(path: Optional[str]):
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, method, backend, device, precision, cfg_scale, cfg_interval, top_k, top_p,
              temperature, seed, batch_size, draft, window, sjd_init, gamma, drafter, lantern_k, lantern_delta,
-             lantern_lambda, method_opts, save_tokens, out_dir, grid_png, stats_json, progress):
+             lantern_lambda, steps, schedule, cfg_schedule, policy, skip_interval, sim_threshold, candidates, verifier,
+             scorer, method_opts, save_tokens, out_dir, grid_png, stats_json, progress):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
     \b
@@ -164,6 +174,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
                   image_size=image_size, vq_checkpoint=vq_checkpoint, dtype=precision)
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     spec = gen.spec
+    method = method or ("arpg" if spec.family == "arpg" else "ar")
     d = spec.extra.get("sampling_defaults", {})
     sampling = SamplingParams(
         temperature=d.get("temperature", 1.0) if temperature is None else temperature,
@@ -175,7 +186,9 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     captions, cmask = _load_captions(caption_embeddings)
     opts = _parse_method_options(method_opts)
     named = {"window": window, "init": sjd_init, "gamma": gamma, "drafter": drafter, "k": lantern_k,
-             "delta": lantern_delta, "lam": lantern_lambda}
+             "delta": lantern_delta, "lam": lantern_lambda, "steps": steps, "schedule": schedule,
+             "cfg_schedule": cfg_schedule, "policy": policy, "skip_interval": skip_interval,
+             "sim_threshold": sim_threshold, "candidates": candidates, "verifier": verifier, "scorer": scorer}
     opts.update({k: v for k, v in named.items() if v is not None})
     show = sys.stderr.isatty() if progress is None else progress
     need_images = bool(out_dir or grid_png)
@@ -221,7 +234,7 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Engine directory to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Engine batch sizes in rows (CFG: 2 rows per image).")
-@click.option("--verify-len", type=int, default=16, show_default=True, help="Largest query length of the step (verify block K).")
+@click.option("--verify-len", type=int, help="Largest query length of the step (verify block K). Default 16; ARPG: all tokens.")
 @click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True, help="onnx: ONNX graphs; trt: also TensorRT plans.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory (only once the new one is complete).")

@@ -57,8 +57,8 @@ class ModelSpec:
 
     @property
     def class_token_offset(self) -> int:
-        """Token id of class 0 in the step function's unified token space (c2i)."""
-        return self.vocab_size
+        """Token id of class 0 in the step function's token space (LlamaGen: V; ARPG: V + 1)."""
+        return int(self.extra.get("class_token_offset", self.vocab_size))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""

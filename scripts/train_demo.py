@@ -10,6 +10,7 @@ Writes:
   digits-stats.safetensors   real-digit feature mean/covariance (held-out split) for the CNN and MLP
   demo.safetensors           LlamaGen-architecture c2i target model (config in metadata)
   demo-draft.safetensors     smaller draft model sharing the tokenizer
+  demo-arpg.safetensors      ARPG-architecture model trained in random orders (parallel decoding)
 Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
 The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from arexport.models.digits import DigitCNN, DigitMLP, feature_stats, tokens_to_input
+from arexport.models.arpg import ARPG, ARPGConfig
 from arexport.models.llamagen import LlamaGen, LlamaGenConfig
 
 OUT = Path(__file__).resolve().parent.parent / "arexport" / "models" / "weights"
@@ -37,6 +39,8 @@ TARGET = dict(dim=96, n_layer=4, n_head=4, multiple_of=64, vocab_size=17, num_cl
               grid_size=8, cls_token_num=1, model_type="c2i", image_kind="digits", class_dropout_prob=0.1,
               token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
 DRAFT = dict(TARGET, dim=64, n_layer=2, n_head=2)
+ARPG_CFG = dict(dim=128, n_layer=6, n_head=4, multiple_of=64, vocab_size=17, num_classes=10, grid_size=8,
+                image_kind="digits", class_dropout_prob=0.1, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
 
 
 def load_split(seed: int = 0):
@@ -81,13 +85,15 @@ def train_classifier(model, xtr, ytr, xte, yte, steps=1500, seed=0):
     return acc
 
 
-def train_ar(cfg: LlamaGenConfig, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label=""):
+def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label=""):
+    """Teacher forcing; LlamaGen in raster order, ARPG in a fresh random order per sample."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = LlamaGen(cfg)
+    model = cfg.build()
     model.init_random(seed)
+    arpg = isinstance(model, ARPG)
     with torch.no_grad():
-        model.output.weight.zero_()  # LlamaGen zero-initialises the head
+        (model.head if arpg else model.output).weight.zero_()  # both references zero-initialise the head
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -99,8 +105,13 @@ def train_ar(cfg: LlamaGenConfig, xtr, ytr, steps: int, seed: int, lr=3e-3, batc
         tok, cls = xtr[idx], ytr[idx].clone()
         drop = torch.rand(batch, generator=g) < cfg.class_dropout_prob
         cls[drop] = cfg.num_classes  # null class for classifier-free guidance
-        logits = model(cls, tok)
-        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.reshape(-1))
+        if arpg:
+            order = torch.rand(batch, tok.shape[1], generator=g).argsort(1)
+            logits = model(cls, tok, order)
+            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.gather(1, order).reshape(-1))
+        else:
+            logits = model(cls, tok)
+            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.reshape(-1))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,16 +122,18 @@ def train_ar(cfg: LlamaGenConfig, xtr, ytr, steps: int, seed: int, lr=3e-3, batc
     return model.eval(), float(loss.item())
 
 
-def save_model(model: LlamaGen, cfg: LlamaGenConfig, path: Path, info: dict) -> None:
+def save_model(model, cfg, path: Path, info: dict) -> None:
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"config": json.dumps({k: v for k, v in asdict(cfg).items() if k != "extra"}), "info": json.dumps(info)}
+    meta = {"config": json.dumps({k: v for k, v in asdict(cfg).items() if k != "extra"}), "info": json.dumps(info),
+            "family": "arpg" if isinstance(model, ARPG) else "llamagen"}
     save_file(sd, str(path), metadata=meta)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["classifiers", "target", "draft"], default=None)
+    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg"], default=None)
+    ap.add_argument("--arpg-steps", type=int, default=3000)
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps for the target model")
     ap.add_argument("--draft-steps", type=int, default=1500)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -157,6 +170,10 @@ def main():
         cfg = LlamaGenConfig(**DRAFT)
         model, loss = train_ar(cfg, xtr, ytr, args.draft_steps, seed=1, label="draft")
         save_model(model, cfg, args.out / "demo-draft.safetensors", {"steps": args.draft_steps, "final_loss": loss, "data": "sklearn digits train split"})
+    if args.only in (None, "arpg"):
+        cfg = ARPGConfig(**ARPG_CFG)
+        model, loss = train_ar(cfg, xtr, ytr, args.arpg_steps, seed=2, label="arpg")
+        save_model(model, cfg, args.out / "demo-arpg.safetensors", {"steps": args.arpg_steps, "final_loss": loss, "data": "sklearn digits train split, random orders"})
 
 
 if __name__ == "__main__":

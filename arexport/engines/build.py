@@ -28,7 +28,7 @@ class BuildOptions:
 
     precision: str = "fp32"
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    verify_len: int = 16
+    verify_len: Optional[int] = None  # largest step query length; default 16 (LlamaGen), n_tokens (ARPG)
     backend: str = "onnx"  # onnx | trt
     images: bool = True
     overwrite: bool = False
@@ -42,7 +42,7 @@ class BuildOptions:
             raise ArexportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ArexportError(f"batch sizes must be positive integers, got {self.batch_sizes}")
-        if self.verify_len < 1:
+        if self.verify_len is not None and self.verify_len < 1:
             raise ArexportError(f"--verify-len must be >= 1, got {self.verify_len}")
         if self.backend not in ("onnx", "trt"):
             raise ArexportError(f"unknown build backend {self.backend!r}; choose onnx or trt")
@@ -55,7 +55,8 @@ Reporter = Callable[[str], None]
 def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> dict[str, Any]:
     """Export `loaded` (a LoadedModel) into the engine directory `out`; returns the manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
-    from arexport.exporter.export import WeightStore, export_image_decoder, export_prefill, export_step
+    from arexport.exporter.export import (WeightStore, export_image_decoder, export_multi_query_step, export_prefill,
+                                          export_step)
 
     opts.validate()
     if opts.backend == "trt":
@@ -64,7 +65,10 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         require_tensorrt()  # fail before the long export, not after
     spec = loaded.spec
     dtype = PRECISIONS[opts.precision]
-    max_q = min(max(opts.verify_len, 1), spec.s_max)
+    default_q = spec.n_tokens if spec.family == "arpg" else 16
+    max_q = min(opts.verify_len or default_q, spec.s_max)
+    if spec.family == "arpg":
+        max_q = max(max_q, 4)
     model = loaded.model.to(dtype=dtype).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     max_batch = max(opts.batch_sizes)
@@ -73,10 +77,16 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         store = WeightStore(tmp)
         graphs: dict[str, Any] = {}
         try:
-            report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
             t0 = time.perf_counter()
-            g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
-            graphs["step"] = {"file": g.file, "kinds": {"decode": 1, "verify": max_q}, "q_range": [1, max_q],
+            if spec.family == "arpg":
+                report(f"exporting multi-query step graph (n, m = 1..{max_q}, {opts.precision})")
+                g = export_multi_query_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                kinds = {"multi_query": max_q}
+            else:
+                report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
+                g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                kinds = {"decode": 1, "verify": max_q}
+            graphs["step"] = {"file": g.file, "kinds": kinds, "q_range": [1, max_q],
                               "aliases": {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")},
                               "export_seconds": round(time.perf_counter() - t0, 2)}
             if spec.model_type == "t2i":
@@ -108,7 +118,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             "arrays": extras,
             "weights": {"file": store.filename, "unique_bytes": store.unique_bytes, "referenced_bytes": store.referenced_bytes},
             "profiles": {"batch_sizes": sorted(set(opts.batch_sizes)), "verify_len": max_q,
-                         "step_kinds": {"decode": 1, "verify": max_q}},
+                         "step_kinds": graphs["step"]["kinds"]},
             "cache": {"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
                       "s_max": spec.s_max, "dtype": opts.precision, "slots": "generation order; positions drive RoPE"},
             "report": reports,

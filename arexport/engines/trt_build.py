@@ -63,9 +63,14 @@ def check_plan_compat(trt_info: dict[str, Any], trt_version: str, gpu: dict[str,
         )
 
 
-def step_profiles(batch_sizes: list[int], verify_len: int) -> list[dict[str, Any]]:
-    """Profile list for the step plan: per batch, decode (q=1) then verify (q in [2, K], optimum K)."""
+def step_profiles(batch_sizes: list[int], verify_len: int, family: str = "llamagen") -> list[dict[str, Any]]:
+    """Profile list for the step plan: per batch, decode (q=1) then verify (q in [2, K], optimum K);
+    ARPG: one multi-query profile per batch with new tokens q and queries m in [1, K]."""
     out = []
+    if family == "arpg":
+        opt = max(1, verify_len // 8)
+        return [{"kind": "multi_query", "batch": [b, b, b], "q": [1, opt, verify_len], "m": [1, opt, verify_len]}
+                for b in sorted(set(batch_sizes))]
     for b in sorted(set(batch_sizes)):
         out.append({"kind": "decode", "batch": [b, b, b], "q": [1, 1, 1]})
         if verify_len > 1:
@@ -90,19 +95,24 @@ def select_profile(profiles: list[dict[str, Any]], kind: str, batch: int, q: int
         if p["kind"] in ("decode", "verify"):
             if kind in ("decode", "verify") and p["q"][0] <= q <= p["q"][2]:
                 return i
+        elif p["kind"] == "multi_query":
+            if kind == "multi_query":
+                return i
         elif p["kind"] == kind:
             return i
     have = ", ".join(f"{p['kind']} batch {p['batch'][0]}-{p['batch'][2]} q {p['q'][0]}-{p['q'][2]}" for p in profiles)
     raise ArexportError(f"no TensorRT profile for {kind} with batch {batch}, q {q}; the plan has: {have}")
 
 
-def _shape_for(dims: list, batch: int, q: int) -> tuple[int, ...]:
+def _shape_for(dims: list, batch: int, q: int, m: int = 1) -> tuple[int, ...]:
     out = []
     for d in dims:
         if d == "batch":
             out.append(batch)
         elif d == "q":
             out.append(q)
+        elif d == "m":
+            out.append(m)
         elif isinstance(d, int) and d > 0:
             out.append(d)
         else:
@@ -119,7 +129,7 @@ def build_plans(directory: Path, manifest: dict[str, Any], opts, report: Callabl
     batch_sizes = manifest["profiles"]["batch_sizes"]
     for name, graph in manifest["graphs"].items():
         if name == "step":
-            profiles = step_profiles(batch_sizes, manifest["profiles"]["verify_len"])
+            profiles = step_profiles(batch_sizes, manifest["profiles"]["verify_len"], manifest["spec"]["family"])
         else:
             profiles = graph_profiles(name, batch_sizes)
         report(f"TensorRT: {graph['file']} with {len(profiles)} profiles")
@@ -148,7 +158,8 @@ def _build_one(trt, logger, onnx_path: Path, plan_path: Path, inputs: list[dict]
     for p in profiles:
         prof = builder.create_optimization_profile()
         for vi in inputs:
-            lo, opt, hi = (_shape_for(vi["shape"], p["batch"][j], p["q"][j] or 1) for j in range(3))
+            m = p.get("m", [1, 1, 1])
+            lo, opt, hi = (_shape_for(vi["shape"], p["batch"][j], p["q"][j] or 1, m[j]) for j in range(3))
             prof.set_shape(vi["name"], lo, opt, hi)
         config.add_optimization_profile(prof)
     blob = builder.build_serialized_network(network, config)

@@ -22,7 +22,7 @@ from arexport.runtime.engine import Conditions, StepEngine
 
 # Default tolerances per precision: fp32 is the issue's 1e-4 bound on logits; half precisions are
 # bounded by rounding of activations and caches (see docs/benchmarks.md for measured errors).
-KINDS = ("prefill", "decode", "verify")
+KINDS = ("prefill", "decode", "verify", "multi_query")
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)}
 
 
@@ -38,6 +38,8 @@ def _polygraphy():
 
 def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[OrderedDict]:
     """Feed dicts: (prefill), decode and verify at offset 0 and at non-zero, per-row-different offsets."""
+    if spec.family == "arpg":
+        return make_multi_query_cases(spec, batch, verify_len, seed)
     g = torch.Generator().manual_seed(seed)
     n = spec.n_tokens
     k = min(verify_len, n - 1)
@@ -70,9 +72,77 @@ def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[Ordered
     return cases
 
 
+def make_multi_query_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[OrderedDict]:
+    """ARPG cases: (prefix of already-fed tokens, n new tokens, m queries), rows in their own random orders."""
+    g = torch.Generator().manual_seed(seed)
+    n_tok = spec.n_tokens
+    m = min(8, max_q, n_tok - 1)
+    cases = []
+    for prefix, n_new in (([0] * batch, 1), ([0] * batch, 4), ([3 + 5 * r for r in range(batch)], 3),
+                          ([n_tok - m - 4 - r for r in range(batch)], 4)):
+        prefix = [max(0, min(p, n_tok - m - n_new)) for p in prefix]
+        d = OrderedDict(classes=torch.randint(0, spec.num_classes + 1, (batch,), generator=g).numpy())
+        d["kind"] = np.array(3, dtype=np.int64)
+        d["prefix_len"] = np.array(prefix, dtype=np.int64)
+        d["tokens"] = torch.randint(0, spec.vocab_size, (batch, n_tok), generator=g).numpy()
+        d["order"] = torch.stack([torch.randperm(n_tok, generator=g) for _ in range(batch)]).numpy()
+        d["q"] = np.array(n_new, dtype=np.int64)
+        d["m"] = np.array(m, dtype=np.int64)
+        d["chunk"] = np.array(max(1, min(max_q, 8)), dtype=np.int64)
+        cases.append(d)
+    return cases
+
+
+def run_multi_query_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
+    """Class step, then each row's prefix (in its order, lockstep chunks), then n new tokens + m queries."""
+    spec = engine.spec
+    b = len(feed["prefix_len"])
+    toks, order = torch.from_numpy(feed["tokens"]), torch.from_numpy(feed["order"])
+    prefix = torch.from_numpy(feed["prefix_len"])
+    n_new, m, chunk = int(feed["q"]), int(feed["m"]), int(feed["chunk"])
+    cache = engine.allocate(b)
+    cls = torch.from_numpy(feed["classes"]) + spec.class_token_offset
+    pos_seq = order  # generation order of grid positions
+    tok_seq = toks.gather(1, order)
+
+    def step(tokens, positions, queries):
+        w = cache.length.clone()
+        n = tokens.shape[1]
+        attn = cache.block_mask(w, n)
+        qmask = attn[:, :, :1].expand(-1, -1, queries.shape[1], -1)
+        out = engine.multi_query_step(cache, tokens, positions, w, attn, queries, qmask)
+        return out, w
+
+    step(cls[:, None], torch.full((b, 1), -1), pos_seq[:, :1])
+    cache.length += 1
+    done, longest = 0, int(prefix.max())
+    while done < longest:
+        c = min(chunk, longest - done)
+        step(tok_seq[:, done:done + c], pos_seq[:, done:done + c], pos_seq[:, :1])
+        cache.length += (prefix - done).clamp(min=0, max=c)
+        done += c
+    if n_new == 1 and int(prefix.max()) == 0:
+        new_t, new_p = cls[:, None], torch.full((b, 1), -1)  # the class step itself, re-run
+        cache.length.zero_()
+    else:
+        idx = prefix[:, None] + torch.arange(n_new)
+        new_t, new_p = tok_seq.gather(1, idx), pos_seq.gather(1, idx)
+    qidx = (prefix[:, None] + n_new + torch.arange(m)).clamp(max=spec.n_tokens - 1)
+    logits, w = step(new_t, new_p, pos_seq.gather(1, qidx))
+    out = OrderedDict(logits=logits.float().cpu().numpy())
+    slots = (w[:, None] + torch.arange(new_t.shape[1])).to(cache.keys[0].device)
+    for li in sorted({0, spec.n_cache_layers - 1}):
+        for name, buf in (("key", cache.keys[li]), ("value", cache.values[li])):
+            sel = buf.gather(2, slots.view(b, 1, -1, 1).expand(b, buf.shape[1], -1, buf.shape[3]))
+            out[f"new_{name}_{li}"] = sel.float().cpu().numpy()
+    return out
+
+
 def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """Set up the case's cache state on `engine`, run its step function, return outputs as numpy."""
     spec = engine.spec
+    if spec.family == "arpg":
+        return run_multi_query_case(engine, feed)
     b = len(feed["prefix_len"])
     if spec.model_type == "c2i":
         conds = Conditions(classes=torch.from_numpy(feed["classes"]))
@@ -115,6 +185,13 @@ def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
                 sel = buf.gather(2, slots.view(b, 1, q, 1).expand(b, buf.shape[1], q, buf.shape[3]))
             out[f"new_{name}_{li}"] = sel.float().cpu().numpy()
     return out
+
+
+def _case_name(case: dict, spec) -> str:
+    kind = KINDS[int(case["kind"])]
+    if kind == "multi_query":
+        return f"multi_query n={int(case['q'])} m={int(case['m'])}"
+    return f"{kind} q={int(case['q']) if kind != 'prefill' else spec.cond_len}"
 
 
 @dataclass
@@ -182,7 +259,7 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
     for case, outputs in zip(cases, per_pair[pair]):
         for name, res in outputs.items():
             report.rows.append({
-                "case": f"{KINDS[int(case['kind'])]} q={int(case['q']) if int(case['kind']) else engine.spec.cond_len}",
+                "case": _case_name(case, engine.spec),
                 "offsets": [int(x) + engine.spec.cond_len for x in case["prefix_len"]],
                 "output": name,
                 "max_abs": float(res.max_absdiff),
@@ -209,9 +286,10 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
         conds = Conditions(embeds=torch.randn(n_images, spec.cond_len, spec.caption_dim, generator=g),
                            mask=torch.ones(n_images, spec.cond_len, dtype=torch.bool))
     params = SamplingParams(temperature=0.0, cfg_scale=1.0)
+    method = "arpg" if spec.family == "arpg" else "ar"
     toks = []
     for e in (engine, reference):
-        res = make_method("ar").generate(e, conds, params, RowRNG.from_seeds(range(n_images), e.device))
+        res = make_method(method).generate(e, conds, params, RowRNG.from_seeds(range(n_images), e.device))
         toks.append(res.tokens.cpu())
     agree = float((toks[0] == toks[1]).float().mean())
     same = int((toks[0] == toks[1]).all(dim=1).sum())

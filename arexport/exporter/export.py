@@ -21,7 +21,7 @@ from typing import Optional
 import onnx
 import torch
 
-from arexport.exporter.graphs import ImageDecoderGraph, PrefillGraph, StepGraph
+from arexport.exporter.graphs import ImageDecoderGraph, MultiQueryStepGraph, PrefillGraph, StepGraph
 from arexport.exporter.ops import OPSET, TRANSLATIONS
 from arexport.spec import ModelSpec
 
@@ -184,6 +184,36 @@ def export_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype
     raw = workdir / f".raw_{file}"
     _export(StepGraph(model).eval(), [tokens, positions, write_index, mask, *caches], raw, ins, outs, dyn)
     wanted = {("tokens", 0): "batch", ("tokens", 1): "q"}
+    _finalize(raw, workdir / file, store, _dim_renames(raw, wanted))
+    _cleanup_raw(raw)
+    return ExportedGraph("step", file, ins, outs)
+
+
+def export_multi_query_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
+                            max_batch: int, file: str = "model.onnx") -> ExportedGraph:
+    """Export ARPG's multi-query step: n new tokens and m queries, both dynamic in [1, max_q]."""
+    from torch.export import Dim
+
+    if max_q < 4:
+        raise ValueError("the multi-query step needs max_q >= 4 to trace distinct dynamic n and m")
+    b_ex, n_ex, m_ex = 2, 3, 4
+    s = spec.s_max
+    tokens = torch.zeros(b_ex, n_ex, dtype=torch.int64)
+    positions = torch.arange(n_ex).expand(b_ex, n_ex).contiguous()
+    write_index = torch.tensor([1, 2], dtype=torch.int64)
+    mask = torch.ones(b_ex, 1, n_ex, s, dtype=torch.bool)
+    qpos = torch.arange(n_ex, n_ex + m_ex).expand(b_ex, m_ex).contiguous()
+    qmask = torch.ones(b_ex, 1, m_ex, s, dtype=torch.bool)
+    caches = _cache_args(spec, b_ex, dtype)
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
+    q = Dim("q", min=1, max=max_q)
+    m = Dim("m", min=1, max=max_q)
+    dyn = [{0: batch, 1: q}, {0: batch, 1: q}, {0: batch}, {0: batch, 2: q}, {0: batch, 1: m}, {0: batch, 2: m},
+           tuple([{0: batch}] * len(caches))]
+    ins, outs = MultiQueryStepGraph.io_names(spec.n_cache_layers)
+    raw = workdir / f".raw_{file}"
+    _export(MultiQueryStepGraph(model).eval(), [tokens, positions, write_index, mask, qpos, qmask, *caches], raw, ins, outs, dyn)
+    wanted = {("tokens", 0): "batch", ("tokens", 1): "q", ("query_positions", 1): "m"}
     _finalize(raw, workdir / file, store, _dim_renames(raw, wanted))
     _cleanup_raw(raw)
     return ExportedGraph("step", file, ins, outs)

@@ -39,6 +39,28 @@ class StepGraph(nn.Module):
         return ins, outs
 
 
+class MultiQueryStepGraph(nn.Module):
+    """ARPG: (tokens, positions, write_index, attn_mask, query_positions, query_mask, *past) -> (logits, *present)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, write_index, attn_mask, query_positions, query_mask, *past):
+        keys, values = list(past[0::2]), list(past[1::2])
+        logits, nk, nv = self.model.step(tokens, positions, write_index, attn_mask, query_positions, query_mask,
+                                         keys, values, cache_write=functional_cache_write)
+        out = [logits]
+        for k, v in zip(nk, nv):
+            out += [k, v]
+        return tuple(out)
+
+    @staticmethod
+    def io_names(n_layers: int):
+        ins = ["tokens", "positions", "write_index", "attn_mask", "query_positions", "query_mask"] + cache_names(n_layers, "past")
+        return ins, ["logits"] + cache_names(n_layers, "present")
+
+
 class PrefillGraph(nn.Module):
     """t2i: (cond_embeds, attn_mask, *past) -> (logits of the last condition token, *present)."""
 

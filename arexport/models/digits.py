@@ -1,8 +1,10 @@
 """The demo's pixel "tokenizer" and scorers, for scikit-learn's 8x8 handwritten digits.
 
 A token is one pixel's grey level 0..16 (17 tokens, 64 per image, raster order). The decoder turns
-tokens into a visible RGB image (white ink on black, each pixel a `scale` x `scale` block); the
-codebook is the grey level itself, so latent neighbours (LANTERN) are adjacent grey levels.
+tokens into a visible RGB image (white ink on black, each pixel a `scale` x `scale` block). The
+"codebook" places level l at angle (pi/2) l/16 on the unit circle: L2 distance grows with the level
+difference (LANTERN's neighbours are adjacent grey levels) and cosine similarity is cos of the
+angle between levels (VVS compares draft candidates by it), as with VQ-16's l2-normalised codes.
 Two classifiers of different architecture score generated digits: `DigitCNN` (used by verifiers
 and the demo's accuracy figure) and `DigitMLP` (an independent judge for methods that optimise
 against the CNN). `frechet_distance` compares feature statistics (our offline "FID").
@@ -34,8 +36,9 @@ class DigitsDecoder(nn.Module):
         return img.to(torch.uint8).expand(n, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
 
     def codebook(self) -> torch.Tensor:
-        """[17, 1]: grey level as a latent value in [0, 1]."""
-        return (torch.arange(N_LEVELS, dtype=torch.float32) / (N_LEVELS - 1)).unsqueeze(1)
+        """[17, 2]: grey level l as the unit vector at angle (pi/2) l/16."""
+        theta = torch.arange(N_LEVELS, dtype=torch.float32) / (N_LEVELS - 1) * (torch.pi / 2)
+        return torch.stack([torch.cos(theta), torch.sin(theta)], 1)
 
 
 def tokens_to_input(tokens: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,9 @@ class LlamaGenConfig:
     def cond_len(self) -> int:
         return self.cls_token_num
 
+    def build(self) -> "LlamaGen":
+        return LlamaGen(self)
+
     def with_overrides(self, **kw) -> "LlamaGenConfig":
         """A copy with some fields replaced (validated again)."""
         return replace(self, **kw)
@@ -101,7 +104,7 @@ class LlamaGenConfig:
         if self.image_kind == "vq16":
             img = ImageSpec("vq16", self.grid_size, image_size or self.grid_size * 16, 8)
         else:
-            img = ImageSpec(self.image_kind, self.grid_size, image_size or self.grid_size * 16, 1)
+            img = ImageSpec(self.image_kind, self.grid_size, image_size or self.grid_size * 16, 2)
         return ModelSpec(
             name=name,
             family="llamagen",

@@ -4,7 +4,8 @@ Names:
 * `llamagen-c2i-{B,L,XL,XXL,XXXL,1B,3B,7B}` and `llamagen-t2i-{...}` (every published LlamaGen
   size; aliases `GPT-B`, `c2i-B`, `t2i-XL`, ...). Weights come from `--checkpoint` or
   `--random-init`; images need `--vq-checkpoint` (or random VQ weights with `--random-init`).
-* `demo`, `demo-draft`: the digits models shipped inside the package (weights committed).
+* `arpg-{L,XL,XXL}`: ARPG (random-order parallel decoding), same weight options.
+* `demo`, `demo-draft`, `demo-arpg`: the digits models shipped inside the package (weights committed).
 Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
 fewer layers for tests.
 """
@@ -38,13 +39,18 @@ LLAMAGEN_SIZES = {
     "7B": (32, 32, 4096),
 }
 
+# (n_layer, n_head, dim) from ARPG's configs.
+ARPG_SIZES = {"L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536)}
+
 DEMO_MODELS = {
     "demo": "demo.safetensors",
     "demo-draft": "demo-draft.safetensors",
+    "demo-arpg": "demo-arpg.safetensors",
 }
 
 
 DEMO_CFG_SCALE = 1.5
+DEMO_ARPG_CFG_SCALE = 1.5
 
 
 @dataclass
@@ -64,6 +70,8 @@ def canonical_name(name: str) -> str:
     if n in DEMO_MODELS:
         return n
     low = n.lower()
+    if low.startswith("arpg-") and n[5:].upper() in ARPG_SIZES:
+        return f"arpg-{n[5:].upper()}"
     for prefix, mtype in (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i")):
         if low.startswith(prefix):
             size = n[len(prefix):].upper()
@@ -76,14 +84,18 @@ def known_models() -> list[str]:
     """Every canonical model name."""
     names = list(DEMO_MODELS)
     names += [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES] + [f"llamagen-t2i-{s}" for s in LLAMAGEN_SIZES]
+    names += [f"arpg-{s}" for s in ARPG_SIZES]
     return names
 
 
 def parse_overrides(text: Optional[str]) -> dict[str, Any]:
-    """`n_layer=2,dim=256,n_kv_head=4` -> typed dict of LlamaGenConfig fields."""
+    """`n_layer=2,dim=256,n_kv_head=4` -> typed dict of config fields (LlamaGen's or ARPG's)."""
     if not text:
         return {}
+    from arexport.models.arpg import ARPGConfig
+
     types = {f.name: f.type for f in fields(LlamaGenConfig)}
+    types.update({f.name: f.type for f in fields(ARPGConfig)})
     out: dict[str, Any] = {}
     for item in text.split(","):
         if not item.strip():
@@ -106,11 +118,18 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
     return out
 
 
-def model_config(name: str, overrides: Optional[dict] = None, image_size: Optional[int] = None) -> LlamaGenConfig:
-    """The LlamaGenConfig for a model name, with optional overrides and image size."""
+def model_config(name: str, overrides: Optional[dict] = None, image_size: Optional[int] = None):
+    """The config (LlamaGenConfig or ARPGConfig) for a model name, with overrides and image size."""
     name = canonical_name(name)
+    if image_size is not None and image_size % 16 and name not in DEMO_MODELS:
+        raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
     if name in DEMO_MODELS:
         cfg = demo_config(name)
+    elif name.startswith("arpg-"):
+        from arexport.models.arpg import ARPGConfig
+
+        n_layer, n_head, dim = ARPG_SIZES[name.split("-")[1]]
+        cfg = ARPGConfig(dim=dim, n_layer=n_layer, n_head=n_head, grid_size=(image_size or 256) // 16)
     else:
         _, mtype, size = name.split("-")
         n_layer, n_head, dim = LLAMAGEN_SIZES[size]
@@ -118,8 +137,6 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
         if mtype == "t2i":
             kw["cls_token_num"] = 120
         if image_size is not None:
-            if image_size % 16:
-                raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
             kw["grid_size"] = image_size // 16
         cfg = LlamaGenConfig(**kw)
     if overrides:
@@ -130,8 +147,8 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
     return cfg
 
 
-def demo_config(name: str) -> LlamaGenConfig:
-    """Config stored in the committed demo weights' metadata."""
+def demo_config(name: str):
+    """Config stored in the committed demo weights' metadata (LlamaGen or ARPG)."""
     path = WEIGHTS_DIR / DEMO_MODELS[name]
     if not path.exists():
         raise ArexportError(f"demo weights missing from the package: {path} (run scripts/train_demo.py)")
@@ -141,6 +158,10 @@ def demo_config(name: str) -> LlamaGenConfig:
         meta = f.metadata() or {}
     if "config" not in meta:
         raise ArexportError(f"{path} has no config metadata")
+    if meta.get("family") == "arpg":
+        from arexport.models.arpg import ARPGConfig
+
+        return ARPGConfig(**json.loads(meta["config"]))
     return LlamaGenConfig(**json.loads(meta["config"]))
 
 
@@ -158,7 +179,7 @@ def load_model(
     """Build a model by name and fill its weights from a checkpoint, the package, or a seed."""
     cname = canonical_name(name)
     cfg = model_config(cname, overrides, image_size)
-    model = LlamaGen(cfg)
+    model = cfg.build()
     source: dict[str, Any] = {"model": cname, "overrides": dict(overrides or {}), "image_size": image_size}
     if checkpoint is not None and random_init:
         raise ArexportError("give either --checkpoint or --random-init, not both")
@@ -190,8 +211,12 @@ def load_model(
 def sampling_defaults(name: str, cfg: LlamaGenConfig) -> dict[str, Any]:
     """Per-model sampler defaults: LlamaGen's demo settings (c2i cfg 4.0 / top-k 2000, t2i cfg 7.5 /
     top-k 1000); the digits demo uses the settings its accuracy was measured with."""
+    if name == "demo-arpg":
+        return {"cfg_scale": DEMO_ARPG_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     if name in DEMO_MODELS:
         return {"cfg_scale": DEMO_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    if name.startswith("arpg-"):
+        return {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     if cfg.model_type == "t2i":
         return {"cfg_scale": 7.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0}
     return {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}

@@ -90,6 +90,11 @@ class StepEngine(ABC):
     def _step(self, cache: KVCache, tokens, positions, write_index, attn_mask) -> torch.Tensor:
         """Backend forward of the step function: logits [B,q,V] fp32, cache updated in place."""
 
+    def _multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
+                          query_mask) -> torch.Tensor:
+        """Backend forward of ARPG's multi-query step: logits [B,m,V] fp32."""
+        raise ArexportError(f"model family {self.spec.family} has no multi-query step (that is ARPG's)")
+
     def _prefill_embeds(self, cache: KVCache, conds: Conditions, attn_mask) -> torch.Tensor:
         """Backend forward of the t2i prefill graph: logits [B,V]."""
         raise ArexportError(f"backend {self.backend} has no text-conditional prefill")
@@ -147,6 +152,8 @@ class StepEngine(ABC):
 
     def prefill(self, cache: KVCache, conds: Conditions) -> torch.Tensor:
         """Write the condition at slots [0, cond_len); return logits of its last position [B, V]."""
+        if self.spec.family == "arpg":
+            raise ArexportError(f"{self.spec.name} is an ARPG model: it decodes with --method arpg")
         b = len(conds)
         t = self.spec.cond_len
         zero = torch.zeros(b, dtype=torch.int64, device=self.device)
@@ -168,6 +175,16 @@ class StepEngine(ABC):
             raise ArexportError(f"step of {q} tokens exceeds this engine's maximum query length {self.max_q}")
         with self._timed(kind or step_kind(q), b, q):
             return self._step(cache, tokens, positions, write_index, attn_mask)
+
+    def multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
+                         query_mask) -> torch.Tensor:
+        """ARPG: feed n new tokens [B,n] and ask m queries at query_positions [B,m]; logits [B,m,V]."""
+        b, n = tokens.shape
+        m = query_positions.shape[1]
+        if max(n, m) > self.max_q:
+            raise ArexportError(f"multi-query step with {n} tokens and {m} queries exceeds this engine's maximum {self.max_q}")
+        with self._timed("multi_query", b, m):
+            return self._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
 
     def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster tokens [N, n_tokens] -> uint8 RGB [N, H, W, 3] (on this engine's device)."""

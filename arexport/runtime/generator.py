@@ -180,12 +180,17 @@ class Generator:
                 elif isinstance(v, (int, float)):
                     merged[k] = merged.get(k, 0) + v
         acc = merged.pop("accepted_lengths", None)
+        per_row = merged.pop("forwards_per_row", None)
+        for k in [k for k in merged if k.endswith("_per_row")]:
+            v = merged.pop(k)
+            stats[k[: -len("_per_row")] + "_per_image"] = float(np.mean(v)) if v else 0.0
         stats.update(merged)
-        if acc:
-            stats["mean_accepted_length"] = float(np.mean(acc))
+        if per_row:
             # Forward passes one image needs on its own (prefill + the steps in which it was live),
             # independent of how it was batched: the machine-independent cost of a method.
-            stats["forwards_per_image_alone"] = 1.0 + len(acc) / n
+            stats["forwards_per_image_alone"] = float(np.mean(per_row))
+        if acc:
+            stats["mean_accepted_length"] = float(np.mean(acc))
             values, counts = np.unique(np.asarray(acc), return_counts=True)
             stats["accepted_length_histogram"] = {int(v): int(c) for v, c in zip(values, counts)}
         stats["draft_forwards_per_image"] = df / n_batches if n_batches else 0.0

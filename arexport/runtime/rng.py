@@ -66,10 +66,24 @@ class RowRNG:
         return u
 
     def select(self, rows: torch.Tensor) -> "RowRNG":
-        """A view on some rows that shares nothing (used when candidates are copied)."""
+        """Streams of the given rows (copies: seeds and counters)."""
         r = RowRNG(self.seeds[rows].clone())
         r.counters = self.counters[rows].clone()
         return r
+
+    def reseed(self, rows: torch.Tensor, salt: int) -> None:
+        """Give the rows in the bool mask `rows` new streams derived from their seeds and `salt`
+        (copied candidates must not replay the stream of the row they were copied from)."""
+        self.seeds = torch.where(rows, derive_seeds(self.seeds, salt), self.seeds)
+
+
+def derive_seeds(seeds: torch.Tensor, salt) -> torch.Tensor:
+    """[B] int64 seeds -> [B] new 62-bit seeds, a fixed function of (seed, salt); salt int or [B]."""
+    salt = torch.as_tensor(salt, dtype=torch.int64, device=seeds.device).expand_as(seeds)
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h1 = _hash_words(lo, hi, salt, torch.full_like(seeds, 13))
+    h2 = _hash_words(lo, hi, salt, torch.full_like(seeds, 17))
+    return (h1 << 30) | (h2 >> 2)
 
 
 def image_seed(request_seed: int, index: int) -> int:

@@ -135,6 +135,26 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self._run(self.step_sess, io, ("step", b, q))
         return logits
 
+    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
+        b, m = query_positions.shape
+        dev = self.device
+        feeds = {
+            "tokens": tokens.to(dev, torch.int64).contiguous(),
+            "positions": positions.to(dev, torch.int64).contiguous(),
+            "write_index": write_index.to(dev, torch.int64).contiguous(),
+            "attn_mask": attn_mask.to(dev, torch.bool).contiguous(),
+            "query_positions": query_positions.to(dev, torch.int64).contiguous(),
+            "query_mask": query_mask.to(dev, torch.bool).contiguous(),
+        }
+        logits = torch.empty(b, m, self.spec.vocab_size, dtype=torch.float32, device=dev)
+        io = self.step_sess.io_binding()
+        for name, t in feeds.items():
+            self._bind_in(io, name, t)
+        self._bind_cache(io, cache)
+        self._bind_out(io, "logits", logits)
+        self._run(self.step_sess, io, ("multi_query", b, tokens.shape[1], m))
+        return logits
+
     def _prefill_embeds(self, cache, conds: Conditions, attn_mask):
         if self.prefill_sess is None:
             raise ArexportError(f"{self.directory} has no prefill graph")

@@ -25,9 +25,18 @@ class TorchEngine(StepEngine):
 
     @torch.inference_mode()
     def _step(self, cache, tokens, positions, write_index, attn_mask):
+        if self.spec.family == "arpg":
+            raise ArexportError(f"{self.spec.name} is an ARPG model: it decodes with --method arpg")
         logits, _, _ = self.model.step(
             tokens.to(self.device), positions.to(self.device), write_index.to(self.device), attn_mask, cache.keys, cache.values
         )
+        return logits
+
+    @torch.inference_mode()
+    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
+        dev = self.device
+        logits, _, _ = self.model.step(tokens.to(dev), positions.to(dev), write_index.to(dev), attn_mask,
+                                       query_positions.to(dev), query_mask, cache.keys, cache.values)
         return logits
 
     @torch.inference_mode()

@@ -78,11 +78,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple] = {}
 
-    def _launch(self, plan: _Plan, kind: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
-                cache, q: int) -> None:
-        b = next(iter(feeds.values())).shape[0]
-        idx = plan.profile_for(kind, b, q)
-        ctx = plan.contexts[idx]
+    def _bind(self, ctx, feeds: dict, outputs: dict, cache) -> None:
         for name, t in feeds.items():
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
@@ -91,27 +87,44 @@ class TrtEngine(EngineDirArrays, StepEngine):
                 for nm, buf in ((f"past_key_{i}", k), (f"past_value_{i}", v)):
                     ctx.set_input_shape(nm, tuple(buf.shape))
                     ctx.set_tensor_address(nm, buf.data_ptr())
-                # aliased outputs must be bound to their input's address
+                # aliased outputs must be bound to their input's address (IKVCacheUpdateLayer)
                 ctx.set_tensor_address(f"present_key_{i}", k.data_ptr())
                 ctx.set_tensor_address(f"present_value_{i}", v.data_ptr())
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
+
+    def _launch(self, plan: _Plan, kind: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                cache, q: int) -> None:
+        """Run one plan call; with cuda_graph, capture once per (profile, shapes, cache) and replay."""
+        b = next(iter(feeds.values())).shape[0]
+        idx = plan.profile_for(kind, b, q)
+        ctx = plan.contexts[idx]
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         if not self.cuda_graph:
+            self._bind(ctx, feeds, outputs, cache)
             if not ctx.execute_async_v3(self.stream.cuda_stream):
                 raise ArexportError(f"TensorRT execution failed for {kind} (batch {b}, q {q})")
         else:
-            key = (kind, idx, q, tuple(t.data_ptr() for t in feeds.values()), tuple(t.data_ptr() for t in outputs.values()),
-                   id(cache))
-            graph = self._graphs.get(key)
-            if graph is None:
-                ctx.execute_async_v3(self.stream.cuda_stream)  # warm-up outside capture
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=self.stream):
+            key = (kind, idx, tuple(tuple(t.shape) for t in feeds.values()),
+                   cache.keys[0].data_ptr() if cache is not None else 0)
+            entry = self._graphs.get(key)
+            if entry is None:
+                static_in = {n: t.clone() for n, t in feeds.items()}
+                static_out = {n: torch.empty_like(t) for n, t in outputs.items()}
+                self._bind(ctx, static_in, static_out, cache)
+                with torch.cuda.stream(self.stream):
+                    ctx.execute_async_v3(self.stream.cuda_stream)  # warm-up outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
                     ctx.execute_async_v3(self.stream.cuda_stream)
-                self._graphs[key] = (g,)
-            else:
-                graph[0].replay()
+                entry = self._graphs[key] = (graph, static_in, static_out)
+            graph, static_in, static_out = entry
+            with torch.cuda.stream(self.stream):
+                for n, t in feeds.items():
+                    static_in[n].copy_(t, non_blocking=True)
+                graph.replay()
+                for n, t in outputs.items():
+                    t.copy_(static_out[n], non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _step(self, cache, tokens, positions, write_index, attn_mask):
@@ -124,6 +137,21 @@ class TrtEngine(EngineDirArrays, StepEngine):
         }
         logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self._launch(self.plans["step"], "decode" if q == 1 else "verify", feeds, {"logits": logits}, cache, q)
+        return logits
+
+    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
+        b, m = query_positions.shape
+        dev = self.device
+        feeds = {
+            "tokens": tokens.to(dev, torch.int64).contiguous(),
+            "positions": positions.to(dev, torch.int64).contiguous(),
+            "write_index": write_index.to(dev, torch.int64).contiguous(),
+            "attn_mask": attn_mask.to(dev, torch.bool).contiguous(),
+            "query_positions": query_positions.to(dev, torch.int64).contiguous(),
+            "query_mask": query_mask.to(dev, torch.bool).contiguous(),
+        }
+        logits = torch.empty(b, m, self.spec.vocab_size, dtype=torch.float32, device=dev)
+        self._launch(self.plans["step"], "multi_query", feeds, {"logits": logits}, cache, tokens.shape[1])
         return logits
 
     def _prefill_embeds(self, cache, conds: Conditions, attn_mask):

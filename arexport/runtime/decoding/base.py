@@ -20,6 +20,7 @@ class DecodeResult:
 
     tokens: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # tensors for callers (not in JSON stats)
 
 
 class CFGRows:

@@ -56,6 +56,7 @@ class SJD(Method):
                                      vocab, spec.grid_size, rng, p0.dtype)
         arange = torch.arange(window, device=dev)
         accepted_lengths: list[int] = []
+        row_steps = torch.ones(b, dtype=torch.long, device=dev)  # the prefill
         while bool((n < n_tok).any()):
             live = n < n_tok
             remaining = torch.where(live, n_tok - n, torch.zeros_like(n))
@@ -84,12 +85,13 @@ class SJD(Method):
             cache.length += cfg.expand(adv)
             n = n + adv
             accepted_lengths += adv[live].tolist()
+            row_steps += live.long()
             if progress:
                 progress(int(adv.sum()))
             # next drafts: fresh samples from this step's p for the unverified tail, then new ones
             fresh = sample_from_probs(P, u[:, qlen:2 * qlen])
             drafts, q = self._pad_drafts(res.token, fresh, P, k + 1, n, window - 1, vocab, spec.grid_size, rng, P.dtype)
-        return DecodeResult(tokens[:, :n_tok].contiguous(), {"accepted_lengths": accepted_lengths})
+        return DecodeResult(tokens[:, :n_tok].contiguous(), {"accepted_lengths": accepted_lengths, "forwards_per_row": row_steps.tolist()})
 
     def _pad_drafts(self, last, fresh, P, start, n, size, vocab, grid, rng, dtype):
         """Drafts for positions n .. n+size-1: fresh[:, start + i] where available, else new drafts.

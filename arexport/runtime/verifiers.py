@@ -1,0 +1,103 @@
+"""Verifiers and scorers for test-time scaling (GridAR, best-of-N): small protocols, pluggable.
+
+A *verifier* judges partial candidates mid-generation: it gets a `PartialCanvas` and returns a
+bool tensor [N] (True = feasible, keep generating it). A *scorer* ranks finished images: it gets
+uint8 images [N, H, W, 3] and the conditions, and returns float scores [N] (higher is better).
+Pass your own as Python callables, or name a built-in: `digits` (the demo's CNN judge) and
+`accept-all` (a verifier that keeps everything). On the CLI, `module:attribute` also works.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.runtime.engine import Conditions
+
+
+@dataclass
+class PartialCanvas:
+    """A partial image: visible token rows decoded after padding the canvas by repeating them."""
+
+    canvas: torch.Tensor  # uint8 [N, H, W, 3]: the whole padded canvas, decoded
+    visible: torch.Tensor  # uint8 [N, h, W, 3]: its top, the rows actually generated
+    tokens: torch.Tensor  # [N, visible_rows * grid]
+    fraction: float  # visible rows / grid rows
+    conditions: Conditions
+
+
+class Verifier(Protocol):
+    def __call__(self, partial: PartialCanvas) -> torch.Tensor: ...
+
+
+class Scorer(Protocol):
+    def __call__(self, images: torch.Tensor, conditions: Conditions) -> torch.Tensor: ...
+
+
+def accept_all(partial: PartialCanvas) -> torch.Tensor:
+    """Keeps every candidate (turns GridAR into N independent samples)."""
+    return torch.ones(partial.tokens.shape[0], dtype=torch.bool)
+
+
+def _digit_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 8s, 8s, 3] demo images -> classifier input [N, 1, 8, 8] in [0, 1]."""
+    n, h, w, _ = images.shape
+    s = h // 8
+    grey = images[:, s // 2::s, s // 2::s, 0].float() / 255.0
+    return grey.reshape(n, 1, 8, 8)
+
+
+class DigitVerifier:
+    """Demo verifier: the CNN judge on the padded canvas; feasible when the requested class gets
+    at least `min_prob` of the probability mass."""
+
+    def __init__(self, min_prob: float = 0.2):
+        self.min_prob = min_prob
+
+    def __call__(self, partial: PartialCanvas) -> torch.Tensor:
+        from arexport.quality import judge
+
+        with torch.no_grad():
+            p = torch.softmax(judge("cnn")(_digit_input(partial.canvas.cpu())), -1)
+        want = partial.conditions.classes.cpu().long()
+        return p.gather(1, want[:, None])[:, 0] >= self.min_prob
+
+
+class DigitScorer:
+    """Demo scorer: the CNN judge's probability of the requested class."""
+
+    def __call__(self, images: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+        from arexport.quality import judge
+
+        with torch.no_grad():
+            p = torch.softmax(judge("cnn")(_digit_input(images.cpu())), -1)
+        return p.gather(1, conditions.classes.cpu().long()[:, None])[:, 0]
+
+
+BUILTIN_VERIFIERS = {"digits": DigitVerifier, "accept-all": lambda: accept_all}
+BUILTIN_SCORERS = {"digits": DigitScorer}
+
+
+def resolve(obj, builtins: dict, what: str, image_kind: str):
+    """A callable from a callable, a built-in name, 'auto' (digits for the demo) or 'module:attr'."""
+    if callable(obj):
+        return obj
+    if obj in (None, "auto"):
+        if image_kind == "digits":
+            return builtins["digits"]()
+        raise ArexportError(f"gridar needs a {what} for this model: pass --{what} module:callable "
+                            f"(built-ins: {', '.join(builtins)})")
+    if obj in builtins:
+        return builtins[obj]()
+    if isinstance(obj, str) and ":" in obj:
+        mod, attr = obj.split(":", 1)
+        try:
+            found = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ArexportError(f"cannot load {what} {obj!r}: {e}") from None
+        return found() if isinstance(found, type) else found
+    raise ArexportError(f"unknown {what} {obj!r}; built-ins: {', '.join(builtins)}, or module:callable")

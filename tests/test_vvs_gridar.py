@@ -1,0 +1,176 @@
+"""VVS verification skipping and GridAR / best-of-N test-time scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from arexport.errors import ArexportError
+from arexport.models.registry import load_model
+from arexport.runtime.backends.torch_backend import TorchEngine
+from arexport.runtime.decoding import make_method
+from arexport.runtime.decoding.gridar import replacement_plan, three_way_cfg
+from arexport.runtime.engine import Conditions
+from arexport.runtime.generator import Generator
+from arexport.runtime.rng import RowRNG, derive_seeds
+from arexport.runtime.sampling import SamplingParams
+
+PARAMS = SamplingParams(cfg_scale=1.5)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return TorchEngine(load_model("demo")), TorchEngine(load_model("demo-draft"))
+
+
+def _run(engines, method, conds, seeds, **opts):
+    target, draft = engines
+    return make_method(method, **opts).generate(target, conds, PARAMS, RowRNG(torch.tensor(seeds)), draft=draft)
+
+
+def test_vvs_without_skipping_equals_lantern(engines):
+    conds = Conditions(classes=torch.tensor([0, 3, 5, 9]))
+    a = _run(engines, "lantern", conds, [1, 2, 3, 4], gamma=4, delta=0.2)
+    b = _run(engines, "vvs", conds, [1, 2, 3, 4], gamma=4, delta=0.2, policy="none")
+    assert torch.equal(a.tokens, b.tokens)
+    assert b.stats["skipped_rounds"] == 0
+
+
+@pytest.mark.parametrize("policy", ["uniform", "dynamic"])
+def test_skipping_saves_target_forwards_and_respects_the_rules(engines, policy):
+    target, draft = engines
+    conds = Conditions(classes=torch.tensor([2]))
+    calls = []
+    for method, opts in (("lantern", {"delta": 0.2}), ("vvs", {"policy": policy})):
+        target.calls.clear()
+        res = make_method(method, gamma=4, **opts).generate(target, conds, PARAMS, RowRNG(torch.tensor([7])), draft=draft)
+        calls.append(target.forward_count())
+    decisions = res.extras["decisions"]
+    assert res.stats["skipped_rounds"] > 0 and calls[1] < calls[0]
+    assert calls[1] == sum(res.stats["forwards_per_row"])
+    # prefill + every verified round (the last round or two have no drafts left to skip)
+    assert 0 <= calls[1] - 1 - sum(not s for _, s in decisions) <= 2
+    assert all(not skipped for n_done, skipped in decisions if n_done <= 6), "no skipping in the first 6 tokens"
+    if policy == "dynamic":
+        flags = [s for _, s in decisions]
+        assert not any(a and b for a, b in zip(flags, flags[1:])), "dynamic never skips twice in a row"
+    else:
+        counted = [s for n_done, s in decisions if n_done > 6]
+        assert counted[4::5] and all(counted[4::5]), "uniform skips every 5th round once past the first tokens"
+
+
+def test_vvs_quality_stays_close_on_the_demo(engines):
+    gen = Generator(*engines)
+    from arexport.quality import score_digits
+
+    cls = [i % 10 for i in range(100)]
+    res = gen.generate(classes=cls, method="vvs", method_options={"policy": "uniform"}, sampling=PARAMS, batch_size=1,
+                       images=False, seed=3)
+    assert score_digits(res.tokens, cls).accuracy >= 0.9
+    assert res.stats["forwards_per_image_alone"] < 22  # lantern alone needs ~19-20, ar 64
+
+
+def test_bad_vvs_options():
+    with pytest.raises(ArexportError, match="vvs policy must be one of"):
+        make_method("vvs", policy="sometimes")
+    with pytest.raises(ArexportError, match="skip interval must be >= 2"):
+        make_method("vvs", skip_interval=1)
+
+
+def test_replacement_plan():
+    f = torch.tensor([True, False, True, False, False, False, False, False, True, True, True, True])
+    plan = replacement_plan(f, 4)
+    assert plan.tolist() == [0, 0, 2, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_three_way_cfg_math():
+    g = torch.Generator().manual_seed(0)
+    c, u, r = (torch.randn(3, 11, generator=g) for _ in range(3))
+    assert torch.allclose(three_way_cfg(c, u, r, 0.0), c, atol=1e-6)
+    d = c - u
+    out = three_way_cfg(c, u, u + 2.0 * d, 1.5)  # r - u parallel to c - u: no perpendicular part
+    assert torch.allclose(out, u + 2.5 * d, atol=1e-5)
+    perp = torch.randn(11, generator=g)
+    perp = perp - (perp @ d[0]) / (d[0] @ d[0]) * d[0]
+    out = three_way_cfg(c[:1], u[:1], u[:1] + perp, 2.0)
+    assert torch.allclose(out, u[:1] + 3.0 * d[:1] + 2.0 * perp, atol=1e-5)
+
+
+def test_gridar_accepting_everything_is_n_independent_ar_samples(engines):
+    target, _ = engines
+    conds = Conditions(classes=torch.tensor([4, 8]))
+    seeds = torch.tensor([11, 12])
+    res = make_method("gridar", candidates=4, verifier="accept-all").generate(target, conds, PARAMS, RowRNG(seeds.clone()))
+    cand_seeds = derive_seeds(seeds.repeat_interleave(4), torch.arange(4).repeat(2))
+    ar = make_method("ar").generate(target, Conditions(classes=torch.tensor([4, 8]).repeat_interleave(4)), PARAMS, RowRNG(cand_seeds))
+    assert torch.equal(res.extras["candidate_tokens"], ar.tokens)
+    assert res.stats["gridar_replaced"] == 0
+    best = res.extras["best"]
+    assert torch.equal(res.tokens, ar.tokens.view(2, 4, -1)[torch.arange(2), best])
+    assert torch.equal(best, res.extras["candidate_scores"].argmax(1))
+
+
+def test_gridar_pruning_replaces_exactly_the_rejected(engines):
+    target, _ = engines
+    seen = {}
+
+    def verifier(partial):
+        if "tokens" not in seen:
+            seen["tokens"] = partial.tokens.clone()
+            seen["visible"] = partial.visible.shape
+            return torch.tensor([True, False, True, False])
+        return torch.ones(4, dtype=torch.bool)
+
+    res = make_method("gridar", candidates=4, verifier=verifier).generate(
+        target, Conditions(classes=torch.tensor([6])), PARAMS, RowRNG(torch.tensor([5])))
+    before, after = seen["tokens"], res.extras["candidate_tokens"][:, : seen["tokens"].shape[1]]
+    assert before.shape[1] == 16  # a quarter of the 8 rows = 2 rows of 8 tokens
+    assert seen["visible"][1] == 32  # 2 of 8 pixel blocks of 16 px
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])  # feasible: untouched
+    assert torch.equal(after[1], before[0]) and torch.equal(after[3], before[2])  # rejected: copies, round robin
+    full = res.extras["candidate_tokens"]
+    assert not torch.equal(full[1], full[0]) and not torch.equal(full[3], full[2])  # copies diverge afterwards
+    assert res.stats["gridar_replaced"] == 2 and res.stats["gridar_verifier_calls"] == 2
+
+
+def test_best_of_n_and_cost_accounting(engines):
+    gen = Generator(engines[0])
+    r = gen.generate(classes=[1, 2], method="best-of-n", method_options={"candidates": 3}, sampling=PARAMS, images=False)
+    assert r.stats["candidate_forwards_per_image"] == 3 * 64 and r.stats["target_forwards"] == 64
+    r = gen.generate(classes=[1, 2], method="gridar", method_options={"candidates": 8}, sampling=PARAMS, images=False)
+    assert r.stats["candidate_forwards_per_image"] == 8 * 64 and r.stats["gridar_verifier_calls"] == 2
+    with pytest.raises(ArexportError, match="multiple of 4"):
+        make_method("gridar", candidates=6)
+
+
+def test_gridar_needs_a_verifier_for_real_models():
+    lm = load_model("llamagen-c2i-B", random_init=True, overrides={"n_layer": 1, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32})
+    with pytest.raises(ArexportError, match="gridar needs a verifier for this model"):
+        make_method("gridar").generate(TorchEngine(lm), Conditions(classes=torch.tensor([1])), PARAMS, RowRNG(torch.tensor([1])))
+
+
+def test_reformulation_hook_and_three_way_cfg_on_t2i():
+    lm = load_model("llamagen-t2i-B", random_init=True, seed=2,
+                    overrides={"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "cls_token_num": 6, "caption_dim": 32})
+    eng = TorchEngine(lm)
+    emb = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    conds = Conditions(embeds=emb, mask=torch.ones(1, 6, dtype=torch.bool))
+    calls = []
+
+    def reformulate(partial, c):
+        calls.append(partial.fraction)
+        return Conditions(embeds=c.embeds * 0.5, mask=c.mask)
+
+    scorer = lambda images, c: images.float().mean((1, 2, 3))  # noqa: E731
+    base = make_method("gridar", candidates=4, verifier="accept-all", scorer=scorer).generate(
+        eng, conds, SamplingParams(cfg_scale=3.0), RowRNG(torch.tensor([9])))
+    same = make_method("gridar", candidates=4, verifier="accept-all", scorer=scorer, reformulate=reformulate, w3=0.0).generate(
+        eng, conds, SamplingParams(cfg_scale=3.0), RowRNG(torch.tensor([9])))
+    assert calls == [0.25, 0.5] and torch.equal(base.extras["candidate_tokens"], same.extras["candidate_tokens"])
+    three = make_method("gridar", candidates=4, verifier="accept-all", scorer=scorer, reformulate=reformulate, w3=2.0).generate(
+        eng, conds, SamplingParams(cfg_scale=3.0), RowRNG(torch.tensor([9])))
+    first = 4  # tokens before the first checkpoint do not see the reformulation
+    cand = three.extras["candidate_tokens"]
+    assert torch.equal(cand[:, :first], base.extras["candidate_tokens"][:, :first])
+    assert not torch.equal(cand, base.extras["candidate_tokens"])
