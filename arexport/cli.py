@@ -443,6 +443,91 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
     click.echo(f"decoded {len(images)} images", err=True)
 
 
+@cli.command()
+@click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--model", "model_name", help="Model name (torch backend) instead of ENGINE_DIR.")
+@model_options
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--method", default=None, help="Decoding method (default ar; arpg for ARPG models).")
+@click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Method option, repeatable.")
+@click.option("--compare", help="Several configs in one process: backend:method[:k=v;k=v],... (ratios vs the first).")
+@click.option("--classes", default="0", show_default=True, help="Class ids per generation (batched by --batch-size).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per batch (CFG doubles the rows).")
+@click.option("--cfg-scale", type=float, help="Guidance scale (default: the model's).")
+@click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs).")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed warm-up generations.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed generations.")
+@click.option("--cuda-graph", is_flag=True, help="Capture steps into CUDA graphs (torch/ort CUDA EP/trt on a GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend dtype for --model.")
+@click.option("--bandwidth/--no-bandwidth", default=True, show_default=True, help="Measure copy bandwidth and report the decode floor.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all results as JSON.")
+@click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
+def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
+            method, method_opts, compare, classes, batch_size, cfg_scale, draft, warmup, repeats, cuda_graph, precision,
+            bandwidth, json_out, plot_png):
+    """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
+
+    \b
+    Examples:
+      arexport profile --model demo --method sjd --classes 0,1,2,3 --json prof.json --plot prof.png
+      arexport profile engines/b --compare torch:ar,ort:ar,ort:sjd:window=16 --batch-size 1
+      arexport profile engines/xl --backend trt --device cuda --cuda-graph --batch-size 8
+    """
+    from rich.console import Console
+
+    from arexport.fileio import atomic_write_json
+    from arexport.models.registry import parse_overrides
+    from arexport.profiling.profiler import RunConfig, measure_bandwidth, profile_generator
+    from arexport.profiling.report import plot, print_table, to_json
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    if engine_dir and model_name:
+        raise ArexportError("give either ENGINE_DIR or --model, not both")
+    if not engine_dir and not model_name:
+        raise ArexportError("nothing to profile: give an ENGINE_DIR or --model NAME")
+    if repeats < 1 or warmup < 0:
+        raise ArexportError("--repeats must be >= 1 and --warmup >= 0")
+    source = engine_dir or model_name
+    kw = {}
+    if model_name:
+        kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
+                  image_size=image_size, vq_checkpoint=vq_checkpoint, dtype=precision)
+    try:
+        configs = [RunConfig.parse(c) for c in compare.split(",")] if compare else [RunConfig(backend, method or "", _parse_method_options(method_opts))]
+    except ValueError as e:
+        raise ArexportError(str(e)) from None
+    console = Console()
+    cls = _parse_classes(classes)
+    bw = measure_bandwidth(device) if bandwidth else None
+    results, context = [], {}
+    for cfg in configs:
+        gen = Generator.load(source, backend=cfg.backend, device=device, draft=draft, cuda_graph=cuda_graph, **kw)
+        spec = gen.spec
+        cfg.method = cfg.method or ("arpg" if spec.family == "arpg" else "ar")
+        d = spec.extra.get("sampling_defaults", {})
+        sampling = SamplingParams(temperature=d.get("temperature", 1.0), top_k=d.get("top_k", 0), top_p=d.get("top_p", 1.0),
+                                  cfg_scale=d.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
+        prec = getattr(gen.engine, "manifest", {}).get("precision") or precision or "fp32"
+        console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(cls)} images, batch {batch_size})")
+        results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec))
+        context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": prec, "batch_size": batch_size,
+                   "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,
+                   "gpu": torch_gpu_name(device), "copy_bandwidth_gbps": (bw / 1e9) if bw else None}
+    print_table(results, console, compare=bool(compare))
+    if json_out:
+        atomic_write_json(json_out, to_json(results, context))
+    if plot_png:
+        plot(results, plot_png)
+
+
+def torch_gpu_name(device: str):
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") and torch.cuda.is_available() else None
+
+
 def _parse_method_options(items) -> dict:
     opts = {}
     for it in items:

@@ -24,11 +24,11 @@ def open_engine_dir(directory: str | Path, backend: str = "ort", device: str = "
 
         return TrtEngine(d, manifest, spec, device=device, **options)
     if backend == "torch":
-        return torch_engine_from_manifest(manifest, device=device)
+        return torch_engine_from_manifest(manifest, device=device, **options)
     raise ArexportError(f"unknown backend {backend!r}")
 
 
-def torch_engine_from_manifest(manifest: dict[str, Any], device: str = "cpu"):
+def torch_engine_from_manifest(manifest: dict[str, Any], device: str = "cpu", cuda_graph: bool = False):
     """The PyTorch reference for an engine directory, rebuilt from the weights source it records."""
     import torch
 
@@ -47,4 +47,6 @@ def torch_engine_from_manifest(manifest: dict[str, Any], device: str = "cpu"):
         kw["vq_checkpoint"] = src["vq_checkpoint"]
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["precision"]]
     loaded = load_model(src["model"], dtype=dtype, device=device, **kw)
-    return TorchEngine(loaded, device=device)
+    if "vq_decoder" not in manifest.get("graphs", {}):
+        loaded.decoder = None  # mirror the engine: it was built without images
+    return TorchEngine(loaded, device=device, cuda_graph=cuda_graph)

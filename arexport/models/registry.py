@@ -199,7 +199,9 @@ def load_model(
     # RoPE tables stay fp32 whatever the weight dtype (LlamaGen computes rotary math in fp32).
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     spec = cfg.spec(cname, image_size)
-    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, cfg)})
+    step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layers.", "norm.", "output.", "head.")))
+    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, cfg),
+                                            "step_weight_params": int(step_params)})
     decoder = image_decoder(spec, random_init=random_init, seed=seed, vq_checkpoint=vq_checkpoint)
     if decoder is not None:
         decoder = decoder.to(device).eval()

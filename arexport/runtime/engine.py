@@ -103,6 +103,11 @@ class StepEngine(ABC):
     def _decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N, n_tokens] -> uint8 [N,H,W,3]."""
 
+    @property
+    def has_images(self) -> bool:
+        """Whether this engine can decode tokens into images."""
+        return True
+
     def codebook(self) -> torch.Tensor:
         """Codebook latents [V, d] used for latent-space neighbourhoods (LANTERN, VVS)."""
         raise ArexportError(f"backend {self.backend} has no codebook")
@@ -199,14 +204,21 @@ class StepEngine(ABC):
     @contextmanager
     def _timed(self, kind: str, batch: int, q: int):
         self.calls[kind] += 1
-        if not self.record_timings:
+        nvtx = self.device.type == "cuda"
+        if nvtx:  # named ranges make Nsight Systems timelines readable
+            torch.cuda.nvtx.range_push(f"{kind} b{batch} q{q}")
+        try:
+            if not self.record_timings:
+                yield
+                return
+            self._sync()
+            t0 = time.perf_counter()
             yield
-            return
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        self.records.append(StepRecord(kind, batch, q, time.perf_counter() - t0))
+            self._sync()
+            self.records.append(StepRecord(kind, batch, q, time.perf_counter() - t0))
+        finally:
+            if nvtx:
+                torch.cuda.nvtx.range_pop()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

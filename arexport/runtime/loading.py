@@ -33,6 +33,7 @@ def open_engine(
     image_size: Optional[int] = None,
     vq_checkpoint: Optional[str] = None,
     dtype: Optional[str] = None,
+    cuda_graph: bool = False,
     **backend_options,
 ):
     """A StepEngine for `source`: an engine directory (has manifest.json) or a model name."""
@@ -43,6 +44,10 @@ def open_engine(
     if path.is_dir():
         from arexport.engines.directory import open_engine_dir
 
+        if cuda_graph:
+            backend_options["cuda_graph"] = True
+        if backend == "torch":
+            backend_options.pop("threads", None)
         return open_engine_dir(path, backend=backend, device=device, **backend_options)
     if (path.suffix or "/" in source) and not path.exists():
         raise ArexportError(f"engine directory not found: {source}")
@@ -64,7 +69,7 @@ def open_engine(
         dtype=parse_dtype(dtype) or torch.float32,
         device=device,
     )
-    return TorchEngine(loaded, device=device)
+    return TorchEngine(loaded, device=device, cuda_graph=cuda_graph)
 
 
 def _check_device(device: str) -> None:

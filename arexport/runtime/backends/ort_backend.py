@@ -170,6 +170,10 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self._run(self.prefill_sess, io, ("prefill", b))
         return logits
 
+    @property
+    def has_images(self) -> bool:
+        return self.vq_sess is not None
+
     def _decode_images(self, tokens):
         if self.vq_sess is None:
             raise ArexportError(f"{self.directory} was built without an image decoder (no VQ weights given at build time)")

@@ -164,6 +164,10 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self._launch(self.plans["prefill"], "prefill", feeds, {"logits": logits}, cache, 0)
         return logits
 
+    @property
+    def has_images(self) -> bool:
+        return "vq_decoder" in self.plans
+
     def _decode_images(self, tokens):
         if "vq_decoder" not in self.plans:
             raise ArexportError(f"{self.directory} has no image decoder plan")

@@ -1,0 +1,143 @@
+"""Run generations under timing and summarise them: the engine of `arexport profile`."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, measure_copy_bandwidth, step_bytes
+from arexport.runtime.generator import Generator, percentiles
+from arexport.runtime.sampling import SamplingParams
+
+SCHEMA_VERSION = 1
+KIND_ORDER = ("prefill", "decode", "verify", "multi_query", "vq_decode")
+
+
+@dataclass
+class RunConfig:
+    """One thing to profile: a backend and a method (plus method options)."""
+
+    backend: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.backend}:{self.method}" + (f"[{opts}]" if opts else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "RunConfig":
+        """'ort:sjd:window=16;init=random' -> RunConfig."""
+        parts = text.split(":", 2)
+        if len(parts) < 2:
+            raise ValueError(f"bad --compare entry {text!r}: expected backend:method[:k=v;k=v]")
+        opts = {}
+        if len(parts) == 3 and parts[2]:
+            for kv in parts[2].split(";"):
+                k, v = kv.split("=", 1)
+                opts[k.strip()] = _auto(v.strip())
+        return cls(parts[0], parts[1], opts)
+
+
+def _auto(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+@dataclass
+class ProfileResult:
+    label: str
+    backend: str
+    method: str
+    device: str
+    images: int
+    repeats: int
+    steps: dict[str, dict[str, float]]  # kind -> count, mean_ms, p50_ms, p90_ms, p99_ms
+    image_ms: dict[str, float]  # per-image latency percentiles over repeats (batch latency / images)
+    images_per_s: float
+    tokens_per_s: float
+    target_forwards_per_image: float
+    mean_accepted_length: Optional[float]
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    trace: list[dict[str, Any]]  # one generation's steps in order: kind, q, ms
+    bandwidth: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize_steps(records) -> dict[str, dict[str, float]]:
+    """Per step kind: count and latency statistics in ms."""
+    out = {}
+    for kind in sorted({r.kind for r in records}, key=lambda k: KIND_ORDER.index(k) if k in KIND_ORDER else 99):
+        ms = [r.seconds * 1e3 for r in records if r.kind == kind]
+        out[kind] = {"count": len(ms), "mean_ms": float(np.mean(ms)), **{f"{k}_ms": v for k, v in percentiles(ms).items()}}
+    return out
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib * (1 if platform.system() == "Darwin" else 1024)), "process peak RSS"
+
+
+def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampling: SamplingParams, batch_size: int,
+                      warmup: int = 1, repeats: int = 3, bandwidth: Optional[float] = None,
+                      precision: str = "fp32") -> ProfileResult:
+    """Warm up, then `repeats` timed generations of `classes`; statistics over all timed steps."""
+    dev = gen.engine.device
+    for _ in range(warmup):
+        gen.generate(classes=classes[:batch_size], method=cfg.method, method_options=cfg.options, sampling=sampling,
+                     batch_size=batch_size, images=False, timings=False)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    records, image_s, stats, trace = [], [], None, []
+    t_all = 0.0
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        res = gen.generate(classes=classes, method=cfg.method, method_options=cfg.options, sampling=sampling,
+                           batch_size=batch_size, images=gen.engine.has_images, timings=True, seed=r)
+        dt = time.perf_counter() - t0
+        t_all += dt
+        image_s.append(dt / len(classes))
+        records += list(gen.engine.records)
+        if r == 0:
+            trace = [{"kind": x.kind, "q": x.q, "ms": x.seconds * 1e3} for x in gen.engine.records]
+            stats = res.stats
+    steps = summarize_steps(records)
+    n_img = len(classes) * repeats
+    peak, peak_kind = _peak_memory(dev)
+    out = ProfileResult(
+        label=cfg.label, backend=cfg.backend, method=cfg.method, device=str(dev), images=len(classes), repeats=repeats,
+        steps=steps, image_ms={k: v * 1e3 for k, v in percentiles(image_s).items()},
+        images_per_s=n_img / t_all, tokens_per_s=n_img * gen.spec.n_tokens / t_all,
+        target_forwards_per_image=float(stats.get("forwards_per_image_alone", stats["target_forwards_per_image"])),
+        mean_accepted_length=stats.get("mean_accepted_length"), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+        trace=trace)
+    if bandwidth and "decode" in steps:
+        rows = 2 * batch_size if sampling.uses_cfg else batch_size
+        cache_precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[gen.engine.cache_dtype]
+        b = step_bytes(gen.spec, precision, cache_precision, rows, mean_live_tokens(gen.spec))
+        floor_ms = floor_seconds(b.total, bandwidth) * 1e3
+        out.bandwidth = {"bytes_per_decode_step": b.total, "weight_bytes": b.weights, "kv_bytes": b.kv,
+                         "copy_bandwidth_gbps": bandwidth / 1e9, "floor_ms": floor_ms,
+                         "decode_p50_ms": steps["decode"]["p50_ms"], "fraction_of_floor": floor_ms / steps["decode"]["p50_ms"]}
+    return out
+
+
+def measure_bandwidth(device) -> float:
+    """Copy bandwidth of the device (bytes/s), measured now, in this process."""
+    return measure_copy_bandwidth(device)

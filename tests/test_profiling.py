@@ -1,0 +1,88 @@
+"""Profiler arithmetic, the bandwidth floor's byte counts, the JSON schema and the plot."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from arexport.cli import cli
+from arexport.models.registry import load_model, model_config
+from arexport.profiling.bandwidth import DTYPE_BYTES, floor_seconds, mean_live_tokens, measure_copy_bandwidth, step_bytes
+from arexport.profiling.profiler import RunConfig, summarize_steps
+from arexport.runtime.engine import StepRecord
+from arexport.runtime.generator import percentiles
+
+
+def test_percentiles_match_linear_interpolation():
+    vals = list(range(1, 101))
+    p = percentiles(vals)
+    assert p == {"p50": 50.5, "p90": pytest.approx(90.1), "p99": pytest.approx(99.01)}
+    assert percentiles([]) == {}
+    assert percentiles([3.0]) == {"p50": 3.0, "p90": 3.0, "p99": 3.0}
+
+
+def test_summarize_steps_groups_by_kind_in_order():
+    recs = [StepRecord("decode", 2, 1, s / 1000) for s in (1, 2, 3, 4)] + [StepRecord("prefill", 2, 1, 0.010)]
+    out = summarize_steps(recs)
+    assert list(out) == ["prefill", "decode"]
+    assert out["decode"]["count"] == 4 and out["decode"]["p50_ms"] == pytest.approx(2.5)
+    assert out["decode"]["mean_ms"] == pytest.approx(2.5) and out["prefill"]["p99_ms"] == pytest.approx(10.0)
+
+
+def test_step_bytes_for_llamagen_b():
+    cfg = model_config("llamagen-c2i-B")
+    d, f, v = 768, cfg.ffn_hidden, 16384
+    per_layer = d * 3 * d + d * d + 3 * d * f + 2 * d
+    expected_params = 12 * per_layer + d + d * v
+    spec = cfg.spec("b")
+    b = step_bytes(spec, "bf16", "bf16", rows=2, live_tokens=129.0, weight_params=expected_params)
+    assert b.weights == expected_params * 2
+    assert b.kv == 2 * 12 * 2 * 12 * 129.0 * 64 * 2
+    assert mean_live_tokens(spec) == 1 + 255 / 2
+    assert floor_seconds(1e9, 2e12) == 5e-4
+    assert DTYPE_BYTES["int4"] == 0.5
+
+
+def test_registry_records_step_weight_params():
+    lm = load_model("llamagen-c2i-B", random_init=True, overrides={"n_layer": 2})
+    cfg = lm.model.cfg
+    d, f = cfg.dim, cfg.ffn_hidden
+    assert lm.spec.extra["step_weight_params"] == 2 * (4 * d * d + 3 * d * f + 2 * d) + d + d * 16384
+
+
+def test_copy_bandwidth_is_measured():
+    bw = measure_copy_bandwidth("cpu", mib=16, repeats=2)
+    assert 1e8 < bw < 1e13
+
+
+def test_run_config_parse():
+    c = RunConfig.parse("ort:sjd:window=16;init=random")
+    assert (c.backend, c.method, c.options) == ("ort", "sjd", {"window": 16, "init": "random"})
+    assert c.label == "ort:sjd[window=16,init=random]"
+    with pytest.raises(ValueError, match="expected backend:method"):
+        RunConfig.parse("ort")
+
+
+def test_profile_cli_json_schema_and_plot(tmp_path):
+    res = CliRunner().invoke(cli, ["profile", "--model", "demo", "--classes", "1,2", "--batch-size", "2", "--repeats", "2",
+                                   "--compare", "torch:ar,torch:sjd:window=8", "--json", str(tmp_path / "p.json"),
+                                   "--plot", str(tmp_path / "p.png")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["schema"] == "arexport-profile" and doc["version"] == 1
+    assert doc["context"]["model"] == "demo" and doc["context"]["copy_bandwidth_gbps"] > 0
+    ar, sjd = doc["results"]
+    for r in (ar, sjd):
+        for key in ("label", "steps", "image_ms", "images_per_s", "tokens_per_s", "target_forwards_per_image",
+                    "peak_memory_bytes", "trace", "bandwidth"):
+            assert key in r, key
+        assert set(r["image_ms"]) == {"p50", "p90", "p99"}
+    assert ar["steps"]["decode"]["count"] == 2 * 63 and ar["target_forwards_per_image"] == 64
+    assert "verify" in sjd["steps"] and sjd["target_forwards_per_image"] < 64
+    assert ar["bandwidth"]["floor_ms"] > 0 and 0 < ar["bandwidth"]["fraction_of_floor"] < 1
+    assert "ratios vs torch:ar" in res.output
+    png = (tmp_path / "p.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
