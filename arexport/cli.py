@@ -528,6 +528,47 @@ def torch_gpu_name(device: str):
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") and torch.cuda.is_available() else None
 
 
+@cli.command()
+@click.argument("engine_dir", type=click.Path(file_okay=False))
+@click.option("--mode", type=click.Choice(["int8", "fp8", "int4-weight"]), required=True, help="Quantization mode.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New engine directory to write.")
+@click.option("--samples", type=int, default=64, show_default=True, help="Step inputs to capture (20% held out for the gates).")
+@click.option("--calib-set", type=click.Path(file_okay=False), help="Calibration set directory (reused if present; default ENGINE_DIR.calib).")
+@click.option("--classes", help="Classes decoded while capturing (default: spread over the model's classes).")
+@click.option("--every", type=int, default=4, show_default=True, help="Capture every N-th step call.")
+@click.option("--min-agreement", type=float, help="Gate: minimum top-1 agreement with the source engine.")
+@click.option("--max-kl", type=float, help="Gate: maximum mean KL divergence of next-token distributions.")
+@click.option("--max-accuracy-drop", type=float, help="Gate (digits demo): maximum drop in class accuracy.")
+@click.option("--int8-activations", type=click.Choice(["s8", "u8"]), default="s8", show_default=True,
+              help="int8: symmetric s8 activations (TensorRT) or u8 (fast integer MatMul on ORT CPU).")
+@click.option("--force", is_flag=True, help="Write the engine even if it fails its gate (recorded in the manifest).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min_agreement, max_kl, max_accuracy_drop,
+              int8_activations, force, overwrite):
+    """Quantize ENGINE_DIR (INT8 / FP8 Q/DQ, or INT4 weight-only) into a new engine directory, gated on accuracy.
+
+    \b
+    Examples:
+      arexport calibrate engines/demo --mode int8 --out engines/demo-int8
+      arexport calibrate engines/b --mode int4-weight --samples 32 --out engines/b-int4
+    """
+    from rich.console import Console
+
+    from arexport.calibration.calibrate import calibrate_engine
+
+    if Path(out_dir).exists() and not overwrite:
+        raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
+    th = {k: v for k, v in (("min_agreement", min_agreement), ("max_kl", max_kl), ("max_accuracy_drop", max_accuracy_drop)) if v is not None}
+    console = Console(stderr=True)
+    m = calibrate_engine(engine_dir, out_dir, mode, samples=samples, calib_set=calib_set, classes=_parse_classes(classes),
+                         every=every, force=force, thresholds=th, overwrite=overwrite, activations=int8_activations,
+                         report=console.log)
+    g = m["quantization"]["gates"]
+    click.echo(f"{mode}: top-1 agreement {g['top1_agreement']:.4f}, mean KL {g['mean_kl']:.4g} on {g['heldout_steps']} held-out "
+               f"step rows" + (f"; demo accuracy {g['demo']['reference']['accuracy']:.3f} -> {g['demo']['quantized']['accuracy']:.3f}"
+                               if g.get("demo") else "") + f"; weights {m['weights']['unique_bytes'] / 2**20:.2f} MiB -> {out_dir}")
+
+
 def _parse_method_options(items) -> dict:
     opts = {}
     for it in items:

@@ -107,8 +107,10 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
         prog.save(str(path), external_data=True)
 
 
-def _finalize(raw_path: Path, final_path: Path, store: WeightStore, dim_names: dict[str, str]) -> None:
-    """Move raw_path's initializers into the shared store and write the small graph to final_path."""
+def pack_graph(raw_path: Path, final_path: Path, store: WeightStore, dim_names: dict[str, str] | None = None) -> None:
+    """Move raw_path's initializers (inline or external) into the shared store and write the small
+    graph to final_path; symbolic dims are renamed by dim_names."""
+    dim_names = dim_names or {}
     model = onnx.load(str(raw_path), load_external_data=False)
     base = raw_path.parent
     handles: dict[str, object] = {}
@@ -184,7 +186,7 @@ def export_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype
     raw = workdir / f".raw_{file}"
     _export(StepGraph(model).eval(), [tokens, positions, write_index, mask, *caches], raw, ins, outs, dyn)
     wanted = {("tokens", 0): "batch", ("tokens", 1): "q"}
-    _finalize(raw, workdir / file, store, _dim_renames(raw, wanted))
+    pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted))
     _cleanup_raw(raw)
     return ExportedGraph("step", file, ins, outs)
 
@@ -214,7 +216,7 @@ def export_multi_query_step(model, spec: ModelSpec, workdir: Path, store: Weight
     raw = workdir / f".raw_{file}"
     _export(MultiQueryStepGraph(model).eval(), [tokens, positions, write_index, mask, qpos, qmask, *caches], raw, ins, outs, dyn)
     wanted = {("tokens", 0): "batch", ("tokens", 1): "q", ("query_positions", 1): "m"}
-    _finalize(raw, workdir / file, store, _dim_renames(raw, wanted))
+    pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted))
     _cleanup_raw(raw)
     return ExportedGraph("step", file, ins, outs)
 
@@ -233,7 +235,7 @@ def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dt
     ins, outs = PrefillGraph.io_names(spec.n_cache_layers)
     raw = workdir / f".raw_{file}"
     _export(PrefillGraph(model).eval(), [emb, mask, *caches], raw, ins, outs, dyn)
-    _finalize(raw, workdir / file, store, _dim_renames(raw, {("cond_embeds", 0): "batch"}))
+    pack_graph(raw, workdir / file, store, _dim_renames(raw, {("cond_embeds", 0): "batch"}))
     _cleanup_raw(raw)
     return ExportedGraph("prefill", file, ins, outs)
 
@@ -248,7 +250,7 @@ def export_image_decoder(decoder, spec: ModelSpec, workdir: Path, store: WeightS
     ins, outs = ImageDecoderGraph.io_names()
     raw = workdir / f".raw_{file}"
     _export(ImageDecoderGraph(decoder).eval(), [tokens], raw, ins, outs, [{0: n}])
-    _finalize(raw, workdir / file, store, _dim_renames(raw, {("tokens", 0): "batch"}))
+    pack_graph(raw, workdir / file, store, _dim_renames(raw, {("tokens", 0): "batch"}))
     _cleanup_raw(raw)
     return ExportedGraph("vq_decoder", file, ins, outs)
 

@@ -1,0 +1,76 @@
+"""`arexport calibrate`: capture (or reuse) a calibration set, quantize, gate, write a new engine dir."""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from arexport.calibration.capture import capture_set, load_set
+from arexport.calibration.gates import DEFAULT_THRESHOLDS, evaluate
+from arexport.calibration.quantize import MODES, build_quantized_dir
+from arexport.engines.manifest import MANIFEST, file_entry, read_manifest, tool_versions, verify_files
+from arexport.errors import ArexportError
+from arexport.fileio import atomic_directory, atomic_write_json
+
+
+def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, samples: int = 64,
+                     calib_set: Optional[str | Path] = None, classes: Optional[list[int]] = None, every: int = 4,
+                     force: bool = False, thresholds: Optional[dict] = None, overwrite: bool = False,
+                     activations: str = "s8", report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Quantize src_dir into out_dir (atomically); refuse when a gate fails unless force."""
+    if mode not in MODES:
+        raise ArexportError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
+    if samples < 2:
+        raise ArexportError(f"--samples must be >= 2 (some are held out for the gates), got {samples}")
+    src = Path(src_dir)
+    manifest = read_manifest(src)
+    verify_files(src, manifest)
+    if "quantization" in manifest:
+        raise ArexportError(f"{src} is already quantized ({manifest['quantization']['mode']}); start from a full-precision engine")
+    spec = manifest["spec"]
+    th = dict(DEFAULT_THRESHOLDS[mode], **(thresholds or {}))
+    calib_path = Path(calib_set) if calib_set else src.parent / f"{src.name}.calib"
+    if not (calib_path / "manifest.json").exists():
+        n_cls = classes or [i % max(spec["num_classes"], 1) for i in range(max(4, min(16, samples // 4)))]
+        report(f"capturing {samples} step inputs into {calib_path}")
+        capture_set(src, calib_path, n_cls, every=every, samples=samples)
+    calib_manifest, data = load_set(calib_path, manifest)
+    report(f"calibration set {calib_path}: {len(data)} samples (hash {calib_manifest['hash'][:12]})")
+    n_held = max(1, len(data) // 5)
+    calib, heldout = data[:-n_held], data[-n_held:]
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        report(f"quantizing the step graph ({mode}) with {len(calib)} calibration samples")
+        info, graphs = build_quantized_dir(src, Path(out_dir), mode, calib, tmp, activations)
+        from arexport.exporter.checks import check_graph, raise_on_problems
+
+        reports = copy.deepcopy(manifest.get("report", {}))
+        for name, g in graphs.items():
+            r = check_graph(tmp / g["file"])
+            raise_on_problems(r)
+            g["inputs"], g["outputs"] = r.inputs, r.outputs
+            reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
+        new = copy.deepcopy(manifest)
+        new.update(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), graphs=graphs,
+                   report=reports, tools=tool_versions(),
+                   weights={"file": "weights.bin", "unique_bytes": info["weights_bytes"], "referenced_bytes": info["weights_bytes"]})
+        new.pop("tensorrt", None)  # plans must be rebuilt from the quantized graph
+        new["quantization"] = {"mode": mode, **info, "source_engine": str(src.resolve()),
+                               "calibration": {"path": str(calib_path.resolve()), "hash": calib_manifest["hash"],
+                                               "samples": len(calib), "heldout": len(heldout)}}
+        _write_manifest(tmp, new)
+        report("evaluating accuracy gates on held-out steps" + (" and generated digits" if spec["image"]["kind"] == "digits" else ""))
+        gate = evaluate(src, tmp, graphs["step"]["file"], heldout, mode, th, demo=spec["image"]["kind"] == "digits")
+        new["quantization"]["gates"] = gate.as_dict()
+        if not gate.passed and not force:
+            raise ArexportError(f"quantized engine failed its accuracy gate ({'; '.join(gate.failures)}); "
+                                "nothing was written (use --force to keep it anyway)")
+        new["quantization"]["forced"] = bool(force and not gate.passed)
+        _write_manifest(tmp, new)
+    return new
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    manifest["files"] = {p.name: file_entry(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_json(directory / MANIFEST, manifest)

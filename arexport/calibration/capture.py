@@ -1,0 +1,133 @@
+"""Capture real step inputs while decoding with the reference model: a reusable calibration set.
+
+A `CapturingEngine` wraps the PyTorch reference engine of an engine directory; every n-th step call
+records the step graph's full input — tokens, positions, write_index, attn_mask and the K/V buffers
+as they were before the step — exactly the feed ONNX Runtime's calibrators need. Samples are saved
+one `.npz` per step with a manifest (engine identity, classes, method, file hashes); the set's
+hash goes into the manifest of every engine quantized from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from arexport.errors import ArexportError
+from arexport.fileio import atomic_directory, atomic_write_json
+from arexport.models.checkpoint import file_sha256
+from arexport.runtime.engine import StepEngine
+
+CALIB_FORMAT = "arexport-calibration"
+
+
+class CapturingEngine(StepEngine):
+    """Delegates to `inner`; records every `every`-th step's inputs (and the cache before it)."""
+
+    def __init__(self, inner: StepEngine, every: int = 4, limit: int = 1 << 30):
+        super().__init__(inner.spec, inner.device, inner.cache_dtype)
+        self.inner, self.every, self.limit = inner, every, limit
+        self.samples: list[dict[str, np.ndarray]] = []
+        self._n = 0
+        self.max_q = inner.max_q
+
+    def _record(self, cache, feeds: dict[str, torch.Tensor]) -> None:
+        self._n += 1
+        if self._n % self.every or len(self.samples) >= self.limit:
+            return
+        s = {k: v.detach().cpu().numpy().copy() for k, v in feeds.items()}
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            s[f"past_key_{i}"] = k.detach().float().cpu().numpy().copy()
+            s[f"past_value_{i}"] = v.detach().float().cpu().numpy().copy()
+        self.samples.append(s)
+
+    def _step(self, cache, tokens, positions, write_index, attn_mask):
+        self._record(cache, {"tokens": tokens.long(), "positions": positions.long(), "write_index": write_index.long(),
+                             "attn_mask": attn_mask.bool()})
+        return self.inner._step(cache, tokens, positions, write_index, attn_mask)
+
+    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
+        self._record(cache, {"tokens": tokens.long(), "positions": positions.long(), "write_index": write_index.long(),
+                             "attn_mask": attn_mask.bool(), "query_positions": query_positions.long(),
+                             "query_mask": query_mask.bool()})
+        return self.inner._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
+
+    def _prefill_embeds(self, cache, conds, attn_mask):
+        return self.inner._prefill_embeds(cache, conds, attn_mask)
+
+    def _decode_images(self, tokens):
+        return self.inner._decode_images(tokens)
+
+    def codebook(self):
+        return self.inner.codebook()
+
+    def null_caption(self):
+        return self.inner.null_caption()
+
+
+def capture_set(engine_dir: str | Path, out: str | Path, classes: list[int], method: str = "ar", every: int = 4,
+                samples: int = 64, seed: int = 0) -> dict[str, Any]:
+    """Decode `classes` with the reference model of `engine_dir`, keep up to `samples` step inputs."""
+    from arexport.engines.directory import torch_engine_from_manifest
+    from arexport.engines.manifest import read_manifest
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    manifest = read_manifest(engine_dir)
+    ref = torch_engine_from_manifest(manifest)
+    cap = CapturingEngine(ref, every=every, limit=samples)
+    d = manifest["spec"]["extra"].get("sampling_defaults", {})
+    params = SamplingParams(temperature=d.get("temperature", 1.0), top_k=d.get("top_k", 0), top_p=d.get("top_p", 1.0),
+                            cfg_scale=d.get("cfg_scale", 1.0))
+    method = "arpg" if manifest["spec"]["family"] == "arpg" else method
+    Generator(cap).generate(classes=classes, method=method, sampling=params, seed=seed, batch_size=max(1, len(classes)),
+                            images=False, timings=False)
+    if not cap.samples:
+        raise ArexportError("no step inputs were captured: use more classes or a smaller --every")
+    with atomic_directory(out, overwrite=True) as tmp:
+        files = {}
+        for i, s in enumerate(cap.samples):
+            name = f"sample_{i:04d}.npz"
+            np.savez(tmp / name, **s)
+            files[name] = file_sha256(tmp / name)
+        m = {"format": CALIB_FORMAT, "version": 1, "model": manifest["spec"]["name"],
+             "weights_sha256": _weights_id(manifest), "classes": list(map(int, classes)), "method": method,
+             "every": every, "samples": len(cap.samples), "files": files, "hash": _set_hash(files)}
+        atomic_write_json(tmp / "manifest.json", m)
+    return m
+
+
+def load_set(path: str | Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+    """A saved calibration set (validated against the engine it is meant for) and its samples."""
+    p = Path(path)
+    mp = p / "manifest.json"
+    if not mp.exists():
+        raise ArexportError(f"{p} is not a calibration set (no manifest.json)")
+    m = json.loads(mp.read_text())
+    if m.get("format") != CALIB_FORMAT:
+        raise ArexportError(f"{p}: unknown calibration set format {m.get('format')!r}")
+    if m.get("weights_sha256") != _weights_id(manifest):
+        raise ArexportError(f"calibration set {p} was captured for other weights ({m.get('model')}); capture a new one")
+    out = []
+    for name, digest in m["files"].items():
+        f = p / name
+        if not f.exists() or file_sha256(f) != digest:
+            raise ArexportError(f"calibration set {p}: {name} is missing or modified")
+        with np.load(f) as z:
+            out.append({k: z[k] for k in z.files})
+    return m, out
+
+
+def _weights_id(manifest: dict[str, Any]) -> str:
+    src = manifest.get("source", {})
+    key = json.dumps({k: src.get(k) for k in ("model", "overrides", "checkpoint_sha256", "random_init_seed", "packaged")},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _set_hash(files: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}:{v}" for k, v in sorted(files.items())).encode()).hexdigest()

@@ -1,0 +1,108 @@
+"""Accuracy gates for quantized engines: numbers computed on held-out captured steps (and, for the
+digits demo, on generated images), compared with thresholds; a failing engine is not written."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+DEFAULT_THRESHOLDS = {
+    "int8": {"min_agreement": 0.90, "max_kl": 0.05, "max_accuracy_drop": 0.05},
+    "fp8": {"min_agreement": 0.90, "max_kl": 0.05, "max_accuracy_drop": 0.05},
+    "int4-weight": {"min_agreement": 0.85, "max_kl": 0.10, "max_accuracy_drop": 0.08},
+}
+
+
+@dataclass
+class GateReport:
+    top1_agreement: float
+    mean_kl: float
+    heldout_steps: int
+    thresholds: dict
+    demo: Optional[dict] = None  # accuracy / feature distance for reference and quantized engines
+    failures: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _logits(sess, sample: dict) -> np.ndarray:
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feeds = {}
+    for k, v in sample.items():
+        if k in types:
+            t = types[k]
+            feeds[k] = v.astype(np.float16) if t == "tensor(float16)" else v.astype(np.float32) if t == "tensor(float)" else v
+    return sess.run(["logits"], feeds)[0]
+
+
+def step_agreement(ref_model: Path, q_model: Path, samples: list[dict]) -> tuple[float, float, int]:
+    """Top-1 agreement and mean KL(p_ref || p_q) of next-token distributions over held-out steps."""
+    ref, q = _session(ref_model), _session(q_model)
+    agree, kls, n = 0, [], 0
+    for s in samples:
+        a = _logits(ref, s).astype(np.float64)
+        b = _logits(q, s).astype(np.float64)
+        a = a.reshape(-1, a.shape[-1])
+        b = b.reshape(-1, b.shape[-1])
+        pa = np.exp(a - a.max(-1, keepdims=True))
+        pa /= pa.sum(-1, keepdims=True)
+        lb = b - b.max(-1, keepdims=True)
+        lb = lb - np.log(np.exp(lb).sum(-1, keepdims=True))
+        la = np.log(np.clip(pa, 1e-300, None))
+        kls += list((pa * (la - lb)).sum(-1))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += a.shape[0]
+    return agree / max(n, 1), float(np.mean(kls)) if kls else float("nan"), n
+
+
+def demo_quality(ref_dir: Path, q_dir: Path, n_images: int = 200, seed: int = 0) -> dict:
+    """Generated-digit quality of the reference and quantized engines (same seeds)."""
+    from arexport.quality import score_digits
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    classes = [i % 10 for i in range(n_images)]
+    out = {}
+    for name, d in (("reference", ref_dir), ("quantized", q_dir)):
+        gen = Generator.load(str(d), backend="ort", verify_hashes=False)
+        dflt = gen.spec.extra.get("sampling_defaults", {})
+        params = SamplingParams(**{k: dflt[k] for k in ("temperature", "top_k", "top_p", "cfg_scale") if k in dflt})
+        toks = gen.generate(classes=classes, sampling=params, seed=seed, batch_size=100, images=False, timings=False).tokens
+        s = score_digits(toks, classes)
+        out[name] = {"accuracy": s.accuracy, "feature_distance": s.feature_distance}
+    out["n_images"] = n_images
+    return out
+
+
+def evaluate(ref_dir: Path, q_dir: Path, step_file: str, heldout: list[dict], mode: str, thresholds: dict,
+             demo: bool) -> GateReport:
+    agree, kl, n = step_agreement(ref_dir / step_file, q_dir / step_file, heldout)
+    rep = GateReport(agree, kl, n, thresholds)
+    if agree < thresholds["min_agreement"]:
+        rep.failures.append(f"top-1 agreement {agree:.4f} < {thresholds['min_agreement']}")
+    if not kl <= thresholds["max_kl"]:
+        rep.failures.append(f"mean KL {kl:.4g} > {thresholds['max_kl']}")
+    if demo:
+        rep.demo = demo_quality(ref_dir, q_dir)
+        drop = rep.demo["reference"]["accuracy"] - rep.demo["quantized"]["accuracy"]
+        if drop > thresholds["max_accuracy_drop"]:
+            rep.failures.append(f"demo accuracy drop {drop:.3f} > {thresholds['max_accuracy_drop']}")
+    return rep

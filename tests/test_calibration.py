@@ -1,0 +1,98 @@
+"""Capture -> quantize -> gate -> run on ORT CPU, and a broken quantization failing its gate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+from arexport.calibration.calibrate import calibrate_engine
+from arexport.calibration.quantize import head_matmul
+from arexport.engines.build import BuildOptions, build_engine
+from arexport.engines.manifest import read_manifest
+from arexport.errors import ArexportError
+from arexport.models.registry import load_model
+from arexport.runtime.generator import Generator
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calib") / "demo"
+    build_engine(load_model("demo"), d, BuildOptions(batch_sizes=[2, 4], verify_len=4))
+    return d
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4-weight"])
+def test_capture_quantize_run_end_to_end(demo_dir, mode):
+    out = demo_dir.parent / f"demo-{mode}"
+    m = calibrate_engine(demo_dir, out, mode, samples=40)
+    q = m["quantization"]
+    assert q["mode"] == mode and q["qdq_nodes"] > 0 and len(q["calibration"]["hash"]) == 64
+    g = q["gates"]
+    assert g["passed"] and 0.0 <= g["top1_agreement"] <= 1.0 and g["mean_kl"] >= 0.0 and g["heldout_steps"] > 0
+    assert g["demo"]["quantized"]["accuracy"] >= g["demo"]["reference"]["accuracy"] - g["thresholds"]["max_accuracy_drop"]
+    assert read_manifest(out)["quantization"]["gates"] == g
+    hist = m["report"]["step"]["op_histogram"]
+    assert "DequantizeLinear" in hist and hist["TensorScatter"] == 8  # the cache writes survive quantization
+    head = head_matmul(demo_dir / "model.onnx")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    head_node = [n for n in graph.node if n.name in head][0]
+    w = head_node.input[1]
+    assert w not in producers or producers[w].op_type != "DequantizeLinear"  # the output head stays in fp32
+    gen = Generator.load(str(out), backend="ort")
+    res = gen.generate(classes=[1, 2, 3], method="sjd", images=True)
+    assert res.images.shape == (3, 128, 128, 3)
+    if mode != "fp8":  # fp8 weights take as many bytes as int8 here; int8/int4 must shrink the file
+        assert m["weights"]["unique_bytes"] < 0.5 * read_manifest(demo_dir)["weights"]["unique_bytes"]
+
+
+def test_calibration_set_is_reused_and_validated(demo_dir, tmp_path):
+    calib = demo_dir.parent / "demo.calib"
+    calibrate_engine(demo_dir, tmp_path / "a", "int8", samples=40)
+    stamp = os.path.getmtime(calib / "manifest.json")
+    m = calibrate_engine(demo_dir, tmp_path / "b", "int8", samples=40)
+    assert os.path.getmtime(calib / "manifest.json") == stamp
+    assert m["quantization"]["calibration"]["hash"] == json.loads((calib / "manifest.json").read_text())["hash"]
+    import shutil
+
+    copy = tmp_path / "copy.calib"
+    shutil.copytree(calib, copy)
+    np.savez(sorted(copy.glob("sample_*.npz"))[0], tokens=np.zeros((1, 1), np.int64))
+    with pytest.raises(ArexportError, match="is missing or modified"):
+        calibrate_engine(demo_dir, tmp_path / "c", "int8", samples=40, calib_set=copy)
+    assert not (tmp_path / "c").exists()
+
+
+def test_broken_quantization_fails_the_gate(demo_dir, tmp_path, monkeypatch):
+    import arexport.calibration.quantize as qmod
+
+    real = qmod.quantize_step_graph
+
+    def absurd_scales(src, dst, mode, samples):
+        info = real(src, dst, mode, samples)
+        model = onnx.load(str(dst))
+        for init in model.graph.initializer:
+            if "scale" in init.name and init.data_type == onnx.TensorProto.FLOAT:
+                arr = onnx.numpy_helper.to_array(init) * 1000.0
+                init.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), init.name))
+        onnx.save_model(model, str(dst), save_as_external_data=True, location=dst.name + ".data2")
+        return info
+
+    monkeypatch.setattr(qmod, "quantize_step_graph", absurd_scales)
+    with pytest.raises(ArexportError, match="failed its accuracy gate .*nothing was written"):
+        calibrate_engine(demo_dir, tmp_path / "broken", "int8", samples=40)
+    assert not (tmp_path / "broken").exists()
+    m = calibrate_engine(demo_dir, tmp_path / "forced", "int8", samples=40, force=True)
+    assert m["quantization"]["forced"] and not m["quantization"]["gates"]["passed"]
+    assert m["quantization"]["gates"]["top1_agreement"] < 0.9
+
+
+def test_requantizing_is_refused(demo_dir, tmp_path):
+    out = tmp_path / "q"
+    calibrate_engine(demo_dir, out, "int4-weight", samples=40)
+    with pytest.raises(ArexportError, match="already quantized"):
+        calibrate_engine(out, tmp_path / "qq", "int8")
