@@ -58,6 +58,35 @@ def model_options(f):
     return f
 
 
+def engine_or_model_options(default_backend: str):
+    """ENGINE_DIR or --model plus its weights, and the backend/device that run it (profile, serve)."""
+    def deco(f):
+        opts = [
+            click.argument("engine_dir", required=False, type=click.Path(file_okay=False)),
+            click.option("--model", "model_name", help="Model name (torch backend) instead of ENGINE_DIR."),
+            model_options,
+            click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default=default_backend, show_default=True),
+            click.option("--device", default="cpu", show_default=True),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision=None) -> dict:
+    """Keyword arguments that load a model by name (empty for an engine directory)."""
+    from arexport.models.registry import parse_overrides
+
+    if not model_name:
+        return {}
+    kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
+              image_size=image_size, vq_checkpoint=vq_checkpoint)
+    if precision is not None:
+        kw["dtype"] = precision
+    return kw
+
+
 def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     if text is None:
         return None
@@ -157,9 +186,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     import numpy as np
 
     from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
-    from arexport.models.registry import parse_overrides
     from arexport.runtime.generator import Generator
-    from arexport.runtime.sampling import SamplingParams
+    from arexport.runtime.sampling import default_sampling
 
     if engine_dir and model_name:
         raise ArexportError("give either ENGINE_DIR or --model, not both")
@@ -168,21 +196,12 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     if not (save_tokens or out_dir or stats_json or grid_png):
         raise ArexportError("no output requested: pass --out DIR, --grid FILE, --save-tokens FILE or --stats-json FILE")
     source = engine_dir or model_name
-    kw = {}
-    if model_name:
-        kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
-                  image_size=image_size, vq_checkpoint=vq_checkpoint, dtype=precision)
+    kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     spec = gen.spec
     method = method or ("arpg" if spec.family == "arpg" else "ar")
-    d = spec.extra.get("sampling_defaults", {})
-    sampling = SamplingParams(
-        temperature=d.get("temperature", 1.0) if temperature is None else temperature,
-        top_k=d.get("top_k", 0) if top_k is None else top_k,
-        top_p=d.get("top_p", 1.0) if top_p is None else top_p,
-        cfg_scale=d.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale,
-        cfg_interval=cfg_interval,
-    )
+    sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                                cfg_interval=cfg_interval)
     captions, cmask = _load_captions(caption_embeddings)
     opts = _parse_method_options(method_opts)
     named = {"window": window, "init": sjd_init, "gamma": gamma, "drafter": drafter, "k": lantern_k,
@@ -345,8 +364,8 @@ def _print_manifest(m: dict, console, brief: bool) -> None:
         if trt:
             console.print(f"  TensorRT {trt.get('version')} plans for {trt.get('gpu', {}).get('name')} "
                           f"(sm {trt.get('gpu', {}).get('compute_capability')}): {', '.join(trt.get('plans', {}))}")
-        console.print(f"  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items() if v))
-        console.print(f"  files: " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in m["files"].items()))
+        console.print("  tools: " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items() if v))
+        console.print("  files: " + ", ".join(f"{k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in m["files"].items()))
 
 
 @cli.command()
@@ -417,7 +436,6 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
     import torch
 
     from arexport.fileio import atomic_save_png
-    from arexport.models.registry import parse_overrides
     from arexport.runtime.loading import open_engine
 
     if not (out_dir or grid_png):
@@ -426,10 +444,8 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
         tokens = np.load(tokens_file)
     except Exception as e:  # numpy raises several types on bad files
         raise ArexportError(f"cannot read tokens {tokens_file}: {e}") from None
-    kw = {}
-    if not Path(source).is_dir():
-        kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
-                  image_size=image_size, vq_checkpoint=vq_checkpoint)
+    kw = {} if Path(source).is_dir() else _model_kwargs(source, checkpoint, random_init, init_seed, model_config, image_size,
+                                                        vq_checkpoint)
     engine = open_engine(source, backend=backend, device=device, **kw)
     spec = engine.spec
     if tokens.ndim != 2 or tokens.shape[1] != spec.n_tokens or not np.issubdtype(tokens.dtype, np.integer):
@@ -444,11 +460,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 
 
 @cli.command()
-@click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", help="Model name (torch backend) instead of ENGINE_DIR.")
-@model_options
-@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@engine_or_model_options("torch")
 @click.option("--method", default=None, help="Decoding method (default ar; arpg for ARPG models).")
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Method option, repeatable.")
 @click.option("--compare", help="Several configs in one process: backend:method[:k=v;k=v],... (ratios vs the first).")
@@ -477,11 +489,10 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from rich.console import Console
 
     from arexport.fileio import atomic_write_json
-    from arexport.models.registry import parse_overrides
     from arexport.profiling.profiler import RunConfig, measure_bandwidth, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
     from arexport.runtime.generator import Generator
-    from arexport.runtime.sampling import SamplingParams
+    from arexport.runtime.sampling import default_sampling
 
     if engine_dir and model_name:
         raise ArexportError("give either ENGINE_DIR or --model, not both")
@@ -490,10 +501,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     if repeats < 1 or warmup < 0:
         raise ArexportError("--repeats must be >= 1 and --warmup >= 0")
     source = engine_dir or model_name
-    kw = {}
-    if model_name:
-        kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
-                  image_size=image_size, vq_checkpoint=vq_checkpoint, dtype=precision)
+    kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     try:
         configs = [RunConfig.parse(c) for c in compare.split(",")] if compare else [RunConfig(backend, method or "", _parse_method_options(method_opts))]
     except ValueError as e:
@@ -506,9 +514,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         gen = Generator.load(source, backend=cfg.backend, device=device, draft=draft, cuda_graph=cuda_graph, **kw)
         spec = gen.spec
         cfg.method = cfg.method or ("arpg" if spec.family == "arpg" else "ar")
-        d = spec.extra.get("sampling_defaults", {})
-        sampling = SamplingParams(temperature=d.get("temperature", 1.0), top_k=d.get("top_k", 0), top_p=d.get("top_p", 1.0),
-                                  cfg_scale=d.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
+        sampling = default_sampling(spec, cfg_scale=cfg_scale)
         prec = getattr(gen.engine, "manifest", {}).get("precision") or precision or "fp32"
         console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec))
@@ -567,6 +573,48 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
     click.echo(f"{mode}: top-1 agreement {g['top1_agreement']:.4f}, mean KL {g['mean_kl']:.4g} on {g['heldout_steps']} held-out "
                f"step rows" + (f"; demo accuracy {g['demo']['reference']['accuracy']:.3f} -> {g['demo']['quantized']['accuracy']:.3f}"
                                if g.get("demo") else "") + f"; weights {m['weights']['unique_bytes'] / 2**20:.2f} MiB -> {out_dir}")
+
+
+@cli.command()
+@engine_or_model_options("ort")
+@click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs requests).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--batching", type=click.Choice(["continuous", "request", "none"]), default="continuous", show_default=True,
+              help="continuous: step-level batching (ar, arpg); request: merge compatible requests; none: one at a time.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Images per batch (CFG doubles the rows).")
+@click.option("--token-env", default="AREXPORT_TOKEN", show_default=True, help="Environment variable holding the bearer token (unset: no auth).")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest accepted request body.")
+@click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request.")
+def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
+          draft, host, port, batching, max_batch, token_env, max_body_bytes, max_images):
+    """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
+
+    \b
+    Examples:
+      arexport serve engines/demo --port 8000
+      AREXPORT_TOKEN=secret arexport serve engines/b --batching request --max-batch 4
+      curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"classes": [3]}' -o three.png
+    """
+    import os
+
+    from arexport.runtime.generator import Generator
+    from arexport.serving.http import create_app
+    from arexport.serving.server import serve_forever
+    from arexport.serving.service import GenerationService
+
+    if bool(engine_dir) == bool(model_name):
+        raise ArexportError("give exactly one of ENGINE_DIR or --model NAME")
+    kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
+    if model_name:
+        backend = "torch"
+    gen = Generator.load(engine_dir or model_name, backend=backend, device=device, draft=draft, **kw)
+    service = GenerationService(gen, batching=batching, max_batch=max_batch)
+    token = os.environ.get(token_env) or None
+    app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
+    click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
+               + (" with bearer auth" if token else ""), err=True)
+    serve_forever(app, host=host, port=port)
 
 
 def _parse_method_options(items) -> dict:

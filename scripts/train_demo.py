@@ -24,14 +24,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from arexport.models.digits import DigitCNN, DigitMLP, feature_stats, tokens_to_input
 from arexport.models.arpg import ARPG, ARPGConfig
-from arexport.models.llamagen import LlamaGen, LlamaGenConfig
+from arexport.models.llamagen import LlamaGenConfig
 
 OUT = Path(__file__).resolve().parent.parent / "arexport" / "models" / "weights"
 

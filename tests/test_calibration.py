@@ -72,8 +72,8 @@ def test_broken_quantization_fails_the_gate(demo_dir, tmp_path, monkeypatch):
 
     real = qmod.quantize_step_graph
 
-    def absurd_scales(src, dst, mode, samples):
-        info = real(src, dst, mode, samples)
+    def absurd_scales(src, dst, mode, samples, activations="s8"):
+        info = real(src, dst, mode, samples, activations)
         model = onnx.load(str(dst))
         for init in model.graph.initializer:
             if "scale" in init.name and init.data_type == onnx.TensorProto.FLOAT:

@@ -75,14 +75,12 @@ def capture_set(engine_dir: str | Path, out: str | Path, classes: list[int], met
     from arexport.engines.directory import torch_engine_from_manifest
     from arexport.engines.manifest import read_manifest
     from arexport.runtime.generator import Generator
-    from arexport.runtime.sampling import SamplingParams
+    from arexport.runtime.sampling import default_sampling
 
     manifest = read_manifest(engine_dir)
     ref = torch_engine_from_manifest(manifest)
     cap = CapturingEngine(ref, every=every, limit=samples)
-    d = manifest["spec"]["extra"].get("sampling_defaults", {})
-    params = SamplingParams(temperature=d.get("temperature", 1.0), top_k=d.get("top_k", 0), top_p=d.get("top_p", 1.0),
-                            cfg_scale=d.get("cfg_scale", 1.0))
+    params = default_sampling(ref.spec)
     method = "arpg" if manifest["spec"]["family"] == "arpg" else method
     Generator(cap).generate(classes=classes, method=method, sampling=params, seed=seed, batch_size=max(1, len(classes)),
                             images=False, timings=False)

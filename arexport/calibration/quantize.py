@@ -86,7 +86,6 @@ def quantize_step_graph(src: Path, dst: Path, mode: str, samples: list[dict[str,
     if mode not in MODES:
         raise ArexportError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # The calibrator runs the graph without IOBinding, so ORT would warn about copying the cache at
     # every TensorScatter; that is expected here and not the runtime path.

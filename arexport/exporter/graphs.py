@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from arexport.exporter.ops import functional_cache_write
+
+
+def _flat(logits, keys, values) -> tuple:
+    """(logits, key_0, value_0, key_1, ...) in the graphs' output order."""
+    out = [logits]
+    for k, v in zip(keys, values):
+        out += [k, v]
+    return tuple(out)
 
 
 def cache_names(n_layers: int, prefix: str) -> list[str]:
@@ -26,11 +33,7 @@ class StepGraph(nn.Module):
 
     def forward(self, tokens, positions, write_index, attn_mask, *past):
         keys, values = list(past[0::2]), list(past[1::2])
-        logits, nk, nv = self.model.step(tokens, positions, write_index, attn_mask, keys, values, cache_write=functional_cache_write)
-        out = [logits]
-        for k, v in zip(nk, nv):
-            out += [k, v]
-        return tuple(out)
+        return _flat(*self.model.step(tokens, positions, write_index, attn_mask, keys, values, cache_write=functional_cache_write))
 
     @staticmethod
     def io_names(n_layers: int):
@@ -48,12 +51,8 @@ class MultiQueryStepGraph(nn.Module):
 
     def forward(self, tokens, positions, write_index, attn_mask, query_positions, query_mask, *past):
         keys, values = list(past[0::2]), list(past[1::2])
-        logits, nk, nv = self.model.step(tokens, positions, write_index, attn_mask, query_positions, query_mask,
-                                         keys, values, cache_write=functional_cache_write)
-        out = [logits]
-        for k, v in zip(nk, nv):
-            out += [k, v]
-        return tuple(out)
+        return _flat(*self.model.step(tokens, positions, write_index, attn_mask, query_positions, query_mask,
+                                      keys, values, cache_write=functional_cache_write))
 
     @staticmethod
     def io_names(n_layers: int):
@@ -70,11 +69,7 @@ class PrefillGraph(nn.Module):
 
     def forward(self, cond_embeds, attn_mask, *past):
         keys, values = list(past[0::2]), list(past[1::2])
-        logits, nk, nv = self.model.prefill_embeds(cond_embeds, attn_mask, keys, values, cache_write=functional_cache_write)
-        out = [logits]
-        for k, v in zip(nk, nv):
-            out += [k, v]
-        return tuple(out)
+        return _flat(*self.model.prefill_embeds(cond_embeds, attn_mask, keys, values, cache_write=functional_cache_write))
 
     @staticmethod
     def io_names(n_layers: int):

@@ -15,20 +15,20 @@ and everything before them (no causal mask inside a step); the queries see every
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arexport.models.llamagen import CacheWrite, FeedForward, RMSNorm, find_multiple, inplace_cache_write
+from arexport.models.llamagen import CacheWrite, FeedForward, RMSNorm, TransformerDims, inplace_cache_write
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.spec import ImageSpec, ModelSpec, s_max_for
 
 
 @dataclass(frozen=True)
-class ARPGConfig:
+class ARPGConfig(TransformerDims):
     """ARPG hyper-parameters (names follow the reference ModelArgs)."""
 
     dim: int
@@ -49,32 +49,13 @@ class ARPGConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.dim % self.n_head:
-            raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+        self._check_dims()
         if self.n_layer % 2:
             raise ValueError(f"ARPG needs an even n_layer (self- and cross-decoder halves), got {self.n_layer}")
-        if self.head_dim % 4:
-            raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
-
-    # shared with LlamaGenConfig so FeedForward can size itself
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
 
     @property
     def kv_heads(self) -> int:
         return self.n_head
-
-    @property
-    def ffn_hidden(self) -> int:
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return find_multiple(hidden, self.multiple_of)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.grid_size * self.grid_size
 
     @property
     def mask_token(self) -> int:
@@ -83,9 +64,6 @@ class ARPGConfig:
     @property
     def cond_len(self) -> int:
         return 1
-
-    def with_overrides(self, **kw) -> "ARPGConfig":
-        return replace(self, **kw)
 
     def spec(self, name: str, image_size: int | None = None) -> ModelSpec:
         cb = 8 if self.image_kind == "vq16" else 2

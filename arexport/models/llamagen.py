@@ -33,8 +33,38 @@ def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
 
+class TransformerDims:
+    """Sizes derived the same way by every LlamaGen-style config (mixin for frozen dataclasses)."""
+
+    def _check_dims(self) -> None:
+        if self.dim % self.n_head:
+            raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+        if self.head_dim % 4:
+            raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def ffn_hidden(self) -> int:
+        """LlamaGen's SwiGLU width: find_multiple(int(2 * 4 * dim / 3) [* multiplier], multiple_of)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    def with_overrides(self, **kw):
+        """A copy with some fields replaced (validated again)."""
+        return replace(self, **kw)
+
+
 @dataclass(frozen=True)
-class LlamaGenConfig:
+class LlamaGenConfig(TransformerDims):
     """Architecture hyper-parameters (names follow LlamaGen's ModelArgs)."""
 
     dim: int
@@ -59,34 +89,15 @@ class LlamaGenConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        if self.dim % self.n_head:
-            raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
+        self._check_dims()
         if self.model_type not in ("c2i", "t2i"):
             raise ValueError(f"model_type must be c2i or t2i, got {self.model_type!r}")
-        kv = self.kv_heads
-        if self.n_head % kv:
-            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={kv}")
-        if self.head_dim % 4:
-            raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.kv_heads}")
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head if self.n_kv_head is not None else self.n_head
-
-    @property
-    def ffn_hidden(self) -> int:
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return find_multiple(hidden, self.multiple_of)
-
-    @property
-    def n_tokens(self) -> int:
-        return self.grid_size * self.grid_size
 
     @property
     def cond_len(self) -> int:
@@ -94,10 +105,6 @@ class LlamaGenConfig:
 
     def build(self) -> "LlamaGen":
         return LlamaGen(self)
-
-    def with_overrides(self, **kw) -> "LlamaGenConfig":
-        """A copy with some fields replaced (validated again)."""
-        return replace(self, **kw)
 
     def spec(self, name: str, image_size: int | None = None) -> ModelSpec:
         """The ModelSpec describing this config's step functions and image output."""

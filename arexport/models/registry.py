@@ -22,7 +22,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
-from arexport.models.llamagen import LlamaGen, LlamaGenConfig
+from arexport.models.llamagen import LlamaGenConfig
 from arexport.spec import ModelSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -50,7 +50,7 @@ DEMO_MODELS = {
 
 
 DEMO_CFG_SCALE = 1.5
-DEMO_ARPG_CFG_SCALE = 1.5
+DEMO_ARPG_CFG_SCALE = 3.0
 
 
 @dataclass

@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -63,6 +63,11 @@ class StepRecord:
     batch: int
     q: int
     seconds: float
+
+
+def graph_feeds(device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Step-graph inputs on `device`, contiguous, with the graph's dtypes: masks bool, the rest int64."""
+    return {k: v.to(device, torch.bool if k.endswith("mask") else torch.int64).contiguous() for k, v in tensors.items()}
 
 
 def step_kind(q: int) -> str:

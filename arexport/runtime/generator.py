@@ -99,12 +99,16 @@ class Generator:
         method_options: Optional[dict] = None,
         sampling: SamplingParams = SamplingParams(),
         seed: int = 0,
+        seeds: Optional[Sequence[int]] = None,
         batch_size: int = 8,
         images: bool = True,
         timings: bool = True,
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> GenerationResult:
-        """Generate one image per condition. progress(done_tokens, total_tokens) is called as it goes."""
+        """Generate one image per condition. progress(done_tokens, total_tokens) is called as it goes.
+
+        Image i uses the row seed image_seed(seed, i), or seeds[i] when per-image seeds are given
+        (how a server keeps each merged request's own seeds)."""
         if batch_size < 1:
             raise ArexportError(f"batch size must be >= 1, got {batch_size}")
         conds = self.conditions(classes, captions, caption_mask)
@@ -113,7 +117,11 @@ class Generator:
         if m.needs_draft and self.draft is None:
             raise ArexportError(f"method {method} needs a draft model: pass --draft NAME|DIR")
         n = len(conds)
-        seeds = [image_seed(seed, i) for i in range(n)]
+        if seeds is None:
+            seeds = [image_seed(seed, i) for i in range(n)]
+        elif len(seeds) != n:
+            raise ArexportError(f"got {len(seeds)} seeds for {n} images")
+        seeds = [int(s) & ((1 << 62) - 1) for s in seeds]
         total = n * self.spec.n_tokens
         done = [0]
 

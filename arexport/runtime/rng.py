@@ -93,4 +93,4 @@ def image_seed(request_seed: int, index: int) -> int:
     i = torch.tensor([index], dtype=torch.int64)
     h1 = _hash_words(a, b, i, torch.tensor([7]))
     h2 = _hash_words(a, b, i, torch.tensor([11]))
-    return int(((h1 << 31) | (h2 >> 1)).item())
+    return int(((h1 << 30) | (h2 >> 2)).item())  # 62 bits: fits int64 with room to spare

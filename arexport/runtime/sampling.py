@@ -51,6 +51,15 @@ class SamplingParams:
         return self.uses_cfg and (self.cfg_interval < 0 or token_index <= self.cfg_interval + 1)
 
 
+def default_sampling(spec, **overrides) -> SamplingParams:
+    """The model's sampler defaults (recorded in its spec), with any non-None overrides applied."""
+    d = spec.extra.get("sampling_defaults", {})
+    base = SamplingParams()
+    vals = {k: d.get(k, getattr(base, k)) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval")}
+    vals.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(**vals)
+
+
 def cfg_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """Rows [cond; uncond] -> guided logits u + s (c - u), half the rows."""
     cond, uncond = logits.chunk(2, dim=0)

@@ -17,7 +17,7 @@ import torch
 
 from arexport.errors import ArexportError, BackendUnavailable
 from arexport.runtime.backends.dir_arrays import EngineDirArrays
-from arexport.runtime.engine import Conditions, StepEngine
+from arexport.runtime.engine import Conditions, StepEngine, graph_feeds
 from arexport.spec import ModelSpec
 
 ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16}
@@ -118,41 +118,24 @@ class OrtEngine(EngineDirArrays, StepEngine):
 
     # -- StepEngine ---------------------------------------------------------------------------------
     def _step(self, cache, tokens, positions, write_index, attn_mask):
-        b, q = tokens.shape
-        dev = self.device
-        feeds = {
-            "tokens": tokens.to(dev, torch.int64).contiguous(),
-            "positions": positions.to(dev, torch.int64).contiguous(),
-            "write_index": write_index.to(dev, torch.int64).contiguous(),
-            "attn_mask": attn_mask.to(dev, torch.bool).contiguous(),
-        }
-        logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=dev)
-        io = self.step_sess.io_binding()
-        for name, t in feeds.items():
-            self._bind_in(io, name, t)
-        self._bind_cache(io, cache)
-        self._bind_out(io, "logits", logits)
-        self._run(self.step_sess, io, ("step", b, q))
-        return logits
+        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask)
+        return self._run_step(cache, feeds, ("step",) + tuple(tokens.shape))
 
     def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
-        b, m = query_positions.shape
-        dev = self.device
-        feeds = {
-            "tokens": tokens.to(dev, torch.int64).contiguous(),
-            "positions": positions.to(dev, torch.int64).contiguous(),
-            "write_index": write_index.to(dev, torch.int64).contiguous(),
-            "attn_mask": attn_mask.to(dev, torch.bool).contiguous(),
-            "query_positions": query_positions.to(dev, torch.int64).contiguous(),
-            "query_mask": query_mask.to(dev, torch.bool).contiguous(),
-        }
-        logits = torch.empty(b, m, self.spec.vocab_size, dtype=torch.float32, device=dev)
+        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
+                            query_positions=query_positions, query_mask=query_mask)
+        return self._run_step(cache, feeds, ("multi_query",) + tuple(tokens.shape) + (query_positions.shape[1],))
+
+    def _run_step(self, cache, feeds: dict, key: tuple) -> torch.Tensor:
+        """Bind feeds, the cache (in place) and a fresh logits buffer [B, queries, V]; run the step graph."""
+        out_rows = feeds["query_positions" if "query_positions" in feeds else "tokens"].shape
+        logits = torch.empty(*out_rows, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         io = self.step_sess.io_binding()
         for name, t in feeds.items():
             self._bind_in(io, name, t)
         self._bind_cache(io, cache)
         self._bind_out(io, "logits", logits)
-        self._run(self.step_sess, io, ("multi_query", b, tokens.shape[1], m))
+        self._run(self.step_sess, io, key)
         return logits
 
     def _prefill_embeds(self, cache, conds: Conditions, attn_mask):

@@ -17,7 +17,7 @@ import torch
 from arexport.engines.trt_build import check_plan_compat, current_gpu, require_tensorrt, select_profile
 from arexport.errors import ArexportError
 from arexport.runtime.backends.dir_arrays import EngineDirArrays
-from arexport.runtime.engine import Conditions, StepEngine
+from arexport.runtime.engine import Conditions, StepEngine, graph_feeds
 from arexport.spec import ModelSpec
 
 PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -129,28 +129,16 @@ class TrtEngine(EngineDirArrays, StepEngine):
 
     def _step(self, cache, tokens, positions, write_index, attn_mask):
         b, q = tokens.shape
-        feeds = {
-            "tokens": tokens.to(self.device, torch.int64).contiguous(),
-            "positions": positions.to(self.device, torch.int64).contiguous(),
-            "write_index": write_index.to(self.device, torch.int64).contiguous(),
-            "attn_mask": attn_mask.to(self.device, torch.bool).contiguous(),
-        }
+        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask)
         logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self._launch(self.plans["step"], "decode" if q == 1 else "verify", feeds, {"logits": logits}, cache, q)
         return logits
 
     def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
         b, m = query_positions.shape
-        dev = self.device
-        feeds = {
-            "tokens": tokens.to(dev, torch.int64).contiguous(),
-            "positions": positions.to(dev, torch.int64).contiguous(),
-            "write_index": write_index.to(dev, torch.int64).contiguous(),
-            "attn_mask": attn_mask.to(dev, torch.bool).contiguous(),
-            "query_positions": query_positions.to(dev, torch.int64).contiguous(),
-            "query_mask": query_mask.to(dev, torch.bool).contiguous(),
-        }
-        logits = torch.empty(b, m, self.spec.vocab_size, dtype=torch.float32, device=dev)
+        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
+                            query_positions=query_positions, query_mask=query_mask)
+        logits = torch.empty(b, m, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self._launch(self.plans["step"], "multi_query", feeds, {"logits": logits}, cache, tokens.shape[1])
         return logits
 

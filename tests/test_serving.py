@@ -1,0 +1,194 @@
+"""Serving: batched/concurrent requests equal solo ones, bad requests get 4xx, shutdown answers all."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from arexport.runtime.generator import Generator
+from arexport.serving.http import create_app
+from arexport.serving.server import BackgroundServer
+from arexport.serving.service import GenerationService, ServiceClosed
+
+REQS = [([0, 1], 1), ([3], 2), ([5, 5, 6], 3), ([9], 4), ([2, 7], 5), ([4], 6)]
+
+
+@pytest.fixture(scope="module")
+def demo_gen():
+    return Generator.load("demo")
+
+
+def _alone(gen, classes, seed, sampling, method="ar", options=None):
+    return gen.generate(classes=classes, seed=seed, sampling=sampling, method=method, method_options=options or {},
+                        images=False).tokens
+
+
+@pytest.mark.parametrize("batching", ["continuous", "request", "none"])
+def test_concurrent_threads_match_solo_runs(demo_gen, batching):
+    svc = GenerationService(demo_gen, batching=batching, max_batch=4)
+    params = svc.default_sampling()
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futs = [pool.submit(svc.generate, c, seed=s, images=False) for c, s in REQS]
+            outs = [f.result() for f in futs]
+    finally:
+        svc.close()
+    for (c, s), out in zip(REQS, outs):
+        assert np.array_equal(out.tokens, _alone(demo_gen, c, s, params))
+
+
+def test_continuous_arpg_matches_solo_runs():
+    gen = Generator.load("demo-arpg")
+    svc = GenerationService(gen, batching="continuous", max_batch=3)
+    params = svc.default_sampling()
+    try:
+        futs = [svc.submit(c, method="arpg", options={"steps": st}, seed=s, images=False)
+                for (c, s), st in zip(REQS[:4], (8, 8, 16, 8))]
+        outs = [f.result(timeout=120) for f in futs]
+    finally:
+        svc.close()
+    for (c, s), st, out in zip(REQS[:4], (8, 8, 16, 8), outs):
+        assert np.array_equal(out.tokens, _alone(gen, c, s, params, "arpg", {"steps": st}))
+
+
+def test_asyncio_and_images(demo_gen):
+    import asyncio
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=4)
+
+    async def main():
+        return await asyncio.gather(*[svc.agenerate([c], seed=7) for c in range(5)])
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        svc.close()
+    assert all(o.images.shape == (1, 128, 128, 3) for o in outs)
+
+
+def test_shutdown_answers_every_queued_request(demo_gen):
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2)
+    futs = [svc.submit([i % 10], seed=i) for i in range(12)]
+    svc.close(drain=True)
+    assert all(f.result().tokens.shape == (1, 64) for f in futs)
+    with pytest.raises(ServiceClosed):
+        svc.submit([1])
+    svc = GenerationService(demo_gen, batching="request", max_batch=2)
+    futs = [svc.submit([i % 10], seed=i) for i in range(12)]
+    svc.close(drain=False)
+    done = [f for f in futs if f.exception() is None]
+    rejected = [f for f in futs if isinstance(f.exception(), ServiceClosed)]
+    assert len(done) + len(rejected) == 12 and rejected, "queued work is rejected, never dropped"
+
+
+def test_timeout_and_cancel(demo_gen):
+    from arexport.serving.service import RequestTimeout
+
+    svc = GenerationService(demo_gen, batching="none", max_batch=1)
+    try:
+        slow = [svc.submit(list(range(10)), seed=i) for i in range(3)]
+        late = svc.submit([1], timeout=0.001)
+        cancelled = svc.submit([2])
+        assert cancelled.cancel()
+        with pytest.raises(RequestTimeout):
+            late.result(timeout=120)
+        assert all(f.result(timeout=120).tokens.shape == (10, 64) for f in slow)
+    finally:
+        svc.close()
+
+
+@pytest.fixture(scope="module")
+def server(demo_gen):
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=4)
+    app = create_app(svc, token="s3cret", max_body_bytes=4096, max_images=8)
+    with BackgroundServer(app) as url:
+        yield url, svc
+
+
+AUTH = {"Authorization": "Bearer s3cret"}
+
+
+def test_http_concurrent_requests_match_solo(server, demo_gen):
+    url, svc = server
+    params = svc.default_sampling()
+
+    def call(c, s):
+        r = httpx.post(f"{url}/generate", json={"classes": c, "seed": s, "format": "tokens"}, headers=AUTH, timeout=120)
+        assert r.status_code == 200, r.text
+        return np.array(r.json()["tokens"])
+
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda cs: call(*cs), REQS))
+    for (c, s), toks in zip(REQS, outs):
+        assert np.array_equal(toks, _alone(demo_gen, c, s, params))
+    r = httpx.post(f"{url}/generate", json={"classes": [3], "seed": 1}, headers=AUTH, timeout=120)
+    assert r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (128, 128)
+    r = httpx.post(f"{url}/generate", json={"classes": [3, 4]}, headers=AUTH, timeout=120)
+    assert len(r.json()["images"]) == 2 and base64.b64decode(r.json()["images"][0])[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kwargs,status,message", [
+    (dict(json={"classes": [1]}), 401, "bearer token"),
+    (dict(json={"classes": [1]}, headers={"Authorization": "Bearer wrong"}), 401, "bearer token"),
+    (dict(json={"classes": [99]}, headers=AUTH), 400, "class id 99 out of range"),
+    (dict(json={"classes": []}, headers=AUTH), 400, "non-empty list"),
+    (dict(json={"classes": ["a"]}, headers=AUTH), 422, "invalid request: classes"),
+    (dict(content=b"{not json", headers={**AUTH, "content-type": "application/json"}), 422, "invalid request"),
+    (dict(json={"classes": [1], "method": "magic"}, headers=AUTH), 400, "unknown method"),
+    (dict(json={"classes": [1], "method": "sjd", "options": {"window": 1}}, headers=AUTH), 400, "window must be >= 2"),
+    (dict(json={"classes": [1] * 9}, headers=AUTH), 400, "limit per request is 8"),
+    (dict(json={"classes": [1], "pad": "x" * 5000}, headers=AUTH), 413, "exceeds the limit"),
+    (dict(json={"classes": [1], "timeout": -1}, headers=AUTH), 422, "timeout"),
+])
+def test_http_bad_requests_get_4xx_without_disturbing_work(server, kwargs, status, message):
+    url, svc = server
+    inflight = threading.Thread(target=lambda: results.append(
+        httpx.post(f"{url}/generate", json={"classes": [0, 1, 2], "seed": 9, "format": "tokens"}, headers=AUTH, timeout=120)))
+    results = []
+    inflight.start()
+    r = httpx.post(f"{url}/generate", timeout=60, **kwargs)
+    inflight.join()
+    assert r.status_code == status and message in r.json()["error"], r.text
+    assert results[0].status_code == 200 and len(results[0].json()["tokens"]) == 3
+
+
+def test_http_healthz_and_metrics(server):
+    url, _ = server
+    assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    for name in ("arexport_queue_depth", "arexport_batch_occupancy", "arexport_request_seconds_bucket",
+                 "arexport_forward_passes_total", "arexport_images_total"):
+        assert name in text, name
+
+
+def test_text_conditional_requests_over_http():
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch_backend import TorchEngine
+
+    lm = load_model("llamagen-t2i-B", random_init=True, seed=2,
+                    overrides={"n_layer": 1, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "cls_token_num": 6, "caption_dim": 32})
+    gen = Generator(TorchEngine(lm))
+    svc = GenerationService(gen, batching="continuous", max_batch=2)
+    emb = np.random.default_rng(0).standard_normal((2, 6, 32)).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    payload = base64.b64encode(buf.getvalue()).decode()
+    with BackgroundServer(create_app(svc, max_body_bytes=1 << 20)) as url:
+        r = httpx.post(f"{url}/generate", json={"caption_embeddings": payload, "seed": 3, "format": "tokens"}, timeout=120)
+        assert r.status_code == 200, r.text
+        alone = gen.generate(captions=emb, seed=3, sampling=svc.default_sampling(), images=False).tokens
+        assert np.array_equal(np.array(r.json()["tokens"]), alone)
+        r = httpx.post(f"{url}/generate", json={"classes": [1]}, timeout=60)
+        assert r.status_code == 400 and "text-conditional: send caption_embeddings" in r.json()["error"]
+        r = httpx.post(f"{url}/generate", json={"caption_embeddings": "not base64!"}, timeout=60)
+        assert r.status_code == 400 and "base64-encoded .npy" in r.json()["error"]
+    svc.close()
