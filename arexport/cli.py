@@ -166,7 +166,8 @@ def _load_captions(path: Optional[str]):
 @click.option("--scorer", help="gridar/best-of-n: final scorer (digits, or module:callable).")
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write images DIR/0000.png, 0001.png, ...")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write images DIR/0000.png, 0001.png, ... (default when no other output is asked for: a new out/NAME[-N]).")
 @click.option("--grid", "grid_png", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write run statistics as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -193,9 +194,9 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         raise ArexportError("give either ENGINE_DIR or --model, not both")
     if not engine_dir and not model_name:
         raise ArexportError("nothing to run: give an ENGINE_DIR or --model NAME (try --model demo)")
-    if not (save_tokens or out_dir or stats_json or grid_png):
-        raise ArexportError("no output requested: pass --out DIR, --grid FILE, --save-tokens FILE or --stats-json FILE")
     source = engine_dir or model_name
+    if not (save_tokens or out_dir or stats_json or grid_png):
+        out_dir = str(_fresh_out_dir(source))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     spec = gen.spec
@@ -233,6 +234,17 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         + (f" -> {out_dir}" if out_dir else ""),
         err=True,
     )
+
+
+def _fresh_out_dir(source: str) -> Path:
+    """out/NAME, or out/NAME-2, -3, ... so a run without --out never overwrites an earlier run's images."""
+    name = Path(str(source).rstrip("/")).name or "images"
+    base = Path("out") / name
+    cand, n = base, 1
+    while cand.exists():
+        n += 1
+        cand = base.with_name(f"{name}-{n}")
+    return cand
 
 
 # -- build / inspect / verify / decode ------------------------------------------------------------------

@@ -77,7 +77,6 @@ def test_generate_random_init_llamagen_tokens_only(tmp_path):
     (["generate", "--model", "nope", "--classes", "1", "--save-tokens", "x.npy"], "unknown model name 'nope'"),
     (["generate", "--model", "demo", "--classes", "10", "--save-tokens", "x.npy"], "class id 10 out of range [0, 9] for model demo"),
     (["generate", "--model", "demo", "--classes", "a", "--save-tokens", "x.npy"], "bad class id: 'a' is not an integer"),
-    (["generate", "--model", "demo", "--classes", "1"], "no output requested"),
     (["generate", "--model", "demo", "--classes", "1", "--method", "magic", "--save-tokens", "x.npy"], "unknown decoding method 'magic'"),
     (["generate", "--model", "demo", "--classes", "1", "--top-p", "0", "--save-tokens", "x.npy"], "top-p must be in (0, 1]"),
     (["generate", "--model", "GPT-B", "--classes", "1", "--save-tokens", "x.npy"], "needs weights: pass --checkpoint PATH or --random-init"),
@@ -93,6 +92,15 @@ def test_bad_input_is_one_line_error(tmp_path, monkeypatch, args, message):
     assert message in res.output, res.output
     assert "Traceback" not in res.output
     assert len([ln for ln in res.output.strip().splitlines() if ln.startswith("Error")]) == 1
+
+
+def test_generate_without_outputs_writes_a_fresh_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for expect in ("out/demo", "out/demo-2"):
+        res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1,2"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert sorted(p.name for p in (tmp_path / expect).iterdir()) == ["0000.png", "0001.png"]
+        assert f"-> {expect}" in res.output
 
 
 def test_unreadable_and_non_checkpoint_files(tmp_path, monkeypatch):
