@@ -187,6 +187,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     import numpy as np
 
     from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
+    from arexport.runtime.decoding.base import parse_method_options
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import default_sampling
 
@@ -204,7 +205,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                 cfg_interval=cfg_interval)
     captions, cmask = _load_captions(caption_embeddings)
-    opts = _parse_method_options(method_opts)
+    opts = parse_method_options(method_opts)
     named = {"window": window, "init": sjd_init, "gamma": gamma, "drafter": drafter, "k": lantern_k,
              "delta": lantern_delta, "lam": lantern_lambda, "steps": steps, "schedule": schedule,
              "cfg_schedule": cfg_schedule, "policy": policy, "skip_interval": skip_interval,
@@ -503,6 +504,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.fileio import atomic_write_json
     from arexport.profiling.profiler import RunConfig, measure_bandwidth, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
+    from arexport.runtime.decoding.base import parse_method_options
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import default_sampling
 
@@ -515,7 +517,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     source = engine_dir or model_name
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     try:
-        configs = [RunConfig.parse(c) for c in compare.split(",")] if compare else [RunConfig(backend, method or "", _parse_method_options(method_opts))]
+        configs = [RunConfig.parse(c) for c in compare.split(",")] if compare else [RunConfig(backend, method or "", parse_method_options(method_opts))]
     except ValueError as e:
         raise ArexportError(str(e)) from None
     console = Console()
@@ -627,27 +629,6 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
                + (" with bearer auth" if token else ""), err=True)
     serve_forever(app, host=host, port=port)
-
-
-def _parse_method_options(items) -> dict:
-    opts = {}
-    for it in items:
-        if "=" not in it:
-            raise ArexportError(f"bad --option {it!r}: expected K=V")
-        k, v = it.split("=", 1)
-        opts[k.strip().replace("-", "_")] = _auto_type(v.strip())
-    return opts
-
-
-def _auto_type(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v
 
 
 def _run_with_progress(gen, show: bool, kwargs: dict):

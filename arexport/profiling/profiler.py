@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, measure_copy_bandwidth, step_bytes
+from arexport.runtime.decoding.base import parse_method_options
 from arexport.runtime.generator import Generator, percentiles
 from arexport.runtime.sampling import SamplingParams
 
@@ -38,21 +39,8 @@ class RunConfig:
         parts = text.split(":", 2)
         if len(parts) < 2:
             raise ValueError(f"bad --compare entry {text!r}: expected backend:method[:k=v;k=v]")
-        opts = {}
-        if len(parts) == 3 and parts[2]:
-            for kv in parts[2].split(";"):
-                k, v = kv.split("=", 1)
-                opts[k.strip()] = _auto(v.strip())
+        opts = parse_method_options(parts[2].split(";"), "--compare option") if len(parts) == 3 and parts[2] else {}
         return cls(parts[0], parts[1], opts)
-
-
-def _auto(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 @dataclass

@@ -44,11 +44,7 @@ def open_engine(
     if path.is_dir():
         from arexport.engines.directory import open_engine_dir
 
-        if cuda_graph:
-            backend_options["cuda_graph"] = True
-        if backend == "torch":
-            backend_options.pop("threads", None)
-        return open_engine_dir(path, backend=backend, device=device, **backend_options)
+        return open_engine_dir(path, backend=backend, device=device, cuda_graph=cuda_graph, **backend_options)
     if (path.suffix or "/" in source) and not path.exists():
         raise ArexportError(f"engine directory not found: {source}")
     if backend != "torch":

@@ -65,11 +65,12 @@ class RowRNG:
         self.counters += 1
         return u
 
-    def select(self, rows: torch.Tensor) -> "RowRNG":
-        """Streams of the given rows (copies: seeds and counters)."""
-        r = RowRNG(self.seeds[rows].clone())
-        r.counters = self.counters[rows].clone()
-        return r
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Replace every row's stream by the stream of the row it is mapped to (rows [B] int64),
+        like KVCache.select_rows for copied candidates."""
+        rows = rows.to(self.seeds.device)
+        self.seeds = self.seeds[rows]
+        self.counters = self.counters[rows]
 
     def reseed(self, rows: torch.Tensor, salt: int) -> None:
         """Give the rows in the bool mask `rows` new streams derived from their seeds and `salt`
@@ -80,17 +81,19 @@ class RowRNG:
 def derive_seeds(seeds: torch.Tensor, salt) -> torch.Tensor:
     """[B] int64 seeds -> [B] new 62-bit seeds, a fixed function of (seed, salt); salt int or [B]."""
     salt = torch.as_tensor(salt, dtype=torch.int64, device=seeds.device).expand_as(seeds)
-    lo, hi = seeds & _M32, (seeds >> 32) & _M32
-    h1 = _hash_words(lo, hi, salt, torch.full_like(seeds, 13))
-    h2 = _hash_words(lo, hi, salt, torch.full_like(seeds, 17))
-    return (h1 << 30) | (h2 >> 2)
+    return _seed62(seeds & _M32, (seeds >> 32) & _M32, salt, tags=(13, 17))
 
 
 def image_seed(request_seed: int, index: int) -> int:
     """Seed of the index-th image of a request: a fixed function of both, independent of batching."""
     a = torch.tensor([request_seed & _M32], dtype=torch.int64)
     b = torch.tensor([(request_seed >> 32) & _M32], dtype=torch.int64)
-    i = torch.tensor([index], dtype=torch.int64)
-    h1 = _hash_words(a, b, i, torch.tensor([7]))
-    h2 = _hash_words(a, b, i, torch.tensor([11]))
-    return int(((h1 << 30) | (h2 >> 2)).item())  # 62 bits: fits int64 with room to spare
+    return int(_seed62(a, b, torch.tensor([index], dtype=torch.int64), tags=(7, 11)).item())
+
+
+def _seed62(lo: torch.Tensor, hi: torch.Tensor, salt: torch.Tensor, tags: tuple[int, int]) -> torch.Tensor:
+    """A 62-bit seed (fits int64 with room to spare) hashed from a seed's two 32-bit words and a salt;
+    `tags` keep the seeds of different derivations apart."""
+    h1 = _hash_words(lo, hi, salt, torch.full_like(lo, tags[0]))
+    h2 = _hash_words(lo, hi, salt, torch.full_like(lo, tags[1]))
+    return (h1 << 30) | (h2 >> 2)

@@ -17,9 +17,9 @@ import math
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.decoding.base import DecodeResult, Method, register
+from arexport.runtime.decoding.base import CFGRows, DecodeResult, Method, register
 from arexport.runtime.engine import Conditions
-from arexport.runtime.sampling import SamplingParams, probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import SamplingParams, guided_logits, probs_from_logits, sample_from_probs
 
 SCHEDULES = ("arccos", "cosine")
 CFG_SCHEDULES = ("linear", "constant")
@@ -78,32 +78,26 @@ class ARPGMethod(Method):
             raise ArexportError(f"arpg step of {max(sizes)} tokens exceeds the engine's maximum {engine.max_q}: "
                                 "use more steps or rebuild with a larger --verify-len")
         order = self._orders(rng, b, n_tok, dev)  # [B, N] grid positions in generation order
-        cfg = params.uses_cfg
-        rows = 2 * b if cfg else b
-        expand = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
-        cache = engine.allocate(rows)
-        classes = conds.classes.to(dev).long()
-        cls_rows = torch.cat([classes, torch.full_like(classes, spec.null_class)]) if cfg else classes
+        cfg = CFGRows(params, b)
+        cache = engine.allocate(cfg.rows)
+        cls_rows = cfg.conditions(engine, conds).classes.long()
         feed = (cls_rows + spec.class_token_offset)[:, None]
-        feed_pos = torch.full((rows, 1), -1, dtype=torch.long, device=dev)
+        feed_pos = torch.full((cfg.rows, 1), -1, dtype=torch.long, device=dev)
         seq = torch.empty(b, n_tok, dtype=torch.long, device=dev)
         done = 0
         for n_k in sizes:
             w = cache.length.clone()
             n_in = feed.shape[1]
-            qpos = expand(order[:, done:done + n_k])
+            qpos = cfg.expand(order[:, done:done + n_k])
             attn = cache.block_mask(w, n_in)
-            qmask = cache.block_mask(w, n_in)[:, :, :1].expand(-1, -1, n_k, -1)
+            qmask = attn[:, :, :1].expand(-1, -1, n_k, -1)  # every query sees what the first new token sees
             logits = engine.multi_query_step(cache, feed, feed_pos, w, attn, qpos, qmask)
             cache.length += n_in
             p = guidance(params, self.cfg_schedule, done, n_tok)
-            if cfg:
-                cond, unc = logits.chunk(2)
-                logits = unc + (cond - unc) * p.cfg_scale
-            probs = probs_from_logits(logits, p)
+            probs = probs_from_logits(guided_logits(logits, p, True), p)
             new = sample_from_probs(probs, rng.uniform(n_k))
             seq[:, done:done + n_k] = new
-            feed, feed_pos = expand(new), qpos
+            feed, feed_pos = cfg.expand(new), qpos
             done += n_k
             if progress:
                 progress(b * n_k)

@@ -93,3 +93,26 @@ def make_method(name: str, **options) -> Method:
         return METHODS[name](**options)
     except TypeError as e:
         raise ArexportError(f"bad options for method {name}: {e}") from None
+
+
+def parse_method_options(items, what: str = "--option") -> dict[str, Any]:
+    """['window=16', 'init=random', ...] -> {'window': 16, 'init': 'random'}: ints, floats and
+    true/false are typed, dashes in keys become underscores. `what` names the source in errors."""
+    opts: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise ArexportError(f"bad {what} {it!r}: expected K=V")
+        k, v = it.split("=", 1)
+        opts[k.strip().replace("-", "_")] = _typed(v.strip())
+    return opts
+
+
+def _typed(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v

@@ -128,8 +128,7 @@ class GridAR(Method):
         st.cache.select_rows(rows)
         st.logits = st.logits.index_select(0, rows)
         st.tokens = st.tokens.index_select(0, plan)
-        rng.seeds = rng.seeds[plan.to(rng.seeds.device)]
-        rng.counters = rng.counters[plan.to(rng.seeds.device)]
+        rng.select_rows(plan)
         rng.reseed(moved, salt)
 
 

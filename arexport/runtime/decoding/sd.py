@@ -12,6 +12,8 @@ older one recompute identical K/V).
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from arexport.errors import ArexportError
@@ -30,13 +32,6 @@ def check_draft(target, draft) -> None:
             raise ArexportError(f"draft {d.name} does not match target {t.name}: {field} {getattr(d, field)} != {getattr(t, field)}")
 
 
-class _State:
-    """Per-batch decoding state shared by the round helpers."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 @register("sd")
 class SD(Method):
     """Draft-model speculative decoding (lossless with the standard rule)."""
@@ -50,10 +45,10 @@ class SD(Method):
         self.rule = rule or StandardRule()
 
     # -- hooks for methods built on sd (VVS) -----------------------------------------------------------
-    def start(self, st: _State) -> None:
+    def start(self, st: SimpleNamespace) -> None:
         """Called once before the first round."""
 
-    def skip_size(self, st: _State, drafts, q) -> int:
+    def skip_size(self, st: SimpleNamespace, drafts, q) -> int:
         """Tokens to commit without verification this round (0 = verify). SD never skips."""
         return 0
 
@@ -72,10 +67,11 @@ class SD(Method):
         tokens = torch.zeros(b, n_tok + 2 * gamma + 2, dtype=torch.long, device=dev)  # padded: no clamped writes
         p0 = probs_from_logits(cfg.guide(logits, params.cfg_active(0)), params)
         tokens[:, 0] = sample_from_probs(p0, rng.uniform(1)[:, 0])
-        st = _State(engine=engine, draft=draft, spec=spec, cfg=cfg, params=params, rng=rng, tokens=tokens,
-                    n=torch.ones(b, dtype=torch.long, device=dev), pending=1, tcache=tcache, dcache=dcache,
-                    accepted=[], row_steps=torch.ones(b, dtype=torch.long, device=dev), first_round=True,
-                    rounds=0, skipped_rounds=0, last_skipped=False)
+        st = SimpleNamespace(engine=engine, draft=draft, spec=spec, cfg=cfg, params=params, rng=rng, tokens=tokens,
+                             n=torch.ones(b, dtype=torch.long, device=dev), pending=1, tcache=tcache, dcache=dcache,
+                             accepted=[], row_steps=torch.ones(b, dtype=torch.long, device=dev), first_round=True,
+                             rounds=0, skipped_rounds=0, last_skipped=False,
+                             decisions=[])  # per-round skip decisions, filled by VVS
         if progress:
             progress(b)
         self.start(st)
@@ -97,7 +93,7 @@ class SD(Method):
                 progress(int(adv.sum()))
         return DecodeResult(tokens[:, :n_tok].contiguous(), {
             "accepted_lengths": st.accepted, "forwards_per_row": st.row_steps.tolist(),
-            "skipped_rounds": st.skipped_rounds}, extras={"decisions": getattr(st, "decisions", [])})
+            "skipped_rounds": st.skipped_rounds}, extras={"decisions": st.decisions})
 
     def _verify(self, st, drafts, q, g, live, remaining):
         """One target forward over [pending, drafts]; commit the accepted run + one token."""

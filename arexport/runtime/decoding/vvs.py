@@ -66,11 +66,11 @@ class VVS(SD):
             self.rule = StandardRule()
         st.latents = st.draft.codebook() if self.policy == "dynamic" else None
         st.counted_rounds = 0
-        st.decisions = []  # (min committed tokens over live rows, skipped?) per round, for inspection
 
     def skip_size(self, st, drafts, q) -> int:
         m = self._skip_size(st, drafts, q)
         live = st.n < st.spec.n_tokens
+        # (min committed tokens over live rows, skipped?) per round, for inspection
         st.decisions.append((int(st.n[live].min()) if bool(live.any()) else st.spec.n_tokens, m > 0))
         return m
 
