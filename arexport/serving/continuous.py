@@ -30,7 +30,7 @@ from arexport.errors import ArexportError
 from arexport.runtime.kv_cache import KVCache
 from arexport.runtime.decoding.arpg import guidance, tokens_per_step
 from arexport.runtime.rng import uniforms
-from arexport.runtime.sampling import SamplingParams, guided_logits, probs_from_logits, sample_from_probs, sample_logits
+from arexport.runtime.sampling import SamplingParams, cfg_combine, guided_logits, probs_from_logits, sample_from_probs, sample_logits
 
 
 @dataclass
@@ -87,13 +87,17 @@ class _Slots:
         c = self.cache
         return KVCache([k[:rows] for k in c.keys], [v[:rows] for v in c.values], c.length[:rows], c.key_valid[:rows])
 
+    @staticmethod
+    def cond_first(logits: torch.Tensor) -> torch.Tensor:
+        """Slot-major CFG rows [c0, u0, c1, u1, ...] -> the [cond; uncond] layout the CFG helpers take."""
+        pair = logits.view(logits.shape[0] // 2, 2, *logits.shape[1:])
+        return torch.cat([pair[:, 0], pair[:, 1]])
+
     def guide(self, logits: torch.Tensor, active) -> torch.Tensor:
         """Slot-major row logits [rows, ...] -> per-slot guided logits (CFG where active)."""
         if not self.cfg:
             return logits
-        pair = logits.view(logits.shape[0] // 2, 2, *logits.shape[1:])
-
-        return guided_logits(torch.cat([pair[:, 0], pair[:, 1]]), self.params, active)
+        return guided_logits(self.cond_first(logits), self.params, active)
 
     def evict(self, slot: int) -> Optional[Job]:
         job, self.jobs[slot] = self.jobs[slot], None
@@ -234,12 +238,10 @@ class ContinuousARPG(_Slots):
         cache.length.copy_(torch.where(self.expand(~active), torch.zeros_like(end), end))
         fresh.zero_()
         p = self.params
-        if self.cfg:
-            pair = logits.view(n_s, 2, M, -1)
-            c, u = pair[:, 0], pair[:, 1]
+        if self.cfg:  # each slot at its own point of the guidance schedule
             scale = torch.tensor([guidance(p, self.cfg_schedule, self.starts[ks[i]] if i in ks else 0, spec.n_tokens).cfg_scale
                                   for i in range(n_s)], device=dev).view(n_s, 1, 1)
-            logits = u + (c - u) * scale
+            logits = cfg_combine(self.cond_first(logits), scale)
         new = sample_from_probs(probs_from_logits(logits, p), self.draw(active, M))
         done = []
         for i in live:

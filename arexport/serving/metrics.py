@@ -26,6 +26,13 @@ class Metrics:
         self.requests = Counter("arexport_requests", "Finished requests by outcome", ["method", "outcome"], registry=r)
         self.rejected = Counter("arexport_rejected", "Requests refused before running", ["reason"], registry=r)
 
+    def record_step(self, seconds: float, forwards: int, occupancy: float) -> None:
+        """One batched engine step (or merged generation): its time, forward passes and slot occupancy."""
+        self.step_seconds.observe(seconds)
+        self.forwards.inc(forwards)
+        self.batch_occupancy.set(occupancy)
+        self.occupancy_hist.observe(occupancy)
+
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 

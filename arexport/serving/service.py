@@ -167,18 +167,34 @@ class GenerationService:
                 self._fail_everything(ArexportError(f"internal error in the serving worker: {type(e).__name__}: {e}"))
 
     def _fail_everything(self, err: Exception) -> None:
+        """After an internal error: fail all work the worker holds and drop the batchers (their cache
+        state is unknown now; new ones are made on demand). Requests still queued run later."""
+        self._fail_outstanding(err, "error", queued=False, drop_batchers=True)
+
+    def _fail_outstanding(self, err: Exception, reason: str, queued: bool, drop_batchers: bool) -> None:
+        """Fail every request the worker holds (pending, waiting for a slot, in a batcher slot) and,
+        with `queued`, those still in the queue."""
         for r in self._pending:
-            self._fail(r, err, "error")
+            self._fail(r, err, reason)
         self._pending.clear()
+        while queued:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is not None:
+                self._fail(r, err, reason)
         for jobs in self._waiting.values():
             for j in jobs:
-                self._fail(j.owner, err, "error")
+                self._fail(j.owner, err, reason)
             jobs.clear()
         for key, b in list(self._batchers.items()):
             for i, j in enumerate(b.jobs):
                 if j is not None:
-                    self._fail(j.owner, err, "error")
-            del self._batchers[key]  # its cache state is unknown now; a new one is made on demand
+                    self._fail(j.owner, err, reason)
+                    b.evict(i)
+            if drop_batchers:
+                del self._batchers[key]
 
     def _iteration(self) -> bool:
         """One turn of the worker; True when it should exit."""
@@ -209,26 +225,9 @@ class GenerationService:
                 return
 
     def _reject_all(self) -> None:
-        err = ServiceClosed("the service shut down before this request ran")
-        for r in self._pending:
-            self._fail(r, err)
-        self._pending.clear()
-        while True:
-            try:
-                r = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if r is not None:
-                self._fail(r, err)
-        for key, jobs in self._waiting.items():
-            for j in jobs:
-                self._fail(j.owner, err)
-            jobs.clear()
-        for b in self._batchers.values():
-            for i, j in enumerate(b.jobs):
-                if j is not None:
-                    self._fail(j.owner, err)
-                    b.evict(i)
+        """close(drain=False): reject everything queued or started; batchers stay for nothing else."""
+        self._fail_outstanding(ServiceClosed("the service shut down before this request ran"), "closed",
+                               queued=True, drop_batchers=False)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -311,10 +310,7 @@ class GenerationService:
         t0 = time.perf_counter()
         before = self.engine.forward_count()
         done = b.step()
-        self.metrics.step_seconds.observe(time.perf_counter() - t0)
-        self.metrics.forwards.inc(self.engine.forward_count() - before)
-        self.metrics.batch_occupancy.set(b.active / b.n_slots)
-        self.metrics.occupancy_hist.observe(b.active / b.n_slots)
+        self.metrics.record_step(time.perf_counter() - t0, self.engine.forward_count() - before, b.active / b.n_slots)
         for job in done:
             r = job.owner
             if r.future.done():
@@ -344,10 +340,8 @@ class GenerationService:
             for r in live:
                 self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"generation failed: {e}"), "error")
             return
-        self.metrics.step_seconds.observe(time.perf_counter() - t0)
-        self.metrics.forwards.inc(res.stats["target_forwards"] + res.stats["draft_forwards"])
-        self.metrics.batch_occupancy.set(min(1.0, len(classes) / self.max_batch))
-        self.metrics.occupancy_hist.observe(min(1.0, len(classes) / self.max_batch))
+        self.metrics.record_step(time.perf_counter() - t0, res.stats["target_forwards"] + res.stats["draft_forwards"],
+                                 min(1.0, len(classes) / self.max_batch))
         start = 0
         for r in live:
             n = len(r.classes)
