@@ -10,9 +10,9 @@ from typing import Any, Callable, Optional
 from arexport.calibration.capture import capture_set, load_set
 from arexport.calibration.gates import DEFAULT_THRESHOLDS, evaluate
 from arexport.calibration.quantize import MODES, build_quantized_dir
-from arexport.engines.manifest import MANIFEST, file_entry, read_manifest, tool_versions, verify_files
+from arexport.engines.manifest import read_manifest, tool_versions, verify_files, write_manifest
 from arexport.errors import ArexportError
-from arexport.fileio import atomic_directory, atomic_write_json
+from arexport.fileio import atomic_directory
 
 
 def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, samples: int = 64,
@@ -59,7 +59,7 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         new["quantization"] = {"mode": mode, **info, "source_engine": str(src.resolve()),
                                "calibration": {"path": str(calib_path.resolve()), "hash": calib_manifest["hash"],
                                                "samples": len(calib), "heldout": len(heldout)}}
-        _write_manifest(tmp, new)
+        write_manifest(tmp, new)
         report("evaluating accuracy gates on held-out steps" + (" and generated digits" if spec["image"]["kind"] == "digits" else ""))
         gate = evaluate(src, tmp, graphs["step"]["file"], heldout, mode, th, demo=spec["image"]["kind"] == "digits")
         new["quantization"]["gates"] = gate.as_dict()
@@ -67,10 +67,5 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
             raise ArexportError(f"quantized engine failed its accuracy gate ({'; '.join(gate.failures)}); "
                                 "nothing was written (use --force to keep it anyway)")
         new["quantization"]["forced"] = bool(force and not gate.passed)
-        _write_manifest(tmp, new)
+        write_manifest(tmp, new)
     return new
-
-
-def _write_manifest(directory: Path, manifest: dict) -> None:
-    manifest["files"] = {p.name: file_entry(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
-    atomic_write_json(directory / MANIFEST, manifest)

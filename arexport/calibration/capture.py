@@ -20,7 +20,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.fileio import atomic_directory, atomic_write_json
 from arexport.models.checkpoint import file_sha256
-from arexport.runtime.engine import StepEngine
+from arexport.runtime.engine import StepEngine, graph_feeds
 
 CALIB_FORMAT = "arexport-calibration"
 
@@ -46,14 +46,12 @@ class CapturingEngine(StepEngine):
         self.samples.append(s)
 
     def _step(self, cache, tokens, positions, write_index, attn_mask):
-        self._record(cache, {"tokens": tokens.long(), "positions": positions.long(), "write_index": write_index.long(),
-                             "attn_mask": attn_mask.bool()})
+        self._record(cache, graph_feeds("cpu", tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask))
         return self.inner._step(cache, tokens, positions, write_index, attn_mask)
 
     def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
-        self._record(cache, {"tokens": tokens.long(), "positions": positions.long(), "write_index": write_index.long(),
-                             "attn_mask": attn_mask.bool(), "query_positions": query_positions.long(),
-                             "query_mask": query_mask.bool()})
+        self._record(cache, graph_feeds("cpu", tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
+                                        query_positions=query_positions, query_mask=query_mask))
         return self.inner._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
 
     def _prefill_embeds(self, cache, conds, attn_mask):

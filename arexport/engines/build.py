@@ -15,11 +15,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from arexport.engines.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entry, tool_versions
+from arexport.engines.manifest import FORMAT, FORMAT_VERSION, tool_versions, write_manifest
 from arexport.errors import ArexportError
-from arexport.fileio import atomic_directory, atomic_write_json
+from arexport.fileio import atomic_directory
+from arexport.runtime.loading import DTYPES
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -38,7 +38,7 @@ class BuildOptions:
     lantern_k: int = 1000
 
     def validate(self) -> "BuildOptions":
-        if self.precision not in PRECISIONS:
+        if self.precision not in DTYPES:
             raise ArexportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ArexportError(f"batch sizes must be positive integers, got {self.batch_sizes}")
@@ -64,7 +64,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
 
         require_tensorrt()  # fail before the long export, not after
     spec = loaded.spec
-    dtype = PRECISIONS[opts.precision]
+    dtype = DTYPES[opts.precision]
     default_q = spec.n_tokens if spec.family == "arpg" else 16
     max_q = min(opts.verify_len or default_q, spec.s_max)
     if spec.family == "arpg":
@@ -129,9 +129,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
 
             report("building TensorRT plans")
             manifest["tensorrt"] = build_plans(tmp, manifest, opts, report)
-        manifest["files"] = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         manifest["build_seconds"] = round(time.perf_counter() - t_start, 2)
-        atomic_write_json(tmp / MANIFEST, manifest)
+        write_manifest(tmp, manifest)
     report(f"wrote {out}")
     return manifest
 

@@ -30,10 +30,9 @@ def open_engine_dir(directory: str | Path, backend: str = "ort", device: str = "
 
 def torch_engine_from_manifest(manifest: dict[str, Any], device: str = "cpu", cuda_graph: bool = False):
     """The PyTorch reference for an engine directory, rebuilt from the weights source it records."""
-    import torch
-
     from arexport.models.registry import load_model
     from arexport.runtime.backends.torch_backend import TorchEngine
+    from arexport.runtime.loading import DTYPES
 
     src = manifest.get("source", {})
     kw: dict[str, Any] = dict(overrides=src.get("overrides") or None, image_size=src.get("image_size"))
@@ -45,8 +44,7 @@ def torch_engine_from_manifest(manifest: dict[str, Any], device: str = "cpu", cu
         kw.update(random_init=True, seed=src["random_init_seed"])
     if src.get("vq_checkpoint"):
         kw["vq_checkpoint"] = src["vq_checkpoint"]
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[manifest["precision"]]
-    loaded = load_model(src["model"], dtype=dtype, device=device, **kw)
+    loaded = load_model(src["model"], dtype=DTYPES[manifest["precision"]], device=device, **kw)
     if "vq_decoder" not in manifest.get("graphs", {}):
         loaded.decoder = None  # mirror the engine: it was built without images
     return TorchEngine(loaded, device=device, cuda_graph=cuda_graph)

@@ -39,6 +39,14 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Record every file of `directory` (size, sha256) in manifest["files"], then write manifest.json atomically."""
+    from arexport.fileio import atomic_write_json
+
+    manifest["files"] = {p.name: file_entry(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    atomic_write_json(directory / MANIFEST, manifest)
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """Load and validate manifest.json structure (not file hashes); raises ManifestError."""
     d = Path(directory)

@@ -18,10 +18,10 @@ import torch
 from arexport.errors import ArexportError, BackendUnavailable
 from arexport.runtime.backends.dir_arrays import EngineDirArrays
 from arexport.runtime.engine import Conditions, StepEngine, graph_feeds
+from arexport.runtime.loading import DTYPES
 from arexport.spec import ModelSpec
 
 ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16}
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _ort():
@@ -41,7 +41,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
                  threads: Optional[int] = None, cuda_graph: bool = False, optimization: str = "all"):
         ort = _ort()
         precision = manifest["precision"]
-        super().__init__(spec, torch.device(device), PRECISION_DTYPES[precision])
+        super().__init__(spec, torch.device(device), DTYPES[precision])
         if precision == "bf16" and self.device.type == "cpu":
             raise BackendUnavailable("ONNX Runtime's CPU provider has no bf16 MatMul kernels: build fp32/fp16 for CPU, "
                                      "or run this bf16 engine on CUDA/TensorRT")

@@ -18,10 +18,8 @@ from arexport.engines.trt_build import check_plan_compat, current_gpu, require_t
 from arexport.errors import ArexportError
 from arexport.runtime.backends.dir_arrays import EngineDirArrays
 from arexport.runtime.engine import Conditions, StepEngine, graph_feeds
+from arexport.runtime.loading import DTYPES
 from arexport.spec import ModelSpec
-
-PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 class _Plan:
     """A deserialized plan with one execution context per optimization profile."""
@@ -60,7 +58,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
         dev = torch.device(device)
         if dev.type != "cuda":
             raise ArexportError("the TensorRT backend runs on a CUDA device: pass --device cuda")
-        super().__init__(spec, dev, PRECISION_DTYPES[manifest["precision"]])
+        super().__init__(spec, dev, DTYPES[manifest["precision"]])
         info = manifest.get("tensorrt")
         if not info:
             raise ArexportError(f"{directory} has no TensorRT plans: rebuild with arexport build --backend trt")
