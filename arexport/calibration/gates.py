@@ -9,6 +9,8 @@ from typing import Optional
 
 import numpy as np
 
+from arexport.calibration.quantize import cast_to_inputs, input_dtypes
+
 DEFAULT_THRESHOLDS = {
     "int8": {"min_agreement": 0.90, "max_kl": 0.05, "max_accuracy_drop": 0.05},
     "fp8": {"min_agreement": 0.90, "max_kl": 0.05, "max_accuracy_drop": 0.05},
@@ -43,23 +45,18 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _logits(sess, sample: dict) -> np.ndarray:
-    types = {i.name: i.type for i in sess.get_inputs()}
-    feeds = {}
-    for k, v in sample.items():
-        if k in types:
-            t = types[k]
-            feeds[k] = v.astype(np.float16) if t == "tensor(float16)" else v.astype(np.float32) if t == "tensor(float)" else v
-    return sess.run(["logits"], feeds)[0]
+def _logits(sess, sample: dict, dtypes: dict) -> np.ndarray:
+    return sess.run(["logits"], cast_to_inputs(sample, dtypes))[0]
 
 
 def step_agreement(ref_model: Path, q_model: Path, samples: list[dict]) -> tuple[float, float, int]:
     """Top-1 agreement and mean KL(p_ref || p_q) of next-token distributions over held-out steps."""
     ref, q = _session(ref_model), _session(q_model)
+    ref_types, q_types = input_dtypes(ref_model), input_dtypes(q_model)
     agree, kls, n = 0, [], 0
     for s in samples:
-        a = _logits(ref, s).astype(np.float64)
-        b = _logits(q, s).astype(np.float64)
+        a = _logits(ref, s, ref_types).astype(np.float64)
+        b = _logits(q, s, q_types).astype(np.float64)
         a = a.reshape(-1, a.shape[-1])
         b = b.reshape(-1, b.shape[-1])
         pa = np.exp(a - a.max(-1, keepdims=True))

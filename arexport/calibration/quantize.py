@@ -32,20 +32,28 @@ MODES = ("int8", "fp8", "int4-weight")
 ORT_TYPES = {1: np.float32, 10: np.float16, 7: np.int64, 9: np.bool_}
 
 
+def input_dtypes(model_path: Path) -> dict[str, Any]:
+    """The graph's input names -> numpy dtype (None for types numpy has no exact match for)."""
+    m = onnx.load(str(model_path), load_external_data=False)
+    return {i.name: ORT_TYPES.get(i.type.tensor_type.elem_type) for i in m.graph.input}
+
+
+def cast_to_inputs(sample: dict[str, np.ndarray], dtypes: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A captured sample as feeds of the graph: only its inputs, cast to their dtypes."""
+    return {k: v.astype(dtypes[k]) if dtypes[k] is not None else v for k, v in sample.items() if k in dtypes}
+
+
 class StepDataReader:
     """ORT CalibrationDataReader over captured step inputs (dtypes cast to the graph's inputs)."""
 
     def __init__(self, samples: list[dict[str, np.ndarray]], model_path: Path):
-        m = onnx.load(str(model_path), load_external_data=False)
-        self.types = {i.name: ORT_TYPES.get(i.type.tensor_type.elem_type) for i in m.graph.input}
+        self.types = input_dtypes(model_path)
         self.samples = samples
         self._it = iter(self.samples)
 
     def get_next(self):
         s = next(self._it, None)
-        if s is None:
-            return None
-        return {k: v.astype(self.types[k]) if self.types.get(k) is not None else v for k, v in s.items() if k in self.types}
+        return None if s is None else cast_to_inputs(s, self.types)
 
     def rewind(self):
         self._it = iter(self.samples)
