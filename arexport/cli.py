@@ -502,7 +502,8 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from rich.console import Console
 
     from arexport.fileio import atomic_write_json
-    from arexport.profiling.profiler import RunConfig, measure_bandwidth, profile_generator
+    from arexport.profiling.bandwidth import measure_copy_bandwidth
+    from arexport.profiling.profiler import RunConfig, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
     from arexport.runtime.decoding.base import parse_method_options
     from arexport.runtime.generator import Generator
@@ -522,7 +523,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         raise ArexportError(str(e)) from None
     console = Console()
     cls = _parse_classes(classes)
-    bw = measure_bandwidth(device) if bandwidth else None
+    bw = measure_copy_bandwidth(device) if bandwidth else None
     results, context = [], {}
     for cfg in configs:
         gen = Generator.load(source, backend=cfg.backend, device=device, draft=draft, cuda_graph=cuda_graph, **kw)

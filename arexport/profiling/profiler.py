@@ -11,9 +11,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, measure_copy_bandwidth, step_bytes
+from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, step_bytes
 from arexport.runtime.decoding.base import parse_method_options
 from arexport.runtime.generator import Generator, percentiles
+from arexport.runtime.loading import DTYPES
 from arexport.runtime.sampling import SamplingParams
 
 SCHEMA_VERSION = 1
@@ -117,15 +118,10 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         trace=trace)
     if bandwidth and "decode" in steps:
         rows = 2 * batch_size if sampling.uses_cfg else batch_size
-        cache_precision = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[gen.engine.cache_dtype]
+        cache_precision = next(k for k, v in DTYPES.items() if v == gen.engine.cache_dtype)
         b = step_bytes(gen.spec, precision, cache_precision, rows, mean_live_tokens(gen.spec))
         floor_ms = floor_seconds(b.total, bandwidth) * 1e3
         out.bandwidth = {"bytes_per_decode_step": b.total, "weight_bytes": b.weights, "kv_bytes": b.kv,
                          "copy_bandwidth_gbps": bandwidth / 1e9, "floor_ms": floor_ms,
                          "decode_p50_ms": steps["decode"]["p50_ms"], "fraction_of_floor": floor_ms / steps["decode"]["p50_ms"]}
     return out
-
-
-def measure_bandwidth(device) -> float:
-    """Copy bandwidth of the device (bytes/s), measured now, in this process."""
-    return measure_copy_bandwidth(device)
