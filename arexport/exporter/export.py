@@ -182,12 +182,9 @@ def export_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype
     bq = {0: batch, 1: q} if q is not None else {0: batch}
     dyn = [bq, bq, {0: batch}, ({0: batch, 2: q} if q is not None else {0: batch}), tuple([{0: batch}] * len(caches))]
     ins, outs = StepGraph.io_names(spec.n_cache_layers)
-    raw = workdir / f".raw_{file}"
-    _export(StepGraph(model).eval(), [tokens, positions, write_index, mask, *caches], raw, ins, outs, dyn)
     wanted = {("tokens", 0): "batch", ("tokens", 1): "q"}
-    pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted))
-    _cleanup_raw(raw)
-    return ExportedGraph("step", file, ins, outs)
+    args = [tokens, positions, write_index, mask, *caches]
+    return _export_packed("step", StepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
 
 
 def export_multi_query_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
@@ -212,12 +209,9 @@ def export_multi_query_step(model, spec: ModelSpec, workdir: Path, store: Weight
     dyn = [{0: batch, 1: q}, {0: batch, 1: q}, {0: batch}, {0: batch, 2: q}, {0: batch, 1: m}, {0: batch, 2: m},
            tuple([{0: batch}] * len(caches))]
     ins, outs = MultiQueryStepGraph.io_names(spec.n_cache_layers)
-    raw = workdir / f".raw_{file}"
-    _export(MultiQueryStepGraph(model).eval(), [tokens, positions, write_index, mask, qpos, qmask, *caches], raw, ins, outs, dyn)
     wanted = {("tokens", 0): "batch", ("tokens", 1): "q", ("query_positions", 1): "m"}
-    pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted))
-    _cleanup_raw(raw)
-    return ExportedGraph("step", file, ins, outs)
+    args = [tokens, positions, write_index, mask, qpos, qmask, *caches]
+    return _export_packed("step", MultiQueryStepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
 
 
 def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_batch: int,
@@ -232,11 +226,8 @@ def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dt
     batch = Dim("batch", min=1, max=max(max_batch, 2))
     dyn = [{0: batch}, {0: batch}, tuple([{0: batch}] * len(caches))]
     ins, outs = PrefillGraph.io_names(spec.n_cache_layers)
-    raw = workdir / f".raw_{file}"
-    _export(PrefillGraph(model).eval(), [emb, mask, *caches], raw, ins, outs, dyn)
-    pack_graph(raw, workdir / file, store, _dim_renames(raw, {("cond_embeds", 0): "batch"}))
-    _cleanup_raw(raw)
-    return ExportedGraph("prefill", file, ins, outs)
+    return _export_packed("prefill", PrefillGraph(model), [emb, mask, *caches], dyn, ins, outs,
+                          {("cond_embeds", 0): "batch"}, workdir, file, store)
 
 
 def export_image_decoder(decoder, spec: ModelSpec, workdir: Path, store: WeightStore, max_batch: int,
@@ -247,11 +238,21 @@ def export_image_decoder(decoder, spec: ModelSpec, workdir: Path, store: WeightS
     tokens = torch.zeros(2, spec.n_tokens, dtype=torch.int64)
     n = Dim("n", min=1, max=max(max_batch, 2))
     ins, outs = ImageDecoderGraph.io_names()
+    return _export_packed("vq_decoder", ImageDecoderGraph(decoder), [tokens], [{0: n}], ins, outs,
+                          {("tokens", 0): "batch"}, workdir, file, store)
+
+
+def _export_packed(name: str, module, args, dynamic_shapes, ins, outs, wanted: dict[tuple[str, int], str],
+                   workdir: Path, file: str, store: WeightStore) -> ExportedGraph:
+    """Export `module` to a raw ONNX file, pack it into workdir/file with its weights in `store`
+    (dims named by `wanted`: (input, axis) -> name), and remove the raw files."""
     raw = workdir / f".raw_{file}"
-    _export(ImageDecoderGraph(decoder).eval(), [tokens], raw, ins, outs, [{0: n}])
-    pack_graph(raw, workdir / file, store, _dim_renames(raw, {("tokens", 0): "batch"}))
-    _cleanup_raw(raw)
-    return ExportedGraph("vq_decoder", file, ins, outs)
+    try:
+        _export(module.eval(), args, raw, ins, outs, dynamic_shapes)
+        pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted))
+    finally:
+        _cleanup_raw(raw)
+    return ExportedGraph(name, file, ins, outs)
 
 
 def _cleanup_raw(raw: Path) -> None:

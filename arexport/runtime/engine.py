@@ -162,8 +162,7 @@ class StepEngine(ABC):
 
     def prefill(self, cache: KVCache, conds: Conditions) -> torch.Tensor:
         """Write the condition at slots [0, cond_len); return logits of its last position [B, V]."""
-        if self.spec.family == "arpg":
-            raise ArexportError(f"{self.spec.name} is an ARPG model: it decodes with --method arpg")
+        self._refuse_arpg()
         b = len(conds)
         t = self.spec.cond_len
         zero = torch.zeros(b, dtype=torch.int64, device=self.device)
@@ -180,11 +179,17 @@ class StepEngine(ABC):
 
     def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
         """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]."""
+        self._refuse_arpg()
         b, q = tokens.shape
         if q > self.max_q:
             raise ArexportError(f"step of {q} tokens exceeds this engine's maximum query length {self.max_q}")
         with self._timed(kind or step_kind(q), b, q):
             return self._step(cache, tokens, positions, write_index, attn_mask)
+
+    def _refuse_arpg(self) -> None:
+        """ARPG models have only the multi-query step: no prefill, no raster step."""
+        if self.spec.family == "arpg":
+            raise ArexportError(f"{self.spec.name} is an ARPG model: it decodes with --method arpg")
 
     def multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
                          query_mask) -> torch.Tensor:

@@ -36,8 +36,6 @@ class TorchEngine(StepEngine):
 
     @torch.inference_mode()
     def _step(self, cache, tokens, positions, write_index, attn_mask):
-        if self.spec.family == "arpg":
-            raise ArexportError(f"{self.spec.name} is an ARPG model: it decodes with --method arpg")
         inputs = [t.to(self.device) for t in (tokens, positions, write_index, attn_mask)]
 
         def run(tok, pos, w, mask):
