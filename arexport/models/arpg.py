@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arexport.models.llamagen import CacheWrite, FeedForward, RMSNorm, TransformerDims, inplace_cache_write
+from arexport.models.llamagen import CacheWrite, FeedForward, RMSNorm, TransformerDims, inplace_cache_write, normal_init_
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.spec import ImageSpec, ModelSpec, s_max_for
 
@@ -167,10 +167,7 @@ class ARPG(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> "ARPG":
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
+        normal_init_(self, torch.Generator().manual_seed(seed), std)
         return self
 
     def rope(self, positions):

@@ -33,6 +33,16 @@ def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
 
+def normal_init_(module: nn.Module, generator: torch.Generator, std: float) -> None:
+    """In place: RMSNorm weights to 1, every other parameter ~ N(0, std^2), drawn in parameter order."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 class TransformerDims:
     """Sizes derived the same way by every LlamaGen-style config (mixin for frozen dataclasses)."""
 
@@ -284,12 +294,7 @@ class LlamaGen(nn.Module):
         """LlamaGen's init (normal(0, 0.02) for Linear/Embedding), but with a non-zero head so
         random-weight models give non-degenerate logits for latency and parity work."""
         g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        normal_init_(self, g, std)
         if self.cfg.model_type == "t2i":
             with torch.no_grad():
                 u = self.cls_embedding.uncond_embedding
