@@ -187,21 +187,17 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     import numpy as np
 
     from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
-    from arexport.runtime.decoding.base import parse_method_options
+    from arexport.runtime.decoding.base import default_method, parse_method_options
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import default_sampling
 
-    if engine_dir and model_name:
-        raise ArexportError("give either ENGINE_DIR or --model, not both")
-    if not engine_dir and not model_name:
-        raise ArexportError("nothing to run: give an ENGINE_DIR or --model NAME (try --model demo)")
-    source = engine_dir or model_name
+    source = _source(engine_dir, model_name, "run")
     if not (save_tokens or out_dir or stats_json or grid_png):
         out_dir = str(_fresh_out_dir(source))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     spec = gen.spec
-    method = method or ("arpg" if spec.family == "arpg" else "ar")
+    method = method or default_method(spec)
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                 cfg_interval=cfg_interval)
     captions, cmask = _load_captions(caption_embeddings)
@@ -235,6 +231,15 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         + (f" -> {out_dir}" if out_dir else ""),
         err=True,
     )
+
+
+def _source(engine_dir: Optional[str], model_name: Optional[str], what: str) -> str:
+    """The one of ENGINE_DIR / --model that was given (an error when both or neither are)."""
+    if engine_dir and model_name:
+        raise ArexportError("give either ENGINE_DIR or --model, not both")
+    if not engine_dir and not model_name:
+        raise ArexportError(f"nothing to {what}: give an ENGINE_DIR or --model NAME (try --model demo)")
+    return engine_dir or model_name
 
 
 def _fresh_out_dir(source: str) -> Path:
@@ -505,17 +510,13 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.profiling.bandwidth import measure_copy_bandwidth
     from arexport.profiling.profiler import RunConfig, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
-    from arexport.runtime.decoding.base import parse_method_options
+    from arexport.runtime.decoding.base import default_method, parse_method_options
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import default_sampling
 
-    if engine_dir and model_name:
-        raise ArexportError("give either ENGINE_DIR or --model, not both")
-    if not engine_dir and not model_name:
-        raise ArexportError("nothing to profile: give an ENGINE_DIR or --model NAME")
+    source = _source(engine_dir, model_name, "profile")
     if repeats < 1 or warmup < 0:
         raise ArexportError("--repeats must be >= 1 and --warmup >= 0")
-    source = engine_dir or model_name
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     try:
         configs = [RunConfig.parse(c) for c in compare.split(",")] if compare else [RunConfig(backend, method or "", parse_method_options(method_opts))]
@@ -528,7 +529,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     for cfg in configs:
         gen = Generator.load(source, backend=cfg.backend, device=device, draft=draft, cuda_graph=cuda_graph, **kw)
         spec = gen.spec
-        cfg.method = cfg.method or ("arpg" if spec.family == "arpg" else "ar")
+        cfg.method = cfg.method or default_method(spec)
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
         prec = getattr(gen.engine, "manifest", {}).get("precision") or precision or "fp32"
         console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(cls)} images, batch {batch_size})")
@@ -618,12 +619,11 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     from arexport.serving.server import serve_forever
     from arexport.serving.service import GenerationService
 
-    if bool(engine_dir) == bool(model_name):
-        raise ArexportError("give exactly one of ENGINE_DIR or --model NAME")
+    source = _source(engine_dir, model_name, "serve")
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
-    gen = Generator.load(engine_dir or model_name, backend=backend, device=device, draft=draft, **kw)
+    gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     service = GenerationService(gen, batching=batching, max_batch=max_batch)
     token = os.environ.get(token_env) or None
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)

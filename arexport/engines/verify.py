@@ -275,6 +275,7 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
 def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, seed: int = 0):
     """Greedy `ar` generation of whole images on both engines: (token agreement, 'k/n identical')."""
     from arexport.runtime.decoding import make_method
+    from arexport.runtime.decoding.base import default_method
     from arexport.runtime.rng import RowRNG
     from arexport.runtime.sampling import SamplingParams
 
@@ -286,7 +287,7 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
         conds = Conditions(embeds=torch.randn(n_images, spec.cond_len, spec.caption_dim, generator=g),
                            mask=torch.ones(n_images, spec.cond_len, dtype=torch.bool))
     params = SamplingParams(temperature=0.0, cfg_scale=1.0)
-    method = "arpg" if spec.family == "arpg" else "ar"
+    method = default_method(spec)
     toks = []
     for e in (engine, reference):
         res = make_method(method).generate(e, conds, params, RowRNG.from_seeds(range(n_images), e.device))

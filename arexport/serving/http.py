@@ -39,7 +39,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, Field
 
-    from arexport.runtime.decoding.base import METHODS
+    from arexport.runtime.decoding.base import METHODS, default_method
     from arexport.serving.service import RequestTimeout, ServiceClosed
 
     spec = service.engine.spec
@@ -96,7 +96,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
     @app.post("/generate")
     async def generate(body: GenerateBody):
-        method = body.method or ("arpg" if spec.family == "arpg" else "ar")
+        method = body.method or default_method(spec)
         if method not in METHODS:
             return err(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
         captions = mask = None

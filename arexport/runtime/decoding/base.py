@@ -83,6 +83,11 @@ def register(name: str):
     return deco
 
 
+def default_method(spec) -> str:
+    """The method a model decodes with when none is named: `arpg` for ARPG models, else `ar`."""
+    return "arpg" if spec.family == "arpg" else "ar"
+
+
 def make_method(name: str, **options) -> Method:
     """Instantiate a registered method with its options; unknown names and options are errors."""
     from arexport.runtime import decoding  # noqa: F401  (registers the built-in methods)
