@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import git_rev, machine, markdown_table  # noqa: E402
+from common import QUALITY_COLS, digit_quality, git_rev, machine, markdown_table  # noqa: E402
 
-from arexport.quality import score_digits  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -36,14 +35,13 @@ def main():
         r = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, batch_size=100, images=False,
                          timings=False)
         dt = time.perf_counter() - t0
-        cnn, mlp = score_digits(r.tokens, classes, "cnn"), score_digits(r.tokens, classes, "mlp")
         rows.append({"model": model, "method": method + (f" steps={opts['steps']}" if opts else ""),
                      "sampling": f"cfg {params.cfg_scale}" + (f", top-p {params.top_p}" if params.top_p < 1 else ""),
                      "fwd/img": r.stats["forwards_per_image_alone"], "images/s (batch 100)": args.images / dt,
-                     "acc CNN": cnn.accuracy, "FD CNN": cnn.feature_distance, "acc MLP": mlp.accuracy, "FD MLP": mlp.feature_distance})
+                     **digit_quality(r.tokens, classes)})
         print(rows[-1], file=sys.stderr)
     print(f"digits demo, {args.images} images, backend {args.backend}; {machine()}; commit {git_rev()}")
-    print(markdown_table(rows, ["model", "method", "sampling", "fwd/img", "images/s (batch 100)", "acc CNN", "FD CNN", "acc MLP", "FD MLP"]))
+    print(markdown_table(rows, ["model", "method", "sampling", "fwd/img", "images/s (batch 100)", *QUALITY_COLS]))
 
 
 if __name__ == "__main__":

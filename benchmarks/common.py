@@ -66,6 +66,20 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+QUALITY_COLS = ["acc CNN", "FD CNN", "acc MLP", "FD MLP"]
+
+
+def digit_quality(tokens, classes) -> dict[str, float]:
+    """Demo quality under both judges: class accuracy and feature distance to real digits (QUALITY_COLS)."""
+    from arexport.quality import score_digits
+
+    out = {}
+    for judge in ("cnn", "mlp"):
+        s = score_digits(tokens, classes, judge)
+        out[f"acc {judge.upper()}"], out[f"FD {judge.upper()}"] = s.accuracy, s.feature_distance
+    return out
+
+
 def git_rev() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()

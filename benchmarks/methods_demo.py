@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import git_rev, machine, markdown_table  # noqa: E402
+from common import QUALITY_COLS, digit_quality, git_rev, machine, markdown_table  # noqa: E402
 
-from arexport.quality import score_digits  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -38,7 +37,6 @@ DEFAULT_CONFIGS = [
 def run(gen, method, opts, classes, params, seed, batch_size, latency_images):
     res = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, seed=seed,
                        batch_size=batch_size, images=False, timings=False)
-    cnn, mlp = score_digits(res.tokens, classes, "cnn"), score_digits(res.tokens, classes, "mlp")
     lat_cls = classes[:latency_images]
     t0 = time.perf_counter()
     gen.generate(classes=lat_cls, method=method, method_options=opts, sampling=params, seed=seed + 1, batch_size=1,
@@ -52,8 +50,7 @@ def run(gen, method, opts, classes, params, seed, batch_size, latency_images):
         "mean accepted": st["mean_accepted_length"],
         "draft fwd/batch": st["draft_forwards"] / st["batches"],
         "ms/img (batch 1)": per_image * 1e3,
-        "acc CNN": cnn.accuracy, "FD CNN": cnn.feature_distance,
-        "acc MLP": mlp.accuracy, "FD MLP": mlp.feature_distance,
+        **digit_quality(res.tokens, classes),
     }
 
 
@@ -82,7 +79,7 @@ def main():
     header = (f"digits demo, {args.images} images (10 classes), CFG {args.cfg_scale}, backend {args.backend}; "
               f"{machine()}; commit {git_rev()}")
     cols = ["method", "target fwd/img", "step compression", "mean accepted", "draft fwd/batch", "ms/img (batch 1)",
-            "acc CNN", "FD CNN", "acc MLP", "FD MLP"]
+            *QUALITY_COLS]
     print(header)
     print(markdown_table(rows, cols))
     if args.json:

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import git_rev, machine, markdown_table  # noqa: E402
+from common import QUALITY_COLS, digit_quality, git_rev, machine, markdown_table  # noqa: E402
 
-from arexport.quality import score_digits  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -39,11 +38,10 @@ def main():
         r = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, batch_size=1, images=False,
                          timings=False, seed=1)
         dt = time.perf_counter() - t0
-        cnn, mlp = score_digits(r.tokens, classes, "cnn"), score_digits(r.tokens, classes, "mlp")
         vvs_rows.append({"method": method + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items())),
                          "target fwd/img": r.stats["forwards_per_image_alone"], "draft fwd/img": r.stats["draft_forwards"] / args.images,
                          "skipped rounds/img": r.stats.get("skipped_rounds", 0) / args.images, "ms/img": 1e3 * dt / args.images,
-                         "acc CNN": cnn.accuracy, "FD CNN": cnn.feature_distance, "acc MLP": mlp.accuracy, "FD MLP": mlp.feature_distance})
+                         **digit_quality(r.tokens, classes)})
         print(vvs_rows[-1], file=sys.stderr)
     tts_rows = []
     for cfg in (float(x) for x in args.cfg.split(",")):
@@ -52,17 +50,15 @@ def main():
             opts = {} if method == "ar" else {"candidates": n}
             r = gen.generate(classes=classes, method=method, method_options=opts, sampling=p, batch_size=25, images=False,
                              timings=False, seed=2)
-            mlp = score_digits(r.tokens, classes, "mlp")
-            cnn = score_digits(r.tokens, classes, "cnn")
+            q = digit_quality(r.tokens, classes)
             tts_rows.append({"cfg": cfg, "method": method if method == "ar" else f"{method} N={n}",
                              "candidate fwd/img": r.stats.get("candidate_forwards_per_image", 64.0),
                              "verifier calls/img": 2 if method == "gridar" else 0,
                              "replaced/img": r.stats.get("gridar_replaced", 0) / args.images,
-                             "acc MLP (judge)": mlp.accuracy, "FD MLP": mlp.feature_distance, "acc CNN (verifier)": cnn.accuracy})
+                             "acc MLP (judge)": q["acc MLP"], "FD MLP": q["FD MLP"], "acc CNN (verifier)": q["acc CNN"]})
             print(tts_rows[-1], file=sys.stderr)
     print(f"digits demo, {args.images} images; {machine()}; commit {git_rev()}")
-    print(markdown_table(vvs_rows, ["method", "target fwd/img", "draft fwd/img", "skipped rounds/img", "ms/img", "acc CNN", "FD CNN",
-                                    "acc MLP", "FD MLP"]))
+    print(markdown_table(vvs_rows, ["method", "target fwd/img", "draft fwd/img", "skipped rounds/img", "ms/img", *QUALITY_COLS]))
     print()
     print(markdown_table(tts_rows, ["cfg", "method", "candidate fwd/img", "verifier calls/img", "replaced/img", "acc MLP (judge)",
                                     "FD MLP", "acc CNN (verifier)"]))
