@@ -102,13 +102,25 @@ class _Attention(nn.Module):
         return self.proj_drop(self.proj(o.transpose(1, 2).reshape(b, l, self.dim)))
 
 
-class SelfDecoder(nn.Module):
-    def __init__(self, cfg: ARPGConfig):
+class _Block(nn.Module):
+    """Pre-norm attention + SwiGLU block; self- and cross-decoder blocks differ only in where K/V come from."""
+
+    def __init__(self, cfg: ARPGConfig, cross: bool):
         super().__init__()
-        self.attn = _Attention(cfg)
+        self.attn = _Attention(cfg, cross=cross)
         self.ffn = FeedForward(cfg)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def finish(self, x, o):
+        """Residuals around the attention output `o` and the feed-forward."""
+        h = x + self.attn.out(o)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class SelfDecoder(_Block):
+    def __init__(self, cfg: ARPGConfig):
+        super().__init__(cfg, cross=False)
 
     def qkv(self, x, cos, sin):
         a = self.attn
@@ -118,25 +130,15 @@ class SelfDecoder(nn.Module):
         v = a.heads(a.to_v(h)).transpose(1, 2)
         return q, k, v
 
-    def finish(self, x, o):
-        h = x + self.attn.out(o)
-        return h + self.ffn(self.ffn_norm(h))
 
-
-class CrossDecoder(nn.Module):
+class CrossDecoder(_Block):
     def __init__(self, cfg: ARPGConfig):
-        super().__init__()
-        self.attn = _Attention(cfg, cross=True)
-        self.ffn = FeedForward(cfg)
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        super().__init__(cfg, cross=True)
 
     def forward(self, q_in, k, v, cos, sin, mask, is_causal=False):
         a = self.attn
         q = apply_rope(a.heads(a.to_q(self.attn_norm(q_in))), cos, sin).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        h = q_in + a.out(o)
-        return h + self.ffn(self.ffn_norm(h))
+        return self.finish(q_in, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal))
 
 
 class _Layers(nn.Module):
