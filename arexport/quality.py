@@ -8,12 +8,75 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from arexport.models.digits import DigitCNN, DigitMLP, feature_stats, frechet_distance, tokens_to_input
-from arexport.models.registry import WEIGHTS_DIR, load_packaged
+N_LEVELS = 17  # demo tokens are grey levels 0..16
+GRID = 8
+WEIGHTS_DIR = Path(__file__).parent / "models" / "weights"  # a path only: importing arexport.models is not needed
+
+
+def tokens_to_input(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [N, 64] -> classifier input [N, 1, 8, 8] in [0, 1]."""
+    return (tokens.float() / (N_LEVELS - 1)).reshape(-1, 1, GRID, GRID)
+
+
+class DigitCNN(nn.Module):
+    """Small CNN digit classifier; `features` is its 64-d penultimate layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return F.relu(self.fc1(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.features(x))
+
+
+class DigitMLP(nn.Module):
+    """A differently built judge: an MLP on raw pixels (no convolutions, no shared features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(x.flatten(1)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.features(x))
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """||mu1-mu2||^2 + Tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2), via symmetric eigendecompositions."""
+    def sqrt_psd(c):
+        w, v = np.linalg.eigh((c + c.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    s1 = sqrt_psd(cov1)
+    middle = sqrt_psd(s1 @ cov2 @ s1)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(middle))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a [N, d] feature matrix (float64)."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
 
 JUDGES = {"cnn": (DigitCNN, "digit-cnn.safetensors"), "mlp": (DigitMLP, "digit-mlp.safetensors")}
 
@@ -21,8 +84,17 @@ JUDGES = {"cnn": (DigitCNN, "digit-cnn.safetensors"), "mlp": (DigitMLP, "digit-m
 @lru_cache(maxsize=None)
 def judge(name: str = "cnn") -> torch.nn.Module:
     """A packaged digit classifier by name (cached)."""
+    from safetensors.torch import load_file
+
+    from arexport.errors import ArexportError
+
     cls, fname = JUDGES[name]
-    return load_packaged(cls(), fname)
+    path = WEIGHTS_DIR / fname
+    if not path.exists():
+        raise ArexportError(f"packaged weights missing: {path} (run scripts/train_demo.py)")
+    module = cls()
+    module.load_state_dict(load_file(str(path)), strict=True)
+    return module.eval()
 
 
 @lru_cache(maxsize=None)
@@ -43,13 +115,6 @@ class DigitScores:
 
     def as_dict(self) -> dict:
         return {"accuracy": self.accuracy, "feature_distance": self.feature_distance, "n": self.n}
-
-
-@torch.no_grad()
-def predict(tokens, judge_name: str = "cnn") -> np.ndarray:
-    """Class probabilities [N, 10] for digit token grids [N, 64]."""
-    x = tokens_to_input(torch.as_tensor(np.asarray(tokens), dtype=torch.int64))
-    return torch.softmax(judge(judge_name)(x), -1).numpy()
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from arexport.models.digits import DigitCNN, DigitMLP, feature_stats, tokens_to_input
+from arexport.quality import DigitCNN, DigitMLP, feature_stats, tokens_to_input
 from arexport.models.arpg import ARPG, ARPGConfig
 from arexport.models.llamagen import LlamaGenConfig
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from arexport.models.llamagen import CacheWrite, FeedForward, RMSNorm, TransformerDims, inplace_cache_write, normal_init_
 from arexport.models.rope import apply_rope, rope_table_2d
-from arexport.spec import ImageSpec, ModelSpec, s_max_for
+from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
 
 @dataclass(frozen=True)

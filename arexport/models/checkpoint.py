@@ -8,7 +8,6 @@ the reference saves but recomputes (`freqs_cis`, `causal_mask`) are dropped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Optional
@@ -16,6 +15,7 @@ from typing import Iterable, Optional
 import torch
 
 from arexport.errors import CheckpointError
+from arexport.format.manifest import file_sha256  # noqa: F401  (re-exported for loaders)
 
 WRAPPER_KEYS = ("model", "ema", "module", "state_dict")
 PREFIXES = ("module.", "_orig_mod.")
@@ -95,17 +95,6 @@ def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, 
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(given[k].to(t.dtype))
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
 
 
 def _is_tensor_dict(d: dict) -> bool:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.models.rope import apply_rope, rope_table_2d
-from arexport.spec import ImageSpec, ModelSpec, s_max_for
+from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
 CacheWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -318,8 +318,6 @@ class LlamaGen(nn.Module):
 
     def condition_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
         """c2i: class ids [B] -> [B,1,dim]; t2i: caption features [B,T,C] -> [B,T,dim]."""
-        if self.cfg.model_type == "c2i":
-            return self.cls_embedding(cond)
         return self.cls_embedding(cond)
 
     # -- teacher forcing ----------------------------------------------------------------------
@@ -391,10 +389,3 @@ class LlamaGen(nn.Module):
         if last_only:
             h = h[:, -1]
         return self.output(self.norm(h)).float(), new_keys, new_values
-
-    def null_condition(self, batch: int) -> torch.Tensor:
-        """The unconditional condition for CFG: null class ids [B] or null captions [B,T,C]."""
-        if self.cfg.model_type == "c2i":
-            return torch.full((batch,), self.cfg.num_classes, dtype=torch.long)
-        u = self.cls_embedding.uncond_embedding
-        return u.unsqueeze(0).expand(batch, *u.shape)

@@ -23,7 +23,8 @@ import torch
 from arexport.errors import ArexportError
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LlamaGenConfig
-from arexport.spec import ModelSpec
+from arexport.families import get_family
+from arexport.format.spec import ModelSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -200,7 +201,7 @@ def load_model(
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     spec = cfg.spec(cname, image_size)
     step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layers.", "norm.", "output.", "head.")))
-    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, cfg),
+    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, spec),
                                             "step_weight_params": int(step_params)})
     decoder = image_decoder(spec, random_init=random_init, seed=seed, vq_checkpoint=vq_checkpoint)
     if decoder is not None:
@@ -210,18 +211,13 @@ def load_model(
     return LoadedModel(cname, model, spec, decoder, source)
 
 
-def sampling_defaults(name: str, cfg: LlamaGenConfig) -> dict[str, Any]:
-    """Per-model sampler defaults: LlamaGen's demo settings (c2i cfg 4.0 / top-k 2000, t2i cfg 7.5 /
-    top-k 1000); the digits demo uses the settings its accuracy was measured with."""
-    if name == "demo-arpg":
-        return {"cfg_scale": DEMO_ARPG_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+def sampling_defaults(name: str, spec: ModelSpec) -> dict[str, Any]:
+    """Per-model sampler defaults: the digits demo uses the settings its accuracy was measured with;
+    every other model its family's reference demo settings (the family adapter says which)."""
     if name in DEMO_MODELS:
-        return {"cfg_scale": DEMO_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
-    if name.startswith("arpg-"):
-        return {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
-    if cfg.model_type == "t2i":
-        return {"cfg_scale": 7.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0}
-    return {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}
+        cfg = DEMO_ARPG_CFG_SCALE if name == "demo-arpg" else DEMO_CFG_SCALE
+        return {"cfg_scale": cfg, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+    return get_family(spec.family).sampling_defaults(spec)
 
 
 def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_checkpoint: Optional[str] = None):
@@ -238,12 +234,3 @@ def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_
     if random_init:
         return VQDecoder(cfg).init_random(seed + 1)
     return None
-
-
-def load_packaged(module: torch.nn.Module, filename: str) -> torch.nn.Module:
-    """Fill a small packaged module (e.g. the digit classifier) from WEIGHTS_DIR."""
-    path = WEIGHTS_DIR / filename
-    if not path.exists():
-        raise ArexportError(f"packaged weights missing: {path} (run scripts/train_demo.py)")
-    load_into(module, read_state_dict(path), source=str(path))
-    return module.eval()

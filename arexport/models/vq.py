@@ -26,10 +26,6 @@ class VQConfig:
     ch_mult: tuple = field(default=(1, 1, 2, 2, 4))
     num_res_blocks: int = 2
 
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
 
 def _norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, c, eps=1e-6, affine=True)

@@ -1,9 +1,13 @@
-"""Runtime: StepEngine backends, KV cache, sampling, decoding loops and the Generator API.
+"""Runtime: backends (loader + runner), KV cache, sampling, step-wise decoding methods, the scheduler and
+the Generator API.
 
-A production service needs only this package and a backend: it never imports the exporter.
+A production service needs only this package, the engine-directory format and a backend: it never
+imports the exporter or the PyTorch model definitions (the torch backend's loader is the one
+exception, and only when the torch backend is asked for).
 """
 
-from arexport.runtime.engine import Conditions, StepEngine
+from arexport.families import Conditions
+from arexport.runtime.engine import StepEngine
 from arexport.runtime.generator import GenerationResult, Generator
 from arexport.runtime.sampling import SamplingParams
 

@@ -1,12 +1,13 @@
-"""StepEngine: the one interface every backend implements (torch, ort, trt).
+"""StepEngine: the one interface every backend runner implements (torch, ort, trt).
 
 An engine runs the model's step functions on device tensors and owns no decoding logic:
-* `prefill(cache, conds)` writes the condition into slots [0, cond_len) and returns the logits
-  of the last condition position [B, V];
 * `step(cache, tokens, positions, write_index, attn_mask)` feeds q new tokens and returns
   logits [B, q, V] (fp32), writing their K/V into the cache buffers in place;
+* `multi_query_step(...)` is ARPG's step (new tokens plus m mask-token queries);
+* `prefill_embeds(cache, embeds, attn_mask)` runs a text-conditional prefill graph;
 * `decode_images(tokens)` turns raster token grids into uint8 RGB images.
-Every call is counted (and optionally timed) per step kind, which is how decoding loops report
+How a condition is prefilled is the family adapter's business (`engine.family.prefill`). Every
+call is counted (and optionally timed) per step kind, which is how decoding methods report
 forward passes without trusting themselves.
 """
 
@@ -22,37 +23,11 @@ from typing import Optional
 import torch
 
 from arexport.errors import ArexportError
+from arexport.families import Conditions, get_family
+from arexport.format.spec import ModelSpec, s_max_for
 from arexport.runtime.kv_cache import KVCache
-from arexport.spec import ModelSpec
 
-
-@dataclass
-class Conditions:
-    """A batch of conditions: class ids [B] (c2i) or caption features [B,T,C] with mask [B,T] (t2i)."""
-
-    classes: Optional[torch.Tensor] = None
-    embeds: Optional[torch.Tensor] = None
-    mask: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.classes.shape[0] if self.classes is not None else self.embeds.shape[0])
-
-    def cat(self, other: "Conditions") -> "Conditions":
-        """Rows of self followed by rows of other."""
-        if self.classes is not None:
-            return Conditions(classes=torch.cat([self.classes, other.classes]))
-        return Conditions(embeds=torch.cat([self.embeds, other.embeds]), mask=torch.cat([self.mask, other.mask]))
-
-    def select(self, rows) -> "Conditions":
-        """The given rows (slice or index tensor)."""
-        if self.classes is not None:
-            return Conditions(classes=self.classes[rows])
-        return Conditions(embeds=self.embeds[rows], mask=self.mask[rows])
-
-    def to(self, device) -> "Conditions":
-        if self.classes is not None:
-            return Conditions(classes=self.classes.to(device))
-        return Conditions(embeds=self.embeds.to(device), mask=self.mask.to(device))
+__all__ = ["Conditions", "StepEngine", "StepRecord", "graph_feeds", "step_kind"]
 
 
 @dataclass
@@ -76,18 +51,20 @@ def step_kind(q: int) -> str:
 
 
 class StepEngine(ABC):
-    """Base class: counting, timing, validation and the c2i prefill shared by all backends."""
+    """Base class: counting, timing, validation and cache allocation shared by all backends."""
 
     backend: str = "?"
+    fixed_slots: Optional[int] = None  # graph backends: the cache length their graphs were built for
 
-    def __init__(self, spec: ModelSpec, device: torch.device, cache_dtype: torch.dtype):
+    def __init__(self, spec: ModelSpec, device: torch.device, cache_dtype: torch.dtype, max_q: Optional[int] = None):
         self.spec = spec
+        self.family = get_family(spec.family)
         self.device = torch.device(device)
         self.cache_dtype = cache_dtype
         self.calls: Counter = Counter()
         self.record_timings = False
         self.records: list[StepRecord] = []
-        self.max_q: int = spec.s_max
+        self.max_q: int = max_q if max_q is not None else spec.n_tokens
         self.batch_sizes: Optional[list[int]] = None  # None = any batch size
 
     # -- to implement ---------------------------------------------------------------------------
@@ -98,9 +75,9 @@ class StepEngine(ABC):
     def _multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
                           query_mask) -> torch.Tensor:
         """Backend forward of ARPG's multi-query step: logits [B,m,V] fp32."""
-        raise ArexportError(f"model family {self.spec.family} has no multi-query step (that is ARPG's)")
+        raise ArexportError(f"{self.spec.name} has no multi-query step (that is ARPG's)")
 
-    def _prefill_embeds(self, cache: KVCache, conds: Conditions, attn_mask) -> torch.Tensor:
+    def _prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
         """Backend forward of the t2i prefill graph: logits [B,V]."""
         raise ArexportError(f"backend {self.backend} has no text-conditional prefill")
 
@@ -141,10 +118,15 @@ class StepEngine(ABC):
         raise ArexportError(f"backend {self.backend} has no null caption")
 
     # -- public API ------------------------------------------------------------------------------
-    def allocate(self, batch: int) -> KVCache:
-        """Static cache buffers for `batch` rows."""
+    def allocate(self, batch: int, lookahead: int = 0) -> KVCache:
+        """Static cache buffers for `batch` rows, with at least `lookahead` slots past a whole image."""
         self.check_batch(batch)
-        return KVCache.allocate(self.spec, batch, self.cache_dtype, self.device)
+        need = s_max_for(self.spec.cond_len, self.spec.n_tokens, lookahead)
+        slots = self.fixed_slots if self.fixed_slots is not None else max(need, self.spec.s_max)
+        if slots < self.spec.cond_len + self.spec.n_tokens + lookahead:
+            raise ArexportError(f"this engine's cache has {slots - self.spec.min_slots} lookahead slots; {lookahead} "
+                                "are needed for this query length: rebuild with a larger --verify-len")
+        return KVCache.allocate(self.spec, batch, self.cache_dtype, self.device, slots)
 
     def check_batch(self, batch: int) -> None:
         if self.batch_sizes is not None and batch not in self.batch_sizes:
@@ -153,43 +135,16 @@ class StepEngine(ABC):
                 "(rows include the doubled CFG batch); rebuild with --batch-sizes"
             )
 
-    def null_conditions(self, batch: int) -> Conditions:
-        """Unconditional rows for CFG."""
-        if self.spec.model_type == "c2i":
-            return Conditions(classes=torch.full((batch,), self.spec.null_class, dtype=torch.int64, device=self.device))
-        u = self.null_caption().to(self.device)
-        return Conditions(embeds=u.unsqueeze(0).expand(batch, *u.shape).clone(), mask=None)
-
-    def prefill(self, cache: KVCache, conds: Conditions) -> torch.Tensor:
-        """Write the condition at slots [0, cond_len); return logits of its last position [B, V]."""
-        self._refuse_arpg()
-        b = len(conds)
-        t = self.spec.cond_len
-        zero = torch.zeros(b, dtype=torch.int64, device=self.device)
-        with self._timed("prefill", b, t):
-            if self.spec.model_type == "c2i":
-                tokens = (conds.classes.to(self.device).long() + self.spec.class_token_offset).view(b, 1)
-                positions = torch.full((b, 1), -1, dtype=torch.int64, device=self.device)
-                logits = self._step(cache, tokens, positions, zero, cache.causal_mask(zero, 1))[:, 0]
-            else:
-                cache.key_valid[:, :t] = conds.mask.to(self.device).bool()
-                logits = self._prefill_embeds(cache, conds, cache.causal_mask(zero, t))
-        cache.length.fill_(t)
-        return logits
-
     def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
         """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]."""
-        self._refuse_arpg()
+        if "decode" not in self.family.step_kinds:
+            raise ArexportError(f"{self.spec.name} is an {self.spec.family} model: it decodes with "
+                                f"--method {self.family.default_method}")
         b, q = tokens.shape
-        if q > self.max_q:
+        if q > self.max_q and kind != "prefill":
             raise ArexportError(f"step of {q} tokens exceeds this engine's maximum query length {self.max_q}")
         with self._timed(kind or step_kind(q), b, q):
             return self._step(cache, tokens, positions, write_index, attn_mask)
-
-    def _refuse_arpg(self) -> None:
-        """ARPG models have only the multi-query step: no prefill, no raster step."""
-        if self.spec.family == "arpg":
-            raise ArexportError(f"{self.spec.name} is an ARPG model: it decodes with --method arpg")
 
     def multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
                          query_mask) -> torch.Tensor:
@@ -200,6 +155,11 @@ class StepEngine(ABC):
             raise ArexportError(f"multi-query step with {n} tokens and {m} queries exceeds this engine's maximum {self.max_q}")
         with self._timed("multi_query", b, m):
             return self._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
+
+    def prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
+        """Text-conditional prefill: caption features [B,T,C] at slots [0, T); logits of the last position [B,V]."""
+        with self._timed("prefill", embeds.shape[0], embeds.shape[1]):
+            return self._prefill_embeds(cache, embeds, attn_mask)
 
     def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster tokens [N, n_tokens] -> uint8 RGB [N, H, W, 3] (on this engine's device)."""
@@ -237,6 +197,3 @@ class StepEngine(ABC):
     def forward_count(self) -> int:
         """Model forward passes so far (prefill + every step kind; image decoding excluded)."""
         return sum(v for k, v in self.calls.items() if k != "vq_decode")
-
-    def describe(self) -> str:
-        return f"{self.backend}:{self.spec.name}@{self.device}"

@@ -6,7 +6,8 @@
     out.tokens, out.images, out.stats
 
 Image i of a call uses the row seed `image_seed(seed, i)`, so a result does not depend on the
-batch size or on which other requests share the batch.
+batch size or on which other requests share the batch. Generation runs the method's decoder under
+the same scheduler the serving worker uses, to completion.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.decoding import make_method
-from arexport.runtime.engine import Conditions, StepEngine
-from arexport.runtime.rng import RowRNG, image_seed
+from arexport.runtime.engine import StepEngine
+from arexport.runtime.methods.base import Context, Method, Row, make_method
+from arexport.runtime.rng import image_seed
 from arexport.runtime.sampling import SamplingParams
+from arexport.runtime.scheduler import Scheduler
+from arexport.runtime.stats import RunStats, percentiles  # noqa: F401  (percentiles: public helper)
 
 
 @dataclass
@@ -33,14 +36,7 @@ class GenerationResult:
     tokens: np.ndarray
     images: Optional[np.ndarray]
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def percentiles(values: Sequence[float], qs=(50, 90, 99)) -> dict[str, float]:
-    """{'p50': .., 'p90': .., 'p99': ..} by linear interpolation (numpy's default); empty -> {}."""
-    if len(values) == 0:
-        return {}
-    arr = np.asarray(values, dtype=np.float64)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+    extras: list[dict[str, Any]] = field(default_factory=list)  # per image: method extras (GridAR candidates, ...)
 
 
 class Generator:
@@ -61,41 +57,36 @@ class Generator:
         if draft is not None:
             dkw = {k: v for k, v in kw.items() if k in ("dtype",)}
             draft_engine = open_engine(draft, backend=backend, device=device, **dkw)
+            engine.family.check_draft(engine.spec, draft_engine.spec)
         return cls(engine, draft_engine)
 
     @property
     def spec(self):
         return self.engine.spec
 
-    def conditions(self, classes=None, captions=None, caption_mask=None) -> Conditions:
-        """Validate and pack user conditions into a Conditions batch."""
-        spec = self.spec
-        if spec.model_type == "c2i":
-            if classes is None or len(classes) == 0:
-                raise ArexportError(f"model {spec.name} is class-conditional: give at least one class id")
-            ids = torch.as_tensor(np.asarray(classes, dtype=np.int64))
-            bad = ids[(ids < 0) | (ids >= spec.num_classes)]
-            if bad.numel():
-                raise ArexportError(f"class id {int(bad[0])} out of range [0, {spec.num_classes - 1}] for model {spec.name}")
-            return Conditions(classes=ids)
-        if captions is None:
-            raise ArexportError(f"model {spec.name} is text-conditional: give caption embeddings [N, {spec.cond_len}, {spec.caption_dim}]")
-        emb = torch.as_tensor(np.asarray(captions, dtype=np.float32))
-        if emb.dim() != 3 or tuple(emb.shape[1:]) != (spec.cond_len, spec.caption_dim):
-            raise ArexportError(f"caption embeddings must have shape [N, {spec.cond_len}, {spec.caption_dim}], got {list(emb.shape)}")
-        mask = torch.ones(emb.shape[:2], dtype=torch.bool) if caption_mask is None else torch.as_tensor(np.asarray(caption_mask)).bool()
-        if tuple(mask.shape) != tuple(emb.shape[:2]):
-            raise ArexportError(f"caption mask must have shape {list(emb.shape[:2])}, got {list(mask.shape)}")
-        if not bool(mask[:, -1].all()):
-            raise ArexportError("caption mask must be left-padded (the last position valid), as LlamaGen's T5 features are")
-        return Conditions(embeds=emb, mask=mask)
+    def conditions(self, classes=None, captions=None, caption_mask=None):
+        """Validate and pack user conditions into a Conditions batch (the family adapter's rules)."""
+        return self.engine.family.conditions(self.spec, classes, captions, caption_mask)
+
+    def method(self, method: Optional[str], options: Optional[dict] = None, strict_types: bool = True) -> Method:
+        """A validated method for this model (its family's default when None)."""
+        name = method or self.engine.family.default_method
+        m = make_method(name, strict_types=strict_types, **(options or {}))
+        self.engine.family.check_method(name, self.spec)
+        if m.requires_draft() and self.draft is None:
+            raise ArexportError(f"method {name} needs a draft model: pass --draft NAME|DIR")
+        return m
+
+    def decoder(self, method: Method, sampling: SamplingParams, capacity: int):
+        """A fresh decoder of `method` with room for `capacity` images."""
+        return method.decoder(Context(self.engine, sampling, method.options, self.draft), capacity)
 
     def generate(
         self,
         classes=None,
         captions=None,
         caption_mask=None,
-        method: str = "ar",
+        method: Optional[str] = None,
         method_options: Optional[dict] = None,
         sampling: SamplingParams = SamplingParams(),
         seed: int = 0,
@@ -105,17 +96,15 @@ class Generator:
         timings: bool = True,
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> GenerationResult:
-        """Generate one image per condition. progress(done_tokens, total_tokens) is called as it goes.
+        """Generate one image per condition, `batch_size` images at a time (refilled as images finish).
+        progress(done_tokens, total_tokens) is called as images finish.
 
-        Image i uses the row seed image_seed(seed, i), or seeds[i] when per-image seeds are given
-        (how a server keeps each merged request's own seeds)."""
+        Image i uses the row seed image_seed(seed, i), or seeds[i] when per-image seeds are given."""
         if batch_size < 1:
             raise ArexportError(f"batch size must be >= 1, got {batch_size}")
         conds = self.conditions(classes, captions, caption_mask)
         sampling.validate(self.spec.vocab_size)
-        m = make_method(method, **(method_options or {}))
-        if m.needs_draft and self.draft is None:
-            raise ArexportError(f"method {method} needs a draft model: pass --draft NAME|DIR")
+        m = self.method(method, method_options)
         n = len(conds)
         if seeds is None:
             seeds = [image_seed(seed, i) for i in range(n)]
@@ -123,83 +112,31 @@ class Generator:
             raise ArexportError(f"got {len(seeds)} seeds for {n} images")
         seeds = [int(s) & ((1 << 62) - 1) for s in seeds]
         total = n * self.spec.n_tokens
-        done = [0]
-
-        def tick(k: int) -> None:
-            done[0] += k
-            if progress:
-                progress(done[0], total)
-
         with self._lock:
-            engines = [e for e in (self.engine, self.draft) if e is not None]
-            for e in engines:
-                e.calls.clear()
-                e.records.clear()
-                e.record_timings = timings
+            engines = {"target": self.engine, "draft": self.draft}
+            for e in (self.engine, self.draft):
+                if e is not None:
+                    e.calls.clear()
+                    e.records.clear()
+                    e.record_timings = timings
             t0 = time.perf_counter()
-            tok_batches, img_batches, method_stats, n_batches = [], [], [], 0
-            for start in range(0, n, batch_size):
-                rows = slice(start, min(n, start + batch_size))
-                rng = RowRNG.from_seeds(seeds[rows], self.engine.device)
-                res = m.generate(self.engine, conds.select(rows), sampling, rng, progress=tick, draft=self.draft)
-                tok_batches.append(res.tokens.cpu())
-                method_stats.append(res.stats)
-                if images:
-                    img_batches.append(self.engine.decode_images(res.tokens).cpu())
-                n_batches += 1
-            seconds = time.perf_counter() - t0
-            stats = self._stats(n, n_batches, seconds, method_stats)
-        tokens = torch.cat(tok_batches).numpy()
-        imgs = torch.cat(img_batches).numpy() if images else None
-        return GenerationResult(tokens, imgs, stats)
+            dec = self.decoder(m, sampling, min(batch_size, n))
+            sched = Scheduler(dec)
+            sched.submit(Row(conds.select(slice(i, i + 1)), seeds[i], i) for i in range(n))
+            done = [0]
 
-    def _stats(self, n: int, n_batches: int, seconds: float, method_stats: list[dict]) -> dict[str, Any]:
-        tf = self.engine.forward_count()
-        df = self.draft.forward_count() if self.draft is not None else 0
-        stats: dict[str, Any] = {
-            "images": n,
-            "batches": n_batches,
-            "tokens_per_image": self.spec.n_tokens,
-            "target_forwards": tf,
-            "draft_forwards": df,
-            "seconds": seconds,
-            "seconds_per_image": seconds / n if n else 0.0,
-            "backend": self.engine.backend,
-            "device": str(self.engine.device),
-            "calls": dict(self.engine.calls),
-        }
-        # Forward passes per image: a batched call serves every image in it.
-        stats["target_forwards_per_image"] = tf / n_batches if n_batches else 0.0
-        stats["step_compression"] = self.spec.n_tokens / stats["target_forwards_per_image"] if tf else 0.0
-        latency: dict[str, Any] = {}
-        for e, who in ((self.engine, "target"), (self.draft, "draft")):
-            if e is None:
-                continue
-            kinds = sorted({r.kind for r in e.records})
-            for k in kinds:
-                secs = [r.seconds * 1e3 for r in e.records if r.kind == k]
-                latency[f"{who}.{k}"] = {"count": len(secs), "mean_ms": float(np.mean(secs)), **{f"{q}_ms": v for q, v in percentiles(secs).items()}}
-        stats["latency"] = latency
-        merged: dict[str, Any] = {}
-        for s in method_stats:
-            for k, v in s.items():
-                if isinstance(v, list):
-                    merged.setdefault(k, []).extend(v)
-                elif isinstance(v, (int, float)):
-                    merged[k] = merged.get(k, 0) + v
-        acc = merged.pop("accepted_lengths", None)
-        per_row = merged.pop("forwards_per_row", None)
-        for k in [k for k in merged if k.endswith("_per_row")]:
-            v = merged.pop(k)
-            stats[k[: -len("_per_row")] + "_per_image"] = float(np.mean(v)) if v else 0.0
-        stats.update(merged)
-        if per_row:
-            # Forward passes one image needs on its own (prefill + the steps in which it was live),
-            # independent of how it was batched: the machine-independent cost of a method.
-            stats["forwards_per_image_alone"] = float(np.mean(per_row))
-        if acc:
-            stats["mean_accepted_length"] = float(np.mean(acc))
-            values, counts = np.unique(np.asarray(acc), return_counts=True)
-            stats["accepted_length_histogram"] = {int(v): int(c) for v, c in zip(values, counts)}
-        stats["draft_forwards_per_image"] = df / n_batches if n_batches else 0.0
-        return stats
+            def tick(_f) -> None:
+                done[0] += self.spec.n_tokens
+                if progress:
+                    progress(done[0], total)
+
+            finished = sorted(sched.run(tick), key=lambda f: f.tag)
+            tokens = torch.stack([f.tokens for f in finished])
+            imgs = None
+            if images:
+                imgs = torch.cat([self.engine.decode_images(tokens[i:i + batch_size]).cpu()
+                                  for i in range(0, n, batch_size)]).numpy()
+            seconds = time.perf_counter() - t0
+            stats = RunStats.aggregate([f.stats for f in finished], self.spec.n_tokens, engines, seconds,
+                                       sched.admissions, dec.events)
+        return GenerationResult(tokens.cpu().numpy(), imgs, stats.as_dict(), [f.extras for f in finished])

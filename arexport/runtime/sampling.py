@@ -53,30 +53,26 @@ class SamplingParams:
 
 def default_sampling(spec, **overrides) -> SamplingParams:
     """The model's sampler defaults (recorded in its spec), with any non-None overrides applied."""
-    d = spec.extra.get("sampling_defaults", {})
+    from arexport.families import get_family
+
+    d = spec.extra.get("sampling_defaults") or get_family(spec.family).sampling_defaults(spec)
     base = SamplingParams()
     vals = {k: d.get(k, getattr(base, k)) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval")}
     vals.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**vals)
 
 
-def cfg_combine(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rows [cond; uncond] -> guided logits u + s (c - u), half the rows."""
-    cond, uncond = logits.chunk(2, dim=0)
+def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    """Guided logits u + s (c - u); `scale` a float or a tensor broadcasting against the logits."""
     return uncond + (cond - uncond) * scale
 
 
-def guided_logits(logits: torch.Tensor, params: SamplingParams, active) -> torch.Tensor:
-    """Apply CFG where `active` (bool, or a bool tensor over the leading dims); no CFG: rows as is.
-
-    logits: [2B, ...] when params.uses_cfg else [B, ...]. Inactive rows use the conditional logits.
-    """
-    if not params.uses_cfg:
-        return logits
-    cond = logits.chunk(2, dim=0)[0]
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, active) -> torch.Tensor:
+    """CFG where `active` (bool, or a bool tensor over the leading dims); inactive rows keep the
+    conditional logits (LlamaGen's cfg_interval)."""
     if isinstance(active, bool):
-        return cfg_combine(logits, params.cfg_scale) if active else cond
-    guided = cfg_combine(logits, params.cfg_scale)
+        return cfg_combine(cond, uncond, params.cfg_scale) if active else cond
+    guided = cfg_combine(cond, uncond, params.cfg_scale)
     return torch.where(active.view(*active.shape, *(1,) * (guided.dim() - active.dim())), guided, cond)
 
 

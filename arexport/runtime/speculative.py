@@ -102,7 +102,16 @@ class ChainResult:
 
     accepted: torch.Tensor
     token: torch.Tensor
-    rejected: torch.Tensor  # [B] bool: the chain stopped on a coin rejection (not a bonus)
+
+
+def per_row_lanes(u: torch.Tensor, length: torch.Tensor, width: int):
+    """Split uniforms u [B, 2*width+1] of rows whose windows have `length` [B] <= width positions:
+    acceptance lanes [0, width-1) (a row reads its first length-1), the token lane length-1, and the
+    fresh-sample lanes length .. length+width-1. A row reads the same lanes whatever the batch's width."""
+    ar = torch.arange(width, device=u.device)
+    u_tok = u.gather(1, (length - 1)[:, None])[:, 0]
+    u_fresh = u.gather(1, length[:, None] + ar[None, :])
+    return u[:, : width - 1], u_tok, u_fresh
 
 
 def verify_chain(P: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, allowed: torch.Tensor, u_accept: torch.Tensor,
@@ -133,7 +142,7 @@ def verify_chain(P: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, allowed: tor
     else:
         rejected = torch.zeros(b, dtype=torch.bool, device=P.device)
         dist = p_k
-    return ChainResult(k, sample_from_probs(dist, u_token), rejected)
+    return ChainResult(k, sample_from_probs(dist, u_token))
 
 
 def latent_neighbors(codebook: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.engine import Conditions
+from arexport.families import Conditions
 
 
 @dataclass
@@ -28,14 +27,6 @@ class PartialCanvas:
     tokens: torch.Tensor  # [N, visible_rows * grid]
     fraction: float  # visible rows / grid rows
     conditions: Conditions
-
-
-class Verifier(Protocol):
-    def __call__(self, partial: PartialCanvas) -> torch.Tensor: ...
-
-
-class Scorer(Protocol):
-    def __call__(self, images: torch.Tensor, conditions: Conditions) -> torch.Tensor: ...
 
 
 def accept_all(partial: PartialCanvas) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The `trt` backend: TensorRT plans run with `execute_async_v3` on torch CUDA buffers.
+"""Runner of the `trt` backend: TensorRT plans run with `execute_async_v3` on torch CUDA buffers.
 
 Cache outputs are bound to the address of the input they alias (`present_key_i` -> the buffer of
 `past_key_i`), so IKVCacheUpdateLayer writes in place. One execution context per optimization
@@ -10,42 +10,13 @@ not installable on this project's CI machines, where the tests of this module sk
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from arexport.engines.trt_build import check_plan_compat, current_gpu, require_tensorrt, select_profile
 from arexport.errors import ArexportError
-from arexport.runtime.backends.dir_arrays import EngineDirArrays
-from arexport.runtime.engine import Conditions, StepEngine, graph_feeds
-from arexport.runtime.loading import DTYPES
-from arexport.spec import ModelSpec
-
-class _Plan:
-    """A deserialized plan with one execution context per optimization profile."""
-
-    def __init__(self, trt, runtime, path: Path, profiles: list[dict], stream: torch.cuda.Stream):
-        blob = path.read_bytes()
-        self.engine = runtime.deserialize_cuda_engine(blob)
-        if self.engine is None:
-            raise ArexportError(f"TensorRT could not deserialize {path} (corrupt, truncated, or built for another version/GPU)")
-        self.profiles = profiles
-        self.contexts = []
-        for i in range(len(profiles)):
-            ctx = self.engine.create_execution_context()
-            ctx.set_optimization_profile_async(i, stream.cuda_stream)
-            self.contexts.append(ctx)
-        stream.synchronize()
-        self.aliases = {}
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                src = self.engine.get_aliased_input_tensor(name)
-                if src:
-                    self.aliases[name] = src
-
-    def profile_for(self, kind: str, batch: int, q: int) -> int:
-        return select_profile(self.profiles, kind, batch, q)
+from arexport.runtime.backends.arrays import EngineDirArrays
+from arexport.runtime.backends.trt.loader import Plan
+from arexport.runtime.engine import StepEngine, graph_feeds
 
 
 class TrtEngine(EngineDirArrays, StepEngine):
@@ -53,26 +24,15 @@ class TrtEngine(EngineDirArrays, StepEngine):
 
     backend = "trt"
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], spec: ModelSpec, device="cuda", cuda_graph: bool = False):
-        trt = require_tensorrt()
-        dev = torch.device(device)
-        if dev.type != "cuda":
-            raise ArexportError("the TensorRT backend runs on a CUDA device: pass --device cuda")
-        super().__init__(spec, dev, DTYPES[manifest["precision"]])
-        info = manifest.get("tensorrt")
-        if not info:
-            raise ArexportError(f"{directory} has no TensorRT plans: rebuild with arexport build --backend trt")
-        check_plan_compat(info, trt.__version__, current_gpu(dev.index or 0))
-        self.directory = Path(directory)
+    def __init__(self, directory: Path, manifest, device: torch.device, cache_dtype: torch.dtype, plans: dict[str, Plan],
+                 stream, cuda_graph: bool = False):
+        super().__init__(manifest.spec, device, cache_dtype, max_q=int(manifest.step.q_range[1]))
+        self.directory = directory
         self.manifest = manifest
-        self.stream = torch.cuda.Stream(dev)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.plans: dict[str, _Plan] = {}
-        for plan_file, p in info["plans"].items():
-            self.plans[p["graph"]] = _Plan(trt, self._runtime, self.directory / plan_file, p["profiles"], self.stream)
-        self.batch_sizes = manifest["profiles"]["batch_sizes"]
-        self.max_q = int(manifest["graphs"]["step"]["q_range"][1])
+        self.fixed_slots = manifest.spec.s_max
+        self.stream = stream
+        self.plans = plans
+        self.batch_sizes = manifest.profiles.batch_sizes
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple] = {}
 
@@ -91,7 +51,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
 
-    def _launch(self, plan: _Plan, kind: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+    def _launch(self, plan: Plan, kind: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                 cache, q: int) -> None:
         """Run one plan call; with cuda_graph, capture once per (profile, shapes, cache) and replay."""
         b = next(iter(feeds.values())).shape[0]
@@ -140,11 +100,11 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self._launch(self.plans["step"], "multi_query", feeds, {"logits": logits}, cache, tokens.shape[1])
         return logits
 
-    def _prefill_embeds(self, cache, conds: Conditions, attn_mask):
+    def _prefill_embeds(self, cache, embeds, attn_mask):
         if "prefill" not in self.plans:
             raise ArexportError(f"{self.directory} has no prefill plan")
-        b = len(conds)
-        feeds = {"cond_embeds": conds.embeds.to(self.device, self.cache_dtype).contiguous(),
+        b = embeds.shape[0]
+        feeds = {"cond_embeds": embeds.to(self.device, self.cache_dtype).contiguous(),
                  "attn_mask": attn_mask.to(self.device, torch.bool).contiguous()}
         logits = torch.empty(b, self.spec.vocab_size, dtype=torch.float32, device=self.device)
         self._launch(self.plans["prefill"], "prefill", feeds, {"logits": logits}, cache, 0)

@@ -7,7 +7,6 @@ importing the PyTorch model code.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ class ModelSpec:
     """Static description of one exported/generating model."""
 
     name: str
-    family: str  # "llamagen" | "arpg"
+    family: str  # a registered family adapter (arexport.families): "llamagen" | "arpg"
     model_type: str  # "c2i" | "t2i"
     vocab_size: int
     n_tokens: int  # image tokens per image (grid_size**2)
@@ -71,19 +70,18 @@ class ModelSpec:
         d["image"] = ImageSpec(**d["image"])
         return cls(**d)
 
-    def cache_shape(self, batch: int) -> tuple[int, int, int, int]:
-        """Shape of one K or V buffer: [B, H_kv, S_max, D]."""
-        return (batch, self.n_kv_head, self.s_max, self.head_dim)
+    def cache_shape(self, batch: int, slots: int | None = None) -> tuple[int, int, int, int]:
+        """Shape of one K or V buffer: [B, H_kv, slots (default S_max), D]."""
+        return (batch, self.n_kv_head, self.s_max if slots is None else slots, self.head_dim)
+
+    @property
+    def min_slots(self) -> int:
+        """Slots one image needs: condition + tokens (the last token is never fed back)."""
+        return self.cond_len + self.n_tokens
 
 
-def s_max_for(cond_len: int, n_tokens: int) -> int:
-    """Cache slots needed for a whole image (condition + tokens), rounded up to a multiple of 8."""
-    return round_up(cond_len + n_tokens, 8)
-
-
-def grid_of(n_tokens: int) -> int:
-    """Side of a square token grid; raises ValueError when n_tokens is not a square."""
-    g = int(math.isqrt(n_tokens))
-    if g * g != n_tokens:
-        raise ValueError(f"n_tokens={n_tokens} is not a square grid")
-    return g
+def s_max_for(cond_len: int, n_tokens: int, lookahead: int = 0) -> int:
+    """Cache slots for a whole image (condition + tokens) plus `lookahead` slots past its end, rounded
+    up to a multiple of 8. Lookahead lets rows of one batch step with different query lengths: a short
+    row's padding positions land past its own committed slots and never overflow the buffer."""
+    return round_up(cond_len + n_tokens + lookahead, 8)

@@ -1,4 +1,4 @@
-"""The `torch` backend: the PyTorch reference model on static cache buffers, eager or CUDA graphs.
+"""Runner of the `torch` backend: the PyTorch reference model on static cache buffers, eager or CUDA graphs.
 
 With `cuda_graph=True` (CUDA only) each (step kind, batch, q[, m], cache) is captured once into a
 CUDA graph over static input buffers and replayed with the same addresses; the K/V scatter into the
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from arexport.models.registry import LoadedModel
-from arexport.runtime.engine import Conditions, StepEngine
 from arexport.errors import ArexportError
+from arexport.runtime.engine import StepEngine
 
 
 class TorchEngine(StepEngine):
@@ -20,9 +19,10 @@ class TorchEngine(StepEngine):
 
     backend = "torch"
 
-    def __init__(self, loaded: LoadedModel, device="cpu", dtype: torch.dtype | None = None, cuda_graph: bool = False):
+    def __init__(self, loaded, device="cpu", cuda_graph: bool = False):
+        """loaded: an arexport.models.LoadedModel (the loader builds it)."""
         model = loaded.model
-        dtype = dtype or next(model.parameters()).dtype
+        dtype = next(model.parameters()).dtype
         super().__init__(loaded.spec, torch.device(device), dtype)
         self.loaded = loaded
         self.model = model.to(self.device, dtype=dtype).eval()
@@ -78,8 +78,8 @@ class TorchEngine(StepEngine):
         return out.clone()
 
     @torch.inference_mode()
-    def _prefill_embeds(self, cache, conds: Conditions, attn_mask):
-        embeds = conds.embeds.to(self.device, dtype=self.cache_dtype)
+    def _prefill_embeds(self, cache, embeds, attn_mask):
+        embeds = embeds.to(self.device, dtype=self.cache_dtype)
         logits, _, _ = self.model.prefill_embeds(embeds, attn_mask, cache.keys, cache.values)
         return logits
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,12 +15,12 @@ class EngineDirArrays:
     """Mixin for backends that run an engine directory (needs self.directory, self.manifest, self.device)."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: "Manifest"  # arexport.format.Manifest
 
     def _array(self, key: str) -> Optional[np.ndarray]:
         cache = self.__dict__.setdefault("_arrays", {})
         if key not in cache:
-            name = self.manifest.get("arrays", {}).get(key)
+            name = self.manifest.arrays.get(key)
             cache[key] = np.load(self.directory / name) if name else None
         return cache[key]
 

@@ -1,0 +1,90 @@
+"""TensorRT plans from an engine directory's ONNX graphs (TensorRT 10.15+ / 11 Python API).
+
+* strongly typed networks: precision comes from the ONNX graph (TensorRT 11 has no FP16/INT8 flags);
+* one plan per graph, one optimization profile per (step kind, batch): `decode` is q = 1, `verify`
+  covers q in [2, K] with K as the optimum; batch is fixed per profile (static shapes, best kernels);
+* a timing cache (read if given, updated after the build) and the builder optimization level;
+* the manifest records TensorRT's version and the GPU (name, compute capability) the plans are for;
+  the runtime refuses plans built for another GPU or TensorRT version.
+
+TensorRT cannot be installed on the development machines of this project: everything here is
+written against the documented API and is exercised only where `tensorrt` imports (tests skip
+with a reason otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from arexport.devices import current_gpu, require_tensorrt
+from arexport.errors import ArexportError
+from arexport.format.profiles import graph_profiles, step_profiles
+
+
+def _shape_for(dims: list, batch: int, q: int, m: int = 1) -> tuple[int, ...]:
+    out = []
+    for d in dims:
+        if d == "batch":
+            out.append(batch)
+        elif d == "q":
+            out.append(q)
+        elif d == "m":
+            out.append(m)
+        elif isinstance(d, int) and d > 0:
+            out.append(d)
+        else:
+            raise ArexportError(f"cannot make a TensorRT profile for dimension {d!r}")
+    return tuple(out)
+
+
+def build_plans(directory: Path, manifest, opts, report: Callable[[str], None]) -> dict[str, Any]:
+    """Build every graph's plan into `directory` (manifest: a format.Manifest); returns its `tensorrt` section."""
+    trt = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_path = Path(opts.trt_timing_cache) if opts.trt_timing_cache else None
+    plans: dict[str, Any] = {}
+    batch_sizes = manifest.profiles.batch_sizes
+    for name, graph in manifest.graphs.items():
+        if name == "step":
+            profiles = step_profiles(batch_sizes, manifest.profiles.verify_len, tuple(graph.kinds))
+        else:
+            profiles = graph_profiles(name, batch_sizes)
+        report(f"TensorRT: {graph.file} with {len(profiles)} profiles")
+        plan_file = Path(graph.file).with_suffix(".plan").name
+        _build_one(trt, logger, directory / graph.file, directory / plan_file, graph.inputs, profiles, opts, cache_path)
+        plans[plan_file] = {"graph": name, "profiles": profiles}
+    return {"version": trt.__version__, "gpu": current_gpu(), "plans": plans, "strongly_typed": True,
+            "builder_optimization_level": opts.trt_opt_level}
+
+
+def _build_one(trt, logger, onnx_path: Path, plan_path: Path, inputs: list[dict], profiles, opts, cache_path):
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArexportError(f"TensorRT could not parse {onnx_path.name}: {errs}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opts.trt_opt_level
+    if opts.trt_workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.trt_workspace_gb * (1 << 30)))
+    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.exists() else b""
+    timing_cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        for vi in inputs:
+            m = p.get("m", [1, 1, 1])
+            lo, opt, hi = (_shape_for(vi["shape"], p["batch"][j], p["q"][j] or 1, m[j]) for j in range(3))
+            prof.set_shape(vi["name"], lo, opt, hi)
+        config.add_optimization_profile(prof)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise ArexportError(f"TensorRT failed to build a plan for {onnx_path.name} (see the TensorRT log above)")
+    plan_path.write_bytes(bytes(blob))
+    if cache_path:
+        from arexport.fileio import atomic_write_bytes
+
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))

@@ -1,0 +1,21 @@
+"""Model family adapters, by name. Registering a family: one adapter module plus one line here."""
+
+from __future__ import annotations
+
+from arexport.errors import ArexportError
+from arexport.families.arpg import ARPGFamily
+from arexport.families.base import Conditions, Family
+from arexport.families.llamagen import LlamaGenFamily
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily())}
+
+
+def get_family(name: str) -> Family:
+    """The adapter of a family (as recorded in ModelSpec.family)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ArexportError(f"unknown model family {name!r}; this arexport knows {', '.join(FAMILIES)}") from None
+
+
+__all__ = ["Conditions", "FAMILIES", "Family", "get_family"]

@@ -1,0 +1,17 @@
+"""ARPG (hp-l33/ARPG): random-order parallel decoding through the multi-query step graph.
+
+There is no separate prefill: the first multi-query step feeds the class token (id = vocab + 1 +
+class) with the condition position and asks the first queries, so only `arpg` applies.
+"""
+
+from __future__ import annotations
+
+from arexport.families.base import Family
+
+
+class ARPGFamily(Family):
+    name = "arpg"
+    methods = ("arpg",)
+    default_method = "arpg"
+    step_kinds = ("multi_query",)
+    default_verify_len = None  # the multi-query step serves up to every token at once

@@ -1,0 +1,119 @@
+"""Family adapters: the one place that says how a model family is driven at run time.
+
+A family adapter states what its step graph is (its step kinds), how user input becomes a batch of
+conditions, what the null (unconditional) condition is, how a condition is prefilled into the KV
+cache, which decoding methods apply and its sampler defaults. The runtime, the exporter and the
+CLI ask the adapter instead of branching on family names, so adding a family is one adapter
+module (registered in `arexport.families`) next to its PyTorch reference model.
+
+Adapters import no PyTorch model code: the engines they drive are duck-typed StepEngines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from arexport.errors import ArexportError
+
+
+@dataclass
+class Conditions:
+    """A batch of conditions: class ids [B] (c2i) or caption features [B,T,C] with mask [B,T] (t2i)."""
+
+    classes: Optional[torch.Tensor] = None
+    embeds: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0] if self.classes is not None else self.embeds.shape[0])
+
+    def _map(self, fn) -> "Conditions":
+        if self.classes is not None:
+            return Conditions(classes=fn(self.classes))
+        return Conditions(embeds=fn(self.embeds), mask=None if self.mask is None else fn(self.mask))
+
+    def select(self, rows) -> "Conditions":
+        """The given rows (slice or index tensor)."""
+        return self._map(lambda t: t[rows])
+
+    def repeat_interleave(self, n: int) -> "Conditions":
+        """Every row n times in a row (candidates of GridAR)."""
+        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def to(self, device) -> "Conditions":
+        return self._map(lambda t: t.to(device))
+
+    def interleave(self, other: "Conditions") -> "Conditions":
+        """Rows [self_0, other_0, self_1, other_1, ...] (CFG: a cond row, then its uncond row)."""
+        def pair(a, b):
+            return torch.stack([a, b], 1).flatten(0, 1)
+
+        if self.classes is not None:
+            return Conditions(classes=pair(self.classes, other.classes))
+        return Conditions(embeds=pair(self.embeds, other.embeds), mask=pair(self.mask, other.mask))
+
+    @staticmethod
+    def cat(parts: list["Conditions"]) -> "Conditions":
+        """Rows of every part in order."""
+        if parts[0].classes is not None:
+            return Conditions(classes=torch.cat([p.classes for p in parts]))
+        return Conditions(embeds=torch.cat([p.embeds for p in parts]), mask=torch.cat([p.mask for p in parts]))
+
+
+class Family:
+    """Base adapter; subclasses set the class attributes and override what differs."""
+
+    name: str = "?"
+    methods: tuple[str, ...] = ()  # decoding methods that apply to this family
+    default_method: str = "ar"
+    step_kinds: tuple[str, ...] = ("decode", "verify")  # what the step graph serves
+    default_verify_len: Optional[int] = 16  # largest query length built by default (None: all tokens)
+
+    def sampling_defaults(self, spec) -> dict[str, Any]:
+        """Sampler settings of the family's reference demo (used when a model records none)."""
+        return {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+
+    def check_method(self, method: str, spec) -> None:
+        if method not in self.methods:
+            raise ArexportError(f"method {method} does not apply to {spec.name} ({self.name} models decode with "
+                                f"{', '.join(self.methods)})")
+
+    # -- conditions -------------------------------------------------------------------------------
+    def conditions(self, spec, classes=None, captions=None, caption_mask=None) -> Conditions:
+        """Validate user input into a Conditions batch (class ids here; text families override)."""
+        if captions is not None:
+            raise ArexportError(f"model {spec.name} is class-conditional: give class ids, not caption embeddings")
+        if classes is None or len(classes) == 0:
+            raise ArexportError(f"model {spec.name} is class-conditional: give at least one class id")
+        ids = torch.as_tensor(np.asarray(classes, dtype=np.int64))
+        bad = ids[(ids < 0) | (ids >= spec.num_classes)]
+        if bad.numel():
+            raise ArexportError(f"class id {int(bad[0])} out of range [0, {spec.num_classes - 1}] for model {spec.name}")
+        return Conditions(classes=ids)
+
+    def null_conditions(self, engine, conds: Conditions) -> Conditions:
+        """Unconditional rows matching `conds` for classifier-free guidance (class models: the null class)."""
+        return Conditions(classes=torch.full((len(conds),), engine.spec.null_class, dtype=torch.int64,
+                                             device=conds.classes.device))
+
+    def condition_tokens(self, spec, classes: torch.Tensor) -> torch.Tensor:
+        """Class ids (null class included) -> token ids in the step graph's token space."""
+        return classes.long() + spec.class_token_offset
+
+    def prefill(self, engine, cache, conds: Conditions) -> torch.Tensor:
+        """Write the condition at slots [0, cond_len) of `cache` and return the logits [B, V] of its last position."""
+        raise ArexportError(f"{engine.spec.name} ({self.name}) has no prefill step")
+
+    def check_draft(self, target_spec, draft_spec) -> None:
+        """A draft model must share the target's tokenizer, grid and condition space."""
+        if draft_spec.family != target_spec.family:
+            raise ArexportError(f"draft {draft_spec.name} is a {draft_spec.family} model; the target {target_spec.name} "
+                                f"is {target_spec.family}: a draft must be of the same family")
+        for f in ("vocab_size", "n_tokens", "model_type", "num_classes", "cond_len", "caption_dim"):
+            if getattr(target_spec, f) != getattr(draft_spec, f):
+                raise ArexportError(f"draft {draft_spec.name} does not match target {target_spec.name}: "
+                                    f"{f} {getattr(draft_spec, f)} != {getattr(target_spec, f)}")

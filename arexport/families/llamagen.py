@@ -1,0 +1,64 @@
+"""LlamaGen (FoundationVision/LlamaGen): raster next-token models, class- or text-conditional.
+
+Class-conditional models prefill the class token (id = vocab + class) through the step graph at
+the condition position; text-conditional models run the prefill graph over caption features with
+their padding mask, and use the model's learned null caption for CFG. Every raster method applies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from arexport.errors import ArexportError
+from arexport.families.base import Conditions, Family
+
+
+class LlamaGenFamily(Family):
+    name = "llamagen"
+    methods = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
+    default_method = "ar"
+    step_kinds = ("decode", "verify")
+
+    def sampling_defaults(self, spec):
+        if spec.model_type == "t2i":  # LlamaGen's t2i demo
+            return {"cfg_scale": 7.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0}
+        return {"cfg_scale": 4.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}  # its c2i demo
+
+    def conditions(self, spec, classes=None, captions=None, caption_mask=None) -> Conditions:
+        if spec.model_type == "c2i":
+            return super().conditions(spec, classes, captions, caption_mask)
+        if classes is not None:
+            raise ArexportError(f"model {spec.name} is text-conditional: give caption embeddings, not class ids")
+        if captions is None:
+            raise ArexportError(f"model {spec.name} is text-conditional: give caption embeddings [N, {spec.cond_len}, {spec.caption_dim}]")
+        emb = torch.as_tensor(np.asarray(captions, dtype=np.float32))
+        if emb.dim() != 3 or tuple(emb.shape[1:]) != (spec.cond_len, spec.caption_dim) or emb.shape[0] == 0:
+            raise ArexportError(f"caption embeddings must have shape [N, {spec.cond_len}, {spec.caption_dim}], got {list(emb.shape)}")
+        mask = torch.ones(emb.shape[:2], dtype=torch.bool) if caption_mask is None else torch.as_tensor(np.asarray(caption_mask)).bool()
+        if tuple(mask.shape) != tuple(emb.shape[:2]):
+            raise ArexportError(f"caption mask must have shape {list(emb.shape[:2])}, got {list(mask.shape)}")
+        if not bool(mask[:, -1].all()):
+            raise ArexportError("caption mask must be left-padded (the last position valid), as LlamaGen's T5 features are")
+        return Conditions(embeds=emb, mask=mask)
+
+    def null_conditions(self, engine, conds: Conditions) -> Conditions:
+        if engine.spec.model_type == "c2i":
+            return super().null_conditions(engine, conds)
+        u = engine.null_caption().to(conds.embeds.device, conds.embeds.dtype)
+        # LlamaGen reuses the caption's padding mask for its null rows
+        return Conditions(embeds=u.unsqueeze(0).expand(len(conds), *u.shape).clone(), mask=conds.mask.clone())
+
+    def prefill(self, engine, cache, conds: Conditions) -> torch.Tensor:
+        spec = engine.spec
+        b, t, dev = len(conds), spec.cond_len, engine.device
+        zero = torch.zeros(b, dtype=torch.int64, device=dev)
+        if spec.model_type == "c2i":
+            tokens = self.condition_tokens(spec, conds.classes.to(dev)).view(b, 1)
+            positions = torch.full((b, 1), -1, dtype=torch.int64, device=dev)
+            logits = engine.step(cache, tokens, positions, zero, cache.causal_mask(zero, 1), kind="prefill")[:, 0]
+        else:
+            cache.key_valid[:, :t] = conds.mask.to(dev).bool()
+            logits = engine.prefill_embeds(cache, conds.embeds, cache.causal_mask(zero, t))
+        cache.length.fill_(t)
+        return logits

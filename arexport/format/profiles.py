@@ -1,0 +1,51 @@
+"""TensorRT optimization profiles recorded in the manifest: which (step kind, batch, q) each covers.
+
+The builder writes them (arexport.exporter.trt_build) and the TensorRT runner picks one per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from arexport.errors import ArexportError
+
+
+def step_profiles(batch_sizes: list[int], verify_len: int, kinds: tuple[str, ...] = ("decode", "verify")) -> list[dict[str, Any]]:
+    """Profile list for the step plan: per batch, decode (q=1) then verify (q in [2, K], optimum K);
+    ARPG: one multi-query profile per batch with new tokens q and queries m in [1, K]."""
+    out = []
+    if "multi_query" in kinds:
+        opt = max(1, verify_len // 8)
+        return [{"kind": "multi_query", "batch": [b, b, b], "q": [1, opt, verify_len], "m": [1, opt, verify_len]}
+                for b in sorted(set(batch_sizes))]
+    for b in sorted(set(batch_sizes)):
+        out.append({"kind": "decode", "batch": [b, b, b], "q": [1, 1, 1]})
+        if verify_len > 1:
+            out.append({"kind": "verify", "batch": [b, b, b], "q": [2, verify_len, verify_len]})
+    return out
+
+
+def graph_profiles(name: str, batch_sizes: list[int]) -> list[dict[str, Any]]:
+    """Prefill: one static profile per batch; image decoder: one profile for 1..max images."""
+    if name == "vq_decoder":
+        m = max(batch_sizes)
+        return [{"kind": name, "batch": [1, m, m], "q": [0, 0, 0]}]
+    return [{"kind": name, "batch": [b, b, b], "q": [0, 0, 0]} for b in sorted(set(batch_sizes))]
+
+
+def select_profile(profiles: list[dict[str, Any]], kind: str, batch: int, q: int) -> int:
+    """Index of the profile serving a call, or ArexportError listing what the plan has."""
+    for i, p in enumerate(profiles):
+        b_ok = p["batch"][0] <= batch <= p["batch"][2]
+        if not b_ok:
+            continue
+        if p["kind"] in ("decode", "verify"):
+            if kind in ("decode", "verify") and p["q"][0] <= q <= p["q"][2]:
+                return i
+        elif p["kind"] == "multi_query":
+            if kind == "multi_query":
+                return i
+        elif p["kind"] == kind:
+            return i
+    have = ", ".join(f"{p['kind']} batch {p['batch'][0]}-{p['batch'][2]} q {p['q'][0]}-{p['q'][2]}" for p in profiles)
+    raise ArexportError(f"no TensorRT profile for {kind} with batch {batch}, q {q}; the plan has: {have}")

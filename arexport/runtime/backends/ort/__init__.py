@@ -1,0 +1,1 @@
+"""ONNX Runtime backend: loader.py (sessions from an engine directory), runner.py (IOBinding steps)."""

@@ -1,0 +1,82 @@
+"""Loader of the `ort` backend: session options and providers from an engine directory, sessions on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from arexport.devices import torch_dtype
+from arexport.errors import ArexportError, BackendUnavailable
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - a core dependency
+        raise BackendUnavailable(f"onnxruntime is not installed ({e})") from None
+    return ort
+
+
+class OrtSessions:
+    """The directory's ONNX Runtime sessions, each created at its first use."""
+
+    def __init__(self, directory: Path, manifest, device: torch.device, threads: Optional[int], cuda_graph: bool):
+        ort = _ort()
+        self.directory, self.manifest, self.device, self.cuda_graph = directory, manifest, device, cuda_graph
+        if manifest.precision == "bf16" and device.type == "cpu":
+            raise BackendUnavailable("ONNX Runtime's CPU provider has no bf16 MatMul kernels: build fp32/fp16 for CPU, "
+                                     "or run this bf16 engine on CUDA/TensorRT")
+        self.providers = self._providers(ort, cuda_graph)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 2  # warnings and above: in-place fallbacks are visible
+        self.options = opts
+        self._sessions: dict[str, object] = {}
+
+    def _providers(self, ort, cuda_graph: bool):
+        if self.device.type == "cpu":
+            if cuda_graph:
+                raise ArexportError("--cuda-graph needs a CUDA device")
+            return ["CPUExecutionProvider"]
+        if self.device.type != "cuda":
+            raise ArexportError(f"ONNX Runtime backend supports cpu and cuda devices, not {self.device}")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "ONNX Runtime has no CUDA execution provider here: install onnxruntime-gpu (pip install arexport[gpu])")
+        cuda_opts = {"device_id": str(self.device.index or 0)}
+        if cuda_graph:
+            cuda_opts["enable_cuda_graph"] = "1"
+        return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+
+    def has(self, graph: str) -> bool:
+        return graph in self.manifest.graphs
+
+    def get(self, graph: str):
+        """The session of a graph of the directory (created now if needed)."""
+        if graph not in self._sessions:
+            if not self.has(graph):
+                raise ArexportError(f"{self.directory} has no {graph} graph")
+            providers = self.providers
+            if graph == "vq_decoder" and self.cuda_graph:  # the image decoder runs once per batch: no graph
+                providers = [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if isinstance(p, tuple) else p
+                             for p in providers]
+            path = self.directory / self.manifest.graphs[graph].file
+            try:
+                self._sessions[graph] = _ort().InferenceSession(str(path), self.options, providers=providers)
+            except Exception as e:  # ORT raises Fail/InvalidGraph/InvalidProtobuf on corrupt files
+                raise ArexportError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+        return self._sessions[graph]
+
+
+def open_directory(directory: Path, manifest, device="cpu", threads: Optional[int] = None, cuda_graph: bool = False):
+    """An OrtEngine over the directory (the step session is created now, so a broken graph fails here)."""
+    from arexport.runtime.backends.ort.runner import OrtEngine
+
+    dev = torch.device(device)
+    sessions = OrtSessions(directory, manifest, dev, threads, cuda_graph)
+    sessions.get("step")
+    return OrtEngine(sessions, manifest, dev, torch_dtype(manifest.precision))

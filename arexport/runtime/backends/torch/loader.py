@@ -1,0 +1,43 @@
+"""Loader of the `torch` backend: the PyTorch reference model, by name or from an engine directory.
+
+This is the one place the runtime reaches into `arexport.models` (an import-linter contract allows
+exactly this edge): the other backends run engine directories without any model code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from arexport.devices import torch_dtype
+from arexport.errors import ArexportError
+
+
+def open_model(name: str, device: str = "cpu", dtype: Optional[str] = None, cuda_graph: bool = False, **model_options):
+    """A TorchEngine for a model name (`model_options`: checkpoint, random_init, seed, overrides, ...)."""
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch.runner import TorchEngine
+
+    loaded = load_model(name, dtype=torch_dtype(dtype or "fp32"), device=device, **model_options)
+    return TorchEngine(loaded, device=device, cuda_graph=cuda_graph)
+
+
+def open_directory(directory: Path, manifest, device: str = "cpu", cuda_graph: bool = False, precision: Optional[str] = None):
+    """The PyTorch reference of an engine directory, rebuilt from the weights source it records
+    (at the engine's precision unless `precision` says otherwise)."""
+    src = manifest.source
+    kw: dict[str, Any] = dict(overrides=src.get("overrides") or None, image_size=src.get("image_size"))
+    if "checkpoint" in src:
+        if not Path(src["checkpoint"]).exists():
+            raise ArexportError(f"the engine was built from {src['checkpoint']}, which no longer exists; the torch reference needs it")
+        kw["checkpoint"] = src["checkpoint"]
+    elif "random_init_seed" in src:
+        kw.update(random_init=True, seed=src["random_init_seed"])
+    if src.get("vq_checkpoint"):
+        kw["vq_checkpoint"] = src["vq_checkpoint"]
+    engine = open_model(src["model"], device=device, dtype=precision or manifest.precision, cuda_graph=cuda_graph, **kw)
+    if "vq_decoder" not in manifest.graphs:
+        engine.decoder = None  # mirror the engine: it was built without images
+    engine.spec = manifest.spec  # same model; the directory's spec records its cache length
+    engine.max_q = int(manifest.step.q_range[1])
+    return engine

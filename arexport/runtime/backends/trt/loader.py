@@ -1,0 +1,71 @@
+"""Loader of the `trt` backend: TensorRT plans of an engine directory, checked for this GPU and version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from arexport.devices import current_gpu, require_tensorrt, torch_dtype
+from arexport.errors import ArexportError
+from arexport.format.profiles import select_profile
+
+
+def check_plan_compat(trt_info: dict[str, Any], trt_version: str, gpu: dict[str, str]) -> None:
+    """Refuse plans built with another TensorRT version or for another GPU architecture."""
+    built = trt_info.get("version")
+    if built != trt_version:
+        raise ArexportError(f"TensorRT plans were built with TensorRT {built}, this machine has {trt_version}: rebuild with arexport build --backend trt")
+    want = trt_info.get("gpu", {}).get("compute_capability")
+    have = gpu.get("compute_capability")
+    if want != have:
+        raise ArexportError(
+            f"TensorRT plans were built for {trt_info.get('gpu', {}).get('name')} (compute capability {want}), "
+            f"this GPU is {gpu.get('name')} (compute capability {have}): rebuild on this GPU"
+        )
+
+
+class Plan:
+    """A deserialized plan with one execution context per optimization profile."""
+
+    def __init__(self, trt, runtime, path: Path, profiles: list[dict], stream: torch.cuda.Stream):
+        blob = path.read_bytes()
+        self.engine = runtime.deserialize_cuda_engine(blob)
+        if self.engine is None:
+            raise ArexportError(f"TensorRT could not deserialize {path} (corrupt, truncated, or built for another version/GPU)")
+        self.profiles = profiles
+        self.contexts = []
+        for i in range(len(profiles)):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(i, stream.cuda_stream)
+            self.contexts.append(ctx)
+        stream.synchronize()
+        self.aliases = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
+                src = self.engine.get_aliased_input_tensor(name)
+                if src:
+                    self.aliases[name] = src
+
+    def profile_for(self, kind: str, batch: int, q: int) -> int:
+        return select_profile(self.profiles, kind, batch, q)
+
+
+def open_directory(directory: Path, manifest, device="cuda", cuda_graph: bool = False):
+    """A TrtEngine over the directory's plans (refused for another GPU or TensorRT version)."""
+    from arexport.runtime.backends.trt.runner import TrtEngine
+
+    trt = require_tensorrt()
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ArexportError("the TensorRT backend runs on a CUDA device: pass --device cuda")
+    info = manifest.tensorrt
+    if not info:
+        raise ArexportError(f"{directory} has no TensorRT plans: rebuild with arexport build --backend trt")
+    check_plan_compat(info, trt.__version__, current_gpu(dev.index or 0))
+    stream = torch.cuda.Stream(dev)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    plans = {p["graph"]: Plan(trt, runtime, Path(directory) / f, p["profiles"], stream) for f, p in info["plans"].items()}
+    return TrtEngine(Path(directory), manifest, dev, torch_dtype(manifest.precision), plans, stream, cuda_graph)

@@ -1,0 +1,410 @@
+"""What every decoding method shares: declared options, typed statistics, the row batch, the registry.
+
+A method is a *decoder*: a state machine over a static batch of image slots. `admit(rows)` queues
+new images, `step()` prefills the queued ones and advances every live image by one engine step
+(one token for `ar`, one verify block for `sjd`, one draft-and-verify round for `sd`, ...), and
+returns the images that finished. One scheduler (runtime/scheduler.py) drives every decoder:
+`Generator.generate` runs it to completion, the serving worker admits new images at step
+boundaries. Each image keeps its own lengths, windows and random stream, so what it generates
+does not depend on what it was batched with.
+
+Live images occupy the slots [0, n) (finished ones are compacted away), so every engine call
+runs over a contiguous prefix of the static cache and newly admitted images prefill as one
+contiguous view. With CFG an image owns two cache rows, [cond, uncond], next to each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, get_type_hints
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.families import Conditions
+from arexport.runtime.rng import uniforms
+from arexport.runtime.sampling import SamplingParams, guided_logits
+
+
+# -- options ---------------------------------------------------------------------------------------
+def option(default, help: str, flag: Optional[str] = None, choices: Optional[tuple] = None):
+    """A method option: its default, its help text, the CLI flag that sets it (default --NAME) and
+    the allowed values. Declared once, read by the CLI, the HTTP schema and the Python API."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Options:
+    """Base of every method's options dataclass; `validate` raises ArexportError naming the option."""
+
+    def validate(self) -> "Options":
+        return self
+
+
+def option_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type) of an options class."""
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def build_options(method: str, cls, values: dict[str, Any], strict_types: bool = True) -> Options:
+    """Options of `method` from a dict (CLI, HTTP, Python): unknown names and wrong types are errors."""
+    known = {f.name: t for f, t in option_fields(cls)}
+    out = {}
+    for k, v in values.items():
+        if k not in known:
+            have = ", ".join(known) or "none"
+            raise ArexportError(f"method {method} has no option {k!r} (its options: {have})")
+        out[k] = _coerce(method, k, v, known[k], strict_types)
+    try:
+        opts = cls(**out)
+    except TypeError as e:
+        raise ArexportError(f"bad options for method {method}: {e}") from None
+    for f, _ in option_fields(cls):
+        choices = f.metadata.get("choices")
+        if choices and getattr(opts, f.name) not in choices:
+            raise ArexportError(f"{method} {f.name} must be one of {', '.join(map(str, choices))}, got {getattr(opts, f.name)!r}")
+    return opts.validate()
+
+
+def _coerce(method: str, name: str, v, typ, strict: bool):
+    import math
+    import typing
+
+    args = typing.get_args(typ)
+    base = [a for a in args if a is not type(None)] if args else [typ]
+    if v is None and type(None) in args:
+        return None
+    for t in base:
+        if t is bool and isinstance(v, bool):
+            return v
+        if t is int and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if not math.isfinite(float(v)):
+                raise ArexportError(f"{method} {name} must be a finite number, got {v!r}")
+            return float(v)
+        if t is str and isinstance(v, str):
+            return v
+        if t is Any or t is object:
+            return v
+    if not strict and isinstance(v, str):
+        for t in base:
+            try:
+                return t(v)
+            except (TypeError, ValueError):
+                continue
+    want = " or ".join(getattr(t, "__name__", str(t)) for t in base)
+    raise ArexportError(f"{method} {name} must be {want}, got {v!r}")
+
+
+# -- statistics ------------------------------------------------------------------------------------
+@dataclass
+class RowStats:
+    """What generating one image cost and did (typed; aggregated by the Generator)."""
+
+    forwards: int = 0  # target engine calls this image took part in (its prefill included)
+    draft_forwards: int = 0  # draft engine calls it took part in (sd, lantern, vvs)
+    accepted: list[int] = field(default_factory=list)  # tokens committed per step (speculative: per round)
+    skipped_rounds: int = 0  # vvs: rounds committed without a target forward
+    candidates: int = 1  # gridar / best-of-n: candidates generated for it
+    replaced: int = 0  # gridar: candidates replaced at checkpoints
+    checkpoint_feasible: list[float] = field(default_factory=list)  # gridar: feasible fraction per checkpoint
+    best_score: Optional[float] = None  # gridar / best-of-n: the chosen candidate's score
+    decisions: list[tuple[int, bool]] = field(default_factory=list)  # vvs: (tokens done, skipped?) per round
+
+
+@dataclass
+class Row:
+    """One image to generate: its condition (a one-row Conditions), its seed, and who asked for it."""
+
+    cond: Conditions
+    seed: int
+    tag: Any = None
+
+
+@dataclass
+class Finished:
+    """A generated image: raster tokens [n_tokens] (on the engine's device), its stats and tag."""
+
+    tokens: torch.Tensor
+    stats: RowStats
+    tag: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# -- classifier-free guidance rows ---------------------------------------------------------------
+class CFGRows:
+    """Classifier-free guidance doubles an image into rows [cond, uncond] fed the same tokens."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.per_image = 2 if params.uses_cfg else 1
+
+    def conditions(self, engine, conds: Conditions) -> Conditions:
+        """Conditions for all rows: each image's condition followed by its null condition (CFG)."""
+        conds = conds.to(engine.device)
+        if self.per_image == 1:
+            return conds
+        return conds.interleave(engine.family.null_conditions(engine, conds))
+
+    def expand(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image tensor [B, ...] -> per-row tensor [rows, ...]."""
+        return x.repeat_interleave(2, dim=0) if self.per_image == 2 else x
+
+    def guide(self, logits: torch.Tensor, active) -> torch.Tensor:
+        """Per-row logits -> per-image guided logits (CFG where `active`, a bool or a bool tensor)."""
+        if self.per_image == 1:
+            return logits
+        return guided_logits(logits[0::2], logits[1::2], self.params, active)
+
+    def active(self, token_index: torch.Tensor) -> torch.Tensor:
+        """[B, ...] bool: whether CFG applies to the image token with that index (cfg_interval)."""
+        if self.params.cfg_interval < 0:
+            return torch.ones_like(token_index, dtype=torch.bool)
+        return token_index <= self.params.cfg_interval + 1
+
+
+# -- the row batch ---------------------------------------------------------------------------------
+class Slots:
+    """A static batch of `capacity` image slots; live images are the prefix [0, n).
+
+    Per-image tensors ([capacity, ...]) and per-row tensors and caches ([capacity * rows_per_image, ...])
+    are registered once and move together when a finished image's slot is filled by the last live
+    one. Each image has its own counter-based random stream (seed, draws so far)."""
+
+    def __init__(self, capacity: int, rows_per_image: int, device, streams: int = 1):
+        self.capacity, self.rows_per_image, self.device = capacity, rows_per_image, torch.device(device)
+        self.n = 0
+        self.started = 0  # slots [0, started) are prefilled; [started, n) are admitted, not yet started
+        self.tags: list[Any] = []
+        self.stats: list[RowStats] = []
+        self.lists: list[list] = [self.tags, self.stats]
+        self._image: list[torch.Tensor] = []
+        self._fill: list = []
+        self._row: list[torch.Tensor] = []
+        self._caches: list = []
+        self.streams = streams  # random streams per image (one per GridAR candidate)
+        self.seeds = self.image_tensor((streams,), torch.int64)
+        self.counters = self.image_tensor((streams,), torch.int64)
+
+    def image_tensor(self, shape: tuple, dtype=torch.int64, fill=0) -> torch.Tensor:
+        t = torch.full((self.capacity, *shape), fill, dtype=dtype, device=self.device)
+        self._image.append(t)
+        self._fill.append(fill)
+        return t
+
+    def row_tensor(self, shape: tuple, dtype=torch.float32, fill=0) -> torch.Tensor:
+        t = torch.full((self.capacity * self.rows_per_image, *shape), fill, dtype=dtype, device=self.device)
+        self._row.append(t)
+        return t
+
+    def cache(self, cache, rows_per_image: Optional[int] = None):
+        """Register a KV cache whose rows move with their image (default rows_per_image: the batch's)."""
+        self._caches.append((cache, rows_per_image or self.rows_per_image))
+        return cache
+
+    def image_list(self) -> list:
+        """A per-image Python list kept in slot order (compacted with the tensors)."""
+        lst: list = []
+        self.lists.append(lst)
+        return lst
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.n
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.rows_per_image
+
+    def rows_of(self, start: int, stop: int) -> tuple[int, int]:
+        return start * self.rows_per_image, stop * self.rows_per_image
+
+    def admit(self, seeds: list[int], tags: list[Any], n_stats: int = 1) -> None:
+        k = len(seeds)
+        if k > self.free:
+            raise ArexportError(f"{k} images do not fit in {self.free} free slots")
+        s = slice(self.n, self.n + k)
+        for t, fill in zip(self._image, self._fill):  # a reused slot starts clean
+            t[s] = fill
+        self.seeds[s] = torch.as_tensor(seeds, dtype=torch.int64, device=self.device)[:, None]
+        self.counters[s] = 0
+        self.tags.extend(tags)
+        self.stats.extend(RowStats(candidates=n_stats) for _ in range(k))
+        for lst in self.lists[2:]:
+            lst.extend(None for _ in range(k))
+        self.n += k
+
+    def uniform(self, lanes: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Uniforms [n * streams, lanes] from each live stream; only `active` ([n]) images advance theirs."""
+        n = self.n
+        u = uniforms(self.seeds[:n].reshape(-1), self.counters[:n].reshape(-1), lanes)
+        self.counters[:n] += 1 if active is None else active.long()[:, None]
+        return u
+
+    def _rows(self, i: int, per: Optional[int] = None) -> torch.Tensor:
+        per = per or self.rows_per_image
+        return torch.arange(i * per, (i + 1) * per, device=self.device)
+
+    def span(self, a: int, b: int) -> torch.Tensor:
+        """[n] bool: True for the live images in [a, b)."""
+        m = torch.zeros(self.n, dtype=torch.bool, device=self.device)
+        m[a:b] = True
+        return m
+
+    def remove(self, done: list[int]) -> None:
+        """Drop finished images: each slot is filled by the last live image (all registered state moves)."""
+        for i in sorted(done, reverse=True):
+            last = self.n - 1
+            if i != last:
+                for t in self._image:
+                    t[i] = t[last]
+                for t in self._row:
+                    t[self._rows(i)] = t[self._rows(last)]
+                for c, k in self._caches:
+                    c.copy_rows(self._rows(i, k).to(c.device), self._rows(last, k).to(c.device))
+            for lst in self.lists:
+                lst[i] = lst[last]
+                lst.pop()
+            self.n -= 1
+        self.started = min(self.started, self.n)
+
+
+# -- methods and decoders ----------------------------------------------------------------------------
+@dataclass
+class Context:
+    """What a decoder runs on: engines, sampling and the method's options."""
+
+    engine: Any  # StepEngine
+    params: SamplingParams
+    options: Options
+    draft: Any = None  # StepEngine of the draft model (sd, lantern, vvs)
+
+
+class Decoder:
+    """A method's state machine over a static batch (see module docstring)."""
+
+    def __init__(self, ctx: Context, capacity: int, rows_per_image: int, streams: int = 1):
+        self.ctx, self.engine, self.params, self.opts = ctx, ctx.engine, ctx.params, ctx.options
+        self.cfg = CFGRows(ctx.params)
+        self.spec = ctx.engine.spec
+        self.slots = Slots(capacity, rows_per_image, ctx.engine.device, streams)
+        self.pending_conds: list[Conditions] = []
+        self.events: Counter = Counter()  # method-level event counts (gridar verifier invocations)
+
+    @property
+    def live(self) -> int:
+        return self.slots.n
+
+    @property
+    def free(self) -> int:
+        return self.slots.free
+
+    def admit(self, rows: list[Row]) -> None:
+        """Queue images; they prefill at the start of the next step."""
+        self.slots.admit([r.seed for r in rows], [r.tag for r in rows], self.slots.streams)
+        self.pending_conds.append(Conditions.cat([r.cond for r in rows]))
+
+    def step(self) -> list[Finished]:
+        """Start admitted images, advance every live image by one engine step; the finished images."""
+        s = self.slots
+        if s.started < s.n:
+            conds = Conditions.cat(self.pending_conds)
+            self.pending_conds.clear()
+            self.start(s.started, s.n, conds)
+            s.started = s.n
+        if s.n == 0:
+            return []
+        done = self.advance()
+        out = [self.finish(i) for i in done]
+        s.remove(done)
+        if s.n:
+            self.after()
+        return out
+
+    def start(self, a: int, b: int, conds: Conditions) -> None:
+        """Prefill images [a, b) (conditions of those images, in order)."""
+        raise NotImplementedError
+
+    def advance(self) -> list[int]:
+        """One step for images [0, n); the slots that finished."""
+        raise NotImplementedError
+
+    def after(self) -> None:
+        """Work for the images still live once the finished ones left (AR feeds its sampled tokens here)."""
+
+    def finish(self, i: int) -> Finished:
+        raise NotImplementedError
+
+
+class Method:
+    """A registered decoding method: its Options dataclass and how it builds a decoder."""
+
+    name: str = "?"
+    Options: type = Options
+    needs_draft: bool = False
+    help: str = ""
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def requires_draft(self) -> bool:
+        return self.needs_draft
+
+    def decoder(self, ctx: Context, capacity: int) -> Decoder:
+        raise NotImplementedError
+
+    def batch_invariant(self) -> bool:
+        """Whether an image's tokens are the same alone and batched (every built-in method is)."""
+        return True
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a method to the registry under `name`."""
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def make_method(name: str, strict_types: bool = True, **options) -> Method:
+    """A registered method with validated options; unknown names, options or types are errors."""
+    from arexport.runtime import methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ArexportError(f"unknown decoding method {name!r}; available: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    return cls(build_options(name, cls.Options, options, strict_types))
+
+
+def parse_method_options(items, what: str = "--option") -> dict[str, Any]:
+    """['window=16', 'init=random', ...] -> {'window': 16, 'init': 'random'}: ints, floats and
+    true/false are typed, dashes in keys become underscores. `what` names the source in errors."""
+    opts: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise ArexportError(f"bad {what} {it!r}: expected K=V")
+        k, v = it.split("=", 1)
+        opts[k.strip().replace("-", "_")] = _typed(v.strip())
+    return opts
+
+
+def _typed(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+Progress = Optional[Callable[[int], None]]

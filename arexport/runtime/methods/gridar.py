@@ -1,0 +1,272 @@
+"""`gridar` and `best-of-n`: test-time scaling over N partial candidates per image.
+
+GridAR generates N candidates (a multiple of 4) for every image with raster AR, in lockstep. At
+checkpoints (a quarter and half of the grid rows) it decodes each partial canvas — the visible
+rows repeated to fill the grid, then cropped back for the verifier — asks a verifier which
+candidates are feasible, and replaces the infeasible ones by copies of feasible ones (round robin,
+cache rows included; a copy gets a fresh random stream so it diverges from its source). If none is
+feasible the candidates are kept as they are. At the end a scorer picks one image per condition.
+`best-of-n` is the same decoder with no checkpoints, so the costs compare exactly.
+
+Text-conditional hooks: `reformulate(partial, conditions) -> Conditions` may rewrite the caption
+features at a checkpoint; then `w3 > 0` guides with the 3-way CFG
+u + (w3 + 1)(c - u) + w3 * perp(r - u), where r are the logits under the reformulated caption and
+perp removes the component along (c - u). The reformulated rows keep their own cache, prefilled
+with the new caption and fed the tokens so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.families import Conditions
+from arexport.runtime.methods.ar import ARDecoder
+from arexport.runtime.methods.base import Finished, Method, Options, option, register
+from arexport.runtime.rng import derive_seeds
+from arexport.runtime.verifiers import BUILTIN_SCORERS, BUILTIN_VERIFIERS, PartialCanvas, resolve
+
+
+def three_way_cfg(c: torch.Tensor, u: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tensor:
+    """u + (w + 1)(c - u) + w * perp(r - u), perp taken against (c - u) over the vocabulary axis."""
+    d = c - u
+    e = r - u
+    coef = (e * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True).clamp(min=1e-12)
+    return u + (w + 1.0) * d + w * (e - coef * d)
+
+
+def replacement_plan(feasible: torch.Tensor, n: int) -> torch.Tensor:
+    """[B*N] source row for every candidate row: infeasible rows copy feasible ones of the same group
+    round robin; a group with no feasible row keeps all its rows."""
+    rows = torch.arange(feasible.numel())
+    plan = rows.clone()
+    for g in range(feasible.numel() // n):
+        f = feasible[g * n:(g + 1) * n].cpu()
+        good = torch.nonzero(f).flatten()
+        if len(good) == 0 or len(good) == n:
+            continue
+        bad = torch.nonzero(~f).flatten()
+        for i, r in enumerate(bad.tolist()):
+            plan[g * n + r] = g * n + int(good[i % len(good)])
+    return plan
+
+
+@dataclass(frozen=True)
+class GridAROptions(Options):
+    candidates: int = option(4, "candidates per condition (gridar: a multiple of 4)", flag="--candidates")
+    verifier: Any = option("auto", "verifier of partial candidates: digits, accept-all, or module:callable (CLI only)",
+                           flag="--verifier")
+    scorer: Any = option("auto", "final scorer: digits, or module:callable (CLI only)", flag="--scorer")
+    checkpoints: Any = option((0.25, 0.5), "fractions of the grid rows where candidates are verified (a/b/...)")
+    reformulate: Any = option(None, "t2i: callable(partial, conditions) -> Conditions rewriting captions (Python API)")
+    w3: float = option(0.0, "t2i: weight of the reformulated caption in 3-way CFG")
+    multiple_of: int = 4
+
+    def validate(self):
+        if self.candidates < 1 or self.candidates % self.multiple_of:
+            raise ArexportError(f"{'gridar' if self.multiple_of == 4 else 'best-of-n'} candidates must be a positive "
+                                f"multiple of {self.multiple_of}, got {self.candidates}")
+        cps = self.checkpoints
+        if isinstance(cps, str):
+            try:
+                cps = tuple(float(x) for x in cps.split("/") if x)
+            except ValueError:
+                raise ArexportError(f"gridar checkpoints must be fractions like 0.25/0.5, got {self.checkpoints!r}") from None
+        if any(not 0 < f < 1 for f in cps):
+            raise ArexportError(f"gridar checkpoints must be fractions in (0, 1), got {cps}")
+        object.__setattr__(self, "checkpoints", tuple(sorted(cps)))
+        return self
+
+
+@dataclass(frozen=True)
+class BestOfNOptions(Options):
+    candidates: int = option(4, "candidates per condition", flag="--candidates")
+    scorer: Any = option("auto", "final scorer: digits, or module:callable (CLI only)", flag="--scorer")
+
+    def validate(self):
+        if self.candidates < 1:
+            raise ArexportError(f"best-of-n candidates must be >= 1, got {self.candidates}")
+        return self
+
+
+class GridARDecoder(ARDecoder):
+    derive_streams = True
+
+    def __init__(self, ctx, capacity, candidates, checkpoints, verifier, scorer, reformulate=None, w3=0.0):
+        super().__init__(ctx, capacity, candidates)
+        kind = self.spec.image.kind
+        self.checkpoints = checkpoints
+        self.verifier = resolve(verifier, BUILTIN_VERIFIERS, "verifier", kind) if checkpoints else None
+        self.scorer = resolve(scorer, BUILTIN_SCORERS, "scorer", kind)
+        self.passed = self.slots.image_tensor(())  # checkpoints done
+        self.image_conds = self.slots.image_list()  # each image's condition (the verifier gets them)
+        self.side = _Reformulated(self, reformulate, w3) if reformulate is not None else None
+
+    def start(self, a, b, conds):
+        super().start(a, b, conds)
+        for i in range(a, b):
+            self.image_conds[i] = conds.select(slice(i - a, i - a + 1))
+        if self.side is not None:
+            self.side.reset(a, b)
+
+    def guide(self, logits, active):
+        return self.side.guide(logits, active) if self.side is not None else self.cfg.guide(logits, active)
+
+    def after(self):
+        super().after()
+        if self.side is not None:
+            self.side.feed()
+        g, n = self.spec.grid_size, self.slots.n
+        due = []
+        for i in range(n):
+            c = int(self.passed[i])
+            if c < len(self.checkpoints) and int(self.t[i]) == max(1, int(round(self.checkpoints[c] * g))) * g:
+                due.append(i)
+        if due:
+            self._checkpoint(due)
+
+    def _checkpoint(self, images: list[int]) -> None:
+        """Verify the partial candidates of `images` (one verifier call) and replace infeasible ones."""
+        N, g, s = self.N, self.spec.grid_size, self.slots
+        until = int(self.t[images[0]])
+        rows = until // g
+        tokens = self.tokens[images, :, :until].reshape(len(images) * N, until)
+        conds = Conditions.cat([self.image_conds[i] for i in images]).repeat_interleave(N)
+        reps = -(-g // rows)
+        canvas = self.engine.decode_images(tokens.view(-1, rows, g).repeat(1, reps, 1)[:, :g].reshape(-1, g * g))
+        px = canvas.shape[1] * rows // g
+        partial = PartialCanvas(canvas, canvas[:, :px], tokens, rows / g, conds)
+        feasible = self.verifier(partial).to(torch.bool).cpu()
+        self.events["verifier_calls"] += 1
+        for j, i in enumerate(images):
+            f = feasible[j * N:(j + 1) * N]
+            plan = replacement_plan(f, N)
+            moved = plan != torch.arange(N)
+            st = s.stats[i]
+            st.checkpoint_feasible.append(float(f.float().mean()))
+            st.replaced += int(moved.sum())
+            salt = 1000 + int(self.passed[i])
+            if bool(moved.any()):
+                self._copy_candidates(i, plan.to(s.device), moved.to(s.device), salt)
+            self.passed[i] += 1
+        if self.side is not None and self.spec.model_type == "t2i":
+            self.side.refresh(images, self.side.reformulate(partial, conds))
+
+    def _copy_candidates(self, i: int, plan: torch.Tensor, moved: torch.Tensor, salt: int) -> None:
+        """Candidate c of image i becomes a copy of candidate plan[c] (cache rows, logits, tokens, stream)."""
+        r = self.cfg.per_image
+        base = i * self.N * r
+        rows = base + (plan[:, None] * r + torch.arange(r, device=plan.device)).flatten()
+        dst = torch.arange(base, base + self.N * r, device=plan.device)
+        self.cache.copy_rows(dst, rows)
+        self.logits[dst] = self.logits[rows]
+        self.tokens[i] = self.tokens[i, plan]
+        s = self.slots
+        s.seeds[i], s.counters[i] = s.seeds[i, plan], s.counters[i, plan]
+        s.seeds[i] = torch.where(moved, derive_seeds(s.seeds[i], salt), s.seeds[i])
+        if self.side is not None:
+            self.side.copy(i, plan)
+
+    def finish(self, i):
+        images = self.engine.decode_images(self.tokens[i])
+        scores = self.scorer(images, self.image_conds[i].repeat_interleave(self.N)).float().cpu()
+        best = int(scores.argmax())
+        st = self.slots.stats[i]
+        st.best_score = float(scores[best])
+        return Finished(self.tokens[i, best].clone(), st, self.slots.tags[i],
+                        extras={"candidate_tokens": self.tokens[i].clone(), "candidate_scores": scores, "best": best})
+
+
+class _Reformulated:
+    """Reformulated-caption rows for the 3-way CFG: one row per candidate with its own cache, prefilled
+    at a checkpoint with the rewritten caption and fed every token since, in lockstep with the main rows."""
+
+    def __init__(self, dec: GridARDecoder, reformulate, w3: float):
+        if dec.spec.model_type != "t2i":
+            raise ArexportError("prompt reformulation and 3-way CFG apply to text-conditional models")
+        self.dec, self.reformulate, self.w3 = dec, reformulate, w3
+        s = dec.slots
+        self.cache = s.cache(dec.engine.allocate(s.capacity * dec.N), rows_per_image=dec.N)
+        self.on = s.image_tensor((), torch.bool)
+        self.logits_view = s.image_tensor((dec.N, dec.spec.vocab_size), torch.float32)
+
+    def reset(self, a, b):
+        self.on[a:b] = False
+
+    def refresh(self, images: list[int], conds: Conditions) -> None:
+        """Prefill the reformulated captions of `images` and feed the tokens generated so far."""
+        dec, e, N = self.dec, self.dec.engine, self.dec.N
+        for j, i in enumerate(images):
+            view = self.cache.view(i * N, (i + 1) * N)
+            view.key_valid.fill_(True)
+            logits = e.family.prefill(e, view, conds.select(slice(j * N, (j + 1) * N)).to(e.device))
+            t = int(dec.t[i])
+            done = 0
+            while done < t:
+                c = min(e.max_q, t - done)
+                w = view.length.clone()
+                pos = (done + torch.arange(c, device=e.device)).expand(N, c)
+                logits = e.step(view, dec.tokens[i, :, done:done + c], pos, w, view.causal_mask(w, c))[:, -1]
+                view.length += c
+                done += c
+            self.logits_view[i] = logits
+            self.on[i] = True
+
+    def copy(self, i: int, plan: torch.Tensor) -> None:
+        if bool(self.on[i]):
+            N = self.dec.N
+            self.cache.copy_rows(torch.arange(i * N, (i + 1) * N, device=plan.device), i * N + plan)
+            self.logits_view[i] = self.logits_view[i, plan]
+
+    def feed(self) -> None:
+        """Feed every active image's newest tokens to its reformulated rows."""
+        dec, e, N = self.dec, self.dec.engine, self.dec.N
+        for i in range(dec.slots.n):
+            if not bool(self.on[i]):
+                continue
+            view = self.cache.view(i * N, (i + 1) * N)
+            t = int(dec.t[i]) - 1
+            w = view.length.clone()
+            tok = dec.tokens[i, :, t:t + 1]
+            self.logits_view[i] = e.step(view, tok, torch.full_like(tok, t), w, view.causal_mask(w, 1))[:, 0]
+            view.length += 1
+
+    def guide(self, logits: torch.Tensor, active) -> torch.Tensor:
+        """3-way CFG for images with reformulated rows, the decoder's CFG otherwise."""
+        dec = self.dec
+        out = dec.cfg.guide(logits, active)
+        if self.w3 <= 0 or dec.cfg.per_image == 1:
+            return out
+        n, N = dec.slots.n, dec.N
+        on = self.on[:n].repeat_interleave(N)
+        if not bool(on.any()):
+            return out
+        c, u = logits[0::2], logits[1::2]
+        r = self.logits_view[:n].reshape(n * N, -1)
+        return torch.where(on[:, None], three_way_cfg(c, u, r, self.w3), out)
+
+
+@register("gridar")
+class GridAR(Method):
+    """GridAR test-time scaling (see module docstring)."""
+
+    Options = GridAROptions
+    help = "GridAR test-time scaling: N candidates, prune at 1/4 and 1/2 of the rows with a verifier, pick with a scorer"
+
+    def decoder(self, ctx, capacity):
+        o = self.options
+        return GridARDecoder(ctx, capacity, o.candidates, o.checkpoints, o.verifier, o.scorer, o.reformulate, o.w3)
+
+
+@register("best-of-n")
+class BestOfN(Method):
+    """N independent candidates per condition, the scorer picks one: GridAR without checkpoints."""
+
+    Options = BestOfNOptions
+    help = "N independent candidates, the scorer picks one (same code as gridar, no pruning)"
+
+    def decoder(self, ctx, capacity):
+        return GridARDecoder(ctx, capacity, self.options.candidates, (), None, self.options.scorer)

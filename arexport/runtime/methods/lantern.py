@@ -1,0 +1,64 @@
+"""`lantern`: LANTERN relaxed acceptance on top of a drafter (`sd` by default, or `sjd`).
+
+Neighbourhoods come from L2 distances between codebook latents (precomputed into the engine
+directory at build time, or computed once from the decoder's codebook on the torch backend).
+delta = 0 reproduces the drafter exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from arexport.errors import ArexportError
+from arexport.runtime.methods.base import Method, Options, option, register
+from arexport.runtime.methods.sd import SD, SDOptions
+from arexport.runtime.methods.sjd import SJD, SJDOptions
+from arexport.runtime.speculative import LanternRule
+
+DRAFTERS = {"sd": SD, "sjd": SJD}
+
+
+@dataclass(frozen=True)
+class LanternOptions(Options):
+    k: int = option(1000, "nearest codebook neighbours searched", flag="--lantern-k")
+    delta: float = option(0.1, "total-variation budget delta", flag="--lantern-delta")
+    lam: Optional[float] = option(None, "LANTERN++ bound: pooled mass <= (lambda - 1) p(x)", flag="--lantern-lambda")
+    drafter: str = option("sd", "drafter under the relaxed acceptance", flag="--drafter", choices=tuple(DRAFTERS))
+    gamma: int = SDOptions.__dataclass_fields__["gamma"].default  # sd drafter
+    window: int = SJDOptions.__dataclass_fields__["window"].default  # sjd drafter
+    init: str = SJDOptions.__dataclass_fields__["init"].default
+    start: int = 0
+    end: Optional[int] = None
+
+    def validate(self):
+        if self.k < 1:
+            raise ArexportError(f"lantern k must be >= 1, got {self.k}")
+        if not 0 <= self.delta <= 1:
+            raise ArexportError(f"lantern delta must be in [0, 1], got {self.delta}")
+        if self.lam is not None and self.lam < 1:
+            raise ArexportError(f"lantern lambda must be >= 1, got {self.lam}")
+        self.drafter_options().validate()
+        return self
+
+    def drafter_options(self) -> Options:
+        if self.drafter == "sd":
+            return SDOptions(gamma=self.gamma)
+        return SJDOptions(window=self.window, init=self.init, start=self.start, end=self.end)
+
+
+@register("lantern")
+class Lantern(Method):
+    """A drafter whose acceptance is LanternRule."""
+
+    Options = LanternOptions
+    help = "LANTERN relaxed acceptance (latent-space neighbours, TV budget) on top of sd or sjd"
+
+    def requires_draft(self) -> bool:
+        return self.options.drafter == "sd"
+
+    def decoder(self, ctx, capacity):
+        o = self.options
+        rule = LanternRule(ctx.engine.neighbors(o.k), k=o.k, delta=o.delta, lam=o.lam)
+        drafter = DRAFTERS[o.drafter](o.drafter_options())
+        return drafter.decoder(type(ctx)(ctx.engine, ctx.params, o.drafter_options(), ctx.draft), capacity, rule=rule)

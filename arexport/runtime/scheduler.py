@@ -1,0 +1,53 @@
+"""The one scheduler: admits images into a decoder's free slots at step boundaries and steps it.
+
+`Generator.generate` runs it to completion over a request's images; the serving worker keeps one
+per (method, options, sampling) and admits new requests' images whenever slots are free, so every
+method is continuously batched. A step is the decoder's own unit (one token, one verify block,
+one draft round, one scale); nothing here knows which method it drives.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable, Optional
+
+from arexport.runtime.methods.base import Decoder, Finished, Row
+
+
+class Scheduler:
+    """FIFO admission into one decoder; `step()` returns the images that finished."""
+
+    def __init__(self, decoder: Decoder, max_admit: Optional[int] = None):
+        self.decoder = decoder
+        self.queue: deque[Row] = deque()
+        self.max_admit = max_admit  # most images admitted at one boundary (None: as many as fit)
+        self.admissions = 0  # boundaries at which images were admitted
+
+    def submit(self, rows: Iterable[Row]) -> None:
+        self.queue.extend(rows)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue) or self.decoder.live > 0
+
+    def step(self) -> list[Finished]:
+        """Admit what fits, then one decoder step."""
+        k = min(self.decoder.free, len(self.queue), self.max_admit or len(self.queue))
+        if k:
+            self.decoder.admit([self.queue.popleft() for _ in range(k)])
+            self.admissions += 1
+        return self.decoder.step()
+
+    def drop(self, keep: Callable[[Row], bool]) -> None:
+        """Forget queued rows for which keep(row) is False (cancelled or expired requests)."""
+        self.queue = deque(r for r in self.queue if keep(r))
+
+    def run(self, progress: Optional[Callable[[Finished], None]] = None) -> list[Finished]:
+        """Step until every submitted image finished; results in completion order."""
+        out: list[Finished] = []
+        while self.busy:
+            for f in self.step():
+                out.append(f)
+                if progress:
+                    progress(f)
+        return out
