@@ -74,6 +74,40 @@ def engine_or_model_options(default_backend: str):
     return deco
 
 
+def method_options(f):
+    """One click option per declared method option that names a CLI flag (runtime.methods: each
+    method's Options dataclass), with its type, choices and help; --option K=V sets any other."""
+    import typing
+
+    from arexport.runtime.methods import METHODS
+    from arexport.runtime.methods.base import option_fields
+
+    found: dict[str, list] = {}
+    for mname in sorted(METHODS):
+        for fld, typ in option_fields(METHODS[mname].Options):
+            if fld.name in found:
+                found[fld.name][3].append(mname)
+            elif fld.metadata.get("flag"):
+                found[fld.name] = [fld.metadata["flag"], typ, fld, [mname]]
+    for name, (flag, typ, fld, users) in sorted(found.items(), reverse=True):
+        base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
+        ctype = fld.metadata.get("choices") and click.Choice(list(fld.metadata["choices"])) or \
+            {int: int, float: float}.get(base[0], str)
+        default = fld.default if not isinstance(fld.default, tuple) else "/".join(map(str, fld.default))
+        f = click.option(flag, name, type=ctype, default=None,
+                         help=f"{'/'.join(users)}: {fld.metadata['help']} (default {default}).")(f)
+    return f
+
+
+def _method_kwargs(values: dict) -> dict:
+    """The method options a command was given (None = not given)."""
+    from arexport.runtime.methods import METHODS
+    from arexport.runtime.methods.base import option_fields
+
+    names = {fld.name for cls in METHODS.values() for fld, _ in option_fields(cls.Options)}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
 def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision=None) -> dict:
     """Keyword arguments that load a model by name (empty for an engine directory)."""
     from arexport.models.registry import parse_overrides
@@ -146,24 +180,9 @@ def _load_captions(path: Optional[str]):
 @click.option("--top-p", type=float, help="Nucleus sampling mass (1.0 = off).")
 @click.option("--temperature", type=float, help="Softmax temperature; 0 = greedy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Request seed; image i uses a seed derived from (seed, i).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Images per batch (rows are doubled by CFG).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together (rows are doubled by CFG); slots are refilled as images finish.")
 @click.option("--draft", help="Draft model name or engine directory (sd, lantern, vvs).")
-@click.option("--window", type=int, help="sjd: Jacobi window L (default 16).")
-@click.option("--sjd-init", type=click.Choice(["random", "repeat_horizon"]), help="sjd: how new drafts are initialised.")
-@click.option("--gamma", type=int, help="sd/lantern/vvs: draft tokens per round (default 4).")
-@click.option("--drafter", type=click.Choice(["sd", "sjd"]), help="lantern: drafter under the relaxed acceptance (default sd).")
-@click.option("--lantern-k", type=int, help="lantern: nearest codebook neighbours searched (default 1000).")
-@click.option("--lantern-delta", type=float, help="lantern: total-variation budget delta (default 0.1).")
-@click.option("--lantern-lambda", type=float, help="lantern: LANTERN++ bound, pooled mass <= (lambda-1) p(x).")
-@click.option("--steps", type=int, help="arpg: parallel decoding steps (default 64).")
-@click.option("--schedule", type=click.Choice(["arccos", "cosine"]), help="arpg: tokens-per-step schedule (default arccos).")
-@click.option("--cfg-schedule", type=click.Choice(["linear", "constant"]), help="arpg: guidance schedule (default linear).")
-@click.option("--policy", type=click.Choice(["uniform", "dynamic", "none"]), help="vvs: when to skip verification (default uniform).")
-@click.option("--skip-interval", type=int, help="vvs uniform: skip every N-th round (default 5).")
-@click.option("--sim-threshold", type=float, help="vvs dynamic: candidate latent cosine similarity to skip (default 0.7).")
-@click.option("--candidates", type=int, help="gridar/best-of-n: candidates per condition (gridar: multiple of 4; default 4).")
-@click.option("--verifier", help="gridar: verifier (digits, accept-all, or module:callable).")
-@click.option("--scorer", help="gridar/best-of-n: final scorer (digits, or module:callable).")
+@method_options
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
@@ -173,9 +192,8 @@ def _load_captions(path: Optional[str]):
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, method, backend, device, precision, cfg_scale, cfg_interval, top_k, top_p,
-             temperature, seed, batch_size, draft, window, sjd_init, gamma, drafter, lantern_k, lantern_delta,
-             lantern_lambda, steps, schedule, cfg_schedule, policy, skip_interval, sim_threshold, candidates, verifier,
-             scorer, method_opts, save_tokens, out_dir, grid_png, stats_json, progress):
+             temperature, seed, batch_size, draft, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
+             **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
     \b
@@ -187,8 +205,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     import numpy as np
 
     from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
-    from arexport.runtime.decoding.base import default_method, parse_method_options
     from arexport.runtime.generator import Generator
+    from arexport.runtime.methods.base import parse_method_options
     from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "run")
@@ -197,16 +215,12 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     spec = gen.spec
-    method = method or default_method(spec)
+    method = method or gen.engine.family.default_method
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                 cfg_interval=cfg_interval)
     captions, cmask = _load_captions(caption_embeddings)
     opts = parse_method_options(method_opts)
-    named = {"window": window, "init": sjd_init, "gamma": gamma, "drafter": drafter, "k": lantern_k,
-             "delta": lantern_delta, "lam": lantern_lambda, "steps": steps, "schedule": schedule,
-             "cfg_schedule": cfg_schedule, "policy": policy, "skip_interval": skip_interval,
-             "sim_threshold": sim_threshold, "candidates": candidates, "verifier": verifier, "scorer": scorer}
-    opts.update({k: v for k, v in named.items() if v is not None})
+    opts.update(_method_kwargs(named_method_options))
     show = sys.stderr.isatty() if progress is None else progress
     need_images = bool(out_dir or grid_png)
     result = _run_with_progress(gen, show, dict(
@@ -290,7 +304,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
       arexport build GPT-B --random-init --precision fp16 --batch-sizes 2,4 --verify-len 16 --out engines/b
       arexport build GPT-XL --checkpoint c2i_XL_384.pt --image-size 384 --backend trt --out engines/xl
     """
-    from arexport.engines.build import BuildOptions, build_engine
+    from arexport.exporter.build import BuildOptions, build_engine
     from arexport.models.registry import load_model, parse_overrides
 
     opts = BuildOptions(precision=precision, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), verify_len=verify_len,
@@ -299,7 +313,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
     if Path(out_dir).exists() and not overwrite:
         raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
     if backend == "trt":
-        from arexport.engines.trt_build import require_tensorrt
+        from arexport.devices import require_tensorrt
 
         require_tensorrt()
     loaded = load_model(model_name, checkpoint=checkpoint, random_init=random_init, seed=init_seed,
@@ -313,7 +327,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
             console.log(msg)
 
         manifest = build_engine(loaded, out_dir, opts, report=report)
-    _print_manifest(manifest, console, brief=True)
+    _print_manifest(manifest.to_json(), console, brief=True)
 
 
 @cli.command()
@@ -329,16 +343,16 @@ def inspect(engine_dir, as_json, check_hashes):
     """
     import json as _json
 
-    from arexport.engines.manifest import read_manifest, verify_files
+    from arexport.format.manifest import read_manifest, verify_files
 
     manifest = read_manifest(engine_dir)
     verify_files(engine_dir, manifest, check_hashes=check_hashes)
     if as_json:
-        click.echo(_json.dumps(manifest, indent=2, sort_keys=True))
+        click.echo(_json.dumps(manifest.to_json(), indent=2, sort_keys=True))
         return
     from rich.console import Console
 
-    _print_manifest(manifest, Console(), brief=False)
+    _print_manifest(manifest.to_json(), Console(), brief=False)
 
 
 def _print_manifest(m: dict, console, brief: bool) -> None:
@@ -408,14 +422,14 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
     from rich.console import Console
     from rich.table import Table
 
-    from arexport.engines.directory import open_engine_dir, torch_engine_from_manifest
-    from arexport.engines.verify import verify_engine
     from arexport.fileio import atomic_write_json
+    from arexport.runtime.loading import open_engine
+    from arexport.verify import verify_engine
 
-    engine = open_engine_dir(engine_dir, backend=backend, device=device)
-    reference = torch_engine_from_manifest(engine.manifest, device=device)
-    rep = verify_engine(engine, reference, engine.manifest["precision"], batch=batch,
-                        verify_len=engine.manifest["profiles"]["verify_len"], atol=atol, rtol=rtol,
+    engine = open_engine(engine_dir, backend=backend, device=device)
+    reference = open_engine(engine_dir, backend="torch", device=device, verify_hashes=False)
+    rep = verify_engine(engine, reference, engine.manifest.precision, batch=batch,
+                        verify_len=engine.manifest.profiles.verify_len, atol=atol, rtol=rtol,
                         full_image=n_images > 0, n_images=max(n_images, 1))
     console = Console()
     t = Table(title=f"{engine_dir}: {backend} vs torch ({rep.precision}, atol {rep.atol:g}, rtol {rep.rtol:g})")
@@ -510,8 +524,8 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.profiling.bandwidth import measure_copy_bandwidth
     from arexport.profiling.profiler import RunConfig, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
-    from arexport.runtime.decoding.base import default_method, parse_method_options
     from arexport.runtime.generator import Generator
+    from arexport.runtime.methods.base import parse_method_options
     from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "profile")
@@ -529,9 +543,9 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     for cfg in configs:
         gen = Generator.load(source, backend=cfg.backend, device=device, draft=draft, cuda_graph=cuda_graph, **kw)
         spec = gen.spec
-        cfg.method = cfg.method or default_method(spec)
+        cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
-        prec = getattr(gen.engine, "manifest", {}).get("precision") or precision or "fp32"
+        prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
         console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec))
         context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": prec, "batch_size": batch_size,
@@ -597,7 +611,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--batching", type=click.Choice(["continuous", "request", "none"]), default="continuous", show_default=True,
-              help="continuous: step-level batching (ar, arpg); request: merge compatible requests; none: one at a time.")
+              help="continuous: step-level batching (every method); request: merge compatible requests; none: one at a time.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Images per batch (CFG doubles the rows).")
 @click.option("--token-env", default="AREXPORT_TOKEN", show_default=True, help="Environment variable holding the bearer token (unset: no auth).")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest accepted request body.")

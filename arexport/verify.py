@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.engine import Conditions, StepEngine
+from arexport.families import Conditions
+from arexport.runtime.engine import StepEngine
 
 # Default tolerances per precision: fp32 is the issue's 1e-4 bound on logits; half precisions are
 # bounded by rounding of activations and caches (see docs/benchmarks.md for measured errors).
@@ -38,7 +39,9 @@ def _polygraphy():
 
 def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[OrderedDict]:
     """Feed dicts: (prefill), decode and verify at offset 0 and at non-zero, per-row-different offsets."""
-    if spec.family == "arpg":
+    from arexport.families import get_family
+
+    if "multi_query" in get_family(spec.family).step_kinds:
         return make_multi_query_cases(spec, batch, verify_len, seed)
     g = torch.Generator().manual_seed(seed)
     n = spec.n_tokens
@@ -141,7 +144,7 @@ def run_multi_query_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np
 def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """Set up the case's cache state on `engine`, run its step function, return outputs as numpy."""
     spec = engine.spec
-    if spec.family == "arpg":
+    if "multi_query" in engine.family.step_kinds:
         return run_multi_query_case(engine, feed)
     b = len(feed["prefix_len"])
     if spec.model_type == "c2i":
@@ -149,7 +152,7 @@ def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     else:
         conds = Conditions(embeds=torch.from_numpy(feed["cond_embeds"]), mask=torch.from_numpy(feed["cond_mask"]))
     cache = engine.allocate(b)
-    logits = engine.prefill(cache, conds)
+    logits = engine.family.prefill(engine, cache, conds)
     kind = KINDS[int(feed["kind"])]
     toks = torch.from_numpy(feed["tokens"])
     prefix = torch.from_numpy(feed["prefix_len"])
@@ -273,10 +276,9 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
 
 
 def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, seed: int = 0):
-    """Greedy `ar` generation of whole images on both engines: (token agreement, 'k/n identical')."""
-    from arexport.runtime.decoding import make_method
-    from arexport.runtime.decoding.base import default_method
-    from arexport.runtime.rng import RowRNG
+    """Greedy generation (the family's default method) of whole images on both engines:
+    (token agreement, 'k/n identical')."""
+    from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import SamplingParams
 
     spec = engine.spec
@@ -287,11 +289,11 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
         conds = Conditions(embeds=torch.randn(n_images, spec.cond_len, spec.caption_dim, generator=g),
                            mask=torch.ones(n_images, spec.cond_len, dtype=torch.bool))
     params = SamplingParams(temperature=0.0, cfg_scale=1.0)
-    method = default_method(spec)
     toks = []
     for e in (engine, reference):
-        res = make_method(method).generate(e, conds, params, RowRNG.from_seeds(range(n_images), e.device))
-        toks.append(res.tokens.cpu())
+        res = Generator(e).generate(classes=conds.classes, captions=conds.embeds, caption_mask=conds.mask, sampling=params,
+                                    seed=seed, batch_size=n_images, images=False, timings=False)
+        toks.append(torch.from_numpy(res.tokens))
     agree = float((toks[0] == toks[1]).float().mean())
     same = int((toks[0] == toks[1]).all(dim=1).sum())
     return agree, f"{same}/{n_images}"

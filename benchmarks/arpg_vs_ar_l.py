@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import git_rev, machine, markdown_table  # noqa: E402
 
-from arexport.engines.build import BuildOptions, build_engine  # noqa: E402
+from arexport.exporter.build import BuildOptions, build_engine  # noqa: E402
 from arexport.models.registry import load_model  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import SamplingParams  # noqa: E402

@@ -21,9 +21,9 @@ from common import git_rev, machine, markdown_table, summary_ms, time_calls  # n
 from step_latency import fill  # noqa: E402
 
 from arexport.calibration.calibrate import calibrate_engine  # noqa: E402
-from arexport.engines.build import BuildOptions, build_engine  # noqa: E402
-from arexport.engines.directory import open_engine_dir  # noqa: E402
-from arexport.engines.manifest import read_manifest  # noqa: E402
+from arexport.exporter.build import BuildOptions, build_engine  # noqa: E402
+from arexport.runtime.loading import open_engine  # noqa: E402
+from arexport.format.manifest import read_manifest  # noqa: E402
 from arexport.models.registry import load_model  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def dir_mib(d: Path) -> float:
 
 
 def decode_ms(d: Path, batch: int, offset: int, iters: int) -> float:
-    eng = open_engine_dir(d, "ort", verify_hashes=False)
+    eng = open_engine(str(d), "ort", verify_hashes=False)
     cache = fill(eng, batch, min(offset, eng.spec.n_tokens - 2))
     w = cache.length.clone()
     tok = torch.zeros(batch, 1, dtype=torch.long)
@@ -58,7 +58,7 @@ def main():
         if not base.exists():
             lm = lm or load_model("GPT-B", random_init=True)
             build_engine(lm, base, BuildOptions(batch_sizes=[batch], verify_len=4, images=name == "demo"))
-        rows.append({"model": name, "mode": "fp32", "weights MiB": read_manifest(base)["weights"]["unique_bytes"] / 2**20,
+        rows.append({"model": name, "mode": "fp32", "weights MiB": read_manifest(base).weights["unique_bytes"] / 2**20,
                      "dir MiB": dir_mib(base), "decode ms": decode_ms(base, batch, offset, args.iters)})
         for mode, act in (("int8", "s8"), ("int8", "u8"), ("fp8", "s8"), ("int4-weight", "s8")):
             tag = mode + ("-u8" if act == "u8" else "")
@@ -66,7 +66,7 @@ def main():
             if not out.exists():
                 calibrate_engine(base, out, mode, samples=samples, every=4 if name == "demo" else 16, force=name != "demo",
                                  activations=act, report=lambda s: print(s, file=sys.stderr))
-            q = read_manifest(out)["quantization"]
+            q = read_manifest(out).quantization
             g = q["gates"]
             row = {"model": name, "mode": tag, "weights MiB": q["weights_bytes"] / 2**20, "dir MiB": dir_mib(out),
                    "decode ms": decode_ms(out, batch, offset, args.iters), "top-1 agree": g["top1_agreement"],

@@ -21,15 +21,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import git_rev, machine, markdown_table, summary_ms, time_calls  # noqa: E402
 
-from arexport.engines.build import BuildOptions, build_engine  # noqa: E402
-from arexport.engines.directory import open_engine_dir, torch_engine_from_manifest  # noqa: E402
+from arexport.exporter.build import BuildOptions, build_engine  # noqa: E402
+from arexport.runtime.backends import open_directory  # noqa: E402
+from arexport.runtime.loading import open_engine  # noqa: E402
 from arexport.models.registry import load_model, parse_overrides  # noqa: E402
-from arexport.runtime.engine import Conditions  # noqa: E402
+from arexport.families import Conditions  # noqa: E402
 
 
 def fill(engine, batch: int, offset: int):
     cache = engine.allocate(batch)
-    engine.prefill(cache, Conditions(classes=torch.arange(batch) % engine.spec.num_classes))
+    engine.family.prefill(engine, cache, Conditions(classes=torch.arange(batch) % engine.spec.num_classes))
     done = 0
     g = torch.Generator().manual_seed(0)
     while done < offset:
@@ -69,8 +70,8 @@ def main():
         lm = load_model(args.model, random_init=args.random_init, overrides=parse_overrides(args.model_config))
         print(f"building {eng_dir} ...", file=sys.stderr)
         build_engine(lm, eng_dir, BuildOptions(precision=args.precision, batch_sizes=[args.batch], verify_len=max(qs), images=False))
-    ort_engine = open_engine_dir(eng_dir, "ort", threads=args.threads)
-    torch_engine = torch_engine_from_manifest(ort_engine.manifest)
+    ort_engine = open_engine(str(eng_dir), "ort", threads=args.threads)
+    torch_engine = open_directory("torch", ort_engine.directory, ort_engine.manifest)
     spec = ort_engine.spec
     offset = min(args.offset, spec.n_tokens - max(qs) - 1)
     rows = []
@@ -89,7 +90,7 @@ def main():
                      "torch eager median ms": res["torch eager"]["median_ms"], "ort median ms": res["ort"]["median_ms"],
                      "torch p90 ms": res["torch eager"]["p90_ms"], "ort p90 ms": res["ort"]["p90_ms"],
                      "torch / ort": res["torch eager"]["median_ms"] / res["ort"]["median_ms"]})
-    header = (f"model {spec.name} {json.dumps(ort_engine.manifest['source'].get('overrides') or {})} "
+    header = (f"model {spec.name} {json.dumps(ort_engine.manifest.source.get('overrides') or {})} "
               f"({spec.n_layer} layers, dim {spec.dim}), {args.precision}, cache offset {offset} tokens, S_max {spec.s_max}; "
               f"{machine()}; commit {git_rev()}")
     print(header)

@@ -8,8 +8,8 @@ import torch
 
 from arexport.errors import ArexportError, CheckpointError
 from arexport.models.registry import load_model, model_config
-from arexport.runtime.backends.torch_backend import TorchEngine
-from arexport.runtime.decoding.arpg import tokens_per_step
+from arexport.runtime.backends.torch.runner import TorchEngine
+from arexport.runtime.methods.arpg import tokens_per_step
 
 TINY = {"n_layer": 4, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32}
 
@@ -131,25 +131,26 @@ def test_arpg_generation_forward_count_and_raster_order(tiny_arpg):
     a = gen.generate(classes=[5, 6], method="arpg", method_options={"steps": 4, "order": "row"}, sampling=greedy, seed=3, images=False)
     b = gen.generate(classes=[5], method="arpg", method_options={"steps": 4, "order": "row"}, sampling=greedy, seed=3, images=False)
     assert np.array_equal(a.tokens[:1], b.tokens)  # per-row orders: batch-invariant
-    with pytest.raises(ArexportError, match="decodes with --method arpg"):
+    with pytest.raises(ArexportError, match="decode with --method arpg"):
         gen.generate(classes=[1], method="ar", images=False)
 
 
 def test_arpg_engine_matches_pytorch(tmp_path, tiny_arpg):
-    from arexport.engines.build import BuildOptions, build_engine
-    from arexport.engines.directory import open_engine_dir, torch_engine_from_manifest
-    from arexport.engines.manifest import read_manifest
-    from arexport.engines.verify import greedy_agreement, verify_engine
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.runtime.backends import open_directory
+    from arexport.runtime.loading import open_engine
+    from arexport.format.manifest import read_manifest
+    from arexport.verify import greedy_agreement, verify_engine
 
     out = tmp_path / "arpg"
     build_engine(tiny_arpg, out, BuildOptions(batch_sizes=[2, 4], images=False))
     m = read_manifest(out)
-    assert m["graphs"]["step"]["kinds"] == {"multi_query": 16}
-    names = [i["name"] for i in m["graphs"]["step"]["inputs"]]
+    assert m.graphs["step"].kinds == {"multi_query": 16}
+    names = [i["name"] for i in m.graphs["step"].inputs]
     assert names[:6] == ["tokens", "positions", "write_index", "attn_mask", "query_positions", "query_mask"]
-    assert m["report"]["step"]["op_histogram"]["TensorScatter"] == 2 * 3  # 2 self-decoder layers + global K/V
-    eng = open_engine_dir(out, "ort")
-    ref = torch_engine_from_manifest(eng.manifest)
+    assert m.report["step"]["op_histogram"]["TensorScatter"] == 2 * 3  # 2 self-decoder layers + global K/V
+    eng = open_engine(str(out), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
     rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=16, full_image=False)
     assert rep.passed and max(r["max_abs"] for r in rep.rows if r["output"] == "logits") < 1e-4
     agree, same = greedy_agreement(eng, ref, n_images=2)

@@ -11,8 +11,8 @@ import pytest
 
 from arexport.calibration.calibrate import calibrate_engine
 from arexport.calibration.quantize import head_matmul
-from arexport.engines.build import BuildOptions, build_engine
-from arexport.engines.manifest import read_manifest
+from arexport.exporter.build import BuildOptions, build_engine
+from arexport.format.manifest import read_manifest
 from arexport.errors import ArexportError
 from arexport.models.registry import load_model
 from arexport.runtime.generator import Generator
@@ -29,13 +29,13 @@ def demo_dir(tmp_path_factory):
 def test_capture_quantize_run_end_to_end(demo_dir, mode):
     out = demo_dir.parent / f"demo-{mode}"
     m = calibrate_engine(demo_dir, out, mode, samples=40)
-    q = m["quantization"]
+    q = m.quantization
     assert q["mode"] == mode and q["qdq_nodes"] > 0 and len(q["calibration"]["hash"]) == 64
     g = q["gates"]
     assert g["passed"] and 0.0 <= g["top1_agreement"] <= 1.0 and g["mean_kl"] >= 0.0 and g["heldout_steps"] > 0
     assert g["demo"]["quantized"]["accuracy"] >= g["demo"]["reference"]["accuracy"] - g["thresholds"]["max_accuracy_drop"]
-    assert read_manifest(out)["quantization"]["gates"] == g
-    hist = m["report"]["step"]["op_histogram"]
+    assert read_manifest(out).quantization["gates"] == g
+    hist = m.report["step"]["op_histogram"]
     assert "DequantizeLinear" in hist and hist["TensorScatter"] == 8  # the cache writes survive quantization
     head = head_matmul(demo_dir / "model.onnx")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -47,7 +47,7 @@ def test_capture_quantize_run_end_to_end(demo_dir, mode):
     res = gen.generate(classes=[1, 2, 3], method="sjd", images=True)
     assert res.images.shape == (3, 128, 128, 3)
     if mode != "fp8":  # fp8 weights take as many bytes as int8 here; int8/int4 must shrink the file
-        assert m["weights"]["unique_bytes"] < 0.5 * read_manifest(demo_dir)["weights"]["unique_bytes"]
+        assert m.weights["unique_bytes"] < 0.5 * read_manifest(demo_dir).weights["unique_bytes"]
 
 
 def test_calibration_set_is_reused_and_validated(demo_dir, tmp_path):
@@ -56,7 +56,7 @@ def test_calibration_set_is_reused_and_validated(demo_dir, tmp_path):
     stamp = os.path.getmtime(calib / "manifest.json")
     m = calibrate_engine(demo_dir, tmp_path / "b", "int8", samples=40)
     assert os.path.getmtime(calib / "manifest.json") == stamp
-    assert m["quantization"]["calibration"]["hash"] == json.loads((calib / "manifest.json").read_text())["hash"]
+    assert m.quantization["calibration"]["hash"] == json.loads((calib / "manifest.json").read_text())["hash"]
     import shutil
 
     copy = tmp_path / "copy.calib"
@@ -87,8 +87,8 @@ def test_broken_quantization_fails_the_gate(demo_dir, tmp_path, monkeypatch):
         calibrate_engine(demo_dir, tmp_path / "broken", "int8", samples=40)
     assert not (tmp_path / "broken").exists()
     m = calibrate_engine(demo_dir, tmp_path / "forced", "int8", samples=40, force=True)
-    assert m["quantization"]["forced"] and not m["quantization"]["gates"]["passed"]
-    assert m["quantization"]["gates"]["top1_agreement"] < 0.9
+    assert m.quantization["forced"] and not m.quantization["gates"]["passed"]
+    assert m.quantization["gates"]["top1_agreement"] < 0.9
 
 
 def test_requantizing_is_refused(demo_dir, tmp_path):

@@ -12,14 +12,15 @@ import onnx
 import pytest
 import torch
 
-from arexport.engines.build import BuildOptions, build_engine
-from arexport.engines.directory import open_engine_dir, torch_engine_from_manifest
-from arexport.engines.manifest import read_manifest
-from arexport.engines.verify import greedy_agreement, verify_engine
+from arexport.exporter.build import BuildOptions, build_engine
+from arexport.runtime.backends import open_directory
+from arexport.runtime.loading import open_engine
+from arexport.format.manifest import read_manifest
+from arexport.verify import greedy_agreement, verify_engine
 from arexport.errors import ArexportError, ManifestError
 from arexport.exporter.checks import check_graph
 from arexport.models.registry import load_model
-from arexport.runtime.engine import Conditions
+from arexport.families import Conditions
 
 B_SHAPED = {"n_layer": 2}  # LlamaGen-B widths (768 dim, 12 heads, 16x16 grid, vocab 16384), fewer layers
 
@@ -48,9 +49,9 @@ def tiny_images_engine(tmp_path_factory):
 
 
 def _verify(path, batch=3):
-    eng = open_engine_dir(path, "ort")
-    ref = torch_engine_from_manifest(eng.manifest)
-    rep = verify_engine(eng, ref, "fp32", batch=batch, verify_len=eng.manifest["profiles"]["verify_len"], full_image=False)
+    eng = open_engine(str(path), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
+    rep = verify_engine(eng, ref, "fp32", batch=batch, verify_len=eng.manifest.profiles.verify_len, full_image=False)
     return eng, ref, rep
 
 
@@ -70,17 +71,17 @@ def test_fp32_step_functions_match_pytorch(which, request):
 
 @pytest.mark.parametrize("which,n", [("demo_engine", 4), ("b_engine", 1)])
 def test_greedy_whole_images_identical_on_ort_and_torch(which, n, request):
-    eng = open_engine_dir(request.getfixturevalue(which), "ort")
-    ref = torch_engine_from_manifest(eng.manifest)
+    eng = open_engine(str(request.getfixturevalue(which)), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
     agree, same = greedy_agreement(eng, ref, n_images=n, seed=5)
     assert agree == 1.0 and same == f"{n}/{n}"
 
 
 def test_cache_is_updated_in_place_without_copies(demo_engine, capfd):
-    eng = open_engine_dir(demo_engine, "ort")
+    eng = open_engine(str(demo_engine), "ort")
     cache = eng.allocate(2)
     ptrs = [t.data_ptr() for t in cache.keys + cache.values]
-    eng.prefill(cache, Conditions(classes=torch.tensor([1, 2])))
+    eng.family.prefill(eng, cache, Conditions(classes=torch.tensor([1, 2])))
     before = cache.keys[0][:, :, 1:4].clone()
     w = cache.length.clone()
     eng.step(cache, torch.tensor([[3, 4, 5], [6, 7, 8]]), torch.arange(3).expand(2, 3), w, cache.causal_mask(w, 3))
@@ -104,16 +105,16 @@ def test_cache_is_updated_in_place_without_copies(demo_engine, capfd):
 
 def test_graph_report_and_operators(b_engine):
     m = read_manifest(b_engine)
-    hist = m["report"]["step"]["op_histogram"]
+    hist = m.report["step"]["op_histogram"]
     assert hist["TensorScatter"] == 2 * 2 and hist["Attention"] == 2
     assert not {"If", "Loop", "Scan"} & set(hist)
-    step = m["graphs"]["step"]
-    assert step["inputs"][0] == {"name": "tokens", "dtype": "int64", "shape": ["batch", "q"]}
-    assert step["inputs"][3]["shape"] == ["batch", 1, "q", 264]
-    assert step["aliases"]["present_key_1"] == "past_key_1"
+    step = m.graphs["step"]
+    assert step.inputs[0] == {"name": "tokens", "dtype": "int64", "shape": ["batch", "q"]}
+    assert step.inputs[3]["shape"] == ["batch", 1, "q", 272]  # 1 + 256 slots + 15 lookahead for q <= 16
+    assert step.aliases["present_key_1"] == "past_key_1"
     # Weights are stored once, outside the graph files.
     assert (b_engine / "model.onnx").stat().st_size < 1_000_000
-    assert m["weights"]["unique_bytes"] > 100_000_000
+    assert m.weights["unique_bytes"] > 100_000_000
 
 
 def test_check_graph_flags_control_flow_and_unsupported_ops(tmp_path):
@@ -139,10 +140,10 @@ def test_fp16_engine_within_tolerance(tmp_path):
     lm = load_model("llamagen-c2i-B", random_init=True, seed=6, overrides={"n_layer": 2, "dim": 128, "n_head": 4, "grid_size": 4, "multiple_of": 64})
     out = tmp_path / "fp16"
     build_engine(lm, out, BuildOptions(precision="fp16", batch_sizes=[2], verify_len=4, images=False))
-    eng = open_engine_dir(out, "ort")
+    eng = open_engine(str(out), "ort")
     assert eng.cache_dtype == torch.float16
     # Reference: the same fp16 weights run by PyTorch in fp32 math (what the fp16 graph approximates).
-    ref = torch_engine_from_manifest({**eng.manifest, "precision": "fp32"})
+    ref = open_directory("torch", eng.directory, eng.manifest, precision="fp32")
     rep = verify_engine(eng, ref, "fp16", batch=2, verify_len=4, full_image=False)
     worst = max(r["max_abs"] for r in rep.rows if r["output"] == "logits")
     assert worst < 5e-2 and rep.passed, worst
@@ -153,15 +154,15 @@ def test_bf16_graph_exports_and_checks(tmp_path):
     out = tmp_path / "bf16"
     build_engine(lm, out, BuildOptions(precision="bf16", batch_sizes=[2], verify_len=4, images=False))
     m = read_manifest(out)
-    assert m["graphs"]["step"]["inputs"][4]["dtype"] == "bfloat16"
-    assert m["graphs"]["step"]["outputs"][0]["dtype"] == "float32"  # logits stay fp32
+    assert m.graphs["step"].inputs[4]["dtype"] == "bfloat16"
+    assert m.graphs["step"].outputs[0]["dtype"] == "float32"  # logits stay fp32
     with pytest.raises(ArexportError, match="no bf16 MatMul kernels"):
-        open_engine_dir(out, "ort")
+        open_engine(str(out), "ort")
 
 
 def test_vq_decoder_graph_matches_pytorch(tiny_images_engine):
-    eng = open_engine_dir(tiny_images_engine, "ort")
-    ref = torch_engine_from_manifest(eng.manifest)
+    eng = open_engine(str(tiny_images_engine), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
     tokens = torch.randint(0, 16384, (2, 16))
     a, b = eng.decode_images(tokens), ref.decode_images(tokens)
     assert a.shape == (2, 64, 64, 3) and a.dtype == torch.uint8
@@ -183,9 +184,9 @@ def test_corrupt_onnx_is_refused(tiny_images_engine, tmp_path):
     data[100:120] = b"\xff" * 20
     (d / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(ManifestError, match="model.onnx does not match its sha256"):
-        open_engine_dir(d, "ort")
+        open_engine(str(d), "ort")
     with pytest.raises(ArexportError, match="ONNX Runtime cannot load .*model.onnx"):
-        open_engine_dir(d, "ort", verify_hashes=False)
+        open_engine(str(d), "ort", verify_hashes=False)
 
 
 def test_truncated_and_missing_files_are_refused(tiny_images_engine, tmp_path):
@@ -193,10 +194,10 @@ def test_truncated_and_missing_files_are_refused(tiny_images_engine, tmp_path):
     w = d / "weights.bin"
     w.write_bytes(w.read_bytes()[:1000])
     with pytest.raises(ManifestError, match="weights.bin has 1000 bytes, the manifest says"):
-        open_engine_dir(d, "ort")
+        open_engine(str(d), "ort")
     (d / "vq_decoder.onnx").unlink()
     with pytest.raises(ManifestError, match="file vq_decoder.onnx listed in the manifest is missing"):
-        open_engine_dir(d, "ort", verify_hashes=False)
+        open_engine(str(d), "ort", verify_hashes=False)
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -211,19 +212,19 @@ def test_bad_manifests_are_refused(tiny_images_engine, tmp_path, edit, match):
     edit(m)
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match=match):
-        open_engine_dir(d, "ort")
+        open_engine(str(d), "ort")
 
 
 def test_not_an_engine_dir(tmp_path):
     with pytest.raises(ManifestError, match="is not an engine directory: no manifest.json"):
-        open_engine_dir(tmp_path, "ort")
+        open_engine(str(tmp_path), "ort")
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="is not valid JSON"):
-        open_engine_dir(tmp_path, "ort")
+        open_engine(str(tmp_path), "ort")
 
 
 def test_trt_plan_for_another_gpu_or_version_is_refused():
-    from arexport.engines.trt_build import check_plan_compat
+    from arexport.runtime.backends.trt.loader import check_plan_compat
 
     info = {"version": "10.15.1", "gpu": {"name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}}
     with pytest.raises(ArexportError, match=r"built for NVIDIA A100-SXM4-80GB \(compute capability 8.0\), this GPU is NVIDIA H100 80GB HBM3 \(compute capability 9.0\)"):
@@ -234,14 +235,14 @@ def test_trt_plan_for_another_gpu_or_version_is_refused():
 
 
 def test_trt_profiles_cover_every_step_shape():
-    from arexport.engines.trt_build import graph_profiles, select_profile, step_profiles
+    from arexport.format.profiles import graph_profiles, select_profile, step_profiles
 
     prof = step_profiles([1, 2, 4], 16)
-    assert len(prof) == 6
-    assert prof[select_profile(prof, "decode", 2, 1)] == {"kind": "decode", "batch": [2, 2, 2], "q": [1, 1, 1]}
+    assert len(prof) == 2
+    assert prof[select_profile(prof, "decode", 3, 1)] == {"kind": "decode", "batch": [1, 4, 4], "q": [1, 1, 1]}
     assert prof[select_profile(prof, "verify", 4, 7)]["q"] == [2, 16, 16]
-    with pytest.raises(ArexportError, match="no TensorRT profile for verify with batch 3"):
-        select_profile(prof, "verify", 3, 16)
+    with pytest.raises(ArexportError, match="no TensorRT profile for verify with batch 5"):
+        select_profile(prof, "verify", 5, 16)
     vq = graph_profiles("vq_decoder", [1, 8])
     assert select_profile(vq, "vq_decoder", 5, 0) == 0
 
@@ -279,7 +280,7 @@ trt = pytest.importorskip  # alias for readability below
 
 def _tensorrt_or_skip():
     try:
-        from arexport.engines.trt_build import require_tensorrt
+        from arexport.devices import require_tensorrt
 
         require_tensorrt()
     except Exception as e:  # BackendUnavailable with the reason
@@ -292,8 +293,8 @@ def test_tensorrt_engine_matches_pytorch(tmp_path):
     lm = load_model("llamagen-c2i-B", random_init=True, seed=7, overrides={"n_layer": 2, "dim": 128, "n_head": 4, "grid_size": 4, "multiple_of": 64})
     out = tmp_path / "trt"
     build_engine(lm, out, BuildOptions(batch_sizes=[2, 4], verify_len=4, backend="trt"))
-    eng = open_engine_dir(out, "trt", device="cuda")
-    ref = torch_engine_from_manifest(eng.manifest, device="cuda")
+    eng = open_engine(str(out), "trt", device="cuda")
+    ref = open_directory("torch", eng.directory, eng.manifest, device="cuda")
     rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=True, n_images=2)
     assert rep.passed and rep.token_agreement == 1.0
 
@@ -306,7 +307,7 @@ def test_trt_backend_without_tensorrt_fails_clearly(tiny_images_engine):
     except ImportError:
         pass
     with pytest.raises(ArexportError, match="TensorRT is not installed"):
-        open_engine_dir(tiny_images_engine, "trt", device="cuda")
+        open_engine(str(tiny_images_engine), "trt", device="cuda")
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import torch
 from arexport.models.llamagen import LlamaGen, LlamaGenConfig
 from arexport.models.registry import LLAMAGEN_SIZES, canonical_name, model_config
 from arexport.models.rope import rope_table_2d
-from arexport.runtime.backends.torch_backend import TorchEngine
-from arexport.runtime.engine import Conditions
+from arexport.runtime.backends.torch.runner import TorchEngine
+from arexport.families import Conditions
 from arexport.errors import ArexportError
 
 # Parameter counts LlamaGen reports next to each config in gpt.py (c2i at 256 px; t2i 7B/3B/1B).
@@ -74,7 +74,7 @@ def _decode_logits(engine, conds, tokens, chunks):
     """Prefill then feed `tokens[:, :-1]` in the given chunk sizes; logits [B, n, V] for every position."""
     b, n = tokens.shape
     cache = engine.allocate(b)
-    out = [engine.prefill(cache, conds).unsqueeze(1)]
+    out = [engine.family.prefill(engine, cache, conds).unsqueeze(1)]
     t = 0
     for q in chunks:
         w = cache.length.clone()
@@ -119,7 +119,7 @@ def test_rows_at_different_offsets(tiny_c2i):
     tok = torch.randint(0, 16384, (2, 16))
     ref = tiny_c2i.model(cls, tok)
     cache = eng.allocate(2)
-    eng.prefill(cache, Conditions(classes=cls))
+    eng.family.prefill(eng, cache, Conditions(classes=cls))
     # Row 0 advances 5 tokens, row 1 advances 9, one row at a time.
     for row, k in ((0, 5), (1, 9)):
         w = cache.length.clone()

@@ -89,11 +89,11 @@ def test_greedy_and_one_hot_probs():
 def test_cfg_combine_and_interval():
     cond = torch.tensor([[1.0, 2.0]])
     uncond = torch.tensor([[0.5, 0.0]])
-    both = torch.cat([cond, uncond])
-    assert torch.allclose(cfg_combine(both, 3.0), uncond + 3.0 * (cond - uncond))
+    assert torch.allclose(cfg_combine(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
     p = SamplingParams(cfg_scale=3.0, cfg_interval=2)
     assert p.cfg_active(0) and p.cfg_active(3) and not p.cfg_active(4)
-    assert torch.equal(guided_logits(both, p, False), cond)
+    assert torch.equal(guided_logits(cond, uncond, p, False), cond)
+    assert torch.equal(guided_logits(cond, uncond, p, torch.tensor([True])), cfg_combine(cond, uncond, 3.0))
     assert not SamplingParams(cfg_scale=1.0).uses_cfg
 
 

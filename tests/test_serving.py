@@ -172,7 +172,7 @@ def test_http_healthz_and_metrics(server):
 
 def test_text_conditional_requests_over_http():
     from arexport.models.registry import load_model
-    from arexport.runtime.backends.torch_backend import TorchEngine
+    from arexport.runtime.backends.torch.runner import TorchEngine
 
     lm = load_model("llamagen-t2i-B", random_init=True, seed=2,
                     overrides={"n_layer": 1, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "cls_token_num": 6, "caption_dim": 32})

@@ -11,10 +11,11 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from arexport.models.registry import load_model
-from arexport.runtime.backends.torch_backend import TorchEngine
+from arexport.runtime.backends.torch.runner import TorchEngine
 from arexport.runtime.generator import Generator
 from arexport.runtime.sampling import SamplingParams, filter_logits
-from arexport.runtime.speculative import LanternRule, StandardRule, latent_neighbors
+from arexport.format.arrays import latent_neighbors
+from arexport.runtime.speculative import LanternRule, StandardRule
 
 ENUM = dict(vocab_size=3, num_classes=2, grid_size=2, dim=32, n_layer=2, n_head=2, multiple_of=32)
 
@@ -195,16 +196,18 @@ def test_lantern_delta_zero_equals_sd_token_for_token(demo_gen):
 
 def test_bad_method_options():
     from arexport.errors import ArexportError
-    from arexport.runtime.decoding import make_method
+    from arexport.runtime.methods import make_method
 
     with pytest.raises(ArexportError, match="sjd window must be >= 2"):
         make_method("sjd", window=1)
     with pytest.raises(ArexportError, match="sjd init must be one of"):
         make_method("sjd", init="zeros")
-    with pytest.raises(ArexportError, match="bad options for method sd"):
+    with pytest.raises(ArexportError, match="method sd has no option 'window'"):
         make_method("sd", window=3)
-    with pytest.raises(ArexportError, match="lantern drafter must be sd or sjd"):
+    with pytest.raises(ArexportError, match="lantern drafter must be one of sd, sjd"):
         make_method("lantern", drafter="ar")
+    with pytest.raises(ArexportError, match="sjd window must be int, got 'wide'"):
+        make_method("sjd", window="wide")
     gen = Generator(TorchEngine(load_model("demo")))
     with pytest.raises(ArexportError, match="needs a draft model"):
         gen.generate(classes=[1], method="sd", images=False)

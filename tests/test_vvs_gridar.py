@@ -7,12 +7,12 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.models.registry import load_model
-from arexport.runtime.backends.torch_backend import TorchEngine
-from arexport.runtime.decoding import make_method
-from arexport.runtime.decoding.gridar import replacement_plan, three_way_cfg
-from arexport.runtime.engine import Conditions
+from arexport.runtime.backends.torch.runner import TorchEngine
+from arexport.runtime.methods import make_method
+from arexport.runtime.methods.gridar import replacement_plan, three_way_cfg
+from arexport.families import Conditions
 from arexport.runtime.generator import Generator
-from arexport.runtime.rng import RowRNG, derive_seeds
+from arexport.runtime.rng import derive_seeds
 from arexport.runtime.sampling import SamplingParams
 
 PARAMS = SamplingParams(cfg_scale=1.5)
@@ -23,31 +23,28 @@ def engines():
     return TorchEngine(load_model("demo")), TorchEngine(load_model("demo-draft"))
 
 
-def _run(engines, method, conds, seeds, **opts):
-    target, draft = engines
-    return make_method(method, **opts).generate(target, conds, PARAMS, RowRNG(torch.tensor(seeds)), draft=draft)
+def _run(engines, method, classes, seeds, params=PARAMS, **opts):
+    """Generate with explicit per-image seeds (what the seed of image i is does not matter here)."""
+    return Generator(*engines).generate(classes=classes, seeds=seeds, method=method, method_options=opts, sampling=params,
+                                        images=False)
 
 
 def test_vvs_without_skipping_equals_lantern(engines):
-    conds = Conditions(classes=torch.tensor([0, 3, 5, 9]))
-    a = _run(engines, "lantern", conds, [1, 2, 3, 4], gamma=4, delta=0.2)
-    b = _run(engines, "vvs", conds, [1, 2, 3, 4], gamma=4, delta=0.2, policy="none")
-    assert torch.equal(a.tokens, b.tokens)
+    a = _run(engines, "lantern", [0, 3, 5, 9], [1, 2, 3, 4], gamma=4, delta=0.2)
+    b = _run(engines, "vvs", [0, 3, 5, 9], [1, 2, 3, 4], gamma=4, delta=0.2, policy="none")
+    assert (a.tokens == b.tokens).all()
     assert b.stats["skipped_rounds"] == 0
 
 
 @pytest.mark.parametrize("policy", ["uniform", "dynamic"])
 def test_skipping_saves_target_forwards_and_respects_the_rules(engines, policy):
-    target, draft = engines
-    conds = Conditions(classes=torch.tensor([2]))
     calls = []
     for method, opts in (("lantern", {"delta": 0.2}), ("vvs", {"policy": policy})):
-        target.calls.clear()
-        res = make_method(method, gamma=4, **opts).generate(target, conds, PARAMS, RowRNG(torch.tensor([7])), draft=draft)
-        calls.append(target.forward_count())
-    decisions = res.extras["decisions"]
+        res = _run(engines, method, [2], [7], gamma=4, **opts)
+        calls.append(res.stats["target_forwards"])
+    decisions = res.rows[0].decisions
     assert res.stats["skipped_rounds"] > 0 and calls[1] < calls[0]
-    assert calls[1] == sum(res.stats["forwards_per_row"])
+    assert calls[1] == res.rows[0].forwards
     # prefill + every verified round (the last round or two have no drafts left to skip)
     assert 0 <= calls[1] - 1 - sum(not s for _, s in decisions) <= 2
     assert all(not skipped for n_done, skipped in decisions if n_done <= 6), "no skipping in the first 6 tokens"
@@ -97,21 +94,19 @@ def test_three_way_cfg_math():
 
 
 def test_gridar_accepting_everything_is_n_independent_ar_samples(engines):
-    target, _ = engines
-    conds = Conditions(classes=torch.tensor([4, 8]))
     seeds = torch.tensor([11, 12])
-    res = make_method("gridar", candidates=4, verifier="accept-all").generate(target, conds, PARAMS, RowRNG(seeds.clone()))
+    res = _run(engines[:1], "gridar", [4, 8], seeds.tolist(), candidates=4, verifier="accept-all")
     cand_seeds = derive_seeds(seeds.repeat_interleave(4), torch.arange(4).repeat(2))
-    ar = make_method("ar").generate(target, Conditions(classes=torch.tensor([4, 8]).repeat_interleave(4)), PARAMS, RowRNG(cand_seeds))
-    assert torch.equal(res.extras["candidate_tokens"], ar.tokens)
+    ar = _run(engines[:1], "ar", [4, 4, 4, 4, 8, 8, 8, 8], cand_seeds.tolist())
+    cands = torch.stack([e["candidate_tokens"] for e in res.extras])
+    assert torch.equal(cands.view(8, -1), torch.from_numpy(ar.tokens))
     assert res.stats["gridar_replaced"] == 0
-    best = res.extras["best"]
-    assert torch.equal(res.tokens, ar.tokens.view(2, 4, -1)[torch.arange(2), best])
-    assert torch.equal(best, res.extras["candidate_scores"].argmax(1))
+    best = [e["best"] for e in res.extras]
+    assert (res.tokens == ar.tokens.reshape(2, 4, -1)[[0, 1], best]).all()
+    assert best == [int(e["candidate_scores"].argmax()) for e in res.extras]
 
 
 def test_gridar_pruning_replaces_exactly_the_rejected(engines):
-    target, _ = engines
     seen = {}
 
     def verifier(partial):
@@ -121,14 +116,14 @@ def test_gridar_pruning_replaces_exactly_the_rejected(engines):
             return torch.tensor([True, False, True, False])
         return torch.ones(4, dtype=torch.bool)
 
-    res = make_method("gridar", candidates=4, verifier=verifier).generate(
-        target, Conditions(classes=torch.tensor([6])), PARAMS, RowRNG(torch.tensor([5])))
-    before, after = seen["tokens"], res.extras["candidate_tokens"][:, : seen["tokens"].shape[1]]
+    res = _run(engines[:1], "gridar", [6], [5], candidates=4, verifier=verifier)
+    cands = res.extras[0]["candidate_tokens"]
+    before, after = seen["tokens"], cands[:, : seen["tokens"].shape[1]]
     assert before.shape[1] == 16  # a quarter of the 8 rows = 2 rows of 8 tokens
     assert seen["visible"][1] == 32  # 2 of 8 pixel blocks of 16 px
     assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])  # feasible: untouched
     assert torch.equal(after[1], before[0]) and torch.equal(after[3], before[2])  # rejected: copies, round robin
-    full = res.extras["candidate_tokens"]
+    full = cands
     assert not torch.equal(full[1], full[0]) and not torch.equal(full[3], full[2])  # copies diverge afterwards
     assert res.stats["gridar_replaced"] == 2 and res.stats["gridar_verifier_calls"] == 2
 
@@ -139,22 +134,21 @@ def test_best_of_n_and_cost_accounting(engines):
     assert r.stats["candidate_forwards_per_image"] == 3 * 64 and r.stats["target_forwards"] == 64
     r = gen.generate(classes=[1, 2], method="gridar", method_options={"candidates": 8}, sampling=PARAMS, images=False)
     assert r.stats["candidate_forwards_per_image"] == 8 * 64 and r.stats["gridar_verifier_calls"] == 2
-    with pytest.raises(ArexportError, match="multiple of 4"):
+    with pytest.raises(ArexportError, match="gridar candidates must be a positive multiple of 4"):
         make_method("gridar", candidates=6)
 
 
 def test_gridar_needs_a_verifier_for_real_models():
     lm = load_model("llamagen-c2i-B", random_init=True, overrides={"n_layer": 1, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32})
     with pytest.raises(ArexportError, match="gridar needs a verifier for this model"):
-        make_method("gridar").generate(TorchEngine(lm), Conditions(classes=torch.tensor([1])), PARAMS, RowRNG(torch.tensor([1])))
+        Generator(TorchEngine(lm)).generate(classes=[1], method="gridar", sampling=PARAMS, images=False)
 
 
 def test_reformulation_hook_and_three_way_cfg_on_t2i():
     lm = load_model("llamagen-t2i-B", random_init=True, seed=2,
                     overrides={"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "cls_token_num": 6, "caption_dim": 32})
-    eng = TorchEngine(lm)
+    gen = Generator(TorchEngine(lm))
     emb = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
-    conds = Conditions(embeds=emb, mask=torch.ones(1, 6, dtype=torch.bool))
     calls = []
 
     def reformulate(partial, c):
@@ -162,14 +156,16 @@ def test_reformulation_hook_and_three_way_cfg_on_t2i():
         return Conditions(embeds=c.embeds * 0.5, mask=c.mask)
 
     scorer = lambda images, c: images.float().mean((1, 2, 3))  # noqa: E731
-    base = make_method("gridar", candidates=4, verifier="accept-all", scorer=scorer).generate(
-        eng, conds, SamplingParams(cfg_scale=3.0), RowRNG(torch.tensor([9])))
-    same = make_method("gridar", candidates=4, verifier="accept-all", scorer=scorer, reformulate=reformulate, w3=0.0).generate(
-        eng, conds, SamplingParams(cfg_scale=3.0), RowRNG(torch.tensor([9])))
-    assert calls == [0.25, 0.5] and torch.equal(base.extras["candidate_tokens"], same.extras["candidate_tokens"])
-    three = make_method("gridar", candidates=4, verifier="accept-all", scorer=scorer, reformulate=reformulate, w3=2.0).generate(
-        eng, conds, SamplingParams(cfg_scale=3.0), RowRNG(torch.tensor([9])))
+
+    def run(**opts):
+        res = gen.generate(captions=emb, seeds=[9], method="gridar", sampling=SamplingParams(cfg_scale=3.0), images=False,
+                           method_options=dict(candidates=4, verifier="accept-all", scorer=scorer, **opts))
+        return res.extras[0]["candidate_tokens"]
+
+    base = run()
+    same = run(reformulate=reformulate, w3=0.0)
+    assert calls == [0.25, 0.5] and torch.equal(base, same)
+    cand = run(reformulate=reformulate, w3=2.0)
     first = 4  # tokens before the first checkpoint do not see the reformulation
-    cand = three.extras["candidate_tokens"]
-    assert torch.equal(cand[:, :first], base.extras["candidate_tokens"][:, :first])
-    assert not torch.equal(cand, base.extras["candidate_tokens"])
+    assert torch.equal(cand[:, :first], base[:, :first])
+    assert not torch.equal(cand, base)

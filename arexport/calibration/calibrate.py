@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 from arexport.calibration.capture import capture_set, load_set
 from arexport.calibration.gates import DEFAULT_THRESHOLDS, evaluate
 from arexport.calibration.quantize import MODES, build_quantized_dir
-from arexport.engines.manifest import read_manifest, tool_versions, verify_files, write_manifest
+from arexport.format.manifest import read_manifest, tool_versions, verify_files, write_manifest
 from arexport.errors import ArexportError
 from arexport.fileio import atomic_directory
 
@@ -18,7 +18,7 @@ from arexport.fileio import atomic_directory
 def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, samples: int = 64,
                      calib_set: Optional[str | Path] = None, classes: Optional[list[int]] = None, every: int = 4,
                      force: bool = False, thresholds: Optional[dict] = None, overwrite: bool = False,
-                     activations: str = "s8", report: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                     activations: str = "s8", report: Callable[[str], None] = lambda s: None):
     """Quantize src_dir into out_dir (atomically); refuse when a gate fails unless force."""
     if mode not in MODES:
         raise ArexportError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -27,13 +27,13 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
     src = Path(src_dir)
     manifest = read_manifest(src)
     verify_files(src, manifest)
-    if "quantization" in manifest:
-        raise ArexportError(f"{src} is already quantized ({manifest['quantization']['mode']}); start from a full-precision engine")
-    spec = manifest["spec"]
+    if manifest.quantization:
+        raise ArexportError(f"{src} is already quantized ({manifest.quantization['mode']}); start from a full-precision engine")
+    spec = manifest.spec
     th = dict(DEFAULT_THRESHOLDS[mode], **(thresholds or {}))
     calib_path = Path(calib_set) if calib_set else src.parent / f"{src.name}.calib"
     if not (calib_path / "manifest.json").exists():
-        n_cls = classes or [i % max(spec["num_classes"], 1) for i in range(max(4, min(16, samples // 4)))]
+        n_cls = classes or [i % max(spec.num_classes, 1) for i in range(max(4, min(16, samples // 4)))]
         report(f"capturing {samples} step inputs into {calib_path}")
         capture_set(src, calib_path, n_cls, every=every, samples=samples)
     calib_manifest, data = load_set(calib_path, manifest)
@@ -45,27 +45,28 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         info, graphs = build_quantized_dir(src, Path(out_dir), mode, calib, tmp, activations)
         from arexport.exporter.checks import check_graph, raise_on_problems
 
-        reports = copy.deepcopy(manifest.get("report", {}))
+        reports = copy.deepcopy(manifest.report)
         for name, g in graphs.items():
-            r = check_graph(tmp / g["file"])
+            r = check_graph(tmp / g.file)
             raise_on_problems(r)
-            g["inputs"], g["outputs"] = r.inputs, r.outputs
+            g.inputs, g.outputs = r.inputs, r.outputs
             reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
         new = copy.deepcopy(manifest)
-        new.update(created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), graphs=graphs,
-                   report=reports, tools=tool_versions(),
-                   weights={"file": "weights.bin", "unique_bytes": info["weights_bytes"], "referenced_bytes": info["weights_bytes"]})
-        new.pop("tensorrt", None)  # plans must be rebuilt from the quantized graph
-        new["quantization"] = {"mode": mode, **info, "source_engine": str(src.resolve()),
-                               "calibration": {"path": str(calib_path.resolve()), "hash": calib_manifest["hash"],
-                                               "samples": len(calib), "heldout": len(heldout)}}
+        new.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        new.graphs, new.report, new.tools = graphs, reports, tool_versions()
+        new.weights = {"file": "weights.bin", "unique_bytes": info["weights_bytes"], "referenced_bytes": info["weights_bytes"]}
+        new.tensorrt = None  # plans must be rebuilt from the quantized graph
+        new.quantization = {"mode": mode, **info, "source_engine": str(src.resolve()),
+                            "calibration": {"path": str(calib_path.resolve()), "hash": calib_manifest["hash"],
+                                            "samples": len(calib), "heldout": len(heldout)}}
         write_manifest(tmp, new)
-        report("evaluating accuracy gates on held-out steps" + (" and generated digits" if spec["image"]["kind"] == "digits" else ""))
-        gate = evaluate(src, tmp, graphs["step"]["file"], heldout, mode, th, demo=spec["image"]["kind"] == "digits")
-        new["quantization"]["gates"] = gate.as_dict()
+        demo = spec.image.kind == "digits"
+        report("evaluating accuracy gates on held-out steps" + (" and generated digits" if demo else ""))
+        gate = evaluate(src, tmp, graphs["step"].file, heldout, mode, th, demo=demo)
+        new.quantization["gates"] = gate.as_dict()
         if not gate.passed and not force:
             raise ArexportError(f"quantized engine failed its accuracy gate ({'; '.join(gate.failures)}); "
                                 "nothing was written (use --force to keep it anyway)")
-        new["quantization"]["forced"] = bool(force and not gate.passed)
+        new.quantization["forced"] = bool(force and not gate.passed)
         write_manifest(tmp, new)
     return new

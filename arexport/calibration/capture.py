@@ -19,7 +19,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.fileio import atomic_directory, atomic_write_json
-from arexport.models.checkpoint import file_sha256
+from arexport.format.manifest import file_sha256
 from arexport.runtime.engine import StepEngine, graph_feeds
 
 CALIB_FORMAT = "arexport-calibration"
@@ -29,11 +29,11 @@ class CapturingEngine(StepEngine):
     """Delegates to `inner`; records every `every`-th step's inputs (and the cache before it)."""
 
     def __init__(self, inner: StepEngine, every: int = 4, limit: int = 1 << 30):
-        super().__init__(inner.spec, inner.device, inner.cache_dtype)
+        super().__init__(inner.spec, inner.device, inner.cache_dtype, max_q=inner.max_q)
         self.inner, self.every, self.limit = inner, every, limit
         self.samples: list[dict[str, np.ndarray]] = []
         self._n = 0
-        self.max_q = inner.max_q
+        self.fixed_slots = inner.spec.s_max  # capture the cache at the engine graph's length
 
     def _record(self, cache, feeds: dict[str, torch.Tensor]) -> None:
         self._n += 1
@@ -54,8 +54,8 @@ class CapturingEngine(StepEngine):
                                         query_positions=query_positions, query_mask=query_mask))
         return self.inner._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
 
-    def _prefill_embeds(self, cache, conds, attn_mask):
-        return self.inner._prefill_embeds(cache, conds, attn_mask)
+    def _prefill_embeds(self, cache, embeds, attn_mask):
+        return self.inner._prefill_embeds(cache, embeds, attn_mask)
 
     def _decode_images(self, tokens):
         return self.inner._decode_images(tokens)
@@ -70,16 +70,16 @@ class CapturingEngine(StepEngine):
 def capture_set(engine_dir: str | Path, out: str | Path, classes: list[int], method: str = "ar", every: int = 4,
                 samples: int = 64, seed: int = 0) -> dict[str, Any]:
     """Decode `classes` with the reference model of `engine_dir`, keep up to `samples` step inputs."""
-    from arexport.engines.directory import torch_engine_from_manifest
-    from arexport.engines.manifest import read_manifest
+    from arexport.format.manifest import read_manifest
+    from arexport.runtime.backends import open_directory
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import default_sampling
 
     manifest = read_manifest(engine_dir)
-    ref = torch_engine_from_manifest(manifest)
+    ref = open_directory("torch", Path(engine_dir), manifest)
     cap = CapturingEngine(ref, every=every, limit=samples)
     params = default_sampling(ref.spec)
-    method = "arpg" if manifest["spec"]["family"] == "arpg" else method
+    method = method if method in cap.family.methods else cap.family.default_method
     Generator(cap).generate(classes=classes, method=method, sampling=params, seed=seed, batch_size=max(1, len(classes)),
                             images=False, timings=False)
     if not cap.samples:
@@ -90,14 +90,14 @@ def capture_set(engine_dir: str | Path, out: str | Path, classes: list[int], met
             name = f"sample_{i:04d}.npz"
             np.savez(tmp / name, **s)
             files[name] = file_sha256(tmp / name)
-        m = {"format": CALIB_FORMAT, "version": 1, "model": manifest["spec"]["name"],
+        m = {"format": CALIB_FORMAT, "version": 1, "model": manifest.spec.name,
              "weights_sha256": _weights_id(manifest), "classes": list(map(int, classes)), "method": method,
              "every": every, "samples": len(cap.samples), "files": files, "hash": _set_hash(files)}
         atomic_write_json(tmp / "manifest.json", m)
     return m
 
 
-def load_set(path: str | Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+def load_set(path: str | Path, manifest) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
     """A saved calibration set (validated against the engine it is meant for) and its samples."""
     p = Path(path)
     mp = p / "manifest.json"
@@ -118,8 +118,8 @@ def load_set(path: str | Path, manifest: dict[str, Any]) -> tuple[dict[str, Any]
     return m, out
 
 
-def _weights_id(manifest: dict[str, Any]) -> str:
-    src = manifest.get("source", {})
+def _weights_id(manifest) -> str:
+    src = manifest.source
     key = json.dumps({k: src.get(k) for k in ("model", "overrides", "checkpoint_sha256", "random_init_seed", "packaged")},
                      sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()

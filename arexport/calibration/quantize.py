@@ -18,6 +18,7 @@ onnx~=1.21 and onnxruntime-gpu~=1.24, which conflict with the opset-24 stack thi
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -141,23 +142,23 @@ def build_quantized_dir(src_dir: Path, out_dir: Path, mode: str, samples, tmpdir
 
     Returns (quantization info, graphs section). Other graphs and arrays are re-packed unchanged.
     """
-    from arexport.engines.manifest import read_manifest
     from arexport.exporter.export import WeightStore, pack_graph
+    from arexport.format.manifest import read_manifest
 
     manifest = read_manifest(src_dir)
     with tempfile.TemporaryDirectory() as work:
         raw = Path(work) / "model.q.onnx"
-        info = quantize_step_graph(src_dir / manifest["graphs"]["step"]["file"], raw, mode, samples, activations)
+        info = quantize_step_graph(src_dir / manifest.step.file, raw, mode, samples, activations)
         store = WeightStore(tmpdir)
         try:
             graphs = {}
-            for name, g in manifest["graphs"].items():
-                source = raw if name == "step" else src_dir / g["file"]
-                pack_graph(source, tmpdir / g["file"], store)
-                graphs[name] = dict(g)
+            for name, g in manifest.graphs.items():
+                source = raw if name == "step" else src_dir / g.file
+                pack_graph(source, tmpdir / g.file, store)
+                graphs[name] = dataclasses.replace(g)
         finally:
             store.close()
-    for name in manifest.get("arrays", {}).values():
+    for name in manifest.arrays.values():
         shutil.copy2(src_dir / name, tmpdir / name)
     info["weights_bytes"] = store.unique_bytes
     return info, graphs

@@ -6,6 +6,7 @@ interrupted or failed build leaves nothing half-written (and an existing directo
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from dataclasses import dataclass, field
@@ -15,12 +16,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from arexport.engines.manifest import FORMAT, FORMAT_VERSION, tool_versions, write_manifest
+from arexport.devices import PRECISIONS, torch_dtype
 from arexport.errors import ArexportError
+from arexport.families import get_family
 from arexport.fileio import atomic_directory
-from arexport.runtime.loading import DTYPES
-
-
+from arexport.format.manifest import Graph, Manifest, Profiles, tool_versions, write_manifest
+from arexport.format.arrays import latent_neighbors
+from arexport.format.spec import s_max_for
 
 @dataclass
 class BuildOptions:
@@ -28,7 +30,7 @@ class BuildOptions:
 
     precision: str = "fp32"
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    verify_len: Optional[int] = None  # largest step query length; default 16 (LlamaGen), n_tokens (ARPG)
+    verify_len: Optional[int] = None  # largest step query length; default: the family's (LlamaGen 16, ARPG all tokens)
     backend: str = "onnx"  # onnx | trt
     images: bool = True
     overwrite: bool = False
@@ -38,7 +40,7 @@ class BuildOptions:
     lantern_k: int = 1000
 
     def validate(self) -> "BuildOptions":
-        if self.precision not in DTYPES:
+        if self.precision not in PRECISIONS:
             raise ArexportError(f"unknown precision {self.precision!r}; choose fp32, fp16 or bf16")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ArexportError(f"batch sizes must be positive integers, got {self.batch_sizes}")
@@ -52,23 +54,26 @@ class BuildOptions:
 Reporter = Callable[[str], None]
 
 
-def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> dict[str, Any]:
-    """Export `loaded` (a LoadedModel) into the engine directory `out`; returns the manifest."""
+def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> Manifest:
+    """Export `loaded` (a LoadedModel) into the engine directory `out`; returns its manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
     from arexport.exporter.export import (WeightStore, export_image_decoder, export_multi_query_step, export_prefill,
                                           export_step)
 
     opts.validate()
     if opts.backend == "trt":
-        from arexport.engines.trt_build import require_tensorrt
+        from arexport.devices import require_tensorrt
 
         require_tensorrt()  # fail before the long export, not after
-    spec = loaded.spec
-    dtype = DTYPES[opts.precision]
-    default_q = spec.n_tokens if spec.family == "arpg" else 16
-    max_q = min(opts.verify_len or default_q, spec.s_max)
-    if spec.family == "arpg":
-        max_q = max(max_q, 4)
+    family = get_family(loaded.spec.family)
+    multi_query = "multi_query" in family.step_kinds
+    dtype = torch_dtype(opts.precision)
+    max_q = min(opts.verify_len or family.default_verify_len or loaded.spec.n_tokens, loaded.spec.n_tokens)
+    if multi_query:
+        max_q = max(max_q, 4)  # the multi-query export traces distinct dynamic n and m
+    # the cache carries the lookahead rows of one batch need when they step different query lengths
+    spec = dataclasses.replace(loaded.spec, s_max=s_max_for(loaded.spec.cond_len, loaded.spec.n_tokens,
+                                                            family.cache_lookahead(max_q)))
     model = loaded.model.to(dtype=dtype).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     max_batch = max(opts.batch_sizes)
@@ -78,7 +83,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         graphs: dict[str, Any] = {}
         try:
             t0 = time.perf_counter()
-            if spec.family == "arpg":
+            if multi_query:
                 report(f"exporting multi-query step graph (n, m = 1..{max_q}, {opts.precision})")
                 g = export_multi_query_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
                 kinds = {"multi_query": max_q}
@@ -86,50 +91,42 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                 report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
                 g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
                 kinds = {"decode": 1, "verify": max_q}
-            graphs["step"] = {"file": g.file, "kinds": kinds, "q_range": [1, max_q],
-                              "aliases": {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")},
-                              "export_seconds": round(time.perf_counter() - t0, 2)}
+            aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")}
+            graphs["step"] = Graph(g.file, kinds=kinds, q_range=[1, max_q], aliases=aliases,
+                                   export_seconds=round(time.perf_counter() - t0, 2))
             if spec.model_type == "t2i":
                 report("exporting t2i prefill graph")
                 g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
-                graphs["prefill"] = {"file": g.file, "aliases": dict(graphs["step"]["aliases"])}
+                graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
             if opts.images and loaded.decoder is not None:
                 report("exporting image decoder graph")
                 g = export_image_decoder(loaded.decoder.float().eval(), spec, tmp, store, max_batch=max_batch)
-                graphs["vq_decoder"] = {"file": g.file}
+                graphs["vq_decoder"] = Graph(g.file)
         finally:
             store.close()
         extras = _write_arrays(loaded, tmp, opts)
         reports = {}
         for name, g in graphs.items():
-            report(f"checking {g['file']}")
-            r = check_graph(tmp / g["file"])
+            report(f"checking {g.file}")
+            r = check_graph(tmp / g.file)
             raise_on_problems(r)
-            g["inputs"], g["outputs"] = r.inputs, r.outputs
+            g.inputs, g.outputs = r.inputs, r.outputs
             reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "spec": spec.to_json(),
-            "source": loaded.source,
-            "precision": opts.precision,
-            "graphs": graphs,
-            "arrays": extras,
-            "weights": {"file": store.filename, "unique_bytes": store.unique_bytes, "referenced_bytes": store.referenced_bytes},
-            "profiles": {"batch_sizes": sorted(set(opts.batch_sizes)), "verify_len": max_q,
-                         "step_kinds": graphs["step"]["kinds"]},
-            "cache": {"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
-                      "s_max": spec.s_max, "dtype": opts.precision, "slots": "generation order; positions drive RoPE"},
-            "report": reports,
-            "tools": tool_versions(),
-        }
+        manifest = Manifest(
+            spec=spec, precision=opts.precision, graphs=graphs, source=loaded.source, arrays=extras,
+            profiles=Profiles(sorted(set(opts.batch_sizes)), max_q, dict(kinds)),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            weights={"file": store.filename, "unique_bytes": store.unique_bytes, "referenced_bytes": store.referenced_bytes},
+            cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
+                   "s_max": spec.s_max, "lookahead": spec.s_max - spec.min_slots, "dtype": opts.precision,
+                   "slots": "generation order; positions drive RoPE"},
+            report=reports, tools=tool_versions())
         if opts.backend == "trt":
-            from arexport.engines.trt_build import build_plans
+            from arexport.exporter.trt_build import build_plans
 
             report("building TensorRT plans")
-            manifest["tensorrt"] = build_plans(tmp, manifest, opts, report)
-        manifest["build_seconds"] = round(time.perf_counter() - t_start, 2)
+            manifest.tensorrt = build_plans(tmp, manifest, opts, report)
+        manifest.build_seconds = round(time.perf_counter() - t_start, 2)
         write_manifest(tmp, manifest)
     report(f"wrote {out}")
     return manifest
@@ -142,8 +139,6 @@ def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:
         cb = loaded.decoder.codebook().detach().float().cpu().numpy()
         np.save(tmp / "codebook.npy", cb)
         out["codebook"] = "codebook.npy"
-        from arexport.runtime.speculative import latent_neighbors
-
         nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k).numpy()
         np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
         out["neighbors"] = "neighbors.npy"

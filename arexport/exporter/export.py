@@ -22,7 +22,7 @@ import torch
 
 from arexport.exporter.graphs import ImageDecoderGraph, MultiQueryStepGraph, PrefillGraph, StepGraph
 from arexport.exporter.ops import OPSET, TRANSLATIONS
-from arexport.spec import ModelSpec
+from arexport.format.spec import ModelSpec
 
 ALIGN = 4096
 WEIGHTS_FILE = "weights.bin"

@@ -15,3 +15,6 @@ class ARPGFamily(Family):
     default_method = "arpg"
     step_kinds = ("multi_query",)
     default_verify_len = None  # the multi-query step serves up to every token at once
+
+    def cache_lookahead(self, max_q: int) -> int:
+        return 0  # its schedules end with their largest step, so padded feeds always fit

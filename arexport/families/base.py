@@ -73,14 +73,19 @@ class Family:
     step_kinds: tuple[str, ...] = ("decode", "verify")  # what the step graph serves
     default_verify_len: Optional[int] = 16  # largest query length built by default (None: all tokens)
 
+    def cache_lookahead(self, max_q: int) -> int:
+        """Cache slots an engine needs past a whole image so that rows of one batch can step query
+        lengths up to max_q side by side (the short rows pad into them)."""
+        return max_q - 1
+
     def sampling_defaults(self, spec) -> dict[str, Any]:
         """Sampler settings of the family's reference demo (used when a model records none)."""
         return {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
 
     def check_method(self, method: str, spec) -> None:
         if method not in self.methods:
-            raise ArexportError(f"method {method} does not apply to {spec.name} ({self.name} models decode with "
-                                f"{', '.join(self.methods)})")
+            raise ArexportError(f"method {method} does not apply to {spec.name}: {self.name} models decode with "
+                                f"--method {'|'.join(self.methods)}")
 
     # -- conditions -------------------------------------------------------------------------------
     def conditions(self, spec, classes=None, captions=None, caption_mask=None) -> Conditions:

@@ -11,26 +11,23 @@ from arexport.errors import ArexportError
 
 
 def step_profiles(batch_sizes: list[int], verify_len: int, kinds: tuple[str, ...] = ("decode", "verify")) -> list[dict[str, Any]]:
-    """Profile list for the step plan: per batch, decode (q=1) then verify (q in [2, K], optimum K);
-    ARPG: one multi-query profile per batch with new tokens q and queries m in [1, K]."""
-    out = []
+    """Profiles of the step plan, one per step kind, each covering every batch of 1..max rows (the
+    scheduler's live rows change from step to step), tuned for the largest batch size given:
+    `decode` is q = 1, `verify` q in [2, K]; ARPG's `multi_query` has new tokens q and queries m in [1, K]."""
+    top = max(batch_sizes)
     if "multi_query" in kinds:
         opt = max(1, verify_len // 8)
-        return [{"kind": "multi_query", "batch": [b, b, b], "q": [1, opt, verify_len], "m": [1, opt, verify_len]}
-                for b in sorted(set(batch_sizes))]
-    for b in sorted(set(batch_sizes)):
-        out.append({"kind": "decode", "batch": [b, b, b], "q": [1, 1, 1]})
-        if verify_len > 1:
-            out.append({"kind": "verify", "batch": [b, b, b], "q": [2, verify_len, verify_len]})
+        return [{"kind": "multi_query", "batch": [1, top, top], "q": [1, opt, verify_len], "m": [1, opt, verify_len]}]
+    out = [{"kind": "decode", "batch": [1, top, top], "q": [1, 1, 1]}]
+    if verify_len > 1:
+        out.append({"kind": "verify", "batch": [1, top, top], "q": [2, verify_len, verify_len]})
     return out
 
 
 def graph_profiles(name: str, batch_sizes: list[int]) -> list[dict[str, Any]]:
-    """Prefill: one static profile per batch; image decoder: one profile for 1..max images."""
-    if name == "vq_decoder":
-        m = max(batch_sizes)
-        return [{"kind": name, "batch": [1, m, m], "q": [0, 0, 0]}]
-    return [{"kind": name, "batch": [b, b, b], "q": [0, 0, 0]} for b in sorted(set(batch_sizes))]
+    """Prefill and image decoder: one profile for 1..max rows."""
+    top = max(batch_sizes)
+    return [{"kind": name, "batch": [1, top, top], "q": [0, 0, 0]}]
 
 
 def select_profile(profiles: list[dict[str, Any]], kind: str, batch: int, q: int) -> int:

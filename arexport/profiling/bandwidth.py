@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from arexport.spec import ModelSpec
+from arexport.format.spec import ModelSpec
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1, "int4": 0.5}
 

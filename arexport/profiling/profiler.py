@@ -11,11 +11,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from arexport.devices import precision_of
 from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, step_bytes
-from arexport.runtime.decoding.base import parse_method_options
-from arexport.runtime.generator import Generator, percentiles
-from arexport.runtime.loading import DTYPES
+from arexport.runtime.generator import Generator
+from arexport.runtime.methods.base import parse_method_options
 from arexport.runtime.sampling import SamplingParams
+from arexport.runtime.stats import percentiles
 
 SCHEMA_VERSION = 1
 KIND_ORDER = ("prefill", "decode", "verify", "multi_query", "vq_decode")
@@ -113,12 +114,12 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         label=cfg.label, backend=cfg.backend, method=cfg.method, device=str(dev), images=len(classes), repeats=repeats,
         steps=steps, image_ms={k: v * 1e3 for k, v in percentiles(image_s).items()},
         images_per_s=n_img / t_all, tokens_per_s=n_img * gen.spec.n_tokens / t_all,
-        target_forwards_per_image=float(stats.get("forwards_per_image_alone", stats["target_forwards_per_image"])),
+        target_forwards_per_image=float(stats["target_forwards_per_image"]),
         mean_accepted_length=stats.get("mean_accepted_length"), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
         trace=trace)
     if bandwidth and "decode" in steps:
         rows = 2 * batch_size if sampling.uses_cfg else batch_size
-        cache_precision = next(k for k, v in DTYPES.items() if v == gen.engine.cache_dtype)
+        cache_precision = precision_of(gen.engine.cache_dtype)
         b = step_bytes(gen.spec, precision, cache_precision, rows, mean_live_tokens(gen.spec))
         floor_ms = floor_seconds(b.total, bandwidth) * 1e3
         out.bandwidth = {"bytes_per_decode_step": b.total, "weight_bytes": b.weights, "kv_bytes": b.kv,

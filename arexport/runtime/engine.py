@@ -65,7 +65,7 @@ class StepEngine(ABC):
         self.record_timings = False
         self.records: list[StepRecord] = []
         self.max_q: int = max_q if max_q is not None else spec.n_tokens
-        self.batch_sizes: Optional[list[int]] = None  # None = any batch size
+        self.max_batch: Optional[int] = None  # most rows one call may have (None: no limit)
 
     # -- to implement ---------------------------------------------------------------------------
     @abstractmethod
@@ -100,7 +100,7 @@ class StepEngine(ABC):
         if have is None or have.shape[1] < min(k, self.spec.vocab_size - 1):
             have = self._load_neighbors(k)
             if have is None or have.shape[1] < min(k, self.spec.vocab_size - 1):
-                from arexport.runtime.speculative import latent_neighbors
+                from arexport.format.arrays import latent_neighbors
 
                 cb = self.codebook().cpu()
                 if cb.shape[0] != self.spec.vocab_size:
@@ -129,11 +129,9 @@ class StepEngine(ABC):
         return KVCache.allocate(self.spec, batch, self.cache_dtype, self.device, slots)
 
     def check_batch(self, batch: int) -> None:
-        if self.batch_sizes is not None and batch not in self.batch_sizes:
-            raise ArexportError(
-                f"batch of {batch} rows is not among this engine's batch sizes {self.batch_sizes} "
-                "(rows include the doubled CFG batch); rebuild with --batch-sizes"
-            )
+        if self.max_batch is not None and batch > self.max_batch:
+            raise ArexportError(f"a batch of {batch} rows exceeds this engine's largest batch of {self.max_batch} rows "
+                                "(rows include the doubled CFG batch): lower --batch-size or rebuild with larger --batch-sizes")
 
     def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
         """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]."""

@@ -22,7 +22,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.engine import StepEngine
-from arexport.runtime.methods.base import Context, Method, Row, make_method
+from arexport.runtime.methods.base import Context, Method, Row, RowStats, make_method
 from arexport.runtime.rng import image_seed
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.scheduler import Scheduler
@@ -37,6 +37,7 @@ class GenerationResult:
     images: Optional[np.ndarray]
     stats: dict[str, Any] = field(default_factory=dict)
     extras: list[dict[str, Any]] = field(default_factory=list)  # per image: method extras (GridAR candidates, ...)
+    rows: list[RowStats] = field(default_factory=list)  # per image: what generating it cost and did
 
 
 class Generator:
@@ -139,4 +140,5 @@ class Generator:
             seconds = time.perf_counter() - t0
             stats = RunStats.aggregate([f.stats for f in finished], self.spec.n_tokens, engines, seconds,
                                        sched.admissions, dec.events)
-        return GenerationResult(tokens.cpu().numpy(), imgs, stats.as_dict(), [f.extras for f in finished])
+        return GenerationResult(tokens.cpu().numpy(), imgs, stats.as_dict(), [f.extras for f in finished],
+                                [f.stats for f in finished])

@@ -38,9 +38,11 @@ class Scheduler:
             self.admissions += 1
         return self.decoder.step()
 
-    def drop(self, keep: Callable[[Row], bool]) -> None:
-        """Forget queued rows for which keep(row) is False (cancelled or expired requests)."""
-        self.queue = deque(r for r in self.queue if keep(r))
+    def drop(self, keep: Callable[[object], bool]) -> None:
+        """Forget queued and running images whose tag fails keep(tag) (cancelled or expired requests);
+        their slots are free at the next step."""
+        self.queue = deque(r for r in self.queue if keep(r.tag))
+        self.decoder.evict(keep)
 
     def run(self, progress: Optional[Callable[[Finished], None]] = None) -> list[Finished]:
         """Step until every submitted image finished; results in completion order."""

@@ -73,6 +73,21 @@ BUILTIN_VERIFIERS = {"digits": DigitVerifier, "accept-all": lambda: accept_all}
 BUILTIN_SCORERS = {"digits": DigitScorer}
 
 
+HOOK_OPTIONS = {"verifier": BUILTIN_VERIFIERS, "scorer": BUILTIN_SCORERS}
+
+
+def request_safe_options(options: dict) -> None:
+    """Refuse method options that would run code named by a request: `verifier`/`scorer` may only
+    name built-ins ('auto' included), and `reformulate` is for the Python API."""
+    for k, builtins in HOOK_OPTIONS.items():
+        v = options.get(k, "auto")
+        if v != "auto" and v not in builtins:
+            raise ArexportError(f"{k} {v!r} is not a built-in {k} ({', '.join(builtins)}); module:callable hooks are "
+                                "set by the operator (CLI or Python API), never by a request")
+    if options.get("reformulate") is not None:
+        raise ArexportError("reformulate is a Python API hook; a request cannot set it")
+
+
 def resolve(obj, builtins: dict, what: str, image_kind: str):
     """A callable from a callable, a built-in name, 'auto' (digits for the demo) or 'module:attr'."""
     if callable(obj):

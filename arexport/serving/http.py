@@ -39,7 +39,8 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     from fastapi.responses import JSONResponse, Response
     from pydantic import BaseModel, Field
 
-    from arexport.runtime.decoding.base import METHODS, default_method
+    from arexport.runtime.methods.base import METHODS
+    from arexport.runtime.verifiers import request_safe_options
     from arexport.serving.service import RequestTimeout, ServiceClosed
 
     spec = service.engine.spec
@@ -96,7 +97,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
     @app.post("/generate")
     async def generate(body: GenerateBody):
-        method = body.method or default_method(spec)
+        method = body.method or service.engine.family.default_method
         if method not in METHODS:
             return err(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
         captions = mask = None
@@ -120,9 +121,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                     cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval)
         try:
-            from arexport.runtime.decoding import make_method
-
-            make_method(method, **body.options)  # reject bad options before queueing
+            request_safe_options(body.options)  # a request names built-in hooks only, never module:callable
             res = await service.agenerate(body.classes, method=method, options=body.options, sampling=sampling,
                                           seed=body.seed, images=body.format == "png", timeout=body.timeout,
                                           captions=captions, caption_mask=mask)

@@ -1,18 +1,17 @@
 """GenerationService: the embeddable, thread- and asyncio-safe front end of a serving process.
 
 Callers `submit()` requests from any thread (or `await agenerate()` from asyncio); one worker thread
-owns the engine. Requests are batched:
-* `continuous` (default) — `ar` on class-conditional LlamaGen and `arpg` on ARPG run in
-  step-level batchers (serving/continuous.py): a request's images join the running batch at the
-  next step;
+owns the engine and drives the runtime's scheduler (the same one `Generator.generate` runs), one
+step at a time, for every method:
+* `continuous` (default) — one scheduler per (method, options, sampling); a request's images join
+  its static batch at the next step boundary whenever slots are free (step-level batching);
 * `request` — compatible queued requests (same method, options and sampling) are merged into one
-  generation of up to `max_batch` images;
+  batch of up to `max_batch` images, which runs to the end before the next group starts;
 * `none` — one request at a time.
-Every image keeps its own seed, so a request's output does not depend on what it was batched with.
-Speculative methods (sjd, sd, lantern, vvs) are never merged with other requests: their step
-sizes depend on the whole batch, which would make results batch-dependent.
-Requests carry an optional timeout and can be cancelled; `close(drain=True)` finishes queued work,
-`close(drain=False)` rejects it with `ServiceClosed` — nothing is dropped silently.
+Every image keeps its own seed, lengths and windows, so a request's output does not depend on what
+it was batched with, speculative methods included. Requests carry an optional timeout and can be
+cancelled; `close(drain=True)` finishes queued work, `close(drain=False)` rejects it with
+`ServiceClosed` — nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -29,13 +28,14 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
+from arexport.families import Conditions
 from arexport.runtime.generator import Generator
+from arexport.runtime.methods.base import Method, Row
 from arexport.runtime.rng import image_seed
 from arexport.runtime.sampling import SamplingParams, default_sampling
-from arexport.serving.continuous import ContinuousAR, ContinuousARPG, Job
+from arexport.runtime.scheduler import Scheduler
 from arexport.serving.metrics import Metrics
 
-BATCH_INVARIANT = {"ar", "arpg", "gridar", "best-of-n"}
 MODES = ("continuous", "request", "none")
 
 
@@ -49,30 +49,30 @@ class RequestTimeout(ArexportError):
 
 @dataclass
 class Request:
-    classes: list  # class ids, or one placeholder per caption for text-conditional requests
-    method: str = "ar"
-    options: dict = field(default_factory=dict)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    conds: Conditions
+    method: Method
+    sampling: SamplingParams
     seed: int = 0
     images: bool = True
     timeout: Optional[float] = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     results: dict = field(default_factory=dict)  # image index -> tokens
-    captions: Optional[np.ndarray] = None  # t2i: [N, T, C] caption features
-    caption_mask: Optional[np.ndarray] = None
+
+    @property
+    def n(self) -> int:
+        return len(self.conds)
 
     @property
     def key(self) -> tuple:
-        return (self.method, tuple(sorted(self.options.items())), self.sampling, self.images)
-
-    @property
-    def deadline(self) -> Optional[float]:
-        return None if self.timeout is None else self.submitted + self.timeout
+        """Requests with the same key share a batch: same method, options and sampling."""
+        return (self.method.name, repr(self.method.options), self.sampling)
 
     def expired(self, now: float) -> bool:
-        d = self.deadline
-        return d is not None and now > d
+        return self.timeout is not None and now > self.submitted + self.timeout
+
+    def rows(self) -> list[Row]:
+        return [Row(self.conds.select(slice(i, i + 1)), image_seed(self.seed, i), (self, i)) for i in range(self.n)]
 
 
 @dataclass
@@ -95,9 +95,8 @@ class GenerationService:
         self.max_batch = max(1, max_batch)
         self.metrics = metrics or Metrics()
         self._queue: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
-        self._pending: list[Request] = []  # taken from the queue, not started
-        self._batchers: dict[tuple, Any] = {}
-        self._waiting: dict[tuple, list[Job]] = {}
+        self._pending: list[Request] = []  # taken from the queue, not yet given to a scheduler
+        self._lanes: dict[tuple, Scheduler] = {}
         self._closing = False
         self._drain = True
         self._lock = threading.Lock()
@@ -105,23 +104,16 @@ class GenerationService:
         self._worker.start()
 
     # -- public API ---------------------------------------------------------------------------------
-    def submit(self, classes=None, method: str = "ar", options: Optional[dict] = None, sampling: Optional[SamplingParams] = None,
-               seed: int = 0, images: bool = True, timeout: Optional[float] = None, captions=None,
-               caption_mask=None) -> Future:
-        """Queue a request (class ids, or caption features for t2i); the Future resolves to a Response."""
-        spec = self.engine.spec
-        if captions is not None:
-            conds = self.gen.conditions(None, captions, caption_mask)  # validates shapes now, in the caller's thread
-            req = Request(list(range(len(conds))), method, dict(options or {}), sampling or self.default_sampling(),
-                          int(seed), images, timeout, captions=np.asarray(captions, np.float32),
-                          caption_mask=None if caption_mask is None else np.asarray(caption_mask, bool))
-        else:
-            req = Request(list(map(int, classes if classes is not None else [])), method, dict(options or {}),
-                          sampling or self.default_sampling(), int(seed), images, timeout)
-            self.gen.conditions(req.classes)  # validates class ids now, in the caller's thread
-        req.sampling.validate(spec.vocab_size)
-        if method == "arpg" and spec.family != "arpg" or spec.family == "arpg" and method != "arpg":
-            raise ArexportError(f"method {method} does not fit model family {spec.family}")
+    def submit(self, classes=None, method: Optional[str] = None, options: Optional[dict] = None,
+               sampling: Optional[SamplingParams] = None, seed: int = 0, images: bool = True,
+               timeout: Optional[float] = None, captions=None, caption_mask=None) -> Future:
+        """Queue a request (class ids, or caption features for t2i); the Future resolves to a Response.
+        Bad input raises ArexportError here, in the caller's thread, before anything is queued."""
+        conds = self.gen.conditions(classes, captions, caption_mask)
+        m = self.gen.method(method, options)
+        sampling = sampling or self.default_sampling()
+        sampling.validate(self.engine.spec.vocab_size)
+        req = Request(conds, m, sampling, int(seed), images, timeout)
         with self._lock:
             if self._closing:
                 self.metrics.rejected.labels("closed").inc()
@@ -164,50 +156,25 @@ class GenerationService:
                 if self._iteration():
                     return
             except Exception as e:  # never let the worker die with requests outstanding
-                self._fail_everything(ArexportError(f"internal error in the serving worker: {type(e).__name__}: {e}"))
+                self._fail_outstanding(ArexportError(f"internal error in the serving worker: {type(e).__name__}: {e}"),
+                                       "error", queued=False)
 
-    def _fail_everything(self, err: Exception) -> None:
-        """After an internal error: fail all work the worker holds and drop the batchers (their cache
-        state is unknown now; new ones are made on demand). Requests still queued run later."""
-        self._fail_outstanding(err, "error", queued=False, drop_batchers=True)
-
-    def _fail_outstanding(self, err: Exception, reason: str, queued: bool, drop_batchers: bool) -> None:
-        """Fail every request the worker holds (pending, waiting for a slot, in a batcher slot) and,
-        with `queued`, those still in the queue."""
-        for r in self._pending:
-            self._fail(r, err, reason)
-        self._pending.clear()
-        while queued:
-            try:
-                r = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if r is not None:
-                self._fail(r, err, reason)
-        for jobs in self._waiting.values():
-            for j in jobs:
-                self._fail(j.owner, err, reason)
-            jobs.clear()
-        for key, b in list(self._batchers.items()):
-            for i, j in enumerate(b.jobs):
-                if j is not None:
-                    self._fail(j.owner, err, reason)
-                    b.evict(i)
-            if drop_batchers:
-                del self._batchers[key]
+    @property
+    def _busy(self) -> bool:
+        return any(s.busy for s in self._lanes.values())
 
     def _iteration(self) -> bool:
         """One turn of the worker; True when it should exit."""
-        busy = any(b.active for b in self._batchers.values()) or any(self._waiting.values())
-        self._take(block=not busy and not self._pending)
+        self._take(block=not self._busy and not self._pending)
         if self._closing and not self._drain:
-            self._reject_all()
-        if self._closing and not self._pending and not busy and self._queue.empty() and not any(self._waiting.values()):
+            self._fail_outstanding(ServiceClosed("the service shut down before this request ran"), "closed", queued=True)
+        if self._closing and not self._pending and not self._busy and self._queue.empty():
             return True
         self._expire()
         self._dispatch()
-        for key, b in list(self._batchers.items()):
-            self._step_batcher(key, b)
+        for lane in list(self._lanes.values()):
+            if lane.busy:
+                self._step(lane)
         self.metrics.queue_depth.set(self._queue.qsize() + len(self._pending))
         return False
 
@@ -224,129 +191,85 @@ class GenerationService:
             except queue.Empty:
                 return
 
-    def _reject_all(self) -> None:
-        """close(drain=False): reject everything queued or started; batchers stay for nothing else."""
-        self._fail_outstanding(ServiceClosed("the service shut down before this request ran"), "closed",
-                               queued=True, drop_batchers=False)
+    @staticmethod
+    def _live(tag) -> bool:
+        return not tag[0].future.done()
 
     def _expire(self) -> None:
         now = time.monotonic()
-        keep = []
         for r in self._pending:
             if r.future.cancelled():
                 self.metrics.rejected.labels("cancelled").inc()
-            elif r.expired(now):
-                self._fail(r, RequestTimeout(f"request timed out after {r.timeout}s in the queue"), "timeout")
-            else:
-                keep.append(r)
-        self._pending = keep
-        for key, b in self._batchers.items():
-            for i, j in enumerate(b.jobs):
-                if j is not None and (j.owner.future.done() or j.owner.expired(now)):
-                    if not j.owner.future.done():
-                        self._fail(j.owner, RequestTimeout(f"request timed out after {j.owner.timeout}s"), "timeout")
-                    b.evict(i)
-        for jobs in self._waiting.values():
-            jobs[:] = [j for j in jobs if not j.owner.future.done() and not j.owner.expired(now)]
+        self._pending = [r for r in self._pending if not r.future.done()]
+        for r in self._pending + self._inflight():
+            if r.expired(now):
+                self._fail(r, RequestTimeout(f"request timed out after {r.timeout}s"), "timeout")
+        self._pending = [r for r in self._pending if not r.future.done()]
+        for lane in self._lanes.values():
+            lane.drop(self._live)
 
-    def _continuous_ok(self, r: Request) -> bool:
-        spec = self.engine.spec
-        if self.batching != "continuous" or r.captions is not None:
-            return False
-        if r.method == "ar" and spec.family == "llamagen" and spec.model_type == "c2i" and not r.options:
-            return True
-        return r.method == "arpg" and spec.family == "arpg" and set(r.options) <= {"steps", "schedule", "cfg_schedule", "order"} \
-            and r.options.get("order", "row") == "row"
+    def _inflight(self) -> list[Request]:
+        seen: dict[int, Request] = {}
+        for lane in self._lanes.values():
+            for row in list(lane.queue):
+                seen[id(row.tag[0])] = row.tag[0]
+            for tag in lane.decoder.slots.tags:
+                seen[id(tag[0])] = tag[0]
+        return list(seen.values())
+
+    def _lane(self, r: Request) -> Scheduler:
+        key = r.key
+        if key not in self._lanes:
+            dec = self.gen.decoder(r.method, r.sampling, self.max_batch)
+            self._lanes[key] = Scheduler(dec)
+        return self._lanes[key]
 
     def _dispatch(self) -> None:
-        rest = []
-        for r in self._pending:
-            if self._continuous_ok(r):
-                key = r.key
-                if key not in self._batchers:
-                    try:
-                        self._batchers[key] = self._make_batcher(r)
-                    except Exception as e:  # a bad request must not take the worker down
-                        self._fail(r, e if isinstance(e, ArexportError) else ArexportError(str(e)), "error")
-                        continue
-                    self._waiting[key] = []
-                self._waiting[key] += [Job(c, image_seed(r.seed, i), r, i) for i, c in enumerate(r.classes)]
-            else:
-                rest.append(r)
-        self._pending = []
-        while rest:
-            r = rest.pop(0)
-            group = [r]
-            if self.batching == "request" and r.method in BATCH_INVARIANT and r.captions is None:
-                n = len(r.classes)
-                for other in list(rest):
-                    if other.key == r.key and n + len(other.classes) <= self.max_batch:
-                        group.append(other)
-                        rest.remove(other)
-                        n += len(other.classes)
-            self._run_group(group)
-
-    def _make_batcher(self, r: Request):
-        rows_per = 2 if r.sampling.uses_cfg else 1
-        slots = self.max_batch
-        sizes = self.engine.batch_sizes
-        if sizes is not None:
-            fitting = [s // rows_per for s in sizes if s % rows_per == 0 and s // rows_per <= self.max_batch]
-            if not fitting:
-                raise ArexportError(f"no engine batch size fits {rows_per}-row images")
-            slots = max(fitting)
-        if r.method == "ar":
-            return ContinuousAR(self.engine, slots, r.sampling)
-        return ContinuousARPG(self.engine, slots, r.sampling, **r.options)
-
-    def _step_batcher(self, key, b) -> None:
-        waiting = self._waiting.get(key, [])
-        for slot in b.free_slots():
-            if not waiting:
-                break
-            b.admit(slot, waiting.pop(0))
-        if not b.active:
+        if self.batching == "continuous":
+            for r in self._pending:
+                self._admit(r)
+            self._pending = []
             return
+        if self._busy or not self._pending:  # request / none: one group at a time, run to its end
+            return
+        r = self._pending.pop(0)
+        group = [r]
+        if self.batching == "request":
+            n = r.n
+            for other in list(self._pending):
+                if other.key == r.key and n + other.n <= self.max_batch:
+                    group.append(other)
+                    self._pending.remove(other)
+                    n += other.n
+        for g in group:
+            self._admit(g)
+
+    def _admit(self, r: Request) -> None:
+        try:
+            self._lane(r).submit(r.rows())
+        except ArexportError as e:  # e.g. an engine that cannot hold this batch: fail this request alone
+            self._fail(r, e, "error")
+
+    def _step(self, lane: Scheduler) -> None:
         t0 = time.perf_counter()
         before = self.engine.forward_count()
-        done = b.step()
-        self.metrics.record_step(time.perf_counter() - t0, self.engine.forward_count() - before, b.active / b.n_slots)
-        for job in done:
-            r = job.owner
+        try:
+            done = lane.step()
+        except ArexportError as e:  # a request-level failure (bad verifier output, ...): fail the lane's requests
+            for r in {id(t[0]): t[0] for t in lane.decoder.slots.tags}.values():
+                self._fail(r, e, "error")
+            self._lanes = {k: v for k, v in self._lanes.items() if v is not lane}
+            return
+        dec = lane.decoder
+        self.metrics.record_step(time.perf_counter() - t0, self.engine.forward_count() - before,
+                                 dec.live / dec.slots.capacity)
+        for f in done:
+            r, i = f.tag
             if r.future.done():
                 continue
-            r.results[job.index] = job.tokens.cpu()
-            if len(r.results) == len(r.classes):
-                tokens = torch.stack([r.results[i] for i in range(len(r.classes))])
-                self._finish(r, tokens)
-
-    def _run_group(self, group: list[Request]) -> None:
-        now = time.monotonic()
-        for r in group:
-            if r.expired(now) and not r.future.done():
-                self._fail(r, RequestTimeout(f"request timed out after {r.timeout}s in the queue"), "timeout")
-        live = [r for r in group if not r.future.done()]
-        if not live:
-            return
-        classes = [c for r in live for c in r.classes]
-        seeds = [image_seed(r.seed, i) for r in live for i in range(len(r.classes))]
-        r0 = live[0]
-        t0 = time.perf_counter()
-        cond = {"captions": r0.captions, "caption_mask": r0.caption_mask} if r0.captions is not None else {"classes": classes}
-        try:
-            res = self.gen.generate(seeds=seeds, method=r0.method, method_options=r0.options, sampling=r0.sampling,
-                                    batch_size=self.max_batch, images=False, timings=False, **cond)
-        except Exception as e:  # a bad request must not take the worker down
-            for r in live:
-                self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"generation failed: {e}"), "error")
-            return
-        self.metrics.record_step(time.perf_counter() - t0, res.stats["target_forwards"] + res.stats["draft_forwards"],
-                                 min(1.0, len(classes) / self.max_batch))
-        start = 0
-        for r in live:
-            n = len(r.classes)
-            self._finish(r, torch.from_numpy(res.tokens[start:start + n]))
-            start += n
+            r.results[i] = f.tokens.cpu()
+            if len(r.results) == r.n:
+                self._finish(r, torch.stack([r.results[j] for j in range(r.n)]))
 
     def _finish(self, r: Request, tokens: torch.Tensor) -> None:
         try:
@@ -359,9 +282,25 @@ class GenerationService:
             r.future.set_result(Response(tokens.numpy(), images, seconds))
         except InvalidStateError:  # cancelled meanwhile
             return
-        self.metrics.latency.labels(r.method).observe(seconds)
-        self.metrics.images.inc(len(r.classes))
-        self.metrics.requests.labels(r.method, "ok").inc()
+        self.metrics.latency.labels(r.method.name).observe(seconds)
+        self.metrics.images.inc(r.n)
+        self.metrics.requests.labels(r.method.name, "ok").inc()
+
+    def _fail_outstanding(self, err: Exception, reason: str, queued: bool) -> None:
+        """Fail every request the worker holds (pending or in a scheduler) and, with `queued`, those
+        still in the queue. Schedulers are dropped (their state is unknown after an error); new ones
+        are made on demand."""
+        for r in self._pending + self._inflight():
+            self._fail(r, err, reason)
+        self._pending.clear()
+        while queued:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is not None:
+                self._fail(r, err, reason)
+        self._lanes.clear()
 
     def _fail(self, r: Request, err: Exception, reason: str = "closed") -> None:
         if r.future.done():
@@ -370,4 +309,4 @@ class GenerationService:
             r.future.set_exception(err)
         except InvalidStateError:
             return
-        self.metrics.requests.labels(r.method, reason).inc()
+        self.metrics.requests.labels(r.method.name, reason).inc()

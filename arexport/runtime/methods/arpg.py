@@ -80,7 +80,9 @@ class ARPGDecoder(Decoder):
         self.size_of = torch.tensor(self.sizes + [0], device=dev)
         self.start_of = torch.tensor([sum(self.sizes[:k]) for k in range(len(self.sizes) + 1)], device=dev)
         big = max(self.sizes)
-        self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image, lookahead=big))
+        # a row pads its feed up to the batch's largest; that fits past its own tokens when the
+        # schedule ends with its largest step (arccos and cosine do), else it needs lookahead slots
+        self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image, lookahead=max(0, big - self.sizes[-1])))
         self.order = s.image_tensor((n_tok,))  # grid positions in generation order
         self.seq = s.image_tensor((n_tok,))
         self.k = s.image_tensor(())  # next step

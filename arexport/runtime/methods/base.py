@@ -325,6 +325,13 @@ class Decoder:
             self.after()
         return out
 
+    def evict(self, keep: Callable[[Any], bool]) -> int:
+        """Drop started images whose tag fails keep(tag) (a cancelled or expired request); how many."""
+        s = self.slots
+        gone = [i for i in range(s.started) if not keep(s.tags[i])]
+        s.remove(gone)
+        return len(gone)
+
     def start(self, a: int, b: int, conds: Conditions) -> None:
         """Prefill images [a, b) (conditions of those images, in order)."""
         raise NotImplementedError

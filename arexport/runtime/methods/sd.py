@@ -45,7 +45,8 @@ class SDDecoder(Decoder):
         self.rule = rule or StandardRule()
         spec, s, rows = self.spec, self.slots, capacity * self.cfg.per_image
         self.gamma = g = min(self.opts.gamma, self.engine.max_q - 1, spec.n_tokens - 1)
-        self.tcache = s.cache(self.engine.allocate(rows, lookahead=2 * g + 2))
+        # a verify block is at most pending + g <= max_q tokens; short rows pad into their lookahead
+        self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 1) - 1))
         self.dcache = s.cache(self.draft.allocate(rows, lookahead=2))
         self.tokens = s.image_tensor((spec.n_tokens + 2 * g + 2,))  # padded: no clamped writes
         self.n = s.image_tensor(())  # committed tokens
@@ -78,7 +79,8 @@ class SDDecoder(Decoder):
         s, n_tok = self.slots, self.spec.n_tokens
         n = self.n[: s.n]
         remaining = n_tok - n
-        g = (remaining - 1).clamp(min=0, max=self.gamma)
+        # a verify block (pending + drafts) must fit the engine's largest query length
+        g = torch.minimum((remaining - 1).clamp(min=0, max=self.gamma), self.engine.max_q - self.pending[: s.n]).clamp(min=0)
         drafts, q = self._draft(g)
         self.first[: s.n] = False
         m = self.skip(g, drafts, q)

@@ -32,7 +32,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self.fixed_slots = manifest.spec.s_max
         self.stream = stream
         self.plans = plans
-        self.batch_sizes = manifest.profiles.batch_sizes
+        self.max_batch = max(manifest.profiles.batch_sizes)
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple] = {}
 
