@@ -110,10 +110,10 @@ def _method_kwargs(values: dict) -> dict:
 
 def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision=None) -> dict:
     """Keyword arguments that load a model by name (empty for an engine directory)."""
-    from arexport.models.registry import parse_overrides
-
     if not model_name:
         return {}
+    from arexport.models.registry import parse_overrides
+
     kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
               image_size=image_size, vq_checkpoint=vq_checkpoint)
     if precision is not None:

@@ -27,18 +27,24 @@ from arexport.serving.service import GenerationService  # noqa: E402
 def run(gen, mode: str, method: str, options: dict, n: int, rate: float, max_batch: int) -> dict:
     svc = GenerationService(gen, batching=mode, max_batch=max_batch)
     gen.engine.calls.clear()
-    futs, t0 = [], time.perf_counter()
+    futs, done, t0 = [], {}, time.perf_counter()
+
+    def finished(i):
+        return lambda _f: done.__setitem__(i, time.perf_counter())
+
     try:
         for i in range(n):
             wait = t0 + i / rate - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-            futs.append((time.perf_counter(), svc.submit([i % 10], method=method, options=options, seed=i, images=False)))
-        lat = []
-        for sent, f in futs:
+            sent = time.perf_counter()
+            f = svc.submit([i % 10], method=method, options=options, seed=i, images=False)
+            f.add_done_callback(finished(i))
+            futs.append((sent, f))
+        for _, f in futs:
             f.result(timeout=600)
-            lat.append(time.perf_counter() - sent)
-        wall = time.perf_counter() - t0
+        lat = [done[i] - sent for i, (sent, _) in enumerate(futs)]
+        wall = max(done.values()) - t0
     finally:
         svc.close()
     return {"batching": mode, "method": method, "requests": n, "offered req/s": rate, "images/s": n / wall,

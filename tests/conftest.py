@@ -33,3 +33,14 @@ def demo():
     from arexport.models.registry import load_model
 
     return load_model("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory):
+    """The demo built into an engine directory once per session (batch sizes 1, 2, 4; verify blocks up to 8)."""
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
+    out = tmp_path_factory.mktemp("engines") / "demo"
+    build_engine(load_model("demo"), out, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
+    return out

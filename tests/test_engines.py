@@ -26,13 +26,6 @@ B_SHAPED = {"n_layer": 2}  # LlamaGen-B widths (768 dim, 12 heads, 16x16 grid, v
 
 
 @pytest.fixture(scope="session")
-def demo_engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "demo"
-    build_engine(load_model("demo"), out, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
-    return out
-
-
-@pytest.fixture(scope="session")
 def b_engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "b2"
     lm = load_model("llamagen-c2i-B", random_init=True, seed=3, overrides=dict(B_SHAPED))

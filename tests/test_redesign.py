@@ -116,14 +116,10 @@ def _run_isolated(code: str, tmp_path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_ort_engine_runs_without_model_or_exporter_code(tmp_path):
+def test_ort_engine_runs_without_model_or_exporter_code(tmp_path, demo_engine):
     """Opening and running an ORT engine directory, from the Python API and from the CLI, imports
     neither arexport.models nor arexport.exporter."""
-    from arexport.exporter.build import BuildOptions, build_engine
-    from arexport.models.registry import load_model
-
-    eng = tmp_path / "eng"
-    build_engine(load_model("demo"), eng, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
+    eng = demo_engine
     probe = ("import json, sys; bad = sorted(m for m in sys.modules if m.startswith(('arexport.models', 'arexport.exporter')));"
              "print(json.dumps({'bad': bad, 'arexport': len([m for m in sys.modules if m.startswith('arexport')])}))")
     api = _run_isolated(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from arexport.calibration.capture import capture_set, load_set
 from arexport.calibration.gates import DEFAULT_THRESHOLDS, evaluate

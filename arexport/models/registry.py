@@ -159,11 +159,13 @@ def demo_config(name: str):
         meta = f.metadata() or {}
     if "config" not in meta:
         raise ArexportError(f"{path} has no config metadata")
-    if meta.get("family") == "arpg":
-        from arexport.models.arpg import ARPGConfig
+    from arexport.models.arpg import ARPGConfig
 
-        return ARPGConfig(**json.loads(meta["config"]))
-    return LlamaGenConfig(**json.loads(meta["config"]))
+    configs = {"llamagen": LlamaGenConfig, "arpg": ARPGConfig}  # config class per family
+    family = meta.get("family", "llamagen")
+    if family not in configs:
+        raise ArexportError(f"{path} holds a {family!r} model; known families: {', '.join(configs)}")
+    return configs[family](**json.loads(meta["config"]))
 
 
 def load_model(

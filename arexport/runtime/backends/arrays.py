@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
+from arexport.format.manifest import Manifest
 
 
 class EngineDirArrays:
     """Mixin for backends that run an engine directory (needs self.directory, self.manifest, self.device)."""
 
     directory: Path
-    manifest: "Manifest"  # arexport.format.Manifest
+    manifest: Manifest
 
     def _array(self, key: str) -> Optional[np.ndarray]:
         cache = self.__dict__.setdefault("_arrays", {})

@@ -51,7 +51,7 @@ class ARDecoder(Decoder):
         tok = sample_logits(guided, self.params, self.slots.uniform(1)[:, 0])
         self.tokens[:n].view(n * N, -1).scatter_(1, t[:, None], tok[:, None])
         self.t[:n] += 1
-        return [i for i in range(n) if int(self.t[i]) == self.spec.n_tokens]
+        return self.slots.where(self.t[:n] == self.spec.n_tokens)
 
     def guide(self, logits, active):
         """Per-row logits -> per-candidate guided logits (GridAR's 3-way CFG overrides this)."""
@@ -72,7 +72,7 @@ class ARDecoder(Decoder):
             st.accepted.append(1)
 
     def finish(self, i: int) -> Finished:
-        return Finished(self.tokens[i, 0].clone(), self.slots.stats[i], self.slots.tags[i])
+        return self.finished(i, self.tokens[i, 0].clone())
 
 
 @register("ar")
@@ -80,7 +80,5 @@ class AR(Method):
     """Prefill, then n_tokens - 1 single-token steps."""
 
     Options = Options
+    decoder_class = ARDecoder
     help = "LlamaGen's sampler: one token per step"
-
-    def decoder(self, ctx, capacity):
-        return ARDecoder(ctx, capacity)

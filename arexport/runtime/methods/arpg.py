@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.methods.base import Decoder, Finished, Method, Options, option, register
+from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import SamplingParams, cfg_combine, probs_from_logits, sample_from_probs
 
 SCHEDULES = ("arccos", "cosine")
@@ -130,12 +130,12 @@ class ARPGDecoder(Decoder):
         for st, m in zip(s.stats[:n], n_q.tolist()):
             st.forwards += 1
             st.accepted.append(m)
-        return [i for i in range(n) if int(self.k[i]) == len(self.sizes)]
+        return s.where(self.k[:n] == len(self.sizes))
 
     def finish(self, i):
         raster = torch.empty_like(self.seq[i])
         raster[self.order[i]] = self.seq[i]
-        return Finished(raster, self.slots.stats[i], self.slots.tags[i])
+        return self.finished(i, raster)
 
 
 @register("arpg")
@@ -143,7 +143,5 @@ class ARPGMethod(Method):
     """Random-order parallel decoding; `steps` forward passes per image."""
 
     Options = ARPGOptions
+    decoder_class = ARPGDecoder
     help = "ARPG random-order parallel decoding with the multi-query step"
-
-    def decoder(self, ctx, capacity):
-        return ARPGDecoder(ctx, capacity)

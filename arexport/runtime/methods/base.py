@@ -249,6 +249,11 @@ class Slots:
         per = per or self.rows_per_image
         return torch.arange(i * per, (i + 1) * per, device=self.device)
 
+    @staticmethod
+    def where(done: torch.Tensor) -> list[int]:
+        """Slot indices where the bool tensor [n] is True (one host sync)."""
+        return torch.nonzero(done).flatten().tolist()
+
     def span(self, a: int, b: int) -> torch.Tensor:
         """[n] bool: True for the live images in [a, b)."""
         m = torch.zeros(self.n, dtype=torch.bool, device=self.device)
@@ -346,12 +351,17 @@ class Decoder:
     def finish(self, i: int) -> Finished:
         raise NotImplementedError
 
+    def finished(self, i: int, tokens: torch.Tensor, extras: Optional[dict] = None) -> Finished:
+        """The result of slot i: its raster tokens [n_tokens] with its stats and tag."""
+        return Finished(tokens, self.slots.stats[i], self.slots.tags[i], extras or {})
+
 
 class Method:
     """A registered decoding method: its Options dataclass and how it builds a decoder."""
 
     name: str = "?"
     Options: type = Options
+    decoder_class: type = Decoder  # built by decoder(); methods that need more override decoder()
     needs_draft: bool = False
     help: str = ""
 
@@ -362,7 +372,7 @@ class Method:
         return self.needs_draft
 
     def decoder(self, ctx: Context, capacity: int) -> Decoder:
-        raise NotImplementedError
+        return self.decoder_class(ctx, capacity)
 
     def batch_invariant(self) -> bool:
         """Whether an image's tokens are the same alone and batched (every built-in method is)."""

@@ -25,7 +25,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.families import Conditions
 from arexport.runtime.methods.ar import ARDecoder
-from arexport.runtime.methods.base import Finished, Method, Options, option, register
+from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.rng import derive_seeds
 from arexport.runtime.verifiers import BUILTIN_SCORERS, BUILTIN_VERIFIERS, PartialCanvas, resolve
 
@@ -99,6 +99,8 @@ class GridARDecoder(ARDecoder):
         super().__init__(ctx, capacity, candidates)
         kind = self.spec.image.kind
         self.checkpoints = checkpoints
+        g = self.spec.grid_size  # token index of each checkpoint (whole rows), then a sentinel
+        self.until = torch.tensor([max(1, int(round(c * g))) * g for c in checkpoints] + [-1], device=self.slots.device)
         self.verifier = resolve(verifier, BUILTIN_VERIFIERS, "verifier", kind) if checkpoints else None
         self.scorer = resolve(scorer, BUILTIN_SCORERS, "scorer", kind)
         self.passed = self.slots.image_tensor(())  # checkpoints done
@@ -119,12 +121,8 @@ class GridARDecoder(ARDecoder):
         super().after()
         if self.side is not None:
             self.side.feed()
-        g, n = self.spec.grid_size, self.slots.n
-        due = []
-        for i in range(n):
-            c = int(self.passed[i])
-            if c < len(self.checkpoints) and int(self.t[i]) == max(1, int(round(self.checkpoints[c] * g))) * g:
-                due.append(i)
+        n = self.slots.n
+        due = self.slots.where(self.t[:n] == self.until[self.passed[:n]])
         if due:
             self._checkpoint(due)
 
@@ -176,8 +174,8 @@ class GridARDecoder(ARDecoder):
         best = int(scores.argmax())
         st = self.slots.stats[i]
         st.best_score = float(scores[best])
-        return Finished(self.tokens[i, best].clone(), st, self.slots.tags[i],
-                        extras={"candidate_tokens": self.tokens[i].clone(), "candidate_scores": scores, "best": best})
+        return self.finished(i, self.tokens[i, best].clone(),
+                             {"candidate_tokens": self.tokens[i].clone(), "candidate_scores": scores, "best": best})
 
 
 class _Reformulated:

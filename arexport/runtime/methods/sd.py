@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.methods.base import Decoder, Finished, Method, Options, option, register
+from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 from arexport.runtime.speculative import StandardRule, verify_chain
 
@@ -89,7 +89,7 @@ class SDDecoder(Decoder):
             self._commit_unverified(drafts, m, skipping)
         if not bool(skipping.all()):
             self._verify(drafts, q, g, ~skipping, remaining)
-        return [i for i in range(s.n) if int(self.n[i]) >= n_tok]
+        return s.where(self.n[: s.n] >= n_tok)
 
     def _draft(self, g: torch.Tensor):
         """Per image g_i draft tokens from the draft model, and the distributions they came from."""
@@ -193,7 +193,7 @@ class SDDecoder(Decoder):
                 st.accepted.append(acc[i])
 
     def finish(self, i):
-        return Finished(self.tokens[i, : self.spec.n_tokens].clone(), self.slots.stats[i], self.slots.tags[i])
+        return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
 
 
 @register("sd")

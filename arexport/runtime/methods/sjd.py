@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.methods.base import Decoder, Finished, Method, Options, option, register
+from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 from arexport.runtime.speculative import StandardRule, per_row_lanes, verify_chain
 
@@ -110,10 +110,10 @@ class SJDDecoder(Decoder):
         fresh = sample_from_probs(P, u_fresh)
         self.drafts[:n_img], self.q[:n_img] = self._pad_drafts(res.token, fresh, P, qlen, k + 1, self.n[:n_img],
                                                                s.uniform(self.window - 1))
-        return [i for i in range(n_img) if int(self.n[i]) >= n_tok]
+        return s.where(self.n[:n_img] >= n_tok)
 
     def finish(self, i):
-        return Finished(self.tokens[i, : self.spec.n_tokens].clone(), self.slots.stats[i], self.slots.tags[i])
+        return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
 
     def _pad_drafts(self, last, fresh, P, fresh_len, start, n, u):
         """Drafts for positions n .. n+L-2: fresh[:, start + i] where available (i.e. below each row's

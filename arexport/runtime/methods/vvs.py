@@ -106,8 +106,6 @@ class VVS(Method):
     """SD + LANTERN acceptance + verification skipping."""
 
     Options = VVSOptions
+    decoder_class = VVSDecoder
     needs_draft = True
     help = "verification skipping on top of sd + LANTERN: some rounds commit drafts without a target forward"
-
-    def decoder(self, ctx, capacity):
-        return VVSDecoder(ctx, capacity)
