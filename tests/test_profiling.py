@@ -12,7 +12,7 @@ from arexport.models.registry import load_model, model_config
 from arexport.profiling.bandwidth import DTYPE_BYTES, floor_seconds, mean_live_tokens, measure_copy_bandwidth, step_bytes
 from arexport.profiling.profiler import RunConfig, summarize_steps
 from arexport.runtime.engine import StepRecord
-from arexport.runtime.generator import percentiles
+from arexport.runtime.stats import percentiles
 
 
 def test_percentiles_match_linear_interpolation():

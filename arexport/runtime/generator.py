@@ -26,7 +26,7 @@ from arexport.runtime.methods.base import Context, Method, Row, RowStats, make_m
 from arexport.runtime.rng import image_seed
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.scheduler import Scheduler
-from arexport.runtime.stats import RunStats, percentiles  # noqa: F401  (percentiles: public helper)
+from arexport.runtime.stats import RunStats
 
 
 @dataclass
@@ -69,10 +69,10 @@ class Generator:
         """Validate and pack user conditions into a Conditions batch (the family adapter's rules)."""
         return self.engine.family.conditions(self.spec, classes, captions, caption_mask)
 
-    def method(self, method: Optional[str], options: Optional[dict] = None, strict_types: bool = True) -> Method:
+    def method(self, method: Optional[str], options: Optional[dict] = None) -> Method:
         """A validated method for this model (its family's default when None)."""
         name = method or self.engine.family.default_method
-        m = make_method(name, strict_types=strict_types, **(options or {}))
+        m = make_method(name, **(options or {}))
         self.engine.family.check_method(name, self.spec)
         if m.requires_draft() and self.draft is None:
             raise ArexportError(f"method {name} needs a draft model: pass --draft NAME|DIR")

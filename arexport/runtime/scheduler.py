@@ -17,10 +17,9 @@ from arexport.runtime.methods.base import Decoder, Finished, Row
 class Scheduler:
     """FIFO admission into one decoder; `step()` returns the images that finished."""
 
-    def __init__(self, decoder: Decoder, max_admit: Optional[int] = None):
+    def __init__(self, decoder: Decoder):
         self.decoder = decoder
         self.queue: deque[Row] = deque()
-        self.max_admit = max_admit  # most images admitted at one boundary (None: as many as fit)
         self.admissions = 0  # boundaries at which images were admitted
 
     def submit(self, rows: Iterable[Row]) -> None:
@@ -32,7 +31,7 @@ class Scheduler:
 
     def step(self) -> list[Finished]:
         """Admit what fits, then one decoder step."""
-        k = min(self.decoder.free, len(self.queue), self.max_admit or len(self.queue))
+        k = min(self.decoder.free, len(self.queue))
         if k:
             self.decoder.admit([self.queue.popleft() for _ in range(k)])
             self.admissions += 1

@@ -49,7 +49,7 @@ def option_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def build_options(method: str, cls, values: dict[str, Any], strict_types: bool = True) -> Options:
+def build_options(method: str, cls, values: dict[str, Any]) -> Options:
     """Options of `method` from a dict (CLI, HTTP, Python): unknown names and wrong types are errors."""
     known = {f.name: t for f, t in option_fields(cls)}
     out = {}
@@ -57,7 +57,7 @@ def build_options(method: str, cls, values: dict[str, Any], strict_types: bool =
         if k not in known:
             have = ", ".join(known) or "none"
             raise ArexportError(f"method {method} has no option {k!r} (its options: {have})")
-        out[k] = _coerce(method, k, v, known[k], strict_types)
+        out[k] = _coerce(method, k, v, known[k])
     try:
         opts = cls(**out)
     except TypeError as e:
@@ -69,7 +69,8 @@ def build_options(method: str, cls, values: dict[str, Any], strict_types: bool =
     return opts.validate()
 
 
-def _coerce(method: str, name: str, v, typ, strict: bool):
+def _coerce(method: str, name: str, v, typ):
+    """v checked against the option's type (ints are accepted for floats; nothing else is converted)."""
     import math
     import typing
 
@@ -90,12 +91,6 @@ def _coerce(method: str, name: str, v, typ, strict: bool):
             return v
         if t is Any or t is object:
             return v
-    if not strict and isinstance(v, str):
-        for t in base:
-            try:
-                return t(v)
-            except (TypeError, ValueError):
-                continue
     want = " or ".join(getattr(t, "__name__", str(t)) for t in base)
     raise ArexportError(f"{method} {name} must be {want}, got {v!r}")
 
@@ -374,10 +369,6 @@ class Method:
     def decoder(self, ctx: Context, capacity: int) -> Decoder:
         return self.decoder_class(ctx, capacity)
 
-    def batch_invariant(self) -> bool:
-        """Whether an image's tokens are the same alone and batched (every built-in method is)."""
-        return True
-
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -391,14 +382,14 @@ def register(name: str):
     return deco
 
 
-def make_method(name: str, strict_types: bool = True, **options) -> Method:
+def make_method(name: str, **options) -> Method:
     """A registered method with validated options; unknown names, options or types are errors."""
     from arexport.runtime import methods  # noqa: F401  (registers the built-in methods)
 
     if name not in METHODS:
         raise ArexportError(f"unknown decoding method {name!r}; available: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
-    return cls(build_options(name, cls.Options, options, strict_types))
+    return cls(build_options(name, cls.Options, options))
 
 
 def parse_method_options(items, what: str = "--option") -> dict[str, Any]:
@@ -423,5 +414,3 @@ def _typed(v: str):
         return v.lower() == "true"
     return v
 
-
-Progress = Optional[Callable[[int], None]]
