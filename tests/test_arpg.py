@@ -155,3 +155,79 @@ def test_arpg_engine_matches_pytorch(tmp_path, tiny_arpg):
     assert rep.passed and max(r["max_abs"] for r in rep.rows if r["output"] == "logits") < 1e-4
     agree, same = greedy_agreement(eng, ref, n_images=2)
     assert agree == 1.0
+
+
+def _official_steps(seq_len, num_iter, sample_schedule, cfg_schedule, g):
+    """Transcription of hp-l33/ARPG `generate`: per step, tokens predicted and the CFG scale used."""
+    import math
+
+    last_pos, out = 0, []
+    for step in range(num_iter):
+        if sample_schedule == "arccos":
+            mask_ratio = math.acos(1.0 * (step + 1) / num_iter) / (math.pi * 0.5)
+        else:
+            mask_ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+        mask_len = max(1, min(seq_len - last_pos - 1, int(seq_len * mask_ratio)))
+        num_pred = seq_len - last_pos - mask_len if step != num_iter - 1 else seq_len - last_pos
+        last_pos += num_pred
+        cfg = 1.0 + (g - 1.0) * last_pos / seq_len if cfg_schedule == "linear" else g
+        out.append((num_pred, cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def arpg256():
+    return load_model("arpg-L", random_init=True, seed=5,
+                      overrides={"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 16, "multiple_of": 32})
+
+
+@pytest.mark.parametrize("steps", [8, 16, 32, 64])
+@pytest.mark.parametrize("schedule", ["arccos", "cosine"])
+@pytest.mark.parametrize("cfg_schedule", ["linear", "constant"])
+def test_schedule_and_guidance_match_the_official_generate(arpg256, monkeypatch, steps, schedule, cfg_schedule):
+    """Tokens per step and the guidance scale each step really uses (spied on) equal the official loop's."""
+    import arexport.runtime.methods.arpg as arpg_mod
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    seen = []
+    real = arpg_mod.cfg_combine
+
+    def spy(cond, uncond, scale):
+        seen.append((cond.shape[1], [float(x) for x in scale.flatten()]))
+        return real(cond, uncond, scale)
+
+    monkeypatch.setattr(arpg_mod, "cfg_combine", spy)
+    Generator(TorchEngine(arpg256)).generate(classes=[3, 7], method="arpg", images=False, sampling=SamplingParams(cfg_scale=4.0),
+                                            method_options={"steps": steps, "schedule": schedule, "cfg_schedule": cfg_schedule})
+    want = _official_steps(256, steps, schedule, cfg_schedule, 4.0)
+    assert tokens_per_step(256, steps, schedule) == [n for n, _ in want]
+    assert [m for m, _ in seen] == [n for n, _ in want]
+    for (_, scales), (_, cfg) in zip(seen, want):
+        assert scales == pytest.approx([cfg, cfg], abs=1e-6)
+
+
+class Payload:
+    """A class a checkpoint must not be able to make the loader instantiate."""
+
+
+def test_official_training_checkpoint_loads_safely(tmp_path, tiny_arpg):
+    """ARPG's train_c2i.py saves {model, optimizer, steps, args: argparse.Namespace[, ema]}: it loads
+    with the weights-only unpickler (Namespace allowed, nothing else), and its recorded model name is
+    checked against the one asked for."""
+    import argparse
+
+    model = tiny_arpg.model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    args = argparse.Namespace(gpt_model="ARPG-L", image_size=256, num_classes=1000, ema=True, lr=1e-4, results_dir="out")
+    ck = {"model": model.state_dict(), "optimizer": opt.state_dict(), "steps": 7, "args": args, "ema": model.state_dict()}
+    torch.save(ck, tmp_path / "0000007.pt")
+    lm = load_model("arpg-L", checkpoint=str(tmp_path / "0000007.pt"), overrides=dict(TINY))
+    assert torch.equal(lm.model.head.weight, model.head.weight)
+    with pytest.raises(ArexportError, match=r"holds a ARPG-L model .* not arpg-XL: pass --model arpg-L"):
+        load_model("arpg-XL", checkpoint=str(tmp_path / "0000007.pt"), overrides=dict(TINY))
+
+    # anything but tensors, containers and Namespace is refused by name
+    torch.save({"model": model.state_dict(), "args": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil.pt holds a .*Payload object, which is not loaded"):
+        load_model("arpg-L", checkpoint=str(tmp_path / "evil.pt"), overrides=dict(TINY))

@@ -19,6 +19,8 @@ from arexport.runtime.sampling import default_sampling
 DATA = Path(__file__).parent / "data"
 GOLDEN = np.load(DATA / "golden_main.npz")
 CASES = json.loads((DATA / "golden_main.json").read_text())["cases"]
+# Behaviour changed on purpose after the redesign landed (the redesign itself reproduced these too):
+CHANGED = {"arpg16": "issue 16: linear CFG is evaluated after the step's predictions, as ARPG's official generate"}
 ROOT = Path(__file__).parent.parent
 
 
@@ -27,7 +29,7 @@ def gens():
     return {"demo": Generator.load("demo", draft="demo-draft"), "demo-arpg": Generator.load("demo-arpg")}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(CHANGED)))
 def test_tokens_identical_to_main_alone_and_batched(gens, case):
     """Every method reproduces the tokens main produced for each image run alone (demo classes 0..9,
     seed 7, recorded at commit 'Record main's tokens'), at batch 1 and at batch 8 (8 slots refilled

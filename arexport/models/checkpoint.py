@@ -2,13 +2,17 @@
 
 Accepted: `.pt`/`.pth`/`.bin` (read with `torch.load(weights_only=True)`) holding a dict with a
 `model`, `ema`, `module` or `state_dict` entry, or a bare state dict (FSDP `consolidated.pth`);
-`.safetensors`. DDP/torch.compile prefixes (`module.`, `_orig_mod.`) are stripped, and buffers that
+`.safetensors`. Training checkpoints of the reference trainers (ARPG's `train_c2i.py`: model,
+optimizer state, step count and the run's `argparse.Namespace`) load too: `argparse.Namespace` is the
+one class allowed besides tensors and plain containers, and nothing else is unpickled. DDP/torch.compile prefixes (`module.`, `_orig_mod.`) are stripped, and buffers that
 the reference saves but recomputes (`freqs_cis`, `causal_mask`) are dropped.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -20,10 +24,12 @@ from arexport.format.manifest import file_sha256  # noqa: F401  (re-exported for
 WRAPPER_KEYS = ("model", "ema", "module", "state_dict")
 PREFIXES = ("module.", "_orig_mod.")
 RECOMPUTED_BUFFERS = ("freqs_cis", "causal_mask")
+SAFE_GLOBALS = [argparse.Namespace]  # the run arguments reference trainers save next to the weights
 
 
-def read_state_dict(path: str | os.PathLike, key: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file into a flat {name: tensor} dict (CPU), unwrapping known layouts."""
+def read_state_dict(path: str | os.PathLike, key: Optional[str] = None, meta: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file into a flat {name: tensor} dict (CPU), unwrapping known layouts. With
+    `meta`, the run arguments a training checkpoint carries are put in meta['args'] (a dict)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
@@ -38,9 +44,16 @@ def read_state_dict(path: str | os.PathLike, key: Optional[str] = None) -> dict[
             raise CheckpointError(f"not a readable safetensors file: {p} ({_short(e)})") from None
     else:
         try:
-            raw = torch.load(str(p), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                raw = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as e:  # the weights-only unpickler raises many types on foreign bytes
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if found:
+                raise CheckpointError(f"{p} holds a {found.group(1)} object, which is not loaded (only tensors, plain "
+                                      "containers and argparse.Namespace are)") from None
             raise CheckpointError(f"not a readable PyTorch checkpoint: {p} ({_short(e)})") from None
+    if meta is not None and isinstance(raw, dict) and isinstance(raw.get("args"), argparse.Namespace):
+        meta["args"] = vars(raw["args"])
     return unwrap_state_dict(raw, source=str(p), key=key)
 
 

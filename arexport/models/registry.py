@@ -187,7 +187,18 @@ def load_model(
     if checkpoint is not None and random_init:
         raise ArexportError("give either --checkpoint or --random-init, not both")
     if checkpoint is not None:
-        load_into(model, read_state_dict(checkpoint), source=str(checkpoint))
+        meta: dict = {}
+        sd = read_state_dict(checkpoint, meta=meta)
+        trained = meta.get("args", {}).get("gpt_model")  # reference trainers record the model they trained
+        if isinstance(trained, str):
+            try:
+                known = canonical_name(trained)
+            except ArexportError:
+                known = None
+            if known is not None and known != cname:
+                raise ArexportError(f"{checkpoint} holds a {trained} model (trained as --gpt-model {trained}), "
+                                    f"not {cname}: pass --model {known}")
+        load_into(model, sd, source=str(checkpoint))
         source.update(checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=file_sha256(checkpoint))
     elif random_init:
         model.init_random(seed)
