@@ -1,8 +1,9 @@
 """TensorRT plans from an engine directory's ONNX graphs (TensorRT 10.15+ / 11 Python API).
 
 * strongly typed networks: precision comes from the ONNX graph (TensorRT 11 has no FP16/INT8 flags);
-* one plan per graph, one optimization profile per (step kind, batch): `decode` is q = 1, `verify`
-  covers q in [2, K] with K as the optimum; batch is fixed per profile (static shapes, best kernels);
+* one plan per graph, one optimization profile per step kind covering batches of 1..max rows (the
+  scheduler's live rows change every step): `decode` is q = 1, `verify` covers q in [2, K] with K as
+  the optimum;
 * a timing cache (read if given, updated after the build) and the builder optimization level;
 * the manifest records TensorRT's version and the GPU (name, compute capability) the plans are for;
   the runtime refuses plans built for another GPU or TensorRT version.

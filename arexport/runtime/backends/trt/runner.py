@@ -2,7 +2,7 @@
 
 Cache outputs are bound to the address of the input they alias (`present_key_i` -> the buffer of
 `past_key_i`), so IKVCacheUpdateLayer writes in place. One execution context per optimization
-profile (step kind x batch); with `cuda_graph=True` each (profile, q, cache) launch is captured once
+profile (step kind); with `cuda_graph=True` each (profile, shapes, cache) launch is captured once
 and replayed with fixed addresses. Written against the TensorRT 10.15/11 Python API; TensorRT is
 not installable on this project's CI machines, where the tests of this module skip.
 """
