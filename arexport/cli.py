@@ -615,9 +615,10 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Images per batch (CFG doubles the rows).")
 @click.option("--token-env", default="AREXPORT_TOKEN", show_default=True, help="Environment variable holding the bearer token (unset: no auth).")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest accepted request body.")
-@click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request.")
+@click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request (GridAR/best-of-N candidates count).")
+@click.option("--insecure-no-auth", is_flag=True, help="Listen on a non-loopback address without a bearer token.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-          draft, host, port, batching, max_batch, token_env, max_body_bytes, max_images):
+          draft, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -634,16 +635,32 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     from arexport.serving.service import GenerationService
 
     source = _source(engine_dir, model_name, "serve")
+    token = os.environ.get(token_env) or None
+    if token is None and not insecure_no_auth and not _loopback(host):
+        raise ArexportError(f"no bearer token in ${token_env}: refusing to listen on {host} unauthenticated; set the token, "
+                            "listen on 127.0.0.1, or pass --insecure-no-auth")
+    if not 0 < port < 65536:
+        raise ArexportError(f"--port must be in 1..65535, got {port}")
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     service = GenerationService(gen, batching=batching, max_batch=max_batch)
-    token = os.environ.get(token_env) or None
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
                + (" with bearer auth" if token else ""), err=True)
     serve_forever(app, host=host, port=port)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _run_with_progress(gen, show: bool, kwargs: dict):

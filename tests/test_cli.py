@@ -84,9 +84,18 @@ def test_generate_random_init_llamagen_tokens_only(tmp_path):
     (["build", "demo", "--out", "e", "--batch-sizes", "x"], "bad --batch-sizes"),
     (["build", "demo", "--out", "e", "--backend", "trt"], "TensorRT"),
     (["inspect", "missing_dir"], "engine directory not found"),
+    (["serve", "--model", "demo", "--host", "0.0.0.0"], "refusing to listen on 0.0.0.0 unauthenticated"),
+    (["serve", "--model", "demo", "--port", "99999"], "--port must be in 1..65535"),
+    (["generate", "--model", "demo", "--classes", "1", "--method", "sjd", "--window", "1", "--save-tokens", "x.npy"],
+     "sjd window must be >= 2"),
+    (["generate", "--model", "demo", "--classes", "1", "--method", "sd", "--window", "4", "--draft", "demo-draft",
+      "--save-tokens", "x.npy"], "method sd has no option 'window'"),
+    (["generate", "--model", "demo", "--classes", "1", "--draft", "demo-arpg", "--method", "sd", "--save-tokens", "x.npy"],
+     "draft demo-arpg belongs to the arpg family"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AREXPORT_TOKEN", raising=False)
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code != 0
     assert message in res.output, res.output

@@ -147,6 +147,18 @@ def test_http_concurrent_requests_match_solo(server, demo_gen):
     (dict(json={"classes": [1] * 9}, headers=AUTH), 400, "limit per request is 8"),
     (dict(json={"classes": [1], "pad": "x" * 5000}, headers=AUTH), 413, "exceeds the limit"),
     (dict(json={"classes": [1], "timeout": -1}, headers=AUTH), 422, "timeout"),
+    (dict(json={"classes": [True]}, headers=AUTH), 422, "invalid request: classes"),
+    (dict(json={"classes": ["3"]}, headers=AUTH), 422, "invalid request: classes"),
+    (dict(content=b'{"classes": [1e23]}', headers={**AUTH, "content-type": "application/json"}), 422, "invalid request: classes"),
+    (dict(json={"classes": [1], "seed": 2**80}, headers=AUTH), 422, "invalid request: seed"),
+    (dict(json={"classes": [1, 2, 3], "method": "gridar", "options": {"candidates": 4}}, headers=AUTH), 400,
+     "candidates included"),
+    (dict(json={"classes": [1], "method": "gridar", "options": {"verifier": "os:system"}}, headers=AUTH), 400,
+     "never by a request"),
+    (dict(json={"classes": [1], "method": "best-of-n", "options": {"scorer": "builtins:print"}}, headers=AUTH), 400,
+     "never by a request"),
+    (dict(content=iter([b'{"classes": [1], "pad": "' + b"x" * 3000, b"x" * 3000 + b'"}']),
+          headers={**AUTH, "content-type": "application/json"}), 413, "exceeds the limit"),
 ])
 def test_http_bad_requests_get_4xx_without_disturbing_work(server, kwargs, status, message):
     url, svc = server
@@ -192,3 +204,28 @@ def test_text_conditional_requests_over_http():
         r = httpx.post(f"{url}/generate", json={"caption_embeddings": "not base64!"}, timeout=60)
         assert r.status_code == 400 and "base64-encoded .npy" in r.json()["error"]
     svc.close()
+
+
+def test_bearer_scheme_is_case_insensitive(server):
+    url, _ = server
+    r = httpx.post(f"{url}/generate", json={"classes": [1], "format": "tokens"}, headers={"Authorization": "bearer s3cret"},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def test_a_failing_hook_fails_its_request_alone(demo_gen):
+    """An operator hook that raises (SystemExit included) fails its own request; the worker lives on."""
+    import sys
+
+    def dies(partial):
+        sys.exit(3)
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=4)
+    try:
+        bad = svc.submit([1], method="gridar", options={"verifier": dies}, images=False)
+        with pytest.raises(Exception, match="SystemExit"):
+            bad.result(timeout=120)
+        assert svc.healthy
+        assert svc.generate([2], seed=1, images=False).tokens.shape == (1, 64)
+    finally:
+        svc.close()

@@ -116,8 +116,8 @@ class Family:
     def check_draft(self, target_spec, draft_spec) -> None:
         """A draft model must share the target's tokenizer, grid and condition space."""
         if draft_spec.family != target_spec.family:
-            raise ArexportError(f"draft {draft_spec.name} is a {draft_spec.family} model; the target {target_spec.name} "
-                                f"is {target_spec.family}: a draft must be of the same family")
+            raise ArexportError(f"draft {draft_spec.name} belongs to the {draft_spec.family} family and the target "
+                                f"{target_spec.name} to {target_spec.family}: a draft must be of the target's family")
         for f in ("vocab_size", "n_tokens", "model_type", "num_classes", "cond_len", "caption_dim"):
             if getattr(target_spec, f) != getattr(draft_spec, f):
                 raise ArexportError(f"draft {draft_spec.name} does not match target {target_spec.name}: "

@@ -37,7 +37,9 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, Field
+    from typing import Annotated
+
+    from pydantic import BaseModel, Field, StrictInt
 
     from arexport.runtime.methods.base import METHODS
     from arexport.runtime.verifiers import request_safe_options
@@ -45,13 +47,15 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
     spec = service.engine.spec
 
+    ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]  # JSON integers only: no true, "3" or 1e23
+
     class GenerateBody(BaseModel):
-        classes: Optional[list[int]] = Field(None, description="Class ids (class-conditional models)")
+        classes: Optional[list[ClassId]] = Field(None, description="Class ids (class-conditional models)")
         caption_embeddings: Optional[str] = Field(None, description="base64 .npy [N,T,C] float32 (text-conditional)")
         caption_mask: Optional[str] = Field(None, description="base64 .npy [N,T] bool, left-padded (optional)")
         method: Optional[str] = None
         options: dict[str, Any] = Field(default_factory=dict)
-        seed: int = 0
+        seed: StrictInt = Field(0, ge=0, lt=2**63, description="Request seed, 0 <= seed < 2**63")
         cfg_scale: Optional[float] = None
         cfg_interval: int = -1
         temperature: Optional[float] = None
@@ -68,16 +72,20 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path in ("/generate", "/metrics") and token is not None:
-            auth = request.headers.get("authorization", "")
-            if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:].strip(), token)):
+            scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip(), token):  # schemes are case-insensitive
                 return err(401, "missing or wrong bearer token")
         if request.method == "POST":
             length = request.headers.get("content-length")
-            if length is not None and int(length) > max_body_bytes:
+            if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
                 return err(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes}")
-            body = await request.body()
-            if len(body) > max_body_bytes:
-                return err(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+            chunks, size = [], 0  # a chunked body is counted as it arrives, never buffered past the limit
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    return err(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+                chunks.append(chunk)
+            request._body = b"".join(chunks)  # what the endpoint reads
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -88,8 +96,10 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "closing" if service.closed else "ok", "model": spec.name, "family": spec.family,
-                "backend": service.engine.backend, "batching": service.batching}
+        status = "closing" if service.closed else "ok" if service.healthy else "unhealthy"
+        body = {"status": status, "model": spec.name, "family": spec.family, "backend": service.engine.backend,
+                "batching": service.batching}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -116,12 +126,18 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             if not body.classes:
                 return err(400, "classes must be a non-empty list of class ids")
             n_images = len(body.classes)
-        if n_images > max_images:
-            return err(400, f"{n_images} images requested; the limit per request is {max_images}")
+        try:
+            request_safe_options(body.options)  # a request names built-in hooks only, never module:callable
+            m = service.gen.method(method, body.options)
+        except ArexportError as e:
+            return err(400, str(e))
+        rows = n_images * getattr(m.options, "candidates", 1)  # test-time scaling generates every candidate
+        if rows > max_images:
+            return err(400, f"{n_images} images x {rows // n_images} candidates requested; the limit per request is "
+                            f"{max_images} images (candidates included)")
         sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                     cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval)
         try:
-            request_safe_options(body.options)  # a request names built-in hooks only, never module:callable
             res = await service.agenerate(body.classes, method=method, options=body.options, sampling=sampling,
                                           seed=body.seed, images=body.format == "png", timeout=body.timeout,
                                           captions=captions, caption_mask=mask)

@@ -149,13 +149,18 @@ class GenerationService:
     def closed(self) -> bool:
         return self._closing
 
+    @property
+    def healthy(self) -> bool:
+        """The worker is alive (it survives any error a request causes, so False means it was killed)."""
+        return self._worker.is_alive()
+
     # -- worker ---------------------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             try:
                 if self._iteration():
                     return
-            except Exception as e:  # never let the worker die with requests outstanding
+            except BaseException as e:  # noqa: BLE001 — nothing a request's hook raises (SystemExit too) stops the worker
                 self._fail_outstanding(ArexportError(f"internal error in the serving worker: {type(e).__name__}: {e}"),
                                        "error", queued=False)
 
@@ -255,9 +260,13 @@ class GenerationService:
         before = self.engine.forward_count()
         try:
             done = lane.step()
-        except ArexportError as e:  # a request-level failure (bad verifier output, ...): fail the lane's requests
-            for r in {id(t[0]): t[0] for t in lane.decoder.slots.tags}.values():
-                self._fail(r, e, "error")
+        except (Exception, SystemExit) as e:  # a step failed (a hook raised, ...): only the requests in its batch fail
+            err = e if isinstance(e, ArexportError) else ArexportError(f"generation failed: {type(e).__name__}: {e}")
+            running = {id(t[0]): t[0] for t in lane.decoder.slots.tags}
+            for r in running.values():
+                self._fail(r, err, "error")
+            waiting = {id(row.tag[0]): row.tag[0] for row in lane.queue if id(row.tag[0]) not in running}
+            self._pending.extend(r for r in waiting.values() if not r.results)  # they start again in a fresh batch
             self._lanes = {k: v for k, v in self._lanes.items() if v is not lane}
             return
         dec = lane.decoder
