@@ -121,6 +121,9 @@ def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, 
     return kw
 
 
+MAX_IMAGES = 100_000  # most images one command generates (--classes): bounds memory for tokens and images
+
+
 def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     if text is None:
         return None
@@ -131,11 +134,18 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
             continue
         if "x" in item:  # 3x4 = class 3 four times
             c, k = item.split("x", 1)
-            out += [_int(c, "class id")] * _int(k, "repeat count")
+            reps = _int(k, "repeat count")
+            if reps < 1:
+                raise ArexportError(f"bad repeat count in {item!r}: must be >= 1")
+            if len(out) + reps > MAX_IMAGES:
+                raise ArexportError(f"--classes asks for more than {MAX_IMAGES} images; split the work into several runs")
+            out += [_int(c, "class id")] * reps
         else:
             out.append(_int(item, "class id"))
     if not out:
         raise ArexportError("--classes is empty")
+    if len(out) > MAX_IMAGES:
+        raise ArexportError(f"--classes asks for more than {MAX_IMAGES} images; split the work into several runs")
     return out
 
 
@@ -404,7 +414,7 @@ def _print_manifest(m: dict, console, brief: bool) -> None:
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--batch", type=int, default=2, show_default=True, help="Rows per case (rows sit at different offsets).")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="Rows per case (rows sit at different offsets).")
 @click.option("--atol", type=float, help="Absolute tolerance (default per precision: fp32 1e-4).")
 @click.option("--rtol", type=float, help="Relative tolerance.")
 @click.option("--images", "n_images", type=int, default=2, show_default=True, help="Whole images for greedy token agreement (0 = skip).")
@@ -480,8 +490,8 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
                                                         vq_checkpoint)
     engine = open_engine(source, backend=backend, device=device, **kw)
     spec = engine.spec
-    if tokens.ndim != 2 or tokens.shape[1] != spec.n_tokens or not np.issubdtype(tokens.dtype, np.integer):
-        raise ArexportError(f"tokens must be an integer array [N, {spec.n_tokens}], got {tokens.dtype} {list(tokens.shape)}")
+    if tokens.ndim != 2 or tokens.shape[1] != spec.n_tokens or not np.issubdtype(tokens.dtype, np.integer) or not len(tokens):
+        raise ArexportError(f"tokens must be a non-empty integer array [N, {spec.n_tokens}], got {tokens.dtype} {list(tokens.shape)}")
     images = engine.decode_images(torch.from_numpy(tokens.astype(np.int64))).cpu().numpy()
     if out_dir:
         for i, img in enumerate(images):
@@ -571,7 +581,7 @@ def torch_gpu_name(device: str):
 @click.option("--samples", type=int, default=64, show_default=True, help="Step inputs to capture (20% held out for the gates).")
 @click.option("--calib-set", type=click.Path(file_okay=False), help="Calibration set directory (reused if present; default ENGINE_DIR.calib).")
 @click.option("--classes", help="Classes decoded while capturing (default: spread over the model's classes).")
-@click.option("--every", type=int, default=4, show_default=True, help="Capture every N-th step call.")
+@click.option("--every", type=click.IntRange(min=1), default=4, show_default=True, help="Capture every N-th step call.")
 @click.option("--min-agreement", type=float, help="Gate: minimum top-1 agreement with the source engine.")
 @click.option("--max-kl", type=float, help="Gate: maximum mean KL divergence of next-token distributions.")
 @click.option("--max-accuracy-drop", type=float, help="Gate (digits demo): maximum drop in class accuracy.")

@@ -92,6 +92,29 @@ def test_generate_random_init_llamagen_tokens_only(tmp_path):
       "--save-tokens", "x.npy"], "method sd has no option 'window'"),
     (["generate", "--model", "demo", "--classes", "1", "--draft", "demo-arpg", "--method", "sd", "--save-tokens", "x.npy"],
      "draft demo-arpg belongs to the arpg family"),
+    (["generate", "--model", "demo", "--classes", "1", "--temperature", "nan", "--save-tokens", "x.npy"],
+     "temperature must be a finite number, got nan"),
+    (["generate", "--model", "demo", "--classes", "1", "--temperature", "inf", "--save-tokens", "x.npy"],
+     "temperature must be a finite number, got inf"),
+    (["generate", "--model", "demo", "--classes", "1", "--cfg-scale", "nan", "--save-tokens", "x.npy"],
+     "cfg-scale must be a finite number"),
+    (["generate", "--model", "demo", "--classes", "1", "--seed", str(2**64), "--save-tokens", "x.npy"],
+     "seed must be in [0, 2**63)"),
+    (["generate", "--model", "demo", "--classes", "3x0,4", "--save-tokens", "x.npy"], "bad repeat count in '3x0'"),
+    (["generate", "--model", "demo", "--classes", "1x100000000", "--save-tokens", "x.npy"], "more than 100000 images"),
+    (["generate", "--model", "demo-arpg", "--classes", "1", "--steps", "1000", "--save-tokens", "x.npy"],
+     "arpg steps must be in [1, 64]"),
+    (["generate", "--model", "demo", "--classes", "1", "--method", "sjd", "--window", "1000", "--save-tokens", "x.npy"],
+     "sjd window 1000 exceeds this engine's largest verify block of 64 tokens"),
+    (["generate", "--model", "demo", "--classes", "1", "--device", "banana", "--save-tokens", "x.npy"], "unknown device 'banana'"),
+    (["generate", "--model", "GPT-B", "--random-init", "--model-config", "n_head=0", "--classes", "1", "--save-tokens", "x.npy"],
+     "n_head must be >= 1"),
+    (["generate", "missing_engine", "--backend", "ort", "--classes", "1", "--save-tokens", "x.npy"],
+     "engine directory not found: missing_engine"),
+    (["generate", "--model", "demo", "--classes", "1", "--method", "best-of-n", "--scorer", "builtins:len", "--save-tokens", "x.npy"],
+     "scorer 'len' failed: TypeError"),
+    (["generate", "--model", "demo", "--classes", "1", "--method", "best-of-n", "--scorer", "builtins:id", "--save-tokens", "x.npy"],
+     "scorer 'id' failed: TypeError"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
@@ -129,7 +152,7 @@ def test_tokens_outside_vocabulary(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "token ids outside the vocabulary [0, 17)" in res.output
     np.save(tmp_path / "shape.npy", np.zeros((1, 10), dtype=np.int64))
     res = CliRunner().invoke(cli, ["decode", "demo", "--tokens", "shape.npy", "--out", "d"])
-    assert res.exit_code == 1 and "tokens must be an integer array [N, 64]" in res.output
+    assert res.exit_code == 1 and "tokens must be a non-empty integer array [N, 64]" in res.output
 
 
 def test_help_documents_every_option():
@@ -137,3 +160,22 @@ def test_help_documents_every_option():
     for opt in ("--model", "--checkpoint", "--random-init", "--vq-checkpoint", "--classes", "--method", "--backend", "--cfg-scale",
                 "--top-k", "--top-p", "--temperature", "--seed", "--batch-size", "--save-tokens", "--out", "--stats-json"):
         assert opt in res.output, opt
+
+
+def test_decode_of_an_empty_array_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64), dtype=np.int64))
+    res = CliRunner().invoke(cli, ["decode", "demo", "--tokens", "empty.npy", "--out", "d"])
+    assert res.exit_code == 1 and "non-empty integer array" in res.output and not (tmp_path / "d").exists()
+
+
+def test_non_finite_logits_stop_generation():
+    """A checkpoint with NaNs stops with the step and row named instead of all-black images."""
+    from arexport.errors import ArexportError
+    from arexport.runtime.generator import Generator
+
+    gen = Generator.load("demo")
+    with torch.no_grad():
+        gen.engine.model.output.weight[3, 0] = float("nan")
+    with pytest.raises(ArexportError, match=r"non-finite logits from the torch engine at prefill call 1 in row 0"):
+        gen.generate(classes=[1], images=False)

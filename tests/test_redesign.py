@@ -124,7 +124,7 @@ def test_ort_engine_runs_without_model_or_exporter_code(tmp_path, demo_engine):
     api = _run_isolated(
         "from arexport.runtime import Generator\n"
         f"g = Generator.load({str(eng)!r}, backend='ort')\n"
-        "g.generate(classes=[1, 2], method='sjd', images=True)\n"
+        "g.generate(classes=[1, 2], method='sjd', method_options={'window': 8}, images=True)\n"
         "g.generate(classes=[3], method='gridar', images=False)\n" + probe, tmp_path)
     assert api["bad"] == [] and api["arexport"] > 10
     cli = _run_isolated(

@@ -47,6 +47,9 @@ class TransformerDims:
     """Sizes derived the same way by every LlamaGen-style config (mixin for frozen dataclasses)."""
 
     def _check_dims(self) -> None:
+        for f in ("dim", "n_layer", "n_head", "grid_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
         if self.head_dim % 4:

@@ -142,7 +142,7 @@ class StepEngine(ABC):
         if q > self.max_q and kind != "prefill":
             raise ArexportError(f"step of {q} tokens exceeds this engine's maximum query length {self.max_q}")
         with self._timed(kind or step_kind(q), b, q):
-            return self._step(cache, tokens, positions, write_index, attn_mask)
+            return self._finite(self._step(cache, tokens, positions, write_index, attn_mask), kind or step_kind(q))
 
     def multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
                          query_mask) -> torch.Tensor:
@@ -152,12 +152,22 @@ class StepEngine(ABC):
         if max(n, m) > self.max_q:
             raise ArexportError(f"multi-query step with {n} tokens and {m} queries exceeds this engine's maximum {self.max_q}")
         with self._timed("multi_query", b, m):
-            return self._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
+            return self._finite(self._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions,
+                                                       query_mask), "multi_query")
 
     def prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
         """Text-conditional prefill: caption features [B,T,C] at slots [0, T); logits of the last position [B,V]."""
         with self._timed("prefill", embeds.shape[0], embeds.shape[1]):
-            return self._prefill_embeds(cache, embeds, attn_mask)
+            return self._finite(self._prefill_embeds(cache, embeds, attn_mask), "prefill")
+
+    def _finite(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
+        """Stop on NaN/inf logits (a broken checkpoint or engine) instead of sampling garbage (one host sync)."""
+        bad = ~torch.isfinite(logits).flatten(1).all(1)
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0])
+            raise ArexportError(f"non-finite logits from the {self.backend} engine at {kind} call {self.calls[kind]} in "
+                                f"row {row}: the weights or the engine produce NaN/inf")
+        return logits
 
     def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """Raster tokens [N, n_tokens] -> uint8 RGB [N, H, W, 3] (on this engine's device)."""

@@ -107,11 +107,14 @@ class Generator:
         sampling.validate(self.spec.vocab_size)
         m = self.method(method, method_options)
         n = len(conds)
+        for s in [seed] + list(seeds or []):
+            if not 0 <= int(s) < 1 << 63:
+                raise ArexportError(f"seed must be in [0, 2**63), got {s}")
         if seeds is None:
             seeds = [image_seed(seed, i) for i in range(n)]
         elif len(seeds) != n:
             raise ArexportError(f"got {len(seeds)} seeds for {n} images")
-        seeds = [int(s) & ((1 << 62) - 1) for s in seeds]
+        seeds = [int(s) & ((1 << 62) - 1) for s in seeds]  # row streams take 62-bit seeds
         total = n * self.spec.n_tokens
         with self._lock:
             engines = {"target": self.engine, "draft": self.draft}

@@ -31,6 +31,6 @@ def open_engine(source: str, backend: str = "torch", device: str = "cpu", dtype:
     if (path.suffix or "/" in source) and not path.exists():
         raise ArexportError(f"engine directory not found: {source}")
     if backend != "torch":
-        raise ArexportError(
-            f"backend {backend} runs an engine directory; build one first: arexport build {source} --out DIR")
+        raise ArexportError(f"engine directory not found: {source} (backend {backend} runs an engine directory; if "
+                            f"{source} is a model name, build one first: arexport build {source} --out DIR)")
     return loader("torch").open_model(source, device=device, dtype=dtype, cuda_graph=cuda_graph, **options)

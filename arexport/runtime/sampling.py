@@ -26,7 +26,12 @@ class SamplingParams:
     cfg_interval: int = -1  # LlamaGen: CFG only for image tokens 0..cfg_interval+1; -1 = always
 
     def validate(self, vocab_size: int) -> "SamplingParams":
-        """Raise ArexportError naming the first invalid option."""
+        """Raise ArexportError naming the first invalid option (NaN and infinity included)."""
+        import math
+
+        for name, v in (("temperature", self.temperature), ("top-p", self.top_p), ("cfg-scale", self.cfg_scale)):
+            if not math.isfinite(v):
+                raise ArexportError(f"{name} must be a finite number, got {v}")
         if self.temperature < 0:
             raise ArexportError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

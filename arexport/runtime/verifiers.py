@@ -88,6 +88,24 @@ def request_safe_options(options: dict) -> None:
         raise ArexportError("reformulate is a Python API hook; a request cannot set it")
 
 
+def call_hook(fn, what: str, n: int, *args) -> torch.Tensor:
+    """Call a verifier/scorer; its output as a tensor of n values, or a named error when it raises or
+    returns anything else."""
+    name = getattr(fn, "__name__", type(fn).__name__)
+    try:
+        result = fn(*args)
+    except Exception as e:  # an operator's hook: report it by name, whatever it raised
+        raise ArexportError(f"{what} {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    try:
+        out = torch.as_tensor(result)
+    except (TypeError, ValueError, RuntimeError):
+        out = None
+    if out is None or out.shape != (n,):
+        got = f"shape {list(out.shape)}" if out is not None else type(result).__name__
+        raise ArexportError(f"{what} {name!r} must return {n} values (one per candidate), got {got}")
+    return out
+
+
 def resolve(obj, builtins: dict, what: str, image_kind: str):
     """A callable from a callable, a built-in name, 'auto' (digits for the demo) or 'module:attr'."""
     if callable(obj):

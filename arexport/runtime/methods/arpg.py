@@ -72,7 +72,7 @@ class ARPGDecoder(Decoder):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         spec, s, o = self.spec, self.slots, self.opts
         n_tok = spec.n_tokens
-        self.sizes = tokens_per_step(n_tok, min(o.steps, n_tok), o.schedule)
+        self.sizes = tokens_per_step(n_tok, o.steps, o.schedule)  # more steps than tokens is an error, not a clamp
         if max(self.sizes) > self.engine.max_q:
             raise ArexportError(f"arpg step of {max(self.sizes)} tokens exceeds the engine's maximum {self.engine.max_q}: "
                                 "use more steps or rebuild with a larger --verify-len")

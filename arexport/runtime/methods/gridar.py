@@ -27,7 +27,7 @@ from arexport.families import Conditions
 from arexport.runtime.methods.ar import ARDecoder
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.rng import derive_seeds
-from arexport.runtime.verifiers import BUILTIN_SCORERS, BUILTIN_VERIFIERS, PartialCanvas, resolve
+from arexport.runtime.verifiers import BUILTIN_SCORERS, BUILTIN_VERIFIERS, PartialCanvas, call_hook, resolve
 
 
 def three_way_cfg(c: torch.Tensor, u: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tensor:
@@ -137,7 +137,7 @@ class GridARDecoder(ARDecoder):
         canvas = self.engine.decode_images(tokens.view(-1, rows, g).repeat(1, reps, 1)[:, :g].reshape(-1, g * g))
         px = canvas.shape[1] * rows // g
         partial = PartialCanvas(canvas, canvas[:, :px], tokens, rows / g, conds)
-        feasible = self.verifier(partial).to(torch.bool).cpu()
+        feasible = call_hook(self.verifier, "verifier", len(tokens), partial).to(torch.bool).cpu()
         self.events["verifier_calls"] += 1
         for j, i in enumerate(images):
             f = feasible[j * N:(j + 1) * N]
@@ -170,7 +170,7 @@ class GridARDecoder(ARDecoder):
 
     def finish(self, i):
         images = self.engine.decode_images(self.tokens[i])
-        scores = self.scorer(images, self.image_conds[i].repeat_interleave(self.N)).float().cpu()
+        scores = call_hook(self.scorer, "scorer", self.N, images, self.image_conds[i].repeat_interleave(self.N)).float().cpu()
         best = int(scores.argmax())
         st = self.slots.stats[i]
         st.best_score = float(scores[best])

@@ -44,7 +44,11 @@ class SDDecoder(Decoder):
         self.draft = ctx.draft
         self.rule = rule or StandardRule()
         spec, s, rows = self.spec, self.slots, capacity * self.cfg.per_image
-        self.gamma = g = min(self.opts.gamma, self.engine.max_q - 1, spec.n_tokens - 1)
+        limit = min(self.engine.max_q, spec.n_tokens) - 1
+        if self.opts.gamma > limit:
+            raise ArexportError(f"gamma {self.opts.gamma} drafts do not fit this engine's largest verify block of "
+                                f"{limit + 1} tokens: pass --gamma {limit} or less")
+        self.gamma = g = self.opts.gamma
         # a verify block is at most pending + g <= max_q tokens; short rows pad into their lookahead
         self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 1) - 1))
         self.dcache = s.cache(self.draft.allocate(rows, lookahead=2))

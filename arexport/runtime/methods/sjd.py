@@ -47,7 +47,12 @@ class SJDDecoder(Decoder):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         o, spec = self.opts, self.spec
         self.rule = rule or StandardRule()
-        self.window = min(o.window, self.engine.max_q, spec.n_tokens)
+        limit = min(self.engine.max_q, spec.n_tokens)
+        if o.window > limit:
+            raise ArexportError(f"sjd window {o.window} exceeds this engine's largest verify block of {limit} tokens: "
+                                f"pass --window {limit} or less" + (" (or rebuild with a larger --verify-len)"
+                                                                      if self.engine.max_q < spec.n_tokens else ""))
+        self.window = o.window
         self.end = spec.n_tokens if o.end is None else min(o.end, spec.n_tokens)
         s, w, v = self.slots, self.window, spec.vocab_size
         self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image, lookahead=w - 1))
