@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -60,7 +61,8 @@ def guidance_scale(cfg_scale: float, cfg_schedule: str, done: int, n_tokens: int
 
 @dataclass(frozen=True)
 class ARPGOptions(Options):
-    steps: int = option(64, "parallel decoding steps", flag="--steps")
+    steps: Optional[int] = option(None, "parallel decoding steps (default 64, or one per token on grids of fewer tokens)",
+                                  flag="--steps")
     schedule: str = option("arccos", "tokens-per-step schedule", flag="--schedule", choices=SCHEDULES)
     cfg_schedule: str = option("linear", "guidance schedule", flag="--cfg-schedule", choices=CFG_SCHEDULES)
     order: str = option("row", "random order per image (row: results independent of batching) or one per batch of "
@@ -72,7 +74,8 @@ class ARPGDecoder(Decoder):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         spec, s, o = self.spec, self.slots, self.opts
         n_tok = spec.n_tokens
-        self.sizes = tokens_per_step(n_tok, o.steps, o.schedule)  # more steps than tokens is an error, not a clamp
+        steps = min(64, n_tok) if o.steps is None else o.steps  # more steps than tokens is an error, not a clamp
+        self.sizes = tokens_per_step(n_tok, steps, o.schedule)
         if max(self.sizes) > self.engine.max_q:
             raise ArexportError(f"arpg step of {max(self.sizes)} tokens exceeds the engine's maximum {self.engine.max_q}: "
                                 "use more steps or rebuild with a larger --verify-len")

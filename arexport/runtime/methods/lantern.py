@@ -25,8 +25,8 @@ class LanternOptions(Options):
     delta: float = option(0.1, "total-variation budget delta", flag="--lantern-delta")
     lam: Optional[float] = option(None, "LANTERN++ bound: pooled mass <= (lambda - 1) p(x)", flag="--lantern-lambda")
     drafter: str = option("sd", "drafter under the relaxed acceptance", flag="--drafter", choices=tuple(DRAFTERS))
-    gamma: int = SDOptions.__dataclass_fields__["gamma"].default  # sd drafter
-    window: int = SJDOptions.__dataclass_fields__["window"].default  # sjd drafter
+    gamma: Optional[int] = None  # sd drafter (its default)
+    window: Optional[int] = None  # sjd drafter (its default)
     init: str = SJDOptions.__dataclass_fields__["init"].default
     start: int = 0
     end: Optional[int] = None

@@ -17,6 +17,7 @@ or has nothing left to draft) feeds padding there too, and its random stream doe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -28,10 +29,11 @@ from arexport.runtime.speculative import StandardRule, verify_chain
 
 @dataclass(frozen=True)
 class SDOptions(Options):
-    gamma: int = option(4, "draft tokens per round", flag="--gamma")
+    gamma: Optional[int] = option(None, "draft tokens per round (default 4, or what the engine's verify block holds)",
+                                  flag="--gamma")
 
     def validate(self):
-        if self.gamma < 1:
+        if self.gamma is not None and self.gamma < 1:
             raise ArexportError(f"sd gamma must be >= 1, got {self.gamma}")
         return self
 
@@ -45,10 +47,11 @@ class SDDecoder(Decoder):
         self.rule = rule or StandardRule()
         spec, s, rows = self.spec, self.slots, capacity * self.cfg.per_image
         limit = min(self.engine.max_q, spec.n_tokens) - 1
-        if self.opts.gamma > limit:
-            raise ArexportError(f"gamma {self.opts.gamma} drafts do not fit this engine's largest verify block of "
+        gamma = min(4, limit) if self.opts.gamma is None else self.opts.gamma  # a default adapts; an explicit value must fit
+        if gamma > limit:
+            raise ArexportError(f"gamma {gamma} drafts do not fit this engine's largest verify block of "
                                 f"{limit + 1} tokens: pass --gamma {limit} or less")
-        self.gamma = g = self.opts.gamma
+        self.gamma = g = gamma
         # a verify block is at most pending + g <= max_q tokens; short rows pad into their lookahead
         self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 1) - 1))
         self.dcache = s.cache(self.draft.allocate(rows, lookahead=2))

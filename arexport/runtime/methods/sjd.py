@@ -16,6 +16,7 @@ batch step feeds max L_i positions and shorter rows pad into their cache lookahe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,13 +32,14 @@ INITS = ("random", "repeat_horizon")
 
 @dataclass(frozen=True)
 class SJDOptions(Options):
-    window: int = option(16, "Jacobi window L: tokens verified per step", flag="--window")
+    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step (default 16, or the engine's "
+                                   "largest verify block if smaller)", flag="--window")
     init: str = option("random", "how new drafts are initialised", flag="--sjd-init", choices=INITS)
     start: int = option(0, "first token index where drafts may be accepted")
     end: Optional[int] = option(None, "token index where speculation stops (default: the last token)")
 
     def validate(self):
-        if self.window < 2:
+        if self.window is not None and self.window < 2:
             raise ArexportError(f"sjd window must be >= 2, got {self.window}")
         return self
 
@@ -48,6 +50,9 @@ class SJDDecoder(Decoder):
         o, spec = self.opts, self.spec
         self.rule = rule or StandardRule()
         limit = min(self.engine.max_q, spec.n_tokens)
+        if o.window is None:  # the default adapts to the engine; an explicit window that does not fit is an error
+            o = dataclasses.replace(o, window=min(16, limit))
+            self.opts = o
         if o.window > limit:
             raise ArexportError(f"sjd window {o.window} exceeds this engine's largest verify block of {limit} tokens: "
                                 f"pass --window {limit} or less" + (" (or rebuild with a larger --verify-len)"

@@ -48,7 +48,7 @@ def candidate_similarity(q: torch.Tensor, latents: torch.Tensor, n_candidates: i
 
 @dataclass(frozen=True)
 class VVSOptions(Options):
-    gamma: int = 4
+    gamma: Optional[int] = None  # sd's default
     policy: str = option("uniform", "when to skip verification", flag="--policy", choices=POLICIES)
     skip_interval: int = option(5, "uniform: skip every N-th round", flag="--skip-interval")
     sim_threshold: float = option(0.7, "dynamic: candidate latent cosine similarity to skip", flag="--sim-threshold")
@@ -58,7 +58,7 @@ class VVSOptions(Options):
     lam: Optional[float] = None
 
     def validate(self):
-        if self.gamma < 1:
+        if self.gamma is not None and self.gamma < 1:
             raise ArexportError(f"vvs gamma must be >= 1, got {self.gamma}")
         if self.skip_interval < 2:
             raise ArexportError(f"vvs skip interval must be >= 2 (a skipped round needs a verified one before), got {self.skip_interval}")
