@@ -36,10 +36,8 @@ class ARDecoder(Decoder):
             s.seeds[a:b] = derive_seeds(s.seeds[a:b, 0].repeat_interleave(self.N),
                                         torch.arange(self.N, device=s.device).repeat(b - a)).view(b - a, self.N)
         r0, r1 = s.rows_of(a, b)
-        view = self.cache.view(r0, r1)
-        view.key_valid.fill_(True)
         rows = self.cfg.conditions(self.engine, conds.repeat_interleave(self.N))
-        self.logits[r0:r1] = self.engine.family.prefill(self.engine, view, rows)
+        self.logits[r0:r1] = self.prefill(self.engine, self.cache, a, b, rows)
         self.t[a:b] = 0
         for st in s.stats[a:b]:
             st.forwards += 1

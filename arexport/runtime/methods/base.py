@@ -336,6 +336,20 @@ class Decoder:
         """Prefill images [a, b) (conditions of those images, in order)."""
         raise NotImplementedError
 
+    def prefill(self, engine, cache, a: int, b: int, rows: Conditions) -> torch.Tensor:
+        """Prefill the rows of images [a, b) of `cache` (a contiguous view, stale key masks cleared)
+        with the condition `rows` through `engine`'s family; logits [rows, V]."""
+        view = cache.view(*self.slots.rows_of(a, b))
+        view.key_valid.fill_(True)
+        return engine.family.prefill(engine, view, rows.to(engine.device))
+
+    def first_token(self, logits: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Token 0 of images [a, b) sampled from their prefill logits, each from its own stream."""
+        from arexport.runtime.sampling import probs_from_logits, sample_from_probs
+
+        p0 = probs_from_logits(self.cfg.guide(logits, self.params.cfg_active(0)), self.params)
+        return sample_from_probs(p0, self.slots.uniform(1, self.slots.span(a, b))[a:b, 0])
+
     def advance(self) -> list[int]:
         """One step for images [0, n); the slots that finished."""
         raise NotImplementedError

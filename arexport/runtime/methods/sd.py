@@ -62,15 +62,10 @@ class SDDecoder(Decoder):
 
     def start(self, a, b, conds):
         s = self.slots
-        r0, r1 = s.rows_of(a, b)
         rows = self.cfg.conditions(self.engine, conds)
-        tview, dview = self.tcache.view(r0, r1), self.dcache.view(r0, r1)
-        tview.key_valid.fill_(True)
-        dview.key_valid.fill_(True)
-        logits = self.engine.family.prefill(self.engine, tview, rows)
-        self.draft.family.prefill(self.draft, dview, rows.to(self.draft.device))
-        p0 = probs_from_logits(self.cfg.guide(logits, self.params.cfg_active(0)), self.params)
-        self.tokens[a:b, 0] = sample_from_probs(p0, s.uniform(1, s.span(a, b))[a:b, 0])
+        logits = self.prefill(self.engine, self.tcache, a, b, rows)
+        self.prefill(self.draft, self.dcache, a, b, rows)
+        self.tokens[a:b, 0] = self.first_token(logits, a, b)
         self.n[a:b], self.pending[a:b], self.first[a:b] = 1, 1, True
         for st in s.stats[a:b]:
             st.forwards += 1

@@ -68,18 +68,13 @@ class SJDDecoder(Decoder):
 
     def start(self, a, b, conds):
         s = self.slots
-        r0, r1 = s.rows_of(a, b)
-        view = self.cache.view(r0, r1)
-        view.key_valid.fill_(True)
-        logits = self.engine.family.prefill(self.engine, view, self.cfg.conditions(self.engine, conds))
-        p0 = probs_from_logits(self.cfg.guide(logits, self.params.cfg_active(0)), self.params)
-        active = s.span(a, b)
-        self.tokens[a:b, 0] = sample_from_probs(p0, s.uniform(1, active)[a:b, 0])
+        logits = self.prefill(self.engine, self.cache, a, b, self.cfg.conditions(self.engine, conds))
+        self.tokens[a:b, 0] = self.first_token(logits, a, b)
         self.n[a:b] = 1
         for st in s.stats[a:b]:
             st.forwards += 1
         zero = torch.zeros(b - a, dtype=torch.long, device=s.device)
-        d, q = self._pad_drafts(self.tokens[a:b, 0], None, None, None, zero, self.n[a:b], s.uniform(self.window - 1, active)[a:b])
+        d, q = self._pad_drafts(self.tokens[a:b, 0], None, None, None, zero, self.n[a:b], s.uniform(self.window - 1, s.span(a, b))[a:b])
         self.drafts[a:b], self.q[a:b] = d, q
 
     def advance(self):
