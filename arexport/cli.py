@@ -186,6 +186,10 @@ def _load_captions(path: Optional[str]):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend weight/cache dtype (default fp32).")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (>1 doubles the batch). Default: the model's.")
 @click.option("--cfg-interval", type=int, default=-1, show_default=True, help="Guide only image tokens 0..N+1 (LlamaGen); -1 = all.")
+@click.option("--cfg-schedule", type=click.Choice(["constant", "linear", "cosine"]),
+              help="Guidance scale per image token t of n: constant g; linear 1+(g-1)(t+1)/n (ARPG); cosine "
+                   "1+(g-1)(1-cos(pi (t/n)^p))/2 (RAR). Default: the model's.")
+@click.option("--cfg-power", type=float, help="Exponent p of the cosine guidance schedule (RAR's guidance_scale_pow). Default: the model's.")
 @click.option("--top-k", type=int, help="Keep the k most likely tokens (0 = off). Default: the model's.")
 @click.option("--top-p", type=float, help="Nucleus sampling mass (1.0 = off).")
 @click.option("--temperature", type=float, help="Softmax temperature; 0 = greedy.")
@@ -201,8 +205,8 @@ def _load_captions(path: Optional[str]):
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write run statistics as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
-             classes, caption_embeddings, method, backend, device, precision, cfg_scale, cfg_interval, top_k, top_p,
-             temperature, seed, batch_size, draft, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
+             classes, caption_embeddings, method, backend, device, precision, cfg_scale, cfg_interval, cfg_schedule,
+             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
              **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
@@ -227,7 +231,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     spec = gen.spec
     method = method or gen.engine.family.default_method
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                cfg_interval=cfg_interval)
+                                cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power)
     captions, cmask = _load_captions(caption_embeddings)
     opts = parse_method_options(method_opts)
     opts.update(_method_kwargs(named_method_options))

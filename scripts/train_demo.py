@@ -13,6 +13,9 @@ Writes:
   demo-arpg.safetensors      ARPG-architecture model trained in random orders (parallel decoding)
 Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
 The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
+The ARPG model learns from the real training split plus digits sampled from the raster demo model
+(--arpg-synthetic of them, seed 123, its default sampler): 1437 images are too few to learn a
+random-order model of 64 pixels that still draws a clear digit when 4+ pixels come per step.
 """
 
 from __future__ import annotations
@@ -84,7 +87,21 @@ def train_classifier(model, xtr, ytr, xte, yte, steps=1500, seed=0):
     return acc
 
 
-def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label=""):
+def synthetic_digits(n: int, checkpoint: Path, seed: int = 123):
+    """n digits (classes 0..9 in turn) sampled from the raster demo model at its default sampler."""
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    gen = Generator.load("demo", checkpoint=str(checkpoint))
+    classes = [i % 10 for i in range(n)]
+    t0 = time.time()
+    r = gen.generate(classes=classes, method="ar", sampling=SamplingParams(**gen.spec.extra["sampling_defaults"]),
+                     batch_size=500, images=False, timings=False, seed=seed)
+    print(f"sampled {n} synthetic digits from {checkpoint.name} ({time.time() - t0:.0f}s)", flush=True)
+    return torch.as_tensor(r.tokens, dtype=torch.int64).view(n, -1), torch.tensor(classes, dtype=torch.int64)
+
+
+def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label="", probe=None, probe_every=500):
     """Teacher forcing; LlamaGen in raster order, ARPG in a fresh random order per sample."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -118,24 +135,57 @@ def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label=""):
         sched.step()
         if step % 200 == 0 or step == steps - 1:
             print(f"[{label}] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        if probe is not None and step and step % probe_every == 0:
+            rng = torch.get_rng_state()  # the probe must not shift the dropout stream
+            print(f"[{label}] step {step:5d} {probe(cfg, model.eval())}", flush=True)
+            torch.set_rng_state(rng)
+            model.train()
     return model.eval(), float(loss.item())
 
 
-def save_model(model, cfg, path: Path, info: dict) -> None:
+def arpg_probe(images: int = 200):
+    """Progress check while ARPG trains: class accuracy of 16- and 64-step samples under the MLP judge.
+    It uses its own random streams, so the trained weights do not depend on whether it runs."""
+    def probe(cfg, model):
+        import tempfile
+
+        from arexport.quality import score_digits
+        from arexport.runtime.generator import Generator
+        from arexport.runtime.sampling import default_sampling
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "probe.safetensors"
+            save_model(model, cfg, path, {}, quiet=True)
+            gen = Generator.load("demo-arpg", checkpoint=str(path))
+            classes = [i % 10 for i in range(images)]
+            out = []
+            for steps in (16, 64):
+                r = gen.generate(classes=classes, method="arpg", method_options={"steps": steps},
+                                 sampling=default_sampling(gen.spec), batch_size=images, images=False, timings=False)
+                out.append(f"acc@{steps} {score_digits(r.tokens, classes, 'mlp').accuracy:.3f}")
+        return " ".join(out) + " (MLP judge)"
+    return probe
+
+
+def save_model(model, cfg, path: Path, info: dict, quiet: bool = False) -> None:
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps({k: v for k, v in asdict(cfg).items() if k != "extra"}), "info": json.dumps(info),
             "family": "arpg" if isinstance(model, ARPG) else "llamagen"}
     save_file(sd, str(path), metadata=meta)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if not quiet:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg"], default=None)
     ap.add_argument("--arpg-steps", type=int, default=3000)
+    ap.add_argument("--arpg-batch", type=int, default=128)
+    ap.add_argument("--arpg-synthetic", type=int, default=30000, help="digits sampled from the raster demo model for ARPG")
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps for the target model")
     ap.add_argument("--draft-steps", type=int, default=1500)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--probe", action="store_true", help="print ARPG sample accuracy every 500 steps while it trains")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +221,12 @@ def main():
         save_model(model, cfg, args.out / "demo-draft.safetensors", {"steps": args.draft_steps, "final_loss": loss, "data": "sklearn digits train split"})
     if args.only in (None, "arpg"):
         cfg = ARPGConfig(**ARPG_CFG)
-        model, loss = train_ar(cfg, xtr, ytr, args.arpg_steps, seed=2, label="arpg")
-        save_model(model, cfg, args.out / "demo-arpg.safetensors", {"steps": args.arpg_steps, "final_loss": loss, "data": "sklearn digits train split, random orders"})
+        xs, ys = synthetic_digits(args.arpg_synthetic, args.out / "demo.safetensors") if args.arpg_synthetic else (xtr[:0], ytr[:0])
+        model, loss = train_ar(cfg, torch.cat([xtr, xs]), torch.cat([ytr, ys]), args.arpg_steps, seed=2, lr=2e-3,
+                               batch=args.arpg_batch, label="arpg", probe=arpg_probe() if args.probe else None)
+        save_model(model, cfg, args.out / "demo-arpg.safetensors",
+                   {"steps": args.arpg_steps, "batch": args.arpg_batch, "final_loss": loss,
+                    "data": f"sklearn digits train split + {args.arpg_synthetic} digits sampled from demo, random orders"})
 
 
 if __name__ == "__main__":

@@ -194,12 +194,14 @@ def test_schedule_and_guidance_match_the_official_generate(arpg256, monkeypatch,
     real = arpg_mod.cfg_combine
 
     def spy(cond, uncond, scale):
-        seen.append((cond.shape[1], [float(x) for x in scale.flatten()]))
+        scales = [float(x) for x in scale.flatten()] if isinstance(scale, torch.Tensor) else [float(scale)] * cond.shape[0]
+        seen.append((cond.shape[1], scales))
         return real(cond, uncond, scale)
 
     monkeypatch.setattr(arpg_mod, "cfg_combine", spy)
-    Generator(TorchEngine(arpg256)).generate(classes=[3, 7], method="arpg", images=False, sampling=SamplingParams(cfg_scale=4.0),
-                                            method_options={"steps": steps, "schedule": schedule, "cfg_schedule": cfg_schedule})
+    Generator(TorchEngine(arpg256)).generate(classes=[3, 7], method="arpg", images=False,
+                                            sampling=SamplingParams(cfg_scale=4.0, cfg_schedule=cfg_schedule),
+                                            method_options={"steps": steps, "schedule": schedule})
     want = _official_steps(256, steps, schedule, cfg_schedule, 4.0)
     assert tokens_per_step(256, steps, schedule) == [n for n, _ in want]
     assert [m for m, _ in seen] == [n for n, _ in want]

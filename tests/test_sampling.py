@@ -7,8 +7,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from arexport.errors import ArexportError
 from arexport.runtime.rng import RowRNG, image_seed, uniforms
-from arexport.runtime.sampling import (SamplingParams, cfg_combine, filter_logits, guided_logits, probs_from_logits,
+from arexport.runtime.sampling import (SamplingParams, cfg_combine, cfg_scales, filter_logits, guided_logits, probs_from_logits,
                                        sample_from_probs, sample_logits)
 
 
@@ -92,9 +93,48 @@ def test_cfg_combine_and_interval():
     assert torch.allclose(cfg_combine(cond, uncond, 3.0), uncond + 3.0 * (cond - uncond))
     p = SamplingParams(cfg_scale=3.0, cfg_interval=2)
     assert p.cfg_active(0) and p.cfg_active(3) and not p.cfg_active(4)
-    assert torch.equal(guided_logits(cond, uncond, p, False), cond)
-    assert torch.equal(guided_logits(cond, uncond, p, torch.tensor([True])), cfg_combine(cond, uncond, 3.0))
+    assert torch.equal(guided_logits(cond, uncond, p, 4, 16), cond)
+    assert torch.equal(guided_logits(cond, uncond, p, torch.tensor([3]), 16), cfg_combine(cond, uncond, 3.0))
+    assert torch.equal(guided_logits(cond, uncond, p, torch.tensor([4]), 16), cond)
     assert not SamplingParams(cfg_scale=1.0).uses_cfg
+
+
+def _rar_official_scale(g, p, step, n):
+    """Transcribed from RAR's generate (1d-tokenizer modeling/rar.py): torch ops in its order."""
+    scale_pow = torch.ones((1,)) * p
+    scale_step = (1 - torch.cos(((step / n) ** scale_pow) * torch.pi)) * 1 / 2
+    return float((g - 1) * scale_step + 1)
+
+
+@pytest.mark.parametrize("g,p", [(16.0, 2.75), (15.5, 2.5), (6.9, 1.5), (8.0, 1.2), (4.0, 0.0), (3.0, 1.0)])
+def test_cosine_schedule_is_rars_formula(g, p):
+    """Every token index of a 256-token image gets RAR's scale (the per-size defaults, and p = 0 = constant)."""
+    params = SamplingParams(cfg_scale=g, cfg_schedule="cosine", cfg_power=p)
+    got = cfg_scales(params, torch.arange(256), 256)
+    want = torch.tensor([_rar_official_scale(g, p, t, 256) for t in range(256)])
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert cfg_scales(params, 0, 256) == pytest.approx(1.0 if p > 0 else g)
+    assert cfg_scales(params, 255, 256) == pytest.approx(want[-1].item(), rel=1e-6)
+    if p > 0:
+        assert bool((got[1:] >= got[:-1]).all())  # a ramp from 1 towards g
+
+
+def test_linear_and_constant_schedules_and_their_guided_logits():
+    lin = SamplingParams(cfg_scale=4.0, cfg_schedule="linear")
+    assert cfg_scales(lin, torch.tensor([0, 63, 127]), 128).tolist() == pytest.approx([1 + 3 / 128, 1 + 3 * 64 / 128, 4.0])
+    assert cfg_scales(SamplingParams(cfg_scale=4.0), torch.tensor([0, 5]), 16) == 4.0
+    cond, uncond = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    idx = torch.arange(15).view(3, 5)
+    cos = SamplingParams(cfg_scale=9.0, cfg_schedule="cosine", cfg_power=2.0)
+    got = guided_logits(cond, uncond, cos, idx, 15)
+    for b in range(3):
+        for t in range(5):
+            s = _rar_official_scale(9.0, 2.0, int(idx[b, t]), 15)
+            assert torch.allclose(got[b, t], uncond[b, t] + (cond[b, t] - uncond[b, t]) * s, atol=1e-5)
+    with pytest.raises(ArexportError, match="cfg-schedule"):
+        SamplingParams(cfg_schedule="cos").validate(16)
+    with pytest.raises(ArexportError, match="cfg-power"):
+        SamplingParams(cfg_power=float("nan")).validate(16)
 
 
 def test_inverse_cdf_edges():

@@ -16,5 +16,8 @@ class ARPGFamily(Family):
     step_kinds = ("multi_query",)
     default_verify_len = None  # the multi-query step serves up to every token at once
 
+    def sampling_defaults(self, spec):
+        return {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "linear"}  # its demo
+
     def cache_lookahead(self, max_q: int) -> int:
         return 0  # its schedules end with their largest step, so padded feeds always fit

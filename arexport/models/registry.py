@@ -228,8 +228,9 @@ def sampling_defaults(name: str, spec: ModelSpec) -> dict[str, Any]:
     """Per-model sampler defaults: the digits demo uses the settings its accuracy was measured with;
     every other model its family's reference demo settings (the family adapter says which)."""
     if name in DEMO_MODELS:
-        cfg = DEMO_ARPG_CFG_SCALE if name == "demo-arpg" else DEMO_CFG_SCALE
-        return {"cfg_scale": cfg, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+        if name == "demo-arpg":
+            return {"cfg_scale": DEMO_ARPG_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "linear"}
+        return {"cfg_scale": DEMO_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
     return get_family(spec.family).sampling_defaults(spec)
 
 

@@ -4,10 +4,15 @@ Semantics follow LlamaGen's sampler: CFG combines raw logits (`u + s * (c - u)`)
 temperature; top-k keeps every logit >= the k-th largest (ties kept); top-p keeps the smallest
 prefix of the sorted distribution whose mass reaches p (the token crossing p is kept).
 Temperature 0 means greedy (argmax). Draws use inverse-CDF sampling on uniforms from `RowRNG`.
+
+The guidance scale may change per image token (`cfg_schedule`); every method asks `cfg_scales`
+for the scale of the token index it samples, so a schedule applies inside verify blocks and
+parallel steps position by position.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,12 +29,13 @@ class SamplingParams:
     top_p: float = 1.0
     cfg_scale: float = 1.0
     cfg_interval: int = -1  # LlamaGen: CFG only for image tokens 0..cfg_interval+1; -1 = always
+    cfg_schedule: str = "constant"  # guidance scale per token index: see CFG_SCHEDULES
+    cfg_power: float = 1.0  # exponent of the cosine schedule (RAR's guidance_scale_pow)
 
     def validate(self, vocab_size: int) -> "SamplingParams":
         """Raise ArexportError naming the first invalid option (NaN and infinity included)."""
-        import math
-
-        for name, v in (("temperature", self.temperature), ("top-p", self.top_p), ("cfg-scale", self.cfg_scale)):
+        for name, v in (("temperature", self.temperature), ("top-p", self.top_p), ("cfg-scale", self.cfg_scale),
+                        ("cfg-power", self.cfg_power)):
             if not math.isfinite(v):
                 raise ArexportError(f"{name} must be a finite number, got {v}")
         if self.temperature < 0:
@@ -40,6 +46,10 @@ class SamplingParams:
             raise ArexportError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0:
             raise ArexportError(f"cfg-scale must be >= 0, got {self.cfg_scale}")
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ArexportError(f"cfg-schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}")
+        if self.cfg_power < 0:
+            raise ArexportError(f"cfg-power must be >= 0, got {self.cfg_power}")
         return self
 
     @property
@@ -56,13 +66,44 @@ class SamplingParams:
         return self.uses_cfg and (self.cfg_interval < 0 or token_index <= self.cfg_interval + 1)
 
 
+CFG_SCHEDULES = ("constant", "linear", "cosine")
+MAX_CFG_POWER = 64.0
+
+
+def cfg_scales(params: SamplingParams, token_index, n_tokens: int):
+    """Guidance scale for the image token with 0-based index `token_index` (an int or an integer
+    tensor) of n_tokens, with g = cfg_scale and t = token_index:
+
+    * `constant`: g.
+    * `linear`: 1 + (g - 1) (t + 1) / n, reaching g at the last token. ARPG's `generate` evaluates it
+      at the count of tokens predicted including the current step's: its decoder passes the index
+      of the step's last token for every token of the step.
+    * `cosine`: 1 + (g - 1) (1 - cos(pi (t / n) ** p)) / 2 with p = cfg_power: MDT's power-cosine ramp
+      that RAR's `generate` uses (scale 1 at the first token; p = 0 is constant g there, as 0 ** 0 = 1).
+
+    Returns a float for `constant`, else a float32 tensor shaped like token_index (a float for an int).
+    """
+    g, kind = params.cfg_scale, params.cfg_schedule
+    if kind == "constant":
+        return g
+    scalar = not isinstance(token_index, torch.Tensor)
+    t = torch.as_tensor(token_index, dtype=torch.float64)
+    if kind == "linear":
+        s = 1.0 + (g - 1.0) * (t + 1.0) / n_tokens
+    else:
+        s = 1.0 + (g - 1.0) * (1.0 - torch.cos(torch.pow(t / n_tokens, params.cfg_power) * math.pi)) / 2.0
+    return float(s) if scalar else s.float()
+
+
 def default_sampling(spec, **overrides) -> SamplingParams:
     """The model's sampler defaults (recorded in its spec), with any non-None overrides applied."""
     from arexport.families import get_family
 
-    d = spec.extra.get("sampling_defaults") or get_family(spec.family).sampling_defaults(spec)
+    family = get_family(spec.family).sampling_defaults(spec)  # fills keys an older engine did not record
+    d = {**family, **(spec.extra.get("sampling_defaults") or {})}
     base = SamplingParams()
-    vals = {k: d.get(k, getattr(base, k)) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval")}
+    vals = {k: d.get(k, getattr(base, k)) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval",
+                                                    "cfg_schedule", "cfg_power")}
     vals.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**vals)
 
@@ -72,13 +113,20 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor
     return uncond + (cond - uncond) * scale
 
 
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, active) -> torch.Tensor:
-    """CFG where `active` (bool, or a bool tensor over the leading dims); inactive rows keep the
-    conditional logits (LlamaGen's cfg_interval)."""
-    if isinstance(active, bool):
-        return cfg_combine(cond, uncond, params.cfg_scale) if active else cond
-    guided = cfg_combine(cond, uncond, params.cfg_scale)
-    return torch.where(active.view(*active.shape, *(1,) * (guided.dim() - active.dim())), guided, cond)
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, token_index, n_tokens: int) -> torch.Tensor:
+    """CFG at the scale the schedule gives each token index (an int, or an integer tensor over the
+    leading dims of the logits); tokens outside LlamaGen's cfg_interval keep the conditional logits."""
+    scale = cfg_scales(params, token_index, n_tokens)
+    if isinstance(token_index, int):
+        return cfg_combine(cond, uncond, scale) if params.cfg_active(token_index) else cond
+    pad = (1,) * (cond.dim() - token_index.dim())
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(cond.device).view(*scale.shape, *pad)
+    guided = cfg_combine(cond, uncond, scale)
+    if params.cfg_interval < 0:
+        return guided
+    active = token_index <= params.cfg_interval + 1
+    return torch.where(active.view(*active.shape, *pad), guided, cond)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -58,6 +58,8 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         seed: StrictInt = Field(0, ge=0, lt=2**63, description="Request seed, 0 <= seed < 2**63")
         cfg_scale: Optional[float] = None
         cfg_interval: int = -1
+        cfg_schedule: Optional[Literal["constant", "linear", "cosine"]] = None
+        cfg_power: Optional[float] = None
         temperature: Optional[float] = None
         top_k: Optional[int] = None
         top_p: Optional[float] = None
@@ -136,7 +138,8 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             return err(400, f"{n_images} images x {rows // n_images} candidates requested; the limit per request is "
                             f"{max_images} images (candidates included)")
         sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                    cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval)
+                                    cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
+                                    cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
         try:
             res = await service.agenerate(body.classes, method=method, options=body.options, sampling=sampling,
                                           seed=body.seed, images=body.format == "png", timeout=body.timeout,

@@ -45,15 +45,15 @@ class ARDecoder(Decoder):
     def advance(self) -> list[int]:
         n, N = self.slots.n, self.N
         t = self.t[:n].repeat_interleave(N)  # per candidate
-        guided = self.guide(self.logits[:self.slots.rows], self.cfg.active(t))
+        guided = self.guide(self.logits[:self.slots.rows], t)
         tok = sample_logits(guided, self.params, self.slots.uniform(1)[:, 0])
         self.tokens[:n].view(n * N, -1).scatter_(1, t[:, None], tok[:, None])
         self.t[:n] += 1
         return self.slots.where(self.t[:n] == self.spec.n_tokens)
 
-    def guide(self, logits, active):
+    def guide(self, logits, token_index):
         """Per-row logits -> per-candidate guided logits (GridAR's 3-way CFG overrides this)."""
-        return self.cfg.guide(logits, active)
+        return self.cfg.guide(logits, token_index)
 
     def after(self) -> None:
         """Feed every live candidate's newest token (q = 1) for the next logits."""

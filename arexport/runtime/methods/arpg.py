@@ -5,8 +5,9 @@ step k-1 (the class token at step 0) with their positions, and asks n_k mask-tok
 next n_k positions of the order; all n_k tokens are sampled at once. The schedule fixes n_k:
 after step k a fraction `ratio(k)` of the grid stays masked — `arccos`: arccos((k+1)/S)/(pi/2),
 `cosine`: cos(pi/2 (k+1)/S) — clamped so every step makes at least one token and the last takes
-the rest. Guidance is `constant` (g) or `linear` (1 + (g - 1) done / n_tokens), where `done` counts
-the tokens predicted so far *including this step's*, as the official `generate` evaluates it. The
+the rest. The guidance scale follows the sampler's `cfg_schedule` (ARPG models default to `linear`,
+1 + (g - 1) done / n_tokens), evaluated once per step where `done` counts the tokens predicted so far
+*including this step's*, as the official `generate` does (the index of the step's last token). The
 output is put back in raster order. Orders are per image (`order=row`, batch-invariant) or shared by the images
 admitted together (`order=batch`, as the reference samples one order per batch).
 
@@ -24,10 +25,9 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
-from arexport.runtime.sampling import cfg_combine, probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import cfg_combine, cfg_scales, probs_from_logits, sample_from_probs
 
 SCHEDULES = ("arccos", "cosine")
-CFG_SCHEDULES = ("linear", "constant")
 
 
 def tokens_per_step(n_tokens: int, steps: int, schedule: str = "arccos") -> list[int]:
@@ -51,20 +51,11 @@ def tokens_per_step(n_tokens: int, steps: int, schedule: str = "arccos") -> list
     return out
 
 
-def guidance_scale(cfg_scale: float, cfg_schedule: str, done: int, n_tokens: int) -> float:
-    """The CFG scale of a step after which `done` of n_tokens tokens are predicted (this step's
-    included): `linear` 1 + (g - 1) done / n_tokens, `constant` g (hp-l33/ARPG `generate`)."""
-    if cfg_schedule == "constant":
-        return cfg_scale
-    return 1.0 + (cfg_scale - 1.0) * done / n_tokens
-
-
 @dataclass(frozen=True)
 class ARPGOptions(Options):
     steps: Optional[int] = option(None, "parallel decoding steps (default 64, or one per token on grids of fewer tokens)",
                                   flag="--steps")
     schedule: str = option("arccos", "tokens-per-step schedule", flag="--schedule", choices=SCHEDULES)
-    cfg_schedule: str = option("linear", "guidance schedule", flag="--cfg-schedule", choices=CFG_SCHEDULES)
     order: str = option("row", "random order per image (row: results independent of batching) or one per batch of "
                         "images admitted together (batch: the official behaviour)", flag="--order", choices=("row", "batch"))
 
@@ -122,8 +113,9 @@ class ARPGDecoder(Decoder):
         logits = self.engine.multi_query_step(view, self.feed[:rows, :N], self.feed_pos[:rows, :N], w, attn, qpos, qmask)
         view.length += cfg.expand(n_in)
         if cfg.per_image == 2:  # each image at its own point of the guidance schedule
-            scale = torch.tensor([guidance_scale(self.params.cfg_scale, self.opts.cfg_schedule, d, spec.n_tokens)
-                                  for d in (first + n_q).tolist()], device=s.device).view(n, 1, 1)
+            scale = cfg_scales(self.params, first + n_q - 1, spec.n_tokens)
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(s.device).view(n, 1, 1)
             logits = cfg_combine(logits[0::2], logits[1::2], scale)
         new = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(M))
         keep = torch.arange(M, device=s.device)[None, :] < n_q[:, None]

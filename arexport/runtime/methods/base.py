@@ -134,8 +134,8 @@ class Finished:
 class CFGRows:
     """Classifier-free guidance doubles an image into rows [cond, uncond] fed the same tokens."""
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
+    def __init__(self, params: SamplingParams, n_tokens: int):
+        self.params, self.n_tokens = params, n_tokens
         self.per_image = 2 if params.uses_cfg else 1
 
     def conditions(self, engine, conds: Conditions) -> Conditions:
@@ -149,17 +149,12 @@ class CFGRows:
         """Per-image tensor [B, ...] -> per-row tensor [rows, ...]."""
         return x.repeat_interleave(2, dim=0) if self.per_image == 2 else x
 
-    def guide(self, logits: torch.Tensor, active) -> torch.Tensor:
-        """Per-row logits -> per-image guided logits (CFG where `active`, a bool or a bool tensor)."""
+    def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
+        """Per-row logits -> per-image guided logits for the image tokens with these indices (an int,
+        or an integer tensor [B, ...] over the leading dims): the schedule's scale at each index."""
         if self.per_image == 1:
             return logits
-        return guided_logits(logits[0::2], logits[1::2], self.params, active)
-
-    def active(self, token_index: torch.Tensor) -> torch.Tensor:
-        """[B, ...] bool: whether CFG applies to the image token with that index (cfg_interval)."""
-        if self.params.cfg_interval < 0:
-            return torch.ones_like(token_index, dtype=torch.bool)
-        return token_index <= self.params.cfg_interval + 1
+        return guided_logits(logits[0::2], logits[1::2], self.params, token_index, self.n_tokens)
 
 
 # -- the row batch ---------------------------------------------------------------------------------
@@ -289,7 +284,7 @@ class Decoder:
 
     def __init__(self, ctx: Context, capacity: int, rows_per_image: int, streams: int = 1):
         self.ctx, self.engine, self.params, self.opts = ctx, ctx.engine, ctx.params, ctx.options
-        self.cfg = CFGRows(ctx.params)
+        self.cfg = CFGRows(ctx.params, ctx.engine.spec.n_tokens)
         self.spec = ctx.engine.spec
         self.slots = Slots(capacity, rows_per_image, ctx.engine.device, streams)
         self.pending_conds: list[Conditions] = []
@@ -347,7 +342,7 @@ class Decoder:
         """Token 0 of images [a, b) sampled from their prefill logits, each from its own stream."""
         from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 
-        p0 = probs_from_logits(self.cfg.guide(logits, self.params.cfg_active(0)), self.params)
+        p0 = probs_from_logits(self.cfg.guide(logits, 0), self.params)
         return sample_from_probs(p0, self.slots.uniform(1, self.slots.span(a, b))[a:b, 0])
 
     def advance(self) -> list[int]:

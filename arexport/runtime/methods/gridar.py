@@ -114,8 +114,8 @@ class GridARDecoder(ARDecoder):
         if self.side is not None:
             self.side.reset(a, b)
 
-    def guide(self, logits, active):
-        return self.side.guide(logits, active) if self.side is not None else self.cfg.guide(logits, active)
+    def guide(self, logits, token_index):
+        return self.side.guide(logits, token_index) if self.side is not None else self.cfg.guide(logits, token_index)
 
     def after(self):
         super().after()
@@ -232,10 +232,10 @@ class _Reformulated:
             self.logits_view[i] = e.step(view, tok, torch.full_like(tok, t), w, view.causal_mask(w, 1))[:, 0]
             view.length += 1
 
-    def guide(self, logits: torch.Tensor, active) -> torch.Tensor:
+    def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
         """3-way CFG for images with reformulated rows, the decoder's CFG otherwise."""
         dec = self.dec
-        out = dec.cfg.guide(logits, active)
+        out = dec.cfg.guide(logits, token_index)
         if self.w3 <= 0 or dec.cfg.per_image == 1:
             return out
         n, N = dec.slots.n, dec.N

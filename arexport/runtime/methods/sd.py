@@ -119,7 +119,7 @@ class SDDecoder(Decoder):
         for k in range(G):
             active = k < g
             t_index = (n + k).clamp(max=spec.n_tokens - 1)
-            qk = probs_from_logits(cfg.guide(out, cfg.active(t_index)), self.params)
+            qk = probs_from_logits(cfg.guide(out, t_index), self.params)
             dk = sample_from_probs(qk, s.uniform(1, active)[:, 0])
             drafts[:, k], q[:, k] = dk, qk
             if k == G - 1:
@@ -152,7 +152,7 @@ class SDDecoder(Decoder):
         sel = cfg.expand((p - 1)[:, None] + ar).clamp(max=L - 1)  # outputs for the drafts and the bonus position
         out = out.gather(1, sel[:, :, None].expand(-1, -1, out.shape[-1]))
         tok_index = n[:, None] + ar
-        P = probs_from_logits(cfg.guide(out, cfg.active(tok_index)), self.params)
+        P = probs_from_logits(cfg.guide(out, tok_index), self.params)
         allowed = (ar[:G] < g[:, None]) & (tok_index[:, :G] < n_tok)
         u = s.uniform(G + 1, verifying)
         res = verify_chain(P, q, drafts, allowed, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)

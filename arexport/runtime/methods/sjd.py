@@ -93,7 +93,7 @@ class SJDDecoder(Decoder):
         write = view.length.clone()
         out = self.engine.step(view, self.cfg.expand(feed), self.cfg.expand(pos), write, view.causal_mask(write, Q))
         tok_index = n[:, None] + ar  # token each output position predicts
-        P = probs_from_logits(self.cfg.guide(out, self.cfg.active(tok_index)), self.params)
+        P = probs_from_logits(self.cfg.guide(out, tok_index), self.params)
         d_idx = tok_index[:, : Q - 1]
         allowed = (ar[: Q - 1] < (qlen - 1)[:, None]) & (d_idx < n_tok) & (d_idx >= o.start) & (d_idx < self.end)
         u = s.uniform(2 * Q + 1)
