@@ -69,13 +69,13 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     multi_query = "multi_query" in family.step_kinds
     dtype = torch_dtype(opts.precision)
     max_q = min(opts.verify_len or family.default_verify_len or loaded.spec.n_tokens, loaded.spec.n_tokens)
+    max_q = max(max_q, family.prefill_len)  # RAR prefills two inputs through the step graph
     if multi_query:
         max_q = max(max_q, 4)  # the multi-query export traces distinct dynamic n and m
     # the cache carries the lookahead rows of one batch need when they step different query lengths
     spec = dataclasses.replace(loaded.spec, s_max=s_max_for(loaded.spec.cond_len, loaded.spec.n_tokens,
                                                             family.cache_lookahead(max_q)))
-    model = loaded.model.to(dtype=dtype).eval()
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    model = loaded.model.to_precision(dtype=dtype).eval()
     max_batch = max(opts.batch_sizes)
     t_start = time.perf_counter()
     with atomic_directory(out, overwrite=opts.overwrite) as tmp:

@@ -29,7 +29,6 @@ class StepGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.n = len(model.layers)
 
     def forward(self, tokens, positions, write_index, attn_mask, *past):
         keys, values = list(past[0::2]), list(past[1::2])

@@ -6,8 +6,9 @@ from arexport.errors import ArexportError
 from arexport.families.arpg import ARPGFamily
 from arexport.families.base import Conditions, Family
 from arexport.families.llamagen import LlamaGenFamily
+from arexport.families.rar import RARFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily())}
 
 
 def get_family(name: str) -> Family:

@@ -72,6 +72,7 @@ class Family:
     default_method: str = "ar"
     step_kinds: tuple[str, ...] = ("decode", "verify")  # what the step graph serves
     default_verify_len: Optional[int] = 16  # largest query length built by default (None: all tokens)
+    prefill_len: int = 1  # inputs its prefill feeds through the step graph at once (the graph's q must reach it)
 
     def cache_lookahead(self, max_q: int) -> int:
         """Cache slots an engine needs past a whole image so that rows of one batch can step query

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arexport.models.llamagen import CacheWrite, FeedForward, RMSNorm, TransformerDims, inplace_cache_write, normal_init_
+from arexport.models.llamagen import CacheWrite, FeedForward, Fp32RopeTables, RMSNorm, TransformerDims, inplace_cache_write, normal_init_
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
@@ -153,8 +153,10 @@ class _Layers(nn.Module):
         self.to_v = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
 
-class ARPG(nn.Module):
+class ARPG(Fp32RopeTables, nn.Module):
     """ARPG transformer with a multi-query step function over static caches."""
+
+    STEP_WEIGHTS = ("layers.", "norm.", "head.")  # parameters every step reads in full (bandwidth model)
 
     def __init__(self, cfg: ARPGConfig):
         super().__init__()

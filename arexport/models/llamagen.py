@@ -264,6 +264,15 @@ class CaptionEmbedder(nn.Module):
         return self.cap_proj(caption)
 
 
+class Fp32RopeTables:
+    """Mixin: `to_precision` casts weights but keeps the RoPE tables fp32 (the reference computes rotary math in fp32)."""
+
+    def to_precision(self, device=None, dtype=None):
+        self.to(device=device, dtype=dtype)
+        self.rope_cos, self.rope_sin = self.rope_cos.float(), self.rope_sin.float()
+        return self
+
+
 def inplace_cache_write(past: torch.Tensor, new: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:
     """Write new [B,H,q,D] into past [B,H,S,D] at slots write_index[b]..+q, in place; returns past."""
     b, h, q, d = new.shape
@@ -272,8 +281,10 @@ def inplace_cache_write(past: torch.Tensor, new: torch.Tensor, write_index: torc
     return past
 
 
-class LlamaGen(nn.Module):
+class LlamaGen(Fp32RopeTables, nn.Module):
     """LlamaGen Transformer with a static-cache step function."""
+
+    STEP_WEIGHTS = ("layers.", "norm.", "output.")  # parameters every step reads in full (bandwidth model)
 
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()

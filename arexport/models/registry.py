@@ -5,6 +5,8 @@ Names:
   size; aliases `GPT-B`, `c2i-B`, `t2i-XL`, ...). Weights come from `--checkpoint` or
   `--random-init`; images need `--vq-checkpoint` (or random VQ weights with `--random-init`).
 * `arpg-{L,XL,XXL}`: ARPG (random-order parallel decoding), same weight options.
+* `rar-{b,l,xl,xxl}`: RAR (bytedance/1d-tokenizer) with the MaskGIT-VQGAN tokenizer (`--vq-checkpoint
+  maskgit-vqgan-imagenet-f16-256.bin`); `rar_b` etc. are aliases.
 * `demo`, `demo-draft`, `demo-arpg`: the digits models shipped inside the package (weights committed).
 Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
 fewer layers for tests.
@@ -23,6 +25,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LlamaGenConfig
+from arexport.models.rar import RARConfig
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
 
@@ -42,6 +45,14 @@ LLAMAGEN_SIZES = {
 
 # (n_layer, n_head, dim) from ARPG's configs.
 ARPG_SIZES = {"L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536)}
+
+# RAR sizes (num_hidden_layers, hidden_size, intermediate_size; 16 heads) and the sampler each
+# was evaluated with (randomize_temperature, guidance_scale, guidance_scale_pow), from README_RAR.md.
+RAR_SIZES = {"b": (24, 768, 3072), "l": (24, 1024, 4096), "xl": (32, 1280, 5120), "xxl": (40, 1408, 6144)}
+RAR_SAMPLERS = {"b": (1.0, 16.0, 2.75), "l": (1.02, 15.5, 2.5), "xl": (1.02, 6.9, 1.5), "xxl": (1.02, 8.0, 1.2)}
+
+# Parameter names only one family's checkpoints hold: a checkpoint names its own family.
+FAMILY_MARKERS = {"rar": "timesteps_embeddings", "arpg": "layers.cross_dec.", "llamagen": "tok_embeddings.weight"}
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",
@@ -71,6 +82,8 @@ def canonical_name(name: str) -> str:
     if n in DEMO_MODELS:
         return n
     low = n.lower()
+    if low.replace("_", "-").startswith("rar-") and low[4:] in RAR_SIZES:
+        return f"rar-{low[4:]}"
     if low.startswith("arpg-") and n[5:].upper() in ARPG_SIZES:
         return f"arpg-{n[5:].upper()}"
     for prefix, mtype in (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i")):
@@ -85,7 +98,7 @@ def known_models() -> list[str]:
     """Every canonical model name."""
     names = list(DEMO_MODELS)
     names += [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES] + [f"llamagen-t2i-{s}" for s in LLAMAGEN_SIZES]
-    names += [f"arpg-{s}" for s in ARPG_SIZES]
+    names += [f"arpg-{s}" for s in ARPG_SIZES] + [f"rar-{s}" for s in RAR_SIZES]
     return names
 
 
@@ -93,10 +106,9 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
     """`n_layer=2,dim=256,n_kv_head=4` -> typed dict of config fields (LlamaGen's or ARPG's)."""
     if not text:
         return {}
-    from arexport.models.arpg import ARPGConfig
-
-    types = {f.name: f.type for f in fields(LlamaGenConfig)}
-    types.update({f.name: f.type for f in fields(ARPGConfig)})
+    types = {}
+    for config_class in family_configs().values():
+        types.update({f.name: f.type for f in fields(config_class)})
     out: dict[str, Any] = {}
     for item in text.split(","):
         if not item.strip():
@@ -126,6 +138,14 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
         raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
     if name in DEMO_MODELS:
         cfg = demo_config(name)
+    elif name.startswith("rar-"):
+        size = name[4:]
+        n_layer, dim, ffn = RAR_SIZES[size]
+        temperature, g, power = RAR_SAMPLERS[size]
+        sampler = {"cfg_scale": g, "cfg_schedule": "cosine", "cfg_power": power, "temperature": temperature,
+                   "top_k": 0, "top_p": 1.0}
+        cfg = RARConfig(dim=dim, n_layer=n_layer, n_head=16, intermediate_size=ffn,
+                        grid_size=(image_size or 256) // 16, extra={"sampling_defaults": sampler})
     elif name.startswith("arpg-"):
         from arexport.models.arpg import ARPGConfig
 
@@ -148,6 +168,21 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
     return cfg
 
 
+def family_configs() -> dict[str, type]:
+    """The config class of each family with PyTorch models here."""
+    from arexport.models.arpg import ARPGConfig
+
+    return {"llamagen": LlamaGenConfig, "arpg": ARPGConfig, "rar": RARConfig}
+
+
+def checkpoint_family(sd: dict) -> Optional[str]:
+    """The family whose parameter names a state dict holds (None when no marker matches)."""
+    for family, marker in FAMILY_MARKERS.items():
+        if any(k.startswith(marker) for k in sd):
+            return family
+    return None
+
+
 def demo_config(name: str):
     """Config stored in the committed demo weights' metadata (LlamaGen or ARPG)."""
     path = WEIGHTS_DIR / DEMO_MODELS[name]
@@ -159,9 +194,7 @@ def demo_config(name: str):
         meta = f.metadata() or {}
     if "config" not in meta:
         raise ArexportError(f"{path} has no config metadata")
-    from arexport.models.arpg import ARPGConfig
-
-    configs = {"llamagen": LlamaGenConfig, "arpg": ARPGConfig}  # config class per family
+    configs = family_configs()
     family = meta.get("family", "llamagen")
     if family not in configs:
         raise ArexportError(f"{path} holds a {family!r} model; known families: {', '.join(configs)}")
@@ -189,6 +222,11 @@ def load_model(
     if checkpoint is not None:
         meta: dict = {}
         sd = read_state_dict(checkpoint, meta=meta)
+        held = checkpoint_family(sd)
+        family = cfg.spec(cname).family
+        if held is not None and held != family:
+            hint = {"rar": "rar-b|rar-l|rar-xl|rar-xxl", "arpg": "arpg-L|arpg-XL|arpg-XXL"}.get(held, "llamagen-c2i-<size>")
+            raise ArexportError(f"{checkpoint} holds a {held} model, not a {family} one ({cname}): pass --model {hint}")
         trained = meta.get("args", {}).get("gpt_model")  # reference trainers record the model they trained
         if isinstance(trained, str):
             try:
@@ -209,11 +247,9 @@ def load_model(
         source.update(packaged=DEMO_MODELS[cname])
     else:
         raise ArexportError(f"model {cname} needs weights: pass --checkpoint PATH or --random-init")
-    model = model.to(device=device, dtype=dtype).eval()
-    # RoPE tables stay fp32 whatever the weight dtype (LlamaGen computes rotary math in fp32).
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    model = model.to_precision(device=device, dtype=dtype).eval()  # models keep their fp32 tables fp32
     spec = cfg.spec(cname, image_size)
-    step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("layers.", "norm.", "output.", "head.")))
+    step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(model.STEP_WEIGHTS))
     spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, spec),
                                             "step_weight_params": int(step_params)})
     decoder = image_decoder(spec, random_init=random_init, seed=seed, vq_checkpoint=vq_checkpoint)
@@ -227,6 +263,8 @@ def load_model(
 def sampling_defaults(name: str, spec: ModelSpec) -> dict[str, Any]:
     """Per-model sampler defaults: the digits demo uses the settings its accuracy was measured with;
     every other model its family's reference demo settings (the family adapter says which)."""
+    if "sampling_defaults" in spec.extra:  # the model config's own (RAR: per size)
+        return dict(spec.extra["sampling_defaults"])
     if name in DEMO_MODELS:
         if name == "demo-arpg":
             return {"cfg_scale": DEMO_ARPG_CFG_SCALE, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "linear"}
@@ -240,6 +278,13 @@ def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_
         from arexport.models.digits import DigitsDecoder
 
         return DigitsDecoder(scale=spec.image.image_size // spec.grid_size)
+    if spec.image.kind == "maskgit":
+        from arexport.models.maskgit_vq import MaskGITDecoder, MaskGITVQConfig, load_maskgit_decoder
+
+        mcfg = MaskGITVQConfig(codebook_size=spec.vocab_size)
+        if vq_checkpoint:
+            return load_maskgit_decoder(vq_checkpoint, mcfg)
+        return MaskGITDecoder(mcfg).init_random(seed + 1) if random_init else None
     from arexport.models.vq import VQConfig, VQDecoder, load_vq_decoder
 
     cfg = VQConfig(codebook_size=spec.vocab_size)

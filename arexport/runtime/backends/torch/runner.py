@@ -25,8 +25,7 @@ class TorchEngine(StepEngine):
         dtype = next(model.parameters()).dtype
         super().__init__(loaded.spec, torch.device(device), dtype)
         self.loaded = loaded
-        self.model = model.to(self.device, dtype=dtype).eval()
-        self.model.rope_cos, self.model.rope_sin = self.model.rope_cos.float(), self.model.rope_sin.float()
+        self.model = model.to_precision(self.device, dtype).eval()
         self.decoder = loaded.decoder.to(self.device).eval() if loaded.decoder is not None else None
         if cuda_graph and self.device.type != "cuda":
             raise ArexportError("--cuda-graph needs a CUDA device")
