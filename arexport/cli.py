@@ -46,9 +46,9 @@ def main():
 def model_options(f):
     """Options that pick a model and its weights (torch backend / build)."""
     opts = [
-        click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model weights (.pt/.pth/.safetensors, any LlamaGen layout)."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), help="Model weights (.pt/.pth/.safetensors, the layouts LlamaGen, ARPG and RAR release)."),
         click.option("--random-init", is_flag=True, help="Random weights (latency work without checkpoints)."),
-        click.option("--vq-checkpoint", type=click.Path(dir_okay=False), help="LlamaGen VQ-16 tokenizer checkpoint, for images."),
+        click.option("--vq-checkpoint", type=click.Path(dir_okay=False), help="Image tokenizer checkpoint, for images (LlamaGen VQ-16; MaskGIT-VQGAN for RAR)."),
         click.option("--model-config", "model_config", metavar="K=V,...", help="Override config fields, e.g. n_layer=2,dim=256."),
         click.option("--image-size", type=int, help="Output size in pixels (LlamaGen: 256, 384, 512; grid = size/16)."),
         click.option("--init-seed", type=int, default=0, show_default=True, help="Seed of --random-init weights."),
@@ -176,7 +176,7 @@ def _load_captions(path: Optional[str]):
 
 @cli.command()
 @click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", help="Model name (torch backend), e.g. demo, llamagen-c2i-B, GPT-XL.")
+@click.option("--model", "model_name", help="Model name (torch backend), e.g. demo, llamagen-c2i-B, GPT-XL, arpg-L, rar-b.")
 @model_options
 @click.option("--classes", help="Class ids, comma separated; repeats allowed (3,3,7 or 3x4 for four 3s).")
 @click.option("--caption-embeddings", type=click.Path(dir_okay=False), help="t2i: .npy [N,T,C] or .npz with 'embeds' and 'mask'.")
@@ -613,10 +613,10 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
     m = calibrate_engine(engine_dir, out_dir, mode, samples=samples, calib_set=calib_set, classes=_parse_classes(classes),
                          every=every, force=force, thresholds=th, overwrite=overwrite, activations=int8_activations,
                          report=console.log)
-    g = m["quantization"]["gates"]
+    g = m.quantization["gates"]
     click.echo(f"{mode}: top-1 agreement {g['top1_agreement']:.4f}, mean KL {g['mean_kl']:.4g} on {g['heldout_steps']} held-out "
                f"step rows" + (f"; demo accuracy {g['demo']['reference']['accuracy']:.3f} -> {g['demo']['quantized']['accuracy']:.3f}"
-                               if g.get("demo") else "") + f"; weights {m['weights']['unique_bytes'] / 2**20:.2f} MiB -> {out_dir}")
+                               if g.get("demo") else "") + f"; weights {m.weights['unique_bytes'] / 2**20:.2f} MiB -> {out_dir}")
 
 
 @cli.command()

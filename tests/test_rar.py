@@ -311,3 +311,17 @@ def test_guidance_schedule_formula_reaches_g_at_the_end():
     p = SamplingParams(cfg_scale=16.0, cfg_schedule="cosine", cfg_power=2.75)
     s = cfg_scales(p, torch.arange(256), 256)
     assert s[0].item() == 1.0 and s[-1].item() == pytest.approx(1 + 15 * (1 - math.cos(math.pi * (255 / 256) ** 2.75)) / 2)
+
+
+def test_calibrate_and_profile_a_rar_engine_from_the_cli(rar_engine, tmp_path):
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    r = CliRunner().invoke(cli, ["calibrate", str(rar_engine), "--mode", "int8", "--samples", "16", "--calib-set",
+                                 str(tmp_path / "calib"), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0 and "int8: top-1 agreement" in r.output, r.output
+    r = CliRunner().invoke(cli, ["profile", str(tmp_path / "q"), "--backend", "ort", "--classes", "1,2", "--repeats", "1",
+                                 "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.json").exists()
