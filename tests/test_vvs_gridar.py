@@ -9,7 +9,7 @@ from arexport.errors import ArexportError
 from arexport.models.registry import load_model
 from arexport.runtime.backends.torch.runner import TorchEngine
 from arexport.runtime.methods import make_method
-from arexport.runtime.methods.gridar import replacement_plan, three_way_cfg
+from arexport.runtime.methods.gridar import orthogonal_part, replacement_plan
 from arexport.families import Conditions
 from arexport.runtime.generator import Generator
 from arexport.runtime.rng import derive_seeds
@@ -81,17 +81,70 @@ def test_replacement_plan():
     assert plan.tolist() == [0, 0, 2, 2, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
-def test_three_way_cfg_math():
+def _official_3way(c, u, r, w):
+    """GridAR-Janus-Pro decode.py cfg_decode_3_way (one guidance weight w, Janus-Pro's u + (w+1)(c-u) form)."""
+    d, e = c - u, r - u
+    orth = e - ((e * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True).clamp_min(1e-12)) * d
+    return u + (w + 1.0) * d + w * orth
+
+
+def test_three_way_cfg_is_the_official_formula_at_the_samplers_scale():
+    """Our 3-way guidance = the sampler's CFG at s plus w3 perp(r - u), w3 defaulting to s - 1: with
+    s = w + 1 that is the official cfg_decode_3_way with its single weight w."""
+    from arexport.runtime.sampling import cfg_combine
+
     g = torch.Generator().manual_seed(0)
     c, u, r = (torch.randn(3, 11, generator=g) for _ in range(3))
-    assert torch.allclose(three_way_cfg(c, u, r, 0.0), c, atol=1e-6)
+    for w in (0.5, 4.0):
+        ours = cfg_combine(c, u, w + 1.0) + w * orthogonal_part(c, u, r)
+        assert torch.allclose(ours, _official_3way(c, u, r, w), atol=1e-5)
     d = c - u
-    out = three_way_cfg(c, u, u + 2.0 * d, 1.5)  # r - u parallel to c - u: no perpendicular part
-    assert torch.allclose(out, u + 2.5 * d, atol=1e-5)
-    perp = torch.randn(11, generator=g)
-    perp = perp - (perp @ d[0]) / (d[0] @ d[0]) * d[0]
-    out = three_way_cfg(c[:1], u[:1], u[:1] + perp, 2.0)
-    assert torch.allclose(out, u[:1] + 3.0 * d[:1] + 2.0 * perp, atol=1e-5)
+    assert torch.allclose(orthogonal_part(c, u, u + 2.0 * d), torch.zeros_like(d), atol=1e-5)  # parallel: nothing left
+
+
+def _official_propagate(flags, n, grouped_by_4):
+    """method_utils.propagate_selection for one prompt: source index of every candidate."""
+    src = list(range(n))
+    possible = [i for i in range(n) if flags[i]]
+    impossible = [i for i in range(n) if not flags[i]]
+    if grouped_by_4:
+        for base in range(0, n, 4):
+            pos = [o for o in range(4) if flags[base + o]]
+            imp = [o for o in range(4) if not flags[base + o]]
+            if not pos:
+                continue
+            for k, o in enumerate(imp):
+                src[base + o] = base + pos[k % len(pos)]
+    elif possible:
+        for k, dst in enumerate(impossible):
+            src[dst] = possible[k % len(possible)]
+    return src
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_replacement_groups_match_the_official_selection_at_n8(seed):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.rand(8, generator=g) < 0.4
+    f[4:] = False if seed % 2 else f[4:]  # every other case: a whole group of 4 infeasible
+    assert replacement_plan(f, 4).tolist() == _official_propagate(f.tolist(), 8, True)
+    assert replacement_plan(f, 8).tolist() == _official_propagate(f.tolist(), 8, False)
+    if seed % 2 and bool(f[:4].any()):  # the grouped default keeps the infeasible group, pooling copies into it
+        assert replacement_plan(f, 4)[4:].tolist() == [4, 5, 6, 7]
+        assert replacement_plan(f, 8)[4:].tolist() != [4, 5, 6, 7]
+
+
+def test_gridar_n8_replaces_within_groups_of_four_by_default(engines):
+    def verifier(partial):
+        out = torch.zeros(len(partial.tokens), dtype=torch.bool)
+        out[0] = True  # only candidate 0 of group 0 is feasible; group 1 has none
+        return out
+
+    res = _run(engines[:1], "gridar", [6], [5], candidates=8, verifier=verifier, checkpoints="0.25")
+    assert res.stats["gridar_replaced"] == 3  # rows 1-3 copy row 0; rows 4-7 stay
+    res = _run(engines[:1], "gridar", [6], [5], candidates=8, verifier=verifier, checkpoints="0.25", group=8)
+    assert res.stats["gridar_replaced"] == 7
+    with pytest.raises(ArexportError, match="gridar group must divide"):
+        make_method("gridar", candidates=8, group=3)
 
 
 def test_gridar_accepting_everything_is_n_independent_ar_samples(engines):
@@ -170,3 +223,28 @@ def test_reformulation_hook_and_three_way_cfg_on_t2i():
     first = 4  # tokens before the first checkpoint do not see the reformulation
     assert torch.equal(cand[:, :first], base[:, :first])
     assert not torch.equal(cand, base)
+    assert torch.equal(run(reformulate=reformulate), cand)  # w3 defaults to cfg_scale - 1 = 2 (the official weight)
+
+
+def test_reformulation_sees_the_selected_candidates():
+    """The hook gets the partial canvases after replacement: a rejected row shows its replacement's tokens."""
+    lm = load_model("llamagen-t2i-B", random_init=True, seed=2,
+                    overrides={"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "cls_token_num": 6, "caption_dim": 32})
+    emb = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def verifier(partial):
+        seen.setdefault("verified", partial.tokens.clone())
+        return torch.tensor([True, False, False, True])
+
+    def reformulate(partial, c):
+        seen.setdefault("reformulated", (partial.tokens.clone(), partial.canvas.clone()))
+        return Conditions(embeds=c.embeds * 0.5, mask=c.mask)
+
+    Generator(TorchEngine(lm)).generate(
+        captions=emb, seeds=[9], method="gridar", sampling=SamplingParams(cfg_scale=3.0), images=False,
+        method_options=dict(candidates=4, verifier=verifier, scorer=lambda images, c: images.float().mean((1, 2, 3)),
+                            reformulate=reformulate, checkpoints="0.25"))
+    v, (r, canvas) = seen["verified"], seen["reformulated"]
+    assert torch.equal(r, v[[0, 0, 3, 3]])  # rows 1 and 2 were replaced by 0 and 3, round robin
+    assert torch.equal(canvas[1], canvas[0]) and torch.equal(canvas[2], canvas[3])

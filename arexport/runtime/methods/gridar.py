@@ -3,22 +3,27 @@
 GridAR generates N candidates (a multiple of 4) for every image with raster AR, in lockstep. At
 checkpoints (a quarter and half of the grid rows) it decodes each partial canvas — the visible
 rows repeated to fill the grid, then cropped back for the verifier — asks a verifier which
-candidates are feasible, and replaces the infeasible ones by copies of feasible ones (round robin,
-cache rows included; a copy gets a fresh random stream so it diverges from its source). If none is
-feasible the candidates are kept as they are. At the end a scorer picks one image per condition.
+candidates are feasible, and replaces the infeasible ones by copies of feasible ones of the same
+group of `group` candidates (4, the official `is_grouped_by_4`; `group=N` pools all N), round robin,
+cache rows included; a copy gets a fresh random stream so it diverges from its source. A group with
+no feasible candidate keeps its candidates. At the end a scorer picks one image per condition.
 `best-of-n` is the same decoder with no checkpoints, so the costs compare exactly.
 
 Text-conditional hooks: `reformulate(partial, conditions) -> Conditions` may rewrite the caption
-features at a checkpoint; then `w3 > 0` guides with the 3-way CFG
-u + (w3 + 1)(c - u) + w3 * perp(r - u), where r are the logits under the reformulated caption and
-perp removes the component along (c - u). The reformulated rows keep their own cache, prefilled
-with the new caption and fed the tokens so far.
+features at a checkpoint, from the partial canvases *after* replacement (the selected candidates,
+as the official loop refines from the selected images); then the 3-way CFG guides
+u + s (c - u) + w3 * perp(r - u), where r are the logits under the reformulated caption, perp removes
+the component along (c - u), s is the sampler's guidance scale and w3 defaults to s - 1: the
+official `cfg_decode_3_way` is u + (w + 1)(c - u) + w perp(r - u) with one guidance weight w, in
+Janus-Pro's convention where our s is w + 1. `w3=0` turns the third term off. The reformulated rows
+keep their own cache, prefilled with the new caption and fed the tokens so far.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -30,12 +35,12 @@ from arexport.runtime.rng import derive_seeds
 from arexport.runtime.verifiers import BUILTIN_SCORERS, BUILTIN_VERIFIERS, PartialCanvas, call_hook, resolve
 
 
-def three_way_cfg(c: torch.Tensor, u: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tensor:
-    """u + (w + 1)(c - u) + w * perp(r - u), perp taken against (c - u) over the vocabulary axis."""
+def orthogonal_part(c: torch.Tensor, u: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """perp(r - u): the part of (r - u) orthogonal to (c - u) over the vocabulary axis."""
     d = c - u
     e = r - u
     coef = (e * d).sum(-1, keepdim=True) / (d * d).sum(-1, keepdim=True).clamp(min=1e-12)
-    return u + (w + 1.0) * d + w * (e - coef * d)
+    return e - coef * d
 
 
 def replacement_plan(feasible: torch.Tensor, n: int) -> torch.Tensor:
@@ -61,14 +66,21 @@ class GridAROptions(Options):
                            flag="--verifier")
     scorer: Any = option("auto", "final scorer: digits, or module:callable (CLI only)", flag="--scorer")
     checkpoints: Any = option((0.25, 0.5), "fractions of the grid rows where candidates are verified (a/b/...)")
+    group: int = option(4, "candidates replaced within groups of this size (4: the official is_grouped_by_4; N: all)",
+                        flag="--group")
     reformulate: Any = option(None, "t2i: callable(partial, conditions) -> Conditions rewriting captions (Python API)")
-    w3: float = option(0.0, "t2i: weight of the reformulated caption in 3-way CFG")
+    w3: Optional[float] = option(None, "t2i: weight of the reformulated caption in 3-way CFG (default cfg_scale - 1, "
+                                 "the official single guidance weight; 0 = off)")
     multiple_of: int = 4
 
     def validate(self):
         if self.candidates < 1 or self.candidates % self.multiple_of:
             raise ArexportError(f"{'gridar' if self.multiple_of == 4 else 'best-of-n'} candidates must be a positive "
                                 f"multiple of {self.multiple_of}, got {self.candidates}")
+        if self.group < 1 or self.candidates % self.group:
+            raise ArexportError(f"gridar group must divide the {self.candidates} candidates, got {self.group}")
+        if self.w3 is not None and not (math.isfinite(self.w3) and self.w3 >= 0):
+            raise ArexportError(f"gridar w3 must be a finite number >= 0, got {self.w3}")
         cps = self.checkpoints
         if isinstance(cps, str):
             try:
@@ -95,8 +107,9 @@ class BestOfNOptions(Options):
 class GridARDecoder(ARDecoder):
     derive_streams = True
 
-    def __init__(self, ctx, capacity, candidates, checkpoints, verifier, scorer, reformulate=None, w3=0.0):
+    def __init__(self, ctx, capacity, candidates, checkpoints, verifier, scorer, reformulate=None, w3=None, group=None):
         super().__init__(ctx, capacity, candidates)
+        self.group = group or candidates
         kind = self.spec.image.kind
         self.checkpoints = checkpoints
         g = self.spec.grid_size  # token index of each checkpoint (whole rows), then a sentinel
@@ -105,6 +118,7 @@ class GridARDecoder(ARDecoder):
         self.scorer = resolve(scorer, BUILTIN_SCORERS, "scorer", kind)
         self.passed = self.slots.image_tensor(())  # checkpoints done
         self.image_conds = self.slots.image_list()  # each image's condition (the verifier gets them)
+        w3 = max(0.0, ctx.params.cfg_scale - 1.0) if w3 is None else w3
         self.side = _Reformulated(self, reformulate, w3) if reformulate is not None else None
 
     def start(self, a, b, conds):
@@ -139,9 +153,11 @@ class GridARDecoder(ARDecoder):
         partial = PartialCanvas(canvas, canvas[:, :px], tokens, rows / g, conds)
         feasible = call_hook(self.verifier, "verifier", len(tokens), partial).to(torch.bool).cpu()
         self.events["verifier_calls"] += 1
+        selected = torch.arange(len(tokens))  # which partial canvas each candidate holds after replacement
         for j, i in enumerate(images):
             f = feasible[j * N:(j + 1) * N]
-            plan = replacement_plan(f, N)
+            plan = replacement_plan(f, self.group)
+            selected[j * N:(j + 1) * N] = j * N + plan
             moved = plan != torch.arange(N)
             st = s.stats[i]
             st.checkpoint_feasible.append(float(f.float().mean()))
@@ -151,7 +167,8 @@ class GridARDecoder(ARDecoder):
                 self._copy_candidates(i, plan.to(s.device), moved.to(s.device), salt)
             self.passed[i] += 1
         if self.side is not None and self.spec.model_type == "t2i":
-            self.side.refresh(images, self.side.reformulate(partial, conds))
+            chosen = PartialCanvas(canvas[selected], canvas[selected, :px], tokens[selected], rows / g, conds)
+            self.side.refresh(images, self.side.reformulate(chosen, conds))
 
     def _copy_candidates(self, i: int, plan: torch.Tensor, moved: torch.Tensor, salt: int) -> None:
         """Candidate c of image i becomes a copy of candidate plan[c] (cache rows, logits, tokens, stream)."""
@@ -244,7 +261,7 @@ class _Reformulated:
             return out
         c, u = logits[0::2], logits[1::2]
         r = self.logits_view[:n].reshape(n * N, -1)
-        return torch.where(on[:, None], three_way_cfg(c, u, r, self.w3), out)
+        return torch.where(on[:, None], out + self.w3 * orthogonal_part(c, u, r), out)
 
 
 @register("gridar")
@@ -256,7 +273,7 @@ class GridAR(Method):
 
     def decoder(self, ctx, capacity):
         o = self.options
-        return GridARDecoder(ctx, capacity, o.candidates, o.checkpoints, o.verifier, o.scorer, o.reformulate, o.w3)
+        return GridARDecoder(ctx, capacity, o.candidates, o.checkpoints, o.verifier, o.scorer, o.reformulate, o.w3, o.group)
 
 
 @register("best-of-n")
