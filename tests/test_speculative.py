@@ -126,7 +126,8 @@ def _one_step_output(rule, p, q):
 
 
 @pytest.mark.parametrize("onehot", [False, True], ids=["soft-draft", "one-hot-draft"])
-def test_lantern_output_within_tv_bound(onehot):
+def test_lantern_capped_rule_output_within_tv_bound(onehot):
+    """rule=capped keeps its guarantee: one speculative step's output is within TV delta of p."""
     g = torch.Generator().manual_seed(0)
     v = 6
     worst = -1.0
@@ -135,7 +136,7 @@ def test_lantern_output_within_tv_bound(onehot):
         p = torch.softmax(torch.randn(v, generator=g).double() * temp, 0)
         nb = latent_neighbors(torch.randn(v, 2, generator=g), v - 1)
         delta = float(torch.rand(1, generator=g)) * 0.4
-        rule = LanternRule(nb, k=v - 1, delta=delta)
+        rule = LanternRule(nb, k=v - 1, delta=delta, rule="capped")
         if onehot:  # SJD-style: a deterministic draft x has q = one-hot(x); average over x
             outs = []
             for x in range(v):
@@ -159,9 +160,10 @@ def test_lantern_relaxation_is_real_and_delta_zero_is_exact():
     nb = torch.tensor([[1, 2, 3, 4], [0, 2, 3, 4], [1, 0, 3, 4], [2, 1, 0, 4], [3, 2, 1, 0]])
     out_std = _one_step_output(StandardRule(), p, q)
     assert torch.allclose(out_std, p, atol=1e-12)
-    out0 = _one_step_output(LanternRule(nb, k=4, delta=0.0), p, q)
-    assert torch.allclose(out0, p, atol=1e-12)
-    rule = LanternRule(nb, k=4, delta=0.35)
+    for r in ("official", "capped"):
+        out0 = _one_step_output(LanternRule(nb, k=4, delta=0.0, rule=r), p, q)
+        assert torch.allclose(out0, p, atol=1e-12)
+    rule = LanternRule(nb, k=4, delta=0.35, rule="capped")
     a_std = StandardRule().accept_prob(p[None], q[None], torch.tensor([0]))
     a_lan = rule.accept_prob(p[None], q[None], torch.tensor([0]))
     assert a_lan > a_std + 0.1  # neighbour mass raises acceptance of token 0
@@ -229,3 +231,104 @@ def test_bad_method_options():
     gen = Generator(TorchEngine(load_model("demo")))
     with pytest.raises(ArexportError, match="needs a draft model"):
         gen.generate(classes=[1], method="sd", images=False)
+
+
+# -- LANTERN as its official code computes it (jadohu/LANTERN models/ea_model_llamagen.py) ------------
+def _official_pooled_px(p, x, nearest, k, delta):
+    """p~(x): p(x) plus the neighbour cumsum at the last index where it stays <= delta
+    (<= (delta - 1) p(x) when delta > 1, the LANTERN++ reading of the same argument)."""
+    px = p[x]
+    cum = torch.cumsum(p[nearest[x, :k]], 0)
+    limit = (delta - 1) * px if delta > 1.0 else delta
+    idx = (cum <= limit).nonzero(as_tuple=True)[0]
+    return (px + cum[idx[-1]], int(idx[-1])) if idx.numel() else (px, -1)
+
+
+def _official_residual_q1(p, x, nearest, k, delta):
+    """The default (dynamic-tree) path after rejecting x: zero x and, if any neighbour was pooled, its
+    k + 1 nearest; renormalise."""
+    g = p.clone()
+    _, idx = _official_pooled_px(p, x, nearest, k, delta)
+    g[x] = 0
+    if idx != -1:
+        g[nearest[x, :k + 1]] = 0
+    return g / g.sum()
+
+
+def _nearest(codebook):
+    """generate_codebook.py: L2 distances of the raw rows, self excluded, nearest first."""
+    d = torch.cdist(codebook, codebook, p=2)
+    d.fill_diagonal_(float("inf"))
+    return torch.topk(d, codebook.shape[0] - 1, dim=-1, largest=False).indices
+
+
+def test_neighbours_are_the_official_table_on_a_fixed_codebook():
+    g = torch.Generator().manual_seed(4)
+    cb = torch.randn(40, 8, generator=g) * torch.linspace(0.1, 3.0, 40)[:, None]  # raw rows of unequal norms
+    assert torch.equal(latent_neighbors(cb, 39), _nearest(cb))
+    from arexport.models.vq import VQDecoder
+
+    dec = VQDecoder().init_random(3)
+    assert torch.equal(dec.codebook(), dec.quantize.embedding.weight)  # raw rows, as generate_codebook.py reads them
+
+
+@pytest.mark.parametrize("delta,lam", [(0.1, None), (0.3, None), (0.6, None), (None, 2.0), (None, 3.5)])
+def test_official_acceptance_and_residual_match_the_transcription(delta, lam):
+    g = torch.Generator().manual_seed(1)
+    v, k = 12, 5
+    nearest = _nearest(torch.randn(v, 3, generator=g))
+    rule = LanternRule(nearest, k=k, delta=delta or 0.0, lam=lam)
+    off_delta = lam if lam is not None else delta  # the official code passes lambda as a delta > 1
+    for trial in range(30):
+        p = torch.softmax(torch.randn(v, generator=g).double() * 2, 0)
+        q = torch.softmax(torch.randn(v, generator=g).double() * 2, 0)
+        x = int(torch.randint(v, (1,), generator=g))
+        px, _ = _official_pooled_px(p, x, nearest, k, off_delta)
+        want = min(1.0, float(px / q[x]))  # static-tree path: r <= p~(x) / q(x)
+        got = float(rule.accept_prob(p[None], q[None], torch.tensor([x]))[0])
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        one_hot = torch.nn.functional.one_hot(torch.tensor(x), v).double()
+        r = rule.residual(p[None], one_hot[None], torch.tensor([x]))[0]
+        assert torch.allclose(r / r.sum(), _official_residual_q1(p, x, nearest, k, off_delta), atol=1e-12)
+
+
+def test_official_credit_is_not_capped_worked_example():
+    """Soft draft: q(x) = 0.5, p(x) = 0.1, neighbours hold 0.1 within delta = 0.15: official accepts with
+    (0.1 + 0.1) / 0.5 = 0.40; the capped rule credits at most delta q(x) = 0.075 -> 0.35."""
+    p = torch.tensor([0.1, 0.1, 0.3, 0.5]).double()
+    q = torch.tensor([0.5, 0.2, 0.2, 0.1]).double()
+    nb = torch.tensor([[1, 2, 3], [0, 2, 3], [1, 0, 3], [2, 1, 0]])
+    x = torch.tensor([0])
+    assert float(LanternRule(nb, k=3, delta=0.15).accept_prob(p[None], q[None], x)) == pytest.approx(0.40)
+    assert float(LanternRule(nb, k=3, delta=0.15, rule="capped").accept_prob(p[None], q[None], x)) == pytest.approx(0.35)
+
+
+def test_official_greedy_variant():
+    """Temperature 0: x is kept iff it is the argmax of softmax(logits) with p(x) raised to p~(x)."""
+    from arexport.runtime.speculative import verify_chain
+
+    nb = torch.tensor([[1, 2, 3], [0, 2, 3], [1, 0, 3], [2, 1, 0]])
+    rule = LanternRule(nb, k=3, delta=0.2, greedy=True)
+    logits = torch.log(torch.tensor([[0.30, 0.15, 0.40, 0.15]]))
+    P = rule.target_probs(logits, SamplingParams(temperature=0.0))
+    assert torch.allclose(P, torch.tensor([[0.30, 0.15, 0.40, 0.15]]), atol=1e-6)
+    # x = 0: p~ = 0.30 + 0.15 (neighbour 1; adding 2 would pass 0.2) = 0.45 > 0.40: accepted
+    assert float(rule.accept_prob(P, P, torch.tensor([0]))) == 1.0
+    # x = 3: p~ = 0.15 + 0.15 (neighbour 2 is 0.40 > 0.2: nothing pooled... cum[0] = 0.4) -> 0.15: rejected
+    assert float(rule.accept_prob(P, P, torch.tensor([3]))) == 0.0
+    two = torch.cat([P, P])[None]  # one chain of one draft plus the bonus position
+    res = verify_chain(two, P[None], torch.tensor([[3]]), torch.tensor([[True]]), torch.zeros(1, 1), torch.tensor([0.99]), rule)
+    assert res.accepted.tolist() == [0] and res.token.tolist() == [2]  # the next token is argmax p
+    std = LanternRule(nb, k=3, delta=0.0, greedy=True)
+    assert float(std.accept_prob(P, P, torch.tensor([0]))) == 0.0  # delta 0: plain greedy
+
+
+def test_lantern_greedy_relaxes_on_the_demo(demo_gen):
+    g = SamplingParams(temperature=0.0, cfg_scale=1.5)
+    ar = demo_gen.generate(classes=list(range(10)), method="ar", sampling=g, images=False)
+    lan = demo_gen.generate(classes=list(range(10)), method="lantern", method_options={"delta": 0.3}, sampling=g, images=False)
+    capped = demo_gen.generate(classes=list(range(10)), method="lantern", method_options={"delta": 0.3, "rule": "capped"},
+                               sampling=g, images=False)
+    assert np.array_equal(capped.tokens, ar.tokens)  # the capped rule does not relax at temperature 0
+    assert not np.array_equal(lan.tokens, ar.tokens)
+    assert lan.stats["mean_accepted_length"] > capped.stats["mean_accepted_length"]

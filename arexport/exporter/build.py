@@ -139,7 +139,7 @@ def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:
         cb = loaded.decoder.codebook().detach().float().cpu().numpy()
         np.save(tmp / "codebook.npy", cb)
         out["codebook"] = "codebook.npy"
-        nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k).numpy()
+        nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k + 1).numpy()  # LANTERN removes k + 1 on rejection
         np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
         out["neighbors"] = "neighbors.npy"
     if loaded.spec.model_type == "t2i":

@@ -135,14 +135,16 @@ class VQDecoder(nn.Module):
         self.decoder = Decoder(cfg)
 
     def codebook(self) -> torch.Tensor:
-        """l2-normalised codebook [codebook_size, embed_dim] (what decoding actually uses)."""
-        return F.normalize(self.quantize.embedding.weight, p=2, dim=-1)
+        """The raw codebook rows [codebook_size, embed_dim]: the latents LANTERN's neighbour search reads
+        (its generate_codebook.py takes `quantize.embedding.weight` as stored)."""
+        return self.quantize.embedding.weight
 
     def decode_float(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N, g*g] int64 -> decoder output [N, 3, 16g, 16g] in about [-1, 1]."""
         n, t = tokens.shape
         g = int(round(t ** 0.5))
-        z = self.codebook()[tokens].reshape(n, g, g, -1).permute(0, 3, 1, 2)
+        cb = F.normalize(self.quantize.embedding.weight, p=2, dim=-1)  # decoding looks up l2-normalised rows
+        z = cb[tokens].reshape(n, g, g, -1).permute(0, 3, 1, 2)
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,16 @@ target's next distribution gives a bonus token. The acceptance rule decides how:
 
 * `StandardRule` — lossless speculative sampling: accept with min(1, p(x)/q(x)), resample from
   norm(max(0, p - q)).
-* `LanternRule` — LANTERN's relaxed acceptance: the target mass of x's nearest codebook neighbours is
-  pooled onto x while the pooled mass stays <= delta (a total-variation budget) or, with lambda
-  (LANTERN++), <= (lambda - 1) p(x); accept with min(1, p~(x)/q(x)); on rejection x and its pooled
-  neighbours are removed before resampling from norm(max(0, p - q)). delta = 0 is StandardRule.
-  The credited mass is capped at delta * q(x) (see LanternRule) so the bound holds for soft drafts.
+* `LanternRule` — LANTERN's relaxed acceptance (jadohu/LANTERN `ea_model_llamagen.py`): the target
+  mass of x's nearest codebook neighbours (nearest first, L2 on the raw codebook rows) is pooled
+  onto x while the pooled mass stays <= delta or, with lambda (LANTERN++), <= (lambda - 1) p(x).
+  `official` (the default) accepts with min(1, p~(x)/q(x)) and, on rejection, removes x and its
+  k + 1 nearest neighbours (when any was pooled) before resampling from norm(max(0, p - q)); at
+  temperature 0 it is the official greedy variant: x is kept iff it is the argmax of p with p(x)
+  raised to p~(x) (p = softmax of the guided logits), and the next token is argmax p.
+  `capped` credits at most delta * q(x) and removes only x and the pooled neighbours: that keeps the
+  output within total variation delta of the target for any draft distribution (see LanternRule).
+  delta = 0 is StandardRule under either.
 """
 
 from __future__ import annotations
@@ -22,13 +27,21 @@ from typing import Optional
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.sampling import sample_from_probs
+from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 
 
 class StandardRule:
     """Lossless speculative sampling."""
 
     name = "standard"
+
+    def target_probs(self, guided_logits: torch.Tensor, params) -> torch.Tensor:
+        """The target distributions P verification compares drafts with (one-hot at temperature 0)."""
+        return probs_from_logits(guided_logits, params)
+
+    def bonus(self, p: torch.Tensor) -> torch.Tensor:
+        """Distribution of the token after an accepted run (and of fresh drafts) given P's row p."""
+        return p
 
     def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
         """Extra target mass credited to draft x [N], and a [N, V] mask of tokens removed on rejection."""
@@ -54,33 +67,56 @@ class StandardRule:
         return torch.where(empty, p, r)
 
 
+LANTERN_RULES = ("official", "capped")
+
+
 class LanternRule(StandardRule):
     """LANTERN relaxed acceptance over latent-space neighbourhoods.
 
     For draft x the pooled mass m(x) is the target mass of x's nearest codebook neighbours, taken
-    nearest first while the running sum stays <= delta (or <= (lam - 1) p(x) with LANTERN++). The
-    credit added to p(x) is min(m(x), delta * q(x)): with one-hot drafts (SJD) that is LANTERN's
-    p~(x) exactly, and in general it caps every proposal's acceptance gain at delta, which keeps the
-    output distribution within total variation delta of the target (tests check this on enumerable
-    cases). On rejection x and its pooled neighbours are removed before resampling.
+    nearest first while the running sum stays <= delta (or <= (lam - 1) p(x) with LANTERN++), and
+    p~(x) = p(x) + m(x).
+
+    * `official`: accept with min(1, p~(x)/q(x)); on rejection x and, when m(x) > 0, its k + 1 nearest
+      neighbours are removed from the residual (the official code zeroes `nearest_latents[x, :k+1]`).
+      With `greedy` (temperature 0) P holds softmax(guided logits), x is accepted iff it is the argmax
+      of P with P(x) replaced by p~(x), and the next token is argmax P (the official greedy branch).
+    * `capped`: the credit is min(m(x), delta * q(x)) and only x and its pooled neighbours are removed.
+      With one-hot drafts that is LANTERN's p~(x); in general it caps every proposal's acceptance gain
+      at delta, which keeps the output distribution within total variation delta of the target (tests
+      check this on enumerable cases). No relaxation at temperature 0.
     """
 
     name = "lantern"
 
-    def __init__(self, neighbors: torch.Tensor, k: int = 1000, delta: float = 0.1, lam: Optional[float] = None):
+    def __init__(self, neighbors: torch.Tensor, k: int = 1000, delta: float = 0.1, lam: Optional[float] = None,
+                 rule: str = "official", greedy: bool = False):
         if k < 1:
             raise ArexportError(f"lantern k must be >= 1, got {k}")
         if not 0 <= delta <= 1:
             raise ArexportError(f"lantern delta must be in [0, 1], got {delta}")
         if lam is not None and lam < 1:
             raise ArexportError(f"lantern lambda must be >= 1, got {lam}")
-        self.neighbors = neighbors[:, : min(k, neighbors.shape[1])].long()
-        self.k = self.neighbors.shape[1]
-        self.delta = delta
-        self.lam = lam
+        if rule not in LANTERN_RULES:
+            raise ArexportError(f"lantern rule must be one of {', '.join(LANTERN_RULES)}, got {rule!r}")
+        self.table = neighbors[:, : min(k + 1, neighbors.shape[1])].long()  # k searched, k + 1 removed (official)
+        self.k = min(k, neighbors.shape[1])
+        self.delta, self.lam, self.rule = delta, lam, rule
+        self.greedy = greedy and rule == "official"
 
-    def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
-        nb = self.neighbors.to(p.device)[x]  # [N, k], nearest first
+    def target_probs(self, guided_logits, params):
+        if self.greedy:
+            return torch.softmax(guided_logits.float(), dim=-1)
+        return probs_from_logits(guided_logits, params)
+
+    def bonus(self, p):
+        if self.greedy:
+            return torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+        return p
+
+    def pooled(self, p: torch.Tensor, x: torch.Tensor):
+        """m(x) [N] and the pooled-neighbour mask over x's k nearest [N, k] (a prefix, nearest first)."""
+        nb = self.table.to(p.device)[x, : self.k]
         pn = p.gather(-1, nb)
         cum = pn.cumsum(-1)
         if self.lam is not None:
@@ -88,12 +124,29 @@ class LanternRule(StandardRule):
         else:
             limit = torch.full_like(cum[:, :1], self.delta)
         take = cum <= limit  # a prefix, since cum is non-decreasing
-        pooled = (pn * take).sum(-1)
-        qx = q.gather(-1, x[:, None])[:, 0]
-        extra = torch.minimum(pooled, self.delta * qx)
+        return (pn * take).sum(-1), take
+
+    def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
+        m, take = self.pooled(p, x)
         removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
-        removed.scatter_(-1, nb, take)  # neighbours never include x itself and never repeat
-        return extra, removed
+        table = self.table.to(p.device)[x]
+        if self.rule == "capped":
+            removed.scatter_(-1, table[:, : self.k], take)  # neighbours never include x itself and never repeat
+            return torch.minimum(m, self.delta * q.gather(-1, x[:, None])[:, 0]), removed
+        removed.scatter_(-1, table, (m > 0)[:, None].expand_as(table))
+        return m, removed
+
+    def accept_prob(self, p, q, x):
+        if not self.greedy:
+            return super().accept_prob(p, q, x)
+        m, _ = self.pooled(p, x)
+        boosted = p.scatter_add(-1, x[:, None], m[:, None])
+        return (boosted.argmax(-1) == x).to(p.dtype)
+
+    def residual(self, p, q, x):
+        if self.greedy:
+            return self.bonus(p)
+        return super().residual(p, q, x)
 
 
 @dataclass
@@ -138,8 +191,8 @@ def verify_chain(P: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, allowed: tor
         rejected = (k < l) & allowed.gather(1, j[:, None])[:, 0]
         q_k = Q.gather(1, j.view(b, 1, 1).expand(b, 1, v))[:, 0]
         d_k = D.gather(1, j[:, None])[:, 0]
-        dist = torch.where(rejected[:, None], rule.residual(p_k, q_k, d_k), p_k)
+        dist = torch.where(rejected[:, None], rule.residual(p_k, q_k, d_k), rule.bonus(p_k))
     else:
         rejected = torch.zeros(b, dtype=torch.bool, device=P.device)
-        dist = p_k
+        dist = rule.bonus(p_k)
     return ChainResult(k, sample_from_probs(dist, u_token))

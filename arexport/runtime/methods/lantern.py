@@ -1,8 +1,10 @@
 """`lantern`: LANTERN relaxed acceptance on top of a drafter (`sd` by default, or `sjd`).
 
-Neighbourhoods come from L2 distances between codebook latents (precomputed into the engine
-directory at build time, or computed once from the decoder's codebook on the torch backend).
-delta = 0 reproduces the drafter exactly.
+Neighbourhoods come from L2 distances between the raw codebook rows, as LANTERN's
+`generate_codebook.py` computes them (precomputed into the engine directory at build time, or
+computed once from the decoder's codebook on the torch backend). `rule=official` (default) is the
+official acceptance, residual and greedy variant; `rule=capped` bounds the total variation by delta
+(see `arexport.runtime.speculative.LanternRule`). delta = 0 reproduces the drafter exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.sd import SD, SDOptions
 from arexport.runtime.methods.sjd import SJD, SJDOptions
-from arexport.runtime.speculative import LanternRule
+from arexport.runtime.speculative import LANTERN_RULES, LanternRule
 
 DRAFTERS = {"sd": SD, "sjd": SJD}
 
@@ -25,6 +27,8 @@ class LanternOptions(Options):
     delta: float = option(0.1, "total-variation budget delta", flag="--lantern-delta")
     lam: Optional[float] = option(None, "LANTERN++ bound: pooled mass <= (lambda - 1) p(x)", flag="--lantern-lambda")
     drafter: str = option("sd", "drafter under the relaxed acceptance", flag="--drafter", choices=tuple(DRAFTERS))
+    rule: str = option("official", "official: LANTERN's code (uncapped credit, k+1 neighbours removed, greedy variant); "
+                       "capped: credit <= delta q(x), output within TV delta of the target", choices=LANTERN_RULES)
     gamma: Optional[int] = None  # sd drafter (its default)
     window: Optional[int] = None  # sjd drafter (its default)
     init: str = SJDOptions.__dataclass_fields__["init"].default
@@ -59,6 +63,7 @@ class Lantern(Method):
 
     def decoder(self, ctx, capacity):
         o = self.options
-        rule = LanternRule(ctx.engine.neighbors(o.k), k=o.k, delta=o.delta, lam=o.lam)
+        rule = LanternRule(ctx.engine.neighbors(o.k + 1), k=o.k, delta=o.delta, lam=o.lam, rule=o.rule,
+                           greedy=ctx.params.greedy)
         drafter = DRAFTERS[o.drafter](o.drafter_options())
         return drafter.decoder(type(ctx)(ctx.engine, ctx.params, o.drafter_options(), ctx.draft), capacity, rule=rule)

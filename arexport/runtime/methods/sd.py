@@ -152,7 +152,7 @@ class SDDecoder(Decoder):
         sel = cfg.expand((p - 1)[:, None] + ar).clamp(max=L - 1)  # outputs for the drafts and the bonus position
         out = out.gather(1, sel[:, :, None].expand(-1, -1, out.shape[-1]))
         tok_index = n[:, None] + ar
-        P = probs_from_logits(cfg.guide(out, tok_index), self.params)
+        P = self.rule.target_probs(cfg.guide(out, tok_index), self.params)
         allowed = (ar[:G] < g[:, None]) & (tok_index[:, :G] < n_tok)
         u = s.uniform(G + 1, verifying)
         res = verify_chain(P, q, drafts, allowed, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)

@@ -24,7 +24,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
-from arexport.runtime.sampling import probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import sample_from_probs
 from arexport.runtime.speculative import StandardRule, per_row_lanes, verify_chain
 
 INITS = ("random", "repeat_horizon")
@@ -93,7 +93,7 @@ class SJDDecoder(Decoder):
         write = view.length.clone()
         out = self.engine.step(view, self.cfg.expand(feed), self.cfg.expand(pos), write, view.causal_mask(write, Q))
         tok_index = n[:, None] + ar  # token each output position predicts
-        P = probs_from_logits(self.cfg.guide(out, tok_index), self.params)
+        P = self.rule.target_probs(self.cfg.guide(out, tok_index), self.params)
         d_idx = tok_index[:, : Q - 1]
         allowed = (ar[: Q - 1] < (qlen - 1)[:, None]) & (d_idx < n_tok) & (d_idx >= o.start) & (d_idx < self.end)
         u = s.uniform(2 * Q + 1)
@@ -112,6 +112,7 @@ class SJDDecoder(Decoder):
             st.forwards += 1
             st.accepted.append(a)
         # next drafts: fresh samples from this step's p for the unverified tail, then new ones
+        P = self.rule.bonus(P)  # what fresh drafts are drawn from (argmax under LANTERN's greedy variant)
         fresh = sample_from_probs(P, u_fresh)
         self.drafts[:n_img], self.q[:n_img] = self._pad_drafts(res.token, fresh, P, qlen, k + 1, self.n[:n_img],
                                                                s.uniform(self.window - 1))

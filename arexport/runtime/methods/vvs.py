@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.sd import SDDecoder
-from arexport.runtime.speculative import LanternRule, StandardRule
+from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule
 
 POLICIES = ("uniform", "dynamic", "none")
 MIN_TOKENS = 6
@@ -56,6 +56,7 @@ class VVSOptions(Options):
     k: int = 1000
     delta: float = 0.2
     lam: Optional[float] = None
+    rule: str = option("official", "LANTERN acceptance rule: official or capped (see lantern)", choices=LANTERN_RULES)
 
     def validate(self):
         if self.gamma is not None and self.gamma < 1:
@@ -70,8 +71,8 @@ class VVSOptions(Options):
 class VVSDecoder(SDDecoder):
     def __init__(self, ctx, capacity):
         o = ctx.options
-        rule = LanternRule(ctx.engine.neighbors(o.k), k=o.k, delta=o.delta, lam=o.lam) \
-            if o.delta > 0 or o.lam is not None else StandardRule()
+        rule = LanternRule(ctx.engine.neighbors(o.k + 1), k=o.k, delta=o.delta, lam=o.lam, rule=o.rule,
+                           greedy=ctx.params.greedy) if o.delta > 0 or o.lam is not None else StandardRule()
         super().__init__(ctx, capacity, rule)
         self.latents = ctx.draft.codebook() if o.policy == "dynamic" else None
         self.counted = self.slots.image_tensor(())  # rounds past the first tokens
