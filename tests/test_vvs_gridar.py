@@ -47,13 +47,15 @@ def test_skipping_saves_target_forwards_and_respects_the_rules(engines, policy):
     assert calls[1] == res.rows[0].forwards
     # prefill + every verified round (the last round or two have no drafts left to skip)
     assert 0 <= calls[1] - 1 - sum(not s for _, s in decisions) <= 2
-    assert all(not skipped for n_done, skipped in decisions if n_done <= 6), "no skipping in the first 6 tokens"
+    assert all(not skipped for n_done, skipped in decisions if n_done <= 5), "skip_verify: never while new_token <= 5"
     if policy == "dynamic":
         flags = [s for _, s in decisions]
         assert not any(a and b for a, b in zip(flags, flags[1:])), "dynamic never skips twice in a row"
-    else:
-        counted = [s for n_done, s in decisions if n_done > 6]
-        assert counted[4::5] and all(counted[4::5]), "uniform skips every 5th round once past the first tokens"
+    else:  # the official phase: round idx (from 0, skipped rounds included) with idx % interval == 1
+        assert [s for _, s in decisions] == [n_done > 5 and r % 5 == 1 for r, (n_done, _) in enumerate(decisions)]
+    # a skipped round commits the whole chain (gamma drafts) plus one token from the cached target distribution
+    committed = res.rows[0].accepted
+    assert all(k == min(4, 64 - n_done - 1) + 1 for (n_done, s), k in zip(decisions, committed) if s)
 
 
 def test_vvs_quality_stays_close_on_the_demo(engines):
@@ -64,8 +66,33 @@ def test_vvs_quality_stays_close_on_the_demo(engines):
     # batch 50: every image gets the tokens it gets alone (tests/test_redesign.py checks that)
     res = gen.generate(classes=cls, method="vvs", method_options={"policy": "uniform"}, sampling=PARAMS, batch_size=50,
                        images=False, seed=3)
-    assert score_digits(res.tokens, cls).accuracy >= 0.9
-    assert res.stats["forwards_per_image_alone"] < 22  # lantern alone needs ~19-20, ar 64
+    # the official skipped round (whole chain + a token from the stale cached target distribution) costs
+    # accuracy: 0.87 here vs 0.96 for lantern at the same delta (docs/benchmarks.md)
+    assert score_digits(res.tokens, cls).accuracy >= 0.8
+    assert res.stats["forwards_per_image_alone"] < 15  # lantern alone needs ~16, ar 64
+
+
+def _official_path_similarity(paths, latents, decay=0.9):
+    """compute_similarity_pytorch_jit (exp_decay) for equal-length paths without their root token."""
+    z = torch.nn.functional.normalize(latents[paths], dim=-1)  # [N, L, d]
+    sims = torch.einsum("nld,mld->lmn", z, z)
+    w = decay ** torch.arange(paths.shape[1], dtype=z.dtype)
+    final = torch.einsum("l,lnm->nm", w / w.sum(), sims)
+    iu = torch.triu_indices(len(paths), len(paths), offset=1)
+    return final[iu[0], iu[1]].mean() if iu.shape[1] else torch.tensor(0.0)
+
+
+def test_candidate_similarity_is_the_official_path_similarity_of_every_second_path():
+    from arexport.runtime.methods.vvs import candidate_similarity
+
+    g = torch.Generator().manual_seed(2)
+    latents = torch.randn(30, 5, generator=g)
+    q = torch.softmax(torch.randn(1, 4, 30, generator=g) * 3, -1)
+    for c in (4, 6):
+        ranks = q[0].topk(c, dim=-1).indices.T  # path r = the rank-r token at every position
+        want = _official_path_similarity(ranks[::2], latents)  # skip_verify down-samples the paths [::2]
+        assert float(candidate_similarity(q, latents, c)[0]) == pytest.approx(float(want), abs=1e-6)
+    assert float(candidate_similarity(q, latents, 2)[0]) == 0.0  # one path left: never similar enough
 
 
 def test_bad_vvs_options():

@@ -52,8 +52,9 @@ class SDDecoder(Decoder):
             raise ArexportError(f"gamma {gamma} drafts do not fit this engine's largest verify block of "
                                 f"{limit + 1} tokens: pass --gamma {limit} or less")
         self.gamma = g = gamma
-        # a verify block is at most pending + g <= max_q tokens; short rows pad into their lookahead
-        self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 1) - 1))
+        # a verify block is pending + g <= max_q tokens (pending <= g + 2 after a VVS skip); short rows pad
+        # into their lookahead
+        self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 2) - 1))
         self.dcache = s.cache(self.draft.allocate(rows, lookahead=2))
         self.tokens = s.image_tensor((spec.n_tokens + 2 * g + 2,))  # padded: no clamped writes
         self.n = s.image_tensor(())  # committed tokens
@@ -75,6 +76,9 @@ class SDDecoder(Decoder):
     def skip(self, g: torch.Tensor, drafts, q) -> torch.Tensor:
         """[n] tokens each image commits without verification this round (0 = verify). SD never skips."""
         return torch.zeros_like(g)
+
+    def _verified(self, P: torch.Tensor, g: torch.Tensor, verifying: torch.Tensor) -> None:
+        """Sees the target distributions [n, G+1, V] of a verify round (VVS caches them)."""
 
     # -- one round -----------------------------------------------------------------------------------
     def advance(self):
@@ -155,6 +159,7 @@ class SDDecoder(Decoder):
         P = self.rule.target_probs(cfg.guide(out, tok_index), self.params)
         allowed = (ar[:G] < g[:, None]) & (tok_index[:, :G] < n_tok)
         u = s.uniform(G + 1, verifying)
+        self._verified(P, g, verifying)
         res = verify_chain(P, q, drafts, allowed, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)
         k = res.accepted
         vals = torch.cat([drafts, res.token[:, None]], 1)

@@ -1,18 +1,23 @@
 """`vvs`: verification skipping on top of draft-model speculative decoding with LANTERN acceptance.
 
-Some rounds skip the target forward: the drafter's proposal, truncated to (the image's running mean
-accepted length - 1) tokens, is committed as is; those tokens stay *pending* and the next verified
-round prepends them to its verify block, so their K/V enters the target cache then (the target's
-outputs at those positions are not used to re-judge them). Never in the first 6 tokens of an image.
+Some rounds skip the target forward. The schedule follows the official `skip_verify`
+(HyattDD/VVS `skip_utils_llamagen.py`): never while an image has 5 tokens or fewer; `uniform` skips
+round r (counted from 0 over all of the image's rounds) when r % skip_interval == 1; `dynamic` skips
+when the previous round was verified and the drafter's candidate paths agree — every second path
+(the official down-sampling) compared position by position through the cosine similarity of their
+codebook latents, weighted 0.9^j over positions j and averaged over path pairs, >= sim_threshold;
+`none` never skips (then vvs == lantern).
 
-Policies: `uniform` skips every `skip_interval`-th round; `dynamic` skips when the previous round
-was verified and the drafter's candidates agree — at each drafted position the top-`n_candidates`
-tokens of the draft distribution have codebook latents whose mean pairwise cosine similarity,
-weighted 0.9^j over positions j, is >= `sim_threshold`; `none` never skips (then vvs == lantern).
-Each image decides for itself; the images that skip sit out the round's target forward. The drafter
-here is a separate model with its own cache, so there are no target features to reuse: a skipped
-round uses only the draft's distributions. Defaults follow the reference: interval 5, threshold
-0.7, LANTERN delta 0.2.
+A skipped round does what the official `skip_evaluate` does with a tree, for a chain: it commits a
+whole path truncated to the mean path length - 1 drafts (a chain has one path, so every draft), and
+the next token is drawn from the cached target distribution of the last verified round (its last
+position, as `reuse_logits` reads `logits[0, -1]`): the target-side reuse that applies when the
+drafter is a separate model (there are no target features to feed an EAGLE head here). The
+committed tokens stay *pending*: the next verified round prepends them to its verify block, so their
+K/V enters the target cache then. Candidate paths of a chain drafter are the top-`n_candidates`
+tokens of the draft distribution at each drafted position (the EAGLE tree's top-k per depth).
+Each image decides for itself; images that skip sit out the round's target forward. Defaults follow
+the reference: interval 5, threshold 0.7, LANTERN delta 0.2.
 """
 
 from __future__ import annotations
@@ -26,17 +31,23 @@ import torch.nn.functional as F
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.sd import SDDecoder
+from arexport.runtime.sampling import sample_from_probs
 from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule
 
 POLICIES = ("uniform", "dynamic", "none")
-MIN_TOKENS = 6
+MIN_TOKENS = 5  # skip_verify never skips while new_token <= 5
 
 
 def candidate_similarity(q: torch.Tensor, latents: torch.Tensor, n_candidates: int = 4, decay: float = 0.9) -> torch.Tensor:
-    """[B]: exp-decay weighted mean over draft positions of the mean pairwise cosine similarity of
-    the top-n_candidates tokens' codebook latents. q: [B, g, V] draft distributions; latents [V, d]."""
+    """[B]: the official path similarity for a chain's candidate paths (the top-n_candidates tokens at
+    each drafted position, rank r making path r), down-sampled to every second path: exp-decay
+    (0.9^j, normalised) weighted sum over positions of the pairwise cosine similarity of the paths'
+    codebook latents, averaged over path pairs. Fewer than 2 paths give 0 (never skip), as officially.
+    q: [B, g, V] draft distributions; latents [V, d]."""
     b, g, _ = q.shape
-    top = q.topk(min(n_candidates, q.shape[-1]), dim=-1).indices  # [B, g, c]
+    top = q.topk(min(n_candidates, q.shape[-1]), dim=-1).indices[..., ::2]  # [B, g, c] every second path
+    if top.shape[-1] < 2:
+        return torch.zeros(b, device=q.device)
     z = F.normalize(latents.float()[top], dim=-1)  # [B, g, c, d]
     sim = z @ z.transpose(-1, -2)  # [B, g, c, c]
     c = top.shape[-1]
@@ -75,8 +86,18 @@ class VVSDecoder(SDDecoder):
                            greedy=ctx.params.greedy) if o.delta > 0 or o.lam is not None else StandardRule()
         super().__init__(ctx, capacity, rule)
         self.latents = ctx.draft.codebook() if o.policy == "dynamic" else None
-        self.counted = self.slots.image_tensor(())  # rounds past the first tokens
+        self.rounds = self.slots.image_tensor(())  # rounds so far (skipped ones included)
         self.last_skipped = self.slots.image_tensor((), torch.bool)
+        self.last_p = self.slots.image_tensor((self.spec.vocab_size,), torch.float32)  # last verified round's last P
+
+    def start(self, a, b, conds):
+        super().start(a, b, conds)
+        self.rounds[a:b], self.last_skipped[a:b] = 0, False
+
+    def _verified(self, P, g, verifying):
+        n = self.slots.n
+        last = P.gather(1, g.view(n, 1, 1).expand(n, 1, P.shape[-1]))[:, 0]
+        self.last_p[:n] = torch.where(verifying[:, None], last.float(), self.last_p[:n])
 
     def skip(self, g, drafts, q):
         o, s = self.opts, self.slots
@@ -86,20 +107,32 @@ class VVSDecoder(SDDecoder):
             if gi == 0:
                 continue
             mi = 0
+            r = int(self.rounds[i])
+            self.rounds[i] += 1
             if o.policy != "none" and ni > MIN_TOKENS:
-                self.counted[i] += 1
                 if o.policy == "uniform":
-                    want = int(self.counted[i]) % o.skip_interval == 0
+                    want = r % o.skip_interval == 1
                 else:
                     sim = candidate_similarity(q[i:i + 1, :gi], self.latents.to(q.device), o.n_candidates)
                     want = not bool(self.last_skipped[i]) and bool(sim[0] >= o.sim_threshold)
-                if want:
-                    mean_acc = sum(st.accepted) / len(st.accepted) if st.accepted else 1.0
-                    mi = max(min(int(mean_acc - 1), gi, self.spec.n_tokens - ni - 1), 0)
+                if want:  # the whole chain (its mean path length - 1 drafts), then one token from the cached P
+                    mi = max(min(gi, self.spec.n_tokens - ni - 1), 0)
             st.decisions.append((ni, mi > 0))
             m[i] = mi
         self.last_skipped[: s.n] = m > 0
         return m
+
+
+    def _commit_unverified(self, drafts, m, skipping):
+        """The chain's drafts, then one token drawn from the cached target distribution (reuse_logits)."""
+        n = self.slots.n
+        extra = sample_from_probs(self.rule.bonus(self.last_p[:n]), self.slots.uniform(1, skipping)[:, 0])
+        width = int(m.max()) + 1
+        chain = torch.zeros(n, width, dtype=drafts.dtype, device=drafts.device)
+        k = min(width, drafts.shape[1])
+        chain[:, :k] = drafts[:, :k]
+        chain.scatter_(1, m[:, None], extra[:, None])
+        super()._commit_unverified(chain, torch.where(skipping, m + 1, 0), skipping)
 
 
 @register("vvs")
