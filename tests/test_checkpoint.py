@@ -73,8 +73,9 @@ def test_wrong_model_size_lists_shapes(tmp_path, tiny_c2i):
 
 
 @pytest.mark.parametrize("content,match", [
-    (b"this is not a checkpoint at all", "not a readable PyTorch checkpoint"),
-    (b"", "not a readable PyTorch checkpoint"),
+    (b"this is not a checkpoint at all", r"not a readable PyTorch checkpoint: .*x\.pt is a text file \(starts with 'this is not"),
+    (b"", r"not a readable PyTorch checkpoint: .*x\.pt is empty"),
+    (b"\x00\x01\x02binary", r"neither a torch\.save zip archive nor a pickle"),
 ])
 def test_unreadable_files(tmp_path, content, match):
     p = tmp_path / "x.pt"
@@ -109,6 +110,16 @@ def test_arbitrary_pickles_are_refused(tmp_path):
         pickle.dump({"model": Evil()}, f)
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
         read_state_dict(p)
+
+
+def test_missing_checkpoint_is_named_before_the_model_is_built(tmp_path, monkeypatch):
+    from arexport.models import registry
+
+    monkeypatch.setattr(registry, "model_config", lambda *a, **k: pytest.fail("built the model before checking the path"))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_model("GPT-XXL", checkpoint=str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match="tokenizer checkpoint path is a directory"):
+        load_model("GPT-XXL", random_init=True, vq_checkpoint=str(tmp_path))
 
 
 def test_missing_file_and_directory(tmp_path):

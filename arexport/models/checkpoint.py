@@ -43,6 +43,7 @@ def read_state_dict(path: str | os.PathLike, key: Optional[str] = None, meta: Op
         except Exception as e:  # safetensors raises SafetensorError / OSError on bad files
             raise CheckpointError(f"not a readable safetensors file: {p} ({_short(e)})") from None
     else:
+        _check_pytorch_container(p)
         try:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 raw = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -55,6 +56,21 @@ def read_state_dict(path: str | os.PathLike, key: Optional[str] = None, meta: Op
     if meta is not None and isinstance(raw, dict) and isinstance(raw.get("args"), argparse.Namespace):
         meta["args"] = vars(raw["args"])
     return unwrap_state_dict(raw, source=str(p), key=key)
+
+
+def _check_pytorch_container(p: Path) -> None:
+    """torch.save writes a zip archive (or, legacy, a pickle starting with protocol byte 0x80): name
+    anything else before the unpickler fails with an opaque message."""
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return
+    if not head:
+        raise CheckpointError(f"not a readable PyTorch checkpoint: {p} is empty")
+    text = head.decode("utf-8", errors="replace")
+    if all(c.isprintable() or c.isspace() for c in text):
+        raise CheckpointError(f"not a readable PyTorch checkpoint: {p} is a text file (starts with {text.split(chr(10))[0][:40]!r})")
+    raise CheckpointError(f"not a readable PyTorch checkpoint: {p} (neither a torch.save zip archive nor a pickle)")
 
 
 def unwrap_state_dict(raw, source: str = "checkpoint", key: Optional[str] = None) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from arexport.errors import ArexportError
+from arexport.errors import ArexportError, CheckpointError
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LlamaGenConfig
 from arexport.models.rar import RARConfig
@@ -214,6 +214,10 @@ def load_model(
 ) -> LoadedModel:
     """Build a model by name and fill its weights from a checkpoint, the package, or a seed."""
     cname = canonical_name(name)
+    for path, what in ((checkpoint, "checkpoint"), (vq_checkpoint, "tokenizer checkpoint")):
+        if path is not None and not Path(path).is_file():  # before building (and allocating) the model
+            raise CheckpointError(f"{what} not found: {path}" if not Path(path).exists() else
+                                  f"{what} path is a directory, expected a file: {path}")
     cfg = model_config(cname, overrides, image_size)
     model = cfg.build()
     source: dict[str, Any] = {"model": cname, "overrides": dict(overrides or {}), "image_size": image_size}
