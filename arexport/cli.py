@@ -226,6 +226,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     source = _source(engine_dir, model_name, "run")
     if not (save_tokens or out_dir or stats_json or grid_png):
         out_dir = str(_fresh_out_dir(source))
+    _check_outputs(("--save-tokens", save_tokens, "file"), ("--out", out_dir, "dir"), ("--stats-json", stats_json, "file"),
+                   ("--grid", grid_png, "file"))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
     spec = gen.spec
@@ -259,6 +261,15 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         + (f" -> {out_dir}" if out_dir else ""),
         err=True,
     )
+
+
+def _check_outputs(*outputs) -> None:
+    """(flag, path or None, "file"|"dir") per output: fail before the work, naming the flag and path."""
+    from arexport.fileio import check_writable
+
+    for flag, path, kind in outputs:
+        if path:
+            check_writable(path, kind, what=flag)
 
 
 def _source(engine_dir: Optional[str], model_name: Optional[str], what: str) -> str:
@@ -326,6 +337,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k).validate()
     if Path(out_dir).exists() and not overwrite:
         raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
+    _check_outputs(("--out", out_dir, "dir"))
     if backend == "trt":
         from arexport.devices import require_tensorrt
 
@@ -436,6 +448,7 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
     from rich.console import Console
     from rich.table import Table
 
+    _check_outputs(("--json", json_out, "file"))
     from arexport.fileio import atomic_write_json
     from arexport.runtime.loading import open_engine
     from arexport.verify import verify_engine
@@ -486,6 +499,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 
     if not (out_dir or grid_png):
         raise ArexportError("no output requested: pass --out DIR or --grid FILE")
+    _check_outputs(("--out", out_dir, "dir"), ("--grid", grid_png, "file"))
     try:
         tokens = np.load(tokens_file)
     except Exception as e:  # numpy raises several types on bad files
@@ -543,6 +557,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "profile")
+    _check_outputs(("--json", json_out, "file"), ("--plot", plot_png, "file"))
     if repeats < 1 or warmup < 0:
         raise ArexportError("--repeats must be >= 1 and --warmup >= 0")
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)

@@ -20,6 +20,29 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: str | os.PathLike, kind: str = "file", what: str = "output") -> None:
+    """Raise ArexportError naming `path` when it cannot be written as a `kind` ("file" or "dir"):
+    an existing entry of the other kind, an ancestor that is a file, or no write permission on the
+    nearest existing ancestor. Called before long work, so a bad path costs nothing."""
+    from arexport.errors import ArexportError
+
+    p = Path(path)
+    if p.exists():
+        if kind == "file" and p.is_dir():
+            raise ArexportError(f"{what} {path} is a directory, expected a file path")
+        if kind == "dir" and not p.is_dir():
+            raise ArexportError(f"{what} {path} exists and is not a directory")
+        target = p if kind == "dir" else p.parent
+    else:
+        target = p.parent
+    while not target.exists():
+        target = target.parent
+    if not target.is_dir():
+        raise ArexportError(f"{what} {path} cannot be created: {target} is a file, not a directory")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ArexportError(f"{what} {path} cannot be written: no write permission on {target}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write data to a temp file beside path, fsync, then rename over path."""
     p = Path(path)

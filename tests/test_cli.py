@@ -179,3 +179,26 @@ def test_non_finite_logits_stop_generation():
         gen.engine.model.output.weight[3, 0] = float("nan")
     with pytest.raises(ArexportError, match=r"non-finite logits from the torch engine at prefill call 1 in row 0"):
         gen.generate(classes=[1], images=False)
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--model", "demo", "--classes", "1", "--save-tokens", "{f}/x.npy"],
+    ["generate", "--model", "demo", "--classes", "1", "--out", "{f}/imgs"],
+    ["generate", "--model", "demo", "--classes", "1", "--stats-json", "{f}/s.json"],
+    ["build", "demo", "--out", "{f}/engine"],
+    ["profile", "--model", "demo", "--classes", "1", "--json", "{f}/p.json"],
+    ["decode", "demo", "--tokens", "{t}", "--grid", "{f}/g.png"],
+])
+def test_unwritable_outputs_fail_before_the_work(tmp_path, monkeypatch, args):
+    """An output under a regular file cannot be created: a one-line error naming the flag, before any model runs."""
+    import numpy as np
+
+    from arexport.runtime import generator
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    np.save(tmp_path / "t.npy", np.zeros((1, 64), dtype=np.int64))
+    monkeypatch.setattr(generator.Generator, "load", classmethod(lambda *a, **k: pytest.fail("loaded a model first")))
+    res = CliRunner().invoke(cli, [a.format(f=f, t=tmp_path / "t.npy") for a in args])
+    assert res.exit_code == 1, res.output
+    assert "cannot be created" in res.output and "is a file, not a directory" in res.output and "Traceback" not in res.output
