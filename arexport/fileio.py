@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -83,21 +84,28 @@ def atomic_save_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False, report=None) -> Iterator[Path]:
     """Yield a temp directory beside `final`; on success rename it to `final`, on error delete it.
 
-    With overwrite, an existing `final` is replaced only after the new one is complete.
+    With overwrite, an existing `final` is replaced only after the new one is complete. The temp
+    directory's name carries this process's pid: directories left by builds whose process is gone
+    (kill -9, a crash) are removed when the next build starts in the same parent. SIGTERM during the
+    build (main thread) removes the partial directory and exits with status 143.
     """
     final = Path(final)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists (use --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building.", dir=final.parent))
+    for stale in remove_stale_builds(final.parent):
+        if report is not None:
+            report(f"removed {stale} left by an interrupted build")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building.{os.getpid()}.", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())
+    previous = _raise_on_sigterm()
     try:
         yield tmp
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.{os.getpid()}.", dir=final.parent))
             os.replace(final, old / "x")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -106,6 +114,59 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _restore_sigterm(previous)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.(building|old)\.(\d+)\.[^.]+$")
+
+
+def remove_stale_builds(parent: str | os.PathLike) -> list[Path]:
+    """Delete `.NAME.building.PID.*` / `.NAME.old.PID.*` directories in parent whose process is gone."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if not m or not entry.is_dir() or _alive(int(m.group(2))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _raise_on_sigterm():
+    """In the main thread: make SIGTERM raise SystemExit(143) so cleanup runs; returns the old handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+    import threading
+
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _json_default(o):

@@ -202,3 +202,45 @@ def test_unwritable_outputs_fail_before_the_work(tmp_path, monkeypatch, args):
     res = CliRunner().invoke(cli, [a.format(f=f, t=tmp_path / "t.npy") for a in args])
     assert res.exit_code == 1, res.output
     assert "cannot be created" in res.output and "is a file, not a directory" in res.output and "Traceback" not in res.output
+
+
+def _build_then_signal(tmp_path, sig):
+    """Start `arexport build demo`, wait until its temp directory exists, send sig; return (proc, parent)."""
+    import signal  # noqa: F401
+    import subprocess
+    import sys
+    import time
+
+    parent = tmp_path / "engines"
+    parent.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "arexport", "build", "demo", "--out", str(parent / "demo")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(parent.glob(".demo.building.*")):
+        assert time.time() < deadline and proc.poll() is None, "the build never started"
+        time.sleep(0.05)
+    time.sleep(0.5)  # mid-export
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc, parent
+
+
+def test_kill_9_during_build_leaves_a_directory_the_next_build_removes(tmp_path):
+    import signal
+
+    proc, parent = _build_then_signal(tmp_path, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(parent.glob(".demo.building.*")), "kill -9 cannot clean up"
+    res = CliRunner().invoke(cli, ["build", "demo", "--out", str(parent / "other"), "--no-images"])
+    assert res.exit_code == 0, res.output
+    assert "removed" in res.output  # the stale directory is reported (rich wraps the line)
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".")]
+    assert (parent / "other" / "manifest.json").exists()
+
+
+def test_sigterm_during_build_removes_the_partial_directory(tmp_path):
+    import signal
+
+    proc, parent = _build_then_signal(tmp_path, signal.SIGTERM)
+    assert proc.returncode == 143
+    assert list(parent.iterdir()) == []

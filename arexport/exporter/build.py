@@ -78,7 +78,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     model = loaded.model.to_precision(dtype=dtype).eval()
     max_batch = max(opts.batch_sizes)
     t_start = time.perf_counter()
-    with atomic_directory(out, overwrite=opts.overwrite) as tmp:
+    with atomic_directory(out, overwrite=opts.overwrite, report=report) as tmp:
         store = WeightStore(tmp)
         graphs: dict[str, Any] = {}
         try:
