@@ -57,6 +57,11 @@ def test_calibration_set_is_reused_and_validated(demo_dir, tmp_path):
     m = calibrate_engine(demo_dir, tmp_path / "b", "int8", samples=40)
     assert os.path.getmtime(calib / "manifest.json") == stamp
     assert m.quantization["calibration"]["hash"] == json.loads((calib / "manifest.json").read_text())["hash"]
+    used = json.loads((calib / "manifest.json").read_text())["classes"]
+    calibrate_engine(demo_dir, tmp_path / "same", "int8", samples=40, classes=used)  # the same classes: reused
+    with pytest.raises(ArexportError, match=r"was captured from classes .* not the --classes given"):
+        calibrate_engine(demo_dir, tmp_path / "d", "int8", samples=40, classes=[7, 7, 7, 7])
+    assert not (tmp_path / "d").exists()
     import shutil
 
     copy = tmp_path / "copy.calib"

@@ -325,3 +325,14 @@ def test_calibrate_and_profile_a_rar_engine_from_the_cli(rar_engine, tmp_path):
                                  "--json", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "p.json").exists()
+
+
+def test_calibrate_prints_no_quantizer_log_lines(rar_engine, tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "arexport", "calibrate", str(rar_engine), "--mode", "int8", "--samples", "8",
+                          "--calib-set", str(tmp_path / "c"), "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    noise = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("WARNING:root", "INFO:root"))]
+    assert not noise, noise[:3]

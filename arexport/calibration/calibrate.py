@@ -37,6 +37,9 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         report(f"capturing {samples} step inputs into {calib_path}")
         capture_set(src, calib_path, n_cls, every=every, samples=samples)
     calib_manifest, data = load_set(calib_path, manifest)
+    if classes and list(map(int, classes)) != list(calib_manifest.get("classes", [])):
+        raise ArexportError(f"calibration set {calib_path} was captured from classes {calib_manifest.get('classes')}, not the "
+                            f"--classes given: pass a new --calib-set DIR to capture them, or drop --classes to reuse it")
     report(f"calibration set {calib_path}: {len(data)} samples (hash {calib_manifest['hash'][:12]})")
     n_held = max(1, len(data) // 5)
     calib, heldout = data[:-n_held], data[-n_held:]

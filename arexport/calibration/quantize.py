@@ -99,10 +99,16 @@ def quantize_step_graph(src: Path, dst: Path, mode: str, samples: list[dict[str,
     # The calibrator runs the graph without IOBinding, so ORT would warn about copying the cache at
     # every TensorScatter; that is expected here and not the runtime path.
     ort.set_default_logger_severity(3)
+    import logging
+
+    root = logging.getLogger()  # the ORT quantizer logs "please pre-process" and per-node INFO on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         return _quantize(src, dst, mode, samples, activations)
     finally:
         ort.set_default_logger_severity(2)
+        root.setLevel(level)
 
 
 def _quantize(src: Path, dst: Path, mode: str, samples, activations: str) -> dict[str, Any]:
