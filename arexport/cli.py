@@ -67,6 +67,9 @@ def engine_or_model_options(default_backend: str):
             model_options,
             click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default=default_backend, show_default=True),
             click.option("--device", default="cpu", show_default=True),
+            click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
+                     "threads (default: 1 for models under 20M step weights, where more threads only contend; torch's "
+                     "default otherwise), ONNX Runtime intra-op threads (default: ORT's)."),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -183,6 +186,9 @@ def _load_captions(path: Optional[str]):
 @click.option("--method", help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n (default: ar; arpg for ARPG models).")
 @click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
+                     "threads (default: 1 for models under 20M step weights, where more threads only contend; torch's "
+                     "default otherwise), ONNX Runtime intra-op threads (default: ORT's).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend weight/cache dtype (default fp32).")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (>1 doubles the batch). Default: the model's.")
 @click.option("--cfg-interval", type=int, default=-1, show_default=True, help="Guide only image tokens 0..N+1 (LlamaGen); -1 = all.")
@@ -205,7 +211,7 @@ def _load_captions(path: Optional[str]):
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write run statistics as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
-             classes, caption_embeddings, method, backend, device, precision, cfg_scale, cfg_interval, cfg_schedule,
+             classes, caption_embeddings, method, backend, device, threads, precision, cfg_scale, cfg_interval, cfg_schedule,
              cfg_power, top_k, top_p, temperature, seed, batch_size, draft, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
              **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
@@ -219,7 +225,6 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     import numpy as np
 
     from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
-    from arexport.runtime.generator import Generator
     from arexport.runtime.methods.base import parse_method_options
     from arexport.runtime.sampling import default_sampling
 
@@ -229,7 +234,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     _check_outputs(("--save-tokens", save_tokens, "file"), ("--out", out_dir, "dir"), ("--stats-json", stats_json, "file"),
                    ("--grid", grid_png, "file"))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
-    gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
+    gen = _load_generator(source, backend, device, threads, draft=draft, **kw)
     spec = gen.spec
     method = method or gen.engine.family.default_method
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
@@ -261,6 +266,25 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         + (f" -> {out_dir}" if out_dir else ""),
         err=True,
     )
+
+
+SMALL_MODEL_STEP_WEIGHTS = 20_000_000
+
+
+def _load_generator(source, backend, device, threads, **kw):
+    """Generator.load with the CLI's thread policy (see --threads)."""
+    from arexport.runtime.generator import Generator
+
+    if backend == "ort" and threads:
+        kw["threads"] = threads
+    gen = Generator.load(source, backend=backend, device=device, **kw)
+    if backend == "torch" and gen.engine.device.type == "cpu":
+        import torch
+
+        small = int(gen.spec.extra.get("step_weight_params") or 0) < SMALL_MODEL_STEP_WEIGHTS
+        if threads or small:
+            torch.set_num_threads(threads or 1)
+    return gen
 
 
 def _check_outputs(*outputs) -> None:
@@ -536,7 +560,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
 def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-            method, method_opts, compare, classes, batch_size, cfg_scale, draft, warmup, repeats, cuda_graph, precision,
+            threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, warmup, repeats, cuda_graph, precision,
             bandwidth, json_out, plot_png):
     """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
 
@@ -552,7 +576,6 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.profiling.bandwidth import measure_copy_bandwidth
     from arexport.profiling.profiler import RunConfig, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
-    from arexport.runtime.generator import Generator
     from arexport.runtime.methods.base import parse_method_options
     from arexport.runtime.sampling import default_sampling
 
@@ -570,7 +593,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     bw = measure_copy_bandwidth(device) if bandwidth else None
     results, context = [], {}
     for cfg in configs:
-        gen = Generator.load(source, backend=cfg.backend, device=device, draft=draft, cuda_graph=cuda_graph, **kw)
+        gen = _load_generator(source, cfg.backend, device, threads, draft=draft, cuda_graph=cuda_graph, **kw)
         spec = gen.spec
         cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
@@ -647,7 +670,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request (GridAR/best-of-N candidates count).")
 @click.option("--insecure-no-auth", is_flag=True, help="Listen on a non-loopback address without a bearer token.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-          draft, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
+          threads, draft, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -658,7 +681,6 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     """
     import os
 
-    from arexport.runtime.generator import Generator
     from arexport.serving.http import create_app
     from arexport.serving.server import serve_forever
     from arexport.serving.service import GenerationService
@@ -673,7 +695,7 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
-    gen = Generator.load(source, backend=backend, device=device, draft=draft, **kw)
+    gen = _load_generator(source, backend, device, threads, draft=draft, **kw)
     service = GenerationService(gen, batching=batching, max_batch=max_batch)
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"

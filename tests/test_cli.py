@@ -244,3 +244,17 @@ def test_sigterm_during_build_removes_the_partial_directory(tmp_path):
     proc, parent = _build_then_signal(tmp_path, signal.SIGTERM)
     assert proc.returncode == 143
     assert list(parent.iterdir()) == []
+
+
+def test_threads_policy_small_torch_models_use_one_thread(monkeypatch, tmp_path):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    args = ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert seen == [1]  # the demo has well under 20M step weights
+    assert CliRunner().invoke(cli, args + ["--threads", "2"]).exit_code == 0
+    assert seen == [1, 2]
+    res = CliRunner().invoke(cli, args + ["--threads", "0"])
+    assert res.exit_code == 2 and "--threads" in res.output
