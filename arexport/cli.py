@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -209,7 +210,8 @@ def _load_captions(path: Optional[str]):
               help="Write images DIR/0000.png, 0001.png, ... (default when no other output is asked for: a new out/NAME[-N]).")
 @click.option("--grid", "grid_png", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write run statistics as JSON.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress (default on: a bar on a terminal, else a plain line to stderr every 5 s).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, method, backend, device, threads, precision, cfg_scale, cfg_interval, cfg_schedule,
              cfg_power, top_k, top_p, temperature, seed, batch_size, draft, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
@@ -242,7 +244,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     captions, cmask = _load_captions(caption_embeddings)
     opts = parse_method_options(method_opts)
     opts.update(_method_kwargs(named_method_options))
-    show = sys.stderr.isatty() if progress is None else progress
+    show = ("lines" if not sys.stderr.isatty() else True) if progress is None else progress
     need_images = bool(out_dir or grid_png)
     result = _run_with_progress(gen, show, dict(
         classes=_parse_classes(classes), captions=captions, caption_mask=cmask, method=method, method_options=opts,
@@ -714,9 +716,25 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _run_with_progress(gen, show: bool, kwargs: dict):
+PLAIN_PROGRESS_EVERY_S = 5.0
+
+
+def _run_with_progress(gen, show, kwargs: dict):
+    """show: True (a bar), "lines" (plain stderr lines, for logs and pipes) or False."""
     if not show:
         return gen.generate(**kwargs)
+    if show == "lines":
+        t0 = time.perf_counter()
+        last = [t0]
+
+        def line(done, total):
+            now = time.perf_counter()
+            if now - last[0] >= PLAIN_PROGRESS_EVERY_S or (total and done >= total):
+                last[0] = now
+                pct = f" ({100 * done / total:.0f}%)" if total else ""
+                click.echo(f"generating: {done}/{total or '?'} tokens{pct}, {now - t0:.0f} s", err=True)
+
+        return gen.generate(progress=line, **kwargs)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]generating"), BarColumn(), TextColumn("{task.completed}/{task.total} tokens"),

@@ -258,3 +258,15 @@ def test_threads_policy_small_torch_models_use_one_thread(monkeypatch, tmp_path)
     assert seen == [1, 2]
     res = CliRunner().invoke(cli, args + ["--threads", "0"])
     assert res.exit_code == 2 and "--threads" in res.output
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    import arexport.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "PLAIN_PROGRESS_EVERY_S", 0.0)
+    res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1,2", "--save-tokens", str(tmp_path / "t.npy")])
+    lines = [line for line in res.output.splitlines() if line.startswith("generating: ")]
+    assert res.exit_code == 0 and len(lines) >= 2 and lines[-1].startswith("generating: 128/128 tokens (100%)")
+    res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy"),
+                                   "--no-progress"])
+    assert "generating: " not in res.output
