@@ -270,3 +270,14 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tmp_path, monkeyp
     res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy"),
                                    "--no-progress"])
     assert "generating: " not in res.output
+
+
+def test_profile_table_fits_80_columns_without_ellipses(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    res = CliRunner().invoke(cli, ["profile", "--model", "demo", "--compare", "torch:ar,torch:sjd", "--classes", "1",
+                                   "--repeats", "1", "--warmup", "0", "--no-bandwidth"])
+    assert res.exit_code == 0, res.output
+    table = res.output[res.output.index("latency profile"):]
+    assert "…" not in table and "..." not in table
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert "images/s" in table and "torch:sjd" in table

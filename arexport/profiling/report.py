@@ -22,21 +22,23 @@ def print_table(results: list[ProfileResult], console, compare: bool = False) ->
     kinds = []
     for r in results:
         kinds += [k for k in r.steps if k not in kinds]
+    # one column per config, one row per metric: fits 80 columns for a few configs, and cells wrap
+    # (never "...") when there are more
     t = Table(title="latency profile (ms)")
-    t.add_column("config")
-    for k in kinds:
-        t.add_column(f"{k} p50/p90/p99")
-    for col in ("ms/image p50", "images/s", "tokens/s", "fwd/image", "mean acc.", "peak mem MiB"):
-        t.add_column(col)
+    t.add_column("metric", overflow="fold")
     for r in results:
-        cells = [r.label]
-        for k in kinds:
-            s = r.steps.get(k)
-            cells.append(f"{s['p50_ms']:.2f}/{s['p90_ms']:.2f}/{s['p99_ms']:.2f} (n={s['count']})" if s else "-")
-        cells += [f"{r.image_ms.get('p50', float('nan')):.1f}", f"{r.images_per_s:.2f}", f"{r.tokens_per_s:.0f}",
-                  f"{r.target_forwards_per_image:.1f}", f"{r.mean_accepted_length:.2f}" if r.mean_accepted_length else "-",
-                  f"{r.peak_memory_bytes / 2**20:.0f}"]
-        t.add_row(*cells)
+        t.add_column(r.label, overflow="fold", justify="right")
+    for k in kinds:
+        t.add_row(f"{k} p50/p90/p99", *[f"{s['p50_ms']:.2f}/{s['p90_ms']:.2f}/{s['p99_ms']:.2f}" if (s := r.steps.get(k)) else "-"
+                                         for r in results])
+        t.add_row(f"{k} calls", *[str(r.steps[k]["count"]) if k in r.steps else "-" for r in results])
+    rows = [("ms/image p50", lambda r: f"{r.image_ms.get('p50', float('nan')):.1f}"),
+            ("images/s", lambda r: f"{r.images_per_s:.2f}"), ("tokens/s", lambda r: f"{r.tokens_per_s:.0f}"),
+            ("fwd/image", lambda r: f"{r.target_forwards_per_image:.1f}"),
+            ("mean accepted", lambda r: f"{r.mean_accepted_length:.2f}" if r.mean_accepted_length else "-"),
+            ("peak mem MiB", lambda r: f"{r.peak_memory_bytes / 2**20:.0f}")]
+    for name, cell in rows:
+        t.add_row(name, *[cell(r) for r in results])
     console.print(t)
     for r in results:
         bw = r.bandwidth
