@@ -702,7 +702,7 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
                + (" with bearer auth" if token else ""), err=True)
-    serve_forever(app, host=host, port=port)
+    serve_forever(app, host=host, port=port, service=service)
 
 
 def _loopback(host: str) -> bool:

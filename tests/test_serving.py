@@ -229,3 +229,46 @@ def test_a_failing_hook_fails_its_request_alone(demo_gen):
         assert svc.generate([2], seed=1, images=False).tokens.shape == (1, 64)
     finally:
         svc.close()
+
+
+def test_sigterm_answers_503_while_in_flight_work_finishes(tmp_path, demo_engine):
+    """A request sent right after SIGTERM gets 503 (not 'connection refused'); the one in flight completes."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "arexport", "serve", str(demo_engine), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.1)
+        out = {}
+        long = threading.Thread(target=lambda: out.update(r=httpx.post(f"{url}/generate", json={
+            "classes": list(range(10)) * 3, "format": "tokens"}, timeout=120)))
+        long.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        late = httpx.post(f"{url}/generate", json={"classes": [1], "format": "tokens"}, timeout=30)
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]
+        assert httpx.get(f"{url}/healthz", timeout=5).json()["status"] == "closing"
+        long.join(120)
+        assert out["r"].status_code == 200 and len(out["r"].json()["tokens"]) == 30
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -17,10 +17,48 @@ def _uvicorn():
     return uvicorn
 
 
-def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Blocking; SIGINT/SIGTERM stop accepting, finish in-flight requests, then drain the service."""
+MIN_DRAIN_S = 1.0  # the socket stays open (answering 503) at least this long after SIGTERM
+MAX_DRAIN_S = 60.0
+
+
+def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", service=None) -> None:
+    """Blocking. The first SIGINT/SIGTERM closes `service`: new requests get 503 and /healthz says
+    "closing" while queued and in-flight work finishes (the socket stays open meanwhile, at least
+    MIN_DRAIN_S so clients and load balancers see the 503s); then uvicorn stops. A second SIGINT
+    forces the exit."""
     uvicorn = _uvicorn()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+    (_DrainingServer(config, service) if service is not None else uvicorn.Server(config)).run()
+
+
+def _draining_server_class():
+    uvicorn = _uvicorn()
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self, config, service):
+            super().__init__(config)
+            self.service = service
+            self.draining = False
+
+        def handle_exit(self, sig, frame):
+            if self.draining or self.should_exit:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            self._captured_signals.append(sig)  # uvicorn re-raises it once it has stopped
+            self.service.close(drain=True, timeout=0)  # non-blocking: stop taking requests, wake the worker
+            threading.Thread(target=self._exit_when_drained, daemon=True).start()
+
+        def _exit_when_drained(self):
+            t0 = time.monotonic()
+            self.service.wait_closed(MAX_DRAIN_S)
+            time.sleep(max(0.0, MIN_DRAIN_S - (time.monotonic() - t0)))
+            self.should_exit = True
+
+    return DrainingServer
+
+
+def _DrainingServer(config, service):
+    return _draining_server_class()(config, service)
 
 
 class BackgroundServer:

@@ -145,6 +145,11 @@ class GenerationService:
         self._queue.put(None)  # wake the worker
         self._worker.join(timeout)
 
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the worker to finish after close(); True when it has."""
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
     @property
     def closed(self) -> bool:
         return self._closing
