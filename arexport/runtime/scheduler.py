@@ -9,21 +9,37 @@ one draft round, one scale); nothing here knows which method it drives.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Optional
+from typing import Callable, Hashable, Iterable, Optional
 
 from arexport.runtime.methods.base import Decoder, Finished, Row
 
 
 class Scheduler:
-    """FIFO admission into one decoder; `step()` returns the images that finished."""
+    """Admission into one decoder; `step()` returns the images that finished.
 
-    def __init__(self, decoder: Decoder):
+    FIFO by default. With `fair_by` (a row -> group key, e.g. its request), waiting rows are admitted
+    round robin over the groups in order of arrival, so one large request cannot hold every slot
+    while a small one waits behind it (an image's tokens do not depend on when it is admitted)."""
+
+    def __init__(self, decoder: Decoder, fair_by: Optional[Callable[[Row], Hashable]] = None):
         self.decoder = decoder
         self.queue: deque[Row] = deque()
         self.admissions = 0  # boundaries at which images were admitted
+        self.fair_by = fair_by
 
     def submit(self, rows: Iterable[Row]) -> None:
         self.queue.extend(rows)
+        if self.fair_by is not None:
+            groups: dict = {}
+            for row in self.queue:
+                groups.setdefault(self.fair_by(row), deque()).append(row)
+            order = deque()
+            while groups:
+                for key in list(groups):
+                    order.append(groups[key].popleft())
+                    if not groups[key]:
+                        del groups[key]
+            self.queue = order
 
     @property
     def busy(self) -> bool:

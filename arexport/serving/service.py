@@ -231,7 +231,7 @@ class GenerationService:
         key = r.key
         if key not in self._lanes:
             dec = self.gen.decoder(r.method, r.sampling, self.max_batch)
-            self._lanes[key] = Scheduler(dec)
+            self._lanes[key] = Scheduler(dec, fair_by=lambda row: id(row.tag[0]))  # round robin over requests
         return self._lanes[key]
 
     def _dispatch(self) -> None:
