@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -301,3 +302,49 @@ def test_scheduler_round_robin_order():
     sch.submit([("b", 0), ("b", 1)])
     sch.submit([("c", 0)])
     assert list(sch.queue) == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+
+
+def _random_value(rng, depth=0):
+    kind = rng.integers(0, 9 if depth < 2 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.integers(0, 2))
+    if kind == 2:
+        return int(rng.choice([0, 1, -1, 3, 9, 10, 2**31, 2**63, -2**70, 10**23]))
+    if kind == 3:
+        return float(rng.choice([0.0, 0.5, -1.0, 1e308, 1e-9, 3.0]))
+    if kind == 4:
+        return str(rng.choice(["", "ar", "sjd", "gridar", "os:system", "png", "tokens", "x" * 50, "nan", "1e23"]))
+    if kind == 5:
+        return [int(x) for x in rng.integers(-2, 12, size=rng.integers(0, 4))]
+    if kind == 6:
+        return [_random_value(rng, depth + 1) for _ in range(rng.integers(0, 3))]
+    return {str(rng.choice(["verifier", "scorer", "window", "gamma", "steps", "k", "zz"])): _random_value(rng, depth + 1)
+            for _ in range(rng.integers(0, 3))}
+
+
+FIELDS = ["classes", "method", "options", "seed", "cfg_scale", "cfg_interval", "cfg_schedule", "cfg_power", "temperature",
+          "top_k", "top_p", "format", "timeout", "caption_embeddings", "bogus"]
+
+
+def test_http_fuzz_never_500_never_hangs(server):
+    """Random JSON bodies (seeded): every answer is a 2xx or a 4xx/503/504 with an error message, in time."""
+    url, svc = server
+    rng = np.random.default_rng(1234)
+    seen = set()
+    for i in range(150):
+        body = {str(f): _random_value(rng) for f in rng.choice(FIELDS, size=rng.integers(0, 6), replace=False)}
+        if rng.random() < 0.5:
+            body["classes"] = [int(x) for x in rng.integers(0, 10, size=rng.integers(1, 3))]
+        if rng.random() < 0.1:
+            raw = json.dumps(body)[: rng.integers(0, 40)]  # truncated JSON
+            r = httpx.post(f"{url}/generate", content=raw, headers={**AUTH, "content-type": "application/json"}, timeout=60)
+        else:
+            r = httpx.post(f"{url}/generate", json=body, headers=AUTH, timeout=60)
+        seen.add(r.status_code)
+        assert r.status_code < 500 or r.status_code in (503, 504), (body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert "error" in r.json() and "Traceback" not in r.text, (body, r.text[:300])
+    assert svc.healthy and httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    assert 200 in seen and 422 in seen and 400 in seen
