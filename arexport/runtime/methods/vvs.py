@@ -122,7 +122,6 @@ class VVSDecoder(SDDecoder):
         self.last_skipped[: s.n] = m > 0
         return m
 
-
     def _commit_unverified(self, drafts, m, skipping):
         """The chain's drafts, then one token drawn from the cached target distribution (reuse_logits)."""
         n = self.slots.n
