@@ -30,6 +30,7 @@ DEFAULT_CONFIGS = [
     ("sd", {"gamma": 4}),
     ("lantern", {"gamma": 4, "delta": 0.1}),
     ("lantern", {"gamma": 4, "delta": 0.3}),
+    ("lantern", {"gamma": 4, "delta": 0.3, "rule": "capped"}),
     ("lantern", {"drafter": "sjd", "window": 16, "delta": 0.1}),
 ]
 
