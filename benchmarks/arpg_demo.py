@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import QUALITY_COLS, digit_quality, git_rev, machine, markdown_table  # noqa: E402
 
 from arexport.runtime.generator import Generator  # noqa: E402
-from arexport.runtime.sampling import SamplingParams  # noqa: E402
+from arexport.runtime.sampling import SamplingParams, default_sampling  # noqa: E402
 
 
 def main():
@@ -26,17 +26,19 @@ def main():
     classes = [i % 10 for i in range(args.images)]
     rows = []
     runs = [("demo", "ar", {}, None)] + [("demo-arpg", "arpg", {"steps": s}, None) for s in (8, 16, 32, 64)]
-    runs += [("demo-arpg", "arpg", {"steps": 64}, SamplingParams(cfg_scale=3.0, top_p=0.8))]
+    official = SamplingParams(cfg_scale=3.0, cfg_schedule="linear")  # ARPG's own default guidance, temperature 1
+    runs += [("demo-arpg", "arpg", {"steps": s}, official) for s in (16, 64)]
+    runs += [("demo-arpg", "arpg", {"steps": 16, "schedule": "cosine"}, None)]
     for model, method, opts, params in runs:
         gen = Generator.load(model, backend=args.backend)
-        d = gen.spec.extra["sampling_defaults"]
-        params = params or SamplingParams(cfg_scale=d["cfg_scale"])
+        params = params or default_sampling(gen.spec)
         t0 = time.perf_counter()
         r = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, batch_size=100, images=False,
                          timings=False)
         dt = time.perf_counter() - t0
-        rows.append({"model": model, "method": method + (f" steps={opts['steps']}" if opts else ""),
-                     "sampling": f"cfg {params.cfg_scale}" + (f", top-p {params.top_p}" if params.top_p < 1 else ""),
+        rows.append({"model": model, "method": method + "".join(f" {k}={v}" for k, v in opts.items()),
+                     "sampling": f"cfg {params.cfg_scale} {params.cfg_schedule}, T {params.temperature}"
+                                 + (f", top-p {params.top_p}" if params.top_p < 1 else ""),
                      "fwd/img": r.stats["forwards_per_image_alone"], "images/s (batch 100)": args.images / dt,
                      **digit_quality(r.tokens, classes)})
         print(rows[-1], file=sys.stderr)
