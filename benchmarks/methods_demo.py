@@ -49,7 +49,7 @@ def run(gen, method, opts, classes, params, seed, batch_size, latency_images):
         "target fwd/img": st["forwards_per_image_alone"],
         "step compression": 64 / st["forwards_per_image_alone"],
         "mean accepted": st["mean_accepted_length"],
-        "draft fwd/batch": st["draft_forwards"] / st["batches"],
+        "draft fwd/img": st["draft_forwards_per_image"],
         "ms/img (batch 1)": per_image * 1e3,
         **digit_quality(res.tokens, classes),
     }
@@ -79,7 +79,7 @@ def main():
         print(rows[-1], file=sys.stderr)
     header = (f"digits demo, {args.images} images (10 classes), CFG {args.cfg_scale}, backend {args.backend}; "
               f"{machine()}; commit {git_rev()}")
-    cols = ["method", "target fwd/img", "step compression", "mean accepted", "draft fwd/batch", "ms/img (batch 1)",
+    cols = ["method", "target fwd/img", "step compression", "mean accepted", "draft fwd/img", "ms/img (batch 1)",
             *QUALITY_COLS]
     print(header)
     print(markdown_table(rows, cols))
