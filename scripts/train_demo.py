@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the demo models on scikit-learn's 8x8 digits and write them to arexport/models/weights/.
 
-    python scripts/train_demo.py            # everything (a few minutes on 2 CPU cores)
+    python scripts/train_demo.py            # everything (about 50 minutes on 2 idle CPU cores, ARPG most of it)
     python scripts/train_demo.py --only classifiers
 
 Writes:
