@@ -284,8 +284,9 @@ def _load_generator(source, backend, device, threads, **kw):
         import torch
 
         small = int(gen.spec.extra.get("step_weight_params") or 0) < SMALL_MODEL_STEP_WEIGHTS
-        if threads or small:
-            torch.set_num_threads(threads or 1)
+        want = threads or (1 if small else None)
+        if want is not None and want != torch.get_num_threads():
+            torch.set_num_threads(want)
     return gen
 
 

@@ -44,3 +44,14 @@ def demo_engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "demo"
     build_engine(load_model("demo"), out, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLI tests run in-process and the CLI may set torch's intra-op threads: no test inherits that."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)

@@ -251,6 +251,7 @@ def test_threads_policy_small_torch_models_use_one_thread(monkeypatch, tmp_path)
 
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     args = ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy")]
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert seen == [1]  # the demo has well under 20M step weights

@@ -37,8 +37,8 @@ def test_concurrent_threads_match_solo_runs(demo_gen, batching):
     params = svc.default_sampling()
     try:
         with ThreadPoolExecutor(6) as pool:
-            futs = [pool.submit(svc.generate, c, seed=s, images=False) for c, s in REQS]
-            outs = [f.result() for f in futs]
+            futs = [pool.submit(lambda c=c, s=s: svc.submit(c, seed=s, images=False).result(timeout=300)) for c, s in REQS]
+            outs = [f.result(timeout=330) for f in futs]
     finally:
         svc.close()
     for (c, s), out in zip(REQS, outs):
@@ -78,7 +78,7 @@ def test_shutdown_answers_every_queued_request(demo_gen):
     svc = GenerationService(demo_gen, batching="continuous", max_batch=2)
     futs = [svc.submit([i % 10], seed=i) for i in range(12)]
     svc.close(drain=True)
-    assert all(f.result().tokens.shape == (1, 64) for f in futs)
+    assert all(f.result(timeout=300).tokens.shape == (1, 64) for f in futs)
     with pytest.raises(ServiceClosed):
         svc.submit([1])
     svc = GenerationService(demo_gen, batching="request", max_batch=2)
@@ -227,7 +227,7 @@ def test_a_failing_hook_fails_its_request_alone(demo_gen):
         with pytest.raises(Exception, match="SystemExit"):
             bad.result(timeout=120)
         assert svc.healthy
-        assert svc.generate([2], seed=1, images=False).tokens.shape == (1, 64)
+        assert svc.submit([2], seed=1, images=False).result(timeout=300).tokens.shape == (1, 64)
     finally:
         svc.close()
 
