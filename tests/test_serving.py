@@ -348,3 +348,20 @@ def test_http_fuzz_never_500_never_hangs(server):
             assert "error" in r.json() and "Traceback" not in r.text, (body, r.text[:300])
     assert svc.healthy and httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     assert 200 in seen and 422 in seen and 400 in seen
+
+
+def test_request_batching_groups_waiting_requests_of_different_sizes(demo_gen):
+    """Requests that pile up behind a busy batch are grouped (request mode) and all answered. Requests
+    are compared by identity: grouping used to compare their tensors (shapes 3 vs 1) and lose a group."""
+    from arexport.serving.service import Request
+
+    svc = GenerationService(demo_gen, batching="request", max_batch=4)
+    try:
+        busy = svc.submit([i % 10 for i in range(12)], seed=1, images=False)  # keeps the worker busy
+        waiting = [svc.submit(c, seed=s, images=False) for c, s in [([1, 2], 3), ([7, 7, 7], 11), ([0], 0), ([9], 2), ([4], 5)]]
+        assert busy.result(timeout=300).tokens.shape == (12, 64)
+        assert [f.result(timeout=300).tokens.shape[0] for f in waiting] == [2, 3, 1, 1, 1]
+    finally:
+        svc.close()
+    a, b = (Request(demo_gen.conditions(c), demo_gen.method("ar"), svc.default_sampling(), 0, False) for c in ([1, 2, 3], [4]))
+    assert a != b and a == a

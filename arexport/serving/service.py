@@ -47,7 +47,7 @@ class RequestTimeout(ArexportError):
     """A request did not finish within its timeout."""
 
 
-@dataclass
+@dataclass(eq=False)  # requests are compared by identity: their fields hold tensors
 class Request:
     conds: Conditions
     method: Method
@@ -242,23 +242,24 @@ class GenerationService:
             return
         if self._busy or not self._pending:  # request / none: one group at a time, run to its end
             return
-        r = self._pending.pop(0)
+        r = self._pending[0]
         group = [r]
         if self.batching == "request":
             n = r.n
-            for other in list(self._pending):
+            for other in self._pending[1:]:
                 if other.key == r.key and n + other.n <= self.max_batch:
                     group.append(other)
-                    self._pending.remove(other)
                     n += other.n
+        taken = {id(g) for g in group}  # requests stay in _pending until they are admitted: nothing is lost
+        self._pending = [p for p in self._pending if id(p) not in taken]
         for g in group:
             self._admit(g)
 
     def _admit(self, r: Request) -> None:
         try:
             self._lane(r).submit(r.rows())
-        except ArexportError as e:  # e.g. an engine that cannot hold this batch: fail this request alone
-            self._fail(r, e, "error")
+        except Exception as e:  # e.g. an engine that cannot hold this batch: fail this request alone
+            self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"could not start the request: {e}"), "error")
 
     def _step(self, lane: Scheduler) -> None:
         t0 = time.perf_counter()
