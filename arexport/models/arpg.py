@@ -22,13 +22,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arexport.models.llamagen import CacheWrite, FeedForward, Fp32RopeTables, RMSNorm, TransformerDims, inplace_cache_write, normal_init_
+from arexport.models.llamagen import CacheWrite, FeedForward, Fp32RopeTables, RMSNorm, SwiGLUDims, inplace_cache_write, normal_init_
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
 
 @dataclass(frozen=True)
-class ARPGConfig(TransformerDims):
+class ARPGConfig(SwiGLUDims):
     """ARPG hyper-parameters (names follow the reference ModelArgs)."""
 
     dim: int

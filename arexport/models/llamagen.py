@@ -44,28 +44,21 @@ def normal_init_(module: nn.Module, generator: torch.Generator, std: float) -> N
 
 
 class TransformerDims:
-    """Sizes derived the same way by every LlamaGen-style config (mixin for frozen dataclasses)."""
+    """Sizes derived the same way by every transformer config here (mixin for frozen dataclasses)."""
 
-    def _check_dims(self) -> None:
-        for f in ("dim", "n_layer", "n_head", "grid_size"):
+    def _check_dims(self, more: tuple[str, ...] = (), rope_2d: bool = True) -> None:
+        """Every size field >= 1, heads divide dim, and (2D RoPE) head_dim a multiple of 4."""
+        for f in ("dim", "n_layer", "n_head", "grid_size") + more:
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
-        if self.head_dim % 4:
+        if rope_2d and self.head_dim % 4:
             raise ValueError(f"head_dim={self.head_dim} must be a multiple of 4 for 2D RoPE")
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_head
-
-    @property
-    def ffn_hidden(self) -> int:
-        """LlamaGen's SwiGLU width: find_multiple(int(2 * 4 * dim / 3) [* multiplier], multiple_of)."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return find_multiple(hidden, self.multiple_of)
 
     @property
     def n_tokens(self) -> int:
@@ -76,8 +69,20 @@ class TransformerDims:
         return replace(self, **kw)
 
 
+class SwiGLUDims(TransformerDims):
+    """LlamaGen-style configs (LlamaGen, ARPG): the SwiGLU width rule on top of TransformerDims."""
+
+    @property
+    def ffn_hidden(self) -> int:
+        """LlamaGen's SwiGLU width: find_multiple(int(2 * 4 * dim / 3) [* multiplier], multiple_of)."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+
 @dataclass(frozen=True)
-class LlamaGenConfig(TransformerDims):
+class LlamaGenConfig(SwiGLUDims):
     """Architecture hyper-parameters (names follow LlamaGen's ModelArgs)."""
 
     dim: int

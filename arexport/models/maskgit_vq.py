@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from arexport.errors import CheckpointError
 from arexport.models.checkpoint import load_into, read_state_dict
+from arexport.models.vq import Quantize, init_decoder_random_
 
 
 @dataclass(frozen=True)
@@ -89,19 +90,13 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class _Quantize(nn.Module):
-    def __init__(self, cfg: MaskGITVQConfig):
-        super().__init__()
-        self.embedding = nn.Embedding(cfg.codebook_size, cfg.z_channels)
-
-
 class MaskGITDecoder(nn.Module):
     """Tokens [N, g*g] -> uint8 RGB images [N, 16g, 16g, 3]."""
 
     def __init__(self, cfg: MaskGITVQConfig = MaskGITVQConfig()):
         super().__init__()
         self.cfg = cfg
-        self.quantize = _Quantize(cfg)
+        self.quantize = Quantize(cfg.codebook_size, cfg.z_channels)
         self.decoder = Decoder(cfg)
 
     def codebook(self) -> torch.Tensor:
@@ -120,17 +115,7 @@ class MaskGITDecoder(nn.Module):
         return (x.float() * 255.0).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
     def init_random(self, seed: int = 0) -> "MaskGITDecoder":
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if ".norm" in name and name.endswith("weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    fan_in = p[0].numel() if p.dim() > 1 else 1
-                    p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
-        return self
+        return init_decoder_random_(self, seed)
 
 
 def load_maskgit_decoder(path: str, cfg: MaskGITVQConfig = MaskGITVQConfig()) -> MaskGITDecoder:

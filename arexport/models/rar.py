@@ -32,14 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
-from arexport.models.llamagen import CacheWrite, inplace_cache_write
+from arexport.models.llamagen import CacheWrite, TransformerDims, inplace_cache_write
 
 POS_TABLE_EXTRA = 1024  # the reference sizes pos_embed / target_aware_pos_embed n + 1024 rows
 TIMESTEP_TABLE_EXTRA = 100  # and timesteps_embeddings n + 100 rows
 
 
 @dataclass(frozen=True)
-class RARConfig:
+class RARConfig(TransformerDims):
     """RAR hyper-parameters (the reference's config.model.generator / vq_model fields)."""
 
     dim: int  # hidden_size
@@ -54,28 +54,7 @@ class RARConfig:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        for f in ("dim", "n_layer", "n_head", "intermediate_size", "grid_size", "vocab_size", "num_classes"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
-        if self.dim % self.n_head:
-            raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def n_tokens(self) -> int:
-        return self.grid_size * self.grid_size
-
-    @property
-    def none_condition(self) -> int:
-        return self.vocab_size + 1 + self.num_classes
-
-    def with_overrides(self, **kw):
-        from dataclasses import replace
-
-        return replace(self, **kw)
+        self._check_dims(("intermediate_size", "vocab_size", "num_classes"), rope_2d=False)  # no RoPE in RAR
 
     def build(self) -> "RAR":
         return RAR(self)
@@ -199,9 +178,12 @@ class RAR(nn.Module):
         zero = torch.zeros_like(ta[:1])
         return torch.cat([zero, ta, zero])
 
-    def embed(self, tokens: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
-        """Token ids at sequence indices (0 = cls slot, whose id is ignored) -> input vectors."""
-        e = self.embeddings(tokens.clamp(0, self.embeddings.num_embeddings - 1))
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows of the one embedding table (image tokens, mask, classes, none)."""
+        return self.embeddings(tokens.clamp(0, self.embeddings.num_embeddings - 1))
+
+    def inputs(self, e: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
+        """Looked-up rows at sequence indices (0 = the cls slot, which takes cls_token) -> input vectors."""
         e = torch.where((seq_index == 0).unsqueeze(-1), self.cls_token.to(e.dtype), e)
         return e + self.pos_embed[0, seq_index] + self.target_aware_table()[seq_index]
 
@@ -215,8 +197,9 @@ class RAR(nn.Module):
         b, n = tokens.shape
         ids = torch.cat([torch.zeros_like(cond)[:, None], cond[:, None], tokens[:, :-1]], 1)
         j = torch.arange(ids.shape[1], device=ids.device).expand(b, -1)
-        h = self.embed(ids, j)
-        c = self.embeddings(cond)[:, None, :] + self.timesteps_embeddings[0, j]
+        e = self.lookup(ids)
+        h = self.inputs(e, j)
+        c = e[:, 1:2] + self.timesteps_embeddings[0, j]  # the condition row, at every position
         for blk in self.blocks:
             h = blk(h, c, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         return self.head(h, c)[:, 1:]
@@ -231,8 +214,8 @@ class RAR(nn.Module):
         """
         b, q = tokens.shape
         j = positions + 2
-        h = self.embed(tokens, j)
-        fed = self.embeddings(tokens.clamp(0, self.embeddings.num_embeddings - 1))
+        fed = self.lookup(tokens)
+        h = self.inputs(fed, j)
         is_cond = (positions == -1).unsqueeze(-1)
         stored = keys[-1][:, :, 0, :].reshape(b, 1, -1).to(h.dtype)
         cond = torch.where(is_cond.any(1, keepdim=True), (fed * is_cond).sum(1, keepdim=True), stored)  # [B,1,dim]

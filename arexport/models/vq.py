@@ -118,10 +118,29 @@ class Decoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
-class _Quantize(nn.Module):
-    def __init__(self, cfg: VQConfig):
+class Quantize(nn.Module):
+    """The codebook as the reference tokenizers name it (`quantize.embedding.weight`)."""
+
+    def __init__(self, codebook_size: int, dim: int):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_embed_dim)
+        self.embedding = nn.Embedding(codebook_size, dim)
+
+
+def init_decoder_random_(module: nn.Module, seed: int) -> nn.Module:
+    """In place, for random-weight image decoders: GroupNorm weights 1, biases 0, every other parameter
+    ~ N(0, 1/fan_in), drawn in parameter order."""
+    g = torch.Generator().manual_seed(seed)
+    norm_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.GroupNorm) and m.weight is not None}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if id(p) in norm_weights:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+    return module
 
 
 class VQDecoder(nn.Module):
@@ -130,7 +149,7 @@ class VQDecoder(nn.Module):
     def __init__(self, cfg: VQConfig = VQConfig()):
         super().__init__()
         self.cfg = cfg
-        self.quantize = _Quantize(cfg)
+        self.quantize = Quantize(cfg.codebook_size, cfg.codebook_embed_dim)
         self.post_quant_conv = nn.Conv2d(cfg.codebook_embed_dim, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
 
@@ -152,17 +171,7 @@ class VQDecoder(nn.Module):
         return to_uint8_image(x)
 
     def init_random(self, seed: int = 0) -> "VQDecoder":
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "norm_out.weight")):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    fan_in = p[0].numel() if p.dim() > 1 else 1
-                    p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
-        return self
+        return init_decoder_random_(self, seed)
 
 
 def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
