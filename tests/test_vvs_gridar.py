@@ -275,3 +275,23 @@ def test_reformulation_sees_the_selected_candidates():
     v, (r, canvas) = seen["verified"], seen["reformulated"]
     assert torch.equal(r, v[[0, 0, 3, 3]])  # rows 1 and 2 were replaced by 0 and 3, round robin
     assert torch.equal(canvas[1], canvas[0]) and torch.equal(canvas[2], canvas[3])
+
+
+def test_digit_scorer_tells_confident_candidates_apart():
+    """Two candidates whose float32 class probability both round to 1.0 still get ordered scores
+    (float64), so GridAR's pick does not rest on the CPU's last rounding bit."""
+    from arexport.quality import judge
+    from arexport.runtime.verifiers import DigitScorer, _digit_input
+
+    gen = Generator.load("demo")
+    out = gen.generate(classes=[0] * 16, seed=3, images=True, timings=False)
+    imgs = torch.from_numpy(out.images)
+    with torch.no_grad():
+        logits = judge("cnn")(_digit_input(imgs))
+    p32 = torch.softmax(logits, -1)[:, 0]
+    margin = logits[:, 0] - logits[:, 1:].max(-1).values
+    sat = torch.nonzero(p32 == 1.0).flatten()
+    assert len(sat) >= 2, "the demo should make several float32-saturated zeros"
+    scores = DigitScorer()(imgs[sat], Conditions(classes=torch.zeros(len(sat), dtype=torch.long)))
+    assert scores.dtype == torch.float64 and len(set(scores.tolist())) > 1
+    assert int(scores.argmax()) == int(margin[sat].argmax())  # the most confident candidate wins

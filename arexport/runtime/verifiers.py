@@ -59,13 +59,15 @@ class DigitVerifier:
 
 
 class DigitScorer:
-    """Demo scorer: the CNN judge's probability of the requested class."""
+    """Demo scorer: the CNN judge's probability of the requested class, in float64: confident
+    candidates all round to 1.0 in float32, and the pick among such ties would rest on the last bit
+    of the judge's arithmetic (which differs between CPUs)."""
 
     def __call__(self, images: torch.Tensor, conditions: Conditions) -> torch.Tensor:
         from arexport.quality import judge
 
         with torch.no_grad():
-            p = torch.softmax(judge("cnn")(_digit_input(images.cpu())), -1)
+            p = torch.softmax(judge("cnn")(_digit_input(images.cpu())).double(), -1)
         return p.gather(1, conditions.classes.cpu().long()[:, None])[:, 0]
 
 

@@ -187,7 +187,7 @@ class GridARDecoder(ARDecoder):
 
     def finish(self, i):
         images = self.engine.decode_images(self.tokens[i])
-        scores = call_hook(self.scorer, "scorer", self.N, images, self.image_conds[i].repeat_interleave(self.N)).float().cpu()
+        scores = call_hook(self.scorer, "scorer", self.N, images, self.image_conds[i].repeat_interleave(self.N)).double().cpu()  # float64: confident scores tie in float32
         best = int(scores.argmax())
         st = self.slots.stats[i]
         st.best_score = float(scores[best])
