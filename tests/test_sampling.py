@@ -141,3 +141,17 @@ def test_inverse_cdf_edges():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(4, -1)
     u = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 2**-53], dtype=torch.float64)
     assert sample_from_probs(probs, u).tolist() == [1, 1, 3, 3]
+
+
+def test_uniforms_numpy_and_device_paths_give_the_same_bits():
+    """The CPU (numpy) and device (torch int64) hash paths are one function: equal bits, including
+    63-bit seeds, large counters and other streams."""
+    from arexport.runtime.rng import _uniforms_np, _uniforms_torch
+
+    g = torch.Generator().manual_seed(5)
+    seeds = torch.randint(0, 2**62, (64,), generator=g)
+    counters = torch.randint(0, 2**40, (64,), generator=g)
+    for lanes, stream in ((1, 0), (33, 0), (7, 3)):
+        a = torch.from_numpy(_uniforms_np(seeds.numpy(), counters.numpy(), lanes, stream))
+        assert torch.equal(a, _uniforms_torch(seeds, counters, lanes, stream))
+        assert torch.equal(a, uniforms(seeds, counters, lanes, stream))

@@ -8,6 +8,7 @@ gives the same image whatever it is batched with, on any device, with no host ro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -31,22 +32,72 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def _hash_words(*words: torch.Tensor) -> torch.Tensor:
     h = torch.zeros_like(words[0])
     for i, w in enumerate(words):
-        h = _mix32(h ^ ((w & _M32) + 0x9E3779B9 * (i + 1)))
+        h = _mix32(h ^ ((w & _M32) + _GOLDEN * (i + 1)))
     return h
 
 
 def uniforms(seeds: torch.Tensor, counters: torch.Tensor, n_lanes: int, stream: int = 0) -> torch.Tensor:
-    """Uniform float64 in [0, 1): [B, n_lanes] from per-row seeds [B] and counters [B] (int64)."""
+    """Uniform float64 in [0, 1): [B, n_lanes] from per-row seeds [B] and counters [B] (int64).
+
+    Each uniform hashes the words (seed lo, seed hi, counter, lane, stream, half) for half 0 and 1
+    (27 and 26 bits). The first five words are hashed once and shared by both halves, and the
+    per-row words once per row, which is the same function with half the work. On the CPU the
+    hash runs in numpy's unsigned arithmetic (a per-step cost the runtime pays once per draw);
+    elsewhere it stays on the device. Both give the same bits (tests compare them)."""
+    if seeds.device.type == "cpu":
+        return torch.from_numpy(_uniforms_np(seeds.numpy(), counters.numpy(), n_lanes, stream))
+    return _uniforms_torch(seeds, counters, n_lanes, stream)
+
+
+def _uniforms_torch(seeds: torch.Tensor, counters: torch.Tensor, n_lanes: int, stream: int) -> torch.Tensor:
+    """`uniforms` in torch int64 ops on the tensors' device (no host round trip)."""
     dev = seeds.device
     lanes = torch.arange(n_lanes, device=dev, dtype=torch.int64).unsqueeze(0)
-    s_lo = (seeds & _M32).unsqueeze(1)
-    s_hi = ((seeds >> 32) & _M32).unsqueeze(1)
-    c = counters.unsqueeze(1)
-    st = torch.full_like(lanes, stream)
-    hi = _hash_words(s_lo, s_hi, c, lanes, st, torch.zeros_like(lanes))
-    lo = _hash_words(s_lo, s_hi, c, lanes, st, torch.ones_like(lanes))
+    h = torch.zeros_like(seeds).unsqueeze(1)
+    for i, w in enumerate((seeds & _M32, (seeds >> 32) & _M32, counters)):  # per row [B, 1]
+        h = _mix32(h ^ (w.unsqueeze(1) + _GOLDEN * (i + 1)))
+    h = _mix32(h ^ (lanes + _GOLDEN * 4))  # [B, n_lanes]
+    h = _mix32(h ^ (stream + _GOLDEN * 5))
+    hi = _mix32(h ^ (_GOLDEN * 6))
+    lo = _mix32(h ^ (1 + _GOLDEN * 6))
     bits53 = ((hi >> 5) << 26) | (lo >> 6)  # 27 + 26 bits
     return bits53.to(torch.float64) * (1.0 / (1 << 53))
+
+
+_GOLDEN = 0x9E3779B9
+
+
+_U32, _U16, _U15 = np.uint64(_M32), np.uint64(16), np.uint64(15)
+_C1, _C2 = np.uint64(0x7FEB352D), np.uint64(0x846CA68B)
+
+
+def _mix32_np(x: np.ndarray) -> np.ndarray:
+    """lowbias32 in place on a uint64 array holding 32-bit values (products wrap mod 2**64, so
+    their low 32 bits are exact)."""
+    x &= _U32
+    x ^= x >> _U16
+    x *= _C1
+    x &= _U32
+    x ^= x >> _U15
+    x *= _C2
+    x &= _U32
+    x ^= x >> _U16
+    return x
+
+
+def _uniforms_np(seeds: np.ndarray, counters: np.ndarray, n_lanes: int, stream: int) -> np.ndarray:
+    """`uniforms` in numpy: the same words, the same mixer, the same bits."""
+    s = seeds.astype(np.uint64)
+    h = np.zeros((s.shape[0], 1), dtype=np.uint64)
+    for i, w in enumerate((s & _U32, s >> np.uint64(32), counters.astype(np.uint64))):
+        h = _mix32_np(h ^ (w[:, None] + np.uint64(_GOLDEN * (i + 1))))
+    h = _mix32_np(h ^ np.arange(_GOLDEN * 4, _GOLDEN * 4 + n_lanes, dtype=np.uint64)[None, :])
+    h = _mix32_np(h ^ np.uint64(stream + _GOLDEN * 5))
+    hi = _mix32_np(h ^ np.uint64(_GOLDEN * 6)) >> np.uint64(5)
+    lo = _mix32_np(h ^ np.uint64(1 + _GOLDEN * 6)) >> np.uint64(6)
+    hi <<= np.uint64(26)
+    hi |= lo
+    return hi.astype(np.float64) * (1.0 / (1 << 53))
 
 
 class RowRNG:

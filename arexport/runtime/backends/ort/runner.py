@@ -19,10 +19,42 @@ from arexport.runtime.engine import StepEngine, graph_feeds
 ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16}
 
 
+class _Binding:
+    """One IOBinding of a session, bound through ORT's C binding with devices made once (the
+    Python wrapper makes an OrtDevice per bound name, which costs more than a small model's step).
+    Binding a name again replaces its earlier binding."""
+
+    def __init__(self, session):
+        C = _ort().capi._pybind_state
+        self._sess = session._sess
+        self._io = C.SessionIOBinding(self._sess)
+        self._devices: dict[tuple, object] = {}
+        self._C = C
+
+    def _device(self, t: torch.Tensor):
+        key = (t.device.type, t.device.index or 0)
+        dev = self._devices.get(key)
+        if dev is None:
+            from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+            dev = self._devices[key] = OrtDevice.make(*key)._get_c_device()
+        return dev
+
+    def input(self, name: str, t: torch.Tensor) -> None:
+        self._io.bind_input(name, self._device(t), ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+
+    def output(self, name: str, t: torch.Tensor) -> None:
+        self._io.bind_output(name, self._device(t), ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+
+    def run(self, run_options) -> None:
+        self._sess.run_with_iobinding(self._io, run_options)
+
+
 class OrtEngine(EngineDirArrays, StepEngine):
     """StepEngine over an engine directory's ONNX graphs."""
 
     backend = "ort"
+    MAX_BINDINGS = 32  # standing cache bindings kept (one per live-row count and cache in use)
 
     def __init__(self, sessions: OrtSessions, manifest, device: torch.device, cache_dtype: torch.dtype):
         super().__init__(manifest.spec, device, cache_dtype, max_q=int(manifest.step.q_range[1]))
@@ -32,30 +64,40 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self.fixed_slots = manifest.spec.s_max
         self.cuda_graph = sessions.cuda_graph
         self._graph_ids: dict[tuple, int] = {}
+        self._bindings: dict[tuple, _Binding] = {}
+        self._run_options = _ort().RunOptions()
 
-    # -- binding helpers ---------------------------------------------------------------------------
-    def _bind_in(self, io, name: str, t: torch.Tensor) -> None:
-        io.bind_input(name, t.device.type, t.device.index or 0, ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
-
-    def _bind_out(self, io, name: str, t: torch.Tensor) -> None:
-        io.bind_output(name, t.device.type, t.device.index or 0, ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+    # -- binding ---------------------------------------------------------------------------------
+    def _binding(self, graph: str, cache) -> "_Binding":
+        """The IOBinding of `graph` with `cache`'s buffers bound as both past_* and present_* (in
+        place). Kept per (graph, buffer addresses and shapes): a decode loop binds its cache once,
+        not at every step, and only the step's feeds and logits are bound per call."""
+        bufs = [b for kv in zip(cache.keys, cache.values) for b in kv]
+        key = (graph,) + tuple((b.data_ptr(), tuple(b.shape)) for b in bufs)
+        bind = self._bindings.pop(key, None)
+        if bind is None:
+            bind = _Binding(self.sessions.get(graph))
+            for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+                for kind, buf in (("key", k), ("value", v)):
+                    bind.input(f"past_{kind}_{i}", buf)
+                    bind.output(f"present_{kind}_{i}", buf)
+        self._bindings[key] = bind  # most recently used last
+        while len(self._bindings) > self.MAX_BINDINGS:
+            self._bindings.pop(next(iter(self._bindings)))
+        return bind
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache, logits: torch.Tensor, key: tuple) -> torch.Tensor:
-        """Bind feeds, the cache (each buffer as both past_* and present_*: in place) and `logits`; run."""
-        sess = self.sessions.get(graph)
-        io = sess.io_binding()
+        """Bind feeds and `logits` next to the cache's standing binding; run."""
+        bind = self._binding(graph, cache)
         for name, t in feeds.items():
-            self._bind_in(io, name, t)
-        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-            for kind, buf in (("key", k), ("value", v)):
-                self._bind_in(io, f"past_{kind}_{i}", buf)
-                self._bind_out(io, f"present_{kind}_{i}", buf)
-        self._bind_out(io, "logits", logits)
-        ro = _ort().RunOptions()
+            bind.input(name, t)
+        bind.output("logits", logits)
+        ro = self._run_options
         if self.cuda_graph:
             gid = self._graph_ids.setdefault(key, len(self._graph_ids) + 1)
+            ro = _ort().RunOptions()
             ro.add_run_config_entry("gpu_graph_id", str(gid))
-        sess.run_with_iobinding(io, ro)
+        bind.run(ro)
         return logits
 
     def _logits(self, *rows: int) -> torch.Tensor:
