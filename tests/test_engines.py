@@ -96,6 +96,44 @@ def test_cache_is_updated_in_place_without_copies(demo_engine, capfd):
     assert "in-place optimization not activated" in capfd.readouterr().err
 
 
+def test_standing_binding_per_cache_view_gives_the_same_logits(demo_engine):
+    """The ORT runner binds a cache view's buffers once and rebinds only feeds and logits per step:
+    steps through the standing binding, through a second cache and through a fresh engine (which
+    binds everything anew) give the same logits and write their own buffers only."""
+    eng = open_engine(str(demo_engine), "ort")
+    fresh = open_engine(str(demo_engine), "ort")
+    a, b, c = eng.allocate(2), eng.allocate(2), fresh.allocate(2)
+    conds = Conditions(classes=torch.tensor([1, 2]))
+    for e, cache in ((eng, a), (eng, b), (fresh, c)):
+        e.family.prefill(e, cache.view(0, 2), conds)
+        cache.length.fill_(1)
+    assert a.view(0, 2) is a.view(0, 2)  # one view object per row range: what the binding is kept on
+    for q in (1, 3, 1, 2):
+        tok = torch.randint(0, eng.spec.vocab_size, (2, q), generator=torch.Generator().manual_seed(q))
+        outs = []
+        for e, cache in ((eng, a), (eng, b), (fresh, c)):
+            view = cache.view(0, 2)
+            w = view.length.clone()
+            outs.append(e.step(view, tok, (w - 1)[:, None] + torch.arange(q), w, view.causal_mask(w, q)).clone())
+            view.length += q
+        assert torch.equal(outs[0], outs[1]) and torch.allclose(outs[0], outs[2], atol=1e-6)
+    assert torch.equal(a.keys[0], b.keys[0]) and a.keys[0].data_ptr() != b.keys[0].data_ptr()
+
+
+def test_ort_on_cpu_runs_the_runtime_on_one_torch_thread(demo_engine, monkeypatch):
+    """Generator.load on an ORT CPU engine sets torch's intra-op threads to 1 (its pool spinning next
+    to ORT's made SJD 3x slower), unless host_threads says otherwise; the torch backend is left alone."""
+    from arexport.runtime.generator import Generator
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    Generator.load(str(demo_engine), backend="ort")
+    Generator.load(str(demo_engine), backend="ort", host_threads=2)
+    Generator.load("demo")
+    assert seen == [1]
+
+
 def test_graph_report_and_operators(b_engine):
     m = read_manifest(b_engine)
     hist = m.report["step"]["op_histogram"]

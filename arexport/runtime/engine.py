@@ -162,9 +162,8 @@ class StepEngine(ABC):
 
     def _finite(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
         """Stop on NaN/inf logits (a broken checkpoint or engine) instead of sampling garbage (one host sync)."""
-        bad = ~torch.isfinite(logits).flatten(1).all(1)
-        if bool(bad.any()):
-            row = int(torch.nonzero(bad)[0])
+        if not bool(torch.isfinite(logits).all()):
+            row = int(torch.nonzero(~torch.isfinite(logits).flatten(1).all(1))[0])
             raise ArexportError(f"non-finite logits from the {self.backend} engine at {kind} call {self.calls[kind]} in "
                                 f"row {row}: the weights or the engine produce NaN/inf")
         return logits

@@ -49,11 +49,21 @@ class Generator:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, source: str, backend: str = "torch", device: str = "cpu", draft: Optional[str] = None, **kw) -> "Generator":
-        """Open a model name or engine directory on a backend; `draft` names a draft model/engine."""
+    def load(cls, source: str, backend: str = "torch", device: str = "cpu", draft: Optional[str] = None,
+             host_threads: Optional[int] = None, **kw) -> "Generator":
+        """Open a model name or engine directory on a backend; `draft` names a draft model/engine.
+
+        host_threads: torch intra-op threads for the runtime's own work (sampling, acceptance, masks).
+        With ONNX Runtime on the CPU it defaults to 1: that work is on tiny tensors, and torch's thread
+        pool spinning next to ORT's on the same cores made an SJD step 3x slower (engine and host both).
+        Torch's setting is process-wide; pass host_threads to choose another."""
         from arexport.runtime.loading import open_engine
 
         engine = open_engine(source, backend=backend, device=device, **kw)
+        if host_threads is None and engine.backend == "ort" and engine.device.type == "cpu":
+            host_threads = 1
+        if host_threads is not None and torch.get_num_threads() != host_threads:
+            torch.set_num_threads(host_threads)
         draft_engine = None
         if draft is not None:
             dkw = {k: v for k, v in kw.items() if k in ("dtype",)}

@@ -9,7 +9,7 @@ of tokens pads the short rows into their own lookahead, which nothing reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class KVCache:
     values: list[torch.Tensor]
     length: torch.Tensor  # [B] int64: committed slots per row
     key_valid: torch.Tensor  # [B, S] bool: False for padded condition slots
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, spec, batch: int, dtype: torch.dtype, device, slots: int) -> "KVCache":
@@ -45,9 +46,15 @@ class KVCache:
         return self.length.device
 
     def view(self, start: int, stop: int) -> "KVCache":
-        """Rows [start, stop) as views: engine calls on the view write the shared buffers."""
-        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values],
+        """Rows [start, stop) as views: engine calls on the view write the shared buffers. The same
+        view object comes back for the same rows (the buffers never move), so backends can keep
+        per-view state such as a standing IOBinding."""
+        have = self._views.get((start, stop))
+        if have is not None:
+            return have
+        have = self._views[(start, stop)] = KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values],
                        self.length[start:stop], self.key_valid[start:stop])
+        return have
 
     def copy_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """Row dst[i] becomes a copy of row src[i] (whole buffers and bookkeeping)."""

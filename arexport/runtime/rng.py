@@ -85,19 +85,30 @@ def _mix32_np(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _mix32_int(x: int) -> int:
+    """lowbias32 on a Python int (exact: Python ints do not overflow)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def _uniforms_np(seeds: np.ndarray, counters: np.ndarray, n_lanes: int, stream: int) -> np.ndarray:
-    """`uniforms` in numpy: the same words, the same mixer, the same bits."""
-    s = seeds.astype(np.uint64)
-    h = np.zeros((s.shape[0], 1), dtype=np.uint64)
-    for i, w in enumerate((s & _U32, s >> np.uint64(32), counters.astype(np.uint64))):
-        h = _mix32_np(h ^ (w[:, None] + np.uint64(_GOLDEN * (i + 1))))
+    """`uniforms` in numpy: the same words, the same mixer, the same bits. The per-row words are
+    hashed with Python ints (a decode step has a handful of rows; numpy's per-call cost is larger)."""
+    rows = []
+    for seed, counter in zip(seeds.tolist(), counters.tolist()):
+        h = 0
+        for i, w in enumerate((seed & _M32, (seed >> 32) & _M32, counter & _M32)):
+            h = _mix32_int(h ^ ((w + _GOLDEN * (i + 1)) & _M32))
+        rows.append(h)
+    h = np.array(rows, dtype=np.uint64)[:, None]
     h = _mix32_np(h ^ np.arange(_GOLDEN * 4, _GOLDEN * 4 + n_lanes, dtype=np.uint64)[None, :])
     h = _mix32_np(h ^ np.uint64(stream + _GOLDEN * 5))
-    hi = _mix32_np(h ^ np.uint64(_GOLDEN * 6)) >> np.uint64(5)
-    lo = _mix32_np(h ^ np.uint64(1 + _GOLDEN * 6)) >> np.uint64(6)
-    hi <<= np.uint64(26)
-    hi |= lo
-    return hi.astype(np.float64) * (1.0 / (1 << 53))
+    halves = _mix32_np(h[None] ^ np.array([_GOLDEN * 6, 1 + _GOLDEN * 6], dtype=np.uint64)[:, None, None])
+    bits53 = ((halves[0] >> np.uint64(5)) << np.uint64(26)) | (halves[1] >> np.uint64(6))
+    return bits53.astype(np.float64) * (1.0 / (1 << 53))
 
 
 class RowRNG:

@@ -164,18 +164,10 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: probs [..., V] (rows need not be normalised), u [...] in [0,1) -> ids [...]."""
     cdf = probs.double().cumsum(-1)
     total = cdf[..., -1:]
-    target = u.double().unsqueeze(-1) * total
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # right=True never lands on a zero-probability token except past the end from rounding
-    # (u * total == total): fall back to the last token with mass. No host synchronisation.
-    past_end = idx >= probs.shape[-1]
-    return torch.where(past_end, _last_nonzero(probs), idx.clamp(max=probs.shape[-1] - 1))
-
-
-def _last_nonzero(probs: torch.Tensor) -> torch.Tensor:
-    v = probs.shape[-1]
-    ar = torch.arange(v, device=probs.device).expand_as(probs)
-    return torch.where(probs > 0, ar, torch.zeros_like(ar)).amax(-1)
+    # the first index whose cdf exceeds u * total has mass; u * total can round up to total, so the
+    # target stays just below it (then the token that reached the total). No host synchronisation.
+    target = torch.minimum(u.double().unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def sample_logits(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:

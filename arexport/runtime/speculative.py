@@ -43,28 +43,28 @@ class StandardRule:
         """Distribution of the token after an accepted run (and of fresh drafts) given P's row p."""
         return p
 
-    def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
-        """Extra target mass credited to draft x [N], and a [N, V] mask of tokens removed on rejection."""
-        removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
-        return torch.zeros_like(x, dtype=p.dtype), removed
-
     def accept_prob(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """min(1, (p(x) + credit) / q(x)) for rows p, q [N, V] and drafts x [N]."""
-        extra, _ = self.credit(p, q, x)
-        px = p.gather(-1, x[:, None])[:, 0] + extra
-        qx = q.gather(-1, x[:, None])[:, 0]
-        return torch.where(qx > 0, (px / qx.clamp(min=1e-30)).clamp(max=1.0), torch.ones_like(px))
+        """min(1, p(x) / q(x)) for rows p, q [N, V] and drafts x [N] (no credit: the lossless rule)."""
+        return _ratio(p.gather(-1, x[:, None])[:, 0], q.gather(-1, x[:, None])[:, 0])
 
     def residual(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised distribution to resample from after x was rejected: [N, V]."""
-        _, removed = self.credit(p, q, x)
-        r = (p - q).clamp(min=0).masked_fill(removed, 0.0)
-        # p == q up to rounding leaves no residual mass; rejection then had (near) zero probability
-        # and a draw from p without the removed tokens is as good as any.
-        empty = r.sum(-1, keepdim=True) <= 0
-        r = torch.where(empty, p.masked_fill(removed, 0.0), r)
-        empty = r.sum(-1, keepdim=True) <= 0
-        return torch.where(empty, p, r)
+        r = (p - q).clamp(min=0).scatter_(-1, x[:, None], 0.0)
+        return _nonempty(r, p.scatter(-1, x[:, None], 0.0), p)
+
+
+def _ratio(px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+    """min(1, px / qx), 1 where qx = 0."""
+    return torch.where(qx > 0, (px / qx.clamp(min=1e-30)).clamp(max=1.0), torch.ones_like(px))
+
+
+def _nonempty(r: torch.Tensor, without: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The residual r, or where it has no mass p without the removed tokens, or else p itself.
+
+    p == q up to rounding leaves no residual mass; rejection then had (near) zero probability and a
+    draw from p without the removed tokens is as good as any."""
+    r = torch.where(r.sum(-1, keepdim=True) <= 0, without, r)
+    return torch.where(r.sum(-1, keepdim=True) <= 0, p, r)
 
 
 LANTERN_RULES = ("official", "capped")
@@ -127,6 +127,7 @@ class LanternRule(StandardRule):
         return (pn * take).sum(-1), take
 
     def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
+        """Extra target mass credited to draft x [N], and a [N, V] mask of tokens removed on rejection."""
         m, take = self.pooled(p, x)
         removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
         table = self.table.to(p.device)[x]
@@ -137,8 +138,9 @@ class LanternRule(StandardRule):
         return m, removed
 
     def accept_prob(self, p, q, x):
-        if not self.greedy:
-            return super().accept_prob(p, q, x)
+        if not self.greedy:  # min(1, (p(x) + credit) / q(x))
+            extra, _ = self.credit(p, q, x)
+            return _ratio(p.gather(-1, x[:, None])[:, 0] + extra, q.gather(-1, x[:, None])[:, 0])
         m, _ = self.pooled(p, x)
         boosted = p.scatter_add(-1, x[:, None], m[:, None])
         return (boosted.argmax(-1) == x).to(p.dtype)
@@ -146,7 +148,8 @@ class LanternRule(StandardRule):
     def residual(self, p, q, x):
         if self.greedy:
             return self.bonus(p)
-        return super().residual(p, q, x)
+        _, removed = self.credit(p, q, x)
+        return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
 
 
 @dataclass

@@ -235,6 +235,16 @@ class Slots:
         self.counters[:n] += 1 if active is None else active.long()[:, None]
         return u
 
+    def uniforms(self, *lanes: int) -> list[torch.Tensor]:
+        """Consecutive draws of every live stream, hashed in one call: the same numbers as
+        `uniform(lanes[0])`, `uniform(lanes[1])`, ... one after the other ([n * streams, lanes[i]] each)."""
+        n, k = self.n, len(lanes)
+        seeds = self.seeds[:n].reshape(-1).repeat(k)
+        counters = (self.counters[:n].reshape(1, -1) + torch.arange(k, device=self.device)[:, None]).reshape(-1)
+        u = uniforms(seeds, counters, max(lanes)).view(k, -1, max(lanes))
+        self.counters[:n] += k
+        return [u[i, :, :w] for i, w in enumerate(lanes)]
+
     def _rows(self, i: int, per: Optional[int] = None) -> torch.Tensor:
         per = per or self.rows_per_image
         return torch.arange(i * per, (i + 1) * per, device=self.device)

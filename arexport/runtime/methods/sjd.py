@@ -96,7 +96,7 @@ class SJDDecoder(Decoder):
         P = self.rule.target_probs(self.cfg.guide(out, tok_index), self.params)
         d_idx = tok_index[:, : Q - 1]
         allowed = (ar[: Q - 1] < (qlen - 1)[:, None]) & (d_idx < n_tok) & (d_idx >= o.start) & (d_idx < self.end)
-        u = s.uniform(2 * Q + 1)
+        u, u_new = s.uniforms(2 * Q + 1, self.window - 1)  # this step's and the new drafts'
         u_acc, u_tok, u_fresh = per_row_lanes(u, qlen, Q)
         res = verify_chain(P, self.q[:n_img, : Q - 1], self.drafts[:n_img, : Q - 1], allowed, u_acc, u_tok, self.rule)
         k = res.accepted
@@ -114,8 +114,7 @@ class SJDDecoder(Decoder):
         # next drafts: fresh samples from this step's p for the unverified tail, then new ones
         P = self.rule.bonus(P)  # what fresh drafts are drawn from (argmax under LANTERN's greedy variant)
         fresh = sample_from_probs(P, u_fresh)
-        self.drafts[:n_img], self.q[:n_img] = self._pad_drafts(res.token, fresh, P, qlen, k + 1, self.n[:n_img],
-                                                               s.uniform(self.window - 1))
+        self.drafts[:n_img], self.q[:n_img] = self._pad_drafts(res.token, fresh, P, qlen, k + 1, self.n[:n_img], u_new)
         return s.where(self.n[:n_img] >= n_tok)
 
     def finish(self, i):

@@ -64,27 +64,28 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self.fixed_slots = manifest.spec.s_max
         self.cuda_graph = sessions.cuda_graph
         self._graph_ids: dict[tuple, int] = {}
-        self._bindings: dict[tuple, _Binding] = {}
+        self._bindings: dict[tuple, tuple] = {}
         self._run_options = _ort().RunOptions()
 
     # -- binding ---------------------------------------------------------------------------------
     def _binding(self, graph: str, cache) -> "_Binding":
         """The IOBinding of `graph` with `cache`'s buffers bound as both past_* and present_* (in
-        place). Kept per (graph, buffer addresses and shapes): a decode loop binds its cache once,
-        not at every step, and only the step's feeds and logits are bound per call."""
-        bufs = [b for kv in zip(cache.keys, cache.values) for b in kv]
-        key = (graph,) + tuple((b.data_ptr(), tuple(b.shape)) for b in bufs)
-        bind = self._bindings.pop(key, None)
-        if bind is None:
+        place). Kept per (graph, cache view): a decode loop binds its cache once, not at every step,
+        and only the step's feeds and logits are bound per call. (KVCache.view returns one object
+        per row range; the entry holds it, so its id is not reused while the entry lives.)"""
+        key = (graph, id(cache))
+        entry = self._bindings.pop(key, None)
+        if entry is None or entry[0] is not cache:
             bind = _Binding(self.sessions.get(graph))
             for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
                 for kind, buf in (("key", k), ("value", v)):
                     bind.input(f"past_{kind}_{i}", buf)
                     bind.output(f"present_{kind}_{i}", buf)
-        self._bindings[key] = bind  # most recently used last
+            entry = (cache, bind)
+        self._bindings[key] = entry  # most recently used last
         while len(self._bindings) > self.MAX_BINDINGS:
             self._bindings.pop(next(iter(self._bindings)))
-        return bind
+        return entry[1]
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache, logits: torch.Tensor, key: tuple) -> torch.Tensor:
         """Bind feeds and `logits` next to the cache's standing binding; run."""
