@@ -348,7 +348,7 @@ def demo_draft_engine(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method,opts", [("ar", {}), ("sjd", {"window": 8}), ("sd", {"gamma": 4}), ("lantern", {"delta": 0.2}),
+@pytest.mark.parametrize("method,opts", [("ar", {}), ("sjd", {"window": 8}), ("sd", {"gamma": 4}), ("lantern", {"delta": 0.2, "gamma": 4}),
                                          ("lantern", {"drafter": "sjd", "window": 6})])
 def test_every_method_same_tokens_on_torch_and_ort(demo_engine, demo_draft_engine, method, opts):
     from arexport.runtime.generator import Generator

@@ -85,3 +85,25 @@ def test_profile_cli_json_schema_and_plot(tmp_path):
     assert "ratios vs torch:ar" in res.output
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_gpu_runbook_script_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    """benchmarks/gpu_all.py (the run-book's profile) runs end to end on the demo models and writes its
+    JSON and markdown table, listing what it skipped; on a GPU machine the same code runs XL shapes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_all.py"
+    res = subprocess.run([sys.executable, str(script), "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu_all.json").read_text())
+    assert {r["config"] for r in doc["rows"]} == {"torch:ar", "torch:sjd[window=16]", "torch:sjd", "torch:arpg[steps=16]"}
+    assert all(r["fwd/image"] > 0 and r["host ms/step"] >= 0 for r in doc["rows"])
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        assert any(s.startswith("trt:") for s in doc["skipped"])  # no TensorRT here, and it says so
+    assert "| model |" in (tmp_path / "gpu_all.md").read_text()

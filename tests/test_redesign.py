@@ -29,8 +29,10 @@ CHANGED = {"arpg16": "issue 16: linear CFG is evaluated after the step's predict
            # between CPUs (main's gridar image 8 failed on an AMD EPYC): scores are float64 now.
            "gridar": "issue 19 stop: the scorer compares candidates in float64",
            "best_of_n": "issue 19 stop: the scorer compares candidates in float64"}
-# Cases whose old behaviour lives on under an option (issue 17: LANTERN's previous rule is rule=capped).
-KEPT_AS = {"lantern": {"rule": "capped"}, "lantern_sjd": {"rule": "capped"}}
+# Cases whose old behaviour lives on under an option (issue 17: LANTERN's previous rule is rule=capped;
+# issue 19: windows and draft lengths are latency-aware by default, main's fixed defaults are pinned).
+KEPT_AS = {"lantern": {"rule": "capped", "gamma": 4}, "lantern_sjd": {"rule": "capped", "window": 16},
+           "sjd": {"window": 16}, "sd": {"gamma": 4}, "vvs": {"gamma": 4}, "vvs_dynamic": {"gamma": 4}}
 ROOT = Path(__file__).parent.parent
 
 

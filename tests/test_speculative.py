@@ -332,3 +332,81 @@ def test_lantern_greedy_relaxes_on_the_demo(demo_gen):
     assert np.array_equal(capped.tokens, ar.tokens)  # the capped rule does not relax at temperature 0
     assert not np.array_equal(lan.tokens, ar.tokens)
     assert lan.stats["mean_accepted_length"] > capped.stats["mean_accepted_length"]
+
+
+# -- latency-aware speculation (issue 19) -------------------------------------------------------------
+def _lengths(cost, low=0, high=7, n=2):
+    from arexport.runtime.methods.base import Slots
+    from arexport.runtime.speculative import DraftLength
+
+    slots = Slots(n, 1, "cpu")
+    slots.admit(list(range(n)), [None] * n)
+    return DraftLength(slots, torch.tensor(cost, dtype=torch.float64), low, high)
+
+
+def test_draft_length_maximises_expected_tokens_per_second():
+    """E(d) / (cost[d] + cost[0]) with E(d) = (1 - a^(d+1)) / (1 - a): a nearly flat curve and good
+    acceptance verify long windows, poor acceptance or a steep curve plain decoding; each image by its
+    own acceptance."""
+    cap = torch.tensor([99, 99])
+    flat = _lengths([1.0 + 0.05 * d for d in range(8)])
+    flat.accepted[:2] = torch.tensor([40.0, 0.0])  # image 0 accepts nearly everything, image 1 nothing
+    flat.rejected[:2] = torch.tensor([1.0, 40.0])
+    assert flat.choose(2, cap).tolist() == [7, 0]
+    steep = _lengths([1.0 + 2.0 * d for d in range(8)])  # each draft costs two decode steps
+    steep.accepted[:2], steep.rejected[:2] = torch.tensor([40.0, 40.0]), torch.tensor([1.0, 1.0])
+    assert steep.choose(2, cap).tolist() == [0, 0]
+    a = 0.8  # the formula itself, at one acceptance rate, against a brute-force argmax
+    lens = _lengths([1.0 + 0.3 * d for d in range(8)])
+    lens.accepted[:2], lens.rejected[:2] = torch.tensor([a * 1000 - 1] * 2), torch.tensor([(1 - a) * 1000 - 1] * 2)
+    best = max(range(8), key=lambda d: sum(a ** j for j in range(d + 1)) / (2.0 + 0.3 * d))
+    assert lens.choose(2, cap).tolist() == [best, best]
+    assert lens.choose(2, torch.tensor([1, 0])).tolist() == [min(best, 1), 0]  # never past what is left
+
+
+def test_draft_length_learns_and_explores_again():
+    lens = _lengths([1.0, 1.4, 1.8, 2.2, 2.6, 3.0, 3.4, 3.8])
+    cap, on = torch.tensor([9, 9]), torch.tensor([True, True])
+    for _ in range(6):  # image 0 accepts every draft, image 1 none
+        d = lens.choose(2, cap)
+        lens.observe(d, torch.stack([d[0], torch.zeros((), dtype=torch.long)]), on)
+    d = lens.choose(2, cap)
+    assert d[0] > 2 and d[1] == 0
+    lens.observe(torch.tensor([d[0], 1]), torch.tensor([d[0], 0]), on)  # image 1's last verified draft
+    for _ in range(7):  # image 1 sits at d = 0 and sees nothing ...
+        lens.observe(torch.tensor([d[0], 0]), torch.tensor([d[0], 0]), on)
+    assert lens.choose(2, cap)[1] == 0
+    lens.observe(torch.tensor([d[0], 0]), torch.tensor([d[0], 0]), on)
+    assert lens.choose(2, cap)[1] == 1  # ... until it tries one draft again after 8 idle steps
+
+
+@pytest.mark.parametrize("method", ["sjd", "sd"])
+def test_lossless_when_the_window_changes_every_step(enum_models, method, monkeypatch):
+    """Any window schedule keeps SJD and SD exact: the latency-aware choice is replaced by one that
+    cycles through every length, step by step and image by image (issue 19)."""
+    from arexport.runtime import speculative
+
+    used = set()
+    calls = [0]
+
+    def cycling(self, n, cap):
+        calls[0] += 1
+        d = (torch.arange(n) + calls[0]) % (self.high + 1 - self.low) + self.low
+        d = torch.minimum(d, cap.clamp(min=0))
+        used.update(d.tolist())
+        return d
+
+    monkeypatch.setattr(speculative.DraftLength, "choose", cycling)
+    target, draft = enum_models
+    gen = Generator(TorchEngine(target), TorchEngine(draft))
+    counts, stats = sample_counts(gen, method, CASES[0], N, {}, seed=91)  # default options: latency-aware
+    assert chi2_p(counts, exact_distribution(target, 1, CASES[0])) > 1e-3
+    assert len(used) >= 3 and stats["mean_accepted_length"] > 1.2
+
+
+@pytest.mark.parametrize("method", ["sjd", "sd"])
+def test_latency_aware_default_is_lossless(enum_models, method):
+    target, draft = enum_models
+    gen = Generator(TorchEngine(target), TorchEngine(draft))
+    counts, _ = sample_counts(gen, method, CASES[0], N, {}, seed=92)
+    assert chi2_p(counts, exact_distribution(target, 1, CASES[0])) > 1e-3

@@ -63,6 +63,10 @@ class ProfileResult:
     peak_memory_kind: str
     trace: list[dict[str, Any]]  # one generation's steps in order: kind, q, ms
     bandwidth: dict[str, float] = field(default_factory=dict)
+    # the runtime's own cost: per target step, the wall time outside every engine call (target, draft
+    # and image decoder) next to the target engine's time, means over the timed repeats
+    engine_ms_per_step: float = float("nan")
+    host_ms_per_step: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +99,8 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     records, image_s, stats, trace = [], [], None, []
-    t_all = 0.0
+    t_all = host_s = engine_s = 0.0
+    n_steps = 0
     for r in range(repeats):
         t0 = time.perf_counter()
         res = gen.generate(classes=classes, method=cfg.method, method_options=cfg.options, sampling=sampling,
@@ -104,6 +109,11 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         t_all += dt
         image_s.append(dt / len(classes))
         records += list(gen.engine.records)
+        steps_r = [x for x in gen.engine.records if x.kind != "vq_decode"]
+        outside = sum(x.seconds for x in gen.engine.records) + sum(x.seconds for x in (gen.draft.records if gen.draft else ()))
+        host_s += dt - outside
+        engine_s += sum(x.seconds for x in steps_r)
+        n_steps += len(steps_r)
         if r == 0:
             trace = [{"kind": x.kind, "q": x.q, "ms": x.seconds * 1e3} for x in gen.engine.records]
             stats = res.stats
@@ -116,7 +126,7 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         images_per_s=n_img / t_all, tokens_per_s=n_img * gen.spec.n_tokens / t_all,
         target_forwards_per_image=float(stats["target_forwards_per_image"]),
         mean_accepted_length=stats.get("mean_accepted_length"), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
-        trace=trace)
+        trace=trace, engine_ms_per_step=1e3 * engine_s / max(n_steps, 1), host_ms_per_step=1e3 * host_s / max(n_steps, 1))
     if bandwidth and "decode" in steps:
         rows = 2 * batch_size if sampling.uses_cfg else batch_size
         cache_precision = precision_of(gen.engine.cache_dtype)

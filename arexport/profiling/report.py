@@ -35,6 +35,8 @@ def print_table(results: list[ProfileResult], console, compare: bool = False) ->
     rows = [("ms/image p50", lambda r: f"{r.image_ms.get('p50', float('nan')):.1f}"),
             ("images/s", lambda r: f"{r.images_per_s:.2f}"), ("tokens/s", lambda r: f"{r.tokens_per_s:.0f}"),
             ("fwd/image", lambda r: f"{r.target_forwards_per_image:.1f}"),
+            ("engine ms/step", lambda r: f"{r.engine_ms_per_step:.2f}"),
+            ("host ms/step", lambda r: f"{r.host_ms_per_step:.2f}"),
             ("mean accepted", lambda r: f"{r.mean_accepted_length:.2f}" if r.mean_accepted_length else "-"),
             ("peak mem MiB", lambda r: f"{r.peak_memory_bytes / 2**20:.0f}")]
     for name, cell in rows:

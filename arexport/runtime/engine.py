@@ -66,6 +66,7 @@ class StepEngine(ABC):
         self.records: list[StepRecord] = []
         self.max_q: int = max_q if max_q is not None else spec.n_tokens
         self.max_batch: Optional[int] = None  # most rows one call may have (None: no limit)
+        self._latency: dict[tuple, torch.Tensor] = {}  # (rows, max_q) -> latency_curve
 
     # -- to implement ---------------------------------------------------------------------------
     @abstractmethod
@@ -127,6 +128,39 @@ class StepEngine(ABC):
             raise ArexportError(f"this engine's cache has {slots - self.spec.min_slots} lookahead slots; {lookahead} "
                                 "are needed for this query length: rebuild with a larger --verify-len")
         return KVCache.allocate(self.spec, batch, self.cache_dtype, self.device, slots)
+
+    LATENCY_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+    def latency_curve(self, rows: int, max_q: int) -> torch.Tensor:
+        """Seconds of one step with q = 1 .. max_q queries over `rows` cache rows: float64 [max_q],
+        index q - 1. Measured once per (rows, max_q) and engine (median of 3 timed calls after a warm-up
+        at each grid point, linear in between) on a scratch cache; these calls are not counted as
+        forwards. Latency-aware speculation reads it (runtime/speculative.py: DraftLength)."""
+        key = (rows, max_q)
+        have = self._latency.get(key)
+        if have is not None:
+            return have
+        import numpy as np
+
+        cache = self.allocate(rows, lookahead=max_q - 1)
+        grid = sorted({q for q in self.LATENCY_GRID if q <= max_q} | {max_q})
+        seconds = []
+        for q in grid:
+            tokens = torch.zeros(rows, q, dtype=torch.long, device=self.device)
+            positions = torch.arange(q, device=self.device).expand(rows, q)
+            write = torch.full((rows,), self.spec.cond_len, dtype=torch.long, device=self.device)
+            mask = cache.causal_mask(write, q)
+            times = []
+            for _ in range(4):
+                self._sync()
+                t0 = time.perf_counter()
+                self._step(cache, tokens, positions, write, mask)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            seconds.append(float(np.median(times[1:])))
+        curve = torch.from_numpy(np.interp(np.arange(1, max_q + 1), grid, seconds))
+        self._latency[key] = curve
+        return curve
 
     def check_batch(self, batch: int) -> None:
         if self.max_batch is not None and batch > self.max_batch:

@@ -152,6 +152,57 @@ class LanternRule(StandardRule):
         return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
 
 
+class DraftLength:
+    """Latency-aware speculation: how many drafts each image verifies per step.
+
+    An image whose drafts are each accepted with probability a (left to right, independently)
+    commits E(d) = 1 + a + ... + a^d = (1 - a^(d+1)) / (1 - a) tokens in a step with d drafts. The
+    step costs cost[d] seconds (the engine's latency curve, measured once per engine and process for
+    one image's rows, plus what a method's round costs besides) and the runtime's own work, taken as
+    one decode step (cost[0]; measured: the runtime's host time per step is about a decode step's on
+    the demo, for ar and sjd). Each image takes d in [low, min(high, cap)] maximising
+    E(d) / (cost[d] + cost[0]), with a estimated from its own recent steps:
+    (accepted + 1) / (accepted + rejections + 2), counts decayed by `decay` per observed step. An
+    image that stops accepting falls back to d = low (plain decoding when low is 0); after `explore`
+    steps without a verified draft it tries one (d = 1) again, so a wrong estimate cannot stick.
+
+    The choice reads the image's own history and the engine's curve only: within a process an image's
+    tokens do not depend on what it is batched with. The curve is a measurement, so two processes
+    (or machines) may choose differently and give other tokens for a seed, never another
+    distribution: the acceptance rules are exact for any d. A fixed window or gamma pins d."""
+
+    def __init__(self, slots, cost: torch.Tensor, low: int, high: int, decay: float = 0.8, explore: int = 8):
+        cost = cost.to(slots.device, torch.float64)
+        self.cost = cost + cost[0]
+        self.low, self.high, self.decay, self.explore = low, high, decay, explore
+        self.accepted = slots.image_tensor((), torch.float64)
+        self.rejected = slots.image_tensor((), torch.float64)
+        self.idle = slots.image_tensor(())  # steps since the image last verified a draft
+        self._d = torch.arange(high + 1, device=slots.device, dtype=torch.float64)
+
+    def acceptance(self, n: int) -> torch.Tensor:
+        """The estimated per-draft acceptance probability of images [0, n)."""
+        a, r = self.accepted[:n], self.rejected[:n]
+        return (a + 1.0) / (a + r + 2.0)
+
+    def choose(self, n: int, cap: torch.Tensor) -> torch.Tensor:
+        """Drafts per image [n] (int64), at most cap [n] (what is left to draft)."""
+        alpha = self.acceptance(n)[:, None]
+        expected = (1.0 - alpha ** (self._d + 1.0)) / (1.0 - alpha)
+        d = (expected / self.cost).masked_fill(self._d < self.low, float("-inf")).argmax(1)
+        d = torch.where((d == 0) & (self.idle[:n] >= self.explore), 1, d)
+        return torch.minimum(d, cap.clamp(min=0))
+
+    def observe(self, offered: torch.Tensor, accepted: torch.Tensor, active: torch.Tensor) -> None:
+        """After a verify step: drafts offered [n] and accepted [n] per image, for the `active` [n] ones."""
+        n = offered.shape[0]
+        seen = active & (offered > 0)
+        rejection = (accepted < offered).to(torch.float64)
+        self.accepted[:n] = torch.where(seen, self.decay * self.accepted[:n] + accepted, self.accepted[:n])
+        self.rejected[:n] = torch.where(seen, self.decay * self.rejected[:n] + rejection, self.rejected[:n])
+        self.idle[:n] = torch.where(seen, 0, self.idle[:n] + active.long())
+
+
 @dataclass
 class ChainResult:
     """Per row: accepted drafts k [B] and the token at index k (resampled or bonus) [B]."""

@@ -24,13 +24,14 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs
-from arexport.runtime.speculative import StandardRule, verify_chain
+from arexport.runtime.speculative import DraftLength, StandardRule, verify_chain
 
 
 @dataclass(frozen=True)
 class SDOptions(Options):
-    gamma: Optional[int] = option(None, "draft tokens per round (default 4, or what the engine's verify block holds)",
-                                  flag="--gamma")
+    gamma: Optional[int] = option(None, "draft tokens per round. Default: latency-aware, each image drafts 1 .. 8 "
+                                  "(or what the engine's verify block holds), whatever maximises expected committed "
+                                  "tokens per second; a number pins it", flag="--gamma")
 
     def validate(self):
         if self.gamma is not None and self.gamma < 1:
@@ -47,7 +48,8 @@ class SDDecoder(Decoder):
         self.rule = rule or StandardRule()
         spec, s, rows = self.spec, self.slots, capacity * self.cfg.per_image
         limit = min(self.engine.max_q, spec.n_tokens) - 1
-        gamma = min(4, limit) if self.opts.gamma is None else self.opts.gamma  # a default adapts; an explicit value must fit
+        adaptive = self.opts.gamma is None
+        gamma = min(8, limit) if adaptive else self.opts.gamma  # a default adapts; an explicit value must fit
         if gamma > limit:
             raise ArexportError(f"gamma {gamma} drafts do not fit this engine's largest verify block of "
                                 f"{limit + 1} tokens: pass --gamma {limit} or less")
@@ -60,6 +62,12 @@ class SDDecoder(Decoder):
         self.n = s.image_tensor(())  # committed tokens
         self.pending = s.image_tensor(())  # committed tokens without target K/V
         self.first = s.image_tensor((), torch.bool)  # no round yet: the draft has not seen token 0
+        self.length = None
+        if adaptive:  # a round with d drafts: the catch-up and d - 1 more draft steps, one target step of d + 1
+            d = torch.arange(g + 1, dtype=torch.float64)
+            per = self.cfg.per_image  # one image's rows: the choice does not depend on the batch
+            dc, tc = self.draft.latency_curve(per, 2), self.engine.latency_curve(per, g + 1)
+            self.length = DraftLength(s, dc[1] + (d - 1).clamp(min=0) * dc[0] + tc, 1, g)
 
     def start(self, a, b, conds):
         s = self.slots
@@ -86,7 +94,10 @@ class SDDecoder(Decoder):
         n = self.n[: s.n]
         remaining = n_tok - n
         # a verify block (pending + drafts) must fit the engine's largest query length
-        g = torch.minimum((remaining - 1).clamp(min=0, max=self.gamma), self.engine.max_q - self.pending[: s.n]).clamp(min=0)
+        cap = (remaining - 1).clamp(min=0, max=self.gamma)
+        if self.length is not None:
+            cap = self.length.choose(s.n, cap)
+        g = torch.minimum(cap, self.engine.max_q - self.pending[: s.n]).clamp(min=0)
         drafts, q = self._draft(g)
         self.first[: s.n] = False
         m = self.skip(g, drafts, q)
@@ -162,6 +173,8 @@ class SDDecoder(Decoder):
         self._verified(P, g, verifying)
         res = verify_chain(P, q, drafts, allowed, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)
         k = res.accepted
+        if self.length is not None:
+            self.length.observe(g, k, verifying)
         vals = torch.cat([drafts, res.token[:, None]], 1)
         vals.scatter_(1, k[:, None], res.token[:, None])
         keep = (ar[None, :] <= k[:, None]) & verifying[:, None] & (tok_index < n_tok)

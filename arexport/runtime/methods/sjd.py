@@ -25,15 +25,17 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import sample_from_probs
-from arexport.runtime.speculative import StandardRule, per_row_lanes, verify_chain
+from arexport.runtime.speculative import DraftLength, StandardRule, per_row_lanes, verify_chain
 
 INITS = ("random", "repeat_horizon")
 
 
 @dataclass(frozen=True)
 class SJDOptions(Options):
-    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step (default 16, or the engine's "
-                                   "largest verify block if smaller)", flag="--window")
+    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step. Default: latency-aware, each "
+                                   "image verifies 1 .. 16 tokens (or the engine's largest verify block if smaller), "
+                                   "whatever maximises expected committed tokens per second; a number pins it",
+                                   flag="--window")
     init: str = option("random", "how new drafts are initialised", flag="--sjd-init", choices=INITS)
     start: int = option(0, "first token index where drafts may be accepted")
     end: Optional[int] = option(None, "token index where speculation stops (default: the last token)")
@@ -50,7 +52,8 @@ class SJDDecoder(Decoder):
         o, spec = self.opts, self.spec
         self.rule = rule or StandardRule()
         limit = min(self.engine.max_q, spec.n_tokens)
-        if o.window is None:  # the default adapts to the engine; an explicit window that does not fit is an error
+        adaptive = o.window is None
+        if adaptive:  # the default adapts to the engine; an explicit window that does not fit is an error
             o = dataclasses.replace(o, window=min(16, limit))
             self.opts = o
         if o.window > limit:
@@ -65,6 +68,8 @@ class SJDDecoder(Decoder):
         self.n = s.image_tensor(())  # committed tokens per image
         self.drafts = s.image_tensor((w - 1,))
         self.q = s.image_tensor((w - 1, v), torch.float32)
+        # latency-aware windows: d drafts cost one step of d + 1 queries (one image's rows)
+        self.length = DraftLength(s, self.engine.latency_curve(self.cfg.per_image, w), 0, w - 1) if adaptive else None
 
     def start(self, a, b, conds):
         s = self.slots
@@ -83,7 +88,8 @@ class SJDDecoder(Decoder):
         n = self.n[:n_img]
         remaining = n_tok - n
         spec_rows = (n >= o.start) & (n < self.end)
-        qlen = torch.where(spec_rows, remaining.clamp(max=self.window), torch.ones_like(n))  # per-image window
+        window = remaining.clamp(max=self.window) if self.length is None else self.length.choose(n_img, remaining - 1) + 1
+        qlen = torch.where(spec_rows, window, torch.ones_like(n))  # per-image window
         Q = int(qlen.max())
         ar = torch.arange(Q, device=dev)
         last = self.tokens[:n_img].gather(1, (n - 1)[:, None])
@@ -100,6 +106,8 @@ class SJDDecoder(Decoder):
         u_acc, u_tok, u_fresh = per_row_lanes(u, qlen, Q)
         res = verify_chain(P, self.q[:n_img, : Q - 1], self.drafts[:n_img, : Q - 1], allowed, u_acc, u_tok, self.rule)
         k = res.accepted
+        if self.length is not None:
+            self.length.observe(allowed.sum(1), k, spec_rows)
         vals = torch.cat([self.drafts[:n_img, : Q - 1], res.token[:, None]], 1)
         vals.scatter_(1, k[:, None], res.token[:, None])
         keep = (ar[None, :] <= k[:, None]) & (tok_index < n_tok)
