@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +41,8 @@ GROUPS = {"MatMul": "matmul", "Gemm": "matmul", "MatMulNBits": "matmul", "MatMul
 
 
 def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
-    """Best-of-`repeats` pure read bandwidth in bytes/s (a sum over a large fp32 buffer)."""
+    """Best-of-`repeats` pure read bandwidth in bytes/s: a sum over a large fp32 buffer (on torch's
+    current threads: the caller sets them to the engine's)."""
     x = torch.ones(mib * (1 << 20) // 4)
     best = float("inf")
     for _ in range(repeats + 1):
@@ -113,7 +115,9 @@ def main():
     groups: dict[str, float] = defaultdict(float)
     for op, us in per_op.items():
         groups[GROUPS.get(op, "glue")] += us
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # the threads ORT's intra-op pool uses
     rb, cb = read_bandwidth(), measure_copy_bandwidth("cpu")
+    torch.set_num_threads(1)
     sb = step_bytes(eng.spec, eng.manifest.precision, eng.manifest.precision, args.batch, mean_live_tokens(eng.spec))
     row = {"model": args.model, "rows": args.batch, "decode p50 ms": p50 * 1e3,
            "read GB/s": rb / 1e9, "read floor ms": sb.total / rb * 1e3, "x read floor": p50 / (sb.total / rb),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import json
 import os
 import shutil
@@ -132,6 +134,34 @@ def test_ort_on_cpu_runs_the_runtime_on_one_torch_thread(demo_engine, monkeypatc
     Generator.load(str(demo_engine), backend="ort", host_threads=2)
     Generator.load("demo")
     assert seen == [1]
+
+
+def test_fused_rotary_and_norm_nodes_match_the_decomposed_graph(demo_engine, tmp_path):
+    """ONNX Runtime engines trace RoPE and RMSNorm as one RotaryEmbedding / RMSNormalization node each
+    (issue 19: fewer nodes per decode step); the decomposed graph a TensorRT build exports gives the
+    same logits, and eager PyTorch never takes the fused path."""
+    import onnx
+
+    plain = tmp_path / "plain"
+    build_engine(load_model("demo"), plain, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8, fused_ops=False))
+    ops = lambda d: collections.Counter(n.op_type for n in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node)
+    fused_ops, plain_ops = ops(demo_engine), ops(plain)
+    spec = load_model("demo").spec
+    assert fused_ops["RotaryEmbedding"] == 2 * spec.n_layer and fused_ops["RMSNormalization"] == 2 * spec.n_layer + 1
+    assert plain_ops["RotaryEmbedding"] == plain_ops["RMSNormalization"] == 0
+    assert sum(fused_ops.values()) < 0.7 * sum(plain_ops.values())
+    a, b = open_engine(str(demo_engine), "ort"), open_engine(str(plain), "ort")
+    outs = []
+    for eng in (a, b):
+        cache = eng.allocate(2, lookahead=3)
+        eng.family.prefill(eng, cache, Conditions(classes=torch.tensor([3, 9])))
+        cache.length.fill_(1)
+        w = cache.length.clone()
+        tok = torch.tensor([[1, 5, 7, 2], [0, 16, 3, 3]])
+        outs.append(eng.step(cache, tok, torch.arange(4).expand(2, 4), w, cache.causal_mask(w, 4)).clone())
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    with pytest.raises(ArexportError, match="TensorRT builds export the decomposed forms"):
+        BuildOptions(backend="trt", fused_ops=True).validate()
 
 
 def test_graph_report_and_operators(b_engine):

@@ -23,6 +23,7 @@ from arexport.fileio import atomic_directory
 from arexport.format.manifest import Graph, Manifest, Profiles, tool_versions, write_manifest
 from arexport.format.arrays import latent_neighbors
 from arexport.format.spec import s_max_for
+from arexport.models.fused import fused_export
 
 @dataclass
 class BuildOptions:
@@ -38,6 +39,13 @@ class BuildOptions:
     trt_timing_cache: Optional[str] = None
     trt_workspace_gb: Optional[float] = None
     lantern_k: int = 1000
+    # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on for ONNX
+    # Runtime engines, off for TensorRT builds (its parser does not list them)
+    fused_ops: Optional[bool] = None
+
+    @property
+    def fused(self) -> bool:
+        return self.backend != "trt" if self.fused_ops is None else self.fused_ops
 
     def validate(self) -> "BuildOptions":
         if self.precision not in PRECISIONS:
@@ -48,6 +56,9 @@ class BuildOptions:
             raise ArexportError(f"--verify-len must be >= 1, got {self.verify_len}")
         if self.backend not in ("onnx", "trt"):
             raise ArexportError(f"unknown build backend {self.backend!r}; choose onnx or trt")
+        if self.backend == "trt" and self.fused_ops:
+            raise ArexportError("fused RotaryEmbedding/RMSNormalization nodes are for ONNX Runtime engines; "
+                                "TensorRT builds export the decomposed forms")
         return self
 
 
@@ -82,33 +93,34 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         store = WeightStore(tmp)
         graphs: dict[str, Any] = {}
         try:
-            t0 = time.perf_counter()
-            if multi_query:
-                report(f"exporting multi-query step graph (n, m = 1..{max_q}, {opts.precision})")
-                g = export_multi_query_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
-                kinds = {"multi_query": max_q}
-            else:
-                report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
-                g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
-                kinds = {"decode": 1, "verify": max_q}
-            aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")}
-            graphs["step"] = Graph(g.file, kinds=kinds, q_range=[1, max_q], aliases=aliases,
-                                   export_seconds=round(time.perf_counter() - t0, 2))
-            if spec.model_type == "t2i":
-                report("exporting t2i prefill graph")
-                g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
-                graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
-            if opts.images and loaded.decoder is not None:
-                report("exporting image decoder graph")
-                g = export_image_decoder(loaded.decoder.float().eval(), spec, tmp, store, max_batch=max_batch)
-                graphs["vq_decoder"] = Graph(g.file)
+            with fused_export(opts.fused):  # RotaryEmbedding / RMSNormalization nodes for ONNX Runtime
+                t0 = time.perf_counter()
+                if multi_query:
+                    report(f"exporting multi-query step graph (n, m = 1..{max_q}, {opts.precision})")
+                    g = export_multi_query_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                    kinds = {"multi_query": max_q}
+                else:
+                    report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
+                    g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                    kinds = {"decode": 1, "verify": max_q}
+                aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")}
+                graphs["step"] = Graph(g.file, kinds=kinds, q_range=[1, max_q], aliases=aliases,
+                                       export_seconds=round(time.perf_counter() - t0, 2))
+                if spec.model_type == "t2i":
+                    report("exporting t2i prefill graph")
+                    g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
+                    graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
+                if opts.images and loaded.decoder is not None:
+                    report("exporting image decoder graph")
+                    g = export_image_decoder(loaded.decoder.float().eval(), spec, tmp, store, max_batch=max_batch)
+                    graphs["vq_decoder"] = Graph(g.file)
         finally:
             store.close()
         extras = _write_arrays(loaded, tmp, opts)
         reports = {}
         for name, g in graphs.items():
             report(f"checking {g.file}")
-            r = check_graph(tmp / g.file)
+            r = check_graph(tmp / g.file, require_trt=not opts.fused)
             raise_on_problems(r)
             g.inputs, g.outputs = r.inputs, r.outputs
             reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
@@ -120,7 +132,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
                    "s_max": spec.s_max, "lookahead": spec.s_max - spec.min_slots, "dtype": opts.precision,
                    "slots": "generation order; positions drive RoPE"},
-            report=reports, tools=tool_versions())
+            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused})
         if opts.backend == "trt":
             from arexport.exporter.trt_build import build_plans
 

@@ -41,4 +41,18 @@ def functional_cache_write(past: torch.Tensor, new: torch.Tensor, write_index: t
     return torch.ops.arexport.kv_scatter(past, new.to(past.dtype), write_index)
 
 
-TRANSLATIONS = {torch.ops.arexport.kv_scatter.default: kv_scatter_onnx}
+def rotary_onnx(x, cos, sin, num_heads: int):
+    """ONNX translation of arexport::rotary: RotaryEmbedding on [B, L, H*D] with per-token cos/sin."""
+    return _op24.RotaryEmbedding(x, cos, sin, interleaved=1, num_heads=num_heads)
+
+
+def rms_normalize_onnx(x, ones, eps: float):
+    """ONNX translation of arexport::rms_normalize: RMSNormalization over the last axis in fp32."""
+    return _op24.RMSNormalization(x, ones, axis=-1, epsilon=eps, stash_type=1)
+
+
+import arexport.models.fused  # noqa: E402,F401  (defines the fused custom ops)
+
+TRANSLATIONS = {torch.ops.arexport.kv_scatter.default: kv_scatter_onnx,
+                torch.ops.arexport.rotary.default: rotary_onnx,
+                torch.ops.arexport.rms_normalize.default: rms_normalize_onnx}

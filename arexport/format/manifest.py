@@ -90,6 +90,7 @@ class Manifest:
     build_seconds: Optional[float] = None
     tensorrt: Optional[dict[str, Any]] = None
     quantization: Optional[dict[str, Any]] = None
+    export: dict[str, Any] = field(default_factory=dict)  # how the graphs were traced (fused_ops)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arexport.models.fused import fused
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
@@ -162,6 +163,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if fused():  # tracing for an ONNX Runtime engine: one RMSNormalization node (models/fused.py)
+            ones = torch.ones(xf.shape[-1], dtype=torch.float32, device=x.device)
+            return torch.ops.arexport.rms_normalize(xf, ones, self.eps).type_as(x) * self.weight
         out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
