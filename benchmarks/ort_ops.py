@@ -29,7 +29,7 @@ from step_latency import fill  # noqa: E402
 
 from arexport.exporter.build import BuildOptions, build_engine  # noqa: E402
 from arexport.models.registry import load_model  # noqa: E402
-from arexport.profiling.bandwidth import measure_copy_bandwidth, mean_live_tokens, step_bytes  # noqa: E402
+from arexport.profiling.bandwidth import DTYPE_BYTES, StepBytes, measure_copy_bandwidth, mean_live_tokens  # noqa: E402
 from arexport.runtime.loading import open_engine  # noqa: E402
 
 GROUPS = {"MatMul": "matmul", "Gemm": "matmul", "MatMulNBits": "matmul", "MatMulInteger": "matmul",
@@ -50,6 +50,30 @@ def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
         float(x.sum())
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best
+
+
+def weight_read_bytes(engine_dir) -> int:
+    """Bytes of the step graph's initializers a decode step reads: all of them except tables that
+    only Gather nodes index (embeddings: a step reads a few rows). Counts what the graph really
+    stores, so quantized engines (int8 / packed int4 weights) are measured as they are."""
+    import onnx
+    from onnx import numpy_helper  # noqa: F401  (sizes come from the tensor protos)
+
+    model = onnx.load(str(Path(engine_dir) / "model.onnx"), load_external_data=False)
+    consumers: dict[str, set] = defaultdict(set)
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name].add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        if consumers.get(init.name) == {"Gather"}:
+            continue
+        n = 1
+        for d in init.dims:
+            n *= d
+        bits = {1: 32, 10: 16, 16: 16, 2: 8, 3: 8, 21: 4, 22: 4, 7: 64, 6: 32, 9: 8}.get(init.data_type, 32)
+        total += n * bits // 8
+    return total
 
 
 def decode_steps(eng, cache, n: int) -> list[float]:
@@ -118,8 +142,12 @@ def main():
     torch.set_num_threads(args.threads or os.cpu_count() or 1)  # the threads ORT's intra-op pool uses
     rb, cb = read_bandwidth(), measure_copy_bandwidth("cpu")
     torch.set_num_threads(1)
-    sb = step_bytes(eng.spec, eng.manifest.precision, eng.manifest.precision, args.batch, mean_live_tokens(eng.spec))
-    row = {"model": args.model, "rows": args.batch, "decode p50 ms": p50 * 1e3,
+    spec = eng.spec  # the live K and V of every layer at the image's mean length, in the cache's precision
+    kv = 2 * spec.n_cache_layers * args.batch * spec.n_kv_head * mean_live_tokens(spec) * spec.head_dim * DTYPE_BYTES[eng.manifest.precision]
+    sb = StepBytes(weights=weight_read_bytes(engine_dir), kv=kv)
+    mode = (eng.manifest.quantization or {}).get("mode", eng.manifest.precision)
+    row = {"engine": f"{args.model} {mode}" + (" fused" if eng.manifest.export.get("fused_ops") else ""),
+           "rows": args.batch, "read MiB": sb.total / 2**20, "decode p50 ms": p50 * 1e3,
            "read GB/s": rb / 1e9, "read floor ms": sb.total / rb * 1e3, "x read floor": p50 / (sb.total / rb),
            "copy GB/s": cb / 1e9, "copy floor ms": sb.total / cb * 1e3, "x copy floor": p50 / (sb.total / cb)}
     print(machine())
