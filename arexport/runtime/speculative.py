@@ -158,27 +158,31 @@ class DraftLength:
     An image whose drafts are each accepted with probability a (left to right, independently)
     commits E(d) = 1 + a + ... + a^d = (1 - a^(d+1)) / (1 - a) tokens in a step with d drafts. The
     step costs cost[d] seconds (the engine's latency curve, measured once per engine and process for
-    one image's rows, plus what a method's round costs besides) and the runtime's own work, taken as
-    one decode step (cost[0]; measured: the runtime's host time per step is about a decode step's on
-    the demo, for ar and sjd). Each image takes d in [low, min(high, cap)] maximising
-    E(d) / (cost[d] + cost[0]), with a estimated from its own recent steps:
-    (accepted + 1) / (accepted + rejections + 2), counts decayed by `decay` per observed step. An
-    image that stops accepting falls back to d = low (plain decoding when low is 0); after `explore`
-    steps without a verified draft it tries one (d = 1) again, so a wrong estimate cannot stick.
+    one image's rows, plus what a method's round costs besides) and the runtime's own work per step
+    (sampling, acceptance, bookkeeping), measured as it runs: the decoder reports each step's wall
+    time (`record`) and the part the curve does not explain is kept as a running mean, starting at
+    cost[0]. Each image takes d in [low, min(high, cap)] maximising E(d) / (cost[d] + overhead), with a
+    estimated from its own recent steps: (accepted + 1) / (accepted + rejections + 2), counts decayed
+    by `decay` per observed step. An image that stops accepting falls back to d = low (plain decoding
+    when low is 0); after `explore` steps without a verified draft it tries one (d = 1) again, so a
+    wrong estimate cannot stick.
 
-    The choice reads the image's own history and the engine's curve only: within a process an image's
-    tokens do not depend on what it is batched with. The curve is a measurement, so two processes
-    (or machines) may choose differently and give other tokens for a seed, never another
-    distribution: the acceptance rules are exact for any d. A fixed window or gamma pins d."""
+    The choice reads measured times, so the tokens a seed gives can change from run to run (never
+    their distribution: the acceptance rules are exact for any d). A fixed window or gamma pins d,
+    and with it tokens that do not depend on timing or on what an image is batched with."""
 
     def __init__(self, slots, cost: torch.Tensor, low: int, high: int, decay: float = 0.8, explore: int = 8):
-        cost = cost.to(slots.device, torch.float64)
-        self.cost = cost + cost[0]
+        self.cost = cost.to(slots.device, torch.float64)
+        self.overhead = float(self.cost[0])  # seconds per step outside the engine call (running mean)
         self.low, self.high, self.decay, self.explore = low, high, decay, explore
         self.accepted = slots.image_tensor((), torch.float64)
         self.rejected = slots.image_tensor((), torch.float64)
         self.idle = slots.image_tensor(())  # steps since the image last verified a draft
         self._d = torch.arange(high + 1, device=slots.device, dtype=torch.float64)
+
+    def record(self, seconds: float, d: int) -> None:
+        """A step whose longest row had d drafts took `seconds` of wall time, engine call included."""
+        self.overhead = 0.8 * self.overhead + 0.2 * max(seconds - float(self.cost[min(d, self.high)]), 0.0)
 
     def acceptance(self, n: int) -> torch.Tensor:
         """The estimated per-draft acceptance probability of images [0, n)."""
@@ -189,7 +193,7 @@ class DraftLength:
         """Drafts per image [n] (int64), at most cap [n] (what is left to draft)."""
         alpha = self.acceptance(n)[:, None]
         expected = (1.0 - alpha ** (self._d + 1.0)) / (1.0 - alpha)
-        d = (expected / self.cost).masked_fill(self._d < self.low, float("-inf")).argmax(1)
+        d = (expected / (self.cost + self.overhead)).masked_fill(self._d < self.low, float("-inf")).argmax(1)
         d = torch.where((d == 0) & (self.idle[:n] >= self.explore), 1, d)
         return torch.minimum(d, cap.clamp(min=0))
 
@@ -201,6 +205,55 @@ class DraftLength:
         self.accepted[:n] = torch.where(seen, self.decay * self.accepted[:n] + accepted, self.accepted[:n])
         self.rejected[:n] = torch.where(seen, self.decay * self.rejected[:n] + rejection, self.rejected[:n])
         self.idle[:n] = torch.where(seen, 0, self.idle[:n] + active.long())
+
+
+class WindowArms:
+    """Latency-aware Jacobi windows (SJD): speculate with the window, or decode one token per step.
+
+    A Jacobi window's drafts are not independent guesses: its tail is refined from step to step, so
+    a window that runs long raises the acceptance of the next one, and shorter windows are not a
+    cheaper version of the same bet (measured on the demo: 1.35, 1.73, 2.40 and 3.17 tokens per step
+    at 2, 4, 8 and 16). SJD therefore chooses per step between its arms, the full window and L = 1,
+    by the running mean of tokens an image commits in a step at each (measured) over the step's
+    cost: the engine's latency curve c(L) plus the runtime's own cost per step (a running mean of
+    each step's wall time minus c(L)). A step only counts for its arm when the step before ran the
+    same arm (the first step after a switch finds the window's drafts cold). Arms not tried yet go
+    first (longest first); every `reprobe` steps the other arm runs `probe` steps in a row. Where
+    speculation does not pay (poor acceptance, or a verify block that costs many decode steps),
+    L = 1 wins and SJD costs about what `ar` does.
+
+    The choice reads measured times, so tokens can change from run to run, never their distribution.
+    A fixed --window pins L."""
+
+    def __init__(self, cost: torch.Tensor, arms: list[int], reprobe: int = 24, probe: int = 3, decay: float = 0.7):
+        self.cost = [float(c) for c in cost]  # c(q) at index q - 1
+        self.arms, self.reprobe, self.probe, self.decay = arms, reprobe, probe, decay
+        self.tokens: dict[int, Optional[float]] = {a: None for a in arms}
+        self.overhead = self.cost[0]
+        self.steps = 0
+        self.last: Optional[int] = None  # the arm of the previous step
+        self.previous: Optional[int] = None  # and of the one before it
+
+    def choose(self) -> int:
+        """The window length for the next step."""
+        self.steps += 1
+        untried = [a for a in self.arms if self.tokens[a] is None]
+        if untried:
+            arm = self.last if self.last in untried else max(untried)
+        else:
+            arm = max(self.arms, key=lambda a: self.tokens[a] / (self.cost[a - 1] + self.overhead))
+            if len(self.arms) > 1 and self.steps % self.reprobe < self.probe:  # try the other arm again
+                arm = next(a for a in self.arms if a != arm)
+        self.previous, self.last = self.last, arm
+        return arm
+
+    def observe(self, window: int, committed: float, seconds: float) -> None:
+        """A step at `window` committed `committed` tokens per image in `seconds` (engine call included)."""
+        self.overhead = 0.8 * self.overhead + 0.2 * max(seconds - self.cost[window - 1], 0.0)
+        if self.previous != window:  # the window's drafts were cold
+            return
+        old = self.tokens[window]
+        self.tokens[window] = committed if old is None else self.decay * old + (1 - self.decay) * committed
 
 
 @dataclass

@@ -16,6 +16,7 @@ or has nothing left to draft) feeds padding there too, and its random stream doe
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,6 +95,7 @@ class SDDecoder(Decoder):
         n = self.n[: s.n]
         remaining = n_tok - n
         # a verify block (pending + drafts) must fit the engine's largest query length
+        t0 = time.perf_counter()
         cap = (remaining - 1).clamp(min=0, max=self.gamma)
         if self.length is not None:
             cap = self.length.choose(s.n, cap)
@@ -106,7 +108,10 @@ class SDDecoder(Decoder):
             self._commit_unverified(drafts, m, skipping)
         if not bool(skipping.all()):
             self._verify(drafts, q, g, ~skipping, remaining)
-        return s.where(self.n[: s.n] >= n_tok)
+        done = s.where(self.n[: s.n] >= n_tok)
+        if self.length is not None:
+            self.length.record(time.perf_counter() - t0, int(g.max()))
+        return done
 
     def _draft(self, g: torch.Tensor):
         """Per image g_i draft tokens from the draft model, and the distributions they came from."""

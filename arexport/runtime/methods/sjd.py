@@ -17,6 +17,7 @@ batch step feeds max L_i positions and shorter rows pad into their cache lookahe
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,7 +26,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import sample_from_probs
-from arexport.runtime.speculative import DraftLength, StandardRule, per_row_lanes, verify_chain
+from arexport.runtime.speculative import StandardRule, WindowArms, per_row_lanes, verify_chain
 
 INITS = ("random", "repeat_horizon")
 
@@ -68,8 +69,9 @@ class SJDDecoder(Decoder):
         self.n = s.image_tensor(())  # committed tokens per image
         self.drafts = s.image_tensor((w - 1,))
         self.q = s.image_tensor((w - 1, v), torch.float32)
-        # latency-aware windows: d drafts cost one step of d + 1 queries (one image's rows)
-        self.length = DraftLength(s, self.engine.latency_curve(self.cfg.per_image, w), 0, w - 1) if adaptive else None
+        # latency-aware: the whole window or one token per step, priced by the engine's curve
+        arms = sorted({1, w})
+        self.arms = WindowArms(self.engine.latency_curve(capacity * self.cfg.per_image, w), arms) if adaptive else None
 
     def start(self, a, b, conds):
         s = self.slots
@@ -83,12 +85,14 @@ class SJDDecoder(Decoder):
         self.drafts[a:b], self.q[a:b] = d, q
 
     def advance(self):
+        t0 = time.perf_counter()
         s, spec, o = self.slots, self.spec, self.opts
         n_img, n_tok, dev = s.n, spec.n_tokens, s.device
         n = self.n[:n_img]
         remaining = n_tok - n
         spec_rows = (n >= o.start) & (n < self.end)
-        window = remaining.clamp(max=self.window) if self.length is None else self.length.choose(n_img, remaining - 1) + 1
+        arm = self.window if self.arms is None else self.arms.choose()
+        window = remaining.clamp(max=arm)
         qlen = torch.where(spec_rows, window, torch.ones_like(n))  # per-image window
         Q = int(qlen.max())
         ar = torch.arange(Q, device=dev)
@@ -106,8 +110,6 @@ class SJDDecoder(Decoder):
         u_acc, u_tok, u_fresh = per_row_lanes(u, qlen, Q)
         res = verify_chain(P, self.q[:n_img, : Q - 1], self.drafts[:n_img, : Q - 1], allowed, u_acc, u_tok, self.rule)
         k = res.accepted
-        if self.length is not None:
-            self.length.observe(allowed.sum(1), k, spec_rows)
         vals = torch.cat([self.drafts[:n_img, : Q - 1], res.token[:, None]], 1)
         vals.scatter_(1, k[:, None], res.token[:, None])
         keep = (ar[None, :] <= k[:, None]) & (tok_index < n_tok)
@@ -123,7 +125,10 @@ class SJDDecoder(Decoder):
         P = self.rule.bonus(P)  # what fresh drafts are drawn from (argmax under LANTERN's greedy variant)
         fresh = sample_from_probs(P, u_fresh)
         self.drafts[:n_img], self.q[:n_img] = self._pad_drafts(res.token, fresh, P, qlen, k + 1, self.n[:n_img], u_new)
-        return s.where(self.n[:n_img] >= n_tok)
+        done = s.where(self.n[:n_img] >= n_tok)
+        if self.arms is not None and Q == arm:  # a step cut short by the images' ends says little
+            self.arms.observe(arm, float(adv.double().mean()), time.perf_counter() - t0)
+        return done
 
     def finish(self, i):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
