@@ -76,7 +76,7 @@ def test_profile_cli_json_schema_and_plot(tmp_path):
     ar, sjd = doc["results"]
     for r in (ar, sjd):
         for key in ("label", "steps", "image_ms", "images_per_s", "tokens_per_s", "target_forwards_per_image",
-                    "peak_memory_bytes", "trace", "bandwidth"):
+                    "peak_memory_bytes", "trace", "bandwidth", "engine_ms_per_step", "host_ms_per_step"):
             assert key in r, key
         assert set(r["image_ms"]) == {"p50", "p90", "p99"}
     assert ar["steps"]["decode"]["count"] == 2 * 63 and ar["target_forwards_per_image"] == 64

@@ -58,8 +58,8 @@ def test_tokens_identical_to_main_alone_and_batched(gens, case):
     assert coupled == (c["method"] in ("sjd", "sd", "lantern", "vvs"))
 
 
-SERVED = [("ar", {}), ("sjd", {"window": 8}), ("sd", {"gamma": 3}), ("lantern", {"delta": 0.2}),
-          ("lantern", {"drafter": "sjd", "window": 6}), ("vvs", {"policy": "dynamic"}), ("vvs", {}),
+SERVED = [("ar", {}), ("sjd", {"window": 8}), ("sd", {"gamma": 3}), ("lantern", {"delta": 0.2, "gamma": 4}),
+          ("lantern", {"drafter": "sjd", "window": 6}), ("vvs", {"policy": "dynamic", "gamma": 4}), ("vvs", {"gamma": 4}),
           ("gridar", {"candidates": 4}), ("best-of-n", {"candidates": 2})]
 
 
@@ -105,8 +105,9 @@ def test_scheduler_refills_slots_as_images_finish(gens):
     than running 3 + 3 + 1 images in lockstep batches, same tokens."""
     gen = gens["demo"]
     params = default_sampling(gen.spec)
-    cont = gen.generate(classes=list(range(7)), seed=3, method="sjd", sampling=params, batch_size=3, images=False)
-    alone = [gen.generate(classes=[i], seeds=[s], method="sjd", sampling=params, images=False)
+    cont = gen.generate(classes=list(range(7)), seed=3, method="sjd", method_options={"window": 16}, sampling=params,
+                        batch_size=3, images=False)
+    alone = [gen.generate(classes=[i], seeds=[s], method="sjd", method_options={"window": 16}, sampling=params, images=False)
              for i, s in zip(range(7), [_seed(3, i) for i in range(7)])]
     assert np.array_equal(cont.tokens, np.concatenate([a.tokens for a in alone]))
     assert cont.stats["batches"] > 3  # admissions happened at several step boundaries
