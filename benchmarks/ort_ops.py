@@ -33,7 +33,8 @@ from arexport.profiling.bandwidth import DTYPE_BYTES, StepBytes, measure_copy_ba
 from arexport.runtime.loading import open_engine  # noqa: E402
 
 GROUPS = {"MatMul": "matmul", "Gemm": "matmul", "MatMulNBits": "matmul", "MatMulInteger": "matmul",
-          "DynamicQuantizeMatMul": "matmul", "FusedMatMul": "matmul", "Attention": "attention",
+          "DynamicQuantizeMatMul": "matmul", "FusedMatMul": "matmul", "QLinearMatMul": "matmul",
+          "QuantizeLinear": "q/dq", "DequantizeLinear": "q/dq", "Attention": "attention",
           "MultiHeadAttention": "attention", "GroupQueryAttention": "attention", "TensorScatter": "attention",
           "SimplifiedLayerNormalization": "norm", "RMSNormalization": "norm", "SkipSimplifiedLayerNormalization": "norm",
           "ReduceMean": "norm", "Sqrt": "norm", "Reciprocal": "norm", "Pow": "norm",
