@@ -66,7 +66,7 @@ class SDDecoder(Decoder):
         self.length = None
         if adaptive:  # a round with d drafts: the catch-up and d - 1 more draft steps, one target step of d + 1
             d = torch.arange(g + 1, dtype=torch.float64)
-            per = self.cfg.per_image  # one image's rows: the choice does not depend on the batch
+            per = self.cfg.per_image  # priced at one image's rows
             dc, tc = self.draft.latency_curve(per, 2), self.engine.latency_curve(per, g + 1)
             self.length = DraftLength(s, dc[1] + (d - 1).clamp(min=0) * dc[0] + tc, 1, g)
 
@@ -91,11 +91,11 @@ class SDDecoder(Decoder):
 
     # -- one round -----------------------------------------------------------------------------------
     def advance(self):
+        t0 = time.perf_counter()
         s, n_tok = self.slots, self.spec.n_tokens
         n = self.n[: s.n]
         remaining = n_tok - n
         # a verify block (pending + drafts) must fit the engine's largest query length
-        t0 = time.perf_counter()
         cap = (remaining - 1).clamp(min=0, max=self.gamma)
         if self.length is not None:
             cap = self.length.choose(s.n, cap)

@@ -33,9 +33,9 @@ INITS = ("random", "repeat_horizon")
 
 @dataclass(frozen=True)
 class SJDOptions(Options):
-    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step. Default: latency-aware, each "
-                                   "image verifies 1 .. 16 tokens (or the engine's largest verify block if smaller), "
-                                   "whatever maximises expected committed tokens per second; a number pins it",
+    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step. Default: latency-aware, each step "
+                                   "verifies the whole window (16, or the engine's largest verify block if smaller) "
+                                   "or one token, whichever commits more tokens per second; a number pins it",
                                    flag="--window")
     init: str = option("random", "how new drafts are initialised", flag="--sjd-init", choices=INITS)
     start: int = option(0, "first token index where drafts may be accepted")
