@@ -135,7 +135,7 @@ class StepEngine(ABC):
         """Seconds of one step with q = 1 .. max_q queries over `rows` cache rows: float64 [max_q],
         index q - 1. Measured once per (rows, max_q) and engine (median of 3 timed calls after a warm-up
         at each grid point, linear in between) on a scratch cache; these calls are not counted as
-        forwards. Latency-aware speculation reads it (runtime/speculative.py: DraftLength)."""
+        forwards. Latency-aware speculation reads it (runtime/speculative.py: DraftLength, WindowArms)."""
         key = (rows, max_q)
         have = self._latency.get(key)
         if have is not None:

@@ -152,6 +152,11 @@ class LanternRule(StandardRule):
         return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
 
 
+def _running_overhead(mean: float, step_seconds: float, engine_seconds: float) -> float:
+    """The runtime's own cost per step, a running mean of each step's wall time minus the engine's part."""
+    return 0.8 * mean + 0.2 * max(step_seconds - engine_seconds, 0.0)
+
+
 class DraftLength:
     """Latency-aware speculation: how many drafts each image verifies per step.
 
@@ -182,7 +187,7 @@ class DraftLength:
 
     def record(self, seconds: float, d: int) -> None:
         """A step whose longest row had d drafts took `seconds` of wall time, engine call included."""
-        self.overhead = 0.8 * self.overhead + 0.2 * max(seconds - float(self.cost[min(d, self.high)]), 0.0)
+        self.overhead = _running_overhead(self.overhead, seconds, float(self.cost[min(d, self.high)]))
 
     def acceptance(self, n: int) -> torch.Tensor:
         """The estimated per-draft acceptance probability of images [0, n)."""
@@ -249,7 +254,7 @@ class WindowArms:
 
     def observe(self, window: int, committed: float, seconds: float) -> None:
         """A step at `window` committed `committed` tokens per image in `seconds` (engine call included)."""
-        self.overhead = 0.8 * self.overhead + 0.2 * max(seconds - self.cost[window - 1], 0.0)
+        self.overhead = _running_overhead(self.overhead, seconds, self.cost[window - 1])
         if self.previous != window:  # the window's drafts were cold
             return
         old = self.tokens[window]
