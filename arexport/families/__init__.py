@@ -7,8 +7,9 @@ from arexport.families.arpg import ARPGFamily
 from arexport.families.base import Conditions, Family
 from arexport.families.llamagen import LlamaGenFamily
 from arexport.families.rar import RARFamily
+from arexport.families.var import VARFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily())}
 
 
 def get_family(name: str) -> Family:

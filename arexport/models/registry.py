@@ -7,7 +7,10 @@ Names:
 * `arpg-{L,XL,XXL}`: ARPG (random-order parallel decoding), same weight options.
 * `rar-{b,l,xl,xxl}`: RAR (bytedance/1d-tokenizer) with the MaskGIT-VQGAN tokenizer (`--vq-checkpoint
   maskgit-vqgan-imagenet-f16-256.bin`); `rar_b` etc. are aliases.
-* `demo`, `demo-draft`, `demo-arpg`: the digits models shipped inside the package (weights committed).
+* `var-d16`, `var-d20`, `var-d24`, `var-d30` (256 px) and `var-d36` (512 px): VAR next-scale models
+  (`--checkpoint var_d16.pth`) with the multi-scale VQVAE (`--vq-checkpoint vae_ch160v4096z32.pth`).
+* `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
+  package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
 fewer layers for tests.
 """
@@ -26,6 +29,7 @@ from arexport.errors import ArexportError, CheckpointError
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LlamaGenConfig
 from arexport.models.rar import RARConfig
+from arexport.models.var import VAR_256, VAR_512, VARConfig
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
 
@@ -52,13 +56,22 @@ RAR_SIZES = {"b": (24, 768, 3072), "l": (24, 1024, 4096), "xl": (32, 1280, 5120)
 RAR_SAMPLERS = {"b": (1.0, 16.0, 2.75), "l": (1.02, 15.5, 2.5), "xl": (1.02, 6.9, 1.5), "xxl": (1.02, 8.0, 1.2)}
 
 # Parameter names only one family's checkpoints hold: a checkpoint names its own family.
-FAMILY_MARKERS = {"rar": "timesteps_embeddings", "arpg": "layers.cross_dec.", "llamagen": "tok_embeddings.weight"}
+FAMILY_MARKERS = {"rar": "timesteps_embeddings", "arpg": "layers.cross_dec.", "llamagen": "tok_embeddings.weight",
+                  "var": "lvl_embed."}
+FAMILY_HINTS = {"rar": "rar-b|rar-l|rar-xl|rar-xxl", "arpg": "arpg-L|arpg-XL|arpg-XXL",
+                "var": "var-d16|var-d20|var-d24|var-d30|var-d36", "llamagen": "llamagen-c2i-<size>"}
+
+# VAR depths released (var_d16.pth ...): 256 px, except d36 (512 px, shared AdaLN)
+VAR_DEPTHS = (16, 20, 24, 30, 36)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",
     "demo-draft": "demo-draft.safetensors",
     "demo-arpg": "demo-arpg.safetensors",
+    "demo-var": "demo-var.safetensors",
+    "demo-var-small": "demo-var-small.safetensors",
 }
+DEMO_VAR_VAE = "demo-var-vae.safetensors"  # the VAR demos' multi-scale VQVAE
 
 
 DEMO_CFG_SCALE = 1.5
@@ -84,6 +97,9 @@ def canonical_name(name: str) -> str:
     low = n.lower()
     if low.replace("_", "-").startswith("rar-") and low[4:] in RAR_SIZES:
         return f"rar-{low[4:]}"
+    v = low.replace("_", "-")
+    if v.startswith("var-d") and v[5:].isdigit() and int(v[5:]) in VAR_DEPTHS:
+        return f"var-d{int(v[5:])}"
     if low.startswith("arpg-") and n[5:].upper() in ARPG_SIZES:
         return f"arpg-{n[5:].upper()}"
     for prefix, mtype in (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i")):
@@ -98,7 +114,7 @@ def known_models() -> list[str]:
     """Every canonical model name."""
     names = list(DEMO_MODELS)
     names += [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES] + [f"llamagen-t2i-{s}" for s in LLAMAGEN_SIZES]
-    names += [f"arpg-{s}" for s in ARPG_SIZES] + [f"rar-{s}" for s in RAR_SIZES]
+    names += [f"arpg-{s}" for s in ARPG_SIZES] + [f"rar-{s}" for s in RAR_SIZES] + [f"var-d{d}" for d in VAR_DEPTHS]
     return names
 
 
@@ -134,6 +150,18 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
 def model_config(name: str, overrides: Optional[dict] = None, image_size: Optional[int] = None):
     """The config (LlamaGenConfig or ARPGConfig) for a model name, with overrides and image size."""
     name = canonical_name(name)
+    if name.startswith("var-"):
+        depth = int(name[5:])
+        native = 512 if depth == 36 else 256
+        if image_size not in (None, native):
+            raise ArexportError(f"{name} generates {native} px images (its released patch_nums); --image-size {image_size} does not apply")
+        if overrides:
+            cfg = VARConfig(depth=depth, patch_nums=VAR_512 if depth == 36 else VAR_256, shared_aln=depth == 36)
+            try:
+                return cfg.with_overrides(**overrides)
+            except (ValueError, TypeError) as e:
+                raise ArexportError(f"invalid model config: {e}") from None
+        return VARConfig(depth=depth, patch_nums=VAR_512 if depth == 36 else VAR_256, shared_aln=depth == 36)
     if image_size is not None and image_size % 16 and name not in DEMO_MODELS:
         raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
     if name in DEMO_MODELS:
@@ -172,7 +200,7 @@ def family_configs() -> dict[str, type]:
     """The config class of each family with PyTorch models here."""
     from arexport.models.arpg import ARPGConfig
 
-    return {"llamagen": LlamaGenConfig, "arpg": ARPGConfig, "rar": RARConfig}
+    return {"llamagen": LlamaGenConfig, "arpg": ARPGConfig, "rar": RARConfig, "var": VARConfig}
 
 
 def checkpoint_family(sd: dict) -> Optional[str]:
@@ -229,7 +257,7 @@ def load_model(
         held = checkpoint_family(sd)
         family = cfg.spec(cname).family
         if held is not None and held != family:
-            hint = {"rar": "rar-b|rar-l|rar-xl|rar-xxl", "arpg": "arpg-L|arpg-XL|arpg-XXL"}.get(held, "llamagen-c2i-<size>")
+            hint = FAMILY_HINTS.get(held, "llamagen-c2i-<size>")
             raise ArexportError(f"{checkpoint} holds a {held} model, not a {family} one ({cname}): pass --model {hint}")
         trained = meta.get("args", {}).get("gpt_model")  # reference trainers record the model they trained
         if isinstance(trained, str):
@@ -256,7 +284,7 @@ def load_model(
     step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(model.STEP_WEIGHTS))
     spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": sampling_defaults(cname, spec),
                                             "step_weight_params": int(step_params)})
-    decoder = image_decoder(spec, random_init=random_init, seed=seed, vq_checkpoint=vq_checkpoint)
+    decoder = image_decoder(spec, random_init=random_init, seed=seed, vq_checkpoint=vq_checkpoint, config=cfg)
     if decoder is not None:
         decoder = decoder.to(device).eval()
     if vq_checkpoint:
@@ -276,8 +304,21 @@ def sampling_defaults(name: str, spec: ModelSpec) -> dict[str, Any]:
     return get_family(spec.family).sampling_defaults(spec)
 
 
-def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_checkpoint: Optional[str] = None):
+def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_checkpoint: Optional[str] = None,
+                  config=None):
     """The torch module turning tokens into uint8 images, or None when no VQ weights were given."""
+    if spec.image.kind == "var":
+        from arexport.models.var import VARVQVAE
+
+        if vq_checkpoint:
+            return load_var_vae(vq_checkpoint, config)
+        if random_init:
+            return VARVQVAE(config).init_random(seed + 1)
+        if spec.name in DEMO_MODELS:
+            vae = VARVQVAE(config)
+            load_into(vae, read_state_dict(WEIGHTS_DIR / DEMO_VAR_VAE), source=str(WEIGHTS_DIR / DEMO_VAR_VAE))
+            return vae
+        return None
     if spec.image.kind == "digits":
         from arexport.models.digits import DigitsDecoder
 
@@ -297,3 +338,22 @@ def image_decoder(spec: ModelSpec, random_init: bool = False, seed: int = 0, vq_
     if random_init:
         return VQDecoder(cfg).init_random(seed + 1)
     return None
+
+
+def load_var_vae(path: str, cfg: VARConfig):
+    """The multi-scale VQVAE of `vae_ch160v4096z32.pth` (a plain state dict), checked against cfg."""
+    from arexport.models.var import VARVQVAE
+
+    sd = read_state_dict(path)
+    if "quantize.embedding.weight" not in sd or not any(k.startswith("quantize.quant_resi.") for k in sd):
+        kind = ("a LlamaGen VQ-16 tokenizer" if any(k.startswith("decoder.conv_blocks.") for k in sd) else
+                "a VAR transformer, not its VQVAE" if any(k.startswith("lvl_embed.") for k in sd) else
+                "not a VAR multi-scale VQVAE")
+        raise CheckpointError(f"{path} is {kind}: VAR decodes with vae_ch160v4096z32.pth (quantize.quant_resi.* + decoder.*)")
+    have = tuple(sd["quantize.embedding.weight"].shape)
+    if have != (cfg.vocab_size, cfg.cvae):
+        raise CheckpointError(f"{path} holds a VQVAE with a {have[0]} x {have[1]} codebook; the model needs "
+                              f"{cfg.vocab_size} x {cfg.cvae} (vocab x Cvae)")
+    vae = VARVQVAE(cfg)
+    load_into(vae, sd, source=str(path))
+    return vae.eval()

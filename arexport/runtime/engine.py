@@ -5,7 +5,9 @@ An engine runs the model's step functions on device tensors and owns no decoding
   logits [B, q, V] (fp32), writing their K/V into the cache buffers in place;
 * `multi_query_step(...)` is ARPG's step (new tokens plus m mask-token queries);
 * `prefill_embeds(cache, embeds, attn_mask)` runs a text-conditional prefill graph;
-* `decode_images(tokens)` turns raster token grids into uint8 RGB images.
+* `scale_step(...)` is a next-scale (VAR) step over one scale block, `next_scale(si, f_hat, h)` the
+  VQVAE's next-scale input and `decode_latents(f_hat)` its image decoder;
+* `decode_images(tokens)` turns token sequences into uint8 RGB images.
 How a condition is prefilled is the family adapter's business (`engine.family.prefill`). Every
 call is counted (and optionally timed) per step kind, which is how decoding methods report
 forward passes without trusting themselves.
@@ -34,10 +36,13 @@ __all__ = ["Conditions", "StepEngine", "StepRecord", "graph_feeds", "step_kind"]
 class StepRecord:
     """One timed engine call."""
 
-    kind: str  # prefill | decode | verify | multi_query | vq_decode
+    kind: str  # prefill | decode | verify | multi_query | scale | next_scale | vq_decode | latent_decode
     batch: int
     q: int
     seconds: float
+
+
+NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode")  # calls that are not transformer forwards
 
 
 def graph_feeds(device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -77,6 +82,18 @@ class StepEngine(ABC):
                           query_mask) -> torch.Tensor:
         """Backend forward of ARPG's multi-query step: logits [B,m,V] fp32."""
         raise ArexportError(f"{self.spec.name} has no multi-query step (that is ARPG's)")
+
+    def _scale_step(self, cache: KVCache, features, positions, classes, write_index, attn_mask) -> torch.Tensor:
+        """Backend forward of the scale-block step (VAR): logits [B,q,V] fp32."""
+        raise ArexportError(f"{self.spec.name} has no scale-block step (that is VAR's)")
+
+    def _next_scale(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
+        """Backend VQVAE next-scale input: (f_hat, next inputs or None)."""
+        raise ArexportError(f"backend {self.backend} has no next-scale graphs for {self.spec.name}")
+
+    def _decode_latents(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Backend VQVAE decoder: f_hat [N,Cvae,H,W] -> uint8 [N,H',W',3]."""
+        raise ArexportError(f"backend {self.backend} has no latent decoder for {self.spec.name}")
 
     def _prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
         """Backend forward of the t2i prefill graph: logits [B,V]."""
@@ -189,6 +206,29 @@ class StepEngine(ABC):
             return self._finite(self._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions,
                                                        query_mask), "multi_query")
 
+    def scale_step(self, cache: KVCache, features, positions, classes, write_index, attn_mask) -> torch.Tensor:
+        """Next-scale step: q positions [B,q] with their Cvae features [B,q,Cvae] (ignored at the first
+        scale), class ids [B] (null class for CFG rows), from slot write_index [B]; logits [B,q,V]."""
+        if "scale" not in self.family.step_kinds:
+            raise ArexportError(f"{self.spec.name} is an {self.spec.family} model: it decodes with "
+                                f"--method {self.family.default_method}")
+        b, q = positions.shape
+        if q > self.max_q:
+            raise ArexportError(f"scale block of {q} positions exceeds this engine's maximum query length {self.max_q}")
+        with self._timed("scale", b, q):
+            return self._finite(self._scale_step(cache, features, positions, classes, write_index, attn_mask), "scale")
+
+    def next_scale(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
+        """VQVAE next-scale input of scale si: h [B, pn*pn, Cvae] (codebook rows) added to f_hat
+        [B,Cvae,H,W]; returns (f_hat, the next scale's inputs [B, pn'*pn', Cvae] or None after the last)."""
+        with self._timed("next_scale", h.shape[0], h.shape[1]):
+            return self._next_scale(si, f_hat, h)
+
+    def decode_latents(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """VQVAE latents f_hat [N,Cvae,H,W] -> uint8 RGB [N,H',W',3]."""
+        with self._timed("latent_decode", f_hat.shape[0], 0):
+            return self._decode_latents(f_hat)
+
     def prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
         """Text-conditional prefill: caption features [B,T,C] at slots [0, T); logits of the last position [B,V]."""
         with self._timed("prefill", embeds.shape[0], embeds.shape[1]):
@@ -237,4 +277,4 @@ class StepEngine(ABC):
 
     def forward_count(self) -> int:
         """Model forward passes so far (prefill + every step kind; image decoding excluded)."""
-        return sum(v for k, v in self.calls.items() if k != "vq_decode")
+        return sum(v for k, v in self.calls.items() if k not in NOT_FORWARDS)

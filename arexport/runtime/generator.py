@@ -85,12 +85,23 @@ class Generator:
         m = make_method(name, **(options or {}))
         self.engine.family.check_method(name, self.spec)
         if m.requires_draft() and self.draft is None:
-            raise ArexportError(f"method {name} needs a draft model: pass --draft NAME|DIR")
+            what = "a refiner" if m.second_engine == "--refiner" else "a draft model"
+            raise ArexportError(f"method {name} needs {what}: pass {m.second_engine} NAME|DIR")
         return m
 
     def decoder(self, method: Method, sampling: SamplingParams, capacity: int):
         """A fresh decoder of `method` with room for `capacity` images."""
         return method.decoder(Context(self.engine, sampling, method.options, self.draft), capacity)
+
+    def images(self, finished: list, tokens: torch.Tensor, batch_size: int) -> np.ndarray:
+        """uint8 images of finished results: from their latents where a method left them (VAR
+        more_smooth), else decoded from their tokens; `batch_size` images per decoder call."""
+        if finished and finished[0].latents is not None:
+            lat = torch.stack([f.latents for f in finished])
+            parts = [self.engine.decode_latents(lat[i:i + batch_size]).cpu() for i in range(0, len(lat), batch_size)]
+        else:
+            parts = [self.engine.decode_images(tokens[i:i + batch_size]).cpu() for i in range(0, len(tokens), batch_size)]
+        return torch.cat(parts).numpy()
 
     def generate(
         self,
@@ -148,8 +159,7 @@ class Generator:
             tokens = torch.stack([f.tokens for f in finished])
             imgs = None
             if images:
-                imgs = torch.cat([self.engine.decode_images(tokens[i:i + batch_size]).cpu()
-                                  for i in range(0, n, batch_size)]).numpy()
+                imgs = self.images(finished, tokens, batch_size)
             seconds = time.perf_counter() - t0
             stats = RunStats.aggregate([f.stats for f in finished], self.spec.n_tokens, engines, seconds,
                                        sched.admissions, dec.events)

@@ -58,15 +58,16 @@ class SamplingParams:
 
     @property
     def uses_cfg(self) -> bool:
-        """LlamaGen doubles the batch only when cfg_scale > 1."""
-        return self.cfg_scale > 1.0
+        """LlamaGen doubles the batch only when cfg_scale > 1; VAR's ramp (scale 1 + g k / (S - 1))
+        guides whenever g > 0."""
+        return self.cfg_scale > 1.0 or (self.cfg_schedule == "ramp" and self.cfg_scale > 0)
 
     def cfg_active(self, token_index: int) -> bool:
         """Whether image token `token_index` is sampled from guided logits (LlamaGen's cfg_interval)."""
         return self.uses_cfg and (self.cfg_interval < 0 or token_index <= self.cfg_interval + 1)
 
 
-CFG_SCHEDULES = ("constant", "linear", "cosine")
+CFG_SCHEDULES = ("constant", "linear", "cosine", "ramp")
 MAX_CFG_POWER = 64.0
 
 
@@ -80,6 +81,8 @@ def cfg_scales(params: SamplingParams, token_index, n_tokens: int):
       of the step's last token for every token of the step.
     * `cosine`: 1 + (g - 1) (1 - cos(pi (t / n) ** p)) / 2 with p = cfg_power: MDT's power-cosine ramp
       that RAR's `generate` uses (scale 1 at the first token; p = 0 is constant g there, as 0 ** 0 = 1).
+    * `ramp`: 1 + g t / (n - 1): VAR's (1 + t') c - t' u with t' = cfg * k / (S - 1) over its S scales
+      (VAR passes the scale index k and n = S; the last scale is guided at 1 + g).
 
     Returns a float for `constant`, else a float32 tensor shaped like token_index (a float for an int).
     """
@@ -90,6 +93,8 @@ def cfg_scales(params: SamplingParams, token_index, n_tokens: int):
     t = torch.as_tensor(token_index, dtype=torch.float64)
     if kind == "linear":
         s = 1.0 + (g - 1.0) * (t + 1.0) / n_tokens
+    elif kind == "ramp":
+        s = 1.0 + g * t / max(n_tokens - 1, 1)
     else:
         s = 1.0 + (g - 1.0) * (1.0 - torch.cos(torch.pow(t / n_tokens, params.cfg_power) * math.pi)) / 2.0
     return float(s) if scalar else s.float()

@@ -55,6 +55,8 @@ class RunStats:
     gridar_verifier_calls: Optional[int] = None
     gridar_checkpoint_feasible: Optional[list[float]] = None
     gridar_best_scores: Optional[list[float]] = None
+    drafter_forwards_per_image: Optional[float] = None  # code: the drafter's (the model's) calls per image
+    refiner_forwards_per_image: Optional[float] = None  # code: the refiner's
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -80,6 +82,9 @@ class RunStats:
             out.accepted_length_histogram = {int(v): int(c) for v, c in zip(values, counts)}
         if any(r.decisions for r in rows) or any(r.skipped_rounds for r in rows):
             out.skipped_rounds = sum(r.skipped_rounds for r in rows)
+        if any(r.refiner_forwards for r in rows):
+            out.drafter_forwards_per_image = fwd
+            out.refiner_forwards_per_image = float(np.mean([r.refiner_forwards for r in rows]))
         if any(r.best_score is not None for r in rows):
             out.candidate_forwards_per_image = float(np.mean([r.forwards * r.candidates for r in rows]))
             out.gridar_replaced = sum(r.replaced for r in rows)

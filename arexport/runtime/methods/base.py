@@ -109,6 +109,7 @@ class RowStats:
     checkpoint_feasible: list[float] = field(default_factory=list)  # gridar: feasible fraction per checkpoint
     best_score: Optional[float] = None  # gridar / best-of-n: the chosen candidate's score
     decisions: list[tuple[int, bool]] = field(default_factory=list)  # vvs: (tokens done, skipped?) per round
+    refiner_forwards: int = 0  # code: refiner engine calls it took part in (`forwards` counts the drafter's)
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Finished:
     stats: RowStats
     tag: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    latents: Optional[torch.Tensor] = None  # the image's VQVAE latents when they, not the tokens, make the image (VAR more_smooth)
 
 
 # -- classifier-free guidance rows ---------------------------------------------------------------
@@ -377,6 +379,7 @@ class Method:
     Options: type = Options
     decoder_class: type = Decoder  # built by decoder(); methods that need more override decoder()
     needs_draft: bool = False
+    second_engine: str = "--draft"  # the flag that names the second engine (sd: --draft, code: --refiner)
     help: str = ""
 
     def __init__(self, options: Options):

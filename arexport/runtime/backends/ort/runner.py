@@ -115,6 +115,21 @@ class OrtEngine(EngineDirArrays, StepEngine):
         return self._run("step", feeds, cache, self._logits(*query_positions.shape),
                          ("multi_query",) + tuple(tokens.shape) + (query_positions.shape[1],))
 
+    def _scale_step(self, cache, features, positions, classes, write_index, attn_mask):
+        feeds = graph_feeds(self.device, positions=positions, classes=classes, write_index=write_index, attn_mask=attn_mask)
+        feeds["features"] = features.to(self.device, torch.float32).contiguous()
+        return self._run("step", feeds, cache, self._logits(*positions.shape), ("scale",) + tuple(positions.shape))
+
+    def _next_scale(self, si, f_hat, h):
+        last = si == len(self.spec.extra["patch_nums"]) - 1
+        outs = self.sessions.get(f"next_scale_{si}").run(["f_hat"] if last else ["f_hat", "next"], {
+            "f_hat": f_hat.detach().cpu().float().numpy(), "h": h.detach().cpu().float().numpy()})
+        return torch.from_numpy(outs[0]).to(self.device), None if last else torch.from_numpy(outs[1]).to(self.device)
+
+    def _decode_latents(self, f_hat):
+        out = self.sessions.get("latent_decoder").run(["images"], {"f_hat": f_hat.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
     def _prefill_embeds(self, cache, embeds, attn_mask):
         feeds = {"cond_embeds": embeds.to(self.device, self.cache_dtype).contiguous(),
                  "attn_mask": attn_mask.to(self.device, torch.bool).contiguous()}

@@ -51,6 +51,29 @@ class TorchEngine(StepEngine):
 
         return self._maybe_graph(("multi_query", cache.keys[0].data_ptr()), run, inputs)
 
+    @torch.inference_mode()
+    def _scale_step(self, cache, features, positions, classes, write_index, attn_mask):
+        inputs = [features.to(self.device, torch.float32), *(t.to(self.device) for t in (positions, classes, write_index, attn_mask))]
+
+        def run(f, pos, c, w, mask):
+            return self.model.step(f, pos, c, w, mask, cache.keys, cache.values)[0]
+
+        return self._maybe_graph(("scale", cache.keys[0].data_ptr()), run, inputs)
+
+    @torch.inference_mode()
+    def _next_scale(self, si, f_hat, h):
+        self._need_decoder()
+        return self.decoder.next_scale(si, f_hat.to(self.device), h.to(self.device))
+
+    @torch.inference_mode()
+    def _decode_latents(self, f_hat):
+        self._need_decoder()
+        return self.decoder.latents_to_images(f_hat.to(self.device))
+
+    def _need_decoder(self):
+        if self.decoder is None:
+            raise ArexportError(f"no image decoder for {self.spec.name}: pass --vq-checkpoint (or --random-init for random VQ weights)")
+
     def _maybe_graph(self, key: tuple, run, inputs: list):
         """Eager call, or replay of a CUDA graph captured once per (key, input shapes)."""
         if not self.cuda_graph:
@@ -88,10 +111,7 @@ class TorchEngine(StepEngine):
 
     @torch.inference_mode()
     def _decode_images(self, tokens):
-        if self.decoder is None:
-            raise ArexportError(
-                f"no image decoder for {self.spec.name}: pass --vq-checkpoint (or --random-init for random VQ weights)"
-            )
+        self._need_decoder()
         return self.decoder(tokens)
 
     def codebook(self) -> torch.Tensor:
