@@ -98,6 +98,10 @@ def method_options(f):
         ctype = fld.metadata.get("choices") and click.Choice(list(fld.metadata["choices"])) or \
             {int: int, float: float}.get(base[0], str)
         default = fld.default if not isinstance(fld.default, tuple) else "/".join(map(str, fld.default))
+        if base[0] is bool:  # a switch: given = True, absent = the method's default
+            f = click.option(flag, name, is_flag=True, default=None, flag_value=True,
+                             help=f"{'/'.join(users)}: {fld.metadata['help']}.")(f)
+            continue
         f = click.option(flag, name, type=ctype, default=None,
                          help=f"{'/'.join(users)}: {fld.metadata['help']} (default {default}).")(f)
     return f
@@ -193,9 +197,9 @@ def _load_captions(path: Optional[str]):
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend weight/cache dtype (default fp32).")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (>1 doubles the batch). Default: the model's.")
 @click.option("--cfg-interval", type=int, default=-1, show_default=True, help="Guide only image tokens 0..N+1 (LlamaGen); -1 = all.")
-@click.option("--cfg-schedule", type=click.Choice(["constant", "linear", "cosine"]),
+@click.option("--cfg-schedule", type=click.Choice(["constant", "linear", "cosine", "ramp"]),
               help="Guidance scale per image token t of n: constant g; linear 1+(g-1)(t+1)/n (ARPG); cosine "
-                   "1+(g-1)(1-cos(pi (t/n)^p))/2 (RAR). Default: the model's.")
+                   "1+(g-1)(1-cos(pi (t/n)^p))/2 (RAR); ramp 1+g k/(S-1) per scale k of S (VAR). Default: the model's.")
 @click.option("--cfg-power", type=float, help="Exponent p of the cosine guidance schedule (RAR's guidance_scale_pow). Default: the model's.")
 @click.option("--top-k", type=int, help="Keep the k most likely tokens (0 = off). Default: the model's.")
 @click.option("--top-p", type=float, help="Nucleus sampling mass (1.0 = off).")
@@ -203,6 +207,7 @@ def _load_captions(path: Optional[str]):
 @click.option("--seed", type=int, default=0, show_default=True, help="Request seed; image i uses a seed derived from (seed, i).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together (rows are doubled by CFG); slots are refilled as images finish.")
 @click.option("--draft", help="Draft model name or engine directory (sd, lantern, vvs).")
+@click.option("--refiner", help="Refiner model name or engine directory (code: a smaller VAR for the last scales).")
 @method_options
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
@@ -214,7 +219,7 @@ def _load_captions(path: Optional[str]):
               help="Progress (default on: a bar on a terminal, else a plain line to stderr every 5 s).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, method, backend, device, threads, precision, cfg_scale, cfg_interval, cfg_schedule,
-             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
+             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
              **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
@@ -236,7 +241,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     _check_outputs(("--save-tokens", save_tokens, "file"), ("--out", out_dir, "dir"), ("--stats-json", stats_json, "file"),
                    ("--grid", grid_png, "file"))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
-    gen = _load_generator(source, backend, device, threads, draft=draft, **kw)
+    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), **kw)
     spec = gen.spec
     method = method or gen.engine.family.default_method
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
@@ -271,6 +276,13 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
 
 
 SMALL_MODEL_STEP_WEIGHTS = 20_000_000
+
+
+def _second(draft, refiner):
+    """The second engine: a draft model (sd, lantern, vvs) or a refiner (code), not both."""
+    if draft and refiner:
+        raise ArexportError("give --draft (sd, lantern, vvs) or --refiner (code), not both")
+    return draft or refiner
 
 
 def _load_generator(source, backend, device, threads, **kw):
@@ -555,6 +567,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Images per batch (CFG doubles the rows).")
 @click.option("--cfg-scale", type=float, help="Guidance scale (default: the model's).")
 @click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs).")
+@click.option("--refiner", help="Refiner model or engine directory (code).")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed warm-up generations.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed generations.")
 @click.option("--cuda-graph", is_flag=True, help="Capture steps into CUDA graphs (torch/ort CUDA EP/trt on a GPU).")
@@ -563,7 +576,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
 def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-            threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, warmup, repeats, cuda_graph, precision,
+            threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, refiner, warmup, repeats, cuda_graph, precision,
             bandwidth, json_out, plot_png):
     """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
 
@@ -596,7 +609,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     bw = measure_copy_bandwidth(device) if bandwidth else None
     results, context = [], {}
     for cfg in configs:
-        gen = _load_generator(source, cfg.backend, device, threads, draft=draft, cuda_graph=cuda_graph, **kw)
+        gen = _load_generator(source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph, **kw)
         spec = gen.spec
         cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
@@ -663,6 +676,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @cli.command()
 @engine_or_model_options("ort")
 @click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs requests).")
+@click.option("--refiner", help="Refiner model or engine directory (code requests).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--batching", type=click.Choice(["continuous", "request", "none"]), default="continuous", show_default=True,
@@ -673,7 +687,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request (GridAR/best-of-N candidates count).")
 @click.option("--insecure-no-auth", is_flag=True, help="Listen on a non-loopback address without a bearer token.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-          threads, draft, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
+          threads, draft, refiner, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -698,7 +712,7 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
-    gen = _load_generator(source, backend, device, threads, draft=draft, **kw)
+    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), **kw)
     service = GenerationService(gen, batching=batching, max_batch=max_batch)
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"

@@ -23,7 +23,7 @@ from arexport.runtime.engine import StepEngine
 
 # Default tolerances per precision: fp32 is the issue's 1e-4 bound on logits; half precisions are
 # bounded by rounding of activations and caches (see docs/benchmarks.md for measured errors).
-KINDS = ("prefill", "decode", "verify", "multi_query")
+KINDS = ("prefill", "decode", "verify", "multi_query", "scale", "next_scale")
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)}
 
 
@@ -43,6 +43,8 @@ def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[Ordered
 
     if "multi_query" in get_family(spec.family).step_kinds:
         return make_multi_query_cases(spec, batch, verify_len, seed)
+    if "scale" in get_family(spec.family).step_kinds:
+        return make_scale_cases(spec, batch, verify_len, seed)
     g = torch.Generator().manual_seed(seed)
     n = spec.n_tokens
     k = min(verify_len, n - 1)
@@ -96,6 +98,72 @@ def make_multi_query_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[
     return cases
 
 
+def make_scale_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[OrderedDict]:
+    """VAR cases: a scale block at the first, a middle and the last scale (after the earlier scales),
+    a CoDe-refiner entry block (every position up to a scale at once) and each next-scale graph. (The
+    image decoders end in a uint8 cast, whose rounding differs by one grey level between backends:
+    tests compare images within that.)"""
+    from arexport.format.scales import Scales
+
+    g = torch.Generator().manual_seed(seed)
+    sc, cvae = Scales(spec.extra["patch_nums"]), spec.extra["cvae"]
+    hw = sc.patch_nums[-1]
+    cases = []
+
+    def base(kind: str, k: int) -> OrderedDict:
+        """Every case carries every input (Polygraphy reads one input signature for all cases)."""
+        d = OrderedDict(classes=torch.randint(0, spec.num_classes + 1, (batch,), generator=g).numpy())
+        d["kind"] = np.array(KINDS.index(kind), dtype=np.int64)
+        d["scale"] = np.array(k, dtype=np.int64)
+        d["entry"] = np.array(0, dtype=np.int64)
+        d["features"] = (torch.randn(batch, sc.total, cvae, generator=g) * 0.5).numpy()
+        d["f_hat"] = (torch.randn(batch, cvae, hw, hw, generator=g) * 0.5).numpy()
+        d["h"] = (torch.randn(batch, sc.sizes[k], cvae, generator=g) * 0.5).numpy()
+        return d
+
+    last = len(sc) - 1
+    cases += [base("scale", k) for k in sorted({0, last // 2, last})]
+    k = max(0, last - 1)
+    if sc.ends[k] <= max_q:
+        cases.append(base("scale", k))
+        cases[-1]["entry"] = np.array(1, dtype=np.int64)
+    return cases + [base("next_scale", si) for si in range(len(sc))]
+
+
+def run_scale_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
+    """A VAR case: scale blocks 0..k-1 then block k (or, `entry`, positions [0, end_k) in one block);
+    the logits of block k and the K/V it wrote. Or a next-scale / latent-decoder graph."""
+    from arexport.format.scales import Scales
+
+    kind, k = KINDS[int(feed["kind"])], int(feed["scale"])
+    if kind == "next_scale":
+        f, nxt = engine.next_scale(k, torch.from_numpy(feed["f_hat"]), torch.from_numpy(feed["h"]))
+        out = OrderedDict(f_hat=f.float().cpu().numpy())
+        if nxt is not None:
+            out["next"] = nxt.float().cpu().numpy()
+        return out
+    sc = Scales(engine.spec.extra["patch_nums"])
+    feats, classes = torch.from_numpy(feed["features"]), torch.from_numpy(feed["classes"])
+    b = classes.shape[0]
+    cache = engine.allocate(b)
+
+    def block(a: int, z: int):
+        pos = torch.arange(a, z).expand(b, -1)
+        return engine.scale_step(cache, feats[:, a:z], pos, classes, torch.full((b,), a), sc.visible_mask(pos, cache.s_max))
+
+    if int(feed["entry"]):
+        logits = block(0, sc.ends[k])[:, sc.begins[k]:]
+    else:
+        for j in range(k):
+            block(sc.begins[j], sc.ends[j])
+        logits = block(sc.begins[k], sc.ends[k])
+    out = OrderedDict(logits=logits.float().cpu().numpy())
+    for li in sorted({0, engine.spec.n_cache_layers - 1}):
+        for name, buf in (("key", cache.keys[li]), ("value", cache.values[li])):
+            out[f"new_{name}_{li}"] = buf[:, :, sc.begins[k]:sc.ends[k]].float().cpu().numpy()
+    return out
+
+
 def run_multi_query_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """Class step, then each row's prefix (in its order, lockstep chunks), then n new tokens + m queries."""
     spec = engine.spec
@@ -146,6 +214,8 @@ def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     spec = engine.spec
     if "multi_query" in engine.family.step_kinds:
         return run_multi_query_case(engine, feed)
+    if "scale" in engine.family.step_kinds:
+        return run_scale_case(engine, feed)
     b = len(feed["prefix_len"])
     if spec.model_type == "c2i":
         conds = Conditions(classes=torch.from_numpy(feed["classes"]))
@@ -194,6 +264,10 @@ def _case_name(case: dict, spec) -> str:
     kind = KINDS[int(case["kind"])]
     if kind == "multi_query":
         return f"multi_query n={int(case['q'])} m={int(case['m'])}"
+    if kind == "scale":
+        return f"scale {int(case['scale'])}" + (" (refiner entry: scales 0.. at once)" if int(case["entry"]) else "")
+    if kind == "next_scale":
+        return f"next_scale {int(case['scale'])}"
     return f"{kind} q={int(case['q']) if kind != 'prefill' else spec.cond_len}"
 
 
@@ -263,7 +337,7 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
         for name, res in outputs.items():
             report.rows.append({
                 "case": _case_name(case, engine.spec),
-                "offsets": [int(x) + engine.spec.cond_len for x in case["prefix_len"]],
+                "offsets": [int(x) + engine.spec.cond_len for x in case["prefix_len"]] if "prefix_len" in case else [],
                 "output": name,
                 "max_abs": float(res.max_absdiff),
                 "max_rel": float(res.max_reldiff),

@@ -11,6 +11,9 @@ Writes:
   demo.safetensors           LlamaGen-architecture c2i target model (config in metadata)
   demo-draft.safetensors     smaller draft model sharing the tokenizer
   demo-arpg.safetensors      ARPG-architecture model trained in random orders (parallel decoding)
+  demo-var-vae.safetensors   the VAR demos' multi-scale residual VQVAE (scales 1, 2, 4, 8: 85 tokens)
+  demo-var.safetensors       VAR-architecture next-scale model (the CoDe drafter)
+  demo-var-small.safetensors a smaller VAR sharing the VQVAE (the CoDe refiner)
 Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
 The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
 The ARPG model learns from the real training split plus digits sampled from the raster demo model
@@ -34,6 +37,7 @@ from safetensors.torch import save_file
 from arexport.quality import DigitCNN, DigitMLP, feature_stats, tokens_to_input
 from arexport.models.arpg import ARPG, ARPGConfig
 from arexport.models.llamagen import LlamaGenConfig
+from arexport.models.var import VAR, VARConfig, VARVQVAE
 
 OUT = Path(__file__).resolve().parent.parent / "arexport" / "models" / "weights"
 
@@ -43,6 +47,14 @@ TARGET = dict(dim=96, n_layer=4, n_head=4, multiple_of=64, vocab_size=17, num_cl
 DRAFT = dict(TARGET, dim=64, n_layer=2, n_head=2)
 ARPG_CFG = dict(dim=128, n_layer=6, n_head=4, multiple_of=64, vocab_size=17, num_classes=10, grid_size=8,
                 image_kind="digits", class_dropout_prob=0.1, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
+
+
+# The VAR demos: one VQVAE (8x8 latents, no down-sampling, 64 codes of 8 dims) and two transformers.
+VAR_VAE = dict(depth=1, vocab_size=64, cvae=8, patch_nums=(1, 2, 4, 8), num_classes=10, vae_ch=32, vae_ch_mult=(1,),
+               vae_num_res_blocks=1, image_upscale=16)
+VAR_SAMPLER = {"cfg_scale": 2.0, "cfg_schedule": "ramp", "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+VAR_TARGET = dict(VAR_VAE, depth=4, dim=96, n_head=4, extra={"sampling_defaults": VAR_SAMPLER})
+VAR_SMALL = dict(VAR_TARGET, depth=2, dim=64, n_head=2)
 
 
 def load_split(seed: int = 0):
@@ -167,10 +179,95 @@ def arpg_probe(images: int = 200):
     return probe
 
 
+def digits_to_images(tokens: torch.Tensor) -> torch.Tensor:
+    """Grey levels [N, 64] -> RGB images [N, 3, 8, 8] in [-1, 1] (the VQVAE's input)."""
+    return (tokens.float() / 16 * 2 - 1).view(-1, 1, 8, 8).expand(-1, 3, -1, -1).contiguous()
+
+
+def train_var_vae(cfg: VARConfig, x: torch.Tensor, steps: int, seed: int = 3, batch: int = 128):
+    """The multi-scale residual VQVAE: reconstruction MSE + the reference's VQ loss (commitment 0.25,
+    straight-through f_hat), codebook rows initialised from encoder features."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    vae = VARVQVAE(cfg).init_random(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    imgs = digits_to_images(x)
+    t0 = time.time()
+    for step in range(steps):
+        xb = imgs[torch.randint(0, len(imgs), (batch,), generator=g)]
+        f = vae.quant_conv(vae.encoder(xb))
+        if step == 0:
+            with torch.no_grad():
+                rows = f.permute(0, 2, 3, 1).reshape(-1, cfg.cvae)
+                vae.quantize.embedding.weight.copy_(rows[torch.randperm(len(rows), generator=g)[:cfg.vocab_size]])
+        f_hat, vq_loss = quantize_train(vae, f)
+        loss = F.mse_loss(vae.decoder(vae.post_quant_conv(f_hat)), xb) + vq_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 500 == 0 or step == steps - 1:
+            print(f"[var-vae] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return vae.eval()
+
+
+def quantize_train(vae: VARVQVAE, f: torch.Tensor):
+    """VectorQuantizer2.forward: residual quantization over the scales with gradients to the codebook
+    (through f_hat) and the encoder (straight through); returns (f_hat, vq loss)."""
+    b, c, hh, ww = f.shape
+    rest, f_hat = f.detach().clone(), torch.zeros_like(f)
+    emb = vae.quantize.embedding.weight
+    n = len(vae.patch_nums)
+    loss = 0.0
+    for si, pn in enumerate(vae.patch_nums):
+        z = (F.interpolate(rest, size=(pn, pn), mode="area") if si != n - 1 else rest).permute(0, 2, 3, 1).reshape(-1, c)
+        idx = (z.square().sum(1, keepdim=True) + emb.detach().square().sum(1) - 2 * z @ emb.detach().T).argmin(1)
+        h = vae.quantize.embedding(idx.view(b, pn, pn)).permute(0, 3, 1, 2)
+        if si != n - 1:
+            h = F.interpolate(h, size=(hh, ww), mode="bicubic")
+        h = vae.phi(si)(h)
+        f_hat = f_hat + h
+        rest = rest - h.detach()
+        loss = loss + F.mse_loss(f_hat.detach(), f) * 0.25 + F.mse_loss(f_hat, f.detach())
+    return (f_hat.detach() - f.detach()) + f, loss / n
+
+
+def train_var(cfg: VARConfig, vae: VARVQVAE, x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, batch: int = 64,
+              lr: float = 2e-3, label: str = "var"):
+    """Teacher forcing over all scales (the reference's VAR.forward): class dropout 0.1, loss on every position."""
+    with torch.no_grad():
+        tokens = torch.cat([vae.image_to_tokens(digits_to_images(x[i:i + 2048])) for i in range(0, len(x), 2048)])
+        feats = torch.cat([vae.next_scale_inputs(tokens[i:i + 2048]) for i in range(0, len(x), 2048)])
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = VAR(cfg).init_random(seed)
+    with torch.no_grad():
+        model.head.weight.mul_(0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(tokens), (batch,), generator=g)
+        cls = y[idx].clone()
+        cls[torch.rand(batch, generator=g) < 0.1] = cfg.num_classes
+        logits = model(cls, feats[idx])
+        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tokens[idx].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"[{label}] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return model.eval(), float(loss.item())
+
+
 def save_model(model, cfg, path: Path, info: dict, quiet: bool = False) -> None:
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"config": json.dumps({k: v for k, v in asdict(cfg).items() if k != "extra"}), "info": json.dumps(info),
-            "family": "arpg" if isinstance(model, ARPG) else "llamagen"}
+    family = "arpg" if isinstance(model, ARPG) else "var" if isinstance(model, (VAR, VARVQVAE)) else "llamagen"
+    config = {k: v for k, v in asdict(cfg).items() if k != "extra" or family == "var"}
+    meta = {"config": json.dumps(config), "info": json.dumps(info), "family": family}
     save_file(sd, str(path), metadata=meta)
     if not quiet:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
@@ -178,7 +275,10 @@ def save_model(model, cfg, path: Path, info: dict, quiet: bool = False) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg"], default=None)
+    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var"], default=None)
+    ap.add_argument("--var-steps", type=int, default=2500)
+    ap.add_argument("--var-vae-steps", type=int, default=2000)
+    ap.add_argument("--var-synthetic", type=int, default=20000, help="digits sampled from the raster demo model for VAR")
     ap.add_argument("--arpg-steps", type=int, default=3000)
     ap.add_argument("--arpg-batch", type=int, default=128)
     ap.add_argument("--arpg-synthetic", type=int, default=30000, help="digits sampled from the raster demo model for ARPG")
@@ -227,7 +327,19 @@ def main():
         save_model(model, cfg, args.out / "demo-arpg.safetensors",
                    {"steps": args.arpg_steps, "batch": args.arpg_batch, "final_loss": loss,
                     "data": f"sklearn digits train split + {args.arpg_synthetic} digits sampled from demo, random orders"})
+    if args.only in (None, "var"):
+        xs, ys = synthetic_digits(args.var_synthetic, args.out / "demo.safetensors") if args.var_synthetic else (xtr[:0], ytr[:0])
+        x, y = torch.cat([xtr, xs]), torch.cat([ytr, ys])
+        vae_cfg = VARConfig(**VAR_VAE)
+        vae = train_var_vae(vae_cfg, x, args.var_vae_steps)
+        save_model(vae, vae_cfg, args.out / "demo-var-vae.safetensors", {"steps": args.var_vae_steps})
+        data = f"sklearn digits train split + {args.var_synthetic} digits sampled from demo"
+        for name, kw, seed, steps in (("demo-var", VAR_TARGET, 4, args.var_steps), ("demo-var-small", VAR_SMALL, 5, args.var_steps)):
+            cfg = VARConfig(**kw)
+            model, loss = train_var(cfg, vae, x, y, steps, seed=seed, label=name)
+            save_model(model, cfg, args.out / f"{name}.safetensors", {"steps": steps, "final_loss": loss, "data": data})
 
 
 if __name__ == "__main__":
     main()
+

@@ -68,8 +68,8 @@ Reporter = Callable[[str], None]
 def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> Manifest:
     """Export `loaded` (a LoadedModel) into the engine directory `out`; returns its manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
-    from arexport.exporter.export import (WeightStore, export_image_decoder, export_multi_query_step, export_prefill,
-                                          export_step)
+    from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_multi_query_step,
+                                          export_next_scale, export_prefill, export_scale_step, export_step)
 
     opts.validate()
     if opts.backend == "trt":
@@ -99,6 +99,10 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     report(f"exporting multi-query step graph (n, m = 1..{max_q}, {opts.precision})")
                     g = export_multi_query_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
                     kinds = {"multi_query": max_q}
+                elif "scale" in family.step_kinds:
+                    report(f"exporting scale-block step graph (q = 1..{max_q}, {opts.precision})")
+                    g = export_scale_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                    kinds = {"scale": max_q}
                 else:
                     report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
                     g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
@@ -110,6 +114,16 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     report("exporting t2i prefill graph")
                     g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
                     graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
+                if "scale" in family.step_kinds and loaded.decoder is not None:  # VAR: the VQVAE's next-scale inputs
+                    vae = loaded.decoder.float().eval()
+                    for si in range(len(spec.extra["patch_nums"])):
+                        report(f"exporting next-scale graph {si + 1}/{len(spec.extra['patch_nums'])}")
+                        g = export_next_scale(vae, spec, si, tmp, store, max_batch=max_batch)
+                        graphs[g.name] = Graph(g.file)
+                    if opts.images:
+                        report("exporting latent decoder graph")
+                        g = export_latent_decoder(vae, spec, tmp, store, max_batch=max_batch)
+                        graphs["latent_decoder"] = Graph(g.file)
                 if opts.images and loaded.decoder is not None:
                     report("exporting image decoder graph")
                     g = export_image_decoder(loaded.decoder.float().eval(), spec, tmp, store, max_batch=max_batch)
@@ -151,9 +165,10 @@ def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:
         cb = loaded.decoder.codebook().detach().float().cpu().numpy()
         np.save(tmp / "codebook.npy", cb)
         out["codebook"] = "codebook.npy"
-        nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k + 1).numpy()  # LANTERN removes k + 1 on rejection
-        np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
-        out["neighbors"] = "neighbors.npy"
+        if "lantern" in get_family(loaded.spec.family).methods:
+            nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k + 1).numpy()  # LANTERN removes k + 1 on rejection
+            np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
+            out["neighbors"] = "neighbors.npy"
     if loaded.spec.model_type == "t2i":
         np.save(tmp / "uncond_embedding.npy", loaded.model.cls_embedding.uncond_embedding.detach().float().cpu().numpy())
         out["uncond_embedding"] = "uncond_embedding.npy"

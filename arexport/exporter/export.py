@@ -20,7 +20,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from arexport.exporter.graphs import ImageDecoderGraph, MultiQueryStepGraph, PrefillGraph, StepGraph
+from arexport.exporter.graphs import (ImageDecoderGraph, LatentDecoderGraph, MultiQueryStepGraph, NextScaleGraph,
+                                      PrefillGraph, ScaleStepGraph, StepGraph)
 from arexport.exporter.ops import OPSET, TRANSLATIONS
 from arexport.format.spec import ModelSpec
 
@@ -212,6 +213,51 @@ def export_multi_query_step(model, spec: ModelSpec, workdir: Path, store: Weight
     wanted = {("tokens", 0): "batch", ("tokens", 1): "q", ("query_positions", 1): "m"}
     args = [tokens, positions, write_index, mask, qpos, qmask, *caches]
     return _export_packed("step", MultiQueryStepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
+
+
+def export_scale_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
+                      max_batch: int, file: str = "model.onnx") -> ExportedGraph:
+    """Export VAR's scale-block step (dynamic batch and block length q in [1, max_q])."""
+    from torch.export import Dim
+
+    b_ex, q_ex = 2, 3
+    cvae = spec.extra["cvae"]
+    features = torch.zeros(b_ex, q_ex, cvae, dtype=torch.float32)
+    positions = torch.arange(1, q_ex + 1).expand(b_ex, q_ex).contiguous()
+    classes = torch.zeros(b_ex, dtype=torch.int64)
+    write_index = torch.tensor([1, 2], dtype=torch.int64)
+    mask = torch.ones(b_ex, 1, q_ex, spec.s_max, dtype=torch.bool)
+    caches = _cache_args(spec, b_ex, dtype)
+    batch = Dim("batch", min=1, max=max(max_batch, 2))
+    q = Dim("q", min=1, max=max(max_q, 4))
+    dyn = [{0: batch, 1: q}, {0: batch, 1: q}, {0: batch}, {0: batch}, {0: batch, 2: q}, tuple([{0: batch}] * len(caches))]
+    ins, outs = ScaleStepGraph.io_names(spec.n_cache_layers)
+    wanted = {("positions", 0): "batch", ("positions", 1): "q"}
+    args = [features, positions, classes, write_index, mask, *caches]
+    return _export_packed("step", ScaleStepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
+
+
+def export_next_scale(vae, spec: ModelSpec, si: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
+    """Export VAR's VQVAE next-scale input of scale si (dynamic batch), as next_scale_{si}.onnx."""
+    from torch.export import Dim
+
+    pn, hw, cvae = spec.extra["patch_nums"][si], spec.extra["patch_nums"][-1], spec.extra["cvae"]
+    args = [torch.zeros(2, cvae, hw, hw), torch.zeros(2, pn * pn, cvae)]
+    n = Dim("n", min=1, max=max(max_batch, 2))
+    ins, outs = NextScaleGraph.io_names(si == len(spec.extra["patch_nums"]) - 1)
+    return _export_packed(f"next_scale_{si}", NextScaleGraph(vae, si), args, [{0: n}, {0: n}], ins, outs,
+                          {("f_hat", 0): "batch"}, workdir, f"next_scale_{si}.onnx", store)
+
+
+def export_latent_decoder(vae, spec: ModelSpec, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
+    """Export VAR's VQVAE decoder f_hat -> uint8 images (dynamic number of images)."""
+    from torch.export import Dim
+
+    hw, cvae = spec.extra["patch_nums"][-1], spec.extra["cvae"]
+    n = Dim("n", min=1, max=max(max_batch, 2))
+    ins, outs = LatentDecoderGraph.io_names()
+    return _export_packed("latent_decoder", LatentDecoderGraph(vae), [torch.zeros(2, cvae, hw, hw)], [{0: n}], ins, outs,
+                          {("f_hat", 0): "batch"}, workdir, "latent_decoder.onnx", store)
 
 
 def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_batch: int,

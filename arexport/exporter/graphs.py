@@ -88,3 +88,52 @@ class ImageDecoderGraph(nn.Module):
     @staticmethod
     def io_names():
         return ["tokens"], ["images"]
+
+
+class ScaleStepGraph(nn.Module):
+    """VAR: (features, positions, classes, write_index, attn_mask, *past) -> (logits, *present)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features, positions, classes, write_index, attn_mask, *past):
+        keys, values = list(past[0::2]), list(past[1::2])
+        return _flat(*self.model.step(features, positions, classes, write_index, attn_mask, keys, values,
+                                      cache_write=functional_cache_write))
+
+    @staticmethod
+    def io_names(n_layers: int):
+        ins = ["features", "positions", "classes", "write_index", "attn_mask"] + cache_names(n_layers, "past")
+        return ins, ["logits"] + cache_names(n_layers, "present")
+
+
+class NextScaleGraph(nn.Module):
+    """VAR's VQVAE at scale si: (f_hat, h) -> (f_hat, next) (only f_hat after the last scale)."""
+
+    def __init__(self, vae, si: int):
+        super().__init__()
+        self.vae, self.si = vae, si
+
+    def forward(self, f_hat, h):
+        f, nxt = self.vae.next_scale(self.si, f_hat, h)
+        return f if nxt is None else (f, nxt)
+
+    @staticmethod
+    def io_names(last: bool):
+        return ["f_hat", "h"], ["f_hat_out"] if last else ["f_hat_out", "next"]
+
+
+class LatentDecoderGraph(nn.Module):
+    """VAR's VQVAE decoder: f_hat [N, Cvae, H, W] -> images [N, H', W', 3] uint8."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, f_hat):
+        return self.vae.latents_to_images(f_hat)
+
+    @staticmethod
+    def io_names():
+        return ["f_hat"], ["images"]

@@ -48,7 +48,8 @@ def build_plans(directory: Path, manifest, opts, report: Callable[[str], None]) 
     batch_sizes = manifest.profiles.batch_sizes
     for name, graph in manifest.graphs.items():
         if name == "step":
-            profiles = step_profiles(batch_sizes, manifest.profiles.verify_len, tuple(graph.kinds))
+            sizes = [p * p for p in manifest.spec.extra.get("patch_nums", [])]
+            profiles = step_profiles(batch_sizes, manifest.profiles.verify_len, tuple(graph.kinds), sizes)
         else:
             profiles = graph_profiles(name, batch_sizes)
         report(f"TensorRT: {graph.file} with {len(profiles)} profiles")

@@ -5,16 +5,23 @@ The builder writes them (arexport.exporter.trt_build) and the TensorRT runner pi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from arexport.errors import ArexportError
 
 
-def step_profiles(batch_sizes: list[int], verify_len: int, kinds: tuple[str, ...] = ("decode", "verify")) -> list[dict[str, Any]]:
+def step_profiles(batch_sizes: list[int], verify_len: int, kinds: tuple[str, ...] = ("decode", "verify"),
+                  scale_sizes: Optional[list[int]] = None) -> list[dict[str, Any]]:
     """Profiles of the step plan, one per step kind, each covering every batch of 1..max rows (the
     scheduler's live rows change from step to step), tuned for the largest batch size given:
-    `decode` is q = 1, `verify` q in [2, K]; ARPG's `multi_query` has new tokens q and queries m in [1, K]."""
+    `decode` is q = 1, `verify` q in [2, K]; ARPG's `multi_query` has new tokens q and queries m in [1, K];
+    VAR's `scale` has one profile per scale size (q = pn * pn exactly) and one for any q up to K
+    (blocks padded to a batch's largest scale, a CoDe refiner's first step)."""
     top = max(batch_sizes)
+    if "scale" in kinds:
+        sizes = sorted(set(scale_sizes or []))
+        out = [{"kind": "scale", "batch": [1, top, top], "q": [s, s, s]} for s in sizes if s <= verify_len]
+        return out + [{"kind": "scale", "batch": [1, top, top], "q": [1, max(sizes or [1]), verify_len]}]
     if "multi_query" in kinds:
         opt = max(1, verify_len // 8)
         return [{"kind": "multi_query", "batch": [1, top, top], "q": [1, opt, verify_len], "m": [1, opt, verify_len]}]
@@ -38,6 +45,9 @@ def select_profile(profiles: list[dict[str, Any]], kind: str, batch: int, q: int
             continue
         if p["kind"] in ("decode", "verify"):
             if kind in ("decode", "verify") and p["q"][0] <= q <= p["q"][2]:
+                return i
+        elif p["kind"] == "scale":
+            if kind == "scale" and p["q"][0] <= q <= p["q"][2]:
                 return i
         elif p["kind"] == "multi_query":
             if kind == "multi_query":

@@ -119,7 +119,8 @@ def known_models() -> list[str]:
 
 
 def parse_overrides(text: Optional[str]) -> dict[str, Any]:
-    """`n_layer=2,dim=256,n_kv_head=4` -> typed dict of config fields (LlamaGen's or ARPG's)."""
+    """`n_layer=2,dim=256,n_kv_head=4` -> typed dict of config fields (of any family's config; tuples as
+    `patch_nums=1/2/4/8`, booleans as true/false)."""
     if not text:
         return {}
     types = {}
@@ -136,7 +137,13 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
             raise ArexportError(f"unknown model config field {k!r}; fields: {', '.join(t for t in types if t != 'extra')}")
         t = str(types[k])
         try:
-            if "int" in t and "float" not in t:
+            if "tuple" in t:  # patch_nums=1/2/4/8
+                out[k] = tuple(int(x) for x in v.split("/"))
+            elif "bool" in t:
+                if v.lower() not in ("true", "false"):
+                    raise ValueError
+                out[k] = v.lower() == "true"
+            elif "int" in t and "float" not in t:
                 out[k] = None if v.lower() == "none" else int(v)
             elif "float" in t:
                 out[k] = None if v.lower() == "none" else float(v)

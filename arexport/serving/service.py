@@ -58,6 +58,7 @@ class Request:
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
     results: dict = field(default_factory=dict)  # image index -> tokens
+    latents: dict = field(default_factory=dict)  # image index -> VQVAE latents (VAR more_smooth makes images from them)
 
     @property
     def n(self) -> int:
@@ -283,12 +284,19 @@ class GenerationService:
             if r.future.done():
                 continue
             r.results[i] = f.tokens.cpu()
+            if f.latents is not None:
+                r.latents[i] = f.latents
             if len(r.results) == r.n:
                 self._finish(r, torch.stack([r.results[j] for j in range(r.n)]))
 
     def _finish(self, r: Request, tokens: torch.Tensor) -> None:
         try:
-            images = self.engine.decode_images(tokens).cpu().numpy() if r.images else None
+            if not r.images:
+                images = None
+            elif r.latents:
+                images = self.engine.decode_latents(torch.stack([r.latents[j] for j in range(r.n)])).cpu().numpy()
+            else:
+                images = self.engine.decode_images(tokens).cpu().numpy()
         except Exception as e:
             self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"image decoding failed: {e}"), "error")
             return

@@ -122,7 +122,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
 
     def _next_scale(self, si, f_hat, h):
         last = si == len(self.spec.extra["patch_nums"]) - 1
-        outs = self.sessions.get(f"next_scale_{si}").run(["f_hat"] if last else ["f_hat", "next"], {
+        outs = self.sessions.get(f"next_scale_{si}").run(["f_hat_out"] if last else ["f_hat_out", "next"], {
             "f_hat": f_hat.detach().cpu().float().numpy(), "h": h.detach().cpu().float().numpy()})
         return torch.from_numpy(outs[0]).to(self.device), None if last else torch.from_numpy(outs[1]).to(self.device)
 

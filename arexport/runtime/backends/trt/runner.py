@@ -100,6 +100,36 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self._launch(self.plans["step"], "multi_query", feeds, {"logits": logits}, cache, tokens.shape[1])
         return logits
 
+    def _scale_step(self, cache, features, positions, classes, write_index, attn_mask):
+        b, q = positions.shape
+        feeds = graph_feeds(self.device, positions=positions, classes=classes, write_index=write_index, attn_mask=attn_mask)
+        feeds = {"features": features.to(self.device, torch.float32).contiguous(), **feeds}
+        logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        self._launch(self.plans["step"], "scale", feeds, {"logits": logits}, cache, q)
+        return logits
+
+    def _next_scale(self, si, f_hat, h):
+        name = f"next_scale_{si}"
+        if name not in self.plans:
+            raise ArexportError(f"{self.directory} has no {name} plan")
+        last = si == len(self.spec.extra["patch_nums"]) - 1
+        f_hat = f_hat.to(self.device, torch.float32).contiguous()
+        outs = {"f_hat_out": torch.empty_like(f_hat)}
+        if not last:
+            pn1 = self.spec.extra["patch_nums"][si + 1]
+            outs["next"] = torch.empty(f_hat.shape[0], pn1 * pn1, f_hat.shape[1], dtype=torch.float32, device=self.device)
+        self._launch(self.plans[name], name, {"f_hat": f_hat, "h": h.to(self.device, torch.float32).contiguous()}, outs, None, 0)
+        return outs["f_hat_out"], outs.get("next")
+
+    def _decode_latents(self, f_hat):
+        if "latent_decoder" not in self.plans:
+            raise ArexportError(f"{self.directory} has no latent decoder plan")
+        s = self.spec.image.image_size
+        out = torch.empty(f_hat.shape[0], s, s, 3, dtype=torch.uint8, device=self.device)
+        self._launch(self.plans["latent_decoder"], "latent_decoder", {"f_hat": f_hat.to(self.device, torch.float32).contiguous()},
+                     {"images": out}, None, 0)
+        return out
+
     def _prefill_embeds(self, cache, embeds, attn_mask):
         if "prefill" not in self.plans:
             raise ArexportError(f"{self.directory} has no prefill plan")
