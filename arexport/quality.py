@@ -121,9 +121,25 @@ class DigitScores:
 def score_digits(tokens, classes, judge_name: str = "cnn") -> DigitScores:
     """Accuracy and feature distance of generated digits [N, 64] requested as `classes` [N]."""
     t = torch.as_tensor(np.asarray(tokens), dtype=torch.int64)
+    return _score(tokens_to_input(t), classes, judge_name)
+
+
+def images_to_input(images) -> torch.Tensor:
+    """uint8 RGB images [N, 8s, 8s, 3] (s x s blocks per pixel) -> classifier input [N, 1, 8, 8] in [0, 1]:
+    each block's mean grey level (models whose tokens are not grey levels, such as VAR's, are judged here)."""
+    x = torch.as_tensor(np.asarray(images)).float().mean(-1) / 255.0
+    return F.adaptive_avg_pool2d(x.unsqueeze(1), GRID)
+
+
+@torch.no_grad()
+def score_images(images, classes, judge_name: str = "cnn") -> DigitScores:
+    """Accuracy and feature distance of generated digit images [N, H, W, 3] uint8 requested as `classes`."""
+    return _score(images_to_input(images), classes, judge_name)
+
+
+def _score(x: torch.Tensor, classes, judge_name: str) -> DigitScores:
     model = judge(judge_name)
-    x = tokens_to_input(t)
     acc = float((model(x).argmax(1).numpy() == np.asarray(classes)).mean())
     mu, cov = feature_stats(model.features(x).numpy())
     rmu, rcov = reference_stats(judge_name)
-    return DigitScores(acc, frechet_distance(mu, cov, rmu, rcov), len(t))
+    return DigitScores(acc, frechet_distance(mu, cov, rmu, rcov), len(x))

@@ -13,13 +13,14 @@ import torch
 
 from arexport.devices import precision_of
 from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, step_bytes
+from arexport.runtime.engine import NOT_FORWARDS
 from arexport.runtime.generator import Generator
 from arexport.runtime.methods.base import parse_method_options
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.stats import percentiles
 
 SCHEMA_VERSION = 1
-KIND_ORDER = ("prefill", "decode", "verify", "multi_query", "vq_decode")
+KIND_ORDER = ("prefill", "decode", "verify", "multi_query", "scale", "next_scale", "vq_decode", "latent_decode")
 
 
 @dataclass
@@ -109,11 +110,11 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         t_all += dt
         image_s.append(dt / len(classes))
         records += list(gen.engine.records)
-        steps_r = [x for x in gen.engine.records if x.kind != "vq_decode"]
+        steps_r = [x for x in gen.engine.records if x.kind not in ("vq_decode", "latent_decode")]  # VAR: next_scale is step work
         outside = sum(x.seconds for x in gen.engine.records) + sum(x.seconds for x in (gen.draft.records if gen.draft else ()))
         host_s += dt - outside
         engine_s += sum(x.seconds for x in steps_r)
-        n_steps += len(steps_r)
+        n_steps += sum(x.kind not in NOT_FORWARDS for x in steps_r)
         if r == 0:
             trace = [{"kind": x.kind, "q": x.q, "ms": x.seconds * 1e3} for x in gen.engine.records]
             stats = res.stats
