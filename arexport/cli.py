@@ -59,6 +59,39 @@ def model_options(f):
     return f
 
 
+TEXT_ENCODER_HELP = ("Text-conditional LlamaGen: a local T5 save_pretrained directory (config, weights, tokenizer.json) "
+                     "that turns prompts into caption features (an engine built with it carries its own).")
+
+
+def prompt_options(f):
+    """--prompt / --prompts-file and the --text-encoder that reads them (text-conditional models)."""
+    opts = [
+        click.option("--prompt", "prompt_list", multiple=True, help="t2i: a prompt, one image each (repeatable)."),
+        click.option("--prompts-file", type=click.Path(dir_okay=False), help="t2i: prompts, one per line (blank lines skipped)."),
+        click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _prompts(prompt_list, prompts_file) -> Optional[list[str]]:
+    """Prompts from --prompt and --prompts-file (in that order), or None when neither was given."""
+    out = list(prompt_list or [])
+    if prompts_file:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArexportError(f"cannot read --prompts-file {prompts_file}: {e}") from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not lines:
+            raise ArexportError(f"--prompts-file {prompts_file} holds no prompts")
+        out += lines
+    if out and len(out) > 100_000:
+        raise ArexportError(f"{len(out)} prompts exceed the limit of 100,000 images per command")
+    return out or None
+
+
 def engine_or_model_options(default_backend: str):
     """ENGINE_DIR or --model plus its weights, and the backend/device that run it (profile, serve)."""
     def deco(f):
@@ -188,6 +221,7 @@ def _load_captions(path: Optional[str]):
 @model_options
 @click.option("--classes", help="Class ids, comma separated; repeats allowed (3,3,7 or 3x4 for four 3s).")
 @click.option("--caption-embeddings", type=click.Path(dir_okay=False), help="t2i: .npy [N,T,C] or .npz with 'embeds' and 'mask'.")
+@prompt_options
 @click.option("--method", help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n (default: ar; arpg for ARPG models).")
 @click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
@@ -218,7 +252,8 @@ def _load_captions(path: Optional[str]):
 @click.option("--progress/--no-progress", default=None,
               help="Progress (default on: a bar on a terminal, else a plain line to stderr every 5 s).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
-             classes, caption_embeddings, method, backend, device, threads, precision, cfg_scale, cfg_interval, cfg_schedule,
+             classes, caption_embeddings, prompt_list, prompts_file, text_encoder, method, backend, device, threads, precision,
+             cfg_scale, cfg_interval, cfg_schedule,
              cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
              **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
@@ -241,7 +276,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     _check_outputs(("--save-tokens", save_tokens, "file"), ("--out", out_dir, "dir"), ("--stats-json", stats_json, "file"),
                    ("--grid", grid_png, "file"))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
-    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), **kw)
+    prompts = _prompts(prompt_list, prompts_file)
+    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder, **kw)
     spec = gen.spec
     method = method or gen.engine.family.default_method
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
@@ -252,7 +288,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     show = ("lines" if not sys.stderr.isatty() else True) if progress is None else progress
     need_images = bool(out_dir or grid_png)
     result = _run_with_progress(gen, show, dict(
-        classes=_parse_classes(classes), captions=captions, caption_mask=cmask, method=method, method_options=opts,
+        classes=_parse_classes(classes), captions=captions, caption_mask=cmask, prompts=prompts, method=method, method_options=opts,
         sampling=sampling, seed=seed, batch_size=batch_size, images=need_images))
     if save_tokens:
         atomic_save_npy(save_tokens, result.tokens.astype(np.int64))
@@ -357,9 +393,10 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
 @click.option("--trt-workspace-gb", type=float, help="TensorRT workspace memory pool limit in GiB.")
 @click.option("--lantern-k", type=int, default=1000, show_default=True, help="Codebook neighbours stored per token for LANTERN.")
+@click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP + " Exported as text_encoder.onnx with its tokenizer.json.")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k):
+          lantern_k, text_encoder):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -373,7 +410,8 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
 
     opts = BuildOptions(precision=precision, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), verify_len=verify_len,
                         backend=backend, images=not no_images, overwrite=overwrite, trt_opt_level=trt_opt_level,
-                        trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k).validate()
+                        trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
+                        text_encoder=text_encoder).validate()
     if Path(out_dir).exists() and not overwrite:
         raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
     _check_outputs(("--out", out_dir, "dir"))
@@ -568,6 +606,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 @click.option("--cfg-scale", type=float, help="Guidance scale (default: the model's).")
 @click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs).")
 @click.option("--refiner", help="Refiner model or engine directory (code).")
+@prompt_options
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed warm-up generations.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed generations.")
 @click.option("--cuda-graph", is_flag=True, help="Capture steps into CUDA graphs (torch/ort CUDA EP/trt on a GPU).")
@@ -576,7 +615,8 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
 def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-            threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, refiner, warmup, repeats, cuda_graph, precision,
+            threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, refiner, prompt_list, prompts_file,
+            text_encoder, warmup, repeats, cuda_graph, precision,
             bandwidth, json_out, plot_png):
     """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
 
@@ -605,17 +645,19 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     except ValueError as e:
         raise ArexportError(str(e)) from None
     console = Console()
-    cls = _parse_classes(classes)
+    prompts = _prompts(prompt_list, prompts_file)
+    cls = None if prompts else _parse_classes(classes)
     bw = measure_copy_bandwidth(device) if bandwidth else None
     results, context = [], {}
     for cfg in configs:
-        gen = _load_generator(source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph, **kw)
+        gen = _load_generator(source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph,
+                              text_encoder=text_encoder, **kw)
         spec = gen.spec
         cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
         console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(cls)} images, batch {batch_size})")
-        results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec))
+        results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))
         context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": prec, "batch_size": batch_size,
                    "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,
                    "gpu": torch_gpu_name(device), "copy_bandwidth_gbps": (bw / 1e9) if bw else None}
@@ -677,6 +719,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @engine_or_model_options("ort")
 @click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs requests).")
 @click.option("--refiner", help="Refiner model or engine directory (code requests).")
+@click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--batching", type=click.Choice(["continuous", "request", "none"]), default="continuous", show_default=True,
@@ -687,7 +730,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request (GridAR/best-of-N candidates count).")
 @click.option("--insecure-no-auth", is_flag=True, help="Listen on a non-loopback address without a bearer token.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-          threads, draft, refiner, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
+          threads, draft, refiner, text_encoder, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -712,7 +755,7 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
-    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), **kw)
+    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder, **kw)
     service = GenerationService(gen, batching=batching, max_batch=max_batch)
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class BuildOptions:
     trt_timing_cache: Optional[str] = None
     trt_workspace_gb: Optional[float] = None
     lantern_k: int = 1000
+    text_encoder: Optional[str] = None  # a T5 save_pretrained directory exported next to a t2i model (prompts)
     # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on for ONNX
     # Runtime engines, off for TensorRT builds (its parser does not list them)
     fused_ops: Optional[bool] = None
@@ -69,7 +71,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     """Export `loaded` (a LoadedModel) into the engine directory `out`; returns its manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
     from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_multi_query_step,
-                                          export_next_scale, export_prefill, export_scale_step, export_step)
+                                          export_next_scale, export_prefill, export_scale_step, export_step,
+                                          export_text_encoder, load_t5_encoder)
 
     opts.validate()
     if opts.backend == "trt":
@@ -88,6 +91,14 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                                                             family.cache_lookahead(max_q)))
     model = loaded.model.to_precision(dtype=dtype).eval()
     max_batch = max(opts.batch_sizes)
+    t5 = None
+    if opts.text_encoder is not None:
+        if spec.model_type != "t2i":
+            raise ArexportError(f"--text-encoder is for text-conditional models; {spec.name} is {spec.model_type}")
+        t5 = load_t5_encoder(opts.text_encoder)  # before the long export: a bad directory fails now
+        if t5.config.d_model != spec.caption_dim:
+            raise ArexportError(f"the text encoder in {opts.text_encoder} gives {t5.config.d_model}-d features; "
+                                f"{spec.name} takes {spec.caption_dim}-d captions")
     t_start = time.perf_counter()
     with atomic_directory(out, overwrite=opts.overwrite, report=report) as tmp:
         store = WeightStore(tmp)
@@ -114,6 +125,11 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     report("exporting t2i prefill graph")
                     g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
                     graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
+                if t5 is not None:
+                    report(f"exporting the text encoder graph ({spec.cond_len} tokens)")
+                    g = export_text_encoder(t5, spec.cond_len, tmp, store, max_batch=max_batch)
+                    graphs["text_encoder"] = Graph(g.file)
+                    shutil.copyfile(Path(opts.text_encoder) / "tokenizer.json", tmp / "tokenizer.json")
                 if "scale" in family.step_kinds and loaded.decoder is not None:  # VAR: the VQVAE's next-scale inputs
                     vae = loaded.decoder.float().eval()
                     for si in range(len(spec.extra["patch_nums"])):
@@ -146,7 +162,9 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
                    "s_max": spec.s_max, "lookahead": spec.s_max - spec.min_slots, "dtype": opts.precision,
                    "slots": "generation order; positions drive RoPE"},
-            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused})
+            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, **({"text_encoder": {
+                "tokenizer": "tokenizer.json", "max_length": spec.cond_len, "pad_id": int(t5.config.pad_token_id or 0),
+                "source": str(Path(opts.text_encoder).resolve())}} if t5 is not None else {})})
         if opts.backend == "trt":
             from arexport.exporter.trt_build import build_plans
 

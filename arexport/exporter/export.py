@@ -260,6 +260,48 @@ def export_latent_decoder(vae, spec: ModelSpec, workdir: Path, store: WeightStor
                           {("f_hat", 0): "batch"}, workdir, "latent_decoder.onnx", store)
 
 
+def load_t5_encoder(directory: str | Path):
+    """transformers' T5EncoderModel from a local save_pretrained directory, with the eager attention that
+    the dynamo exporter traces (its SDPA path reshapes a non-contiguous view the exporter rejects)."""
+    from arexport.errors import ArexportError
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise ArexportError(f"text encoder directory not found: {d}")
+    if not (d / "tokenizer.json").exists():
+        raise ArexportError(f"{d} has no tokenizer.json (save the fast tokenizer with save_pretrained next to the model)")
+    try:
+        from transformers import T5EncoderModel
+    except ImportError:
+        raise ArexportError("exporting a text encoder needs transformers (pip install arexport[text])") from None
+    try:
+        return T5EncoderModel.from_pretrained(str(d), local_files_only=True, attn_implementation="eager").eval()
+    except (OSError, ValueError) as e:
+        raise ArexportError(f"cannot load a T5 encoder from {d}: {str(e).splitlines()[0][:200]}") from None
+
+
+class _T5Graph(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def export_text_encoder(model, max_length: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
+    """Export a T5 encoder: (input_ids, attention_mask) [N, max_length] int64 -> last_hidden_state [N, max_length, C] fp32."""
+    from torch.export import Dim
+
+    ids = torch.ones(2, max_length, dtype=torch.int64)
+    mask = torch.ones(2, max_length, dtype=torch.int64)
+    mask[1, max_length // 2:] = 0
+    n = Dim("n", min=1, max=max(max_batch, 2))
+    return _export_packed("text_encoder", _T5Graph(model.float().eval()), [ids, mask], [{0: n}, {0: n}],
+                          ["input_ids", "attention_mask"], ["last_hidden_state"], {("input_ids", 0): "batch"}, workdir,
+                          "text_encoder.onnx", store)
+
+
 def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_batch: int,
                    file: str = "prefill.onnx") -> ExportedGraph:
     """Export the t2i condition prefill (dynamic batch; T = cond_len is static)."""

@@ -101,6 +101,10 @@ class Family:
             raise ArexportError(f"class id {int(bad[0])} out of range [0, {spec.num_classes - 1}] for model {spec.name}")
         return Conditions(classes=ids)
 
+    def prompt_conditions(self, engine, prompts) -> Conditions:
+        """Prompts -> a Conditions batch (text-conditional families override)."""
+        raise ArexportError(f"model {engine.spec.name} is class-conditional: give class ids, not prompts")
+
     def null_conditions(self, engine, conds: Conditions) -> Conditions:
         """Unconditional rows matching `conds` for classifier-free guidance (class models: the null class)."""
         return Conditions(classes=torch.full((len(conds),), engine.spec.null_class, dtype=torch.int64,

@@ -29,9 +29,10 @@ class LlamaGenFamily(Family):
         if spec.model_type == "c2i":
             return super().conditions(spec, classes, captions, caption_mask)
         if classes is not None:
-            raise ArexportError(f"model {spec.name} is text-conditional: give caption embeddings, not class ids")
+            raise ArexportError(f"model {spec.name} is text-conditional: give prompts or caption embeddings, not class ids")
         if captions is None:
-            raise ArexportError(f"model {spec.name} is text-conditional: give caption embeddings [N, {spec.cond_len}, {spec.caption_dim}]")
+            raise ArexportError(f"model {spec.name} is text-conditional: give prompts (with its text encoder) or caption "
+                                f"embeddings [N, {spec.cond_len}, {spec.caption_dim}]")
         emb = torch.as_tensor(np.asarray(captions, dtype=np.float32))
         if emb.dim() != 3 or tuple(emb.shape[1:]) != (spec.cond_len, spec.caption_dim) or emb.shape[0] == 0:
             raise ArexportError(f"caption embeddings must have shape [N, {spec.cond_len}, {spec.caption_dim}], got {list(emb.shape)}")
@@ -41,6 +42,16 @@ class LlamaGenFamily(Family):
         if not bool(mask[:, -1].all()):
             raise ArexportError("caption mask must be left-padded (the last position valid), as LlamaGen's T5 features are")
         return Conditions(embeds=emb, mask=mask)
+
+    def prompt_conditions(self, engine, prompts) -> Conditions:
+        spec = engine.spec
+        if spec.model_type == "c2i":
+            return super().prompt_conditions(engine, prompts)
+        embeds, mask = engine.encode_prompts(prompts)
+        if tuple(embeds.shape[1:]) != (spec.cond_len, spec.caption_dim):
+            raise ArexportError(f"the text encoder gives features [{embeds.shape[1]}, {embeds.shape[2]}] per prompt; "
+                                f"{spec.name} takes [{spec.cond_len}, {spec.caption_dim}]")
+        return self.conditions(spec, captions=embeds.numpy(), caption_mask=mask.numpy())
 
     def null_conditions(self, engine, conds: Conditions) -> Conditions:
         if engine.spec.model_type == "c2i":

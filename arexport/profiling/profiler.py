@@ -91,12 +91,15 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 
 def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampling: SamplingParams, batch_size: int,
                       warmup: int = 1, repeats: int = 3, bandwidth: Optional[float] = None,
-                      precision: str = "fp32") -> ProfileResult:
-    """Warm up, then `repeats` timed generations of `classes`; statistics over all timed steps."""
+                      precision: str = "fp32", prompts: Optional[list[str]] = None) -> ProfileResult:
+    """Warm up, then `repeats` timed generations of `classes` (or `prompts`, text-conditional models);
+    statistics over all timed steps."""
     dev = gen.engine.device
+    conds = {"prompts": prompts} if prompts else {"classes": classes}
+    classes = prompts or classes  # what is counted: one image each
     for _ in range(warmup):
-        gen.generate(classes=classes[:batch_size], method=cfg.method, method_options=cfg.options, sampling=sampling,
-                     batch_size=batch_size, images=False, timings=False)
+        gen.generate(**{k: v[:batch_size] for k, v in conds.items()}, method=cfg.method, method_options=cfg.options,
+                     sampling=sampling, batch_size=batch_size, images=False, timings=False)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     records, image_s, stats, trace = [], [], None, []
@@ -104,7 +107,7 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
     n_steps = 0
     for r in range(repeats):
         t0 = time.perf_counter()
-        res = gen.generate(classes=classes, method=cfg.method, method_options=cfg.options, sampling=sampling,
+        res = gen.generate(**conds, method=cfg.method, method_options=cfg.options, sampling=sampling,
                            batch_size=batch_size, images=gen.engine.has_images, timings=True, seed=r)
         dt = time.perf_counter() - t0
         t_all += dt

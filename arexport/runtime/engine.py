@@ -42,7 +42,7 @@ class StepRecord:
     seconds: float
 
 
-NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode")  # calls that are not transformer forwards
+NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode", "text_encode")  # calls that are not transformer forwards
 
 
 def graph_feeds(device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -72,6 +72,7 @@ class StepEngine(ABC):
         self.max_q: int = max_q if max_q is not None else spec.n_tokens
         self.max_batch: Optional[int] = None  # most rows one call may have (None: no limit)
         self._latency: dict[tuple, torch.Tensor] = {}  # (rows, max_q) -> latency_curve
+        self.text_encoder = None  # runtime.text.TextEncoder: prompts -> caption features (text-conditional LlamaGen)
 
     # -- to implement ---------------------------------------------------------------------------
     @abstractmethod
@@ -130,6 +131,14 @@ class StepEngine(ABC):
     def _load_neighbors(self, k: int):
         """Backends with an engine directory return its precomputed table (or None)."""
         return None
+
+    def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (caption features [N, T, C], mask [N, T] bool) through the engine's text encoder."""
+        if self.text_encoder is None:
+            raise ArexportError(f"{self.spec.name} takes prompts only with its text encoder: pass --text-encoder DIR (a T5 "
+                                "save_pretrained directory), or build the engine with --text-encoder")
+        with self._timed("text_encode", len(prompts), 0):
+            return self.text_encoder(prompts)
 
     def null_caption(self) -> torch.Tensor:
         """t2i: the null caption features [T, C] for unconditional CFG rows."""

@@ -50,9 +50,10 @@ class Generator:
 
     @classmethod
     def load(cls, source: str, backend: str = "torch", device: str = "cpu", draft: Optional[str] = None,
-             host_threads: Optional[int] = None, **kw) -> "Generator":
+             host_threads: Optional[int] = None, text_encoder: Optional[str] = None, **kw) -> "Generator":
         """Open a model name or engine directory on a backend; `draft` names a draft model/engine.
 
+        text_encoder: a local T5 save_pretrained directory for text-conditional LlamaGen (prompts).
         host_threads: torch intra-op threads for the runtime's own work (sampling, acceptance, masks).
         With ONNX Runtime on the CPU it defaults to 1: that work is on tiny tensors, and torch's thread
         pool spinning next to ORT's on the same cores made an SJD step 3x slower (engine and host both).
@@ -60,6 +61,10 @@ class Generator:
         from arexport.runtime.loading import open_engine
 
         engine = open_engine(source, backend=backend, device=device, **kw)
+        if text_encoder is not None:  # a T5 save_pretrained directory (else an engine's own text_encoder.onnx)
+            from arexport.runtime.text import TorchT5
+
+            engine.text_encoder = TorchT5(text_encoder, max_length=engine.spec.cond_len, device=device)
         if host_threads is None and engine.backend == "ort" and engine.device.type == "cpu":
             host_threads = 1
         if host_threads is not None and torch.get_num_threads() != host_threads:
@@ -75,8 +80,13 @@ class Generator:
     def spec(self):
         return self.engine.spec
 
-    def conditions(self, classes=None, captions=None, caption_mask=None):
-        """Validate and pack user conditions into a Conditions batch (the family adapter's rules)."""
+    def conditions(self, classes=None, captions=None, caption_mask=None, prompts=None):
+        """Validate and pack user conditions into a Conditions batch (the family adapter's rules);
+        prompts go through the engine's text encoder."""
+        if prompts is not None:
+            if classes is not None or captions is not None:
+                raise ArexportError("give prompts, class ids or caption embeddings, not several")
+            return self.engine.family.prompt_conditions(self.engine, prompts)
         return self.engine.family.conditions(self.spec, classes, captions, caption_mask)
 
     def method(self, method: Optional[str], options: Optional[dict] = None) -> Method:
@@ -109,6 +119,7 @@ class Generator:
         captions=None,
         caption_mask=None,
         method: Optional[str] = None,
+        prompts=None,
         method_options: Optional[dict] = None,
         sampling: SamplingParams = SamplingParams(),
         seed: int = 0,
@@ -124,7 +135,7 @@ class Generator:
         Image i uses the row seed image_seed(seed, i), or seeds[i] when per-image seeds are given."""
         if batch_size < 1:
             raise ArexportError(f"batch size must be >= 1, got {batch_size}")
-        conds = self.conditions(classes, captions, caption_mask)
+        conds = self.conditions(classes, captions, caption_mask, prompts)
         sampling.validate(self.spec.vocab_size)
         m = self.method(method, method_options)
         n = len(conds)

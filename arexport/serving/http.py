@@ -53,12 +53,14 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         classes: Optional[list[ClassId]] = Field(None, description="Class ids (class-conditional models)")
         caption_embeddings: Optional[str] = Field(None, description="base64 .npy [N,T,C] float32 (text-conditional)")
         caption_mask: Optional[str] = Field(None, description="base64 .npy [N,T] bool, left-padded (optional)")
+        prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS, description="A prompt (text-conditional models with a text encoder)")
+        prompts: Optional[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]]] = Field(None, description="Prompts, one image each")
         method: Optional[str] = None
         options: dict[str, Any] = Field(default_factory=dict)
         seed: StrictInt = Field(0, ge=0, lt=2**63, description="Request seed, 0 <= seed < 2**63")
         cfg_scale: Optional[float] = None
         cfg_interval: int = -1
-        cfg_schedule: Optional[Literal["constant", "linear", "cosine"]] = None
+        cfg_schedule: Optional[Literal["constant", "linear", "cosine", "ramp"]] = None
         cfg_power: Optional[float] = None
         temperature: Optional[float] = None
         top_k: Optional[int] = None
@@ -112,10 +114,22 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         method = body.method or service.engine.family.default_method
         if method not in METHODS:
             return err(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-        captions = mask = None
-        if spec.model_type == "t2i":
+        captions = mask = prompts = None
+        if body.prompt is not None or body.prompts is not None:
+            if spec.model_type != "t2i":
+                return err(400, f"model {spec.name} is class-conditional: send classes, not prompts")
+            if body.prompt is not None and body.prompts is not None:
+                return err(400, "send prompt or prompts, not both")
+            if body.caption_embeddings is not None:
+                return err(400, "send prompts or caption_embeddings, not both")
+            prompts = [body.prompt] if body.prompt is not None else body.prompts
+            n_images = len(prompts)
+            if n_images == 0:
+                return err(400, "prompts must be a non-empty list of strings")
+        elif spec.model_type == "t2i":
             if body.caption_embeddings is None:
-                return err(400, f"model {spec.name} is text-conditional: send caption_embeddings (base64 .npy [N,{spec.cond_len},{spec.caption_dim}])")
+                return err(400, f"model {spec.name} is text-conditional: send prompt(s) or caption_embeddings (base64 .npy "
+                                f"[N,{spec.cond_len},{spec.caption_dim}])")
             try:
                 captions = _npy(body.caption_embeddings)
                 mask = _npy(body.caption_mask) if body.caption_mask else None
@@ -143,7 +157,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         try:
             res = await service.agenerate(body.classes, method=method, options=body.options, sampling=sampling,
                                           seed=body.seed, images=body.format == "png", timeout=body.timeout,
-                                          captions=captions, caption_mask=mask)
+                                          captions=captions, caption_mask=mask, prompts=prompts)
         except ServiceClosed as e:
             return err(503, str(e))
         except RequestTimeout as e:
@@ -163,6 +177,9 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         service.close(drain=True, timeout=60)
 
     return app
+
+
+MAX_PROMPT_CHARS = 4096  # a prompt's characters (the text encoder truncates to its token limit anyway)
 
 
 def _npy(text: str) -> np.ndarray:

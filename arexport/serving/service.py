@@ -107,10 +107,10 @@ class GenerationService:
     # -- public API ---------------------------------------------------------------------------------
     def submit(self, classes=None, method: Optional[str] = None, options: Optional[dict] = None,
                sampling: Optional[SamplingParams] = None, seed: int = 0, images: bool = True,
-               timeout: Optional[float] = None, captions=None, caption_mask=None) -> Future:
+               timeout: Optional[float] = None, captions=None, caption_mask=None, prompts=None) -> Future:
         """Queue a request (class ids, or caption features for t2i); the Future resolves to a Response.
         Bad input raises ArexportError here, in the caller's thread, before anything is queued."""
-        conds = self.gen.conditions(classes, captions, caption_mask)
+        conds = self.gen.conditions(classes, captions, caption_mask, prompts)
         m = self.gen.method(method, options)
         sampling = sampling or self.default_sampling()
         sampling.validate(self.engine.spec.vocab_size)

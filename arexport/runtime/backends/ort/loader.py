@@ -79,4 +79,11 @@ def open_directory(directory: Path, manifest, device="cpu", threads: Optional[in
     dev = torch.device(device)
     sessions = OrtSessions(directory, manifest, dev, threads, cuda_graph)
     sessions.get("step")
-    return OrtEngine(sessions, manifest, dev, torch_dtype(manifest.precision))
+    engine = OrtEngine(sessions, manifest, dev, torch_dtype(manifest.precision))
+    text = manifest.export.get("text_encoder")
+    if text and sessions.has("text_encoder"):  # prompts without transformers: the graph plus tokenizer.json
+        from arexport.runtime.text import OrtT5
+
+        engine.text_encoder = OrtT5(sessions.get("text_encoder"), Path(directory) / text["tokenizer"], int(text["max_length"]),
+                                    int(text["pad_id"]))
+    return engine

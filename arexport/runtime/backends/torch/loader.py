@@ -40,4 +40,9 @@ def open_directory(directory: Path, manifest, device: str = "cpu", cuda_graph: b
         engine.decoder = None  # mirror the engine: it was built without images
     engine.spec = manifest.spec  # same model; the directory's spec records its cache length
     engine.max_q = int(manifest.step.q_range[1])
+    text = manifest.export.get("text_encoder")
+    if text and Path(text["source"]).is_dir():  # the T5 directory the engine's text encoder was exported from
+        from arexport.runtime.text import TorchT5
+
+        engine.text_encoder = TorchT5(text["source"], max_length=int(text["max_length"]), device=device)
     return engine

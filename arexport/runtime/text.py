@@ -1,0 +1,150 @@
+"""Prompts -> caption features for text-conditional LlamaGen: the T5 encoder as LlamaGen uses it.
+
+LlamaGen's `T5Embedder.get_text_embeddings` tokenizes each prompt to exactly `max_length` (120)
+tokens (truncated, `</s>` appended, padded with `<pad>` on the right, attention mask), runs the
+T5 encoder and keeps `last_hidden_state`; `sample_t2i.py` then moves each caption's padding to the
+left (the valid features rotated to the end) and zeroes the padded rows, which is the layout the
+GPT's prefill expects. Both backends do exactly that:
+
+* `TorchT5` runs `transformers.T5EncoderModel` from a local `save_pretrained` directory (config,
+  weights, tokenizer);
+* `OrtT5` runs the `text_encoder.onnx` an engine directory carries, with its `tokenizer.json` read by
+  the `tokenizers` package: an ORT engine serves prompts without `transformers` installed.
+
+A prompt longer than the encoder's limit is truncated as the reference does, with a warning naming
+how many tokens were dropped; an empty prompt is an error.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from arexport.errors import ArexportError
+
+MAX_PROMPTS = 1000  # prompts one call may encode (a request's limit is --max-images)
+
+
+class PromptTokenizer:
+    """A `tokenizer.json` (the fast tokenizer's file) padded and truncated to `max_length` as T5Embedder asks."""
+
+    def __init__(self, path: str | Path, max_length: int, pad_id: int = 0):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover - a core dependency
+            raise ArexportError(f"prompts need the tokenizers package ({e})") from None
+        path = Path(path)
+        if not path.is_file():
+            raise ArexportError(f"tokenizer file not found: {path}")
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception subclasses on bad files
+            raise ArexportError(f"cannot read tokenizer {path}: {str(e).splitlines()[0][:200]}") from None
+        self.max_length, self.pad_id = max_length, pad_id
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [N, max_length] int64, attention_mask [N, max_length] int64)."""
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        full = self.tok.encode_batch(list(prompts))
+        for p, e in zip(prompts, full):
+            if len(e.ids) > self.max_length:
+                warnings.warn(f"prompt {p[:40]!r}... has {len(e.ids)} tokens; truncated to the text encoder's "
+                              f"{self.max_length} as LlamaGen's T5Embedder does", stacklevel=3)
+        self.tok.enable_truncation(self.max_length)
+        self.tok.enable_padding(length=self.max_length, pad_id=self.pad_id)
+        enc = self.tok.encode_batch(list(prompts))
+        return (np.array([e.ids for e in enc], dtype=np.int64), np.array([e.attention_mask for e in enc], dtype=np.int64))
+
+
+def check_prompts(prompts) -> list[str]:
+    """A non-empty list of non-empty strings, at most MAX_PROMPTS."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts or [])
+    if not prompts:
+        raise ArexportError("give at least one prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise ArexportError(f"{len(prompts)} prompts exceed the limit of {MAX_PROMPTS} per call")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ArexportError(f"prompt {i} must be a string, got {type(p).__name__}")
+        if not p.strip():
+            raise ArexportError(f"prompt {i} is empty")
+    return prompts
+
+
+def left_pad(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaGen's sample_t2i: each caption's valid features move to the end (padding first) and the
+    padded rows are zeroed; returns (features [N,T,C], mask [N,T] bool)."""
+    out, masks = [], []
+    for e, m in zip(embeds, mask.bool()):
+        n = int(m.sum())
+        out.append(torch.cat([e[n:], e[:n]]))
+        masks.append(m.flip(0))
+    feats, m = torch.stack(out), torch.stack(masks)
+    return feats * m.unsqueeze(-1).to(feats.dtype), m
+
+
+class TextEncoder:
+    """prompts -> (caption features [N, T, C] float32, mask [N, T] bool), left-padded as LlamaGen's prefill wants."""
+
+    max_length: int
+
+    def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = check_prompts(prompts)
+        ids, mask = self.tokenizer(prompts)
+        feats = self.encode_ids(ids, mask).float()
+        return left_pad(feats, torch.from_numpy(mask))
+
+
+class TorchT5(TextEncoder):
+    """transformers' T5EncoderModel from a local save_pretrained directory (no download)."""
+
+    def __init__(self, directory: str | Path, max_length: int = 120, device="cpu"):
+        d = Path(directory)
+        if not d.is_dir():
+            raise ArexportError(f"text encoder directory not found: {d}")
+        if not (d / "tokenizer.json").exists():
+            raise ArexportError(f"{d} has no tokenizer.json (save the fast tokenizer with save_pretrained next to the model)")
+        try:
+            from transformers import T5EncoderModel
+        except ImportError:
+            raise ArexportError("a text encoder directory needs transformers (pip install arexport[text]); an ORT engine "
+                                "directory built with --text-encoder serves prompts without it") from None
+        try:
+            self.model = T5EncoderModel.from_pretrained(str(d), local_files_only=True).eval().to(device)
+        except (OSError, ValueError) as e:
+            raise ArexportError(f"cannot load a T5 encoder from {d}: {str(e).splitlines()[0][:200]}") from None
+        self.directory, self.max_length, self.device = d, max_length, torch.device(device)
+        self.tokenizer = PromptTokenizer(d / "tokenizer.json", max_length, int(self.model.config.pad_token_id or 0))
+
+    @torch.inference_mode()
+    def encode_ids(self, ids, mask):
+        out = self.model(input_ids=torch.from_numpy(ids).to(self.device), attention_mask=torch.from_numpy(mask).to(self.device))
+        return out.last_hidden_state.cpu()
+
+
+class OrtT5(TextEncoder):
+    """The text_encoder.onnx and tokenizer.json of an engine directory."""
+
+    def __init__(self, session, tokenizer_path: Path, max_length: int, pad_id: int):
+        self.session, self.max_length = session, max_length
+        self.tokenizer = PromptTokenizer(tokenizer_path, max_length, pad_id)
+
+    def encode_ids(self, ids, mask):
+        return torch.from_numpy(self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0])
+
+
+def text_encoder_info(encoder: Optional[TextEncoder]) -> Optional[dict]:
+    """What the manifest records about a text encoder."""
+    if encoder is None:
+        return None
+    return {"max_length": encoder.max_length, "pad_id": encoder.tokenizer.pad_id}
