@@ -51,6 +51,11 @@ def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[Ordered
     cases = []
 
     def cond():
+        if "text_vocab_size" in spec.extra:  # prompt token ids (Janus), one row left-padded
+            ids = torch.randint(0, spec.extra["text_vocab_size"], (batch, spec.cond_len), generator=g)
+            mask = np.ones((batch, spec.cond_len), dtype=bool)
+            mask[0, : spec.cond_len // 3] = False
+            return {"prompt_ids": ids.numpy(), "prompt_mask": mask}
         if spec.model_type == "c2i":
             cls = torch.randint(0, spec.num_classes + 1, (batch,), generator=g)  # includes the null class
             return {"classes": cls.numpy()}
@@ -217,7 +222,9 @@ def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     if "scale" in engine.family.step_kinds:
         return run_scale_case(engine, feed)
     b = len(feed["prefix_len"])
-    if spec.model_type == "c2i":
+    if "prompt_ids" in feed:
+        conds = Conditions(ids=torch.from_numpy(feed["prompt_ids"]), mask=torch.from_numpy(feed["prompt_mask"]))
+    elif spec.model_type == "c2i":
         conds = Conditions(classes=torch.from_numpy(feed["classes"]))
     else:
         conds = Conditions(embeds=torch.from_numpy(feed["cond_embeds"]), mask=torch.from_numpy(feed["cond_mask"]))
@@ -357,7 +364,11 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
 
     spec = engine.spec
     g = torch.Generator().manual_seed(seed + 1)
-    if spec.model_type == "c2i":
+    prompts = None
+    if "text_vocab_size" in spec.extra:  # Janus: prompts through each engine's own template and tokenizer
+        prompts = [f"a photo number {i}" for i in range(n_images)]
+        conds = Conditions()
+    elif spec.model_type == "c2i":
         conds = Conditions(classes=torch.randint(0, spec.num_classes, (n_images,), generator=g))
     else:
         conds = Conditions(embeds=torch.randn(n_images, spec.cond_len, spec.caption_dim, generator=g),
@@ -365,8 +376,8 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
     params = SamplingParams(temperature=0.0, cfg_scale=1.0)
     toks = []
     for e in (engine, reference):
-        res = Generator(e).generate(classes=conds.classes, captions=conds.embeds, caption_mask=conds.mask, sampling=params,
-                                    seed=seed, batch_size=n_images, images=False, timings=False)
+        res = Generator(e).generate(classes=conds.classes, captions=conds.embeds, caption_mask=conds.mask, prompts=prompts,
+                                    sampling=params, seed=seed, batch_size=n_images, images=False, timings=False)
         toks.append(torch.from_numpy(res.tokens))
     agree = float((toks[0] == toks[1]).float().mean())
     same = int((toks[0] == toks[1]).all(dim=1).sum())

@@ -83,7 +83,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     multi_query = "multi_query" in family.step_kinds
     dtype = torch_dtype(opts.precision)
     max_q = min(opts.verify_len or family.default_verify_len or loaded.spec.n_tokens, loaded.spec.n_tokens)
-    max_q = max(max_q, family.prefill_len)  # RAR prefills two inputs through the step graph
+    max_q = max(max_q, family.prefill_queries(loaded.spec))  # RAR prefills two inputs, Janus its prompt, through the step graph
     if multi_query:
         max_q = max(max_q, 4)  # the multi-query export traces distinct dynamic n and m
     # the cache carries the lookahead rows of one batch need when they step different query lengths
@@ -93,8 +93,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     max_batch = max(opts.batch_sizes)
     t5 = None
     if opts.text_encoder is not None:
-        if spec.model_type != "t2i":
-            raise ArexportError(f"--text-encoder is for text-conditional models; {spec.name} is {spec.model_type}")
+        if not family.caption_prefill(spec):
+            raise ArexportError(f"--text-encoder is for text-conditional LlamaGen (T5 caption features); {spec.name} is not")
         t5 = load_t5_encoder(opts.text_encoder)  # before the long export: a bad directory fails now
         if t5.config.d_model != spec.caption_dim:
             raise ArexportError(f"the text encoder in {opts.text_encoder} gives {t5.config.d_model}-d features; "
@@ -121,10 +121,16 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                 aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")}
                 graphs["step"] = Graph(g.file, kinds=kinds, q_range=[1, max_q], aliases=aliases,
                                        export_seconds=round(time.perf_counter() - t0, 2))
-                if spec.model_type == "t2i":
+                if family.caption_prefill(spec):
                     report("exporting t2i prefill graph")
                     g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
                     graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
+                if loaded.prompter is not None:  # a chat model's prompt files (tokenizer.json, chat template)
+                    for name, src in loaded.prompter["files"].items():
+                        if isinstance(src, str):
+                            (tmp / name).write_text(src, encoding="utf-8")
+                        else:
+                            shutil.copyfile(src, tmp / name)
                 if t5 is not None:
                     report(f"exporting the text encoder graph ({spec.cond_len} tokens)")
                     g = export_text_encoder(t5, spec.cond_len, tmp, store, max_batch=max_batch)
@@ -164,7 +170,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                    "slots": "generation order; positions drive RoPE"},
             report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, **({"text_encoder": {
                 "tokenizer": "tokenizer.json", "max_length": spec.cond_len, "pad_id": int(t5.config.pad_token_id or 0),
-                "source": str(Path(opts.text_encoder).resolve())}} if t5 is not None else {})})
+                "source": str(Path(opts.text_encoder).resolve())}} if t5 is not None else {}),
+                **({"prompter": loaded.prompter["info"]} if loaded.prompter is not None else {})})
         if opts.backend == "trt":
             from arexport.exporter.trt_build import build_plans
 
@@ -187,7 +194,7 @@ def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:
             nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k + 1).numpy()  # LANTERN removes k + 1 on rejection
             np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
             out["neighbors"] = "neighbors.npy"
-    if loaded.spec.model_type == "t2i":
+    if get_family(loaded.spec.family).caption_prefill(loaded.spec):
         np.save(tmp / "uncond_embedding.npy", loaded.model.cls_embedding.uncond_embedding.detach().float().cpu().numpy())
         out["uncond_embedding"] = "uncond_embedding.npy"
     return out

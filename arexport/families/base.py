@@ -22,19 +22,23 @@ from arexport.errors import ArexportError
 
 @dataclass
 class Conditions:
-    """A batch of conditions: class ids [B] (c2i) or caption features [B,T,C] with mask [B,T] (t2i)."""
+    """A batch of conditions: class ids [B] (c2i), caption features [B,T,C] with mask [B,T] (t2i), or
+    prompt token ids [B,T] with mask [B,T] (Janus); masks are left-padded."""
 
     classes: Optional[torch.Tensor] = None
     embeds: Optional[torch.Tensor] = None
     mask: Optional[torch.Tensor] = None
+    ids: Optional[torch.Tensor] = None
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in (("classes", self.classes), ("embeds", self.embeds), ("mask", self.mask),
+                                  ("ids", self.ids)) if v is not None}
 
     def __len__(self) -> int:
-        return int(self.classes.shape[0] if self.classes is not None else self.embeds.shape[0])
+        return int(next(iter(self.fields().values())).shape[0])
 
     def _map(self, fn) -> "Conditions":
-        if self.classes is not None:
-            return Conditions(classes=fn(self.classes))
-        return Conditions(embeds=fn(self.embeds), mask=None if self.mask is None else fn(self.mask))
+        return Conditions(**{k: fn(v) for k, v in self.fields().items()})
 
     def select(self, rows) -> "Conditions":
         """The given rows (slice or index tensor)."""
@@ -49,19 +53,12 @@ class Conditions:
 
     def interleave(self, other: "Conditions") -> "Conditions":
         """Rows [self_0, other_0, self_1, other_1, ...] (CFG: a cond row, then its uncond row)."""
-        def pair(a, b):
-            return torch.stack([a, b], 1).flatten(0, 1)
-
-        if self.classes is not None:
-            return Conditions(classes=pair(self.classes, other.classes))
-        return Conditions(embeds=pair(self.embeds, other.embeds), mask=pair(self.mask, other.mask))
+        return Conditions(**{k: torch.stack([v, getattr(other, k)], 1).flatten(0, 1) for k, v in self.fields().items()})
 
     @staticmethod
     def cat(parts: list["Conditions"]) -> "Conditions":
         """Rows of every part in order."""
-        if parts[0].classes is not None:
-            return Conditions(classes=torch.cat([p.classes for p in parts]))
-        return Conditions(embeds=torch.cat([p.embeds for p in parts]), mask=torch.cat([p.mask for p in parts]))
+        return Conditions(**{k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].fields()})
 
 
 class Family:
@@ -73,6 +70,14 @@ class Family:
     step_kinds: tuple[str, ...] = ("decode", "verify")  # what the step graph serves
     default_verify_len: Optional[int] = 16  # largest query length built by default (None: all tokens)
     prefill_len: int = 1  # inputs its prefill feeds through the step graph at once (the graph's q must reach it)
+
+    def caption_prefill(self, spec) -> bool:
+        """Whether the family prefills caption features through a prefill graph (text-conditional LlamaGen)."""
+        return False
+
+    def prefill_queries(self, spec) -> int:
+        """Inputs the prefill feeds through the step graph at once (the exported q range must reach it)."""
+        return self.prefill_len
 
     def cache_lookahead(self, max_q: int) -> int:
         """Cache slots an engine needs past a whole image so that rows of one batch can step query

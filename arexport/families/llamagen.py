@@ -20,6 +20,9 @@ class LlamaGenFamily(Family):
     default_method = "ar"
     step_kinds = ("decode", "verify")
 
+    def caption_prefill(self, spec) -> bool:
+        return spec.model_type == "t2i"
+
     def sampling_defaults(self, spec):
         if spec.model_type == "t2i":  # LlamaGen's t2i demo
             return {"cfg_scale": 7.5, "top_k": 1000, "top_p": 1.0, "temperature": 1.0}

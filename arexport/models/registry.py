@@ -9,6 +9,8 @@ Names:
   maskgit-vqgan-imagenet-f16-256.bin`); `rar_b` etc. are aliases.
 * `var-d16`, `var-d20`, `var-d24`, `var-d30` (256 px) and `var-d36` (512 px): VAR next-scale models
   (`--checkpoint var_d16.pth`) with the multi-scale VQVAE (`--vq-checkpoint vae_ch160v4096z32.pth`).
+* `janus-pro`: Janus-Pro (any size its config describes) through transformers' model definition,
+  from a local save_pretrained directory (`--checkpoint DIR`: config, weights, tokenizer.json); prompts.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
@@ -78,6 +80,13 @@ DEMO_CFG_SCALE = 1.5
 DEMO_ARPG_CFG_SCALE = 3.0
 
 
+@dataclass(frozen=True)
+class JanusOptions:
+    """What a Janus checkpoint's config does not say: the prompt slots an engine reserves."""
+
+    prompt_slots: int = 128  # prompt tokens (chat template and image-start token included)
+
+
 @dataclass
 class LoadedModel:
     """A ready PyTorch model with its spec, image decoder and where its weights came from."""
@@ -87,6 +96,7 @@ class LoadedModel:
     spec: ModelSpec
     decoder: Optional[torch.nn.Module]
     source: dict[str, Any]
+    prompter: Optional[dict] = None  # {'files': {name: path or text}, 'info': {...}}: a chat model's prompt assets
 
 
 def canonical_name(name: str) -> str:
@@ -98,6 +108,8 @@ def canonical_name(name: str) -> str:
     if low.replace("_", "-").startswith("rar-") and low[4:] in RAR_SIZES:
         return f"rar-{low[4:]}"
     v = low.replace("_", "-")
+    if v in ("janus", "janus-pro", "janus-pro-1b", "janus-pro-7b"):
+        return "janus-pro"
     if v.startswith("var-d") and v[5:].isdigit() and int(v[5:]) in VAR_DEPTHS:
         return f"var-d{int(v[5:])}"
     if low.startswith("arpg-") and n[5:].upper() in ARPG_SIZES:
@@ -115,6 +127,7 @@ def known_models() -> list[str]:
     names = list(DEMO_MODELS)
     names += [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES] + [f"llamagen-t2i-{s}" for s in LLAMAGEN_SIZES]
     names += [f"arpg-{s}" for s in ARPG_SIZES] + [f"rar-{s}" for s in RAR_SIZES] + [f"var-d{d}" for d in VAR_DEPTHS]
+    names += ["janus-pro"]
     return names
 
 
@@ -207,7 +220,7 @@ def family_configs() -> dict[str, type]:
     """The config class of each family with PyTorch models here."""
     from arexport.models.arpg import ARPGConfig
 
-    return {"llamagen": LlamaGenConfig, "arpg": ARPGConfig, "rar": RARConfig, "var": VARConfig}
+    return {"llamagen": LlamaGenConfig, "arpg": ARPGConfig, "rar": RARConfig, "var": VARConfig, "janus": JanusOptions}
 
 
 def checkpoint_family(sd: dict) -> Optional[str]:
@@ -249,6 +262,8 @@ def load_model(
 ) -> LoadedModel:
     """Build a model by name and fill its weights from a checkpoint, the package, or a seed."""
     cname = canonical_name(name)
+    if cname == "janus-pro":
+        return load_janus(cname, checkpoint, random_init, overrides, vq_checkpoint, dtype, device)
     for path, what in ((checkpoint, "checkpoint"), (vq_checkpoint, "tokenizer checkpoint")):
         if path is not None and not Path(path).is_file():  # before building (and allocating) the model
             raise CheckpointError(f"{what} not found: {path}" if not Path(path).exists() else
@@ -364,3 +379,35 @@ def load_var_vae(path: str, cfg: VARConfig):
     vae = VARVQVAE(cfg)
     load_into(vae, sd, source=str(path))
     return vae.eval()
+
+
+def load_janus(cname: str, checkpoint, random_init: bool, overrides, vq_checkpoint, dtype, device) -> LoadedModel:
+    """Janus-Pro from a save_pretrained directory: the step model, its VQ decoder and spec."""
+    from arexport.models.janus import (JanusImageDecoder, JanusImageModel, janus_spec, load_hf_janus, pixel_mapping, prompter_assets,
+                                       special_ids)
+
+    if random_init or checkpoint is None:
+        raise ArexportError(f"{cname} loads a transformers save_pretrained directory: pass --checkpoint DIR")
+    if vq_checkpoint is not None:
+        raise ArexportError(f"{cname} decodes with its own VQ model (in the checkpoint directory): drop --vq-checkpoint")
+    bad = set(overrides or {}) - {"prompt_slots"}
+    if bad:
+        raise ArexportError(f"{cname} takes only prompt_slots as a model override, not {', '.join(sorted(bad))}")
+    slots = int((overrides or {}).get("prompt_slots", JanusOptions().prompt_slots))
+    if slots < 2:
+        raise ArexportError(f"prompt_slots must be >= 2, got {slots}")
+    hf = load_hf_janus(checkpoint)
+    ids = special_ids(checkpoint, hf)
+    spec = janus_spec(cname, hf, slots, ids)
+    model = JanusImageModel(hf, slots).to_precision(device=device, dtype=dtype).eval()
+    step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(model.STEP_WEIGHTS))
+    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": get_family("janus").sampling_defaults(spec),
+                                            "step_weight_params": int(step_params)})
+    source = {"model": cname, "overrides": dict(overrides or {}), "image_size": None,
+              "checkpoint": str(Path(checkpoint).resolve())}
+    from tokenizers import Tokenizer
+
+    boi = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json")).id_to_token(ids["boi_token_id"])
+    assets = prompter_assets(checkpoint, slots, ids["pad_token_id"], boi)
+    decoder = JanusImageDecoder(hf, pixel_mapping(checkpoint)).to(device).eval()
+    return LoadedModel(cname, model, spec, decoder, source, prompter=assets)

@@ -148,3 +148,51 @@ def text_encoder_info(encoder: Optional[TextEncoder]) -> Optional[dict]:
     if encoder is None:
         return None
     return {"max_length": encoder.max_length, "pad_id": encoder.tokenizer.pad_id}
+
+
+class ChatPrompter:
+    """Janus: prompt -> the checkpoint's chat template (rendered as transformers renders templates) +
+    the image-start token -> token ids (BOS by the tokenizer), left-padded to the engine's prompt slots.
+
+    `info` (recorded in the manifest's export.prompter): template file or None, boi token string, slots,
+    pad id and the special-token strings the template may use."""
+
+    def __init__(self, files: dict, info: dict):
+        """files: name -> Path (or the text itself): the tokenizer.json and chat template named in `info`."""
+        self.info, self.max_length = info, int(info["slots"])
+        self.tok = PromptTokenizer(files[info["tokenizer"]], self.max_length, int(info["pad_id"])).tok
+        self.template = None
+        if info.get("template"):
+            text = files[info["template"]]
+            import jinja2
+            import jinja2.ext
+            import jinja2.sandbox
+
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                                extensions=[jinja2.ext.loopcontrols])
+            self.template = env.from_string(text if isinstance(text, str) else Path(text).read_text(encoding="utf-8"))
+
+    def render(self, prompt: str) -> str:
+        """The text transformers' JanusProcessor tokenizes for image generation."""
+        text = prompt
+        if self.template is not None:
+            msgs = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+            text = self.template.render(messages=msgs, add_generation_prompt=True, **self.info.get("special_tokens", {}))
+        return text + self.info["boi_token"]
+
+    def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, slots] int64, mask [N, slots] bool), left-padded."""
+        prompts = check_prompts(prompts)
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        enc = self.tok.encode_batch([self.render(p) for p in prompts])
+        ids = torch.full((len(prompts), self.max_length), int(self.info["pad_id"]), dtype=torch.int64)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
+        for i, e in enumerate(enc):
+            n = len(e.ids)
+            if n > self.max_length:
+                raise ArexportError(f"prompt {i} is {n} tokens with the chat template and image-start token; this model "
+                                    f"holds {self.max_length} (raise --model-config prompt_slots=N and rebuild)")
+            ids[i, self.max_length - n:] = torch.tensor(e.ids, dtype=torch.int64)
+            mask[i, self.max_length - n:] = True
+        return ids, mask

@@ -68,7 +68,9 @@ class GridAROptions(Options):
     checkpoints: Any = option((0.25, 0.5), "fractions of the grid rows where candidates are verified (a/b/...)")
     group: int = option(4, "candidates replaced within groups of this size (4: the official is_grouped_by_4; N: all)",
                         flag="--group")
-    reformulate: Any = option(None, "t2i: callable(partial, conditions) -> Conditions rewriting captions (Python API)")
+    reformulate: Any = option(None, "t2i: module:callable (CLI) or callable (partial, conditions) -> new prompts (a list "
+                              "of strings, one per candidate) or Conditions, rewriting them from the partial canvases",
+                              flag="--reformulate")
     w3: Optional[float] = option(None, "t2i: weight of the reformulated caption in 3-way CFG (default cfg_scale - 1, "
                                  "the official single guidance weight; 0 = off)")
     multiple_of: int = 4
@@ -119,6 +121,8 @@ class GridARDecoder(ARDecoder):
         self.passed = self.slots.image_tensor(())  # checkpoints done
         self.image_conds = self.slots.image_list()  # each image's condition (the verifier gets them)
         w3 = max(0.0, ctx.params.cfg_scale - 1.0) if w3 is None else w3
+        if reformulate is not None and not callable(reformulate):
+            reformulate = resolve(reformulate, {}, "reformulate", kind)
         self.side = _Reformulated(self, reformulate, w3) if reformulate is not None else None
 
     def start(self, a, b, conds):
@@ -168,7 +172,12 @@ class GridARDecoder(ARDecoder):
             self.passed[i] += 1
         if self.side is not None and self.spec.model_type == "t2i":
             chosen = PartialCanvas(canvas[selected], canvas[selected, :px], tokens[selected], rows / g, conds)
-            self.side.refresh(images, self.side.reformulate(chosen, conds))
+            new = self.side.reformulate(chosen, conds)
+            if isinstance(new, (list, tuple)) and all(isinstance(p, str) for p in new):  # rewritten prompts
+                new = self.engine.family.prompt_conditions(self.engine, list(new))
+            if not isinstance(new, Conditions):
+                raise ArexportError(f"reformulate must return prompts (a list of strings) or Conditions, got {type(new).__name__}")
+            self.side.refresh(images, new)
 
     def _copy_candidates(self, i: int, plan: torch.Tensor, moved: torch.Tensor, salt: int) -> None:
         """Candidate c of image i becomes a copy of candidate plan[c] (cache rows, logits, tokens, stream)."""

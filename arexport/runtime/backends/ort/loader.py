@@ -80,6 +80,12 @@ def open_directory(directory: Path, manifest, device="cpu", threads: Optional[in
     sessions = OrtSessions(directory, manifest, dev, threads, cuda_graph)
     sessions.get("step")
     engine = OrtEngine(sessions, manifest, dev, torch_dtype(manifest.precision))
+    chat = manifest.export.get("prompter")
+    if chat:  # a chat model's prompts: its template and tokenizer.json, carried in the directory
+        from arexport.runtime.text import ChatPrompter
+
+        files = {n: Path(directory) / n for n in (chat["tokenizer"], chat.get("template")) if n}
+        engine.text_encoder = ChatPrompter(files, chat)
     text = manifest.export.get("text_encoder")
     if text and sessions.has("text_encoder"):  # prompts without transformers: the graph plus tokenizer.json
         from arexport.runtime.text import OrtT5

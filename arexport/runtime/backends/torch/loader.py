@@ -19,7 +19,12 @@ def open_model(name: str, device: str = "cpu", dtype: Optional[str] = None, cuda
     from arexport.runtime.backends.torch.runner import TorchEngine
 
     loaded = load_model(name, dtype=torch_dtype(dtype or "fp32"), device=device, **model_options)
-    return TorchEngine(loaded, device=device, cuda_graph=cuda_graph)
+    engine = TorchEngine(loaded, device=device, cuda_graph=cuda_graph)
+    if loaded.prompter is not None:  # a chat model's prompts (Janus): template + tokenizer of its checkpoint
+        from arexport.runtime.text import ChatPrompter
+
+        engine.text_encoder = ChatPrompter(loaded.prompter["files"], loaded.prompter["info"])
+    return engine
 
 
 def open_directory(directory: Path, manifest, device: str = "cpu", cuda_graph: bool = False, precision: Optional[str] = None):
