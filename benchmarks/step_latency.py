@@ -28,9 +28,21 @@ from arexport.models.registry import load_model, parse_overrides  # noqa: E402
 from arexport.families import Conditions  # noqa: E402
 
 
+def conditions(spec, batch: int) -> Conditions:
+    """A batch of conditions of the model's kind (classes, caption features or prompt ids)."""
+    g = torch.Generator().manual_seed(1)
+    if "text_vocab_size" in spec.extra:  # Janus: prompt ids filling the prompt slots
+        return Conditions(ids=torch.randint(0, spec.extra["text_vocab_size"], (batch, spec.cond_len), generator=g),
+                          mask=torch.ones(batch, spec.cond_len, dtype=torch.bool))
+    if spec.model_type == "t2i":
+        return Conditions(embeds=torch.randn(batch, spec.cond_len, spec.caption_dim, generator=g),
+                          mask=torch.ones(batch, spec.cond_len, dtype=torch.bool))
+    return Conditions(classes=torch.arange(batch) % spec.num_classes)
+
+
 def fill(engine, batch: int, offset: int):
     cache = engine.allocate(batch)
-    engine.family.prefill(engine, cache, Conditions(classes=torch.arange(batch) % engine.spec.num_classes))
+    engine.family.prefill(engine, cache, conditions(engine.spec, batch))
     done = 0
     g = torch.Generator().manual_seed(0)
     while done < offset:
@@ -47,6 +59,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="GPT-B")
     ap.add_argument("--random-init", action="store_true")
+    ap.add_argument("--checkpoint", default=None, help="weights file, or a save_pretrained directory (janus-pro)")
     ap.add_argument("--model-config", default=None)
     ap.add_argument("--engine", default=None, help="existing engine directory (skips the build)")
     ap.add_argument("--precision", default="fp32")
@@ -67,7 +80,8 @@ def main():
     else:
         tmp = tempfile.TemporaryDirectory()
         eng_dir = Path(tmp.name) / "engine"
-        lm = load_model(args.model, random_init=args.random_init, overrides=parse_overrides(args.model_config))
+        lm = load_model(args.model, random_init=args.random_init, checkpoint=args.checkpoint,
+                        overrides=parse_overrides(args.model_config))
         print(f"building {eng_dir} ...", file=sys.stderr)
         build_engine(lm, eng_dir, BuildOptions(precision=args.precision, batch_sizes=[args.batch], verify_len=max(qs), images=False))
     ort_engine = open_engine(str(eng_dir), "ort", threads=args.threads)

@@ -7,7 +7,7 @@
 
 The demo's quality is class accuracy under both packaged judges (CNN, MLP) of the decoded images.
 `--shapes d16`: the drafter is var-d16 (random weights), the refiner a half-depth VAR of the same
-family (depth 8: width 512, 8 heads); engines are built under --work once and reused.
+family (depth 8: width 512, 8 heads, the released rule 64 x depth); engines are built under --work once and reused.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def engines(args):
 
     ov = {"vae_ch": 32} if args.small_vae else {}
     return (build("var-d16", Path(args.work) / "var-d16", dict(random_init=True, overrides=ov or None)),
-            build("var-d16", Path(args.work) / "var-d8", dict(random_init=True, seed=1, overrides={"depth": 8, **ov})))
+            build("var-d16", Path(args.work) / "var-d8", dict(random_init=True, seed=1, overrides={"depth": 8, "dim": 512, "n_head": 8, **ov})))
 
 
 def build(name, path: Path, kw) -> str:

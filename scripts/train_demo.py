@@ -114,6 +114,17 @@ def synthetic_digits(n: int, checkpoint: Path, seed: int = 123):
     return torch.as_tensor(r.tokens, dtype=torch.int64).view(n, -1), torch.tensor(classes, dtype=torch.int64)
 
 
+def optimize(model, loss, opt, sched, step: int, steps: int, label: str, t0: float) -> None:
+    """One optimizer step (gradients clipped at norm 1) and a progress line every 200 steps."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    if step % 200 == 0 or step == steps - 1:
+        print(f"[{label}] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+
+
 def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label="", probe=None, probe_every=500):
     """Teacher forcing; LlamaGen in raster order, ARPG in a fresh random order per sample."""
     torch.manual_seed(seed)
@@ -141,13 +152,7 @@ def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label="", 
         else:
             logits = model(cls, tok)
             loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"[{label}] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        optimize(model, loss, opt, sched, step, steps, label, t0)
         if probe is not None and step and step % probe_every == 0:
             rng = torch.get_rng_state()  # the probe must not shift the dropout stream
             print(f"[{label}] step {step:5d} {probe(cfg, model.eval())}", flush=True)
@@ -254,13 +259,7 @@ def train_var(cfg: VARConfig, vae: VARVQVAE, x: torch.Tensor, y: torch.Tensor, s
         cls[torch.rand(batch, generator=g) < 0.1] = cfg.num_classes
         logits = model(cls, feats[idx])
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tokens[idx].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"[{label}] step {step:5d} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+        optimize(model, loss, opt, sched, step, steps, label, t0)
     return model.eval(), float(loss.item())
 
 

@@ -72,7 +72,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     from arexport.exporter.checks import check_graph, raise_on_problems
     from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_multi_query_step,
                                           export_next_scale, export_prefill, export_scale_step, export_step,
-                                          export_text_encoder, load_t5_encoder)
+                                          export_text_encoder)
+    from arexport.hf import load_t5_encoder
 
     opts.validate()
     if opts.backend == "trt":
@@ -95,7 +96,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     if opts.text_encoder is not None:
         if not family.caption_prefill(spec):
             raise ArexportError(f"--text-encoder is for text-conditional LlamaGen (T5 caption features); {spec.name} is not")
-        t5 = load_t5_encoder(opts.text_encoder)  # before the long export: a bad directory fails now
+        t5 = load_t5_encoder(opts.text_encoder, eager=True)  # before the long export: a bad directory fails now
         if t5.config.d_model != spec.caption_dim:
             raise ArexportError(f"the text encoder in {opts.text_encoder} gives {t5.config.d_model}-d features; "
                                 f"{spec.name} takes {spec.caption_dim}-d captions")

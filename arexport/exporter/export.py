@@ -260,26 +260,6 @@ def export_latent_decoder(vae, spec: ModelSpec, workdir: Path, store: WeightStor
                           {("f_hat", 0): "batch"}, workdir, "latent_decoder.onnx", store)
 
 
-def load_t5_encoder(directory: str | Path):
-    """transformers' T5EncoderModel from a local save_pretrained directory, with the eager attention that
-    the dynamo exporter traces (its SDPA path reshapes a non-contiguous view the exporter rejects)."""
-    from arexport.errors import ArexportError
-
-    d = Path(directory)
-    if not d.is_dir():
-        raise ArexportError(f"text encoder directory not found: {d}")
-    if not (d / "tokenizer.json").exists():
-        raise ArexportError(f"{d} has no tokenizer.json (save the fast tokenizer with save_pretrained next to the model)")
-    try:
-        from transformers import T5EncoderModel
-    except ImportError:
-        raise ArexportError("exporting a text encoder needs transformers (pip install arexport[text])") from None
-    try:
-        return T5EncoderModel.from_pretrained(str(d), local_files_only=True, attn_implementation="eager").eval()
-    except (OSError, ValueError) as e:
-        raise ArexportError(f"cannot load a T5 encoder from {d}: {str(e).splitlines()[0][:200]}") from None
-
-
 class _T5Graph(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

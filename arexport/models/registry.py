@@ -175,13 +175,12 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
         native = 512 if depth == 36 else 256
         if image_size not in (None, native):
             raise ArexportError(f"{name} generates {native} px images (its released patch_nums); --image-size {image_size} does not apply")
-        if overrides:
-            cfg = VARConfig(depth=depth, patch_nums=VAR_512 if depth == 36 else VAR_256, shared_aln=depth == 36)
-            try:
-                return cfg.with_overrides(**overrides)
-            except (ValueError, TypeError) as e:
-                raise ArexportError(f"invalid model config: {e}") from None
-        return VARConfig(depth=depth, patch_nums=VAR_512 if depth == 36 else VAR_256, shared_aln=depth == 36)
+        # width and heads follow an overridden depth (64 x depth, depth heads) unless given too
+        kw = {"depth": depth, "patch_nums": VAR_512 if depth == 36 else VAR_256, "shared_aln": depth == 36, **(overrides or {})}
+        try:
+            return VARConfig(**kw)
+        except (ValueError, TypeError) as e:
+            raise ArexportError(f"invalid model config: {e}") from None
     if image_size is not None and image_size % 16 and name not in DEMO_MODELS:
         raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
     if name in DEMO_MODELS:

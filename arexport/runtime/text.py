@@ -26,7 +26,7 @@ import torch
 
 from arexport.errors import ArexportError
 
-MAX_PROMPTS = 1000  # prompts one call may encode (a request's limit is --max-images)
+ENCODE_CHUNK = 256  # prompts per text-encoder call (a long --prompts-file is encoded in pieces)
 
 
 class PromptTokenizer:
@@ -62,14 +62,12 @@ class PromptTokenizer:
 
 
 def check_prompts(prompts) -> list[str]:
-    """A non-empty list of non-empty strings, at most MAX_PROMPTS."""
+    """A non-empty list of non-empty strings."""
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts or [])
     if not prompts:
         raise ArexportError("give at least one prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise ArexportError(f"{len(prompts)} prompts exceed the limit of {MAX_PROMPTS} per call")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ArexportError(f"prompt {i} must be a string, got {type(p).__name__}")
@@ -101,7 +99,8 @@ class TextEncoder:
     def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = check_prompts(prompts)
         ids, mask = self.tokenizer(prompts)
-        feats = self.encode_ids(ids, mask).float()
+        feats = torch.cat([self.encode_ids(ids[i:i + ENCODE_CHUNK], mask[i:i + ENCODE_CHUNK]).float()
+                           for i in range(0, len(ids), ENCODE_CHUNK)])
         return left_pad(feats, torch.from_numpy(mask))
 
 
@@ -109,20 +108,10 @@ class TorchT5(TextEncoder):
     """transformers' T5EncoderModel from a local save_pretrained directory (no download)."""
 
     def __init__(self, directory: str | Path, max_length: int = 120, device="cpu"):
+        from arexport.hf import load_t5_encoder
+
         d = Path(directory)
-        if not d.is_dir():
-            raise ArexportError(f"text encoder directory not found: {d}")
-        if not (d / "tokenizer.json").exists():
-            raise ArexportError(f"{d} has no tokenizer.json (save the fast tokenizer with save_pretrained next to the model)")
-        try:
-            from transformers import T5EncoderModel
-        except ImportError:
-            raise ArexportError("a text encoder directory needs transformers (pip install arexport[text]); an ORT engine "
-                                "directory built with --text-encoder serves prompts without it") from None
-        try:
-            self.model = T5EncoderModel.from_pretrained(str(d), local_files_only=True).eval().to(device)
-        except (OSError, ValueError) as e:
-            raise ArexportError(f"cannot load a T5 encoder from {d}: {str(e).splitlines()[0][:200]}") from None
+        self.model = load_t5_encoder(d).to(device)
         self.directory, self.max_length, self.device = d, max_length, torch.device(device)
         self.tokenizer = PromptTokenizer(d / "tokenizer.json", max_length, int(self.model.config.pad_token_id or 0))
 
