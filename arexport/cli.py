@@ -657,7 +657,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
-        console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(cls)} images, batch {batch_size})")
+        console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))
         context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": prec, "batch_size": batch_size,
                    "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,

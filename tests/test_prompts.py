@@ -155,6 +155,10 @@ def test_cli_prompts_and_http(t2i_engine, tmp_path):
     assert np.load(tmp_path / "t.npy").shape == (3, 16)
     r = CliRunner().invoke(cli, ["generate", str(t2i_engine), "--backend", "ort", "--prompt", "", "--save-tokens", str(tmp_path / "u.npy")])
     assert r.exit_code == 1 and "prompt 0 is empty" in r.output
+    r = CliRunner().invoke(cli, ["profile", str(t2i_engine), "--backend", "ort", "--prompt", "a dog", "--prompt", "red cat",
+                                 "--repeats", "1", "--warmup", "0", "--no-bandwidth", "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "p.json").read_text())["results"][0]["images"] == 2
     gen = Generator.load(str(t2i_engine), backend="ort")
     svc = GenerationService(gen, max_batch=2)
     with BackgroundServer(create_app(svc)) as url:
