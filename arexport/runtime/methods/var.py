@@ -15,8 +15,8 @@ official `autoregressive_infer_cfg_refine` does with its token hub - and samples
 decodes the remaining scales alone.
 
 `more_smooth` (VAR's option for visual quality) replaces a scale's codebook rows by a Gumbel-softmax
-mix at temperature max(0.27 (1 - 0.95 r), 0.005) of logits times (1 + r), r = k / (S - 1); the
-image then comes from f_hat, not from the tokens.
+mix at temperature max(0.27 (1 - 0.95 r), 0.005) of the (top-k/top-p filtered) logits times (1 + r),
+r = k / (S - 1); the image then comes from f_hat, not from the tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from arexport.errors import ArexportError
 from arexport.families.base import Conditions
 from arexport.format.scales import Scales
 from arexport.runtime.methods.base import CFGRows, Decoder, Finished, Method, Options, option, register
-from arexport.runtime.sampling import probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import filter_logits, probs_from_logits, sample_from_probs
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,12 @@ class VARDecoder(Decoder):
         tok = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(Q, s.span(a, b))[a:b])
         if not self.opts.more_smooth:
             return tok, self.codebook[tok]
+        # the reference filters its logits in place while sampling, so the mix sees the top-k/top-p-filtered ones
+        filtered = filter_logits(logits.float(), self.params.top_k, self.params.top_p)
         r = (k.float() / max(self.S - 1, 1))[:, None, None]
         tau = torch.clamp(0.27 * (1 - r * 0.95), min=0.005)
         u = s.uniform(Q * logits.shape[-1], s.span(a, b))[a:b].view(b - a, Q, -1).clamp(1e-12, 1 - 1e-7)
-        mix = torch.softmax((logits.float() * (1 + r) - torch.log(-torch.log(u)).float()) / tau, dim=-1)
+        mix = torch.softmax((filtered * (1 + r) - torch.log(-torch.log(u)).float()) / tau, dim=-1)
         return tok, mix @ self.codebook
 
     def commit(self, a: int, b: int, k: torch.Tensor, tok: torch.Tensor, h: torch.Tensor) -> None:
