@@ -156,3 +156,27 @@ def test_bad_janus_input_is_named(janus_dir, tmp_path):
         Generator.load("janus-pro", checkpoint=str(bare))
     with pytest.raises(ArexportError, match="pass --checkpoint DIR"):
         Generator.load("janus-pro", random_init=True)
+
+
+REWRITES: list = []
+
+
+def rewrite(partial, conditions):
+    """A reformulation hook named as module:callable: one new prompt per candidate, from the partial canvas."""
+    REWRITES.append(partial.canvas.shape[0])
+    return ["red dog" if float(img.float().mean()) > 100 else "blue cat" for img in partial.canvas]
+
+
+def test_gridar_reformulates_prompts_from_the_partial_canvas(janus_dir):
+    d, _, _ = janus_dir
+    gen = Generator.load("janus-pro", checkpoint=str(d), overrides={"prompt_slots": 16})
+    opts = {"candidates": 4, "verifier": "accept-all", "scorer": "tests.test_janus:brightness"}
+    REWRITES.clear()
+    r = gen.generate(prompts=["a red dog"], method="gridar", images=False, method_options={**opts, "reformulate": rewrite})
+    assert r.tokens.shape == (1, 16) and REWRITES == [4, 4]  # called at both checkpoints with every candidate
+    named = gen.generate(prompts=["a red dog"], method="gridar", images=False,  # the CLI's module:callable form
+                         method_options={**opts, "reformulate": "tests.test_janus:rewrite"})
+    assert np.array_equal(named.tokens, r.tokens)
+    with pytest.raises(ArexportError, match="reformulate must return prompts"):
+        gen.generate(prompts=["a red dog"], method="gridar", images=False,
+                     method_options={**opts, "reformulate": lambda partial, conds: 42})

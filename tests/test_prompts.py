@@ -171,3 +171,12 @@ def test_cli_prompts_and_http(t2i_engine, tmp_path):
         r = httpx.post(f"{url}/generate", json={"prompt": ""}, timeout=60)
         assert r.status_code == 400 and "empty" in r.json()["error"]
     svc.close()
+
+
+def test_methods_run_on_llamagen_t2i_from_prompts(t2i_gen):
+    greedy = SamplingParams(temperature=0.0, cfg_scale=3.0)
+    ar = t2i_gen.generate(prompts=PROMPTS, sampling=greedy, images=False)
+    sjd = t2i_gen.generate(prompts=PROMPTS, method="sjd", method_options={"window": 4}, sampling=greedy, images=False)
+    assert np.array_equal(ar.tokens, sjd.tokens)  # lossless
+    bon = t2i_gen.generate(prompts=PROMPTS[:1], method="best-of-n", method_options={"candidates": 2, "scorer": "tests.test_janus:brightness"})
+    assert bon.tokens.shape == (1, 16)
