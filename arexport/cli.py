@@ -465,8 +465,10 @@ def _print_manifest(m: dict, console, brief: bool) -> None:
     spec = m["spec"]
     console.print(f"[bold]{spec['name']}[/] ({spec['family']} {spec['model_type']}), precision {m['precision']}, "
                   f"format v{m['format_version']}, created {m.get('created', '?')}")
+    layout = (f"scales {','.join(map(str, spec['extra']['patch_nums']))}" if "patch_nums" in spec.get("extra", {})
+              else f"{spec['grid_size']}x{spec['grid_size']}")
     console.print(f"  layers {spec['n_layer']}, heads {spec['n_head']} (kv {spec['n_kv_head']}), dim {spec['dim']}, "
-                  f"vocab {spec['vocab_size']}, {spec['n_tokens']} tokens ({spec['grid_size']}x{spec['grid_size']}), "
+                  f"vocab {spec['vocab_size']}, {spec['n_tokens']} tokens ({layout}), "
                   f"condition {spec['cond_len']} token(s), S_max {spec['s_max']}")
     prof = m["profiles"]
     console.print(f"  batch sizes (rows) {prof['batch_sizes']}, step kinds {prof['step_kinds']}")

@@ -119,7 +119,6 @@ class Generator:
         captions=None,
         caption_mask=None,
         method: Optional[str] = None,
-        prompts=None,
         method_options: Optional[dict] = None,
         sampling: SamplingParams = SamplingParams(),
         seed: int = 0,
@@ -128,9 +127,11 @@ class Generator:
         images: bool = True,
         timings: bool = True,
         progress: Optional[Callable[[int, int], None]] = None,
+        prompts=None,
     ) -> GenerationResult:
         """Generate one image per condition, `batch_size` images at a time (refilled as images finish).
-        progress(done_tokens, total_tokens) is called as images finish.
+        progress(done_tokens, total_tokens) is called as images finish. `prompts` (text-to-image models)
+        replace classes or caption features: one image per prompt.
 
         Image i uses the row seed image_seed(seed, i), or seeds[i] when per-image seeds are given."""
         if batch_size < 1:
