@@ -201,7 +201,7 @@ def test_text_conditional_requests_over_http():
         alone = gen.generate(captions=emb, seed=3, sampling=svc.default_sampling(), images=False).tokens
         assert np.array_equal(np.array(r.json()["tokens"]), alone)
         r = httpx.post(f"{url}/generate", json={"classes": [1]}, timeout=60)
-        assert r.status_code == 400 and "text-conditional: send caption_embeddings" in r.json()["error"]
+        assert r.status_code == 400 and "text-conditional: send prompt(s) or caption_embeddings" in r.json()["error"]
         r = httpx.post(f"{url}/generate", json={"caption_embeddings": "not base64!"}, timeout=60)
         assert r.status_code == 400 and "base64-encoded .npy" in r.json()["error"]
     svc.close()
