@@ -217,6 +217,11 @@ def test_bad_input_is_named(var_engines, tmp_path):
         gen.generate(classes=[10])
     with pytest.raises(ArexportError, match="does not apply to"):
         gen.generate(classes=[1], method="sjd")
+    from arexport.calibration.calibrate import calibrate_engine
+
+    with pytest.raises(ArexportError, match="serves scale .var., which it does not quantize yet"):
+        calibrate_engine(d / "eng", tmp_path / "q", "int8")
+    assert not (d / "eng.calib").exists()
     with pytest.raises(ArexportError, match="drafter_steps must be in"):
         Generator(gen.engine, gen.engine).generate(classes=[1], method="code", method_options={"drafter_steps": 4})
 
