@@ -304,8 +304,9 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         atomic_write_json(stats_json, stats)
     click.echo(
         f"{stats['images']} images in {stats['seconds']:.2f}s ({stats['seconds_per_image']:.3f}s/image), "
-        f"{stats['target_forwards_per_image']:.1f} target forwards per image"
-        + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else "")
+        + (f"{stats['drafter_forwards_per_image']:.1f} drafter + {stats['refiner_forwards_per_image']:.1f} refiner forwards per image"
+           if "refiner_forwards_per_image" in stats else f"{stats['target_forwards_per_image']:.1f} target forwards per image"
+           + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else ""))
         + (f", mean accepted length {stats['mean_accepted_length']:.2f}" if "mean_accepted_length" in stats else "")
         + (f" -> {out_dir}" if out_dir else ""),
         err=True,
