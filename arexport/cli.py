@@ -243,6 +243,9 @@ def _load_captions(path: Optional[str]):
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together (rows are doubled by CFG); slots are refilled as images finish.")
 @click.option("--draft", help="Draft model name or engine directory (sd, lantern, vvs).")
 @click.option("--refiner", help="Refiner model name or engine directory (code: a smaller VAR for the last scales).")
+@click.option("--latency-profile", type=click.Path(dir_okay=False, exists=True),
+              help="An `arexport profile --json` file of this model, backend and device: latency-aware sjd/sd read its "
+                   "latency curves instead of measuring them at their first step.")
 @method_options
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
@@ -255,7 +258,7 @@ def _load_captions(path: Optional[str]):
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, prompt_list, prompts_file, text_encoder, method, backend, device, threads, precision,
              cfg_scale, cfg_interval, cfg_schedule,
-             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
+             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, latency_profile, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
              **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
@@ -278,7 +281,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
                    ("--grid", grid_png, "file"))
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision)
     prompts = _prompts(prompt_list, prompts_file)
-    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder, **kw)
+    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder,
+                          latency_profile=latency_profile, **kw)
     spec = gen.spec
     method = method or gen.engine.family.default_method
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
@@ -724,6 +728,9 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs requests).")
 @click.option("--refiner", help="Refiner model or engine directory (code requests).")
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP)
+@click.option("--latency-profile", type=click.Path(dir_okay=False, exists=True),
+              help="An `arexport profile --json` file of this model, backend and device: latency-aware sjd/sd read its "
+                   "latency curves instead of measuring them at their first step.")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--batching", type=click.Choice(["continuous", "request", "none"]), default="continuous", show_default=True,
@@ -734,7 +741,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request (GridAR/best-of-N candidates count).")
 @click.option("--insecure-no-auth", is_flag=True, help="Listen on a non-loopback address without a bearer token.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-          threads, draft, refiner, text_encoder, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
+          threads, draft, refiner, text_encoder, latency_profile, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -759,7 +766,8 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
-    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder, **kw)
+    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder,
+                          latency_profile=latency_profile, **kw)
     service = GenerationService(gen, batching=batching, max_batch=max_batch)
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"

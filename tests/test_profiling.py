@@ -107,3 +107,32 @@ def test_gpu_runbook_script_runs_on_the_cpu_in_smoke_mode(tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert any(s.startswith("trt:") for s in doc["skipped"])  # no TensorRT here, and it says so
     assert "| model |" in (tmp_path / "gpu_all.md").read_text()
+
+
+def test_latency_curves_from_a_profile_json_replace_measuring(demo_engine, tmp_path):
+    """profile --json records the curves latency-aware speculation measured; --latency-profile loads them
+    back, so the first sjd step measures nothing (the engine's step is never called to time it)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+    from arexport.errors import ArexportError
+    from arexport.runtime.generator import Generator
+
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["profile", str(demo_engine), "--compare", "ort:sjd", "--classes", "0", "--repeats", "1",
+                                 "--no-bandwidth", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    curves = json.loads(out.read_text())["results"][0]["latency_curves"]["target"]
+    (key, values), = curves.items()
+    rows, max_q = map(int, key.split(","))
+    gen = Generator.load(str(demo_engine), backend="ort", latency_profile=str(out))
+    gen.engine._step = lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured"))
+    assert gen.engine.latency_curve(rows, max_q).tolist() == values
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "arexport-profile", "context": {"model": "demo-arpg"}, "results": []}))
+    with pytest.raises(ArexportError, match="profiles 'demo-arpg', not 'demo'"):
+        Generator.load(str(demo_engine), backend="ort", latency_profile=str(bad))
+    with pytest.raises(ArexportError, match="no latency curves measured on torch"):
+        Generator.load(str(demo_engine), backend="torch", latency_profile=str(out))

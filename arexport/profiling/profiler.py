@@ -68,6 +68,9 @@ class ProfileResult:
     # and image decoder) next to the target engine's time, means over the timed repeats
     engine_ms_per_step: float = float("nan")
     host_ms_per_step: float = float("nan")
+    # latency curves the speculative methods measured (engine -> "rows,max_q" -> seconds per q = 1..max_q);
+    # `generate/serve --latency-profile` reads them back instead of measuring (runtime/engine.py)
+    latency_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -130,7 +133,9 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         images_per_s=n_img / t_all, tokens_per_s=n_img * gen.spec.n_tokens / t_all,
         target_forwards_per_image=float(stats["target_forwards_per_image"]),
         mean_accepted_length=stats.get("mean_accepted_length"), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
-        trace=trace, engine_ms_per_step=1e3 * engine_s / max(n_steps, 1), host_ms_per_step=1e3 * host_s / max(n_steps, 1))
+        trace=trace, engine_ms_per_step=1e3 * engine_s / max(n_steps, 1), host_ms_per_step=1e3 * host_s / max(n_steps, 1),
+        latency_curves={who: e.latency_curves() for who, e in (("target", gen.engine), ("draft", gen.draft))
+                        if e is not None and e.latency_curves()})
     if bandwidth and "decode" in steps:
         rows = 2 * batch_size if sampling.uses_cfg else batch_size
         cache_precision = precision_of(gen.engine.cache_dtype)

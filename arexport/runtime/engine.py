@@ -188,6 +188,23 @@ class StepEngine(ABC):
         self._latency[key] = curve
         return curve
 
+    def latency_curves(self) -> dict[str, list[float]]:
+        """The curves measured so far, as JSON: "rows,max_q" -> seconds per q = 1..max_q."""
+        return {f"{r},{q}": [float(x) for x in c] for (r, q), c in self._latency.items()}
+
+    def load_latency_curves(self, curves: dict[str, list[float]]) -> None:
+        """Use curves from a profile JSON (latency_curves) instead of measuring them; each must cover
+        q = 1..max_q with finite positive seconds."""
+        for key, values in curves.items():
+            try:
+                rows, max_q = (int(x) for x in key.split(","))
+                curve = torch.tensor([float(v) for v in values], dtype=torch.float64)
+            except (ValueError, TypeError):
+                raise ArexportError(f"latency curve {key!r}: expected 'rows,max_q' -> a list of seconds") from None
+            if rows < 1 or max_q < 1 or curve.numel() != max_q or not bool(torch.isfinite(curve).all() and (curve > 0).all()):
+                raise ArexportError(f"latency curve {key!r}: needs {max_q} finite positive seconds (q = 1..{max_q})")
+            self._latency[(rows, max_q)] = curve
+
     def check_batch(self, batch: int) -> None:
         if self.max_batch is not None and batch > self.max_batch:
             raise ArexportError(f"a batch of {batch} rows exceeds this engine's largest batch of {self.max_batch} rows "

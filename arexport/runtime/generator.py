@@ -50,10 +50,13 @@ class Generator:
 
     @classmethod
     def load(cls, source: str, backend: str = "torch", device: str = "cpu", draft: Optional[str] = None,
-             host_threads: Optional[int] = None, text_encoder: Optional[str] = None, **kw) -> "Generator":
+             host_threads: Optional[int] = None, text_encoder: Optional[str] = None,
+             latency_profile: Optional[str] = None, **kw) -> "Generator":
         """Open a model name or engine directory on a backend; `draft` names a draft model/engine.
 
         text_encoder: a local T5 save_pretrained directory for text-conditional LlamaGen (prompts).
+        latency_profile: an `arexport profile --json` file of this model and backend whose latency curves
+        the speculative methods use instead of measuring them at their first step.
         host_threads: torch intra-op threads for the runtime's own work (sampling, acceptance, masks).
         With ONNX Runtime on the CPU it defaults to 1: that work is on tiny tensors, and torch's thread
         pool spinning next to ORT's on the same cores made an SJD step 3x slower (engine and host both).
@@ -74,6 +77,8 @@ class Generator:
             dkw = {k: v for k, v in kw.items() if k in ("dtype",)}
             draft_engine = open_engine(draft, backend=backend, device=device, **dkw)
             engine.family.check_draft(engine.spec, draft_engine.spec)
+        if latency_profile is not None:
+            load_latency_profile(latency_profile, engine, draft_engine)
         return cls(engine, draft_engine)
 
     @property
@@ -177,3 +182,30 @@ class Generator:
                                        sched.admissions, dec.events)
         return GenerationResult(tokens.cpu().numpy(), imgs, stats.as_dict(), [f.extras for f in finished],
                                 [f.stats for f in finished])
+
+
+def load_latency_profile(path: str, engine: StepEngine, draft: Optional[StepEngine] = None) -> None:
+    """Latency curves from a profile JSON made for this model on this backend and device."""
+    import json
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArexportError(f"cannot read latency profile {path}: {e}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != "arexport-profile":
+        raise ArexportError(f"{path} is not an arexport profile --json file")
+    model = (doc.get("context") or {}).get("model")
+    if model != engine.spec.name:
+        raise ArexportError(f"{path} profiles {model!r}, not {engine.spec.name!r}")
+    found = False
+    for r in doc.get("results", []):
+        if r.get("backend") == engine.backend and r.get("device") == str(engine.device) and r.get("latency_curves"):
+            curves = r["latency_curves"]
+            engine.load_latency_curves(curves.get("target", {}))
+            if draft is not None:
+                draft.load_latency_curves(curves.get("draft", {}))
+            found = True
+    if not found:
+        raise ArexportError(f"{path} has no latency curves measured on {engine.backend} {engine.device} "
+                            "(profile a speculative method, sjd or sd, on this backend and device)")
