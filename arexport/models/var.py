@@ -344,6 +344,19 @@ class _Resample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def _run_levels(levels, h, resample: str):
+    """Each level's residual blocks (each followed by its attention block, where the level has them),
+    then the level's down- or upsampling when it has one."""
+    for lvl in levels:
+        for i, blk in enumerate(lvl.block):
+            h = blk(h)
+            if len(lvl.attn):
+                h = lvl.attn[i](h)
+        if hasattr(lvl, resample):
+            h = getattr(lvl, resample)(h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: tuple, num_res_blocks: int, z: int, cin: int = 3):
         super().__init__()
@@ -369,14 +382,7 @@ class Encoder(nn.Module):
         self.norm_out, self.conv_out = _gn(c), nn.Conv2d(c, z, 3, 1, 1)
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for lvl in self.down:
-            for i, blk in enumerate(lvl.block):
-                h = blk(h)
-                if len(lvl.attn):
-                    h = lvl.attn[i](h)
-            if hasattr(lvl, "downsample"):
-                h = lvl.downsample(h)
+        h = _run_levels(self.down, self.conv_in(x), "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -408,14 +414,7 @@ class Decoder(nn.Module):
 
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
-        for lvl in reversed(self.up):
-            for i, blk in enumerate(lvl.block):
-                h = blk(h)
-                if len(lvl.attn):
-                    h = lvl.attn[i](h)
-            if hasattr(lvl, "upsample"):
-                h = lvl.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(_run_levels(reversed(self.up), h, "upsample"))))
 
 
 class Phi(nn.Conv2d):
