@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from arexport.errors import ArexportError, CheckpointError
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
-DEFAULT_PROMPT_SLOTS = 128  # prompt tokens (template included) an image may have
 
 
 def load_hf_janus(directory: str | Path):
