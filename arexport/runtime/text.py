@@ -30,9 +30,11 @@ ENCODE_CHUNK = 256  # prompts per text-encoder call (a long --prompts-file is en
 
 
 class PromptTokenizer:
-    """A `tokenizer.json` (the fast tokenizer's file) padded and truncated to `max_length` as T5Embedder asks."""
+    """A `tokenizer.json` (the fast tokenizer's file) padded and truncated to `max_length` as T5Embedder
+    asks (`fit`), or left as it encodes (`fit=False`: the caller pads). Set once here: calls from
+    several threads share the tokenizer."""
 
-    def __init__(self, path: str | Path, max_length: int, pad_id: int = 0):
+    def __init__(self, path: str | Path, max_length: int, pad_id: int = 0, fit: bool = True):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a core dependency
@@ -45,19 +47,19 @@ class PromptTokenizer:
         except Exception as e:  # tokenizers raises its own Exception subclasses on bad files
             raise ArexportError(f"cannot read tokenizer {path}: {str(e).splitlines()[0][:200]}") from None
         self.max_length, self.pad_id = max_length, pad_id
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        if fit:
+            self.tok.enable_truncation(max_length)
+            self.tok.enable_padding(length=max_length, pad_id=pad_id)
 
     def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids [N, max_length] int64, attention_mask [N, max_length] int64)."""
-        self.tok.no_truncation()
-        self.tok.no_padding()
-        full = self.tok.encode_batch(list(prompts))
-        for p, e in zip(prompts, full):
-            if len(e.ids) > self.max_length:
-                warnings.warn(f"prompt {p[:40]!r}... has {len(e.ids)} tokens; truncated to the text encoder's "
-                              f"{self.max_length} as LlamaGen's T5Embedder does", stacklevel=3)
-        self.tok.enable_truncation(self.max_length)
-        self.tok.enable_padding(length=self.max_length, pad_id=self.pad_id)
         enc = self.tok.encode_batch(list(prompts))
+        for p, e in zip(prompts, enc):
+            if e.overflowing:  # what truncation cut off
+                warnings.warn(f"prompt {p[:40]!r}... is over the text encoder's limit; truncated to the text encoder's "
+                              f"{self.max_length} tokens as LlamaGen's T5Embedder does", stacklevel=3)
         return (np.array([e.ids for e in enc], dtype=np.int64), np.array([e.attention_mask for e in enc], dtype=np.int64))
 
 
@@ -149,7 +151,7 @@ class ChatPrompter:
     def __init__(self, files: dict, info: dict):
         """files: name -> Path (or the text itself): the tokenizer.json and chat template named in `info`."""
         self.info, self.max_length = info, int(info["slots"])
-        self.tok = PromptTokenizer(files[info["tokenizer"]], self.max_length, int(info["pad_id"])).tok
+        self.tok = PromptTokenizer(files[info["tokenizer"]], self.max_length, int(info["pad_id"]), fit=False).tok
         self.template = None
         if info.get("template"):
             text = files[info["template"]]
@@ -172,8 +174,6 @@ class ChatPrompter:
     def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N, slots] int64, mask [N, slots] bool), left-padded."""
         prompts = check_prompts(prompts)
-        self.tok.no_truncation()
-        self.tok.no_padding()
         enc = self.tok.encode_batch([self.render(p) for p in prompts])
         ids = torch.full((len(prompts), self.max_length), int(self.info["pad_id"]), dtype=torch.int64)
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
