@@ -137,7 +137,7 @@ def make_scale_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[Ordere
 
 def run_scale_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """A VAR case: scale blocks 0..k-1 then block k (or, `entry`, positions [0, end_k) in one block);
-    the logits of block k and the K/V it wrote. Or a next-scale / latent-decoder graph."""
+    the logits of block k and the K/V it wrote. Or a next-scale graph."""
     from arexport.format.scales import Scales
 
     kind, k = KINDS[int(feed["kind"])], int(feed["scale"])

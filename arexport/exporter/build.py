@@ -187,15 +187,16 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
 def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:
     """Codebook (+ latent neighbours for LANTERN) and the t2i null caption, as .npy files."""
     out: dict[str, str] = {}
+    family = get_family(loaded.spec.family)
     if loaded.decoder is not None and hasattr(loaded.decoder, "codebook"):
         cb = loaded.decoder.codebook().detach().float().cpu().numpy()
         np.save(tmp / "codebook.npy", cb)
         out["codebook"] = "codebook.npy"
-        if "lantern" in get_family(loaded.spec.family).methods:
+        if "lantern" in family.methods:
             nb = latent_neighbors(torch.from_numpy(cb), opts.lantern_k + 1).numpy()  # LANTERN removes k + 1 on rejection
             np.save(tmp / "neighbors.npy", nb.astype(np.int16 if cb.shape[0] <= 32767 else np.int32))
             out["neighbors"] = "neighbors.npy"
-    if get_family(loaded.spec.family).caption_prefill(loaded.spec):
+    if family.caption_prefill(loaded.spec):
         np.save(tmp / "uncond_embedding.npy", loaded.model.cls_embedding.uncond_embedding.detach().float().cpu().numpy())
         out["uncond_embedding"] = "uncond_embedding.npy"
     return out

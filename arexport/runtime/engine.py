@@ -72,7 +72,7 @@ class StepEngine(ABC):
         self.max_q: int = max_q if max_q is not None else spec.n_tokens
         self.max_batch: Optional[int] = None  # most rows one call may have (None: no limit)
         self._latency: dict[tuple, torch.Tensor] = {}  # (rows, max_q) -> latency_curve
-        self.text_encoder = None  # runtime.text.TextEncoder: prompts -> caption features (text-conditional LlamaGen)
+        self.text_encoder = None  # runtime.text: prompts -> T5 caption features (LlamaGen t2i) or prompt ids (ChatPrompter, Janus)
 
     # -- to implement ---------------------------------------------------------------------------
     @abstractmethod
@@ -133,7 +133,8 @@ class StepEngine(ABC):
         return None
 
     def encode_prompts(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (caption features [N, T, C], mask [N, T] bool) through the engine's text encoder."""
+        """Prompts through the engine's text encoder: (caption features [N, T, C], mask [N, T] bool) for
+        LlamaGen t2i, (prompt ids [N, T], mask) for a chat model; the family adapter reads which."""
         if self.text_encoder is None:
             raise ArexportError(f"{self.spec.name} takes prompts only with its text encoder: pass --text-encoder DIR (a T5 "
                                 "save_pretrained directory), or build the engine with --text-encoder")
