@@ -71,6 +71,41 @@ def test_top_k_keeps_k_and_ties():
     assert _chi2_p(s, [p[0], 0, p[1], 0, 0]) > 1e-3
 
 
+def test_kth_largest_equals_topk_with_ties():
+    """The CPU partition path gives torch.topk's k-th value exactly, ties and -inf included."""
+    from arexport.runtime.sampling import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 17), (2, 16, 1000), (7,)]:
+        x = torch.randint(-4, 4, shape, generator=g).float()
+        x.view(-1)[::5] = float("-inf")
+        for k in (1, 2, 5, shape[-1]):
+            assert torch.equal(kth_largest(x, k), torch.topk(x, k, dim=-1).values[..., -1:]), (shape, k)
+            assert torch.equal(kth_largest(x.double(), k), torch.topk(x.double(), k, dim=-1).values[..., -1:])
+
+
+def test_non_finite_guard_is_exact():
+    """NaN or one infinity is caught; huge finite logits whose float32 sum overflows are not refused."""
+    from arexport.runtime.engine import StepEngine
+
+    class E:
+        backend, calls = "torch", {"decode": 1}
+
+    x = torch.zeros(2, 3, 5)
+    assert StepEngine._finite(E(), x, "decode") is x
+    big = torch.full((2, 3, 5), 3e38)
+    assert StepEngine._finite(E(), big, "decode") is big  # sum overflows, every entry is finite
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 2, 4] = bad
+        with pytest.raises(ArexportError, match="non-finite logits .* row 1"):
+            StepEngine._finite(E(), y, "decode")
+    y = big.clone()
+    y[0, 0, 0] = float("-inf")  # inf + -inf sums to NaN: still caught, by the entry-wise test
+    with pytest.raises(ArexportError, match="row 0"):
+        StepEngine._finite(E(), y, "decode")
+
+
 def test_top_p_keeps_the_token_crossing_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(filter_logits(logits, top_p=0.45)).tolist() == [[True, False, False, False]]
@@ -144,14 +179,15 @@ def test_inverse_cdf_edges():
 
 
 def test_uniforms_numpy_and_device_paths_give_the_same_bits():
-    """The CPU (numpy) and device (torch int64) hash paths are one function: equal bits, including
-    63-bit seeds, large counters and other streams."""
+    """The CPU (numpy, and Python ints for a few draws) and device (torch int64) hash paths are one
+    function: equal bits, including 63-bit seeds, large counters and other streams."""
     from arexport.runtime.rng import _uniforms_np, _uniforms_torch
 
     g = torch.Generator().manual_seed(5)
     seeds = torch.randint(0, 2**62, (64,), generator=g)
     counters = torch.randint(0, 2**40, (64,), generator=g)
-    for lanes, stream in ((1, 0), (33, 0), (7, 3)):
-        a = torch.from_numpy(_uniforms_np(seeds.numpy(), counters.numpy(), lanes, stream))
-        assert torch.equal(a, _uniforms_torch(seeds, counters, lanes, stream))
-        assert torch.equal(a, uniforms(seeds, counters, lanes, stream))
+    for rows, lanes, stream in ((64, 1, 0), (64, 33, 0), (64, 7, 3), (1, 1, 0), (2, 1, 2), (2, 4, 0), (1, 8, 1)):
+        a = torch.from_numpy(_uniforms_np(seeds[:rows].numpy(), counters[:rows].numpy(), lanes, stream))
+        assert a.shape == (rows, lanes) and a.dtype == torch.float64
+        assert torch.equal(a, _uniforms_torch(seeds[:rows], counters[:rows], lanes, stream))
+        assert torch.equal(a, uniforms(seeds[:rows], counters[:rows], lanes, stream))

@@ -384,13 +384,14 @@ def test_draft_length_learns_and_explores_again():
 
 
 def test_window_arms_pick_the_window_only_where_it_pays():
-    """SJD's latency-aware window: both arms are tried first (the window first, as its drafts need
-    consecutive steps to warm), a step right after a switch is not counted, the arm with more tokens
-    per second wins, and the other arm is re-tried every `reprobe` steps."""
+    """SJD's latency-aware window: the window runs first; L = 1 commits one token per step, so it is
+    never run to be measured; the arm with more tokens per second wins; a step right after a switch
+    does not count; while L = 1 wins the window is re-measured `probe` steps in a row every
+    `reprobe` steps."""
     from arexport.runtime.speculative import WindowArms
 
     curve = torch.tensor([1e-3 * (1 + 0.1 * q) for q in range(16)])  # c(1) = 1 ms .. c(16) = 2.5 ms
-    arms = WindowArms(curve, [1, 16], reprobe=10, probe=2)
+    arms = WindowArms(curve, 16, reprobe=10, probe=3)
 
     def run(steps, tokens_at):
         seen = []
@@ -400,13 +401,16 @@ def test_window_arms_pick_the_window_only_where_it_pays():
             arms.observe(a, tokens_at[a], float(curve[a - 1]) + 1e-3)  # 1 ms of runtime per step
         return seen
 
-    seen = run(9, {16: 3.0, 1: 1.0})
-    assert seen[:2] == [16, 16] and 1 in seen[:5]  # the window warms over two steps, then L = 1 is tried
-    assert arms.tokens[16] == pytest.approx(3.0) and arms.overhead == pytest.approx(1e-3)
     seen = run(30, {16: 3.0, 1: 1.0})  # 3 tokens for 3.5 ms beats 1 token for 2 ms
-    assert seen.count(16) > 0.7 * len(seen) and 1 in seen  # ... with re-tries of L = 1
+    assert seen == [16] * 30  # no step is spent measuring L = 1
+    assert arms.tokens == pytest.approx(3.0) and arms.overhead == {16: pytest.approx(1e-3)}
     seen = run(60, {16: 1.0, 1: 1.0})  # the window stops paying: SJD decodes one token per step
-    assert seen[-20:].count(1) > 0.7 * 20
+    assert seen[-40:].count(1) > 0.7 * 40
+    tail = "".join("w" if a == 16 else "." for a in seen[-40:])
+    assert "www" in tail and "wwww" not in tail  # re-measured in bursts of 3 ...
+    assert "." * 10 in tail and "." * 11 not in tail  # ... every 10 steps at L = 1
+    seen = run(30, {16: 3.0, 1: 1.0})  # the window pays again: the next bursts find it and it stays
+    assert seen[-10:] == [16] * 10
 
 
 @pytest.mark.parametrize("method", ["sjd", "sd"])
@@ -427,8 +431,8 @@ def test_lossless_when_the_window_changes_every_step(enum_models, method, monkey
 
     def cycling_window(self):  # sjd: per step
         calls[0] += 1
-        used.add(1 + calls[0] % max(self.arms))
-        return 1 + calls[0] % max(self.arms)
+        used.add(1 + calls[0] % self.window)
+        return 1 + calls[0] % self.window
 
     monkeypatch.setattr(speculative.DraftLength, "choose", cycling)
     monkeypatch.setattr(speculative.WindowArms, "choose", cycling_window)

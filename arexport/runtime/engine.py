@@ -15,6 +15,8 @@ forward passes without trusting themselves.
 
 from __future__ import annotations
 
+import math
+
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -262,8 +264,11 @@ class StepEngine(ABC):
             return self._finite(self._prefill_embeds(cache, embeds, attn_mask), "prefill")
 
     def _finite(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
-        """Stop on NaN/inf logits (a broken checkpoint or engine) instead of sampling garbage (one host sync)."""
-        if not bool(torch.isfinite(logits).all()):
+        """Stop on NaN/inf logits (a broken checkpoint or engine) instead of sampling garbage (one host sync).
+
+        A float32 sum is finite exactly when no entry is NaN or infinite, unless it overflows: only then
+        (astronomically large logits) does the entry-wise test decide. The sum costs ~1/25 of it on a CPU."""
+        if not math.isfinite(float(logits.sum(dtype=torch.float32))) and not bool(torch.isfinite(logits).all()):
             row = int(torch.nonzero(~torch.isfinite(logits).flatten(1).all(1))[0])
             raise ArexportError(f"non-finite logits from the {self.backend} engine at {kind} call {self.calls[kind]} in "
                                 f"row {row}: the weights or the engine produce NaN/inf")

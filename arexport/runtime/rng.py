@@ -94,6 +94,18 @@ def _mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
+_SMALL = 8  # at most this many uniforms per call are hashed with Python ints
+
+
+def _finish_int(h: int, lane: int, stream: int) -> float:
+    """The lane, stream and half words of one uniform after the per-row words (`_uniforms_np`)."""
+    h = _mix32_int(h ^ ((lane + _GOLDEN * 4) & _M32))
+    h = _mix32_int(h ^ ((stream + _GOLDEN * 5) & _M32))
+    hi = _mix32_int(h ^ ((_GOLDEN * 6) & _M32))
+    lo = _mix32_int(h ^ ((1 + _GOLDEN * 6) & _M32))
+    return (((hi >> 5) << 26) | (lo >> 6)) * (1.0 / (1 << 53))
+
+
 def _uniforms_np(seeds: np.ndarray, counters: np.ndarray, n_lanes: int, stream: int) -> np.ndarray:
     """`uniforms` in numpy: the same words, the same mixer, the same bits. The per-row words are
     hashed with Python ints (a decode step has a handful of rows; numpy's per-call cost is larger)."""
@@ -103,6 +115,9 @@ def _uniforms_np(seeds: np.ndarray, counters: np.ndarray, n_lanes: int, stream: 
         for i, w in enumerate((seed & _M32, (seed >> 32) & _M32, counter & _M32)):
             h = _mix32_int(h ^ ((w + _GOLDEN * (i + 1)) & _M32))
         rows.append(h)
+    if len(rows) * n_lanes <= _SMALL:  # a decode step's few draws: Python ints beat numpy's per-call cost
+        return np.array([[_finish_int(h, lane, stream) for lane in range(n_lanes)] for h in rows],
+                        dtype=np.float64).reshape(len(rows), n_lanes)
     h = np.array(rows, dtype=np.uint64)[:, None]
     h = _mix32_np(h ^ np.arange(_GOLDEN * 4, _GOLDEN * 4 + n_lanes, dtype=np.uint64)[None, :])
     h = _mix32_np(h ^ np.uint64(stream + _GOLDEN * 5))

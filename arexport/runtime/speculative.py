@@ -218,47 +218,66 @@ class WindowArms:
     A Jacobi window's drafts are not independent guesses: its tail is refined from step to step, so
     a window that runs long raises the acceptance of the next one, and shorter windows are not a
     cheaper version of the same bet (measured on the demo: 1.35, 1.73, 2.40 and 3.17 tokens per step
-    at 2, 4, 8 and 16). SJD therefore chooses per step between its arms, the full window and L = 1,
-    by the running mean of tokens an image commits in a step at each (measured) over the step's
-    cost: the engine's latency curve c(L) plus the runtime's own cost per step (a running mean of
-    each step's wall time minus c(L)). A step only counts for its arm when the step before ran the
-    same arm (the first step after a switch finds the window's drafts cold). Arms not tried yet go
-    first (longest first); every `reprobe` steps the other arm runs `probe` steps in a row. Where
-    speculation does not pay (poor acceptance, or a verify block that costs many decode steps),
-    L = 1 wins and SJD costs about what `ar` does.
+    at 2, 4, 8 and 16). SJD therefore chooses per step between two arms, the full window and L = 1,
+    by tokens committed per second: tokens per step over the step's cost, the engine's latency curve
+    c(L) plus the runtime's own cost per step at that arm (a running mean of each step's wall time
+    minus c(L)). L = 1 commits exactly one token per step, so only the window's yield is measured: a
+    running mean of the tokens an image commits per window step, counted only when the step before
+    also ran the window (the first step after a switch finds its drafts cold). The window runs first,
+    until `trust` steps are behind its mean (an image's first steps, with random drafts, commit
+    little: one of them alone must not end speculation). While L = 1 wins, the window is re-measured
+    `probe` steps in a row every `reprobe` steps, and those steps replace the old mean, so a stale
+    estimate cannot stick. Where speculation does not pay (poor acceptance, or a verify block that
+    costs many decode steps), SJD costs about what `ar` does.
 
     The choice reads measured times, so tokens can change from run to run, never their distribution.
     A fixed --window pins L."""
 
-    def __init__(self, cost: torch.Tensor, arms: list[int], reprobe: int = 24, probe: int = 3, decay: float = 0.7):
+    def __init__(self, cost: torch.Tensor, window: int, reprobe: int = 16, probe: int = 3, decay: float = 0.85,
+                 trust: int = 4):
         self.cost = [float(c) for c in cost]  # c(q) at index q - 1
-        self.arms, self.reprobe, self.probe, self.decay = arms, reprobe, probe, decay
-        self.tokens: dict[int, Optional[float]] = {a: None for a in arms}
-        self.overhead = self.cost[0]
-        self.steps = 0
+        self.window, self.reprobe, self.probe, self.decay, self.trust = window, reprobe, probe, decay, trust
+        self.tokens: Optional[float] = None  # the window's committed tokens per step (running mean)
+        self.counted = 0  # window steps measured
+        self.overhead: dict[int, float] = {}  # runtime seconds per step, per arm (running means)
+        self.since = 0  # steps since the window last ran
+        self.burst = 0  # window steps left in the current re-measurement
         self.last: Optional[int] = None  # the arm of the previous step
         self.previous: Optional[int] = None  # and of the one before it
 
+    def rate(self, arm: int) -> float:
+        """Expected tokens per second at `arm` (the window's from its measured yield)."""
+        tokens = 1.0 if arm == 1 else self.tokens
+        return tokens / (self.cost[arm - 1] + self._overhead(arm))
+
+    def _overhead(self, arm: int) -> float:
+        """An arm not run yet is charged the window's overhead (most of the runtime's work per step
+        does not depend on the window), not zero, which would favour it unmeasured."""
+        return self.overhead.get(arm, self.overhead.get(self.window, self.cost[0]))
+
     def choose(self) -> int:
         """The window length for the next step."""
-        self.steps += 1
-        untried = [a for a in self.arms if self.tokens[a] is None]
-        if untried:
-            arm = self.last if self.last in untried else max(untried)
+        w = self.window
+        if self.counted < self.trust or self.burst > 0 or self.tokens is None or self.rate(w) >= self.rate(1):
+            arm = w
+        elif self.since >= self.reprobe:  # one token per step wins; re-measure the window now and then
+            arm, self.burst, self.tokens = w, self.probe, None  # the old estimate is stale
         else:
-            arm = max(self.arms, key=lambda a: self.tokens[a] / (self.cost[a - 1] + self.overhead))
-            if len(self.arms) > 1 and self.steps % self.reprobe < self.probe:  # try the other arm again
-                arm = next(a for a in self.arms if a != arm)
+            arm = 1
+        if arm == w:
+            self.burst, self.since = max(self.burst - 1, 0), 0
+        else:
+            self.since += 1
         self.previous, self.last = self.last, arm
         return arm
 
     def observe(self, window: int, committed: float, seconds: float) -> None:
         """A step at `window` committed `committed` tokens per image in `seconds` (engine call included)."""
-        self.overhead = _running_overhead(self.overhead, seconds, self.cost[window - 1])
-        if self.previous != window:  # the window's drafts were cold
+        self.overhead[window] = _running_overhead(self._overhead(window), seconds, self.cost[window - 1])
+        if window == 1 or self.previous != window:  # L = 1 yields one token; a cold window says little
             return
-        old = self.tokens[window]
-        self.tokens[window] = committed if old is None else self.decay * old + (1 - self.decay) * committed
+        self.tokens = committed if self.tokens is None else self.decay * self.tokens + (1 - self.decay) * committed
+        self.counted += 1
 
 
 @dataclass

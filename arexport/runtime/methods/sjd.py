@@ -70,8 +70,7 @@ class SJDDecoder(Decoder):
         self.drafts = s.image_tensor((w - 1,))
         self.q = s.image_tensor((w - 1, v), torch.float32)
         # latency-aware: the whole window or one token per step, priced by the engine's curve
-        arms = sorted({1, w})
-        self.arms = WindowArms(self.engine.latency_curve(capacity * self.cfg.per_image, w), arms) if adaptive else None
+        self.arms = WindowArms(self.engine.latency_curve(capacity * self.cfg.per_image, w), w) if adaptive else None
 
     def start(self, a, b, conds):
         s = self.slots
