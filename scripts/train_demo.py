@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the demo models on scikit-learn's 8x8 digits and write them to arexport/models/weights/.
 
-    python scripts/train_demo.py            # everything (about 50 minutes on 2 idle CPU cores, ARPG most of it)
+    python scripts/train_demo.py            # everything (about 75 minutes on 2 idle CPU cores, ARPG 45 of them)
     python scripts/train_demo.py --only classifiers
 
 Writes:
@@ -278,8 +278,8 @@ def main():
     ap.add_argument("--var-steps", type=int, default=2500)
     ap.add_argument("--var-vae-steps", type=int, default=2000)
     ap.add_argument("--var-synthetic", type=int, default=20000, help="digits sampled from the raster demo model for VAR")
-    ap.add_argument("--arpg-steps", type=int, default=3000)
-    ap.add_argument("--arpg-batch", type=int, default=128)
+    ap.add_argument("--arpg-steps", type=int, default=10000)
+    ap.add_argument("--arpg-batch", type=int, default=64)
     ap.add_argument("--arpg-synthetic", type=int, default=30000, help="digits sampled from the raster demo model for ARPG")
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps for the target model")
     ap.add_argument("--draft-steps", type=int, default=1500)

@@ -237,7 +237,8 @@ def test_official_training_checkpoint_loads_safely(tmp_path, tiny_arpg):
 
 def test_shipped_demo_arpg_quality_at_16_and_64_steps():
     """The retrained demo (issue 16) at its default sampler, under the MLP judge (200 images, fixed seed):
-    measured 0.84 at 16 steps and 0.89 at 64 on 500 images; the floors leave sampling noise."""
+    0.88 at 16 steps and 0.925 at 64 here (0.861 and 0.911 on 1000 images); the floors leave
+    sampling noise and CPU rounding differences."""
     from arexport.quality import score_digits
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import default_sampling
@@ -249,4 +250,4 @@ def test_shipped_demo_arpg_quality_at_16_and_64_steps():
         r = gen.generate(classes=classes, method="arpg", method_options={"steps": steps}, sampling=default_sampling(gen.spec),
                          batch_size=200, images=False, timings=False, seed=11)
         acc[steps] = score_digits(r.tokens, classes, "mlp").accuracy
-    assert acc[16] >= 0.78 and acc[64] >= 0.84, acc
+    assert acc[16] >= 0.82 and acc[64] >= 0.87, acc
