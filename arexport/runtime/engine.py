@@ -16,7 +16,6 @@ forward passes without trusting themselves.
 from __future__ import annotations
 
 import math
-
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
