@@ -61,6 +61,11 @@ class Conditions:
         return Conditions(**{k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].fields()})
 
 
+# Raster next-token families (LlamaGen, RAR, Janus) share their decoding methods and step kinds.
+NEXT_TOKEN_METHODS = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
+NEXT_TOKEN_STEPS = ("decode", "verify")
+
+
 class Family:
     """Base adapter; subclasses set the class attributes and override what differs."""
 

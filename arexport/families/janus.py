@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from arexport.errors import ArexportError
-from arexport.families.base import Conditions, Family
+from arexport.families.base import NEXT_TOKEN_METHODS, NEXT_TOKEN_STEPS, Conditions, Family
 
 
 class JanusFamily(Family):
     name = "janus"
-    methods = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
+    methods = NEXT_TOKEN_METHODS
     default_method = "ar"
-    step_kinds = ("decode", "verify")
+    step_kinds = NEXT_TOKEN_STEPS
 
     def prefill_queries(self, spec) -> int:
         return spec.cond_len  # the whole (padded) prompt in one step

@@ -11,14 +11,14 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
-from arexport.families.base import Conditions, Family
+from arexport.families.base import NEXT_TOKEN_METHODS, NEXT_TOKEN_STEPS, Conditions, Family
 
 
 class LlamaGenFamily(Family):
     name = "llamagen"
-    methods = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
+    methods = NEXT_TOKEN_METHODS
     default_method = "ar"
-    step_kinds = ("decode", "verify")
+    step_kinds = NEXT_TOKEN_STEPS
 
     def caption_prefill(self, spec) -> bool:
         return spec.model_type == "t2i"

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from arexport.families.base import Conditions, Family
+from arexport.families.base import NEXT_TOKEN_METHODS, NEXT_TOKEN_STEPS, Conditions, Family
 
 
 class RARFamily(Family):
     name = "rar"
-    methods = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
+    methods = NEXT_TOKEN_METHODS
     default_method = "ar"
-    step_kinds = ("decode", "verify")
+    step_kinds = NEXT_TOKEN_STEPS
     prefill_len = 2  # the cls slot and the condition
 
     def sampling_defaults(self, spec):
