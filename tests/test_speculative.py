@@ -441,3 +441,21 @@ def test_lossless_when_the_window_changes_every_step(enum_models, method, monkey
     counts, stats = sample_counts(gen, method, CASES[0], N, {}, seed=91)  # default options: latency-aware
     assert chi2_p(counts, exact_distribution(target, 1, CASES[0])) > 1e-3
     assert len(used) >= 3 and stats["mean_accepted_length"] > 1.2
+
+
+def test_sd_round_where_an_idle_image_sits_next_to_a_first_round(demo_gen, monkeypatch):
+    """An image that drafts nothing this round (g = 0) next to images in their first round: the
+    draft's catch-up block is as wide as the drafting images need (1 token), and the idle image's
+    output row must not be read past it (it was: 'index 1 is out of bounds', seen with latency-aware
+    lengths at batch 2)."""
+    from arexport.runtime import speculative
+
+    def slot0_idle(self, n, cap):
+        d = cap.clamp(min=0).clone()
+        d[0] = 0  # slot 0 decodes one token per round; the other slot drafts and turns over images
+        return d
+
+    monkeypatch.setattr(speculative.DraftLength, "choose", slot0_idle)
+    params = SamplingParams(cfg_scale=1.5)
+    out = demo_gen.generate(classes=[0, 1, 2, 3], method="sd", sampling=params, seed=2, batch_size=2, images=False)
+    assert out.tokens.shape == (4, 64) and out.stats["draft_forwards"] > 0

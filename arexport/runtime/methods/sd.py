@@ -133,7 +133,8 @@ class SDDecoder(Decoder):
         write = torch.where(drafting, (spec.cond_len + n - c).clamp(min=spec.cond_len), dlen)
         w = cfg.expand(write)
         out = self.draft.step(view, cfg.expand(feed), cfg.expand(idx.clamp(0, spec.n_tokens - 1)), w, view.causal_mask(w, C))
-        out = out.gather(1, cfg.expand(c - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1]))[:, 0]
+        # an idle image (g = 0) may have c = 2 where the drafting ones need C = 1: its row is never read
+        out = out.gather(1, cfg.expand(c - 1).clamp(max=C - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1]))[:, 0]
         view.length.copy_(torch.where(cfg.expand(drafting), w + cfg.expand(c), view.length))
         self._count(drafting, draft=True)
         for k in range(G):
