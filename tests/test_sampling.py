@@ -191,3 +191,43 @@ def test_uniforms_numpy_and_device_paths_give_the_same_bits():
         assert a.shape == (rows, lanes) and a.dtype == torch.float64
         assert torch.equal(a, _uniforms_torch(seeds[:rows], counters[:rows], lanes, stream))
         assert torch.equal(a, uniforms(seeds[:rows], counters[:rows], lanes, stream))
+
+
+def test_draws_are_consecutive_uniforms_on_both_paths():
+    """`draws` hashes several draws of different widths in one pass: draw i equals `uniforms` at
+    counter + i, on the numpy path (flat and Python-int branches) and the device path."""
+    from arexport.runtime.rng import _draws_np, _uniforms_torch, draws
+
+    g = torch.Generator().manual_seed(6)
+    seeds = torch.randint(0, 2**62, (5,), generator=g)
+    counters = torch.randint(0, 2**40, (5,), generator=g)
+    for rows, lanes in ((1, (33, 15)), (5, (2, 1, 7)), (1, (1, 1)), (2, (3,))):
+        s, c = seeds[:rows], counters[:rows]
+        got = draws(s, c, lanes, 1)
+        flat = _draws_np(s.tolist(), c.tolist(), lanes, 1)
+        for i, n in enumerate(lanes):
+            want = _uniforms_torch(s, c + i, n, 1)
+            assert got[i].shape == (rows, n) and torch.equal(got[i], want)
+            assert torch.equal(torch.from_numpy(flat[i]), want)
+
+
+def test_draw_cache_serves_the_same_bits_as_hashing():
+    """The CPU's prefetched draws equal direct hashing across block refills, a wider draw than the
+    block holds, counters that jump back, and eviction of least recently used seeds."""
+    from arexport.runtime.rng import DrawCache, draws
+
+    cache = DrawCache(depth=4, max_streams=2)
+    seeds, counters = [3, 2**61 + 7], [0, 10]
+    for step, lanes in enumerate([(5,), (5, 2), (9, 1), (3,), (70 // 2, 4), (1,), (5, 5)]):
+        got = cache.draws(seeds, counters, lanes)
+        want = draws(torch.tensor(seeds), torch.tensor(counters), lanes)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), step
+        counters = [c + len(lanes) for c in counters]
+        if step == 3:
+            counters[0] = 1  # a counter that moves back is hashed again, not served stale
+            seeds.append(99)  # a third seed evicts the least recently used one
+            counters.append(0)
+    assert len(cache._blocks) == 2
+    got = cache.draws([3], [1], (2,))[0]
+    got.fill_(0.0)  # callers get copies: the cached block is not written through them
+    assert torch.equal(cache.draws([3], [1], (2,))[0], draws(torch.tensor([3]), torch.tensor([1]), (2,))[0])

@@ -8,6 +8,9 @@ gives the same image whatever it is batched with, on any device, with no host ro
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -44,9 +47,18 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor, n_lanes: int, stream: 
     per-row words once per row, which is the same function with half the work. On the CPU the
     hash runs in numpy's unsigned arithmetic (a per-step cost the runtime pays once per draw);
     elsewhere it stays on the device. Both give the same bits (tests compare them)."""
+    return draws(seeds, counters, (n_lanes,), stream)[0]
+
+
+def draws(seeds: torch.Tensor, counters: torch.Tensor, lanes: Sequence[int], stream: int = 0) -> list[torch.Tensor]:
+    """Consecutive draws of every row in one call: the i-th is `uniforms(seeds, counters + i,
+    lanes[i], stream)` ([B, lanes[i]]). On the CPU all of them are hashed in one flat numpy pass."""
     if seeds.device.type == "cpu":
-        return torch.from_numpy(_uniforms_np(seeds.numpy(), counters.numpy(), n_lanes, stream))
-    return _uniforms_torch(seeds, counters, n_lanes, stream)
+        return [torch.from_numpy(a) for a in _draws_np(seeds.tolist(), counters.tolist(), lanes, stream)]
+    k, width = len(lanes), max(lanes)
+    steps = torch.arange(k, device=seeds.device, dtype=torch.int64)[:, None]
+    u = _uniforms_torch(seeds.repeat(k), (counters[None, :] + steps).reshape(-1), width, stream).view(k, -1, width)
+    return [u[i, :, :n] for i, n in enumerate(lanes)]
 
 
 def _uniforms_torch(seeds: torch.Tensor, counters: torch.Tensor, n_lanes: int, stream: int) -> torch.Tensor:
@@ -67,21 +79,17 @@ def _uniforms_torch(seeds: torch.Tensor, counters: torch.Tensor, n_lanes: int, s
 _GOLDEN = 0x9E3779B9
 
 
-_U32, _U16, _U15 = np.uint64(_M32), np.uint64(16), np.uint64(15)
-_C1, _C2 = np.uint64(0x7FEB352D), np.uint64(0x846CA68B)
+_S16, _S15 = np.uint32(16), np.uint32(15)
+_C1, _C2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
 
 
 def _mix32_np(x: np.ndarray) -> np.ndarray:
-    """lowbias32 in place on a uint64 array holding 32-bit values (products wrap mod 2**64, so
-    their low 32 bits are exact)."""
-    x &= _U32
-    x ^= x >> _U16
+    """lowbias32 in place on a uint32 array (its products wrap mod 2**32, as the hash wants)."""
+    x ^= x >> _S16
     x *= _C1
-    x &= _U32
-    x ^= x >> _U15
+    x ^= x >> _S15
     x *= _C2
-    x &= _U32
-    x ^= x >> _U16
+    x ^= x >> _S16
     return x
 
 
@@ -106,24 +114,94 @@ def _finish_int(h: int, lane: int, stream: int) -> float:
     return (((hi >> 5) << 26) | (lo >> 6)) * (1.0 / (1 << 53))
 
 
+def _row_word(seed: int, counter: int) -> int:
+    """The hash after a row's words (seed lo, seed hi, counter), in Python ints."""
+    h = 0
+    for i, w in enumerate((seed & _M32, (seed >> 32) & _M32, counter & _M32)):
+        h = _mix32_int(h ^ ((w + _GOLDEN * (i + 1)) & _M32))
+    return h
+
+
+def _words32(start: int, n: int) -> np.ndarray:
+    """start, start + 1, ... (n words) mod 2**32 as uint32."""
+    return (np.arange(start, start + n, dtype=np.uint64) & np.uint64(_M32)).astype(np.uint32)
+
+
+_LANE_WORDS = _words32(_GOLDEN * 4, 64)
+_HALVES = _words32(_GOLDEN * 6, 2)[:, None]
+
+
+def _lane_words(n: int) -> np.ndarray:
+    global _LANE_WORDS
+    if n > _LANE_WORDS.shape[0]:
+        _LANE_WORDS = _words32(_GOLDEN * 4, max(n, 2 * _LANE_WORDS.shape[0]))
+    return _LANE_WORDS[:n]
+
+
+def _draws_np(seeds: list[int], counters: list[int], lanes: Sequence[int], stream: int) -> list[np.ndarray]:
+    """`draws` in numpy: the same words, the same mixer, the same bits. The per-row words are hashed
+    with Python ints (a step has a handful of rows; numpy's per-call cost is larger), then every
+    draw's lanes in one flat array."""
+    rows = [[_row_word(seed, counter + i) for seed, counter in zip(seeds, counters)] for i in range(len(lanes))]
+    b = len(seeds)
+    if b * sum(lanes) <= _SMALL:  # a decode step's few draws: Python ints beat numpy's per-call cost
+        return [np.array([[_finish_int(h, lane, stream) for lane in range(n)] for h in hs], dtype=np.float64).reshape(b, n)
+                for hs, n in zip(rows, lanes)]
+    blocks = [(np.array(hs, dtype=np.uint32)[:, None] ^ _lane_words(n)[None, :]).ravel() for hs, n in zip(rows, lanes)]
+    flat = _finish_np(blocks[0] if len(blocks) == 1 else np.concatenate(blocks), stream)
+    out, at = [], 0
+    for n in lanes:
+        out.append(flat[at:at + b * n].reshape(b, n))
+        at += b * n
+    return out
+
+
+def _finish_np(h: np.ndarray, stream: int) -> np.ndarray:
+    """The lane, stream and half words on uint32 hashes h (row words ^ lane words, any shape):
+    float64 uniforms shaped like h."""
+    h = _mix32_np(h)
+    h ^= np.uint32((stream + _GOLDEN * 5) & _M32)
+    halves = _mix32_np(_mix32_np(h)[None] ^ _HALVES.reshape(2, *([1] * h.ndim)))
+    hi, lo = halves >> np.array([5, 6], dtype=np.uint32).reshape(2, *([1] * h.ndim))  # 27 and 26 bits
+    out = hi * float(1 << 26) + lo  # exact in float64 (53 bits)
+    out *= 1.0 / (1 << 53)
+    return out
+
+
+class DrawCache:
+    """Uniforms prefetched per stream, for the CPU: the next `depth` draws of a seed are hashed in
+    one numpy call and served a row at a time, so a step's few draws cost a lookup, not a hash each
+    (numpy's per-call cost, paid again after every engine call has evicted it from the CPU caches,
+    was a tenth of a small model's SJD step). Same bits as `draws`; at most `max_streams` seeds are
+    kept (least recently used go first). Draws wider than WIDTH lanes are not cached."""
+
+    WIDTH = 64
+
+    def __init__(self, depth: int = 32, max_streams: int = 1024, stream: int = 0):
+        self.depth, self.max_streams, self.stream = depth, max_streams, stream
+        self._blocks: OrderedDict[int, tuple[int, torch.Tensor]] = OrderedDict()
+
+    def draws(self, seeds: list[int], counters: list[int], lanes: Sequence[int]) -> list[torch.Tensor]:
+        """`draws` for these rows: [B, lanes[i]] for draw i (counters + i), as new tensors."""
+        return [torch.stack([self._row(sd, c + i, n) for sd, c in zip(seeds, counters)]) for i, n in enumerate(lanes)]
+
+    def _row(self, seed: int, counter: int, width: int) -> torch.Tensor:
+        entry = self._blocks.get(seed)
+        if entry is None or not entry[0] <= counter < entry[0] + self.depth or entry[1].shape[1] < width:
+            wide = max(width, entry[1].shape[1] if entry is not None else 0)
+            words = np.array([_row_word(seed, counter + i) for i in range(self.depth)], dtype=np.uint32)
+            entry = (counter, torch.from_numpy(_finish_np(words[:, None] ^ _lane_words(wide)[None, :], self.stream)))
+            self._blocks[seed] = entry
+            if len(self._blocks) > self.max_streams:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(seed)
+        return entry[1][counter - entry[0], :width]
+
+
 def _uniforms_np(seeds: np.ndarray, counters: np.ndarray, n_lanes: int, stream: int) -> np.ndarray:
-    """`uniforms` in numpy: the same words, the same mixer, the same bits. The per-row words are
-    hashed with Python ints (a decode step has a handful of rows; numpy's per-call cost is larger)."""
-    rows = []
-    for seed, counter in zip(seeds.tolist(), counters.tolist()):
-        h = 0
-        for i, w in enumerate((seed & _M32, (seed >> 32) & _M32, counter & _M32)):
-            h = _mix32_int(h ^ ((w + _GOLDEN * (i + 1)) & _M32))
-        rows.append(h)
-    if len(rows) * n_lanes <= _SMALL:  # a decode step's few draws: Python ints beat numpy's per-call cost
-        return np.array([[_finish_int(h, lane, stream) for lane in range(n_lanes)] for h in rows],
-                        dtype=np.float64).reshape(len(rows), n_lanes)
-    h = np.array(rows, dtype=np.uint64)[:, None]
-    h = _mix32_np(h ^ np.arange(_GOLDEN * 4, _GOLDEN * 4 + n_lanes, dtype=np.uint64)[None, :])
-    h = _mix32_np(h ^ np.uint64(stream + _GOLDEN * 5))
-    halves = _mix32_np(h[None] ^ np.array([_GOLDEN * 6, 1 + _GOLDEN * 6], dtype=np.uint64)[:, None, None])
-    bits53 = ((halves[0] >> np.uint64(5)) << np.uint64(26)) | (halves[1] >> np.uint64(6))
-    return bits53.astype(np.float64) * (1.0 / (1 << 53))
+    """`uniforms` in numpy (one draw)."""
+    return _draws_np(seeds.tolist(), counters.tolist(), (n_lanes,), stream)[0]
 
 
 class RowRNG:

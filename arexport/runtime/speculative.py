@@ -44,8 +44,12 @@ class StandardRule:
         return p
 
     def accept_prob(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """min(1, p(x) / q(x)) for rows p, q [N, V] and drafts x [N] (no credit: the lossless rule)."""
-        return _ratio(p.gather(-1, x[:, None])[:, 0], q.gather(-1, x[:, None])[:, 0])
+        """The acceptance probability of drafts x [...] drawn from rows q [..., V], target rows p [..., V]."""
+        return self.acceptance(p, q.gather(-1, x[..., None])[..., 0], x)
+
+    def acceptance(self, p: torch.Tensor, qx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`accept_prob` given only q(x) [...]: min(1, p(x) / q(x)) (no credit: the lossless rule)."""
+        return _ratio(p.gather(-1, x[..., None])[..., 0], qx)
 
     def residual(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised distribution to resample from after x was rejected: [N, V]."""
@@ -55,7 +59,7 @@ class StandardRule:
 
 def _ratio(px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
     """min(1, px / qx), 1 where qx = 0."""
-    return torch.where(qx > 0, (px / qx.clamp(min=1e-30)).clamp(max=1.0), torch.ones_like(px))
+    return torch.where(qx > 0, (px / qx.clamp(min=1e-30)).clamp(max=1.0), 1.0)
 
 
 def _nonempty(r: torch.Tensor, without: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -115,40 +119,41 @@ class LanternRule(StandardRule):
         return p
 
     def pooled(self, p: torch.Tensor, x: torch.Tensor):
-        """m(x) [N] and the pooled-neighbour mask over x's k nearest [N, k] (a prefix, nearest first)."""
+        """m(x) [...] and the pooled-neighbour mask over x's k nearest [..., k] (a prefix, nearest first)."""
         nb = self.table.to(p.device)[x, : self.k]
         pn = p.gather(-1, nb)
         cum = pn.cumsum(-1)
         if self.lam is not None:
-            limit = (self.lam - 1.0) * p.gather(-1, x[:, None])
+            limit = (self.lam - 1.0) * p.gather(-1, x[..., None])
         else:
-            limit = torch.full_like(cum[:, :1], self.delta)
+            limit = torch.full_like(cum[..., :1], self.delta)
         take = cum <= limit  # a prefix, since cum is non-decreasing
         return (pn * take).sum(-1), take
 
-    def credit(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor):
-        """Extra target mass credited to draft x [N], and a [N, V] mask of tokens removed on rejection."""
+    def credit(self, p: torch.Tensor, qx: torch.Tensor, x: torch.Tensor):
+        """Extra target mass credited to draft x [...] with proposal mass q(x) = qx [...], and a
+        [..., V] mask of tokens removed on rejection."""
         m, take = self.pooled(p, x)
         removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
         table = self.table.to(p.device)[x]
         if self.rule == "capped":
-            removed.scatter_(-1, table[:, : self.k], take)  # neighbours never include x itself and never repeat
-            return torch.minimum(m, self.delta * q.gather(-1, x[:, None])[:, 0]), removed
-        removed.scatter_(-1, table, (m > 0)[:, None].expand_as(table))
+            removed.scatter_(-1, table[..., : self.k], take)  # neighbours never include x itself and never repeat
+            return torch.minimum(m, self.delta * qx), removed
+        removed.scatter_(-1, table, (m > 0)[..., None].expand_as(table))
         return m, removed
 
-    def accept_prob(self, p, q, x):
+    def acceptance(self, p, qx, x):
         if not self.greedy:  # min(1, (p(x) + credit) / q(x))
-            extra, _ = self.credit(p, q, x)
-            return _ratio(p.gather(-1, x[:, None])[:, 0] + extra, q.gather(-1, x[:, None])[:, 0])
+            extra, _ = self.credit(p, qx, x)
+            return _ratio(p.gather(-1, x[..., None])[..., 0] + extra, qx)
         m, _ = self.pooled(p, x)
-        boosted = p.scatter_add(-1, x[:, None], m[:, None])
+        boosted = p.scatter_add(-1, x[..., None], m[..., None])
         return (boosted.argmax(-1) == x).to(p.dtype)
 
     def residual(self, p, q, x):
         if self.greedy:
             return self.bonus(p)
-        _, removed = self.credit(p, q, x)
+        _, removed = self.credit(p, q.gather(-1, x[..., None])[..., 0], x)
         return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
 
 
@@ -282,48 +287,85 @@ class WindowArms:
 
 @dataclass
 class ChainResult:
-    """Per row: accepted drafts k [B] and the token at index k (resampled or bonus) [B]."""
+    """Per row: accepted drafts k [B], the distribution of the token at index k (the residual after a
+    rejection, else the bonus) [B, V], and that token [B] (None when the caller draws it)."""
 
     accepted: torch.Tensor
-    token: torch.Tensor
+    dist: torch.Tensor
+    token: Optional[torch.Tensor]
 
 
 def per_row_lanes(u: torch.Tensor, length: torch.Tensor, width: int):
-    """Split uniforms u [B, 2*width+1] of rows whose windows have `length` [B] <= width positions:
-    acceptance lanes [0, width-1) (a row reads its first length-1), the token lane length-1, and the
-    fresh-sample lanes length .. length+width-1. A row reads the same lanes whatever the batch's width."""
-    ar = torch.arange(width, device=u.device)
-    u_tok = u.gather(1, (length - 1)[:, None])[:, 0]
-    u_fresh = u.gather(1, length[:, None] + ar[None, :])
-    return u[:, : width - 1], u_tok, u_fresh
+    """Split uniforms u [B, 2*width] of rows whose windows have `length` [B] <= width positions:
+    acceptance lanes [0, width-1) (a row reads its first length-1) and [B, width+1] draw lanes:
+    the token lane length-1, then the fresh-sample lanes length .. length+width-1. A row reads the
+    same lanes whatever the batch's width."""
+    draw = u.gather(1, (length - 1)[:, None] + torch.arange(width + 1, device=u.device))
+    return u[:, : width - 1], draw
 
 
-def verify_chain(P: torch.Tensor, Q: torch.Tensor, D: torch.Tensor, allowed: torch.Tensor, u_accept: torch.Tensor,
-                 u_token: torch.Tensor, rule: StandardRule) -> ChainResult:
+class Proposals:
+    """The distributions q drafts were drawn from, [B, L, V] as a tensor: q(x) of every draft and
+    the full row of one draft per chain (all a rejection needs)."""
+
+    def __init__(self, q: torch.Tensor):
+        self.q = q
+
+    def prob(self, D: torch.Tensor) -> torch.Tensor:
+        """q_j(D[:, j]) [B, L]."""
+        return self.q.gather(-1, D[..., None])[..., 0]
+
+    def row(self, j: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Row j [B, 1] of each chain, whose draft is d [B]: [B, V]."""
+        return self.q.gather(1, j[:, :, None].expand(-1, 1, self.q.shape[-1]))[:, 0]
+
+
+class SampledProposals(Proposals):
+    """Drafts that are either samples from rows of an earlier step's distributions or one-hot
+    proposals (q = 1 at the draft itself: SJD's new random or repeated tokens): `index` [B, L] into
+    `rows` [N, V] (None when there are none), -1 for one-hot. Nothing of size [B, L, V] is built."""
+
+    def __init__(self, rows: Optional[torch.Tensor], index: torch.Tensor, vocab: int):
+        self.rows, self.index, self.vocab = rows, index, vocab
+
+    def prob(self, D):
+        if self.rows is None:
+            return torch.ones(D.shape, dtype=torch.float32, device=D.device)
+        px = self.rows.view(-1).take(self.index.clamp(min=0) * self.vocab + D)
+        return torch.where(self.index < 0, 1.0, px)
+
+    def row(self, j, d):
+        one = torch.zeros(d.shape[0], self.vocab, device=d.device).scatter_(1, d[:, None], 1.0)
+        if self.rows is None:
+            return one
+        i = self.index.gather(1, j)[:, 0]
+        return torch.where((i < 0)[:, None], one, self.rows.index_select(0, i.clamp(min=0)))
+
+
+def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, allowed: torch.Tensor, u_accept: torch.Tensor,
+                 u_token: Optional[torch.Tensor], rule: StandardRule) -> ChainResult:
     """Speculative verification of B chains of L drafts.
 
     P [B, L+1, V]: target distributions for the L draft positions plus the bonus position;
-    Q [B, L, V]: distributions the drafts were drawn from; D [B, L] drafts; allowed [B, L]: drafts
-    that may be accepted at all (in range, inside the speculative interval); u_accept [B, L] and
-    u_token [B] uniforms. Accepted drafts are the leading run with u < acceptance probability.
+    Q: what the drafts were drawn from, a tensor [B, L, V] or `Proposals`; D [B, L] drafts;
+    allowed [B, L]: drafts that may be accepted at all (in range, inside the speculative interval);
+    u_accept [B, L] and u_token [B] uniforms (None: the caller draws the token from `dist`, e.g. in
+    one call with other draws). Accepted drafts are the leading run with u < acceptance probability.
     """
     b, l = D.shape
     v = P.shape[-1]
+    Q = Proposals(Q) if isinstance(Q, torch.Tensor) else Q
     if l:
-        acc = rule.accept_prob(P[:, :l].reshape(-1, v), Q.reshape(-1, v), D.reshape(-1)).view(b, l)
-        ok = (u_accept < acc) & allowed
+        ok = (u_accept < rule.acceptance(P[:, :l], Q.prob(D), D)) & allowed
         k = ok.long().cumprod(1).sum(1)
     else:
         k = torch.zeros(b, dtype=torch.long, device=P.device)
-    idx = k.view(b, 1, 1).expand(b, 1, v)
-    p_k = P.gather(1, idx)[:, 0]
+    p_k = P.gather(1, k.view(b, 1, 1).expand(b, 1, v))[:, 0]
     if l:
-        j = k.clamp(max=l - 1)
-        rejected = (k < l) & allowed.gather(1, j[:, None])[:, 0]
-        q_k = Q.gather(1, j.view(b, 1, 1).expand(b, 1, v))[:, 0]
-        d_k = D.gather(1, j[:, None])[:, 0]
-        dist = torch.where(rejected[:, None], rule.residual(p_k, q_k, d_k), rule.bonus(p_k))
+        j = k.clamp(max=l - 1)[:, None]  # the first rejected draft, where there is one
+        rejected = (k < l) & allowed.gather(1, j)[:, 0]
+        d_k = D.gather(1, j)[:, 0]
+        dist = torch.where(rejected[:, None], rule.residual(p_k, Q.row(j, d_k), d_k), rule.bonus(p_k))
     else:
-        rejected = torch.zeros(b, dtype=torch.bool, device=P.device)
         dist = rule.bonus(p_k)
-    return ChainResult(k, sample_from_probs(dist, u_token))
+    return ChainResult(k, dist, None if u_token is None else sample_from_probs(dist, u_token))

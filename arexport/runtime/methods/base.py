@@ -24,7 +24,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.families import Conditions
-from arexport.runtime.rng import uniforms
+from arexport.runtime.rng import DrawCache, draws
 from arexport.runtime.sampling import SamplingParams, guided_logits
 
 
@@ -151,6 +151,13 @@ class CFGRows:
         """Per-image tensor [B, ...] -> per-row tensor [rows, ...]."""
         return x.repeat_interleave(2, dim=0) if self.per_image == 2 else x
 
+    def add_per_image(self, rows: torch.Tensor, x: torch.Tensor) -> None:
+        """Per-row tensor rows [rows] += per-image x [B] (in place)."""
+        if self.per_image == 2:
+            rows.view(-1, 2).add_(x[:, None])
+        else:
+            rows.add_(x)
+
     def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
         """Per-row logits -> per-image guided logits for the image tokens with these indices (an int,
         or an integer tensor [B, ...] over the leading dims): the schedule's scale at each index."""
@@ -181,6 +188,7 @@ class Slots:
         self.streams = streams  # random streams per image (one per GridAR candidate)
         self.seeds = self.image_tensor((streams,), torch.int64)
         self.counters = self.image_tensor((streams,), torch.int64)
+        self._cache = DrawCache() if self.device.type == "cpu" else None  # on a device: hashed there, no host trip
 
     def image_tensor(self, shape: tuple, dtype=torch.int64, fill=0) -> torch.Tensor:
         t = torch.full((self.capacity, *shape), fill, dtype=dtype, device=self.device)
@@ -232,20 +240,23 @@ class Slots:
 
     def uniform(self, lanes: int, active: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Uniforms [n * streams, lanes] from each live stream; only `active` ([n]) images advance theirs."""
-        n = self.n
-        u = uniforms(self.seeds[:n].reshape(-1), self.counters[:n].reshape(-1), lanes)
-        self.counters[:n] += 1 if active is None else active.long()[:, None]
+        u = self._draws((lanes,))[0]
+        self.counters[: self.n] += 1 if active is None else active.long()[:, None]
         return u
 
     def uniforms(self, *lanes: int) -> list[torch.Tensor]:
         """Consecutive draws of every live stream, hashed in one call: the same numbers as
         `uniform(lanes[0])`, `uniform(lanes[1])`, ... one after the other ([n * streams, lanes[i]] each)."""
-        n, k = self.n, len(lanes)
-        seeds = self.seeds[:n].reshape(-1).repeat(k)
-        counters = (self.counters[:n].reshape(1, -1) + torch.arange(k, device=self.device)[:, None]).reshape(-1)
-        u = uniforms(seeds, counters, max(lanes)).view(k, -1, max(lanes))
-        self.counters[:n] += k
-        return [u[i, :, :w] for i, w in enumerate(lanes)]
+        out = self._draws(lanes)
+        self.counters[: self.n] += len(lanes)
+        return out
+
+    def _draws(self, lanes) -> list[torch.Tensor]:
+        n = self.n
+        seeds, counters = self.seeds[:n].reshape(-1), self.counters[:n].reshape(-1)
+        if self._cache is not None and max(lanes) <= DrawCache.WIDTH:
+            return self._cache.draws(seeds.tolist(), counters.tolist(), lanes)
+        return draws(seeds, counters, lanes)
 
     def _rows(self, i: int, per: Optional[int] = None) -> torch.Tensor:
         per = per or self.rows_per_image

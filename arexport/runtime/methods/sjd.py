@@ -26,7 +26,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import sample_from_probs
-from arexport.runtime.speculative import StandardRule, WindowArms, per_row_lanes, verify_chain
+from arexport.runtime.speculative import SampledProposals, StandardRule, WindowArms, per_row_lanes, verify_chain
 
 INITS = ("random", "repeat_horizon")
 
@@ -66,103 +66,105 @@ class SJDDecoder(Decoder):
         s, w, v = self.slots, self.window, spec.vocab_size
         self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image, lookahead=w - 1))
         self.tokens = s.image_tensor((spec.n_tokens + w,))  # padded: no clamped writes
-        self.n = s.image_tensor(())  # committed tokens per image
-        self.drafts = s.image_tensor((w - 1,))
-        self.q = s.image_tensor((w - 1, v), torch.float32)
+        self.count = s.image_list()  # committed tokens per image (host ints: the step's shape needs them)
+        self.feed = s.image_tensor((w,))  # the next window: [newest committed token, drafts d_1 .. d_{w-1}]
+        # where each draft was drawn from: a row of the last step's distributions (`self.rows`), or -1
+        # for a one-hot proposal (a new draft)
+        self.source = s.image_tensor((w - 1,), fill=-1)
+        self.rows: Optional[torch.Tensor] = None
+        self.lanes = torch.arange(w + 1, device=s.device)
+        self.images = torch.arange(capacity, device=s.device)
         # latency-aware: the whole window or one token per step, priced by the engine's curve
         self.arms = WindowArms(self.engine.latency_curve(capacity * self.cfg.per_image, w), w) if adaptive else None
 
     def start(self, a, b, conds):
         s = self.slots
         logits = self.prefill(self.engine, self.cache, a, b, self.cfg.conditions(self.engine, conds))
-        self.tokens[a:b, 0] = self.first_token(logits, a, b)
-        self.n[a:b] = 1
+        first = self.first_token(logits, a, b)
+        self.tokens[a:b, 0] = first
+        self.count[a:b] = [1] * (b - a)
         for st in s.stats[a:b]:
             st.forwards += 1
-        zero = torch.zeros(b - a, dtype=torch.long, device=s.device)
-        d, q = self._pad_drafts(self.tokens[a:b, 0], None, None, None, zero, self.n[a:b], s.uniform(self.window - 1, s.span(a, b))[a:b])
-        self.drafts[a:b], self.q[a:b] = d, q
+        u = s.uniform(self.window - 1, s.span(a, b))[a:b]
+        self._pad_drafts(slice(a, b), first, None, None, None, u)
 
     def advance(self):
         t0 = time.perf_counter()
-        s, spec, o = self.slots, self.spec, self.opts
-        n_img, n_tok, dev = s.n, spec.n_tokens, s.device
-        n = self.n[:n_img]
-        remaining = n_tok - n
-        spec_rows = (n >= o.start) & (n < self.end)
+        s, o, rule, cfg = self.slots, self.opts, self.rule, self.cfg
+        b, n_tok, dev = s.n, self.spec.n_tokens, s.device
         arm = self.window if self.arms is None else self.arms.choose()
-        window = remaining.clamp(max=arm)
-        qlen = torch.where(spec_rows, window, torch.ones_like(n))  # per-image window
-        Q = int(qlen.max())
-        ar = torch.arange(Q, device=dev)
-        last = self.tokens[:n_img].gather(1, (n - 1)[:, None])
-        feed = torch.cat([last, self.drafts[:n_img, : Q - 1]], 1)
-        pos = ((n - 1)[:, None] + ar).clamp(max=n_tok - 1)
+        count = self.count
+        # per image: positions fed (its window; 1 outside [start, end)) and drafts that may be accepted
+        qlen = [min(n_tok - c, arm) if o.start <= c < self.end else 1 for c in count]
+        Q = max(qlen)
+        n, length, accept = torch.tensor([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]],
+                                         device=dev)
+        tok_index = n[:, None] + self.lanes[:Q]  # the token each output position predicts
+        # everything that does not need the logits comes first: an engine call evicts the host's
+        # code and data from the CPU caches, and the same work costs 2-3x right after it
+        u, u_new = s.uniforms(2 * Q, self.window - 1)  # this step's and the new drafts'
+        u_accept, u_draw = per_row_lanes(u, length, Q)
+        allowed = self.lanes[: Q - 1] < accept[:, None]
         view = self.cache.view(0, s.rows)
         write = view.length.clone()
-        out = self.engine.step(view, self.cfg.expand(feed), self.cfg.expand(pos), write, view.causal_mask(write, Q))
-        tok_index = n[:, None] + ar  # token each output position predicts
-        P = self.rule.target_probs(self.cfg.guide(out, tok_index), self.params)
-        d_idx = tok_index[:, : Q - 1]
-        allowed = (ar[: Q - 1] < (qlen - 1)[:, None]) & (d_idx < n_tok) & (d_idx >= o.start) & (d_idx < self.end)
-        u, u_new = s.uniforms(2 * Q + 1, self.window - 1)  # this step's and the new drafts'
-        u_acc, u_tok, u_fresh = per_row_lanes(u, qlen, Q)
-        res = verify_chain(P, self.q[:n_img, : Q - 1], self.drafts[:n_img, : Q - 1], allowed, u_acc, u_tok, self.rule)
-        k = res.accepted
-        vals = torch.cat([self.drafts[:n_img, : Q - 1], res.token[:, None]], 1)
-        vals.scatter_(1, k[:, None], res.token[:, None])
-        keep = (ar[None, :] <= k[:, None]) & (tok_index < n_tok)
-        toks = self.tokens[:n_img]
-        toks.scatter_(1, tok_index, torch.where(keep, vals, toks.gather(1, tok_index)))
-        adv = torch.minimum(k + 1, remaining)
-        view.length += self.cfg.expand(adv)
-        self.n[:n_img] += adv
-        for st, a in zip(s.stats[:n_img], adv.tolist()):
+        out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
+                               write, view.causal_mask(write, Q))
+        P = rule.target_probs(cfg.guide(out, tok_index), self.params)
+        drafts = self.feed[:b, 1:Q]
+        proposals = SampledProposals(self.rows, self.source[:b, : Q - 1], self.spec.vocab_size)
+        res = verify_chain(P, proposals, drafts, allowed, u_accept, None, rule)
+        # the token after the accepted run, and fresh samples from this step's p (what the unverified
+        # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)
+        P = rule.bonus(P)
+        k, token, fresh = res.accepted, sample_from_probs(res.dist, u_draw[:, 0]), sample_from_probs(P, u_draw[:, 1:])
+        vals = torch.cat([drafts, token[:, None]], 1).scatter_(1, k[:, None], token[:, None])
+        self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
+        adv = k + 1
+        cfg.add_per_image(view.length, adv)  # the cache keeps `last` and the accepted drafts
+        advanced = adv.tolist()
+        for i, (st, a) in enumerate(zip(s.stats[:b], advanced)):
+            count[i] += a
             st.forwards += 1
             st.accepted.append(a)
-        # next drafts: fresh samples from this step's p for the unverified tail, then new ones
-        P = self.rule.bonus(P)  # what fresh drafts are drawn from (argmax under LANTERN's greedy variant)
-        fresh = sample_from_probs(P, u_fresh)
-        self.drafts[:n_img], self.q[:n_img] = self._pad_drafts(res.token, fresh, P, qlen, k + 1, self.n[:n_img], u_new)
-        done = s.where(self.n[:n_img] >= n_tok)
+        self.rows = P.view(-1, P.shape[-1])
+        self._pad_drafts(slice(0, b), token, fresh, length, adv, u_new)
         if self.arms is not None and Q == arm:  # a step cut short by the images' ends says little
-            self.arms.observe(arm, float(adv.double().mean()), time.perf_counter() - t0)
-        return done
+            self.arms.observe(arm, sum(advanced) / b, time.perf_counter() - t0)
+        return [i for i, c in enumerate(count) if c >= n_tok]
 
     def finish(self, i):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
 
-    def _pad_drafts(self, last, fresh, P, fresh_len, start, n, u):
-        """Drafts for positions n .. n+L-2: fresh[:, start + i] where available (i.e. below each row's
-        fresh_len), else new drafts from the uniforms u [B, L-1].
+    def _pad_drafts(self, rows: slice, last, fresh, fresh_len, start, u):
+        """The next window of images `rows`: `last` (the newest committed token) and drafts for the
+        positions after it: fresh[:, start + i] where available (below each row's fresh_len), else
+        new drafts from the uniforms u [B, L-1] (one-hot proposals).
 
-        last [B]: the newest committed token; fresh/P: this step's samples and distributions (None on
-        the first call); start [B]: index in `fresh` of position n."""
-        b, size, vocab, grid = last.shape[0], self.window - 1, self.spec.vocab_size, self.spec.grid_size
-        dev = last.device
-        idx = start[:, None] + torch.arange(size, device=dev)[None, :]
-        if fresh is not None:
+        fresh: this step's samples [B, Q], drawn from `self.rows` viewed as [B, Q, V] (None on the
+        first call); start [B]: index in `fresh` of the first draft's position."""
+        feed, source = self.feed[rows], self.source[rows]
+        size, vocab = self.window - 1, self.spec.vocab_size
+        new = (u * vocab).long().clamp(max=vocab - 1)
+        feed[:, 0] = last
+        if fresh is None:
+            have = d = None
+        else:
+            idx = start[:, None] + self.lanes[:size]
             have = idx < fresh_len[:, None]
             src = idx.clamp(max=fresh.shape[1] - 1)
             d = fresh.gather(1, src)
-            q = P.gather(1, src[:, :, None].expand(b, size, vocab))
-        else:
-            have = torch.zeros(b, size, dtype=torch.bool, device=dev)
-            d = torch.zeros(b, size, dtype=torch.long, device=dev)
-            q = torch.zeros(b, size, vocab, dtype=torch.float32, device=dev)
-        rand = (u * vocab).long().clamp(max=vocab - 1)
-        if self.opts.init == "random":
-            new = rand
-        else:  # repeat_horizon: copy the previous token of the same image row
-            new = torch.empty_like(rand)
-            prev = last  # token at position n + i - 1
+        if self.opts.init == "repeat_horizon":  # copy the previous token of the same image row
+            n = torch.tensor(self.count[rows], device=last.device)  # position of the first draft
+            rand, new, prev = new, torch.empty_like(new), last
             for i in range(size):
-                new[:, i] = torch.where((n + i) % grid == 0, rand[:, i], prev)
-                prev = torch.where(have[:, i], d[:, i], new[:, i])
-        d = torch.where(have, d, new)
-        one_hot = torch.nn.functional.one_hot(new, vocab).to(q.dtype)
-        q = torch.where(have[:, :, None], q, one_hot)
-        return d, q
+                new[:, i] = torch.where((n + i) % self.spec.grid_size == 0, rand[:, i], prev)
+                prev = new[:, i] if have is None else torch.where(have[:, i], d[:, i], new[:, i])
+        if have is None:
+            feed[:, 1:], source[:] = new, -1
+            return
+        torch.where(have, d, new, out=feed[:, 1:])
+        row = src + self.images[: fresh.shape[0], None] * fresh.shape[1]  # rows of this step's [B * Q, V]
+        source.copy_(row.masked_fill_(~have, -1))
 
 
 @register("sjd")
