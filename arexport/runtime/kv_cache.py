@@ -9,6 +9,7 @@ of tokens pads the short rows into their own lookahead, which nothing reads.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -65,10 +66,10 @@ class KVCache:
 
     def causal_mask(self, write_index: torch.Tensor, q: int) -> torch.Tensor:
         """[B,1,q,S] bool: query i (slot write_index+i) sees valid slots <= its own slot, and itself."""
-        slots = torch.arange(self.s_max, device=self.device)
-        qslot = write_index.view(-1, 1, 1) + torch.arange(q, device=self.device).view(1, q, 1)
-        mask = (slots.view(1, 1, -1) <= qslot) & self.key_valid.unsqueeze(1)
-        mask |= slots.view(1, 1, -1) == qslot
+        slots = _arange(self.s_max, self.device).view(1, 1, -1)
+        qslot = write_index.view(-1, 1, 1) + _arange(q, self.device).view(1, q, 1)
+        mask = (slots <= qslot) & self.key_valid.unsqueeze(1)
+        mask |= slots == qslot
         return mask.unsqueeze(1)
 
     def block_mask(self, write_index: torch.Tensor, q: int, fed=None) -> torch.Tensor:
@@ -78,3 +79,9 @@ class KVCache:
         end = (write_index + (q if fed is None else fed)).view(-1, 1, 1)
         mask = (slots < end) & self.key_valid.unsqueeze(1)
         return mask.expand(-1, q, -1).unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 on `device`, made once (masks are built every step; callers must not write to it)."""
+    return torch.arange(n, device=device)

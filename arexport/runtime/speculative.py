@@ -295,12 +295,13 @@ class ChainResult:
     token: Optional[torch.Tensor]
 
 
-def per_row_lanes(u: torch.Tensor, length: torch.Tensor, width: int):
+def per_row_lanes(u: torch.Tensor, length: torch.Tensor, width: int, lanes: Optional[torch.Tensor] = None):
     """Split uniforms u [B, 2*width] of rows whose windows have `length` [B] <= width positions:
     acceptance lanes [0, width-1) (a row reads its first length-1) and [B, width+1] draw lanes:
     the token lane length-1, then the fresh-sample lanes length .. length+width-1. A row reads the
-    same lanes whatever the batch's width."""
-    draw = u.gather(1, (length - 1)[:, None] + torch.arange(width + 1, device=u.device))
+    same lanes whatever the batch's width. `lanes`: 0, 1, ... (at least width + 1 of them), if at hand."""
+    lanes = torch.arange(width + 1, device=u.device) if lanes is None else lanes[: width + 1]
+    draw = u.gather(1, (length - 1)[:, None] + lanes)
     return u[:, : width - 1], draw
 
 
@@ -321,18 +322,23 @@ class Proposals:
 
 
 class SampledProposals(Proposals):
-    """Drafts that are either samples from rows of an earlier step's distributions or one-hot
-    proposals (q = 1 at the draft itself: SJD's new random or repeated tokens): `index` [B, L] into
-    `rows` [N, V] (None when there are none), -1 for one-hot. Nothing of size [B, L, V] is built."""
+    """Drafts D [B, L] that are either samples from rows of an earlier step's distributions or
+    one-hot proposals (q = 1 at the draft itself: SJD's new random or repeated tokens): `index`
+    [B, L] into `rows` [N, V] (None when there are none), -1 for one-hot. Nothing of size [B, L, V]
+    is built, and q(D) is read at construction (it does not depend on the step's logits, so a
+    decoder can make this before its engine call)."""
 
-    def __init__(self, rows: Optional[torch.Tensor], index: torch.Tensor, vocab: int):
-        self.rows, self.index, self.vocab = rows, index, vocab
+    def __init__(self, rows: Optional[torch.Tensor], index: torch.Tensor, D: torch.Tensor, vocab: int):
+        self.rows, self.index, self.D, self.vocab = rows, index, D, vocab
+        if rows is None:
+            self.qx = torch.ones(D.shape, dtype=torch.float32, device=D.device)
+        else:
+            self.qx = torch.where(index < 0, 1.0, rows.view(-1).take(index.clamp(min=0) * vocab + D))
 
     def prob(self, D):
-        if self.rows is None:
-            return torch.ones(D.shape, dtype=torch.float32, device=D.device)
-        px = self.rows.view(-1).take(self.index.clamp(min=0) * self.vocab + D)
-        return torch.where(self.index < 0, 1.0, px)
+        if D is not self.D and not torch.equal(D, self.D):
+            raise ValueError("SampledProposals.prob: drafts differ from the ones it was built for")
+        return self.qx
 
     def row(self, j, d):
         one = torch.zeros(d.shape[0], self.vocab, device=d.device).scatter_(1, d[:, None], 1.0)

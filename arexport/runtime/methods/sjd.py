@@ -86,7 +86,7 @@ class SJDDecoder(Decoder):
         for st in s.stats[a:b]:
             st.forwards += 1
         u = s.uniform(self.window - 1, s.span(a, b))[a:b]
-        self._pad_drafts(slice(a, b), first, None, None, None, u)
+        self._pad_drafts(slice(a, b), first, None, None, None, (u * self.spec.vocab_size).long().clamp(max=self.spec.vocab_size - 1))
 
     def advance(self):
         t0 = time.perf_counter()
@@ -103,15 +103,16 @@ class SJDDecoder(Decoder):
         # everything that does not need the logits comes first: an engine call evicts the host's
         # code and data from the CPU caches, and the same work costs 2-3x right after it
         u, u_new = s.uniforms(2 * Q, self.window - 1)  # this step's and the new drafts'
-        u_accept, u_draw = per_row_lanes(u, length, Q)
+        u_accept, u_draw = per_row_lanes(u, length, Q, self.lanes)
         allowed = self.lanes[: Q - 1] < accept[:, None]
+        drafts = self.feed[:b, 1:Q]
+        proposals = SampledProposals(self.rows, self.source[:b, : Q - 1], drafts, self.spec.vocab_size)
+        new = (u_new * self.spec.vocab_size).long().clamp(max=self.spec.vocab_size - 1)  # new drafts, where needed
         view = self.cache.view(0, s.rows)
         write = view.length.clone()
         out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
                                write, view.causal_mask(write, Q))
         P = rule.target_probs(cfg.guide(out, tok_index), self.params)
-        drafts = self.feed[:b, 1:Q]
-        proposals = SampledProposals(self.rows, self.source[:b, : Q - 1], self.spec.vocab_size)
         res = verify_chain(P, proposals, drafts, allowed, u_accept, None, rule)
         # the token after the accepted run, and fresh samples from this step's p (what the unverified
         # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)
@@ -127,7 +128,7 @@ class SJDDecoder(Decoder):
             st.forwards += 1
             st.accepted.append(a)
         self.rows = P.view(-1, P.shape[-1])
-        self._pad_drafts(slice(0, b), token, fresh, length, adv, u_new)
+        self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
         if self.arms is not None and Q == arm:  # a step cut short by the images' ends says little
             self.arms.observe(arm, sum(advanced) / b, time.perf_counter() - t0)
         return [i for i, c in enumerate(count) if c >= n_tok]
@@ -135,16 +136,15 @@ class SJDDecoder(Decoder):
     def finish(self, i):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
 
-    def _pad_drafts(self, rows: slice, last, fresh, fresh_len, start, u):
+    def _pad_drafts(self, rows: slice, last, fresh, fresh_len, start, new):
         """The next window of images `rows`: `last` (the newest committed token) and drafts for the
         positions after it: fresh[:, start + i] where available (below each row's fresh_len), else
-        new drafts from the uniforms u [B, L-1] (one-hot proposals).
+        new drafts (one-hot proposals): `new` [B, L-1], uniform random tokens.
 
         fresh: this step's samples [B, Q], drawn from `self.rows` viewed as [B, Q, V] (None on the
         first call); start [B]: index in `fresh` of the first draft's position."""
         feed, source = self.feed[rows], self.source[rows]
-        size, vocab = self.window - 1, self.spec.vocab_size
-        new = (u * vocab).long().clamp(max=vocab - 1)
+        size = self.window - 1
         feed[:, 0] = last
         if fresh is None:
             have = d = None
