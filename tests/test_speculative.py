@@ -319,7 +319,7 @@ def test_official_greedy_variant():
     # x = 3: p~ = 0.15 + 0.15 (neighbour 2 is 0.40 > 0.2: nothing pooled... cum[0] = 0.4) -> 0.15: rejected
     assert float(rule.accept_prob(P, P, torch.tensor([3]))) == 0.0
     two = torch.cat([P, P])[None]  # one chain of one draft plus the bonus position
-    res = verify_chain(two, P[None], torch.tensor([[3]]), torch.tensor([[True]]), torch.zeros(1, 1), torch.tensor([0.99]), rule)
+    res = verify_chain(two, P[None], torch.tensor([[3]]), torch.tensor([1]), torch.zeros(1, 1), torch.tensor([0.99]), rule)
     assert res.accepted.tolist() == [0] and res.token.tolist() == [2]  # the next token is argmax p
     std = LanternRule(nb, k=3, delta=0.0, greedy=True)
     assert float(std.accept_prob(P, P, torch.tensor([0]))) == 0.0  # delta 0: plain greedy

@@ -180,8 +180,10 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)
     total = cdf[..., -1:]
     # the first index whose cdf exceeds u * total has mass; u * total can round up to total, so the
-    # target stays just below it (then the token that reached the total). No host synchronisation.
-    target = torch.minimum(u.double().unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    # target stays just below it (then the token that reached the total). total * (1 - 2**-53) is
+    # the largest double below total (nextafter towards 0) for every normal total, in one op; a
+    # total of probabilities from float32 is never subnormal. No host synchronisation.
+    target = torch.minimum(u.double().unsqueeze(-1) * total, total * (1.0 - 2.0**-53))
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 

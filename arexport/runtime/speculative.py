@@ -21,6 +21,7 @@ target's next distribution gives a bonus token. The acceptance rule decides how:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,8 +54,8 @@ class StandardRule:
 
     def residual(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised distribution to resample from after x was rejected: [N, V]."""
-        r = (p - q).clamp(min=0).scatter_(-1, x[:, None], 0.0)
-        return _nonempty(r, p.scatter(-1, x[:, None], 0.0), p)
+        x = x[:, None]
+        return _nonempty((p - q).clamp(min=0).scatter_(-1, x, 0.0), p.scatter(-1, x, 0.0), p)
 
 
 def _ratio(px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
@@ -348,30 +349,34 @@ class SampledProposals(Proposals):
         return torch.where((i < 0)[:, None], one, self.rows.index_select(0, i.clamp(min=0)))
 
 
-def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, allowed: torch.Tensor, u_accept: torch.Tensor,
+def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_accept: torch.Tensor,
                  u_token: Optional[torch.Tensor], rule: StandardRule) -> ChainResult:
     """Speculative verification of B chains of L drafts.
 
     P [B, L+1, V]: target distributions for the L draft positions plus the bonus position;
     Q: what the drafts were drawn from, a tensor [B, L, V] or `Proposals`; D [B, L] drafts;
-    allowed [B, L]: drafts that may be accepted at all (in range, inside the speculative interval);
-    u_accept [B, L] and u_token [B] uniforms (None: the caller draws the token from `dist`, e.g. in
-    one call with other draws). Accepted drafts are the leading run with u < acceptance probability.
+    limit [B]: how many leading drafts may be accepted at all (in range, inside the speculative
+    interval); u_accept [B, L] and u_token [B] uniforms (None: the caller draws the token from
+    `dist`). Accepted drafts are the leading run with u < acceptance probability.
     """
     b, l = D.shape
     v = P.shape[-1]
     Q = Proposals(Q) if isinstance(Q, torch.Tensor) else Q
     if l:
-        ok = (u_accept < rule.acceptance(P[:, :l], Q.prob(D), D)) & allowed
+        ok = (u_accept < rule.acceptance(P[:, :l], Q.prob(D), D)) & (_lanes(l, D.device) < limit[:, None])
         k = ok.long().cumprod(1).sum(1)
     else:
         k = torch.zeros(b, dtype=torch.long, device=P.device)
     p_k = P.gather(1, k.view(b, 1, 1).expand(b, 1, v))[:, 0]
     if l:
         j = k.clamp(max=l - 1)[:, None]  # the first rejected draft, where there is one
-        rejected = (k < l) & allowed.gather(1, j)[:, 0]
         d_k = D.gather(1, j)[:, 0]
-        dist = torch.where(rejected[:, None], rule.residual(p_k, Q.row(j, d_k), d_k), rule.bonus(p_k))
+        dist = torch.where((k < limit)[:, None], rule.residual(p_k, Q.row(j, d_k), d_k), rule.bonus(p_k))
     else:
         dist = rule.bonus(p_k)
     return ChainResult(k, dist, None if u_token is None else sample_from_probs(dist, u_token))
+
+
+@functools.lru_cache(maxsize=64)
+def _lanes(n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, device=device)

@@ -174,10 +174,10 @@ class SDDecoder(Decoder):
         out = out.gather(1, sel[:, :, None].expand(-1, -1, out.shape[-1]))
         tok_index = n[:, None] + ar
         P = self.rule.target_probs(cfg.guide(out, tok_index), self.params)
-        allowed = (ar[:G] < g[:, None]) & (tok_index[:, :G] < n_tok)
+        limit = torch.minimum(g, n_tok - n)  # drafts that may be accepted: those inside the image
         u = s.uniform(G + 1, verifying)
         self._verified(P, g, verifying)
-        res = verify_chain(P, q, drafts, allowed, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)
+        res = verify_chain(P, q, drafts, limit, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)
         k = res.accepted
         if self.length is not None:
             self.length.observe(g, k, verifying)

@@ -104,7 +104,6 @@ class SJDDecoder(Decoder):
         # code and data from the CPU caches, and the same work costs 2-3x right after it
         u, u_new = s.uniforms(2 * Q, self.window - 1)  # this step's and the new drafts'
         u_accept, u_draw = per_row_lanes(u, length, Q, self.lanes)
-        allowed = self.lanes[: Q - 1] < accept[:, None]
         drafts = self.feed[:b, 1:Q]
         proposals = SampledProposals(self.rows, self.source[:b, : Q - 1], drafts, self.spec.vocab_size)
         new = (u_new * self.spec.vocab_size).long().clamp(max=self.spec.vocab_size - 1)  # new drafts, where needed
@@ -113,7 +112,7 @@ class SJDDecoder(Decoder):
         out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
                                write, view.causal_mask(write, Q))
         P = rule.target_probs(cfg.guide(out, tok_index), self.params)
-        res = verify_chain(P, proposals, drafts, allowed, u_accept, None, rule)
+        res = verify_chain(P, proposals, drafts, accept, u_accept, None, rule)
         # the token after the accepted run, and fresh samples from this step's p (what the unverified
         # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)
         P = rule.bonus(P)
