@@ -19,7 +19,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,6 +49,9 @@ NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode", "text_encode")  # ca
 def graph_feeds(device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
     """Step-graph inputs on `device`, contiguous, with the graph's dtypes: masks bool, the rest int64."""
     return {k: v.to(device, torch.bool if k.endswith("mask") else torch.int64).contiguous() for k, v in tensors.items()}
+
+
+_UNTIMED = nullcontext()
 
 
 def step_kind(q: int) -> str:
@@ -283,9 +286,16 @@ class StepEngine(ABC):
             return self._decode_images(tokens)
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    @contextmanager
     def _timed(self, kind: str, batch: int, q: int):
+        """Counts the call; times it (and names an NVTX range on CUDA) when asked to. Untimed CPU
+        calls get a shared no-op context: this runs at every step."""
         self.calls[kind] += 1
+        if not self.record_timings and self.device.type != "cuda":
+            return _UNTIMED
+        return self._timed_range(kind, batch, q)
+
+    @contextmanager
+    def _timed_range(self, kind: str, batch: int, q: int):
         nvtx = self.device.type == "cuda"
         if nvtx:  # named ranges make Nsight Systems timelines readable
             torch.cuda.nvtx.range_push(f"{kind} b{batch} q{q}")

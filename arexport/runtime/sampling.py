@@ -169,7 +169,8 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k > 0 or params.top_p < 1.0:
         logits = filter_logits(logits, params.top_k, params.top_p)
     return torch.softmax(logits, dim=-1)
@@ -177,7 +178,7 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: probs [..., V] (rows need not be normalised), u [...] in [0,1) -> ids [...]."""
-    cdf = probs.double().cumsum(-1)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
     total = cdf[..., -1:]
     # the first index whose cdf exceeds u * total has mass; u * total can round up to total, so the
     # target stays just below it (then the token that reached the total). total * (1 - 2**-53) is

@@ -59,8 +59,9 @@ class StandardRule:
 
 
 def _ratio(px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
-    """min(1, px / qx), 1 where qx = 0."""
-    return torch.where(qx > 0, (px / qx.clamp(min=1e-30)).clamp(max=1.0), 1.0)
+    """min(1, px / qx). A real draft has qx > 0 (it was drawn from q); qx = 0 reads as 1 where
+    px > 0 (p / q = inf) and 0 where px = 0."""
+    return (px / qx.clamp(min=1e-30)).clamp(max=1.0)
 
 
 def _nonempty(r: torch.Tensor, without: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,8 @@ class SJDDecoder(Decoder):
         # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)
         P = rule.bonus(P)
         k, token, fresh = res.accepted, sample_from_probs(res.dist, u_draw[:, 0]), sample_from_probs(P, u_draw[:, 1:])
-        vals = torch.cat([drafts, token[:, None]], 1).scatter_(1, k[:, None], token[:, None])
+        token1 = token[:, None]
+        vals = torch.cat([drafts, token1], 1).scatter_(1, k[:, None], token1)
         self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
         adv = k + 1
         cfg.add_per_image(view.length, adv)  # the cache keeps `last` and the accepted drafts
@@ -146,10 +147,10 @@ class SJDDecoder(Decoder):
         size = self.window - 1
         feed[:, 0] = last
         if fresh is None:
-            have = d = None
+            miss = d = None
         else:
             idx = start[:, None] + self.lanes[:size]
-            have = idx < fresh_len[:, None]
+            miss = idx >= fresh_len[:, None]  # no fresh sample there: a new draft
             src = idx.clamp(max=fresh.shape[1] - 1)
             d = fresh.gather(1, src)
         if self.opts.init == "repeat_horizon":  # copy the previous token of the same image row
@@ -157,13 +158,13 @@ class SJDDecoder(Decoder):
             rand, new, prev = new, torch.empty_like(new), last
             for i in range(size):
                 new[:, i] = torch.where((n + i) % self.spec.grid_size == 0, rand[:, i], prev)
-                prev = new[:, i] if have is None else torch.where(have[:, i], d[:, i], new[:, i])
-        if have is None:
+                prev = new[:, i] if miss is None else torch.where(miss[:, i], new[:, i], d[:, i])
+        if miss is None:
             feed[:, 1:], source[:] = new, -1
             return
-        torch.where(have, d, new, out=feed[:, 1:])
+        torch.where(miss, new, d, out=feed[:, 1:])
         row = src + self.images[: fresh.shape[0], None] * fresh.shape[1]  # rows of this step's [B * Q, V]
-        source.copy_(row.masked_fill_(~have, -1))
+        source.copy_(row.masked_fill_(miss, -1))
 
 
 @register("sjd")
