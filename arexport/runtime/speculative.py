@@ -297,13 +297,12 @@ class ChainResult:
     token: Optional[torch.Tensor]
 
 
-def per_row_lanes(u: torch.Tensor, length: torch.Tensor, width: int, lanes: Optional[torch.Tensor] = None):
+def per_row_lanes(u: torch.Tensor, length: torch.Tensor, width: int, lanes: torch.Tensor):
     """Split uniforms u [B, 2*width] of rows whose windows have `length` [B] <= width positions:
     acceptance lanes [0, width-1) (a row reads its first length-1) and [B, width+1] draw lanes:
     the token lane length-1, then the fresh-sample lanes length .. length+width-1. A row reads the
-    same lanes whatever the batch's width. `lanes`: 0, 1, ... (at least width + 1 of them), if at hand."""
-    lanes = torch.arange(width + 1, device=u.device) if lanes is None else lanes[: width + 1]
-    draw = u.gather(1, (length - 1)[:, None] + lanes)
+    same lanes whatever the batch's width. `lanes`: 0, 1, ... (at least width + 1 of them)."""
+    draw = u.gather(1, (length - 1)[:, None] + lanes[: width + 1])
     return u[:, : width - 1], draw
 
 
