@@ -66,8 +66,8 @@ class KVCache:
 
     def causal_mask(self, write_index: torch.Tensor, q: int) -> torch.Tensor:
         """[B,1,q,S] bool: query i (slot write_index+i) sees valid slots <= its own slot, and itself."""
-        slots = _arange(self.s_max, self.device).view(1, 1, -1)
-        qslot = write_index.view(-1, 1, 1) + _arange(q, self.device).view(1, q, 1)
+        slots = arange(self.s_max, self.device).view(1, 1, -1)
+        qslot = write_index.view(-1, 1, 1) + arange(q, self.device).view(1, q, 1)
         mask = (slots <= qslot) & self.key_valid.unsqueeze(1)
         mask |= slots == qslot
         return mask.unsqueeze(1)
@@ -75,13 +75,14 @@ class KVCache:
     def block_mask(self, write_index: torch.Tensor, q: int, fed=None) -> torch.Tensor:
         """[B,1,q,S] bool: every new token sees all committed slots and the row's `fed` [B] new slots
         (default all q; no causal order inside the block: ARPG's parallel step)."""
-        slots = torch.arange(self.s_max, device=self.device).view(1, 1, -1)
+        slots = arange(self.s_max, self.device).view(1, 1, -1)
         end = (write_index + (q if fed is None else fed)).view(-1, 1, 1)
         mask = (slots < end) & self.key_valid.unsqueeze(1)
         return mask.expand(-1, q, -1).unsqueeze(1)
 
 
 @functools.lru_cache(maxsize=64)
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """0 .. n-1 on `device`, made once (masks are built every step; callers must not write to it)."""
+def arange(n: int, device: torch.device) -> torch.Tensor:
+    """0 .. n-1 on `device`, made once per (n, device): masks and lanes are built every step.
+    Shared: callers must not write to it."""
     return torch.arange(n, device=device)

@@ -173,12 +173,13 @@ class DrawCache:
     one numpy call and served a row at a time, so a step's few draws cost a lookup, not a hash each
     (numpy's per-call cost, paid again after every engine call has evicted it from the CPU caches,
     was a tenth of a small model's SJD step). Same bits as `draws`; at most `max_streams` seeds are
-    kept (least recently used go first). Draws wider than WIDTH lanes are not cached."""
+    kept (least recently used go first). Draws wider than WIDTH lanes are not cached. Stream 0
+    (the one `Slots` draws from)."""
 
     WIDTH = 64
 
-    def __init__(self, depth: int = 32, max_streams: int = 1024, stream: int = 0):
-        self.depth, self.max_streams, self.stream = depth, max_streams, stream
+    def __init__(self, depth: int = 32, max_streams: int = 1024):
+        self.depth, self.max_streams = depth, max_streams
         self._blocks: OrderedDict[int, tuple[int, torch.Tensor]] = OrderedDict()
 
     def draws(self, seeds: list[int], counters: list[int], lanes: Sequence[int]) -> list[torch.Tensor]:
@@ -190,7 +191,7 @@ class DrawCache:
         if entry is None or not entry[0] <= counter < entry[0] + self.depth or entry[1].shape[1] < width:
             wide = max(width, entry[1].shape[1] if entry is not None else 0)
             words = np.array([_row_word(seed, counter + i) for i in range(self.depth)], dtype=np.uint32)
-            entry = (counter, torch.from_numpy(_finish_np(words[:, None] ^ _lane_words(wide)[None, :], self.stream)))
+            entry = (counter, torch.from_numpy(_finish_np(words[:, None] ^ _lane_words(wide)[None, :], 0)))
             self._blocks[seed] = entry
             if len(self._blocks) > self.max_streams:
                 self._blocks.popitem(last=False)

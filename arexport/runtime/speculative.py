@@ -21,13 +21,13 @@ target's next distribution gives a bonus token. The acceptance rule decides how:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from arexport.errors import ArexportError
+from arexport.runtime.kv_cache import arange
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 
 
@@ -363,7 +363,7 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     v = P.shape[-1]
     Q = Proposals(Q) if isinstance(Q, torch.Tensor) else Q
     if l:
-        ok = (u_accept < rule.acceptance(P[:, :l], Q.prob(D), D)) & (_lanes(l, D.device) < limit[:, None])
+        ok = (u_accept < rule.acceptance(P[:, :l], Q.prob(D), D)) & (arange(l, D.device) < limit[:, None])
         k = ok.long().cumprod(1).sum(1)
     else:
         k = torch.zeros(b, dtype=torch.long, device=P.device)
@@ -375,8 +375,3 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     else:
         dist = rule.bonus(p_k)
     return ChainResult(k, dist, None if u_token is None else sample_from_probs(dist, u_token))
-
-
-@functools.lru_cache(maxsize=64)
-def _lanes(n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(n, device=device)

@@ -86,7 +86,7 @@ class SJDDecoder(Decoder):
         for st in s.stats[a:b]:
             st.forwards += 1
         u = s.uniform(self.window - 1, s.span(a, b))[a:b]
-        self._pad_drafts(slice(a, b), first, None, None, None, (u * self.spec.vocab_size).long().clamp(max=self.spec.vocab_size - 1))
+        self._pad_drafts(slice(a, b), first, None, None, None, self._random_tokens(u))
 
     def advance(self):
         t0 = time.perf_counter()
@@ -106,7 +106,7 @@ class SJDDecoder(Decoder):
         u_accept, u_draw = per_row_lanes(u, length, Q, self.lanes)
         drafts = self.feed[:b, 1:Q]
         proposals = SampledProposals(self.rows, self.source[:b, : Q - 1], drafts, self.spec.vocab_size)
-        new = (u_new * self.spec.vocab_size).long().clamp(max=self.spec.vocab_size - 1)  # new drafts, where needed
+        new = self._random_tokens(u_new)  # new drafts, where needed
         view = self.cache.view(0, s.rows)
         write = view.length.clone()
         out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
@@ -135,6 +135,11 @@ class SJDDecoder(Decoder):
 
     def finish(self, i):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
+
+    def _random_tokens(self, u: torch.Tensor) -> torch.Tensor:
+        """Uniform token ids from uniforms u in [0, 1)."""
+        v = self.spec.vocab_size
+        return (u * v).long().clamp(max=v - 1)
 
     def _pad_drafts(self, rows: slice, last, fresh, fresh_len, start, new):
         """The next window of images `rows`: `last` (the newest committed token) and drafts for the
