@@ -357,7 +357,8 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     Q: what the drafts were drawn from, a tensor [B, L, V] or `Proposals`; D [B, L] drafts;
     limit [B] (each <= L): how many leading drafts may be accepted at all (in range, inside the
     speculative interval); a chain stopped before its limit was rejected there; u_accept [B, L]
-    and u_token [B] uniforms (None: the caller draws the token from `dist`). Accepted drafts are the leading run with u < acceptance probability.
+    and u_token [B] uniforms (None: the caller draws the token from `dist`). Accepted drafts are the
+    leading run with u < acceptance probability.
     """
     b, l = D.shape
     v = P.shape[-1]
