@@ -10,7 +10,9 @@ per-image latency, decode p50, engine and host ms per step, forwards per image, 
 step's fraction of the HBM floor (bytes a decode step reads / copy bandwidth measured in the same
 run). Each config runs in-process through the same profiler as `arexport profile`. Backends this
 machine lacks (TensorRT, onnxruntime-gpu) are listed under `skipped` with the reason, never
-silently left out.
+silently left out. The JSON and the table are rewritten after every config, and `--budget-s` stops
+starting new configs once that much time has passed (they are listed as not run), so a run on a
+leased machine with a time limit always leaves what it measured.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent))  # this checkout's arexport, installed or not
 from common import git_rev, machine, markdown_table  # noqa: E402
 
 from arexport.profiling.bandwidth import measure_copy_bandwidth  # noqa: E402
@@ -64,6 +67,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="demo models, batch 1, one repeat (checks the script, not the GPU)")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="start no new config after this many seconds (default 420; what is left is listed as not run)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,45 +81,59 @@ def main() -> int:
     batches = [1] if args.smoke else [int(b) for b in args.batches.split(",")]
     graphs = [False, True] if cuda else [False]
     repeats = 1 if args.smoke else args.repeats
+    t_start = time.perf_counter()
     bw = measure_copy_bandwidth(args.device)
-    rows, results = [], []
+    gpu = torch.cuda.get_device_name(torch.device(args.device)) if cuda else None
+    rows, results, not_run = [], [], []
+    cols = ["model", "batch", "cuda graph", "config", "ms/image", "decode p50 ms", "engine ms/step", "host ms/step",
+            "fwd/image", "floor fraction"]
+
+    def write() -> None:
+        """The JSON and the markdown table as they stand (called after every config)."""
+        skipped = skipped_backends(args.device)
+        doc = {"machine": machine(), "device": args.device, "gpu": gpu, "copy_bandwidth_gbps": bw / 1e9,
+               "git": git_rev(), "smoke": args.smoke, "skipped": skipped, "not_run": not_run, "rows": results}
+        (out / "gpu_all.json").write_text(json.dumps(doc, indent=1, default=str))
+        md = [f"Machine: {doc['machine']}" + (f"; GPU {gpu}" if gpu else ""),
+              f"Copy bandwidth {bw / 1e9:.0f} GB/s; git {doc['git']}", "", markdown_table(rows, cols), ""]
+        md += [f"- skipped: {s}" for s in skipped] + [f"- not run (time budget): {s}" for s in not_run]
+        (out / "gpu_all.md").write_text("\n".join(md) + "\n")
+
     for model, precision, configs in plan:
         for graph in graphs:
+            todo = [(b, text) for b in batches for text in configs]
+            if time.perf_counter() - t_start > args.budget_s:
+                not_run += [f"{model} batch {b} cuda graph {'yes' if graph else 'no'} {text}" for b, text in todo]
+                continue
             kw = {} if model.startswith("demo") else {"random_init": True}
             gen = Generator.load(model, backend="torch", device=args.device, dtype=precision, cuda_graph=graph, **kw)
             sampling = default_sampling(gen.spec, cfg_scale=4.0)
-            for b in batches:
+            for b, text in todo:
+                if time.perf_counter() - t_start > args.budget_s:
+                    not_run.append(f"{model} batch {b} cuda graph {'yes' if graph else 'no'} {text}")
+                    continue
                 classes = [i % gen.spec.num_classes for i in range(b)]
-                for text in configs:
-                    cfg = RunConfig.parse(text)
-                    t0 = time.perf_counter()
-                    r = profile_generator(gen, cfg, classes, sampling, b, warmup=1, repeats=repeats, bandwidth=bw,
-                                          precision=precision)
-                    bwd = r.bandwidth or {}
-                    row = {"model": model, "precision": precision, "batch": b, "cuda graph": "yes" if graph else "no",
-                           "config": r.label, "ms/image": r.image_ms["p50"],
-                           "decode p50 ms": r.steps.get("decode", {}).get("p50_ms", float("nan")),
-                           "engine ms/step": r.engine_ms_per_step, "host ms/step": r.host_ms_per_step,
-                           "fwd/image": r.target_forwards_per_image,
-                           "floor fraction": bwd.get("fraction_of_floor", float("nan")),
-                           "seconds": time.perf_counter() - t0}
-                    rows.append(row)
-                    results.append({**row, "result": r.as_dict()})
-                    print(f"{model} b{b} graph={graph} {r.label}: {row['ms/image']:.1f} ms/image", file=sys.stderr)
+                cfg = RunConfig.parse(text)
+                t0 = time.perf_counter()
+                r = profile_generator(gen, cfg, classes, sampling, b, warmup=1, repeats=repeats, bandwidth=bw,
+                                      precision=precision)
+                bwd = r.bandwidth or {}
+                row = {"model": model, "precision": precision, "batch": b, "cuda graph": "yes" if graph else "no",
+                       "config": r.label, "ms/image": r.image_ms["p50"],
+                       "decode p50 ms": r.steps.get("decode", {}).get("p50_ms", float("nan")),
+                       "engine ms/step": r.engine_ms_per_step, "host ms/step": r.host_ms_per_step,
+                       "fwd/image": r.target_forwards_per_image,
+                       "floor fraction": bwd.get("fraction_of_floor", float("nan")),
+                       "seconds": time.perf_counter() - t0}
+                rows.append(row)
+                results.append({**row, "result": r.as_dict()})
+                write()
+                print(f"{model} b{b} graph={graph} {r.label}: {row['ms/image']:.1f} ms/image", file=sys.stderr)
             del gen
             if cuda:
                 torch.cuda.empty_cache()
-    cols = ["model", "batch", "cuda graph", "config", "ms/image", "decode p50 ms", "engine ms/step", "host ms/step",
-            "fwd/image", "floor fraction"]
-    skipped = skipped_backends(args.device)
-    doc = {"machine": machine(), "device": args.device,
-           "gpu": torch.cuda.get_device_name(torch.device(args.device)) if cuda else None,
-           "copy_bandwidth_gbps": bw / 1e9, "git": git_rev(), "smoke": args.smoke, "skipped": skipped, "rows": results}
-    (out / "gpu_all.json").write_text(json.dumps(doc, indent=1, default=str))
-    md = [f"Machine: {doc['machine']}", f"Copy bandwidth {bw / 1e9:.0f} GB/s; git {doc['git']}", "",
-          markdown_table(rows, cols), ""] + [f"- skipped: {s}" for s in skipped]
-    (out / "gpu_all.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write()
+    print((out / "gpu_all.md").read_text())
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -87,26 +88,39 @@ def test_profile_cli_json_schema_and_plot(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_gpu_runbook_script_runs_on_the_cpu_in_smoke_mode(tmp_path):
-    """benchmarks/gpu_all.py (the run-book's profile) runs end to end on the demo models and writes its
-    JSON and markdown table, listing what it skipped; on a GPU machine the same code runs XL shapes."""
-    import json
+def test_gpu_runbook_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    """`bash benchmarks/gpu_all.sh DIR --device cpu --smoke` (the run-book, with the profile on the demo
+    models) runs end to end and writes the test log, the JSON and the markdown table, listing what it
+    skipped; on a GPU machine the same code runs XL shapes."""
     import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).parent.parent / "benchmarks" / "gpu_all.py"
-    res = subprocess.run([sys.executable, str(script), "--device", "cpu", "--smoke", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
+    root = Path(__file__).parent.parent
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_all.sh"), str(tmp_path), "--device", "cpu", "--smoke"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()  # the CUDA tests skip here, with their reason
     doc = json.loads((tmp_path / "gpu_all.json").read_text())
     assert {r["config"] for r in doc["rows"]} == {"torch:ar", "torch:sjd[window=16]", "torch:sjd", "torch:arpg[steps=16]"}
-    assert all(r["fwd/image"] > 0 and r["host ms/step"] >= 0 for r in doc["rows"])
+    assert all(r["fwd/image"] > 0 and r["host ms/step"] >= 0 for r in doc["rows"]) and doc["not_run"] == []
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:
         assert any(s.startswith("trt:") for s in doc["skipped"])  # no TensorRT here, and it says so
     assert "| model |" in (tmp_path / "gpu_all.md").read_text()
+
+
+def test_gpu_runbook_profile_lists_what_its_time_budget_left_out(tmp_path):
+    """With its time budget spent, the profile starts no config and lists each as not run."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_all.py"
+    res = subprocess.run([sys.executable, str(script), "--device", "cpu", "--smoke", "--budget-s", "0", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu_all.json").read_text())
+    assert doc["rows"] == [] and len(doc["not_run"]) == 4
+    assert "not run (time budget): demo batch 1 cuda graph no torch:ar" in (tmp_path / "gpu_all.md").read_text()
 
 
 def test_latency_curves_from_a_profile_json_replace_measuring(demo_engine, tmp_path):
