@@ -150,6 +150,11 @@ def test_fused_rotary_and_norm_nodes_match_the_decomposed_graph(demo_engine, tmp
     assert fused_ops["RotaryEmbedding"] == 2 * spec.n_layer and fused_ops["RMSNormalization"] == 2 * spec.n_layer + 1
     assert plain_ops["RotaryEmbedding"] == plain_ops["RMSNormalization"] == 0
     assert sum(fused_ops.values()) < 0.7 * sum(plain_ops.values())
+    # per layer: one reshape and one transpose to heads for q, k and v together, one of each back after
+    # attention (plus the rotary tables' two reshapes); fp32 norms take their weight as the op's scale,
+    # so the only Muls left are SwiGLU's two
+    assert fused_ops["Reshape"] + fused_ops["Transpose"] == 4 * spec.n_layer + 2
+    assert fused_ops["Mul"] == 2 * spec.n_layer
     a, b = open_engine(str(demo_engine), "ort"), open_engine(str(plain), "ort")
     outs = []
     for eng in (a, b):
@@ -162,6 +167,20 @@ def test_fused_rotary_and_norm_nodes_match_the_decomposed_graph(demo_engine, tmp
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
     with pytest.raises(ArexportError, match="TensorRT builds export the decomposed forms"):
         BuildOptions(backend="trt", fused_ops=True).validate()
+
+
+def test_fused_ops_run_eagerly_give_the_plain_forward():
+    """The fused custom ops' eager bodies (their semantics for a trace) are the plain arithmetic: a
+    teacher-forced forward inside `fused_export()` gives the plain forward's logits."""
+    from arexport.models.fused import fused_export
+
+    model = load_model("demo").model.eval()
+    cond, tokens = torch.tensor([3, 9]), torch.tensor([[3, 1, 5, 7, 2, 2], [9, 0, 16, 3, 4, 1]])
+    with torch.no_grad():
+        plain = model(cond, tokens)
+        with fused_export():
+            fused = model(cond, tokens)
+    assert torch.allclose(plain, fused, atol=1e-5, rtol=0) and plain.abs().max() > 0.1
 
 
 def test_graph_report_and_operators(b_engine):

@@ -41,14 +41,14 @@ def functional_cache_write(past: torch.Tensor, new: torch.Tensor, write_index: t
     return torch.ops.arexport.kv_scatter(past, new.to(past.dtype), write_index)
 
 
-def rotary_onnx(x, cos, sin, num_heads: int):
-    """ONNX translation of arexport::rotary: RotaryEmbedding on [B, L, H*D] with per-token cos/sin."""
-    return _op24.RotaryEmbedding(x, cos, sin, interleaved=1, num_heads=num_heads)
+def rotary_onnx(x, cos, sin):
+    """ONNX translation of arexport::rotary: RotaryEmbedding on [B, H, L, D] with per-token cos/sin."""
+    return _op24.RotaryEmbedding(x, cos, sin, interleaved=1)
 
 
-def rms_normalize_onnx(x, ones, eps: float):
+def rms_normalize_onnx(x, scale, eps: float):
     """ONNX translation of arexport::rms_normalize: RMSNormalization over the last axis in fp32."""
-    return _op24.RMSNormalization(x, ones, axis=-1, epsilon=eps, stash_type=1)
+    return _op24.RMSNormalization(x, scale, axis=-1, epsilon=eps, stash_type=1)
 
 
 import arexport.models.fused  # noqa: E402,F401  (defines the fused custom ops)

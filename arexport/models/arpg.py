@@ -125,8 +125,8 @@ class SelfDecoder(_Block):
     def qkv(self, x, cos, sin):
         a = self.attn
         h = self.attn_norm(x)
-        q = apply_rope(a.heads(a.to_q(h)), cos, sin).transpose(1, 2)
-        k = apply_rope(a.heads(a.to_k(h)), cos, sin).transpose(1, 2)
+        q = apply_rope(a.heads(a.to_q(h)).transpose(1, 2), cos, sin)
+        k = apply_rope(a.heads(a.to_k(h)).transpose(1, 2), cos, sin)
         v = a.heads(a.to_v(h)).transpose(1, 2)
         return q, k, v
 
@@ -137,7 +137,7 @@ class CrossDecoder(_Block):
 
     def forward(self, q_in, k, v, cos, sin, mask, is_causal=False):
         a = self.attn
-        q = apply_rope(a.heads(a.to_q(self.attn_norm(q_in))), cos, sin).transpose(1, 2)
+        q = apply_rope(a.heads(a.to_q(self.attn_norm(q_in))).transpose(1, 2), cos, sin)
         return self.finish(q_in, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal))
 
 
@@ -205,7 +205,7 @@ class ARPG(Fp32RopeTables, nn.Module):
         xn = self.layers.norm(x)
         b, l, _ = x.shape
         heads = lambda t: t.view(b, l, self.cfg.n_head, self.cfg.head_dim)  # noqa: E731
-        k = apply_rope(heads(self.layers.to_k(xn)), cos, sin).transpose(1, 2)
+        k = apply_rope(heads(self.layers.to_k(xn)).transpose(1, 2), cos, sin)
         v = heads(self.layers.to_v(xn)).transpose(1, 2)
         return k, v
 

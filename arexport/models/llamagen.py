@@ -164,6 +164,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if fused():  # tracing for an ONNX Runtime engine: one RMSNormalization node (models/fused.py)
+            if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no cast: the weight is the op's scale
+                return torch.ops.arexport.rms_normalize(xf, self.weight, self.eps)
             ones = torch.ones(xf.shape[-1], dtype=torch.float32, device=x.device)
             return torch.ops.arexport.rms_normalize(xf, ones, self.eps).type_as(x) * self.weight
         out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
@@ -198,12 +200,9 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B,L,dim] -> q [B,H,L,D], k and v [B,Hkv,L,D] with RoPE applied to q and k."""
         b, l, _ = x.shape
-        kv = self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
-        q = apply_rope(q.view(b, l, self.n_head, self.head_dim), cos, sin)
-        k = apply_rope(k.view(b, l, self.n_kv_head, self.head_dim), cos, sin)
-        v = v.view(b, l, self.n_kv_head, self.head_dim)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        heads = self.wqkv(x).view(b, l, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = heads.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # one reshape, one transpose
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor], is_causal: bool = False) -> torch.Tensor:
         """SDPA over k/v (any length) -> [B, L, dim] after the output projection."""

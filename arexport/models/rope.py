@@ -26,12 +26,12 @@ def rope_table_2d(grid_size: int, head_dim: int, base: float = 10000.0):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B,L,H,D] by cos/sin [B,L,1,D/2]; math in fp32, result in x's dtype."""
+    """Rotate interleaved pairs of x [B,H,L,D] (heads first, as attention takes it) by cos/sin
+    [B,L,1,D/2]; math in fp32, result in x's dtype."""
     if fused():  # tracing for an ONNX Runtime engine: one RotaryEmbedding node (models/fused.py)
-        b, l, h, d = x.shape
-        out = torch.ops.arexport.rotary(x.float().reshape(b, l, h * d), cos.reshape(b, l, d // 2),
-                                        sin.reshape(b, l, d // 2), h)
-        return out.view(b, l, h, d).type_as(x)
+        b, _, l, d = x.shape
+        return torch.ops.arexport.rotary(x.float(), cos.reshape(b, l, d // 2), sin.reshape(b, l, d // 2)).type_as(x)
+    cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xs[..., 0], xs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
