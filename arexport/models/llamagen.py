@@ -200,8 +200,12 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B,L,dim] -> q [B,H,L,D], k and v [B,Hkv,L,D] with RoPE applied to q and k."""
         b, l, _ = x.shape
-        heads = self.wqkv(x).view(b, l, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k, v = heads.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # one reshape, one transpose
+        kv = self.n_kv_head * self.head_dim
+        # Split first, right after the projection: ONNX Runtime (1.32) moves an int8 engine's Q/DQ
+        # across a Reshape placed there and then refuses the graph (its S8->U8 pass leaves a Q whose
+        # output type disagrees with its zero point); a Split stops that move.
+        q, k, v = self.wqkv(x).split([self.dim, kv, kv], dim=-1)
+        q, k, v = (t.view(b, l, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor], is_causal: bool = False) -> torch.Tensor:
