@@ -413,6 +413,24 @@ def test_window_arms_pick_the_window_only_where_it_pays():
     assert seen[-10:] == [16] * 10
 
 
+def test_window_arms_see_through_a_latency_curve_timed_too_high():
+    """The curve says a 16-token step costs 10 ms (timed in a noisy moment) where each really takes
+    2 ms and commits 3 tokens, against 1 token per 1 ms step at L = 1: once the window's steps have
+    run, their measured wall time replaces c(16), and the window keeps running."""
+    from arexport.runtime.speculative import WindowArms
+
+    curve = torch.full((16,), 10e-3)
+    curve[0] = 1e-3
+    arms = WindowArms(curve, 16, reprobe=10, probe=3)
+    seen = []
+    for _ in range(60):
+        a = arms.choose()
+        seen.append(a)
+        arms.observe(a, 3.0 if a == 16 else 1.0, 2e-3 if a == 16 else 1e-3)
+    assert seen[-20:] == [16] * 20
+    assert arms.cost[15] + arms.overhead[16] == pytest.approx(2e-3, rel=0.05)
+
+
 @pytest.mark.parametrize("method", ["sjd", "sd"])
 def test_lossless_when_the_window_changes_every_step(enum_models, method, monkeypatch):
     """Any window schedule keeps SJD and SD exact: the latency-aware choice is replaced by one that

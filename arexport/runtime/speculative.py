@@ -259,8 +259,13 @@ class WindowArms:
 
     def _overhead(self, arm: int) -> float:
         """An arm not run yet is charged the window's overhead (most of the runtime's work per step
-        does not depend on the window), not zero, which would favour it unmeasured."""
-        return self.overhead.get(arm, self.overhead.get(self.window, self.cost[0]))
+        does not depend on the window, and never less than zero there), not zero, which would favour
+        it unmeasured. A measured arm's overhead may be negative: c(L) + overhead is then the running
+        mean of its steps' wall time, so a latency curve measured too high at L (a noisy moment while
+        it was timed) cannot keep that arm from running."""
+        if arm in self.overhead:
+            return self.overhead[arm]
+        return max(self.overhead.get(self.window, self.cost[0]), 0.0)
 
     def choose(self) -> int:
         """The window length for the next step."""
@@ -280,7 +285,7 @@ class WindowArms:
 
     def observe(self, window: int, committed: float, seconds: float) -> None:
         """A step at `window` committed `committed` tokens per image in `seconds` (engine call included)."""
-        self.overhead[window] = _running_overhead(self._overhead(window), seconds, self.cost[window - 1])
+        self.overhead[window] = 0.8 * self._overhead(window) + 0.2 * (seconds - self.cost[window - 1])
         if window == 1 or self.previous != window:  # L = 1 yields one token; a cold window says little
             return
         self.tokens = committed if self.tokens is None else self.decay * self.tokens + (1 - self.decay) * committed
