@@ -5,8 +5,9 @@ an exporter traces inside `fused_export()`, those call the custom ops below inst
 exporter translates to ONNX `RotaryEmbedding` (interleaved pairs) and `RMSNormalization` (opset 23):
 one node each where the decomposed forms take 13 and 6, which on a small decode step is time
 spent per node, not per byte. (For the same reason rotary runs on heads-first [B,H,L,D], so no
-reshapes surround it, and an fp32 norm's weight is the op's scale rather than a Mul after it.) ONNX Runtime runs both on every provider; TensorRT builds keep the
-decomposed forms (the parser's operator list does not name these two).
+reshapes surround it, and an fp32 norm's weight is the op's scale rather than a Mul after it.)
+ONNX Runtime runs both on every provider; TensorRT builds keep the decomposed forms (the parser's
+operator list does not name these two).
 """
 
 from __future__ import annotations
