@@ -102,15 +102,16 @@ def main() -> int:
     for model, precision, configs in plan:
         for graph in graphs:
             todo = [(b, text) for b in batches for text in configs]
+            label = lambda b, text: f"{model} batch {b} cuda graph {'yes' if graph else 'no'} {text}"  # noqa: E731
             if time.perf_counter() - t_start > args.budget_s:
-                not_run += [f"{model} batch {b} cuda graph {'yes' if graph else 'no'} {text}" for b, text in todo]
+                not_run += [label(b, text) for b, text in todo]
                 continue
             kw = {} if model.startswith("demo") else {"random_init": True}
             gen = Generator.load(model, backend="torch", device=args.device, dtype=precision, cuda_graph=graph, **kw)
             sampling = default_sampling(gen.spec, cfg_scale=4.0)
             for b, text in todo:
                 if time.perf_counter() - t_start > args.budget_s:
-                    not_run.append(f"{model} batch {b} cuda graph {'yes' if graph else 'no'} {text}")
+                    not_run.append(label(b, text))
                     continue
                 classes = [i % gen.spec.num_classes for i in range(b)]
                 cfg = RunConfig.parse(text)

@@ -24,16 +24,19 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine  # noqa: E402
 
+from arexport.calibration.quantize import input_dtypes  # noqa: E402
 
-def feeds(session: ort.InferenceSession, rows: int, q: int) -> dict[str, np.ndarray]:
-    """Zero caches, tokens 0, q positions after slot 20, all-visible mask (the shapes the graph declares)."""
+
+def feeds(session: ort.InferenceSession, dtypes: dict, rows: int, q: int) -> dict[str, np.ndarray]:
+    """Zero caches (in the graph's cache dtype), tokens 0, q positions after slot 20, all-visible
+    mask (the shapes the graph declares)."""
     shapes = {i.name: i.shape for i in session.get_inputs()}
     out = {"tokens": np.zeros((rows, q), np.int64), "positions": np.tile(np.arange(20, 20 + q), (rows, 1)),
            "write_index": np.full((rows,), 20, np.int64),
            "attn_mask": np.ones((rows, 1, q, shapes["attn_mask"][-1]), bool)}
     for name, shape in shapes.items():
         if name.startswith("past_"):
-            out[name] = np.zeros((rows,) + tuple(shape[1:]), np.float32)
+            out[name] = np.zeros((rows,) + tuple(shape[1:]), dtypes[name])
     return out
 
 
@@ -47,9 +50,10 @@ def main() -> int:
     args = ap.parse_args()
     ort.set_default_logger_severity(3)  # feeding numpy copies the caches, which ORT warns about per call
     print(machine())
-    sessions = {}
+    sessions, dtypes = {}, {}
     for d in args.engines:
         path = str(Path(d) / "model.onnx")
+        dtypes[d] = input_dtypes(Path(path))
         nodes = collections.Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
         print(f"{d}: {sum(nodes.values())} nodes; " + ", ".join(f"{k} {v}" for k, v in nodes.most_common()))
         sessions[d] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -57,7 +61,7 @@ def main() -> int:
         rounds = {d: [] for d in sessions}
         for _ in range(args.rounds):
             for d, s in sessions.items():
-                f = feeds(s, args.rows, q)
+                f = feeds(s, dtypes[d], args.rows, q)
                 for _ in range(30):
                     s.run(["logits"], f)
                 times = []

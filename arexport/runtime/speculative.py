@@ -159,9 +159,10 @@ class LanternRule(StandardRule):
         return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
 
 
-def _running_overhead(mean: float, step_seconds: float, engine_seconds: float) -> float:
-    """The runtime's own cost per step, a running mean of each step's wall time minus the engine's part."""
-    return 0.8 * mean + 0.2 * max(step_seconds - engine_seconds, 0.0)
+def _running_overhead(mean: float, step_seconds: float, engine_seconds: float, floor: float = 0.0) -> float:
+    """The runtime's own cost per step, a running mean of each step's wall time minus the engine's
+    part (each step's part taken as at least `floor`)."""
+    return 0.8 * mean + 0.2 * max(step_seconds - engine_seconds, floor)
 
 
 class DraftLength:
@@ -285,7 +286,8 @@ class WindowArms:
 
     def observe(self, window: int, committed: float, seconds: float) -> None:
         """A step at `window` committed `committed` tokens per image in `seconds` (engine call included)."""
-        self.overhead[window] = 0.8 * self._overhead(window) + 0.2 * (seconds - self.cost[window - 1])
+        self.overhead[window] = _running_overhead(self._overhead(window), seconds, self.cost[window - 1],
+                                                  floor=float("-inf"))
         if window == 1 or self.previous != window:  # L = 1 yields one token; a cold window says little
             return
         self.tokens = committed if self.tokens is None else self.decay * self.tokens + (1 - self.decay) * committed
