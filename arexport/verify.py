@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
-from arexport.families import Conditions
+from arexport.families import get_family
+from arexport.format.stepkinds import STEP_KINDS, get_step_kind
 from arexport.runtime.engine import StepEngine
 
 # Default tolerances per precision: fp32 is the issue's 1e-4 bound on logits; half precisions are
 # bounded by rounding of activations and caches (see docs/benchmarks.md for measured errors).
 KINDS = ("prefill", "decode", "verify", "multi_query", "scale", "next_scale")
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)}
+STEPS = tuple(STEP_KINDS)  # a case's `step`: index of the step kind it runs
 
 
 def _polygraphy():
@@ -37,41 +39,41 @@ def _polygraphy():
     return BaseRunner, CompareFunc, Comparator, TensorMetadata
 
 
-def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[OrderedDict]:
-    """Feed dicts: (prefill), decode and verify at offset 0 and at non-zero, per-row-different offsets."""
-    from arexport.families import get_family
+def make_cases(spec, batch: int, verify_len: int, seed: int = 0, steps: Optional[tuple[str, ...]] = None) -> list[OrderedDict]:
+    """Feed dicts for every step kind in `steps` (default: the family's), built by the scenario each
+    declaration names (format.stepkinds `verify`); kinds without one are covered by the prefill case."""
+    family = get_family(spec.family)
+    cases: list[OrderedDict] = []
+    seen: set[str] = set()
+    for kind in (get_step_kind(n) for n in (steps or family.steps(spec))):
+        if kind.verify is None:
+            continue
+        first = kind.verify not in seen  # the scenario's own extra cases (prefill, next-scale graphs) once
+        seen.add(kind.verify)
+        for case in SCENARIOS[kind.verify][0](spec, batch, verify_len, seed, first):
+            case["step"] = np.array(STEPS.index(kind.name), dtype=np.int64)
+            cases.append(case)
+    return cases
 
-    if "multi_query" in get_family(spec.family).step_kinds:
-        return make_multi_query_cases(spec, batch, verify_len, seed)
-    if "scale" in get_family(spec.family).step_kinds:
-        return make_scale_cases(spec, batch, verify_len, seed)
+
+def make_token_cases(spec, batch: int, verify_len: int, seed: int = 0, with_prefill: bool = True) -> list[OrderedDict]:
+    """Raster steps: (the condition prefill), decode and verify at offset 0 and at non-zero,
+    per-row-different offsets."""
+    family = get_family(spec.family)
     g = torch.Generator().manual_seed(seed)
     n = spec.n_tokens
     k = min(verify_len, n - 1)
     cases = []
 
-    def cond():
-        if "text_vocab_size" in spec.extra:  # prompt token ids (Janus), one row left-padded
-            ids = torch.randint(0, spec.extra["text_vocab_size"], (batch, spec.cond_len), generator=g)
-            mask = np.ones((batch, spec.cond_len), dtype=bool)
-            mask[0, : spec.cond_len // 3] = False
-            return {"prompt_ids": ids.numpy(), "prompt_mask": mask}
-        if spec.model_type == "c2i":
-            cls = torch.randint(0, spec.num_classes + 1, (batch,), generator=g)  # includes the null class
-            return {"classes": cls.numpy()}
-        emb = torch.randn(batch, spec.cond_len, spec.caption_dim, generator=g)
-        mask = np.ones((batch, spec.cond_len), dtype=bool)
-        mask[0, : spec.cond_len // 3] = False  # a left-padded caption
-        return {"cond_embeds": emb.numpy(), "cond_mask": mask}
-
     def case(kind: str, q: int, prefix: list[int]):
         toks = torch.randint(0, spec.vocab_size, (batch, max(prefix) + q), generator=g)
-        d = OrderedDict(cond())
+        d = OrderedDict(family.verify_conditions(spec, batch, g))
         d.update(kind=np.array(KINDS.index(kind), dtype=np.int64), prefix_len=np.array(prefix, dtype=np.int64), tokens=toks.numpy(), q=np.array(q, dtype=np.int64),
                  chunk=np.array(max(1, min(verify_len, 8)), dtype=np.int64))
         cases.append(d)
 
-    case("prefill", 0, [0] * batch)
+    if with_prefill:
+        case("prefill", 0, [0] * batch)
     mid = [min(n - 1 - k, 3 + 5 * r) for r in range(batch)]  # rows at different lengths
     case("decode", 1, [0] * batch)
     case("decode", 1, mid)
@@ -82,7 +84,7 @@ def make_cases(spec, batch: int, verify_len: int, seed: int = 0) -> list[Ordered
     return cases
 
 
-def make_multi_query_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[OrderedDict]:
+def make_multi_query_cases(spec, batch: int, max_q: int, seed: int = 0, first: bool = True) -> list[OrderedDict]:
     """ARPG cases: (prefix of already-fed tokens, n new tokens, m queries), rows in their own random orders."""
     g = torch.Generator().manual_seed(seed)
     n_tok = spec.n_tokens
@@ -103,15 +105,14 @@ def make_multi_query_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[
     return cases
 
 
-def make_scale_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[OrderedDict]:
+def make_scale_cases(spec, batch: int, max_q: int, seed: int = 0, first: bool = True) -> list[OrderedDict]:
     """VAR cases: a scale block at the first, a middle and the last scale (after the earlier scales),
     a CoDe-refiner entry block (every position up to a scale at once) and each next-scale graph. (The
     image decoders end in a uint8 cast, whose rounding differs by one grey level between backends:
     tests compare images within that.)"""
-    from arexport.format.scales import Scales
-
     g = torch.Generator().manual_seed(seed)
-    sc, cvae = Scales(spec.extra["patch_nums"]), spec.extra["cvae"]
+    family = get_family(spec.family)
+    sc, cvae = family.scales(spec), family.latent_channels(spec)
     hw = sc.patch_nums[-1]
     cases = []
 
@@ -132,22 +133,20 @@ def make_scale_cases(spec, batch: int, max_q: int, seed: int = 0) -> list[Ordere
     if sc.ends[k] <= max_q:
         cases.append(base("scale", k))
         cases[-1]["entry"] = np.array(1, dtype=np.int64)
-    return cases + [base("next_scale", si) for si in range(len(sc))]
+    return cases + ([base("next_scale", si) for si in range(len(sc))] if first else [])
 
 
-def run_scale_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
+def run_scale_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """A VAR case: scale blocks 0..k-1 then block k (or, `entry`, positions [0, end_k) in one block);
     the logits of block k and the K/V it wrote. Or a next-scale graph."""
-    from arexport.format.scales import Scales
-
-    kind, k = KINDS[int(feed["kind"])], int(feed["scale"])
-    if kind == "next_scale":
+    case_kind, k = KINDS[int(feed["kind"])], int(feed["scale"])
+    if case_kind == "next_scale":
         f, nxt = engine.next_scale(k, torch.from_numpy(feed["f_hat"]), torch.from_numpy(feed["h"]))
         out = OrderedDict(f_hat=f.float().cpu().numpy())
         if nxt is not None:
             out["next"] = nxt.float().cpu().numpy()
         return out
-    sc = Scales(engine.spec.extra["patch_nums"])
+    sc = engine.family.scales(engine.spec)
     feats, classes = torch.from_numpy(feed["features"]), torch.from_numpy(feed["classes"])
     b = classes.shape[0]
     cache = engine.allocate(b)
@@ -169,7 +168,7 @@ def run_scale_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarr
     return out
 
 
-def run_multi_query_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
+def run_multi_query_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """Class step, then each row's prefix (in its order, lockstep chunks), then n new tokens + m queries."""
     spec = engine.spec
     b = len(feed["prefix_len"])
@@ -215,25 +214,23 @@ def run_multi_query_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np
 
 
 def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
-    """Set up the case's cache state on `engine`, run its step function, return outputs as numpy."""
+    """Set up the case's cache state on `engine`, run its step kind, return outputs as numpy."""
+    kind = get_step_kind(STEPS[int(feed["step"])])
+    return SCENARIOS[kind.verify][1](engine, kind, feed)
+
+
+def run_token_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
+    """A raster case: the condition prefill, each row's prefix in lockstep chunks, then one call of
+    `kind` (every declared output and the K/V it wrote are compared); or the prefill itself."""
     spec = engine.spec
-    if "multi_query" in engine.family.step_kinds:
-        return run_multi_query_case(engine, feed)
-    if "scale" in engine.family.step_kinds:
-        return run_scale_case(engine, feed)
     b = len(feed["prefix_len"])
-    if "prompt_ids" in feed:
-        conds = Conditions(ids=torch.from_numpy(feed["prompt_ids"]), mask=torch.from_numpy(feed["prompt_mask"]))
-    elif spec.model_type == "c2i":
-        conds = Conditions(classes=torch.from_numpy(feed["classes"]))
-    else:
-        conds = Conditions(embeds=torch.from_numpy(feed["cond_embeds"]), mask=torch.from_numpy(feed["cond_mask"]))
+    conds = engine.family.verify_feed_conditions(spec, feed)
     cache = engine.allocate(b)
     logits = engine.family.prefill(engine, cache, conds)
-    kind = KINDS[int(feed["kind"])]
+    case_kind = KINDS[int(feed["kind"])]
     toks = torch.from_numpy(feed["tokens"])
     prefix = torch.from_numpy(feed["prefix_len"])
-    if kind == "prefill":
+    if case_kind == "prefill":
         written = slice(0, spec.cond_len)
         out = OrderedDict(logits=logits.float().cpu().numpy())
     else:
@@ -252,8 +249,8 @@ def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
         w = cache.length.clone()
         idx = prefix.view(-1, 1) + torch.arange(q).view(1, -1)
         step_toks = toks.gather(1, idx)
-        logits = engine.step(cache, step_toks, idx, w, cache.causal_mask(w, q))
-        out = OrderedDict(logits=logits.float().cpu().numpy())
+        outs = engine.run(kind, cache, tokens=step_toks, positions=idx, write_index=w, attn_mask=cache.causal_mask(w, q))
+        out = OrderedDict((name, t.float().cpu().numpy()) for name, t in outs.items())
         written = None
     for li in sorted({0, spec.n_cache_layers - 1}):
         for name, buf in (("key", cache.keys[li]), ("value", cache.values[li])):
@@ -268,6 +265,12 @@ def run_case(engine: StepEngine, feed: dict) -> "OrderedDict[str, np.ndarray]":
 
 
 def _case_name(case: dict, spec) -> str:
+    name = _kind_case_name(case, spec)
+    step = STEPS[int(case["step"])]
+    return name if get_step_kind(step).graph == "step" else f"{name} ({step})"
+
+
+def _kind_case_name(case: dict, spec) -> str:
     kind = KINDS[int(case["kind"])]
     if kind == "multi_query":
         return f"multi_query n={int(case['q'])} m={int(case['m'])}"
@@ -330,7 +333,10 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
             return out
 
     t0 = time.perf_counter()
-    cases = make_cases(engine.spec, batch, verify_len, seed)
+    missing = [k for k in engine.step_kinds() if k not in reference.step_kinds()]
+    if missing:
+        raise ArexportError(f"the reference has no {', '.join(missing)} step to compare the engine's with")
+    cases = make_cases(engine.spec, batch, verify_len, seed, steps=engine.step_kinds())
     runners = [StepRunner(engine, f"{engine.backend}"), StepRunner(reference, "torch-reference")]
     from polygraphy.logger import G_LOGGER
 
@@ -362,23 +368,19 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import SamplingParams
 
-    spec = engine.spec
     g = torch.Generator().manual_seed(seed + 1)
-    prompts = None
-    if "text_vocab_size" in spec.extra:  # Janus: prompts through each engine's own template and tokenizer
-        prompts = [f"a photo number {i}" for i in range(n_images)]
-        conds = Conditions()
-    elif spec.model_type == "c2i":
-        conds = Conditions(classes=torch.randint(0, spec.num_classes, (n_images,), generator=g))
-    else:
-        conds = Conditions(embeds=torch.randn(n_images, spec.cond_len, spec.caption_dim, generator=g),
-                           mask=torch.ones(n_images, spec.cond_len, dtype=torch.bool))
+    request = engine.family.verify_request(engine.spec, n_images, g)  # classes, captions or prompts
     params = SamplingParams(temperature=0.0, cfg_scale=1.0)
     toks = []
     for e in (engine, reference):
-        res = Generator(e).generate(classes=conds.classes, captions=conds.embeds, caption_mask=conds.mask, prompts=prompts,
-                                    sampling=params, seed=seed, batch_size=n_images, images=False, timings=False)
+        res = Generator(e).generate(**request, sampling=params, seed=seed, batch_size=n_images, images=False, timings=False)
         toks.append(torch.from_numpy(res.tokens))
     agree = float((toks[0] == toks[1]).float().mean())
     same = int((toks[0] == toks[1]).all(dim=1).sum())
     return agree, f"{same}/{n_images}"
+
+
+# scenario -> (case maker(spec, batch, max_q, seed, first), case runner(engine, kind, feed)); a step
+# kind's declaration names its scenario
+SCENARIOS = {"token": (make_token_cases, run_token_case), "multi_query": (make_multi_query_cases, run_multi_query_case),
+             "scale": (make_scale_cases, run_scale_case)}

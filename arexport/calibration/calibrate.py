@@ -30,7 +30,8 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
     if manifest.quantization:
         raise ArexportError(f"{src} is already quantized ({manifest.quantization['mode']}); start from a full-precision engine")
     spec = manifest.spec
-    if not {"decode", "multi_query"} & set(manifest.step.kinds):
+    step = manifest.step_graphs()["step"]
+    if not step.calibrate:  # its declaration (format.stepkinds) says whether calibration captures it
         raise ArexportError(f"calibrate captures decode and multi-query steps; {spec.name}'s step graph serves "
                             f"{', '.join(manifest.step.kinds)} ({spec.family}), which it does not quantize yet")
     th = dict(DEFAULT_THRESHOLDS[mode], **(thresholds or {}))

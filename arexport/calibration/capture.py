@@ -1,8 +1,9 @@
 """Capture real step inputs while decoding with the reference model: a reusable calibration set.
 
-A `CapturingEngine` wraps the PyTorch reference engine of an engine directory; every n-th step call
-records the step graph's full input — tokens, positions, write_index, attn_mask and the K/V buffers
-as they were before the step — exactly the feed ONNX Runtime's calibrators need. Samples are saved
+A `CapturingEngine` wraps the PyTorch reference engine of an engine directory; every n-th call of a
+step kind whose declaration says `calibrate` records the step graph's full input — its declared
+feeds (tokens, positions, write_index, attn_mask, ...) and the K/V buffers as they were before the
+step — exactly the feed ONNX Runtime's calibrators need. Samples are saved
 one `.npz` per step with a manifest (engine identity, classes, method, file hashes); the set's
 hash goes into the manifest of every engine quantized from it.
 """
@@ -20,7 +21,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.fileio import atomic_directory, atomic_write_json
 from arexport.format.manifest import file_sha256
-from arexport.runtime.engine import StepEngine, graph_feeds
+from arexport.runtime.engine import StepEngine
 
 CALIB_FORMAT = "arexport-calibration"
 
@@ -45,17 +46,13 @@ class CapturingEngine(StepEngine):
             s[f"past_value_{i}"] = v.detach().float().cpu().numpy().copy()
         self.samples.append(s)
 
-    def _step(self, cache, tokens, positions, write_index, attn_mask):
-        self._record(cache, graph_feeds("cpu", tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask))
-        return self.inner._step(cache, tokens, positions, write_index, attn_mask)
+    def step_kinds(self):
+        return self.inner.step_kinds()
 
-    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
-        self._record(cache, graph_feeds("cpu", tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
-                                        query_positions=query_positions, query_mask=query_mask))
-        return self.inner._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions, query_mask)
-
-    def _prefill_embeds(self, cache, embeds, attn_mask):
-        return self.inner._prefill_embeds(cache, embeds, attn_mask)
+    def _forward(self, kind, cache, feeds):
+        if kind.calibrate:  # the declaration says whether its feeds are a calibration sample
+            self._record(cache, {k: v.to("cpu") for k, v in feeds.items()})
+        return self.inner._forward(kind, cache, feeds)
 
     def _decode_images(self, tokens):
         return self.inner._decode_images(tokens)

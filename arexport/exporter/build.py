@@ -41,6 +41,7 @@ class BuildOptions:
     trt_workspace_gb: Optional[float] = None
     lantern_k: int = 1000
     text_encoder: Optional[str] = None  # a T5 save_pretrained directory exported next to a t2i model (prompts)
+    steps: tuple[str, ...] = ()  # step kinds (format.stepkinds) built besides the family's own, e.g. token_hidden
     # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on for ONNX
     # Runtime engines, off for TensorRT builds (its parser does not list them)
     fused_ops: Optional[bool] = None
@@ -70,9 +71,8 @@ Reporter = Callable[[str], None]
 def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> Manifest:
     """Export `loaded` (a LoadedModel) into the engine directory `out`; returns its manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
-    from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_multi_query_step,
-                                          export_next_scale, export_prefill, export_scale_step, export_step,
-                                          export_text_encoder)
+    from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_next_scale,
+                                          export_step_kind, export_text_encoder)
     from arexport.hf import load_t5_encoder
 
     opts.validate()
@@ -81,12 +81,11 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
 
         require_tensorrt()  # fail before the long export, not after
     family = get_family(loaded.spec.family)
-    multi_query = "multi_query" in family.step_kinds
+    kinds = step_kinds_to_build(loaded, family, opts.steps)
     dtype = torch_dtype(opts.precision)
     max_q = min(opts.verify_len or family.default_verify_len or loaded.spec.n_tokens, loaded.spec.n_tokens)
     max_q = max(max_q, family.prefill_queries(loaded.spec))  # RAR prefills two inputs, Janus its prompt, through the step graph
-    if multi_query:
-        max_q = max(max_q, 4)  # the multi-query export traces distinct dynamic n and m
+    max_q = max([max_q] + [k.min_max_q for k in kinds])  # e.g. the multi-query export traces distinct dynamic n and m
     # the cache carries the lookahead rows of one batch need when they step different query lengths
     spec = dataclasses.replace(loaded.spec, s_max=s_max_for(loaded.spec.cond_len, loaded.spec.n_tokens,
                                                             family.cache_lookahead(max_q)))
@@ -106,26 +105,16 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         graphs: dict[str, Any] = {}
         try:
             with fused_export(opts.fused):  # RotaryEmbedding / RMSNormalization nodes for ONNX Runtime
-                t0 = time.perf_counter()
-                if multi_query:
-                    report(f"exporting multi-query step graph (n, m = 1..{max_q}, {opts.precision})")
-                    g = export_multi_query_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
-                    kinds = {"multi_query": max_q}
-                elif "scale" in family.step_kinds:
-                    report(f"exporting scale-block step graph (q = 1..{max_q}, {opts.precision})")
-                    g = export_scale_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
-                    kinds = {"scale": max_q}
-                else:
-                    report(f"exporting step graph (q = 1..{max_q}, {opts.precision})")
-                    g = export_step(model, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
-                    kinds = {"decode": 1, "verify": max_q}
                 aliases = {f"present_{k}_{i}": f"past_{k}_{i}" for i in range(spec.n_cache_layers) for k in ("key", "value")}
-                graphs["step"] = Graph(g.file, kinds=kinds, q_range=[1, max_q], aliases=aliases,
-                                       export_seconds=round(time.perf_counter() - t0, 2))
-                if family.caption_prefill(spec):
-                    report("exporting t2i prefill graph")
-                    g = export_prefill(model, spec, tmp, store, dtype, max_batch=max_batch)
-                    graphs["prefill"] = Graph(g.file, aliases=dict(aliases))
+                for kind in kinds:
+                    report(f"exporting the {kind.name} step graph ({kind.doc.split(':')[0]}; "
+                           f"{'/'.join(kind.query_dims) or 'no query dim'} up to {max_q}, {opts.precision})")
+                    t0 = time.perf_counter()
+                    g = export_step_kind(model, kind, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                    labels = {} if not kind.query_dims else {kind.labels[0]: 1, kind.labels[-1]: max_q}
+                    graphs[kind.graph] = Graph(g.file, kinds=labels, q_range=[1, max_q] if kind.query_dims else None,
+                                               aliases=dict(aliases), step=kind.name,
+                                               export_seconds=round(time.perf_counter() - t0, 2))
                 if loaded.prompter is not None:  # a chat model's prompt files (tokenizer.json, chat template)
                     for name, src in loaded.prompter["files"].items():
                         if isinstance(src, str):
@@ -163,7 +152,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
         manifest = Manifest(
             spec=spec, precision=opts.precision, graphs=graphs, source=loaded.source, arrays=extras,
-            profiles=Profiles(sorted(set(opts.batch_sizes)), max_q, dict(kinds)),
+            profiles=Profiles(sorted(set(opts.batch_sizes)), max_q, dict(graphs["step"].kinds)),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             weights={"file": store.filename, "unique_bytes": store.unique_bytes, "referenced_bytes": store.referenced_bytes},
             cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
@@ -182,6 +171,23 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         write_manifest(tmp, manifest)
     report(f"wrote {out}")
     return manifest
+
+
+def step_kinds_to_build(loaded, family, extra: tuple[str, ...] = ()) -> list:
+    """The family's step kinds for this model plus the extra ones asked for, each one the model
+    implements (its `step_kinds`); the main step graph first."""
+    from arexport.format.stepkinds import get_step_kind
+
+    names = list(family.steps(loaded.spec)) + [k for k in extra if k not in family.steps(loaded.spec)]
+    kinds = [get_step_kind(n) for n in names]
+    have = tuple(loaded.model.step_kinds)
+    for k in kinds:
+        if k.name not in have:
+            raise ArexportError(f"{loaded.spec.name} has no {k.name} step (its model implements {', '.join(have)})")
+    if sum(k.graph == "step" for k in kinds) != 1:
+        raise ArexportError(f"{loaded.spec.name}: exactly one step kind must be the main step graph, got "
+                            f"{', '.join(k.name for k in kinds)}")
+    return sorted(kinds, key=lambda k: k.graph != "step")
 
 
 def _write_arrays(loaded, tmp: Path, opts: BuildOptions) -> dict[str, str]:

@@ -20,8 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from arexport.exporter.graphs import (ImageDecoderGraph, LatentDecoderGraph, MultiQueryStepGraph, NextScaleGraph,
-                                      PrefillGraph, ScaleStepGraph, StepGraph)
+from arexport.exporter.graphs import DeclaredStepGraph, ImageDecoderGraph, LatentDecoderGraph, NextScaleGraph
 from arexport.exporter.ops import OPSET, TRANSLATIONS
 from arexport.format.spec import ModelSpec
 
@@ -166,75 +165,54 @@ def _cache_args(spec: ModelSpec, batch: int, dtype) -> list[torch.Tensor]:
     return [torch.zeros(shape, dtype=dtype) for _ in range(2 * spec.n_cache_layers)]
 
 
-def export_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
-                max_batch: int, file: str = "model.onnx") -> ExportedGraph:
-    """Export the step function (dynamic batch and query length q in [1, max_q])."""
+def graph_file(kind) -> str:
+    """File of a step kind's graph: model.onnx for the main step graph, <graph>.onnx otherwise."""
+    return "model.onnx" if kind.graph == "step" else f"{kind.graph}.onnx"
+
+
+def _example(io, sizes: dict[str, int], dtype: torch.dtype) -> torch.Tensor:
+    """A tracing input for a declared input (values only need to be valid indices)."""
+    shape = tuple(sizes[d] if d in sizes else int(d) for d in io.dims)
+    t_dtype = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}.get(io.dtype, dtype)
+    if io.example == "ones":
+        return torch.ones(shape, dtype=t_dtype)
+    if io.example == "arange":
+        return torch.arange(shape[-1], dtype=t_dtype).expand(shape).contiguous()
+    if io.example == "slots":
+        return torch.arange(1, shape[0] + 1, dtype=t_dtype)
+    return torch.zeros(shape, dtype=t_dtype)
+
+
+def export_step_kind(model, kind, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
+                     max_batch: int) -> ExportedGraph:
+    """Export a declared step kind (format.stepkinds): dynamic batch, q (and m) in [1, max_q], static
+    everything else; the per-layer caches follow its inputs and outputs."""
     from torch.export import Dim
 
-    b_ex, q_ex = 2, min(3, max_q) if max_q > 1 else 1
-    s = spec.s_max
-    tokens = torch.zeros(b_ex, q_ex, dtype=torch.int64)
-    positions = torch.arange(q_ex).expand(b_ex, q_ex).contiguous()
-    write_index = torch.tensor([1, 2][:b_ex], dtype=torch.int64)
-    mask = torch.ones(b_ex, 1, q_ex, s, dtype=torch.bool)
-    caches = _cache_args(spec, b_ex, dtype)
-    batch = Dim("batch", min=1, max=max(max_batch, 2))
-    q = Dim("q", min=1, max=max_q) if max_q > 1 else None
-    bq = {0: batch, 1: q} if q is not None else {0: batch}
-    dyn = [bq, bq, {0: batch}, ({0: batch, 2: q} if q is not None else {0: batch}), tuple([{0: batch}] * len(caches))]
-    ins, outs = StepGraph.io_names(spec.n_cache_layers)
-    wanted = {("tokens", 0): "batch", ("tokens", 1): "q"}
-    args = [tokens, positions, write_index, mask, *caches]
-    return _export_packed("step", StepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
+    from arexport.format.stepkinds import DYNAMIC, spec_size
 
-
-def export_multi_query_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
-                            max_batch: int, file: str = "model.onnx") -> ExportedGraph:
-    """Export ARPG's multi-query step: n new tokens and m queries, both dynamic in [1, max_q]."""
-    from torch.export import Dim
-
-    if max_q < 4:
-        raise ValueError("the multi-query step needs max_q >= 4 to trace distinct dynamic n and m")
-    b_ex, n_ex, m_ex = 2, 3, 4
-    s = spec.s_max
-    tokens = torch.zeros(b_ex, n_ex, dtype=torch.int64)
-    positions = torch.arange(n_ex).expand(b_ex, n_ex).contiguous()
-    write_index = torch.tensor([1, 2], dtype=torch.int64)
-    mask = torch.ones(b_ex, 1, n_ex, s, dtype=torch.bool)
-    qpos = torch.arange(n_ex, n_ex + m_ex).expand(b_ex, m_ex).contiguous()
-    qmask = torch.ones(b_ex, 1, m_ex, s, dtype=torch.bool)
-    caches = _cache_args(spec, b_ex, dtype)
-    batch = Dim("batch", min=1, max=max(max_batch, 2))
-    q = Dim("q", min=1, max=max_q)
-    m = Dim("m", min=1, max=max_q)
-    dyn = [{0: batch, 1: q}, {0: batch, 1: q}, {0: batch}, {0: batch, 2: q}, {0: batch, 1: m}, {0: batch, 2: m},
-           tuple([{0: batch}] * len(caches))]
-    ins, outs = MultiQueryStepGraph.io_names(spec.n_cache_layers)
-    wanted = {("tokens", 0): "batch", ("tokens", 1): "q", ("query_positions", 1): "m"}
-    args = [tokens, positions, write_index, mask, qpos, qmask, *caches]
-    return _export_packed("step", MultiQueryStepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
-
-
-def export_scale_step(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
-                      max_batch: int, file: str = "model.onnx") -> ExportedGraph:
-    """Export VAR's scale-block step (dynamic batch and block length q in [1, max_q])."""
-    from torch.export import Dim
-
-    b_ex, q_ex = 2, 3
-    cvae = spec.extra["cvae"]
-    features = torch.zeros(b_ex, q_ex, cvae, dtype=torch.float32)
-    positions = torch.arange(1, q_ex + 1).expand(b_ex, q_ex).contiguous()
-    classes = torch.zeros(b_ex, dtype=torch.int64)
-    write_index = torch.tensor([1, 2], dtype=torch.int64)
-    mask = torch.ones(b_ex, 1, q_ex, spec.s_max, dtype=torch.bool)
-    caches = _cache_args(spec, b_ex, dtype)
-    batch = Dim("batch", min=1, max=max(max_batch, 2))
-    q = Dim("q", min=1, max=max(max_q, 4))
-    dyn = [{0: batch, 1: q}, {0: batch, 1: q}, {0: batch}, {0: batch}, {0: batch, 2: q}, tuple([{0: batch}] * len(caches))]
-    ins, outs = ScaleStepGraph.io_names(spec.n_cache_layers)
-    wanted = {("positions", 0): "batch", ("positions", 1): "q"}
-    args = [features, positions, classes, write_index, mask, *caches]
-    return _export_packed("step", ScaleStepGraph(model), args, dyn, ins, outs, wanted, workdir, file, store)
+    if max_q < kind.min_max_q:
+        raise ValueError(f"the {kind.name} step needs max_q >= {kind.min_max_q} to trace distinct dynamic dims")
+    # example sizes: distinct per dynamic dim and >= 2 (torch.export specializes dims traced at 1)
+    sizes = {"batch": 2, "q": min(3, max_q), "m": min(4, max_q)}
+    dims = {"batch": Dim("batch", min=1, max=max(max_batch, 2)),
+            "q": Dim("q", min=1, max=max_q) if max_q > 1 else None, "m": Dim("m", min=1, max=max_q)}
+    if dims["q"] is None:
+        sizes["q"] = 1
+    used = {d for io in kind.inputs for d in io.dims}
+    sizes.update({d: spec_size(spec, d) for d in used if d not in DYNAMIC and not d.isdigit()})
+    args = [_example(io, sizes, dtype) for io in kind.inputs] + _cache_args(spec, sizes["batch"], dtype)
+    dyn = [{axis: dims[d] for axis, d in enumerate(io.dims) if d in DYNAMIC and dims[d] is not None} for io in kind.inputs]
+    dyn.append(tuple([{0: dims["batch"]}] * (2 * spec.n_cache_layers)))
+    wanted: dict[tuple[str, int], str] = {}
+    for sym in DYNAMIC:
+        for io in kind.inputs:
+            if sym in io.dims:
+                wanted.setdefault((io.name, io.dims.index(sym)), sym)
+                break
+    ins, outs = DeclaredStepGraph.io_names(kind, spec.n_cache_layers)
+    return _export_packed(kind.graph, DeclaredStepGraph(model, kind), args, dyn, ins, outs, wanted, workdir,
+                          graph_file(kind), store)
 
 
 def export_next_scale(vae, spec: ModelSpec, si: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
@@ -280,22 +258,6 @@ def export_text_encoder(model, max_length: int, workdir: Path, store: WeightStor
     return _export_packed("text_encoder", _T5Graph(model.float().eval()), [ids, mask], [{0: n}, {0: n}],
                           ["input_ids", "attention_mask"], ["last_hidden_state"], {("input_ids", 0): "batch"}, workdir,
                           "text_encoder.onnx", store)
-
-
-def export_prefill(model, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_batch: int,
-                   file: str = "prefill.onnx") -> ExportedGraph:
-    """Export the t2i condition prefill (dynamic batch; T = cond_len is static)."""
-    from torch.export import Dim
-
-    b_ex, t = 2, spec.cond_len
-    emb = torch.zeros(b_ex, t, spec.caption_dim, dtype=dtype)
-    mask = torch.ones(b_ex, 1, t, spec.s_max, dtype=torch.bool)
-    caches = _cache_args(spec, b_ex, dtype)
-    batch = Dim("batch", min=1, max=max(max_batch, 2))
-    dyn = [{0: batch}, {0: batch}, tuple([{0: batch}] * len(caches))]
-    ins, outs = PrefillGraph.io_names(spec.n_cache_layers)
-    return _export_packed("prefill", PrefillGraph(model), [emb, mask, *caches], dyn, ins, outs,
-                          {("cond_embeds", 0): "batch"}, workdir, file, store)
 
 
 def export_image_decoder(decoder, spec: ModelSpec, workdir: Path, store: WeightStore, max_batch: int,

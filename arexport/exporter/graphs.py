@@ -7,9 +7,9 @@ import torch.nn as nn
 from arexport.exporter.ops import functional_cache_write
 
 
-def _flat(logits, keys, values) -> tuple:
-    """(logits, key_0, value_0, key_1, ...) in the graphs' output order."""
-    out = [logits]
+def _flat(outputs, keys, values) -> tuple:
+    """(*outputs, key_0, value_0, key_1, ...) in the graphs' output order."""
+    out = list(outputs)
     for k, v in zip(keys, values):
         out += [k, v]
     return tuple(out)
@@ -23,56 +23,24 @@ def cache_names(n_layers: int, prefix: str) -> list[str]:
     return out
 
 
-class StepGraph(nn.Module):
-    """(tokens, positions, write_index, attn_mask, *past) -> (logits, *present)."""
+class DeclaredStepGraph(nn.Module):
+    """A step kind's graph as its declaration states it (format.stepkinds):
+    (*inputs, *past) -> (*outputs, *present), running `model.<kind.method>` with a functional cache write."""
 
-    def __init__(self, model):
+    def __init__(self, model, kind):
         super().__init__()
-        self.model = model
+        self.model, self.kind = model, kind
 
-    def forward(self, tokens, positions, write_index, attn_mask, *past):
+    def forward(self, *args):
+        n = len(self.kind.inputs)
+        past = args[n:]
         keys, values = list(past[0::2]), list(past[1::2])
-        return _flat(*self.model.step(tokens, positions, write_index, attn_mask, keys, values, cache_write=functional_cache_write))
+        out = getattr(self.model, self.kind.method)(*args[:n], keys, values, cache_write=functional_cache_write)
+        return _flat(out[:-2], out[-2], out[-1])
 
     @staticmethod
-    def io_names(n_layers: int):
-        ins = ["tokens", "positions", "write_index", "attn_mask"] + cache_names(n_layers, "past")
-        outs = ["logits"] + cache_names(n_layers, "present")
-        return ins, outs
-
-
-class MultiQueryStepGraph(nn.Module):
-    """ARPG: (tokens, positions, write_index, attn_mask, query_positions, query_mask, *past) -> (logits, *present)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, positions, write_index, attn_mask, query_positions, query_mask, *past):
-        keys, values = list(past[0::2]), list(past[1::2])
-        return _flat(*self.model.step(tokens, positions, write_index, attn_mask, query_positions, query_mask,
-                                      keys, values, cache_write=functional_cache_write))
-
-    @staticmethod
-    def io_names(n_layers: int):
-        ins = ["tokens", "positions", "write_index", "attn_mask", "query_positions", "query_mask"] + cache_names(n_layers, "past")
-        return ins, ["logits"] + cache_names(n_layers, "present")
-
-
-class PrefillGraph(nn.Module):
-    """t2i: (cond_embeds, attn_mask, *past) -> (logits of the last condition token, *present)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, cond_embeds, attn_mask, *past):
-        keys, values = list(past[0::2]), list(past[1::2])
-        return _flat(*self.model.prefill_embeds(cond_embeds, attn_mask, keys, values, cache_write=functional_cache_write))
-
-    @staticmethod
-    def io_names(n_layers: int):
-        return ["cond_embeds", "attn_mask"] + cache_names(n_layers, "past"), ["logits"] + cache_names(n_layers, "present")
+    def io_names(kind, n_layers: int):
+        return list(kind.input_names) + cache_names(n_layers, "past"), list(kind.output_names) + cache_names(n_layers, "present")
 
 
 class ImageDecoderGraph(nn.Module):

@@ -1,9 +1,9 @@
 """TensorRT plans from an engine directory's ONNX graphs (TensorRT 10.15+ / 11 Python API).
 
 * strongly typed networks: precision comes from the ONNX graph (TensorRT 11 has no FP16/INT8 flags);
-* one plan per graph, one optimization profile per step kind covering batches of 1..max rows (the
-  scheduler's live rows change every step): `decode` is q = 1, `verify` covers q in [2, K] with K as
-  the optimum;
+* one plan per graph; a step graph's optimization profiles are the ranges its step-kind declaration
+  states (format.stepkinds), each covering batches of 1..max rows (the scheduler's live rows change
+  every step), e.g. `decode` q = 1 and `verify` q in [2, K] with K as the optimum;
 * a timing cache (read if given, updated after the build) and the builder optimization level;
 * the manifest records TensorRT's version and the GPU (name, compute capability) the plans are for;
   the runtime refuses plans built for another GPU or TensorRT version.
@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from arexport.devices import current_gpu, require_tensorrt
 from arexport.errors import ArexportError
+from arexport.families import get_family
 from arexport.format.profiles import graph_profiles, step_profiles
 
 
@@ -46,10 +47,11 @@ def build_plans(directory: Path, manifest, opts, report: Callable[[str], None]) 
     cache_path = Path(opts.trt_timing_cache) if opts.trt_timing_cache else None
     plans: dict[str, Any] = {}
     batch_sizes = manifest.profiles.batch_sizes
+    steps = manifest.step_graphs()
+    exact = get_family(manifest.spec.family).exact_query_sizes(manifest.spec)
     for name, graph in manifest.graphs.items():
-        if name == "step":
-            sizes = [p * p for p in manifest.spec.extra.get("patch_nums", [])]
-            profiles = step_profiles(batch_sizes, manifest.profiles.verify_len, tuple(graph.kinds), sizes)
+        if name in steps:  # the step kind's declared ranges
+            profiles = step_profiles(batch_sizes, manifest.profiles.verify_len, steps[name], exact)
         else:
             profiles = graph_profiles(name, batch_sizes)
         report(f"TensorRT: {graph.file} with {len(profiles)} profiles")

@@ -63,7 +63,7 @@ class Conditions:
 
 # Raster next-token families (LlamaGen, RAR, Janus) share their decoding methods and step kinds.
 NEXT_TOKEN_METHODS = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
-NEXT_TOKEN_STEPS = ("decode", "verify")
+NEXT_TOKEN_STEPS = ("token",)
 
 
 class Family:
@@ -72,13 +72,21 @@ class Family:
     name: str = "?"
     methods: tuple[str, ...] = ()  # decoding methods that apply to this family
     default_method: str = "ar"
-    step_kinds: tuple[str, ...] = ("decode", "verify")  # what the step graph serves
+    step_kinds: tuple[str, ...] = NEXT_TOKEN_STEPS  # step kinds (format.stepkinds) an engine of the family always has
     default_verify_len: Optional[int] = 16  # largest query length built by default (None: all tokens)
     prefill_len: int = 1  # inputs its prefill feeds through the step graph at once (the graph's q must reach it)
 
     def caption_prefill(self, spec) -> bool:
         """Whether the family prefills caption features through a prefill graph (text-conditional LlamaGen)."""
         return False
+
+    def steps(self, spec) -> tuple[str, ...]:
+        """The step kinds an engine of this model is built with by default (format.stepkinds names)."""
+        return self.step_kinds + (("caption_prefill",) if self.caption_prefill(spec) else ())
+
+    def exact_query_sizes(self, spec) -> tuple[int, ...]:
+        """Query lengths its steps take so often that TensorRT gets a profile for each (VAR: its scales)."""
+        return ()
 
     def prefill_queries(self, spec) -> int:
         """Inputs the prefill feeds through the step graph at once (the exported q range must reach it)."""
@@ -127,6 +135,19 @@ class Family:
     def prefill(self, engine, cache, conds: Conditions) -> torch.Tensor:
         """Write the condition at slots [0, cond_len) of `cache` and return the logits [B, V] of its last position."""
         raise ArexportError(f"{engine.spec.name} ({self.name}) has no prefill step")
+
+    # -- verification inputs (arexport verify) -----------------------------------------------------
+    def verify_conditions(self, spec, batch: int, g: torch.Generator) -> dict[str, np.ndarray]:
+        """Random conditions of one verify case as numpy feeds (class models: ids, the null class included)."""
+        return {"classes": torch.randint(0, spec.num_classes + 1, (batch,), generator=g).numpy()}
+
+    def verify_feed_conditions(self, spec, feed: dict) -> Conditions:
+        """The Conditions of a verify case's feeds (inverse of verify_conditions)."""
+        return Conditions(classes=torch.from_numpy(feed["classes"]))
+
+    def verify_request(self, spec, n: int, g: torch.Generator) -> dict[str, Any]:
+        """Generator.generate inputs of verify's whole-image comparison (classes, captions or prompts)."""
+        return {"classes": torch.randint(0, spec.num_classes, (n,), generator=g)}
 
     def check_draft(self, target_spec, draft_spec) -> None:
         """A draft model must share the target's tokenizer, grid and condition space."""

@@ -9,6 +9,7 @@ Image tokens then decode like any raster model, so every raster method applies.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from arexport.errors import ArexportError
@@ -45,6 +46,18 @@ class JanusFamily(Family):
         for f in ("bos_token_id", "pad_token_id", "boi_token_id", "text_vocab_size"):
             if target_spec.extra.get(f) != draft_spec.extra.get(f):
                 raise ArexportError(f"draft {draft_spec.name} does not share {target_spec.name}'s tokenizer ({f})")
+
+    def verify_conditions(self, spec, batch, g):
+        ids = torch.randint(0, spec.extra["text_vocab_size"], (batch, spec.cond_len), generator=g)
+        mask = np.ones((batch, spec.cond_len), dtype=bool)
+        mask[0, : spec.cond_len // 3] = False  # one row left-padded
+        return {"prompt_ids": ids.numpy(), "prompt_mask": mask}
+
+    def verify_feed_conditions(self, spec, feed):
+        return Conditions(ids=torch.from_numpy(feed["prompt_ids"]), mask=torch.from_numpy(feed["prompt_mask"]))
+
+    def verify_request(self, spec, n, g):
+        return {"prompts": [f"a photo number {i}" for i in range(n)]}  # through each engine's own template and tokenizer
 
     def prefill(self, engine, cache, conds: Conditions) -> torch.Tensor:
         spec = engine.spec

@@ -63,6 +63,25 @@ class LlamaGenFamily(Family):
         # LlamaGen reuses the caption's padding mask for its null rows
         return Conditions(embeds=u.unsqueeze(0).expand(len(conds), *u.shape).clone(), mask=conds.mask.clone())
 
+    def verify_conditions(self, spec, batch, g):
+        if spec.model_type == "c2i":
+            return super().verify_conditions(spec, batch, g)
+        emb = torch.randn(batch, spec.cond_len, spec.caption_dim, generator=g)
+        mask = np.ones((batch, spec.cond_len), dtype=bool)
+        mask[0, : spec.cond_len // 3] = False  # a left-padded caption
+        return {"cond_embeds": emb.numpy(), "cond_mask": mask}
+
+    def verify_feed_conditions(self, spec, feed):
+        if spec.model_type == "c2i":
+            return super().verify_feed_conditions(spec, feed)
+        return Conditions(embeds=torch.from_numpy(feed["cond_embeds"]), mask=torch.from_numpy(feed["cond_mask"]))
+
+    def verify_request(self, spec, n, g):
+        if spec.model_type == "c2i":
+            return super().verify_request(spec, n, g)
+        return {"captions": torch.randn(n, spec.cond_len, spec.caption_dim, generator=g),
+                "caption_mask": torch.ones(n, spec.cond_len, dtype=torch.bool)}
+
     def prefill(self, engine, cache, conds: Conditions) -> torch.Tensor:
         spec = engine.spec
         b, t, dev = len(conds), spec.cond_len, engine.device

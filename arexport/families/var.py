@@ -32,6 +32,14 @@ class VARFamily(Family):
     def scales(spec) -> Scales:
         return Scales(spec.extra["patch_nums"])
 
+    @staticmethod
+    def latent_channels(spec) -> int:
+        """Cvae: channels of the VQVAE latents (the scale step's features, next-scale inputs, f_hat)."""
+        return int(spec.extra["cvae"])
+
+    def exact_query_sizes(self, spec) -> tuple[int, ...]:
+        return tuple(self.scales(spec).sizes)
+
     def check_draft(self, target_spec, draft_spec) -> None:
         super().check_draft(target_spec, draft_spec)
         for f in ("patch_nums", "cvae"):

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from arexport.errors import ManifestError
 from arexport.format.spec import ModelSpec
+from arexport.format.stepkinds import StepKind, graph_step_kind
 
 FORMAT = "arexport-engine"
 FORMAT_VERSION = 2
@@ -56,7 +57,8 @@ class Graph:
     file: str
     inputs: list[dict] = field(default_factory=list)  # [{'name', 'dtype', 'shape'}]
     outputs: list[dict] = field(default_factory=list)
-    kinds: dict[str, int] = field(default_factory=dict)  # step kind -> largest query length
+    kinds: dict[str, int] = field(default_factory=dict)  # call label (decode, verify, ...) -> largest query length
+    step: Optional[str] = None  # the step kind it implements (format.stepkinds); None: no cache (decoders)
     q_range: Optional[list[int]] = None
     aliases: dict[str, str] = field(default_factory=dict)  # present_* -> past_* (in-place cache outputs)
     export_seconds: Optional[float] = None
@@ -97,6 +99,15 @@ class Manifest:
     @property
     def step(self) -> Graph:
         return self.graphs["step"]
+
+    def step_graphs(self) -> dict[str, "StepKind"]:
+        """Graph name -> the step kind it implements, for every step graph of the directory."""
+        out = {}
+        for name, g in self.graphs.items():
+            kind = graph_step_kind(name, g)
+            if kind is not None:
+                out[name] = kind
+        return out
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (the manifest.json document)."""

@@ -157,6 +157,7 @@ class ARPG(Fp32RopeTables, nn.Module):
     """ARPG transformer with a multi-query step function over static caches."""
 
     STEP_WEIGHTS = ("layers.", "norm.", "head.")  # parameters every step reads in full (bandwidth model)
+    step_kinds = ("multi_query",)  # the step kinds (arexport.format.stepkinds) this model implements
 
     def __init__(self, cfg: ARPGConfig):
         super().__init__()

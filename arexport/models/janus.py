@@ -76,6 +76,7 @@ class JanusImageModel(nn.Module):
     """Image generation of a transformers Janus model: the step function over its modules."""
 
     STEP_WEIGHTS = ("hf.model.language_model.layers.", "hf.model.generation_head.", "hf.model.language_model.norm.")
+    step_kinds = ("token",)  # the step kinds (arexport.format.stepkinds) this model implements
 
     def __init__(self, hf, cond_len: int):
         super().__init__()

@@ -298,6 +298,11 @@ class LlamaGen(Fp32RopeTables, nn.Module):
 
     STEP_WEIGHTS = ("layers.", "norm.", "output.")  # parameters every step reads in full (bandwidth model)
 
+    @property
+    def step_kinds(self) -> tuple[str, ...]:
+        """The step kinds (arexport.format.stepkinds) this model implements."""
+        return ("token", "token_hidden") + (("caption_prefill",) if self.cfg.model_type == "t2i" else ())
+
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
         self.cfg = cfg
@@ -396,6 +401,14 @@ class LlamaGen(Fp32RopeTables, nn.Module):
         """
         return self._run_layers(self.embed_tokens(tokens), positions, write_index, attn_mask, keys, values, cache_write, last_only=False)
 
+    def step_hidden(self, tokens, positions, write_index, attn_mask, keys, values, cache_write: CacheWrite = inplace_cache_write):
+        """`step` that also returns the last layer's hidden state of the positions fed, after the final
+        norm (the output head's input, what EAGLE-style draft heads read): (logits [B,q,V] fp32, hidden
+        [B,q,dim] in the model's precision, keys, values)."""
+        h, keys, values = self._hidden(self.embed_tokens(tokens), positions, write_index, attn_mask, keys, values, cache_write)
+        h = self.norm(h)
+        return self.output(h).float(), h, keys, values
+
     def prefill_embeds(self, cond: torch.Tensor, attn_mask, keys, values, cache_write: CacheWrite = inplace_cache_write):
         """Condition prefill at slots [0, T): logits of the last condition position [B,V] and caches."""
         h = self.condition_embeddings(cond)
@@ -406,12 +419,17 @@ class LlamaGen(Fp32RopeTables, nn.Module):
         return logits, keys, values
 
     def _run_layers(self, h, positions, write_index, attn_mask, keys, values, cache_write, last_only):
+        h, new_keys, new_values = self._hidden(h, positions, write_index, attn_mask, keys, values, cache_write)
+        if last_only:
+            h = h[:, -1]
+        return self.output(self.norm(h)).float(), new_keys, new_values
+
+    def _hidden(self, h, positions, write_index, attn_mask, keys, values, cache_write):
+        """The layer stack over inputs h [B,q,dim]: the last layer's output and the cache buffers."""
         cos, sin = self.rope(positions)
         new_keys, new_values = [], []
         for layer, pk, pv in zip(self.layers, keys, values):
             h, k, v = layer.forward_step(h, cos, sin, write_index, attn_mask, pk, pv, cache_write)
             new_keys.append(k)
             new_values.append(v)
-        if last_only:
-            h = h[:, -1]
-        return self.output(self.norm(h)).float(), new_keys, new_values
+        return h, new_keys, new_values

@@ -140,6 +140,7 @@ class RAR(nn.Module):
     """RAR transformer (parameter names as in the released rar_*.bin) with a static-cache step function."""
 
     STEP_WEIGHTS = ("blocks.", "adaln_before_head.", "lm_head.")  # parameters every step reads in full (bandwidth model)
+    step_kinds = ("token",)  # the step kinds (arexport.format.stepkinds) this model implements
 
     def __init__(self, cfg: RARConfig):
         super().__init__()

@@ -206,6 +206,7 @@ class VAR(nn.Module):
     """The VAR transformer (parameter names as in var_d*.pth) with a scale-block step function."""
 
     STEP_WEIGHTS = ("blocks.", "head", "word_embed.", "shared_ada_lin.")  # read in full every step (bandwidth model)
+    step_kinds = ("scale",)  # the step kinds (arexport.format.stepkinds) this model implements
 
     def __init__(self, cfg: VARConfig):
         super().__init__()

@@ -1,16 +1,17 @@
 """StepEngine: the one interface every backend runner implements (torch, ort, trt).
 
-An engine runs the model's step functions on device tensors and owns no decoding logic:
-* `step(cache, tokens, positions, write_index, attn_mask)` feeds q new tokens and returns
-  logits [B, q, V] (fp32), writing their K/V into the cache buffers in place;
-* `multi_query_step(...)` is ARPG's step (new tokens plus m mask-token queries);
-* `prefill_embeds(cache, embeds, attn_mask)` runs a text-conditional prefill graph;
-* `scale_step(...)` is a next-scale (VAR) step over one scale block, `next_scale(si, f_hat, h)` the
-  VQVAE's next-scale input and `decode_latents(f_hat)` its image decoder;
+An engine runs the model's step functions on device tensors and owns no decoding logic. Step
+functions are declared once as data (`arexport.format.stepkinds`): `run(kind, cache, **feeds)`
+validates the feeds against the declaration, converts them to the graph's dtypes, counts and times
+the call under the kind's label, runs the backend's one hook `_forward` and returns the declared
+outputs, writing K/V into the cache buffers in place. Typed helpers are thin wrappers over it:
+* `step(cache, tokens, positions, write_index, attn_mask)` -> logits [B, q, V] (the `token` kind);
+* `multi_query_step(...)` (ARPG), `scale_step(...)` (VAR), `prefill_embeds(...)` (caption prefill);
+* `next_scale(si, f_hat, h)` and `decode_latents(f_hat)`: VAR's VQVAE graphs (no cache);
 * `decode_images(tokens)` turns token sequences into uint8 RGB images.
 How a condition is prefilled is the family adapter's business (`engine.family.prefill`). Every
-call is counted (and optionally timed) per step kind, which is how decoding methods report
-forward passes without trusting themselves.
+call is counted (and optionally timed) per label, which is how decoding methods report forward
+passes without trusting themselves.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from arexport.errors import ArexportError
 from arexport.families import Conditions, get_family
 from arexport.format.spec import ModelSpec, s_max_for
+from arexport.format.stepkinds import CAPTION_PREFILL, MULTI_QUERY, SCALE, TOKEN, StepKind, get_step_kind
 from arexport.runtime.kv_cache import KVCache
 
 __all__ = ["Conditions", "StepEngine", "StepRecord", "graph_feeds", "step_kind"]
@@ -37,7 +39,7 @@ __all__ = ["Conditions", "StepEngine", "StepRecord", "graph_feeds", "step_kind"]
 class StepRecord:
     """One timed engine call."""
 
-    kind: str  # prefill | decode | verify | multi_query | scale | next_scale | vq_decode | latent_decode
+    kind: str  # a step kind's label (prefill | decode | verify | multi_query | scale) or next_scale | vq_decode | latent_decode
     batch: int
     q: int
     seconds: float
@@ -45,18 +47,26 @@ class StepRecord:
 
 NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode", "text_encode")  # calls that are not transformer forwards
 
+TORCH_DTYPES = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}
+
 
 def graph_feeds(device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
     """Step-graph inputs on `device`, contiguous, with the graph's dtypes: masks bool, the rest int64."""
     return {k: v.to(device, torch.bool if k.endswith("mask") else torch.int64).contiguous() for k, v in tensors.items()}
 
 
+def declared_feeds(kind: StepKind, device, model_dtype: torch.dtype, feeds: dict) -> dict[str, torch.Tensor]:
+    """`feeds` on `device`, contiguous, in the declared order and dtypes ("model": the engine's precision)."""
+    return {io.name: torch.as_tensor(feeds[io.name]).to(device, TORCH_DTYPES.get(io.dtype, model_dtype)).contiguous()
+            for io in kind.inputs}
+
+
 _UNTIMED = nullcontext()
 
 
 def step_kind(q: int) -> str:
-    """Name of a step by its query length: decode (q = 1) or verify (q > 1)."""
-    return "decode" if q == 1 else "verify"
+    """Label of a token step by its query length: decode (q = 1) or verify (q > 1)."""
+    return TOKEN.label({"q": q})
 
 
 class StepEngine(ABC):
@@ -80,17 +90,13 @@ class StepEngine(ABC):
 
     # -- to implement ---------------------------------------------------------------------------
     @abstractmethod
-    def _step(self, cache: KVCache, tokens, positions, write_index, attn_mask) -> torch.Tensor:
-        """Backend forward of the step function: logits [B,q,V] fp32, cache updated in place."""
+    def _forward(self, kind: StepKind, cache: KVCache, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Backend forward of a declared step kind: feeds (declared names, dtypes, on this device) ->
+        the declared outputs by name; the cache is updated in place."""
 
-    def _multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
-                          query_mask) -> torch.Tensor:
-        """Backend forward of ARPG's multi-query step: logits [B,m,V] fp32."""
-        raise ArexportError(f"{self.spec.name} has no multi-query step (that is ARPG's)")
-
-    def _scale_step(self, cache: KVCache, features, positions, classes, write_index, attn_mask) -> torch.Tensor:
-        """Backend forward of the scale-block step (VAR): logits [B,q,V] fp32."""
-        raise ArexportError(f"{self.spec.name} has no scale-block step (that is VAR's)")
+    def step_kinds(self) -> tuple[str, ...]:
+        """The step kinds this engine runs (its model's or its directory's step graphs)."""
+        return tuple(self.family.steps(self.spec))
 
     def _next_scale(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
         """Backend VQVAE next-scale input: (f_hat, next inputs or None)."""
@@ -99,10 +105,6 @@ class StepEngine(ABC):
     def _decode_latents(self, f_hat: torch.Tensor) -> torch.Tensor:
         """Backend VQVAE decoder: f_hat [N,Cvae,H,W] -> uint8 [N,H',W',3]."""
         raise ArexportError(f"backend {self.backend} has no latent decoder for {self.spec.name}")
-
-    def _prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
-        """Backend forward of the t2i prefill graph: logits [B,V]."""
-        raise ArexportError(f"backend {self.backend} has no text-conditional prefill")
 
     @abstractmethod
     def _decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -180,12 +182,13 @@ class StepEngine(ABC):
             tokens = torch.zeros(rows, q, dtype=torch.long, device=self.device)
             positions = torch.arange(q, device=self.device).expand(rows, q)
             write = torch.full((rows,), self.spec.cond_len, dtype=torch.long, device=self.device)
-            mask = cache.causal_mask(write, q)
+            feeds = declared_feeds(TOKEN, self.device, self.cache_dtype, dict(
+                tokens=tokens, positions=positions, write_index=write, attn_mask=cache.causal_mask(write, q)))
             times = []
             for _ in range(4):
                 self._sync()
                 t0 = time.perf_counter()
-                self._step(cache, tokens, positions, write, mask)
+                self._forward(TOKEN, cache, feeds)
                 self._sync()
                 times.append(time.perf_counter() - t0)
             seconds.append(float(np.median(times[1:])))
@@ -215,39 +218,46 @@ class StepEngine(ABC):
             raise ArexportError(f"a batch of {batch} rows exceeds this engine's largest batch of {self.max_batch} rows "
                                 "(rows include the doubled CFG batch): lower --batch-size or rebuild with larger --batch-sizes")
 
+    def run(self, kind: Union[str, StepKind], cache: KVCache, label: Optional[str] = None,
+            **feeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run a declared step kind: feeds by input name (any dtype: converted to the declared ones) ->
+        its outputs by name (logits fp32, ...), K/V written into `cache` in place. Counted as `label`
+        (default: the kind's own by query length; "prefill" also lifts the query-length limit, a
+        prefill through the step graph being sized by the engine's build)."""
+        kind = get_step_kind(kind)
+        if kind.name not in self.step_kinds():
+            raise ArexportError(f"{self.spec.name} is an {self.spec.family} model without a {kind.name} step "
+                                f"(it has {', '.join(self.step_kinds())}): it decodes with --method {self.family.default_method}")
+        dims = kind.bind(feeds)
+        if label != "prefill":
+            for d in kind.query_dims:
+                if dims[d] > self.max_q:
+                    raise ArexportError(f"{kind.name} step with {d} = {dims[d]} exceeds this engine's maximum query length "
+                                        f"{self.max_q}")
+        label = label or kind.label(dims)
+        feeds = declared_feeds(kind, self.device, self.cache_dtype, feeds)
+        with self._timed(label, dims["batch"], dims[kind.count_dim]):
+            out = self._forward(kind, cache, feeds)
+        self._finite(out["logits"], label)
+        return out
+
     def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
-        """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]."""
-        if "decode" not in self.family.step_kinds:
-            raise ArexportError(f"{self.spec.name} is an {self.spec.family} model: it decodes with "
-                                f"--method {self.family.default_method}")
-        b, q = tokens.shape
-        if q > self.max_q and kind != "prefill":
-            raise ArexportError(f"step of {q} tokens exceeds this engine's maximum query length {self.max_q}")
-        with self._timed(kind or step_kind(q), b, q):
-            return self._finite(self._step(cache, tokens, positions, write_index, attn_mask), kind or step_kind(q))
+        """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]. `kind`
+        labels the call (default decode/verify by q)."""
+        return self.run(TOKEN, cache, label=kind, tokens=tokens, positions=positions, write_index=write_index,
+                        attn_mask=attn_mask)["logits"]
 
     def multi_query_step(self, cache: KVCache, tokens, positions, write_index, attn_mask, query_positions,
                          query_mask) -> torch.Tensor:
         """ARPG: feed n new tokens [B,n] and ask m queries at query_positions [B,m]; logits [B,m,V]."""
-        b, n = tokens.shape
-        m = query_positions.shape[1]
-        if max(n, m) > self.max_q:
-            raise ArexportError(f"multi-query step with {n} tokens and {m} queries exceeds this engine's maximum {self.max_q}")
-        with self._timed("multi_query", b, m):
-            return self._finite(self._multi_query_step(cache, tokens, positions, write_index, attn_mask, query_positions,
-                                                       query_mask), "multi_query")
+        return self.run(MULTI_QUERY, cache, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
+                        query_positions=query_positions, query_mask=query_mask)["logits"]
 
     def scale_step(self, cache: KVCache, features, positions, classes, write_index, attn_mask) -> torch.Tensor:
         """Next-scale step: q positions [B,q] with their Cvae features [B,q,Cvae] (ignored at the first
         scale), class ids [B] (null class for CFG rows), from slot write_index [B]; logits [B,q,V]."""
-        if "scale" not in self.family.step_kinds:
-            raise ArexportError(f"{self.spec.name} is an {self.spec.family} model: it decodes with "
-                                f"--method {self.family.default_method}")
-        b, q = positions.shape
-        if q > self.max_q:
-            raise ArexportError(f"scale block of {q} positions exceeds this engine's maximum query length {self.max_q}")
-        with self._timed("scale", b, q):
-            return self._finite(self._scale_step(cache, features, positions, classes, write_index, attn_mask), "scale")
+        return self.run(SCALE, cache, features=features, positions=positions, classes=classes, write_index=write_index,
+                        attn_mask=attn_mask)["logits"]
 
     def next_scale(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
         """VQVAE next-scale input of scale si: h [B, pn*pn, Cvae] (codebook rows) added to f_hat
@@ -262,8 +272,7 @@ class StepEngine(ABC):
 
     def prefill_embeds(self, cache: KVCache, embeds: torch.Tensor, attn_mask) -> torch.Tensor:
         """Text-conditional prefill: caption features [B,T,C] at slots [0, T); logits of the last position [B,V]."""
-        with self._timed("prefill", embeds.shape[0], embeds.shape[1]):
-            return self._finite(self._prefill_embeds(cache, embeds, attn_mask), "prefill")
+        return self.run(CAPTION_PREFILL, cache, cond_embeds=embeds, attn_mask=attn_mask)["logits"]
 
     def _finite(self, logits: torch.Tensor, kind: str) -> torch.Tensor:
         """Stop on NaN/inf logits (a broken checkpoint or engine) instead of sampling garbage (one host sync).

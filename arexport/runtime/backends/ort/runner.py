@@ -14,7 +14,7 @@ import torch
 
 from arexport.runtime.backends.arrays import EngineDirArrays
 from arexport.runtime.backends.ort.loader import OrtSessions, _ort
-from arexport.runtime.engine import StepEngine, graph_feeds
+from arexport.runtime.engine import TORCH_DTYPES, StepEngine
 
 ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16}
 
@@ -66,6 +66,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self._graph_ids: dict[tuple, int] = {}
         self._bindings: dict[tuple, tuple] = {}
         self._run_options = _ort().RunOptions()
+        self._kinds = tuple(k.name for k in manifest.step_graphs().values())
 
     # -- binding ---------------------------------------------------------------------------------
     def _binding(self, graph: str, cache) -> "_Binding":
@@ -87,53 +88,39 @@ class OrtEngine(EngineDirArrays, StepEngine):
             self._bindings.pop(next(iter(self._bindings)))
         return entry[1]
 
-    def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache, logits: torch.Tensor, key: tuple) -> torch.Tensor:
-        """Bind feeds and `logits` next to the cache's standing binding; run."""
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache, outputs: dict[str, torch.Tensor], key: tuple) -> dict:
+        """Bind feeds and `outputs` next to the cache's standing binding; run."""
         bind = self._binding(graph, cache)
         for name, t in feeds.items():
             bind.input(name, t)
-        bind.output("logits", logits)
+        for name, t in outputs.items():
+            bind.output(name, t)
         ro = self._run_options
         if self.cuda_graph:
             gid = self._graph_ids.setdefault(key, len(self._graph_ids) + 1)
             ro = _ort().RunOptions()
             ro.add_run_config_entry("gpu_graph_id", str(gid))
         bind.run(ro)
-        return logits
-
-    def _logits(self, *rows: int) -> torch.Tensor:
-        return torch.empty(*rows, self.spec.vocab_size, dtype=torch.float32, device=self.device)
+        return outputs
 
     # -- StepEngine ---------------------------------------------------------------------------------
-    def _step(self, cache, tokens, positions, write_index, attn_mask):
-        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask)
-        return self._run("step", feeds, cache, self._logits(*tokens.shape), ("step",) + tuple(tokens.shape))
+    def step_kinds(self) -> tuple[str, ...]:
+        return self._kinds
 
-    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
-        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
-                            query_positions=query_positions, query_mask=query_mask)
-        return self._run("step", feeds, cache, self._logits(*query_positions.shape),
-                         ("multi_query",) + tuple(tokens.shape) + (query_positions.shape[1],))
-
-    def _scale_step(self, cache, features, positions, classes, write_index, attn_mask):
-        feeds = graph_feeds(self.device, positions=positions, classes=classes, write_index=write_index, attn_mask=attn_mask)
-        feeds["features"] = features.to(self.device, torch.float32).contiguous()
-        return self._run("step", feeds, cache, self._logits(*positions.shape), ("scale",) + tuple(positions.shape))
+    def _forward(self, kind, cache, feeds):
+        dims = kind.bind(feeds)
+        outs = {io.name: torch.empty(kind.output_shape(io, dims, self.spec), device=self.device,
+                                     dtype=TORCH_DTYPES.get(io.dtype, self.cache_dtype)) for io in kind.outputs}
+        return self._run(kind.graph, feeds, cache, outs, (kind.graph,) + tuple(t.shape for t in feeds.values()))
 
     def _next_scale(self, si, f_hat, h):
-        last = si == len(self.spec.extra["patch_nums"]) - 1
-        outs = self.sessions.get(f"next_scale_{si}").run(["f_hat_out"] if last else ["f_hat_out", "next"], {
+        outs = self.sessions.get(f"next_scale_{si}").run(None, {  # f_hat_out, and next except after the last scale
             "f_hat": f_hat.detach().cpu().float().numpy(), "h": h.detach().cpu().float().numpy()})
-        return torch.from_numpy(outs[0]).to(self.device), None if last else torch.from_numpy(outs[1]).to(self.device)
+        return torch.from_numpy(outs[0]).to(self.device), torch.from_numpy(outs[1]).to(self.device) if len(outs) > 1 else None
 
     def _decode_latents(self, f_hat):
         out = self.sessions.get("latent_decoder").run(["images"], {"f_hat": f_hat.detach().cpu().float().numpy()})[0]
         return torch.from_numpy(out)
-
-    def _prefill_embeds(self, cache, embeds, attn_mask):
-        feeds = {"cond_embeds": embeds.to(self.device, self.cache_dtype).contiguous(),
-                 "attn_mask": attn_mask.to(self.device, torch.bool).contiguous()}
-        return self._run("prefill", feeds, cache, self._logits(embeds.shape[0]), ("prefill", embeds.shape[0]))
 
     @property
     def has_images(self) -> bool:

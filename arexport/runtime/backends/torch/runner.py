@@ -15,7 +15,8 @@ from arexport.runtime.engine import StepEngine
 
 
 class TorchEngine(StepEngine):
-    """StepEngine over a LlamaGen module; K/V are scattered into the cache buffers in place."""
+    """StepEngine over a PyTorch model; each step kind runs the model method its declaration names, with
+    K/V scattered into the cache buffers in place."""
 
     backend = "torch"
 
@@ -33,32 +34,19 @@ class TorchEngine(StepEngine):
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
 
-    @torch.inference_mode()
-    def _step(self, cache, tokens, positions, write_index, attn_mask):
-        inputs = [t.to(self.device) for t in (tokens, positions, write_index, attn_mask)]
-
-        def run(tok, pos, w, mask):
-            return self.model.step(tok, pos, w, mask, cache.keys, cache.values)[0]
-
-        return self._maybe_graph(("step", cache.keys[0].data_ptr()), run, inputs)
+    def step_kinds(self) -> tuple[str, ...]:
+        return tuple(self.model.step_kinds)
 
     @torch.inference_mode()
-    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
-        inputs = [t.to(self.device) for t in (tokens, positions, write_index, attn_mask, query_positions, query_mask)]
+    def _forward(self, kind, cache, feeds):
+        """model.<kind.method>(*feeds, keys, values) -> (*outputs, keys, values), K/V scattered in place."""
+        method = getattr(self.model, kind.method)
 
-        def run(tok, pos, w, mask, qpos, qmask):
-            return self.model.step(tok, pos, w, mask, qpos, qmask, cache.keys, cache.values)[0]
+        def run(*inputs):
+            return method(*inputs, cache.keys, cache.values)[:len(kind.outputs)]
 
-        return self._maybe_graph(("multi_query", cache.keys[0].data_ptr()), run, inputs)
-
-    @torch.inference_mode()
-    def _scale_step(self, cache, features, positions, classes, write_index, attn_mask):
-        inputs = [features.to(self.device, torch.float32), *(t.to(self.device) for t in (positions, classes, write_index, attn_mask))]
-
-        def run(f, pos, c, w, mask):
-            return self.model.step(f, pos, c, w, mask, cache.keys, cache.values)[0]
-
-        return self._maybe_graph(("scale", cache.keys[0].data_ptr()), run, inputs)
+        outs = self._maybe_graph((kind.name, cache.keys[0].data_ptr()), run, list(feeds.values()))
+        return dict(zip(kind.output_names, outs))
 
     @torch.inference_mode()
     def _next_scale(self, si, f_hat, h):
@@ -97,13 +85,7 @@ class TorchEngine(StepEngine):
         for dst, src in zip(static, inputs):
             dst.copy_(src, non_blocking=True)
         graph.replay()
-        return out.clone()
-
-    @torch.inference_mode()
-    def _prefill_embeds(self, cache, embeds, attn_mask):
-        embeds = embeds.to(self.device, dtype=self.cache_dtype)
-        logits, _, _ = self.model.prefill_embeds(embeds, attn_mask, cache.keys, cache.values)
-        return logits
+        return tuple(o.clone() for o in out)
 
     @property
     def has_images(self) -> bool:

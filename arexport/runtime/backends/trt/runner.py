@@ -16,7 +16,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.backends.arrays import EngineDirArrays
 from arexport.runtime.backends.trt.loader import Plan
-from arexport.runtime.engine import StepEngine, graph_feeds
+from arexport.runtime.engine import TORCH_DTYPES, StepEngine
 
 
 class TrtEngine(EngineDirArrays, StepEngine):
@@ -35,6 +35,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self.max_batch = max(manifest.profiles.batch_sizes)
         self.cuda_graph = cuda_graph
         self._graphs: dict[tuple, tuple] = {}
+        self._kinds = tuple(k.name for k in manifest.step_graphs().values())
 
     def _bind(self, ctx, feeds: dict, outputs: dict, cache) -> None:
         for name, t in feeds.items():
@@ -51,9 +52,10 @@ class TrtEngine(EngineDirArrays, StepEngine):
         for name, t in outputs.items():
             ctx.set_tensor_address(name, t.data_ptr())
 
-    def _launch(self, plan: Plan, kind: str, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+    def _launch(self, plan: Plan, kind, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                 cache, q: int) -> None:
-        """Run one plan call; with cuda_graph, capture once per (profile, shapes, cache) and replay."""
+        """Run one plan call (`kind`: the profile labels it may use); with cuda_graph, capture once per
+        (profile, shapes, cache) and replay."""
         b = next(iter(feeds.values())).shape[0]
         idx = plan.profile_for(kind, b, q)
         ctx = plan.contexts[idx]
@@ -85,39 +87,25 @@ class TrtEngine(EngineDirArrays, StepEngine):
                     t.copy_(static_out[n], non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
-    def _step(self, cache, tokens, positions, write_index, attn_mask):
-        b, q = tokens.shape
-        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask)
-        logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=self.device)
-        self._launch(self.plans["step"], "decode" if q == 1 else "verify", feeds, {"logits": logits}, cache, q)
-        return logits
+    def step_kinds(self) -> tuple[str, ...]:
+        return self._kinds
 
-    def _multi_query_step(self, cache, tokens, positions, write_index, attn_mask, query_positions, query_mask):
-        b, m = query_positions.shape
-        feeds = graph_feeds(self.device, tokens=tokens, positions=positions, write_index=write_index, attn_mask=attn_mask,
-                            query_positions=query_positions, query_mask=query_mask)
-        logits = torch.empty(b, m, self.spec.vocab_size, dtype=torch.float32, device=self.device)
-        self._launch(self.plans["step"], "multi_query", feeds, {"logits": logits}, cache, tokens.shape[1])
-        return logits
-
-    def _scale_step(self, cache, features, positions, classes, write_index, attn_mask):
-        b, q = positions.shape
-        feeds = graph_feeds(self.device, positions=positions, classes=classes, write_index=write_index, attn_mask=attn_mask)
-        feeds = {"features": features.to(self.device, torch.float32).contiguous(), **feeds}
-        logits = torch.empty(b, q, self.spec.vocab_size, dtype=torch.float32, device=self.device)
-        self._launch(self.plans["step"], "scale", feeds, {"logits": logits}, cache, q)
-        return logits
+    def _forward(self, kind, cache, feeds):
+        dims = kind.bind(feeds)
+        outs = {io.name: torch.empty(kind.output_shape(io, dims, self.spec), device=self.device,
+                                     dtype=TORCH_DTYPES.get(io.dtype, self.cache_dtype)) for io in kind.outputs}
+        self._launch(self.plans[kind.graph], kind.labels, feeds, outs, cache, dims.get("q", 0))
+        return outs
 
     def _next_scale(self, si, f_hat, h):
         name = f"next_scale_{si}"
         if name not in self.plans:
             raise ArexportError(f"{self.directory} has no {name} plan")
-        last = si == len(self.spec.extra["patch_nums"]) - 1
         f_hat = f_hat.to(self.device, torch.float32).contiguous()
         outs = {"f_hat_out": torch.empty_like(f_hat)}
-        if not last:
-            pn1 = self.spec.extra["patch_nums"][si + 1]
-            outs["next"] = torch.empty(f_hat.shape[0], pn1 * pn1, f_hat.shape[1], dtype=torch.float32, device=self.device)
+        for o in self.manifest.graphs[name].outputs:  # `next` [batch, pn'^2, Cvae], except after the last scale
+            if o["name"] == "next":
+                outs["next"] = torch.empty(f_hat.shape[0], *o["shape"][1:], dtype=torch.float32, device=self.device)
         self._launch(self.plans[name], name, {"f_hat": f_hat, "h": h.to(self.device, torch.float32).contiguous()}, outs, None, 0)
         return outs["f_hat_out"], outs.get("next")
 
@@ -129,16 +117,6 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self._launch(self.plans["latent_decoder"], "latent_decoder", {"f_hat": f_hat.to(self.device, torch.float32).contiguous()},
                      {"images": out}, None, 0)
         return out
-
-    def _prefill_embeds(self, cache, embeds, attn_mask):
-        if "prefill" not in self.plans:
-            raise ArexportError(f"{self.directory} has no prefill plan")
-        b = embeds.shape[0]
-        feeds = {"cond_embeds": embeds.to(self.device, self.cache_dtype).contiguous(),
-                 "attn_mask": attn_mask.to(self.device, torch.bool).contiguous()}
-        logits = torch.empty(b, self.spec.vocab_size, dtype=torch.float32, device=self.device)
-        self._launch(self.plans["prefill"], "prefill", feeds, {"logits": logits}, cache, 0)
-        return logits
 
     @property
     def has_images(self) -> bool:
