@@ -199,3 +199,89 @@ def test_lantern_one_step_output_distribution_is_the_officials():
                 out += q[x] * (a * torch.nn.functional.one_hot(torch.tensor(x), v).double() + (1 - a) * r)
             outs[name] = out
         assert torch.allclose(outs["ours"], outs["official"], atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# VVS: HyattDD/VVS, commit 77901736dbc5.
+# models/skip_utils_llamagen.py `skip_verify` lines 61-90: `if new_token <= 5: return False`; uniform:
+# `cur_step -= steps_in_1st_row; return cur_step % skip_interval == 1` (lines 77-81); dynamic: never
+# right after a skipped step (lines 83-84).
+# models/ea_llamagen.py `generate`: `new_token = 0` after `initialize_tree_v2` sampled the first token
+# (lines 420, 214-241), `steps_in_first_row = 0` and never changed (line 427), `idx` the loop index over
+# all steps, skipped ones included (line 433; the call at lines 446-459 passes an extra leading
+# `prompt_idx` that the published signature lacks, so we follow skip_verify's own parameters); so `new_token` counts the tokens appended to `input_ids`
+# before this step, which leaves out the step's root token (candidates[:, 0], the last sampled token).
+# `update_inference_inputs_skip` lines 276-287 and 428-431: a skipped step appends candidates[best,
+# :accept_length] (root + accept_length - 1 drafts) and drafts next from candidates[best, accept_length],
+# `new_token += accept_length`; a verified step appends root + accept_length accepted drafts and samples
+# a new root, `new_token += accept_length + 1`. `skip_evaluate` lines 119-151 on a chain (one path of
+# g drafts, no -1): avg_acp_len = (g + 1) // 1, last_acp_token_index = g, accept_length = min(g, g) = g.
+# ---------------------------------------------------------------------------------------------------
+def _official_skip_verify_uniform(idx, new_token, skip_interval):
+    if new_token <= 5:
+        return False
+    return idx % skip_interval == 1
+
+
+def _vvs_mismatches(rows, gamma, n_tokens, interval=5):
+    """Rounds where a run's records (per round: tokens done n incl. the root, skipped?; tokens the
+    round committed) disagree with the official schedule and bookkeeping."""
+    bad = []
+    for i, row in enumerate(rows):
+        new_token = 0  # the official count after the first sampled token
+        for idx, ((n_done, skipped), committed) in enumerate(zip(row.decisions, row.accepted)):
+            if n_done - 1 != new_token:
+                bad.append((i, idx, "count"))
+            if skipped != _official_skip_verify_uniform(idx, new_token, interval):
+                bad.append((i, idx, "decision"))
+            if skipped:
+                g = min(gamma, n_tokens - n_done - 1)  # the chain the round drafted
+                if committed != g:  # accept_length = g; new_token += g
+                    bad.append((i, idx, "content"))
+            new_token += committed
+    return bad
+
+
+def _vvs_rows(gamma=4):
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    gen = Generator(TorchEngine(load_model("demo")), TorchEngine(load_model("demo-draft")))
+    res = gen.generate(classes=list(range(10)), seed=3, method="vvs", method_options={"policy": "uniform", "gamma": gamma},
+                       sampling=SamplingParams(cfg_scale=1.5), batch_size=10, images=False, timings=False)
+    return res.rows, gen.spec.n_tokens
+
+
+def test_vvs_uniform_schedule_and_skipped_round_content_are_the_officials():
+    rows, n_tokens = _vvs_rows()
+    assert _vvs_mismatches(rows, 4, n_tokens) == []
+    assert sum(s for r in rows for _, s in r.decisions) >= 10  # skips happen
+    # the edge the threshold decides: a round 1 (idx % 5 == 1) reached with new_token == 5 exactly
+    assert any(r.decisions[1][0] == 6 for r in rows)
+
+
+def test_vvs_negative_control_old_threshold(monkeypatch):
+    """Comparing the count that includes the root token with 5 (the old off-by-one) skips at n = 6."""
+    import arexport.runtime.methods.vvs as vvs
+
+    monkeypatch.setattr(vvs, "MIN_TOKENS", 4)
+    rows, n_tokens = _vvs_rows()
+    assert any(kind == "decision" for *_, kind in _vvs_mismatches(rows, 4, n_tokens))
+
+
+def test_vvs_negative_control_extra_stale_token(monkeypatch):
+    """Committing one token more than the chain on a skip (the old g + 1) is caught."""
+    import torch as _t
+
+    from arexport.runtime.methods.sd import SDDecoder
+    from arexport.runtime.methods.vvs import VVSDecoder
+
+    def commit_one_more(self, drafts, m, skipping):
+        chain = _t.cat([drafts, drafts[:, -1:]], 1)
+        SDDecoder._commit_unverified(self, chain, _t.where(skipping, m + 1, 0), skipping)
+
+    monkeypatch.setattr(VVSDecoder, "_commit_unverified", commit_one_more, raising=False)
+    rows, n_tokens = _vvs_rows()
+    assert any(kind == "content" for *_, kind in _vvs_mismatches(rows, 4, n_tokens))
