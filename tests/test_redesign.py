@@ -22,8 +22,10 @@ CASES = json.loads((DATA / "golden_main.json").read_text())["cases"]
 # Behaviour changed on purpose after the redesign landed (the redesign itself reproduced these too):
 CHANGED = {"arpg16": "issue 16: linear CFG is evaluated after the step's predictions, as ARPG's official generate; "
                      "the demo ARPG model was retrained",
-           "vvs": "issue 17: the official skip schedule and skipped-round content",
-           "vvs_dynamic": "issue 17: the official skip schedule and path similarity",
+           "vvs": "issue 17: the official skip schedule and skipped-round content; issue 37: skip_verify's "
+                  "new_token excludes the root token, a skipped round commits g drafts (no stale-logit token), "
+                  "LANTERN's official residual zeroes q at the neighbours",
+           "vvs_dynamic": "issue 17: the official skip schedule and path similarity; issue 37: as vvs",
            # The digits scorer's float32 probabilities of confident candidates round to 1.0, and the
            # pick among those ties rested on the last bit of the judge's convolutions, which differs
            # between CPUs (main's gridar image 8 failed on an AMD EPYC): scores are float64 now.

@@ -235,28 +235,7 @@ def test_bad_method_options():
         gen.generate(classes=[1], method="sd", images=False)
 
 
-# -- LANTERN as its official code computes it (jadohu/LANTERN models/ea_model_llamagen.py) ------------
-def _official_pooled_px(p, x, nearest, k, delta):
-    """p~(x): p(x) plus the neighbour cumsum at the last index where it stays <= delta
-    (<= (delta - 1) p(x) when delta > 1, the LANTERN++ reading of the same argument)."""
-    px = p[x]
-    cum = torch.cumsum(p[nearest[x, :k]], 0)
-    limit = (delta - 1) * px if delta > 1.0 else delta
-    idx = (cum <= limit).nonzero(as_tuple=True)[0]
-    return (px + cum[idx[-1]], int(idx[-1])) if idx.numel() else (px, -1)
-
-
-def _official_residual_q1(p, x, nearest, k, delta):
-    """The default (dynamic-tree) path after rejecting x: zero x and, if any neighbour was pooled, its
-    k + 1 nearest; renormalise."""
-    g = p.clone()
-    _, idx = _official_pooled_px(p, x, nearest, k, delta)
-    g[x] = 0
-    if idx != -1:
-        g[nearest[x, :k + 1]] = 0
-    return g / g.sum()
-
-
+# -- LANTERN's neighbour table (the acceptance and residual: tests/test_official_transcriptions.py) ----
 def _nearest(codebook):
     """generate_codebook.py: L2 distances of the raw rows, self excluded, nearest first."""
     d = torch.cdist(codebook, codebook, p=2)
@@ -272,26 +251,6 @@ def test_neighbours_are_the_official_table_on_a_fixed_codebook():
 
     dec = VQDecoder().init_random(3)
     assert torch.equal(dec.codebook(), dec.quantize.embedding.weight)  # raw rows, as generate_codebook.py reads them
-
-
-@pytest.mark.parametrize("delta,lam", [(0.1, None), (0.3, None), (0.6, None), (None, 2.0), (None, 3.5)])
-def test_official_acceptance_and_residual_match_the_transcription(delta, lam):
-    g = torch.Generator().manual_seed(1)
-    v, k = 12, 5
-    nearest = _nearest(torch.randn(v, 3, generator=g))
-    rule = LanternRule(nearest, k=k, delta=delta or 0.0, lam=lam)
-    off_delta = lam if lam is not None else delta  # the official code passes lambda as a delta > 1
-    for trial in range(30):
-        p = torch.softmax(torch.randn(v, generator=g).double() * 2, 0)
-        q = torch.softmax(torch.randn(v, generator=g).double() * 2, 0)
-        x = int(torch.randint(v, (1,), generator=g))
-        px, _ = _official_pooled_px(p, x, nearest, k, off_delta)
-        want = min(1.0, float(px / q[x]))  # static-tree path: r <= p~(x) / q(x)
-        got = float(rule.accept_prob(p[None], q[None], torch.tensor([x]))[0])
-        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-        one_hot = torch.nn.functional.one_hot(torch.tensor(x), v).double()
-        r = rule.residual(p[None], one_hot[None], torch.tensor([x]))[0]
-        assert torch.allclose(r / r.sum(), _official_residual_q1(p, x, nearest, k, off_delta), atol=1e-12)
 
 
 def test_official_credit_is_not_capped_worked_example():

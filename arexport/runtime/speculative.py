@@ -7,16 +7,18 @@ target's next distribution gives a bonus token. The acceptance rule decides how:
 
 * `StandardRule` — lossless speculative sampling: accept with min(1, p(x)/q(x)), resample from
   norm(max(0, p - q)).
-* `LanternRule` — LANTERN's relaxed acceptance (jadohu/LANTERN `ea_model_llamagen.py`): the target
-  mass of x's nearest codebook neighbours (nearest first, L2 on the raw codebook rows) is pooled
-  onto x while the pooled mass stays <= delta or, with lambda (LANTERN++), <= (lambda - 1) p(x).
-  `official` (the default) accepts with min(1, p~(x)/q(x)) and, on rejection, removes x and its
-  k + 1 nearest neighbours (when any was pooled) before resampling from norm(max(0, p - q)); at
-  temperature 0 it is the official greedy variant: x is kept iff it is the argmax of p with p(x)
-  raised to p~(x) (p = softmax of the guided logits), and the next token is argmax p.
-  `capped` credits at most delta * q(x) and removes only x and the pooled neighbours: that keeps the
-  output within total variation delta of the target for any draft distribution (see LanternRule).
-  delta = 0 is StandardRule under either.
+* `LanternRule` — LANTERN's relaxed acceptance (jadohu/LANTERN `models/ea_model_llamagen.py`
+  `evaluate_posterior_v1`, the path `--static_tree` runs, lines 597-669 at commit 3a56e45): the
+  target mass of x's nearest codebook neighbours (nearest first, L2 on the raw codebook rows) is
+  pooled onto x while the pooled mass stays <= delta or, with lambda (LANTERN++), <= (lambda - 1) p(x).
+  `official` (the default) accepts with min(1, p~(x)/q(x)); on rejection, when x's nearest neighbour
+  alone is within the bound (even with zero mass), the proposal row q loses its mass on x's k + 1
+  nearest neighbours, and the next token is drawn from norm(max(0, p - q)): those neighbours keep
+  their target mass there. At temperature 0 it is the official greedy variant: x is kept iff it is
+  the argmax of p with p(x) raised to p~(x) (p = softmax of the guided logits), and the next token
+  is argmax p. `capped` credits at most delta * q(x) and zeroes x and the pooled neighbours in the
+  residual: that keeps the output within total variation delta of the target for any draft
+  distribution (see LanternRule). delta = 0 is StandardRule under either.
 """
 
 from __future__ import annotations
@@ -83,14 +85,20 @@ class LanternRule(StandardRule):
     nearest first while the running sum stays <= delta (or <= (lam - 1) p(x) with LANTERN++), and
     p~(x) = p(x) + m(x).
 
-    * `official`: accept with min(1, p~(x)/q(x)); on rejection x and, when m(x) > 0, its k + 1 nearest
-      neighbours are removed from the residual (the official code zeroes `nearest_latents[x, :k+1]`).
-      With `greedy` (temperature 0) P holds softmax(guided logits), x is accepted iff it is the argmax
-      of P with P(x) replaced by p~(x), and the next token is argmax P (the official greedy branch).
-    * `capped`: the credit is min(m(x), delta * q(x)) and only x and its pooled neighbours are removed.
-      With one-hot drafts that is LANTERN's p~(x); in general it caps every proposal's acceptance gain
-      at delta, which keeps the output distribution within total variation delta of the target (tests
-      check this on enumerable cases). No relaxation at temperature 0.
+    * `official`: accept with min(1, p~(x)/q(x)). On rejection, if the nearest neighbour's running
+      sum is within the bound (the official `indices != -1`, true even when its mass is 0), the
+      proposal row q is zeroed at x's k + 1 nearest neighbours before the residual max(0, p - q) is
+      formed, so those neighbours keep their target mass (LANTERN `ea_model_llamagen.py` lines
+      645-661; x itself drops out because a rejected x has q(x) > p~(x) >= p(x)). With `greedy`
+      (temperature 0) P holds softmax(guided logits), x is accepted iff it is the argmax of P with
+      P(x) replaced by p~(x), and the next token is argmax P (the official greedy branch).
+    * `capped`: the credit is min(m(x), delta * q(x)) and x and its pooled neighbours are zeroed in the
+      residual. With one-hot drafts that is LANTERN's p~(x); in general it caps every proposal's
+      acceptance gain at delta, which keeps the output distribution within total variation delta of
+      the target (tests check this on enumerable cases). No relaxation at temperature 0.
+
+    A residual without mass (p == q' up to rounding; a rejection then had zero probability) falls
+    back to p without the rejected token (the official code falls back to the uniform distribution).
     """
 
     name = "lantern"
@@ -133,15 +141,16 @@ class LanternRule(StandardRule):
         return (pn * take).sum(-1), take
 
     def credit(self, p: torch.Tensor, qx: torch.Tensor, x: torch.Tensor):
-        """Extra target mass credited to draft x [...] with proposal mass q(x) = qx [...], and a
-        [..., V] mask of tokens removed on rejection."""
+        """Extra target mass credited to draft x [...] with proposal mass q(x) = qx [...], and the
+        [..., V] mask a rejection zeroes: in the proposal row (official) or in the residual (capped)."""
         m, take = self.pooled(p, x)
-        removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
         table = self.table.to(p.device)[x]
         if self.rule == "capped":
+            removed = torch.nn.functional.one_hot(x, p.shape[-1]).bool()
             removed.scatter_(-1, table[..., : self.k], take)  # neighbours never include x itself and never repeat
             return torch.minimum(m, self.delta * qx), removed
-        removed.scatter_(-1, table, (m > 0)[..., None].expand_as(table))
+        removed = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        removed.scatter_(-1, table, take[..., :1].expand_as(table))  # the first neighbour within the bound
         return m, removed
 
     def acceptance(self, p, qx, x):
@@ -156,7 +165,10 @@ class LanternRule(StandardRule):
         if self.greedy:
             return self.bonus(p)
         _, removed = self.credit(p, q.gather(-1, x[..., None])[..., 0], x)
-        return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
+        if self.rule == "capped":
+            return _nonempty((p - q).clamp(min=0).masked_fill(removed, 0.0), p.masked_fill(removed, 0.0), p)
+        # official: the neighbours leave q, not p, so they keep their mass in max(0, p - q)
+        return _nonempty((p - q.masked_fill(removed, 0.0)).clamp(min=0), p.scatter(-1, x[:, None], 0.0), p)
 
 
 def _running_overhead(mean: float, step_seconds: float, engine_seconds: float, floor: float = 0.0) -> float:

@@ -1,23 +1,30 @@
 """`vvs`: verification skipping on top of draft-model speculative decoding with LANTERN acceptance.
 
-Some rounds skip the target forward. The schedule follows the official `skip_verify`
-(HyattDD/VVS `skip_utils_llamagen.py`): never while an image has 5 tokens or fewer; `uniform` skips
-round r (counted from 0 over all of the image's rounds) when r % skip_interval == 1; `dynamic` skips
-when the previous round was verified and the drafter's candidate paths agree — every second path
-(the official down-sampling) compared position by position through the cosine similarity of their
-codebook latents, weighted 0.9^j over positions j and averaged over path pairs, >= sim_threshold;
-`none` never skips (then vvs == lantern).
+Some rounds skip the target forward. The schedule is the official `skip_verify` (HyattDD/VVS
+`models/skip_utils_llamagen.py` lines 61-90, commit 7790173). Its `new_token` counts the tokens
+committed before the round *without* the round's root token (the token the drafts continue from,
+which `update_inference_inputs_skip` adds to `new_token` only in the round that commits it); here
+an image's count n includes that token, so new_token = n - 1. Never while new_token <= 5;
+`uniform` skips round r (the loop index `idx`, counted from 0 over all of the image's rounds,
+skipped ones included; `steps_in_first_row` stays 0 in `ea_llamagen.py`'s `generate`) when
+r % skip_interval == 1; `dynamic` skips when the previous round was verified and the drafter's
+candidate paths agree: every second path (the official down-sampling) compared position by position
+through the cosine similarity of their codebook latents, weighted 0.9^j over positions j and
+averaged over path pairs, >= sim_threshold; `none` never skips (then vvs == lantern).
 
-A skipped round does what the official `skip_evaluate` does with a tree, for a chain: it commits a
-whole path truncated to the mean path length - 1 drafts (a chain has one path, so every draft), and
-the next token is drawn from the cached target distribution of the last verified round (its last
-position, as `reuse_logits` reads `logits[0, -1]`): the target-side reuse that applies when the
-drafter is a separate model (there are no target features to feed an EAGLE head here). The
-committed tokens stay *pending*: the next verified round prepends them to its verify block, so their
-K/V enters the target cache then. Candidate paths of a chain drafter are the top-`n_candidates`
-tokens of the draft distribution at each drafted position (the EAGLE tree's top-k per depth).
-Each image decides for itself; images that skip sit out the round's target forward. Defaults follow
-the reference: interval 5, threshold 0.7, LANTERN delta 0.2.
+A skipped round commits what the official skip branch commits (`skip_evaluate` then
+`update_inference_inputs_skip` with `cur_skip=True`, `skip_utils_llamagen.py` lines 119-151 and
+276-287, 428-429): a path truncated to the mean path length - 1 drafts (a chain has one path of g
+drafts, so accept_length = g), of which the root and the first g - 1 drafts are appended and draft g
+becomes the next round's root. In this runtime's count (root included) that is the g drafts: n grows
+by g, as the official `new_token` does, and no token is drawn from the cached target distribution
+(the official `reuse_logits` sample is not read on the skip branch). The committed tokens stay
+*pending*: the next verified round prepends them to its verify block, so their K/V enters the target
+cache then (the official `tree_decoding_skip_llamagen` feeds `last_skip_tokens` the same way).
+Candidate paths of a chain drafter are the top-`n_candidates` tokens of the draft distribution at
+each drafted position (the EAGLE tree's top-k per depth). Each image decides for itself; images that
+skip sit out the round's target forward. Defaults follow the reference: interval 5, threshold 0.7,
+LANTERN delta 0.2.
 """
 
 from __future__ import annotations
@@ -31,11 +38,10 @@ import torch.nn.functional as F
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.sd import SDDecoder
-from arexport.runtime.sampling import sample_from_probs
 from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule
 
 POLICIES = ("uniform", "dynamic", "none")
-MIN_TOKENS = 5  # skip_verify never skips while new_token <= 5
+MIN_TOKENS = 5  # skip_verify never skips while new_token (committed tokens before the root) <= 5
 
 
 def candidate_similarity(q: torch.Tensor, latents: torch.Tensor, n_candidates: int = 4, decay: float = 0.9) -> torch.Tensor:
@@ -86,52 +92,35 @@ class VVSDecoder(SDDecoder):
                            greedy=ctx.params.greedy) if o.delta > 0 or o.lam is not None else StandardRule()
         super().__init__(ctx, capacity, rule)
         self.latents = ctx.draft.codebook() if o.policy == "dynamic" else None
-        self.rounds = self.slots.image_tensor(())  # rounds so far (skipped ones included)
+        self.rounds = self.slots.image_tensor(())  # the official loop index: rounds so far, skipped ones included
         self.last_skipped = self.slots.image_tensor((), torch.bool)
-        self.last_p = self.slots.image_tensor((self.spec.vocab_size,), torch.float32)  # last verified round's last P
 
     def start(self, a, b, conds):
         super().start(a, b, conds)
         self.rounds[a:b], self.last_skipped[a:b] = 0, False
 
-    def _verified(self, P, g, verifying):
-        n = self.slots.n
-        last = P.gather(1, g.view(n, 1, 1).expand(n, 1, P.shape[-1]))[:, 0]
-        self.last_p[:n] = torch.where(verifying[:, None], last.float(), self.last_p[:n])
-
     def skip(self, g, drafts, q):
+        """[n] drafts each image commits unverified this round: g_i on a skip, else 0."""
         o, s = self.opts, self.slots
         m = torch.zeros_like(g)
         for i in range(s.n):
             gi, ni, st = int(g[i]), int(self.n[i]), s.stats[i]
-            if gi == 0:
-                continue
-            mi = 0
             r = int(self.rounds[i])
-            self.rounds[i] += 1
-            if o.policy != "none" and ni > MIN_TOKENS:
+            self.rounds[i] += 1  # every round of the image counts, as the official idx does
+            if gi == 0:  # nothing drafted (the image's last token): nothing to skip
+                continue
+            new_token = ni - 1  # the official count leaves out the root token tokens[n - 1]
+            want = False
+            if o.policy != "none" and new_token > MIN_TOKENS:
                 if o.policy == "uniform":
                     want = r % o.skip_interval == 1
                 else:
                     sim = candidate_similarity(q[i:i + 1, :gi], self.latents.to(q.device), o.n_candidates)
                     want = not bool(self.last_skipped[i]) and bool(sim[0] >= o.sim_threshold)
-                if want:  # the whole chain (its mean path length - 1 drafts), then one token from the cached P
-                    mi = max(min(gi, self.spec.n_tokens - ni - 1), 0)
-            st.decisions.append((ni, mi > 0))
-            m[i] = mi
+            st.decisions.append((ni, want))
+            m[i] = gi if want else 0  # g drafts: the last one is the next round's root (g <= tokens left - 1)
         self.last_skipped[: s.n] = m > 0
         return m
-
-    def _commit_unverified(self, drafts, m, skipping):
-        """The chain's drafts, then one token drawn from the cached target distribution (reuse_logits)."""
-        n = self.slots.n
-        extra = sample_from_probs(self.rule.bonus(self.last_p[:n]), self.slots.uniform(1, skipping)[:, 0])
-        width = int(m.max()) + 1
-        chain = torch.zeros(n, width, dtype=drafts.dtype, device=drafts.device)
-        k = min(width, drafts.shape[1])
-        chain[:, :k] = drafts[:, :k]
-        chain.scatter_(1, m[:, None], extra[:, None])
-        super()._commit_unverified(chain, torch.where(skipping, m + 1, 0), skipping)
 
 
 @register("vvs")
