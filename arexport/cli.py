@@ -98,7 +98,7 @@ def engine_or_model_options(default_backend: str):
     def deco(f):
         opts = [
             click.argument("engine_dir", required=False, type=click.Path(file_okay=False)),
-            click.option("--model", "model_name", help="Model name (torch backend) instead of ENGINE_DIR."),
+            click.option("--model", "model_name", help=_model_help()),
             model_options,
             click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default=default_backend, show_default=True),
             click.option("--device", default="cpu", show_default=True),
@@ -112,42 +112,104 @@ def engine_or_model_options(default_backend: str):
     return deco
 
 
-def method_options(f):
-    """One click option per declared method option that names a CLI flag (runtime.methods: each
-    method's Options dataclass), with its type, choices and help; --option K=V sets any other."""
+CATALOG_FILE = Path(__file__).with_name("cli_catalog.json")
+SIZE_ALIASES = (("GPT-{s}", "llamagen-c2i-{s}"), ("c2i-{s}", "llamagen-c2i-{s}"), ("t2i-{s}", "llamagen-t2i-{s}"))
+
+
+def _catalog() -> dict:
+    """The methods, their CLI options and the model names, as `live_catalog()` wrote them into
+    cli_catalog.json: reading it costs no torch import, so `--help` starts fast. tests/test_newcomer.py
+    fails when the file and the live registries differ (regenerate with scripts/write_cli_catalog.py)."""
+    import json
+
+    global _CATALOG
+    if _CATALOG is None:
+        _CATALOG = json.loads(CATALOG_FILE.read_text(encoding="utf-8"))
+    return _CATALOG
+
+
+_CATALOG: Optional[dict] = None
+
+
+def live_catalog() -> dict:
+    """The catalog from the registries the runtime uses (runtime.methods.METHODS: each method's Options
+    dataclass; models.registry: names and aliases). Imports torch."""
     import typing
 
+    from arexport.models.registry import LLAMAGEN_SIZES, canonical_name, known_models
     from arexport.runtime.methods import METHODS
     from arexport.runtime.methods.base import option_fields
 
-    found: dict[str, list] = {}
+    methods, options = {}, {}
     for mname in sorted(METHODS):
-        for fld, typ in option_fields(METHODS[mname].Options):
-            if fld.name in found:
-                found[fld.name][3].append(mname)
-            elif fld.metadata.get("flag"):
-                found[fld.name] = [fld.metadata["flag"], typ, fld, [mname]]
-    for name, (flag, typ, fld, users) in sorted(found.items(), reverse=True):
-        base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
-        ctype = fld.metadata.get("choices") and click.Choice(list(fld.metadata["choices"])) or \
-            {int: int, float: float}.get(base[0], str)
-        default = fld.default if not isinstance(fld.default, tuple) else "/".join(map(str, fld.default))
-        if base[0] is bool:  # a switch: given = True, absent = the method's default
-            f = click.option(flag, name, is_flag=True, default=None, flag_value=True,
-                             help=f"{'/'.join(users)}: {fld.metadata['help']}.")(f)
+        cls = METHODS[mname]
+        methods[mname] = {"help": cls.help, "second_engine": cls.second_engine if cls.needs_draft else None}
+        for fld, typ in option_fields(cls.Options):
+            default = "/".join(map(str, fld.default)) if isinstance(fld.default, tuple) else fld.default
+            entry = options.setdefault(fld.name, {"flag": None, "defaults": {}})
+            entry["defaults"][mname] = default
+            if entry["flag"] or not fld.metadata.get("flag"):  # the first method that names a flag describes it
+                continue
+            base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
+            kind = {int: "int", float: "float", bool: "bool"}.get(base[0], "str")
+            choices = list(fld.metadata["choices"]) if fld.metadata.get("choices") else None
+            entry.update(flag=fld.metadata["flag"], kind=kind, choices=choices, help=fld.metadata["help"])
+    aliases = []
+    for pattern, target in SIZE_ALIASES:  # checked against the registry, not assumed
+        for s in LLAMAGEN_SIZES:
+            if canonical_name(pattern.format(s=s)) != target.format(s=s):
+                raise ArexportError(f"alias {pattern.format(s=s)} no longer names {target.format(s=s)}")
+        aliases.append(f"{pattern.format(s='SIZE')} = {target.format(s='SIZE')}")
+    return {"methods": methods, "options": dict(sorted(options.items())), "models": known_models(),
+            "llamagen_sizes": list(LLAMAGEN_SIZES), "aliases": aliases}
+
+
+def _default_text(defaults: dict) -> str:
+    """'4' or '4 (gridar), 8 (best-of-n)' from {method: default}; '' when every default is None."""
+    vals = {m: d for m, d in defaults.items() if d is not None}
+    if not vals:
+        return ""
+    if len(set(map(str, vals.values()))) == 1:
+        return str(next(iter(vals.values())))
+    return ", ".join(f"{d} ({m})" for m, d in vals.items())
+
+
+def method_options(f):
+    """One click option per declared method option that names a CLI flag (runtime.methods: each
+    method's Options dataclass, through the catalog), with its type, choices and help; --option K=V
+    sets any other."""
+    for name, o in sorted(_catalog()["options"].items(), reverse=True):
+        if not o["flag"]:
             continue
-        f = click.option(flag, name, type=ctype, default=None,
-                         help=f"{'/'.join(users)}: {fld.metadata['help']} (default {default}).")(f)
+        users = "/".join(o["defaults"])
+        help_text = o["help"]
+        default = _default_text(o["defaults"])
+        if o["kind"] == "bool":  # a switch: given = True, absent = the method's default
+            f = click.option(o["flag"], name, is_flag=True, default=None, flag_value=True, help=f"{users}: {help_text}.")(f)
+            continue
+        if default and "default" not in help_text.lower():  # the help may already say it (no second default)
+            help_text += f" (default {default})"
+        ctype = click.Choice(o["choices"]) if o["choices"] else {"int": int, "float": float}.get(o["kind"], str)
+        f = click.option(o["flag"], name, type=ctype, default=None, help=f"{users}: {help_text}.")(f)
     return f
 
 
 def _method_kwargs(values: dict) -> dict:
     """The method options a command was given (None = not given)."""
-    from arexport.runtime.methods import METHODS
-    from arexport.runtime.methods.base import option_fields
-
-    names = {fld.name for cls in METHODS.values() for fld, _ in option_fields(cls.Options)}
+    names = set(_catalog()["options"])
     return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def _method_help() -> str:
+    ms = _catalog()["methods"]
+    return ("Decoding method: " + ", ".join(ms) + " (default: the model's: ar; arpg for ARPG models; var for VAR "
+            "models). See the README's method table.")
+
+
+def _model_help() -> str:
+    c = _catalog()
+    return (f"Model name (runs on the torch backend): {', '.join(c['models'])}; aliases {'; '.join(c['aliases'])} "
+            f"(SIZE: {', '.join(c['llamagen_sizes'])}).")
 
 
 def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision=None) -> dict:
@@ -218,12 +280,12 @@ def _load_captions(path: Optional[str]):
 
 @cli.command()
 @click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", help="Model name (torch backend), e.g. demo, llamagen-c2i-B, GPT-XL, arpg-L, rar-b.")
+@click.option("--model", "model_name", help=_model_help())
 @model_options
 @click.option("--classes", help="Class ids, comma separated; repeats allowed (3,3,7 or 3x4 for four 3s).")
 @click.option("--caption-embeddings", type=click.Path(dir_okay=False), help="t2i: .npy [N,T,C] or .npz with 'embeds' and 'mask'.")
 @prompt_options
-@click.option("--method", help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n (default: ar; arpg for ARPG models).")
+@click.option("--method", help=_method_help())
 @click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
@@ -606,7 +668,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 
 @cli.command()
 @engine_or_model_options("torch")
-@click.option("--method", default=None, help="Decoding method (default ar; arpg for ARPG models).")
+@click.option("--method", default=None, help=_method_help())
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Method option, repeatable.")
 @click.option("--compare", help="Several configs in one process: backend:method[:k=v;k=v],... (ratios vs the first).")
 @click.option("--classes", default="0", show_default=True, help="Class ids per generation (batched by --batch-size).")
