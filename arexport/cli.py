@@ -60,6 +60,8 @@ def model_options(f):
     return f
 
 
+BACKEND_HELP = "Backend: torch (PyTorch), ort (ONNX Runtime), trt (TensorRT). Default: ort for an ENGINE_DIR, torch for --model."
+
 TEXT_ENCODER_HELP = ("Text-conditional LlamaGen: a local T5 save_pretrained directory (config, weights, tokenizer.json) "
                      "that turns prompts into caption features (an engine built with it carries its own).")
 
@@ -93,14 +95,14 @@ def _prompts(prompt_list, prompts_file) -> Optional[list[str]]:
     return out or None
 
 
-def engine_or_model_options(default_backend: str):
+def engine_or_model_options():
     """ENGINE_DIR or --model plus its weights, and the backend/device that run it (profile, serve)."""
     def deco(f):
         opts = [
             click.argument("engine_dir", required=False, type=click.Path(file_okay=False)),
-            click.option("--model", "model_name", help="Model name (torch backend) instead of ENGINE_DIR."),
+            click.option("--model", "model_name", help=_model_help()),
             model_options,
-            click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default=default_backend, show_default=True),
+            click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), help=BACKEND_HELP),
             click.option("--device", default="cpu", show_default=True),
             click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
                      "threads (default: 1 for models under 20M step weights, where more threads only contend; torch's "
@@ -112,42 +114,104 @@ def engine_or_model_options(default_backend: str):
     return deco
 
 
-def method_options(f):
-    """One click option per declared method option that names a CLI flag (runtime.methods: each
-    method's Options dataclass), with its type, choices and help; --option K=V sets any other."""
+CATALOG_FILE = Path(__file__).with_name("cli_catalog.json")
+SIZE_ALIASES = (("GPT-{s}", "llamagen-c2i-{s}"), ("c2i-{s}", "llamagen-c2i-{s}"), ("t2i-{s}", "llamagen-t2i-{s}"))
+
+
+def _catalog() -> dict:
+    """The methods, their CLI options and the model names, as `live_catalog()` wrote them into
+    cli_catalog.json: reading it costs no torch import, so `--help` starts fast. tests/test_newcomer.py
+    fails when the file and the live registries differ (regenerate with scripts/write_cli_catalog.py)."""
+    import json
+
+    global _CATALOG
+    if _CATALOG is None:
+        _CATALOG = json.loads(CATALOG_FILE.read_text(encoding="utf-8"))
+    return _CATALOG
+
+
+_CATALOG: Optional[dict] = None
+
+
+def live_catalog() -> dict:
+    """The catalog from the registries the runtime uses (runtime.methods.METHODS: each method's Options
+    dataclass; models.registry: names and aliases). Imports torch."""
     import typing
 
+    from arexport.models.registry import LLAMAGEN_SIZES, canonical_name, known_models
     from arexport.runtime.methods import METHODS
     from arexport.runtime.methods.base import option_fields
 
-    found: dict[str, list] = {}
+    methods, options = {}, {}
     for mname in sorted(METHODS):
-        for fld, typ in option_fields(METHODS[mname].Options):
-            if fld.name in found:
-                found[fld.name][3].append(mname)
-            elif fld.metadata.get("flag"):
-                found[fld.name] = [fld.metadata["flag"], typ, fld, [mname]]
-    for name, (flag, typ, fld, users) in sorted(found.items(), reverse=True):
-        base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
-        ctype = fld.metadata.get("choices") and click.Choice(list(fld.metadata["choices"])) or \
-            {int: int, float: float}.get(base[0], str)
-        default = fld.default if not isinstance(fld.default, tuple) else "/".join(map(str, fld.default))
-        if base[0] is bool:  # a switch: given = True, absent = the method's default
-            f = click.option(flag, name, is_flag=True, default=None, flag_value=True,
-                             help=f"{'/'.join(users)}: {fld.metadata['help']}.")(f)
+        cls = METHODS[mname]
+        methods[mname] = {"help": cls.help, "second_engine": cls.second_engine if cls.needs_draft else None}
+        for fld, typ in option_fields(cls.Options):
+            default = "/".join(map(str, fld.default)) if isinstance(fld.default, tuple) else fld.default
+            entry = options.setdefault(fld.name, {"flag": None, "defaults": {}})
+            entry["defaults"][mname] = default
+            if entry["flag"] or not fld.metadata.get("flag"):  # the first method that names a flag describes it
+                continue
+            base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
+            kind = {int: "int", float: "float", bool: "bool"}.get(base[0], "str")
+            choices = list(fld.metadata["choices"]) if fld.metadata.get("choices") else None
+            entry.update(flag=fld.metadata["flag"], kind=kind, choices=choices, help=fld.metadata["help"])
+    aliases = []
+    for pattern, target in SIZE_ALIASES:  # checked against the registry, not assumed
+        for s in LLAMAGEN_SIZES:
+            if canonical_name(pattern.format(s=s)) != target.format(s=s):
+                raise ArexportError(f"alias {pattern.format(s=s)} no longer names {target.format(s=s)}")
+        aliases.append(f"{pattern.format(s='SIZE')} = {target.format(s='SIZE')}")
+    return {"methods": methods, "options": dict(sorted(options.items())), "models": known_models(),
+            "llamagen_sizes": list(LLAMAGEN_SIZES), "aliases": aliases}
+
+
+def _default_text(defaults: dict) -> str:
+    """'4' or '4 (gridar), 8 (best-of-n)' from {method: default}; '' when every default is None."""
+    vals = {m: d for m, d in defaults.items() if d is not None}
+    if not vals:
+        return ""
+    if len(set(map(str, vals.values()))) == 1:
+        return str(next(iter(vals.values())))
+    return ", ".join(f"{d} ({m})" for m, d in vals.items())
+
+
+def method_options(f):
+    """One click option per declared method option that names a CLI flag (runtime.methods: each
+    method's Options dataclass, through the catalog), with its type, choices and help; --option K=V
+    sets any other."""
+    for name, o in sorted(_catalog()["options"].items(), reverse=True):
+        if not o["flag"]:
             continue
-        f = click.option(flag, name, type=ctype, default=None,
-                         help=f"{'/'.join(users)}: {fld.metadata['help']} (default {default}).")(f)
+        users = "/".join(o["defaults"])
+        help_text = o["help"]
+        default = _default_text(o["defaults"])
+        if o["kind"] == "bool":  # a switch: given = True, absent = the method's default
+            f = click.option(o["flag"], name, is_flag=True, default=None, flag_value=True, help=f"{users}: {help_text}.")(f)
+            continue
+        if default and "default" not in help_text.lower():  # the help may already say it (no second default)
+            help_text += f" (default {default})"
+        ctype = click.Choice(o["choices"]) if o["choices"] else {"int": int, "float": float}.get(o["kind"], str)
+        f = click.option(o["flag"], name, type=ctype, default=None, help=f"{users}: {help_text}.")(f)
     return f
 
 
 def _method_kwargs(values: dict) -> dict:
     """The method options a command was given (None = not given)."""
-    from arexport.runtime.methods import METHODS
-    from arexport.runtime.methods.base import option_fields
-
-    names = {fld.name for cls in METHODS.values() for fld, _ in option_fields(cls.Options)}
+    names = set(_catalog()["options"])
     return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def _method_help() -> str:
+    ms = _catalog()["methods"]
+    return ("Decoding method: " + ", ".join(ms) + " (default: the model's: ar; arpg for ARPG models; var for VAR "
+            "models). See the README's method table.")
+
+
+def _model_help() -> str:
+    c = _catalog()
+    return (f"Model name (runs on the torch backend): {', '.join(c['models'])}; aliases {'; '.join(c['aliases'])} "
+            f"(SIZE: {', '.join(c['llamagen_sizes'])}).")
 
 
 def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint, precision=None) -> dict:
@@ -218,13 +282,13 @@ def _load_captions(path: Optional[str]):
 
 @cli.command()
 @click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--model", "model_name", help="Model name (torch backend), e.g. demo, llamagen-c2i-B, GPT-XL, arpg-L, rar-b.")
+@click.option("--model", "model_name", help=_model_help())
 @model_options
 @click.option("--classes", help="Class ids, comma separated; repeats allowed (3,3,7 or 3x4 for four 3s).")
 @click.option("--caption-embeddings", type=click.Path(dir_okay=False), help="t2i: .npy [N,T,C] or .npz with 'embeds' and 'mask'.")
 @prompt_options
-@click.option("--method", help="Decoding method: ar, sjd, sd, lantern, vvs, arpg, gridar, best-of-n (default: ar; arpg for ARPG models).")
-@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--method", help=_method_help())
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
                      "threads (default: 1 for models under 20M step weights, where more threads only contend; torch's "
@@ -252,14 +316,16 @@ def _load_captions(path: Optional[str]):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write images DIR/0000.png, 0001.png, ... (default when no other output is asked for: a new out/NAME[-N]).")
 @click.option("--grid", "grid_png", type=click.Path(dir_okay=False), help="Also write all images as one grid PNG.")
+@click.option("--grid-cols", type=click.IntRange(1, 1000), help="Grid columns (default: 10, or fewer images).")
+@click.option("--grid-labels", is_flag=True, help="Write each image's class id (or prompt number) under it in the grid.")
 @click.option("--stats-json", type=click.Path(dir_okay=False), help="Write run statistics as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress (default on: a bar on a terminal, else a plain line to stderr every 5 s).")
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, prompt_list, prompts_file, text_encoder, method, backend, device, threads, precision,
              cfg_scale, cfg_interval, cfg_schedule,
-             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, latency_profile, method_opts, save_tokens, out_dir, grid_png, stats_json, progress,
-             **named_method_options):
+             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, latency_profile, method_opts, save_tokens, out_dir, grid_png, grid_cols, grid_labels, stats_json,
+             progress, **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
     \b
@@ -275,6 +341,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "run")
+    backend = backend or _default_backend(engine_dir)
+    _check_second_engine(method, draft, refiner)
     if not (save_tokens or out_dir or stats_json or grid_png):
         out_dir = str(_fresh_out_dir(source))
     _check_outputs(("--save-tokens", save_tokens, "file"), ("--out", out_dir, "dir"), ("--stats-json", stats_json, "file"),
@@ -285,11 +353,12 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
                           latency_profile=latency_profile, **kw)
     spec = gen.spec
     method = method or gen.engine.family.default_method
+    opts = parse_method_options(method_opts)
+    opts.update(_method_kwargs(named_method_options))
+    _check_second_engine(method, draft, refiner, opts)
     sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                 cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power)
     captions, cmask = _load_captions(caption_embeddings)
-    opts = parse_method_options(method_opts)
-    opts.update(_method_kwargs(named_method_options))
     show = ("lines" if not sys.stderr.isatty() else True) if progress is None else progress
     need_images = bool(out_dir or grid_png)
     result = _run_with_progress(gen, show, dict(
@@ -302,19 +371,80 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
         for i, img in enumerate(result.images):
             atomic_save_png(out / f"{i:04d}.png", img)
     if grid_png:
-        atomic_save_png(grid_png, image_grid(result.images))
-    stats = dict(result.stats, method=method, sampling=sampling.__dict__, model=spec.name, seed=seed)
+        labels = None
+        if grid_labels:
+            cls_list = _parse_classes(classes)
+            labels = [str(c) for c in cls_list] if cls_list else [f"#{i}" for i in range(len(result.images))]
+        atomic_save_png(grid_png, image_grid(result.images, cols=grid_cols, labels=labels))
+    stats = dict(result.stats, method=method, sampling=sampling.__dict__, model=spec.name, seed=seed,
+                 precision=_precision_label(gen.engine))
     if stats_json:
         atomic_write_json(stats_json, stats)
-    click.echo(
-        f"{stats['images']} images in {stats['seconds']:.2f}s ({stats['seconds_per_image']:.3f}s/image), "
-        + (f"{stats['drafter_forwards_per_image']:.1f} drafter + {stats['refiner_forwards_per_image']:.1f} refiner forwards per image"
-           if "refiner_forwards_per_image" in stats else f"{stats['target_forwards_per_image']:.1f} target forwards per image"
-           + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else ""))
-        + (f", mean accepted length {stats['mean_accepted_length']:.2f}" if "mean_accepted_length" in stats else "")
-        + (f" -> {out_dir}" if out_dir else ""),
-        err=True,
-    )
+    written = [f"images {out_dir}/" if out_dir else "", f"grid {grid_png}" if grid_png else "",
+               f"tokens {save_tokens}" if save_tokens else "", f"stats {stats_json}" if stats_json else ""]
+    click.echo(summary_line(stats, method) + " -> " + ", ".join(w for w in written if w), err=True)
+
+
+SPECULATIVE_METHODS = ("sjd", "sd", "lantern", "vvs")  # where "accepted length" means drafts accepted per verify step
+
+
+def _default_backend(engine_dir: Optional[str]) -> str:
+    """An engine directory runs on ONNX Runtime unless told otherwise; a model name on PyTorch."""
+    return "ort" if engine_dir else "torch"
+
+
+def _check_second_engine(method: Optional[str], draft: Optional[str], refiner: Optional[str], opts: Optional[dict] = None) -> None:
+    """--draft / --refiner given to a method that does not use it is an error, not a silent plain run.
+    Before loading (method None: the model's default, which uses neither) and after (the method's own
+    requires_draft, e.g. lantern only with its sd drafter)."""
+    if not (draft or refiner):
+        return
+    flag, value = ("--draft", draft) if draft else ("--refiner", refiner)
+    users = [m for m, info in _catalog()["methods"].items() if info["second_engine"] == flag]
+    if flag == "--draft":
+        users.append("lantern (with its default --drafter sd)")
+    if method is None:
+        raise ArexportError(f"{flag} {value} needs a method that uses it: add --method {' | '.join(u.split()[0] for u in users)}")
+    if opts is None:
+        return
+    from arexport.runtime.methods.base import make_method
+
+    m = make_method(method, **opts)
+    if not (m.requires_draft() and m.second_engine == flag):
+        raise ArexportError(f"method {method} does not use {flag} {value}; methods that do: {', '.join(users)}")
+
+
+def _precision_label(engine) -> str:
+    """fp32 / fp16 / bf16 of the weights, plus the quantization mode of a calibrated engine."""
+    manifest = getattr(engine, "manifest", None)
+    if manifest is not None:
+        q = manifest.quantization
+        return manifest.precision + (f"+{q['mode']}" if q else "")
+    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(engine.cache_dtype), str(engine.cache_dtype))
+
+
+def summary_line(stats: dict, method: str) -> str:
+    """One line that says what ran and what it cost, with each number under its own name: candidate
+    forwards for gridar / best-of-n, drafter + refiner forwards for CoDe, accepted lengths only where
+    drafts are verified (VAR's and ARPG's tokens per step are reported as such)."""
+    head = (f"{stats['images']} images ({stats['model']}, {method}, {stats['backend']} {stats.get('precision', '?')} "
+            f"{stats['device']}) in {stats['seconds']:.2f}s ({stats['seconds_per_image']:.3f}s/image)")
+    fpi = stats["target_forwards_per_image"]
+    if "candidate_forwards_per_image" in stats:
+        cost = (f"{stats['candidate_forwards_per_image']:.1f} candidate forwards per image "
+                f"({fpi:.1f} batched steps over its candidates)")
+    elif "refiner_forwards_per_image" in stats:
+        cost = (f"{stats['drafter_forwards_per_image']:.1f} drafter + {stats['refiner_forwards_per_image']:.1f} refiner "
+                f"forwards per image")
+    else:
+        cost = f"{fpi:.1f} target forwards per image" + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else "")
+    if method in SPECULATIVE_METHODS and "mean_accepted_length" in stats:
+        cost += f", mean accepted length {stats['mean_accepted_length']:.2f}"
+    elif "candidate_forwards_per_image" not in stats:
+        fwd = fpi + stats.get("refiner_forwards_per_image", 0.0)
+        if fwd and stats["tokens_per_image"] != round(fwd):
+            cost += f", {stats['tokens_per_image'] / fwd:.2f} tokens per forward"
+    return f"{head}, {cost}"
 
 
 SMALL_MODEL_STEP_WEIGHTS = 20_000_000
@@ -429,7 +559,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         overrides=parse_overrides(model_config), image_size=image_size, vq_checkpoint=vq_checkpoint)
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, log_path=False)
     with console.status("building") as status:
         def report(msg):
             status.update(msg)
@@ -543,7 +673,7 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
     rep = verify_engine(engine, reference, engine.manifest.precision, batch=batch,
                         verify_len=engine.manifest.profiles.verify_len, atol=atol, rtol=rtol,
                         full_image=n_images > 0, n_images=max(n_images, 1))
-    console = Console()
+    console = Console(log_path=False)
     t = Table(title=f"{engine_dir}: {backend} vs torch ({rep.precision}, atol {rep.atol:g}, rtol {rep.rtol:g})")
     for col in ("case", "cache slots", "output", "max abs", "max rel", ""):
         t.add_column(col)
@@ -605,8 +735,8 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
 
 
 @cli.command()
-@engine_or_model_options("torch")
-@click.option("--method", default=None, help="Decoding method (default ar; arpg for ARPG models).")
+@engine_or_model_options()
+@click.option("--method", default=None, help=_method_help())
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Method option, repeatable.")
 @click.option("--compare", help="Several configs in one process: backend:method[:k=v;k=v],... (ratios vs the first).")
 @click.option("--classes", default="0", show_default=True, help="Class ids per generation (batched by --batch-size).")
@@ -635,6 +765,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
       arexport profile engines/xl --backend trt --device cuda --cuda-graph --batch-size 8
     """
     from rich.console import Console
+    from rich.markup import escape
 
     from arexport.fileio import atomic_write_json
     from arexport.profiling.bandwidth import measure_copy_bandwidth
@@ -644,6 +775,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "profile")
+    backend = backend or _default_backend(engine_dir)
     _check_outputs(("--json", json_out, "file"), ("--plot", plot_png, "file"))
     if repeats < 1 or warmup < 0:
         raise ArexportError("--repeats must be >= 1 and --warmup >= 0")
@@ -652,7 +784,16 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         configs = [RunConfig.parse(c) for c in compare.split(",")] if compare else [RunConfig(backend, method or "", parse_method_options(method_opts))]
     except ValueError as e:
         raise ArexportError(str(e)) from None
-    console = Console()
+    if draft or refiner:  # an error only when no config uses it (--compare may mix ar and sd)
+        errors = []
+        for cfg in configs:
+            try:
+                _check_second_engine(cfg.method or None, draft, refiner, cfg.options)
+            except ArexportError as e:
+                errors.append(e)
+        if len(errors) == len(configs):
+            raise errors[0]
+    console = Console(log_path=False)
     prompts = _prompts(prompt_list, prompts_file)
     cls = None if prompts else _parse_classes(classes)
     bw = measure_copy_bandwidth(device) if bandwidth else None
@@ -664,7 +805,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
-        console.log(f"profiling {cfg.label} on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
+        console.log(f"profiling {escape(cfg.label)} on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))
         context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": prec, "batch_size": batch_size,
                    "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,
@@ -713,7 +854,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
     if Path(out_dir).exists() and not overwrite:
         raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
     th = {k: v for k, v in (("min_agreement", min_agreement), ("max_kl", max_kl), ("max_accuracy_drop", max_accuracy_drop)) if v is not None}
-    console = Console(stderr=True)
+    console = Console(stderr=True, log_path=False)
     m = calibrate_engine(engine_dir, out_dir, mode, samples=samples, calib_set=calib_set, classes=_parse_classes(classes),
                          every=every, force=force, thresholds=th, overwrite=overwrite, activations=int8_activations,
                          report=console.log)
@@ -724,7 +865,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 
 
 @cli.command()
-@engine_or_model_options("ort")
+@engine_or_model_options()
 @click.option("--draft", help="Draft model or engine directory (sd, lantern, vvs requests).")
 @click.option("--refiner", help="Refiner model or engine directory (code requests).")
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP)
@@ -757,6 +898,7 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     from arexport.serving.service import GenerationService
 
     source = _source(engine_dir, model_name, "serve")
+    backend = backend or _default_backend(engine_dir)
     token = os.environ.get(token_env) or None
     if token is None and not insecure_no_auth and not _loopback(host):
         raise ArexportError(f"no bearer token in ${token_env}: refusing to listen on {host} unauthenticated; set the token, "
@@ -817,19 +959,32 @@ def _run_with_progress(gen, show, kwargs: dict):
         return gen.generate(progress=cb, **kwargs)
 
 
-def image_grid(images, cols: Optional[int] = None, pad: int = 4):
-    """uint8 [N,H,W,3] -> one uint8 grid image with `pad` grey pixels between cells."""
+def image_grid(images, cols: Optional[int] = None, pad: int = 4, labels: Optional[list[str]] = None):
+    """uint8 [N,H,W,3] -> one uint8 grid image, `cols` images per row (default min(N, 10)), `pad` grey
+    pixels between cells; with `labels` (one per image) each cell gets a 12-pixel strip with its label."""
     import numpy as np
 
     n, h, w, c = images.shape
-    cols = cols or min(n, 10)
+    cols = min(cols or 10, n)
     rows = (n + cols - 1) // cols
-    grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), 96, dtype=np.uint8)  # grey gutters
+    strip = 12 if labels is not None else 0
+    if labels is not None and len(labels) != n:
+        raise ArexportError(f"{len(labels)} grid labels for {n} images")
+    ch = h + strip
+    grid = np.full((rows * (ch + pad) - pad, cols * (w + pad) - pad, c), 96, dtype=np.uint8)  # grey gutters
     for i, img in enumerate(images):
         r, k = divmod(i, cols)
-        grid[r * (h + pad): r * (h + pad) + h, k * (w + pad): k * (w + pad) + w] = img
-    return grid
+        grid[r * (ch + pad): r * (ch + pad) + h, k * (w + pad): k * (w + pad) + w] = img
+    if labels is None:
+        return grid
+    from PIL import Image, ImageDraw
 
+    canvas = Image.fromarray(grid)
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(labels):
+        r, k = divmod(i, cols)
+        draw.text((k * (w + pad) + 2, r * (ch + pad) + h + 1), text[:max(1, w // 6)], fill=(255, 255, 255))
+    return np.asarray(canvas)
 
 if __name__ == "__main__":
     main()
