@@ -524,14 +524,16 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--verify-len", type=int, help="Largest query length of the step (verify block K). Default 16; ARPG: all tokens.")
 @click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True, help="onnx: ONNX graphs; trt: also TensorRT plans.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing directory (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing engine directory (only once the new one is complete).")
+@click.option("--overwrite-any-directory", "overwrite_any", is_flag=True,
+              help="With --overwrite: also replace a directory that is not an arexport engine (its content is deleted).")
 @click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="TensorRT builder optimization level.")
 @click.option("--trt-timing-cache", type=click.Path(dir_okay=False), help="TensorRT timing cache file (read and updated).")
 @click.option("--trt-workspace-gb", type=float, help="TensorRT workspace memory pool limit in GiB.")
 @click.option("--lantern-k", type=int, default=1000, show_default=True, help="Codebook neighbours stored per token for LANTERN.")
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP + " Exported as text_encoder.onnx with its tokenizer.json.")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
-          batch_sizes, verify_len, backend, no_images, overwrite, trt_opt_level, trt_timing_cache, trt_workspace_gb,
+          batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
           lantern_k, text_encoder):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
@@ -545,12 +547,13 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
     from arexport.models.registry import load_model, parse_overrides
 
     opts = BuildOptions(precision=precision, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), verify_len=verify_len,
-                        backend=backend, images=not no_images, overwrite=overwrite, trt_opt_level=trt_opt_level,
+                        backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
+                        trt_opt_level=trt_opt_level,
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
                         text_encoder=text_encoder).validate()
-    if Path(out_dir).exists() and not overwrite:
-        raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
-    _check_outputs(("--out", out_dir, "dir"))
+    from arexport.fileio import check_output_dir
+
+    check_output_dir(out_dir, overwrite, overwrite_any)
     if backend == "trt":
         from arexport.devices import require_tensorrt
 
@@ -851,8 +854,9 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 
     from arexport.calibration.calibrate import calibrate_engine
 
-    if Path(out_dir).exists() and not overwrite:
-        raise ArexportError(f"{out_dir} already exists (use --overwrite to replace it)")
+    from arexport.fileio import check_output_dir
+
+    check_output_dir(out_dir, overwrite)
     th = {k: v for k, v in (("min_agreement", min_agreement), ("max_kl", max_kl), ("max_accuracy_drop", max_accuracy_drop)) if v is not None}
     console = Console(stderr=True, log_path=False)
     m = calibrate_engine(engine_dir, out_dir, mode, samples=samples, calib_set=calib_set, classes=_parse_classes(classes),

@@ -36,6 +36,7 @@ class BuildOptions:
     backend: str = "onnx"  # onnx | trt
     images: bool = True
     overwrite: bool = False
+    overwrite_any: bool = False  # --overwrite may replace a directory that is not an arexport one
     trt_opt_level: int = 3
     trt_timing_cache: Optional[str] = None
     trt_workspace_gb: Optional[float] = None
@@ -100,7 +101,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             raise ArexportError(f"the text encoder in {opts.text_encoder} gives {t5.config.d_model}-d features; "
                                 f"{spec.name} takes {spec.caption_dim}-d captions")
     t_start = time.perf_counter()
-    with atomic_directory(out, overwrite=opts.overwrite, report=report) as tmp:
+    with atomic_directory(out, overwrite=opts.overwrite, report=report, replace_any=opts.overwrite_any) as tmp:
         store = WeightStore(tmp)
         graphs: dict[str, Any] = {}
         try:

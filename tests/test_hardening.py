@@ -1,0 +1,128 @@
+"""Hardening (issue 38): no data loss from build, refused absurd sizes and thresholds, one-line errors.
+
+HTTP hardening (admission, cancellation, fuzz) is in tests/test_serving_hardening.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from arexport.cli import cli
+from arexport.errors import ArexportError
+from arexport.fileio import atomic_directory, remove_stale_builds
+
+DEAD_PID = 4_000_000  # above Linux's pid_max (4194304 max is 2**22; default 32768 or 4194304): check it below
+
+
+def _dead_pid() -> int:
+    for pid in (DEAD_PID, 3_999_999, 3_999_998):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+    pytest.skip("no dead pid found")
+
+
+# -- item 1: build data loss ------------------------------------------------------------------------
+
+def test_stale_cleanup_deletes_only_marked_temp_directories(tmp_path):
+    pid = _dead_pid()
+    user = {  # names the old cleanup matched, each holding a user's file
+        ".mydata.old.99999999.keep": "precious",
+        f".photos.building.{pid}.bak": "photos",
+        f".forged.building.{pid}." + "a" * 32: "no marker inside",  # our exact name pattern, no marker
+        f".wrongmark.old.{pid}." + "b" * 32: "marker with another token",
+    }
+    for name, text in user.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file.txt").write_text(text)
+    (tmp_path / f".wrongmark.old.{pid}." / "x").parent  # noqa: B018 (path only)
+    (tmp_path / (f".wrongmark.old.{pid}." + "b" * 32) / ".arexport-temp").write_text("arexport temp " + "c" * 32 + "\n")
+    ours = tmp_path / (f".demo.building.{pid}." + "d" * 32)  # what a kill -9'd build leaves
+    ours.mkdir()
+    (ours / ".arexport-temp").write_text("arexport temp " + "d" * 32 + "\n")
+    (ours / "step.onnx").write_bytes(b"partial")
+    removed = remove_stale_builds(tmp_path)
+    assert removed == [ours] and not ours.exists()
+    for name, text in user.items():
+        assert (tmp_path / name / "file.txt").read_text() == text, name
+
+
+def test_overwrite_refuses_a_directory_that_is_not_an_engine(tmp_path):
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "cat.jpg").write_bytes(b"jpeg")
+    with pytest.raises(ArexportError, match="not an arexport engine.*--overwrite-any-directory"):
+        with atomic_directory(target, overwrite=True) as tmp:
+            (tmp / "manifest.json").write_text("{}")
+    assert (target / "cat.jpg").read_bytes() == b"jpeg"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no temp dir, no lock file left
+    (target / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ArexportError, match="not an arexport engine"):
+        with atomic_directory(target, overwrite=True):
+            pass
+    (target / "manifest.json").write_text('{"format": "arexport-engine"}')  # an engine directory: replaced
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new").write_text("1")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a").write_text("a")
+    with atomic_directory(other, overwrite=True, replace_any=True) as tmp:  # the explicit flag
+        (tmp / "b").write_text("b")
+    assert sorted(p.name for p in other.iterdir()) == ["b"]
+
+
+def test_second_concurrent_writer_fails_instead_of_replacing(tmp_path):
+    target = tmp_path / "engine"
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def first():
+        with atomic_directory(target) as tmp:
+            (tmp / "first").write_text("1")
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(ArexportError, match="another arexport process is writing"):
+            with atomic_directory(target, overwrite=True) as tmp:
+                (tmp / "second").write_text("2")
+    finally:
+        release.set()
+        t.join(30)
+    assert not errors and sorted(p.name for p in target.iterdir()) == ["first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]  # the lock file is gone
+    with pytest.raises(FileExistsError):  # after the first finished, a plain second build refuses
+        with atomic_directory(target):
+            pass
+
+
+@pytest.mark.parametrize("out", [".", "..", "/"])
+def test_build_out_dot_is_a_one_line_error(tmp_path, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("k")
+    res = CliRunner().invoke(cli, ["build", "demo", "--out", out, "--overwrite", "--no-images"])
+    assert res.exit_code == 1 and "current directory" in res.output and "Traceback" not in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_build_cli_keeps_user_directories_and_refuses_non_engine_overwrite(tmp_path):
+    (tmp_path / ".mydata.old.99999999.keep").mkdir()
+    (tmp_path / ".mydata.old.99999999.keep" / "f").write_text("x")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_text("a")
+    res = CliRunner().invoke(cli, ["build", "demo", "--out", str(photos), "--overwrite", "--no-images"])
+    assert res.exit_code == 1 and "not an arexport engine" in res.output, res.output
+    res = CliRunner().invoke(cli, ["build", "demo", "--out", str(tmp_path / "e"), "--no-images"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / ".mydata.old.99999999.keep" / "f").read_text() == "x"
+    assert (photos / "a.jpg").exists() and (tmp_path / "e" / "manifest.json").exists()
+    res = CliRunner().invoke(cli, ["build", "demo", "--out", str(tmp_path / "e"), "--overwrite", "--no-images"])
+    assert res.exit_code == 0, res.output  # an engine directory is replaced as before
