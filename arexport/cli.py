@@ -576,12 +576,16 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
 @click.option("--check-hashes/--no-check-hashes", default=True, show_default=True, help="Verify file hashes too.")
-def inspect(engine_dir, as_json, check_hashes):
+@click.option("--target", type=click.Choice(["cpu", "cuda", "trt"]), default=None,
+              help="Look every node up in the support table of ONNX Runtime CPU, ONNX Runtime CUDA or TensorRT "
+                   "(minimum supported versions) and list nodes that would fail, fall back to the CPU or be inlined.")
+def inspect(engine_dir, as_json, check_hashes, target):
     """Print an engine directory's manifest readably (and validate its files).
 
     \b
-    Example:
+    Examples:
       arexport inspect engines/demo
+      arexport inspect engines/demo --target cuda
     """
     import json as _json
 
@@ -589,12 +593,44 @@ def inspect(engine_dir, as_json, check_hashes):
 
     manifest = read_manifest(engine_dir)
     verify_files(engine_dir, manifest, check_hashes=check_hashes)
+    if target:
+        _inspect_target(engine_dir, manifest, target, as_json)
+        return
     if as_json:
         click.echo(_json.dumps(manifest.to_json(), indent=2, sort_keys=True))
         return
     from rich.console import Console
 
     _print_manifest(manifest.to_json(), Console(), brief=False)
+
+
+def _inspect_target(engine_dir, manifest, target: str, as_json: bool) -> None:
+    """`inspect --target`: each graph's findings from format/coverage.py; exit 1 when a node fails or falls back."""
+    import json as _json
+
+    from arexport.format.coverage import check_directory, load_table
+
+    table = load_table(target)
+    found = check_directory(engine_dir, manifest, target)
+    blocking = sum(f.severity in ("fail", "fallback") for fs in found.values() for f in fs)
+    if as_json:
+        click.echo(_json.dumps({"target": target, "table": table["source"], "blocking": blocking,
+                                "findings": {g: [f.__dict__ for f in fs] for g, fs in found.items()}}, indent=2))
+    else:
+        click.echo(f"--target {target}: table {table['source']}")
+        for g, fs in found.items():
+            counts = {}
+            for f in fs:
+                counts[f.severity] = counts.get(f.severity, 0) + 1
+            click.echo(f"  {g}: " + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) if fs else "every node supported"))
+            seen = set()
+            for f in fs:  # one line per distinct (op, severity, reason)
+                if (f.op, f.severity, f.reason) not in seen:
+                    seen.add((f.op, f.severity, f.reason))
+                    n = sum(1 for x in fs if (x.op, x.severity, x.reason) == (f.op, f.severity, f.reason))
+                    click.echo(f"    [{f.severity}] {f.op} x{n} (e.g. {f.node}): {f.reason}")
+    if blocking:
+        raise SystemExit(1)
 
 
 def _print_manifest(m: dict, console, brief: bool) -> None:

@@ -43,13 +43,13 @@ class BuildOptions:
     lantern_k: int = 1000
     text_encoder: Optional[str] = None  # a T5 save_pretrained directory exported next to a t2i model (prompts)
     steps: tuple[str, ...] = ()  # step kinds (format.stepkinds) built besides the family's own, e.g. token_hidden
-    # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on for ONNX
-    # Runtime engines, off for TensorRT builds (its parser does not list them)
+    # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on (ONNX
+    # Runtime >= 1.27 has kernels for both; TensorRT >= 10.15 imports both, onnx-tensorrt operators.md)
     fused_ops: Optional[bool] = None
 
     @property
     def fused(self) -> bool:
-        return self.backend != "trt" if self.fused_ops is None else self.fused_ops
+        return True if self.fused_ops is None else self.fused_ops
 
     def validate(self) -> "BuildOptions":
         if self.precision not in PRECISIONS:
@@ -60,9 +60,6 @@ class BuildOptions:
             raise ArexportError(f"--verify-len must be >= 1, got {self.verify_len}")
         if self.backend not in ("onnx", "trt"):
             raise ArexportError(f"unknown build backend {self.backend!r}; choose onnx or trt")
-        if self.backend == "trt" and self.fused_ops:
-            raise ArexportError("fused RotaryEmbedding/RMSNormalization nodes are for ONNX Runtime engines; "
-                                "TensorRT builds export the decomposed forms")
         return self
 
 
@@ -151,6 +148,9 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             raise_on_problems(r)
             g.inputs, g.outputs = r.inputs, r.outputs
             reports[name] = {k: v for k, v in r.as_dict().items() if k not in ("inputs", "outputs")}
+        from arexport.exporter.trt_build import check_targets
+
+        check_targets(tmp, graphs, report)  # refuses graphs ONNX Runtime CUDA or TensorRT would not run
         manifest = Manifest(
             spec=spec, precision=opts.precision, graphs=graphs, source=loaded.source, arrays=extras,
             profiles=Profiles(sorted(set(opts.batch_sizes)), max_q, dict(graphs["step"].kinds)),

@@ -92,3 +92,23 @@ def _build_one(trt, logger, onnx_path: Path, plan_path: Path, inputs: list[dict]
         from arexport.fileio import atomic_write_bytes
 
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+
+
+def check_targets(directory: Path, graphs: dict, report: Callable[[str], None]) -> None:
+    """Refuse (TargetUnsupported) graphs that ONNX Runtime's CUDA provider would not run on the GPU or
+    that TensorRT's parser would not import, per the support tables (format/coverage.py); report
+    nodes ONNX Runtime inlines."""
+    from arexport.format.coverage import TargetUnsupported, check_graph
+
+    bad = []
+    for target in ("cuda", "trt"):
+        for name, g in graphs.items():
+            for f in check_graph(Path(directory) / g.file, target, name):
+                if f.severity in ("fail", "fallback"):
+                    bad.append(f"--target {target}: {f.line()}")
+                else:
+                    report(f"{target}: {f.line()}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise TargetUnsupported("graphs the GPU targets cannot run: " + "; ".join(bad[:3]) + more
+                                + " (arexport inspect DIR --target cuda|trt lists them all)")

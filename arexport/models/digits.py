@@ -29,7 +29,7 @@ class DigitsDecoder(nn.Module):
         grey = (tokens.float().clamp(0, N_LEVELS - 1) * (255.0 / (N_LEVELS - 1))).round()
         img = grey.reshape(n, 1, GRID, GRID)
         img = F.interpolate(img, scale_factor=self.scale, mode="nearest")
-        return img.to(torch.uint8).expand(n, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
+        return img.expand(n, 3, -1, -1).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
     def codebook(self) -> torch.Tensor:
         """[17, 2]: grey level l as the unit vector at angle (pi/2) l/16."""

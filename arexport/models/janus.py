@@ -90,7 +90,7 @@ class JanusImageModel(nn.Module):
     def embed(self, tokens):
         m = self.hf.model
         img = m.generation_aligner(m.generation_embeddings(tokens.clamp(0, self.V - 1)))
-        txt = m.language_model.embed_tokens((tokens - self.V).clamp(min=0))
+        txt = m.language_model.embed_tokens(torch.maximum(tokens - self.V, tokens.new_zeros(())))
         return torch.where((tokens < self.V).unsqueeze(-1), img, txt)
 
     def step(self, tokens, positions, write_index, attn_mask, keys, values, cache_write=None):
@@ -154,7 +154,7 @@ class JanusImageDecoder(nn.Module):
 
     def forward(self, tokens):
         x = self.vq.decode(tokens).float()
-        return ((x * self.rf - self.shift) / self.div).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return ((x * self.rf - self.shift) / self.div).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
     def codebook(self) -> torch.Tensor:
         """[V, d] codebook rows (LANTERN's neighbours; decoding l2-normalises them)."""

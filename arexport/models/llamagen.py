@@ -338,8 +338,8 @@ class LlamaGen(Fp32RopeTables, nn.Module):
         v = self.cfg.vocab_size
         if self.cfg.model_type != "c2i":
             return self.tok_embeddings(tokens)
-        img = self.tok_embeddings(tokens.clamp(max=v - 1))
-        cls = self.cls_embedding.embedding_table((tokens - v).clamp(min=0))
+        img = self.tok_embeddings(torch.minimum(tokens, tokens.new_tensor(v - 1)))  # Min, not Clip: TensorRT has no integer Clip
+        cls = self.cls_embedding.embedding_table(torch.maximum(tokens - v, tokens.new_zeros(())))
         return torch.where((tokens >= v).unsqueeze(-1), cls, img)
 
     def rope(self, positions: torch.Tensor):

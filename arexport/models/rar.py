@@ -181,7 +181,7 @@ class RAR(nn.Module):
 
     def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
         """Rows of the one embedding table (image tokens, mask, classes, none)."""
-        return self.embeddings(tokens.clamp(0, self.embeddings.num_embeddings - 1))
+        return self.embeddings(torch.minimum(torch.maximum(tokens, tokens.new_zeros(())), tokens.new_tensor(self.embeddings.num_embeddings - 1)))
 
     def inputs(self, e: torch.Tensor, seq_index: torch.Tensor) -> torch.Tensor:
         """Looked-up rows at sequence indices (0 = the cls slot, which takes cls_token) -> input vectors."""

@@ -148,9 +148,10 @@ class SelfAttention(nn.Module):
         b, n, _ = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.l2:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
-            k = F.normalize(k, dim=-1)
+        if self.l2:  # in fp32: ReduceL2 and Clip have no bf16 kernels in ONNX Runtime (CPU or CUDA)
+            scale = self.scale_mul_1H11.float().clamp_max(self.max_scale_mul).exp()
+            q = F.normalize(q.float(), dim=-1).mul(scale).to(q.dtype)
+            k = F.normalize(k.float(), dim=-1).to(k.dtype)
         return q, k, v
 
     def out(self, o):
@@ -248,7 +249,7 @@ class VAR(nn.Module):
         """Input vectors [B,q,C]: position 0.. first_l-1 take class_emb + pos_start, the others
         word_embed(features); every position adds lvl_embed(level) + pos_1LC[position]."""
         dtype = self.word_embed.weight.dtype
-        sos = cond.unsqueeze(1) + self.pos_start[0, positions.clamp(max=self.first_l - 1)]
+        sos = cond.unsqueeze(1) + self.pos_start[0, torch.minimum(positions, positions.new_tensor(self.first_l - 1))]
         x = torch.where((positions < self.first_l).unsqueeze(-1), sos, self.word_embed(features.to(dtype)))
         lvl_pos = self.lvl_embed(self.lvl_1L[0, positions]) + self.pos_1LC[0, positions]
         return x + lvl_pos
@@ -512,7 +513,7 @@ class VARVQVAE(nn.Module):
         x = self.fhat_to_img(f_hat).add(1).mul(0.5)
         if self.cfg.image_upscale > 1:
             x = F.interpolate(x, scale_factor=self.cfg.image_upscale, mode="nearest")
-        return x.mul(255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        return x.mul(255).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.latents_to_images(self.tokens_to_fhat(tokens))

@@ -176,7 +176,7 @@ class VQDecoder(nn.Module):
 
 def to_uint8_image(x: torch.Tensor) -> torch.Tensor:
     """[N,3,H,W] float in [-1,1] -> [N,H,W,3] uint8, as torchvision's normalize + save does."""
-    return torch.clamp(127.5 * x.float() + 128.0, 0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return torch.clamp(127.5 * x.float() + 128.0, 0.0, 255.0).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
 
 def load_vq_decoder(path: str, cfg: VQConfig = VQConfig()) -> VQDecoder:

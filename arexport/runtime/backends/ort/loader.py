@@ -19,8 +19,25 @@ def _ort():
     return ort
 
 
+# Graphs the runner drives through IOBinding on static buffers (runner._StaticIO). Only these may
+# get CUDA graphs: the others (VAR's next_scale_*, latent_decoder, vq_decoder, text_encoder) are
+# fed numpy through `session.run`, which ORT's CUDA-graph replay does not support.
+CUDA_GRAPH_GRAPHS = frozenset({"step", "prefill"})
+
+
+def providers_for(graph: str, providers: list) -> list:
+    """The session providers of `graph`: the directory's, without `enable_cuda_graph` unless the
+    graph is run on static IOBinding buffers (CUDA_GRAPH_GRAPHS)."""
+    if graph in CUDA_GRAPH_GRAPHS:
+        return list(providers)
+    return [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if isinstance(p, tuple) else p
+            for p in providers]
+
+
 class OrtSessions:
-    """The directory's ONNX Runtime sessions, each created at its first use."""
+    """The directory's ONNX Runtime sessions, each created at its first use. On CUDA, `stream` is a
+    torch stream that every session computes on (ORT's `user_compute_stream`), so copies into the
+    runner's static buffers and the runs are ordered on one stream; None on the CPU."""
 
     def __init__(self, directory: Path, manifest, device: torch.device, threads: Optional[int], cuda_graph: bool):
         ort = _ort()
@@ -28,6 +45,7 @@ class OrtSessions:
         if manifest.precision == "bf16" and device.type == "cpu":
             raise BackendUnavailable("ONNX Runtime's CPU provider has no bf16 MatMul kernels: build fp32/fp16 for CPU, "
                                      "or run this bf16 engine on CUDA/TensorRT")
+        self.stream = None
         self.providers = self._providers(ort, cuda_graph)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -47,7 +65,8 @@ class OrtSessions:
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable(
                 "ONNX Runtime has no CUDA execution provider here: install onnxruntime-gpu (pip install arexport[gpu])")
-        cuda_opts = {"device_id": str(self.device.index or 0)}
+        self.stream = torch.cuda.Stream(self.device)
+        cuda_opts = {"device_id": str(self.device.index or 0), "user_compute_stream": str(self.stream.cuda_stream)}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         return [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
@@ -60,10 +79,7 @@ class OrtSessions:
         if graph not in self._sessions:
             if not self.has(graph):
                 raise ArexportError(f"{self.directory} has no {graph} graph")
-            providers = self.providers
-            if graph == "vq_decoder" and self.cuda_graph:  # the image decoder runs once per batch: no graph
-                providers = [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if isinstance(p, tuple) else p
-                             for p in providers]
+            providers = providers_for(graph, self.providers)
             path = self.directory / self.manifest.graphs[graph].file
             try:
                 self._sessions[graph] = _ort().InferenceSession(str(path), self.options, providers=providers)

@@ -2,12 +2,20 @@
 
 Each cache buffer is bound as both `past_*` input and `present_*` output, so TensorScatter writes
 the new K/V in place and nothing copies the cache per step (ORT logs a warning whenever it has to
-copy; tests assert it never does). On the CUDA execution provider (onnxruntime-gpu) the same
-binding runs on device memory, and `cuda_graph=True` captures one CUDA graph per (step kind,
-batch) with `gpu_graph_id` — buffers and shapes stay fixed per graph, as CUDA graphs require.
+copy; tests assert it never does).
+
+Static I/O (the CUDA-graph discipline, on every device): each (graph, step shape, cache buffers)
+launch owns fixed input buffers and a fixed logits buffer (`_StaticIO`), bound once together with
+the cache; a call copies its feeds into those buffers, runs, and returns a copy of the logits. With
+`cuda_graph=True` (CUDA EP, `enable_cuda_graph`) each launch also has its own `gpu_graph_id`: ORT
+captures the first run of an id and afterwards only replays it, ignoring new feeds and new binding
+addresses, so anything but fixed buffers would read the first step's inputs and return an unwritten
+tensor. The CPU path runs the very same code, so the CPU tests exercise it.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -22,14 +30,15 @@ ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int64: 7, torch.bool: 9, t
 class _Binding:
     """One IOBinding of a session, bound through ORT's C binding with devices made once (the
     Python wrapper makes an OrtDevice per bound name, which costs more than a small model's step).
-    Binding a name again replaces its earlier binding."""
+    `bound` records name -> (address, shape) of every binding made, `binds` how many were made."""
 
     def __init__(self, session):
         C = _ort().capi._pybind_state
         self._sess = session._sess
         self._io = C.SessionIOBinding(self._sess)
         self._devices: dict[tuple, object] = {}
-        self._C = C
+        self.bound: dict[str, tuple[int, tuple]] = {}
+        self.binds = 0
 
     def _device(self, t: torch.Tensor):
         key = (t.device.type, t.device.index or 0)
@@ -40,21 +49,63 @@ class _Binding:
             dev = self._devices[key] = OrtDevice.make(*key)._get_c_device()
         return dev
 
+    def _note(self, name: str, t: torch.Tensor) -> None:
+        self.bound[name] = (t.data_ptr(), tuple(t.shape))
+        self.binds += 1
+
     def input(self, name: str, t: torch.Tensor) -> None:
         self._io.bind_input(name, self._device(t), ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+        self._note(name, t)
 
     def output(self, name: str, t: torch.Tensor) -> None:
         self._io.bind_output(name, self._device(t), ONNX_TYPES[t.dtype], list(t.shape), t.data_ptr())
+        self._note("out:" + name, t)
 
     def run(self, run_options) -> None:
         self._sess.run_with_iobinding(self._io, run_options)
+
+
+class _StaticIO:
+    """Fixed buffers of one launch (graph, step shape, cache buffers), bound once.
+
+    inputs: name -> tensor shaped like the feeds of the first call; outputs: the step kind's declared
+    outputs (logits float32 [rows.., V], and e.g. hidden states), each a fixed buffer; the cache's K/V
+    buffers bound as past_* and present_* (in place). `run` copies new feeds into the inputs, runs,
+    and returns copies of the outputs (the next run overwrites the buffers)."""
+
+    def __init__(self, session, cache, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple], device, run_options):
+        self.inputs = {n: torch.empty_like(t) for n, t in feeds.items()}
+        self.outputs = {n: torch.empty(*shape, dtype=dtype, device=device) for n, (shape, dtype) in outputs.items()}
+        self.binding = _Binding(session)
+        for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
+            for kind, buf in (("key", k), ("value", v)):
+                self.binding.input(f"past_{kind}_{i}", buf)
+                self.binding.output(f"present_{kind}_{i}", buf)
+        for n, t in self.inputs.items():
+            self.binding.input(n, t)
+        for n, t in self.outputs.items():
+            self.binding.output(n, t)
+        self.run_options = run_options
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for n, t in feeds.items():
+            self.inputs[n].copy_(t, non_blocking=True)
+        self.binding.run(self.run_options)
+        return {n: t.clone() for n, t in self.outputs.items()}
+
+
+def _launch_key(graph: str, feeds: dict[str, torch.Tensor], cache) -> tuple:
+    """What fixes a launch's buffers: the graph, each feed's name/shape/dtype, and the cache's
+    buffer addresses and row shape (a cache at other addresses needs its own binding and graph)."""
+    return (graph, tuple((n, tuple(t.shape), t.dtype) for n, t in feeds.items()), tuple(cache.keys[0].shape),
+            tuple(k.data_ptr() for k in cache.keys), tuple(v.data_ptr() for v in cache.values))
 
 
 class OrtEngine(EngineDirArrays, StepEngine):
     """StepEngine over an engine directory's ONNX graphs."""
 
     backend = "ort"
-    MAX_BINDINGS = 32  # standing cache bindings kept (one per live-row count and cache in use)
+    MAX_STATIC = 32  # launches whose static buffers are kept (least recently used dropped first)
 
     def __init__(self, sessions: OrtSessions, manifest, device: torch.device, cache_dtype: torch.dtype):
         super().__init__(manifest.spec, device, cache_dtype, max_q=int(manifest.step.q_range[1]))
@@ -63,45 +114,42 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self.manifest = manifest
         self.fixed_slots = manifest.spec.s_max
         self.cuda_graph = sessions.cuda_graph
-        self._graph_ids: dict[tuple, int] = {}
-        self._bindings: dict[tuple, tuple] = {}
+        self.static: "OrderedDict[tuple, _StaticIO]" = OrderedDict()
+        self._graph_count = 0  # gpu_graph_ids handed out; never reused (ORT keeps a captured id forever)
         self._run_options = _ort().RunOptions()
         self._kinds = tuple(k.name for k in manifest.step_graphs().values())
 
-    # -- binding ---------------------------------------------------------------------------------
-    def _binding(self, graph: str, cache) -> "_Binding":
-        """The IOBinding of `graph` with `cache`'s buffers bound as both past_* and present_* (in
-        place). Kept per (graph, cache view): a decode loop binds its cache once, not at every step,
-        and only the step's feeds and logits are bound per call. (KVCache.view returns one object
-        per row range; the entry holds it, so its id is not reused while the entry lives.)"""
-        key = (graph, id(cache))
-        entry = self._bindings.pop(key, None)
-        if entry is None or entry[0] is not cache:
-            bind = _Binding(self.sessions.get(graph))
-            for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
-                for kind, buf in (("key", k), ("value", v)):
-                    bind.input(f"past_{kind}_{i}", buf)
-                    bind.output(f"present_{kind}_{i}", buf)
-            entry = (cache, bind)
-        self._bindings[key] = entry  # most recently used last
-        while len(self._bindings) > self.MAX_BINDINGS:
-            self._bindings.pop(next(iter(self._bindings)))
-        return entry[1]
+    def _static_io(self, graph: str, feeds: dict[str, torch.Tensor], cache, outputs: dict[str, tuple]) -> _StaticIO:
+        key = _launch_key(graph, feeds, cache)
+        entry = self.static.pop(key, None)
+        if entry is None:
+            ro = self._run_options
+            if self.cuda_graph:
+                self._graph_count += 1
+                ro = _ort().RunOptions()
+                ro.add_run_config_entry("gpu_graph_id", str(self._graph_count))
+            entry = _StaticIO(self.sessions.get(graph), cache, feeds, outputs, self.device, ro)
+        self.static[key] = entry  # most recently used last
+        while len(self.static) > self.MAX_STATIC:
+            self.static.popitem(last=False)
+        return entry
 
-    def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache, outputs: dict[str, torch.Tensor], key: tuple) -> dict:
-        """Bind feeds and `outputs` next to the cache's standing binding; run."""
-        bind = self._binding(graph, cache)
-        for name, t in feeds.items():
-            bind.input(name, t)
-        for name, t in outputs.items():
-            bind.output(name, t)
-        ro = self._run_options
-        if self.cuda_graph:
-            gid = self._graph_ids.setdefault(key, len(self._graph_ids) + 1)
-            ro = _ort().RunOptions()
-            ro.add_run_config_entry("gpu_graph_id", str(gid))
-        bind.run(ro)
-        return outputs
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor], cache, outputs: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        """Copy `feeds` into the launch's static inputs and run; the outputs (name -> (shape, dtype)).
+
+        On CUDA the copies, the run (ORT's `user_compute_stream`) and the copies of the outputs are
+        ordered on the sessions' stream, which waits for the caller's stream first."""
+        stream = self.sessions.stream
+        if stream is None:
+            return self._static_io(graph, feeds, cache, outputs).run(feeds)
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            outs = self._static_io(graph, feeds, cache, outputs).run(feeds)
+        current.wait_stream(stream)
+        for t in outs.values():
+            t.record_stream(current)
+        return outs
 
     # -- StepEngine ---------------------------------------------------------------------------------
     def step_kinds(self) -> tuple[str, ...]:
@@ -109,9 +157,9 @@ class OrtEngine(EngineDirArrays, StepEngine):
 
     def _forward(self, kind, cache, feeds):
         dims = kind.bind(feeds)
-        outs = {io.name: torch.empty(kind.output_shape(io, dims, self.spec), device=self.device,
-                                     dtype=TORCH_DTYPES.get(io.dtype, self.cache_dtype)) for io in kind.outputs}
-        return self._run(kind.graph, feeds, cache, outs, (kind.graph,) + tuple(t.shape for t in feeds.values()))
+        outs = {io.name: (kind.output_shape(io, dims, self.spec), TORCH_DTYPES.get(io.dtype, self.cache_dtype))
+                for io in kind.outputs}
+        return self._run(kind.graph, feeds, cache, outs)
 
     def _next_scale(self, si, f_hat, h):
         outs = self.sessions.get(f"next_scale_{si}").run(None, {  # f_hat_out, and next except after the last scale
