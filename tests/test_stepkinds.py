@@ -129,3 +129,23 @@ def test_only_the_declaration_and_the_models_name_a_step_kind():
         text = (PACKAGE / f).read_text()
         assert not re.search(r"""["'](multi_query|scale|decode|verify)["']\s*(in|==|not in)\b|\b(in|==)\s*["'](multi_query|scale)["']""",
                              text), f
+
+
+def test_backend_loaders_never_import_their_runners(tmp_path):
+    """The loader <-> runner circles are gone and a contract keeps them gone: lint-imports fails on a
+    copy of the tree whose ORT loader imports its runner again (as open_directory used to, deferred)."""
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    root = PACKAGE.parent
+    copy = tmp_path / "tree"
+    shutil.copytree(PACKAGE, copy / "arexport", ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    shutil.copy(root / "pyproject.toml", copy / "pyproject.toml")
+    loader = copy / "arexport" / "runtime" / "backends" / "ort" / "loader.py"
+    loader.write_text(loader.read_text() + "\n\ndef _engine():\n    from arexport.runtime.backends.ort.runner import OrtEngine  # noqa\n")
+    bad = subprocess.run([exe], cwd=copy, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(copy)})
+    assert bad.returncode != 0 and "no loader <-> runner circles) BROKEN" in " ".join(bad.stdout.split())
