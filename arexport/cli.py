@@ -532,9 +532,11 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--trt-workspace-gb", type=float, help="TensorRT workspace memory pool limit in GiB.")
 @click.option("--lantern-k", type=int, default=1000, show_default=True, help="Codebook neighbours stored per token for LANTERN.")
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP + " Exported as text_encoder.onnx with its tokenizer.json.")
+@click.option("--step", "steps", multiple=True, help="Another step kind to build besides the family's own (repeatable), e.g. "
+              "token_hidden: the token step that also returns the last hidden state (EAGLE draft heads).")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k, text_encoder):
+          lantern_k, text_encoder, steps):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -550,7 +552,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
                         trt_opt_level=trt_opt_level,
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
-                        text_encoder=text_encoder).validate()
+                        text_encoder=text_encoder, steps=tuple(steps)).validate()
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite, overwrite_any)

@@ -24,6 +24,7 @@ from arexport.fileio import atomic_directory
 from arexport.format.manifest import Graph, Manifest, Profiles, tool_versions, write_manifest
 from arexport.format.arrays import latent_neighbors
 from arexport.format.spec import s_max_for
+from arexport.format.stepkinds import get_step_kind
 from arexport.models.fused import fused_export
 
 @dataclass
@@ -60,6 +61,8 @@ class BuildOptions:
             raise ArexportError(f"--verify-len must be >= 1, got {self.verify_len}")
         if self.backend not in ("onnx", "trt"):
             raise ArexportError(f"unknown build backend {self.backend!r}; choose onnx or trt")
+        for name in self.steps:
+            get_step_kind(name)  # an unknown kind fails here, naming the known ones
         return self
 
 
@@ -124,15 +127,17 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     g = export_text_encoder(t5, spec.cond_len, tmp, store, max_batch=max_batch)
                     graphs["text_encoder"] = Graph(g.file)
                     shutil.copyfile(Path(opts.text_encoder) / "tokenizer.json", tmp / "tokenizer.json")
-                if "scale" in family.step_kinds and loaded.decoder is not None:  # VAR: the VQVAE's next-scale inputs
+                scales = family.scales(spec)
+                if scales is not None and loaded.decoder is not None:  # a multi-scale VQVAE: its next-scale inputs
                     vae = loaded.decoder.float().eval()
-                    for si in range(len(spec.extra["patch_nums"])):
-                        report(f"exporting next-scale graph {si + 1}/{len(spec.extra['patch_nums'])}")
-                        g = export_next_scale(vae, spec, si, tmp, store, max_batch=max_batch)
+                    cvae = family.latent_channels(spec)
+                    for si in range(len(scales)):
+                        report(f"exporting next-scale graph {si + 1}/{len(scales)}")
+                        g = export_next_scale(vae, scales, cvae, si, tmp, store, max_batch=max_batch)
                         graphs[g.name] = Graph(g.file)
                     if opts.images:
                         report("exporting latent decoder graph")
-                        g = export_latent_decoder(vae, spec, tmp, store, max_batch=max_batch)
+                        g = export_latent_decoder(vae, scales, cvae, tmp, store, max_batch=max_batch)
                         graphs["latent_decoder"] = Graph(g.file)
                 if opts.images and loaded.decoder is not None:
                     report("exporting image decoder graph")
@@ -177,8 +182,6 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
 def step_kinds_to_build(loaded, family, extra: tuple[str, ...] = ()) -> list:
     """The family's step kinds for this model plus the extra ones asked for, each one the model
     implements (its `step_kinds`); the main step graph first."""
-    from arexport.format.stepkinds import get_step_kind
-
     names = list(family.steps(loaded.spec)) + [k for k in extra if k not in family.steps(loaded.spec)]
     kinds = [get_step_kind(n) for n in names]
     have = tuple(loaded.model.step_kinds)

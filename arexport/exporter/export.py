@@ -203,7 +203,7 @@ def export_step_kind(model, kind, spec: ModelSpec, workdir: Path, store: WeightS
     sizes.update({d: spec_size(spec, d) for d in used if d not in DYNAMIC and not d.isdigit()})
     args = [_example(io, sizes, dtype) for io in kind.inputs] + _cache_args(spec, sizes["batch"], dtype)
     dyn = [{axis: dims[d] for axis, d in enumerate(io.dims) if d in DYNAMIC and dims[d] is not None} for io in kind.inputs]
-    dyn.append(tuple([{0: dims["batch"]}] * (2 * spec.n_cache_layers)))
+    dyn = [tuple(dyn + [{0: dims["batch"]}] * (2 * spec.n_cache_layers))]  # the wrapper takes (*inputs, *past) as *args
     wanted: dict[tuple[str, int], str] = {}
     for sym in DYNAMIC:
         for io in kind.inputs:
@@ -215,23 +215,24 @@ def export_step_kind(model, kind, spec: ModelSpec, workdir: Path, store: WeightS
                           graph_file(kind), store)
 
 
-def export_next_scale(vae, spec: ModelSpec, si: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
-    """Export VAR's VQVAE next-scale input of scale si (dynamic batch), as next_scale_{si}.onnx."""
+def export_next_scale(vae, scales, cvae: int, si: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
+    """Export a multi-scale VQVAE's next-scale input of scale si (format.scales.Scales; dynamic batch),
+    as next_scale_{si}.onnx."""
     from torch.export import Dim
 
-    pn, hw, cvae = spec.extra["patch_nums"][si], spec.extra["patch_nums"][-1], spec.extra["cvae"]
+    pn, hw = scales.patch_nums[si], scales.patch_nums[-1]
     args = [torch.zeros(2, cvae, hw, hw), torch.zeros(2, pn * pn, cvae)]
     n = Dim("n", min=1, max=max(max_batch, 2))
-    ins, outs = NextScaleGraph.io_names(si == len(spec.extra["patch_nums"]) - 1)
+    ins, outs = NextScaleGraph.io_names(si == len(scales) - 1)
     return _export_packed(f"next_scale_{si}", NextScaleGraph(vae, si), args, [{0: n}, {0: n}], ins, outs,
                           {("f_hat", 0): "batch"}, workdir, f"next_scale_{si}.onnx", store)
 
 
-def export_latent_decoder(vae, spec: ModelSpec, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
-    """Export VAR's VQVAE decoder f_hat -> uint8 images (dynamic number of images)."""
+def export_latent_decoder(vae, scales, cvae: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
+    """Export a multi-scale VQVAE's decoder f_hat -> uint8 images (dynamic number of images)."""
     from torch.export import Dim
 
-    hw, cvae = spec.extra["patch_nums"][-1], spec.extra["cvae"]
+    hw = scales.patch_nums[-1]
     n = Dim("n", min=1, max=max(max_batch, 2))
     ins, outs = LatentDecoderGraph.io_names()
     return _export_packed("latent_decoder", LatentDecoderGraph(vae), [torch.zeros(2, cvae, hw, hw)], [{0: n}], ins, outs,

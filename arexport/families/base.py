@@ -84,6 +84,15 @@ class Family:
         """The step kinds an engine of this model is built with by default (format.stepkinds names)."""
         return self.step_kinds + (("caption_prefill",) if self.caption_prefill(spec) else ())
 
+    def scales(self, spec):
+        """The scales (format.scales.Scales) of a next-scale family, whose VQVAE adds one scale at a time
+        (next-scale input graphs, a latent decoder); None for token-grid families."""
+        return None
+
+    def latent_channels(self, spec) -> int:
+        """Channels of a next-scale family's VQVAE latents (its steps' features)."""
+        raise ArexportError(f"{spec.name} ({self.name}) has no multi-scale latents")
+
     def exact_query_sizes(self, spec) -> tuple[int, ...]:
         """Query lengths its steps take so often that TensorRT gets a profile for each (VAR: its scales)."""
         return ()

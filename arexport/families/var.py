@@ -28,12 +28,10 @@ class VARFamily(Family):
         # the reference demo's sampler: cfg 4 on VAR's ramp t = cfg * k / (S - 1), top-k 900, top-p 0.95
         return {"cfg_scale": 4.0, "cfg_schedule": "ramp", "top_k": 900, "top_p": 0.95, "temperature": 1.0}
 
-    @staticmethod
-    def scales(spec) -> Scales:
+    def scales(self, spec) -> Scales:
         return Scales(spec.extra["patch_nums"])
 
-    @staticmethod
-    def latent_channels(spec) -> int:
+    def latent_channels(self, spec) -> int:
         """Cvae: channels of the VQVAE latents (the scale step's features, next-scale inputs, f_hat)."""
         return int(spec.extra["cvae"])
 

@@ -26,7 +26,7 @@ Dtypes: int64, bool, float32, or "model" (the engine's precision).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from arexport.errors import ArexportError

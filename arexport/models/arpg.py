@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arexport.models.catalog import Catalog
 from arexport.models.llamagen import CacheWrite, FeedForward, Fp32RopeTables, RMSNorm, SwiGLUDims, inplace_cache_write, normal_init_
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
@@ -237,3 +238,29 @@ class ARPG(Fp32RopeTables, nn.Module):
         for layer in self.layers.cross_dec:
             h = layer(h, gk, gv, qcos, qsin, query_mask)
         return self.head(self.norm(h)).float(), new_k, new_v
+
+
+# -- catalog: ARPG's released models -------------------------------------------------------------
+ARPG_SIZES = {"L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536)}  # (n_layer, n_head, dim) of its configs
+
+
+class ARPGCatalog(Catalog):
+    """`arpg-{L,XL,XXL}`: random-order parallel decoding."""
+
+    family = "arpg"
+    config_class = ARPGConfig
+    checkpoint_marker = "layers.cross_dec."
+    hint = "arpg-L|arpg-XL|arpg-XXL"
+
+    def names(self):
+        return [f"arpg-{s}" for s in ARPG_SIZES]
+
+    def canonical(self, name):
+        return f"arpg-{name[5:].upper()}" if name.lower().startswith("arpg-") and name[5:].upper() in ARPG_SIZES else None
+
+    def base_config(self, name, image_size):
+        n_layer, n_head, dim = ARPG_SIZES[name.split("-")[1]]
+        return ARPGConfig(dim=dim, n_layer=n_layer, n_head=n_head, grid_size=(image_size or 256) // 16)
+
+
+CATALOG = ARPGCatalog()

@@ -20,7 +20,9 @@ model's own modules (no weights are copied).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from arexport.errors import ArexportError, CheckpointError
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
+from arexport.models.catalog import Catalog
 
 
 
@@ -204,3 +207,63 @@ def prompter_assets(directory: str | Path, slots: int, pad_id: int, boi_token: s
         if isinstance(v, str):
             info["special_tokens"][k] = v
     return {"files": files, "info": info}
+
+
+# -- catalog: Janus-Pro -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JanusOptions:
+    """What a Janus checkpoint's config does not say: the prompt slots an engine reserves."""
+
+    prompt_slots: int = 128  # prompt tokens (chat template and image-start token included)
+
+
+class JanusCatalog(Catalog):
+    """`janus-pro`: any size its config describes, from a transformers save_pretrained directory."""
+
+    family = "janus"
+    config_class = JanusOptions
+    hint = "janus-pro"
+    ALIASES = ("janus", "janus-pro", "janus-pro-1b", "janus-pro-7b")
+
+    def names(self):
+        return ["janus-pro"]
+
+    def canonical(self, name):
+        return "janus-pro" if name.lower().replace("_", "-") in self.ALIASES else None
+
+    def config(self, name, overrides=None, image_size=None):
+        raise ArexportError(f"{name}'s config comes from its checkpoint directory: load it with --checkpoint DIR")
+
+    def load(self, cname, checkpoint, random_init, overrides, vq_checkpoint, dtype, device, seed=0, image_size=None):
+        """Janus-Pro from a save_pretrained directory: the step model, its VQ decoder and spec."""
+        from tokenizers import Tokenizer
+
+        from arexport.families import get_family
+        from arexport.models.catalog import LoadedModel
+
+        if random_init or checkpoint is None:
+            raise ArexportError(f"{cname} loads a transformers save_pretrained directory: pass --checkpoint DIR")
+        if vq_checkpoint is not None:
+            raise ArexportError(f"{cname} decodes with its own VQ model (in the checkpoint directory): drop --vq-checkpoint")
+        bad = set(overrides or {}) - {"prompt_slots"}
+        if bad:
+            raise ArexportError(f"{cname} takes only prompt_slots as a model override, not {', '.join(sorted(bad))}")
+        slots = int((overrides or {}).get("prompt_slots", JanusOptions().prompt_slots))
+        if slots < 2:
+            raise ArexportError(f"prompt_slots must be >= 2, got {slots}")
+        hf = load_hf_janus(checkpoint)
+        ids = special_ids(checkpoint, hf)
+        spec = janus_spec(cname, hf, slots, ids)
+        model = JanusImageModel(hf, slots).to_precision(device=device, dtype=dtype).eval()
+        step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(model.STEP_WEIGHTS))
+        spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": get_family("janus").sampling_defaults(spec),
+                                                "step_weight_params": int(step_params)})
+        source = {"model": cname, "overrides": dict(overrides or {}), "image_size": None,
+                  "checkpoint": str(Path(checkpoint).resolve())}
+        boi = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json")).id_to_token(ids["boi_token_id"])
+        assets = prompter_assets(checkpoint, slots, ids["pad_token_id"], boi)
+        decoder = JanusImageDecoder(hf, pixel_mapping(checkpoint)).to(device).eval()
+        return LoadedModel(cname, model, spec, decoder, source, prompter=assets)
+
+
+CATALOG = JanusCatalog()

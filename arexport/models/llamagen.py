@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from arexport.models.catalog import Catalog
 from arexport.models.fused import fused
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
@@ -433,3 +434,50 @@ class LlamaGen(Fp32RopeTables, nn.Module):
             new_keys.append(k)
             new_values.append(v)
         return h, new_keys, new_values
+
+
+# -- catalog: LlamaGen's released models ---------------------------------------------------------
+# (n_layer, n_head, dim) from LlamaGen's GPT configs.
+LLAMAGEN_SIZES = {
+    "B": (12, 12, 768),
+    "L": (24, 16, 1024),
+    "XL": (36, 20, 1280),
+    "XXL": (48, 24, 1536),
+    "XXXL": (48, 40, 2560),
+    "1B": (22, 32, 2048),
+    "3B": (24, 32, 3200),
+    "7B": (32, 32, 4096),
+}
+
+
+class LlamaGenCatalog(Catalog):
+    """`llamagen-{c2i,t2i}-<size>` (every published size; aliases GPT-B, c2i-B, t2i-XL)."""
+
+    family = "llamagen"
+    config_class = LlamaGenConfig
+    checkpoint_marker = "tok_embeddings.weight"
+    hint = "llamagen-c2i-<size>"
+    ALIASES = (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i"))
+
+    def names(self):
+        return [f"llamagen-{t}-{s}" for t in ("c2i", "t2i") for s in LLAMAGEN_SIZES]
+
+    def canonical(self, name):
+        low = name.lower()
+        for prefix, mtype in self.ALIASES:
+            if low.startswith(prefix) and name[len(prefix):].upper() in LLAMAGEN_SIZES:
+                return f"llamagen-{mtype}-{name[len(prefix):].upper()}"
+        return None
+
+    def base_config(self, name, image_size):
+        _, mtype, size = name.split("-")
+        n_layer, n_head, dim = LLAMAGEN_SIZES[size]
+        kw: dict = dict(n_layer=n_layer, n_head=n_head, dim=dim, model_type=mtype)
+        if mtype == "t2i":
+            kw["cls_token_num"] = 120
+        if image_size is not None:
+            kw["grid_size"] = image_size // 16
+        return LlamaGenConfig(**kw)
+
+
+CATALOG = LlamaGenCatalog()

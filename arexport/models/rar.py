@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
+from arexport.models.catalog import Catalog
 from arexport.models.llamagen import CacheWrite, TransformerDims, inplace_cache_write
 
 POS_TABLE_EXTRA = 1024  # the reference sizes pos_embed / target_aware_pos_embed n + 1024 rows
@@ -234,3 +235,38 @@ class RAR(nn.Module):
         new_keys.append(cache_write(keys[-1], store, write_index))
         new_values.append(cache_write(values[-1], store, write_index))
         return self.head(h, c), new_keys, new_values
+
+
+# -- catalog: RAR's released models --------------------------------------------------------------
+# RAR sizes (num_hidden_layers, hidden_size, intermediate_size; 16 heads) and the sampler each
+# was evaluated with (randomize_temperature, guidance_scale, guidance_scale_pow), from README_RAR.md.
+RAR_SIZES = {"b": (24, 768, 3072), "l": (24, 1024, 4096), "xl": (32, 1280, 5120), "xxl": (40, 1408, 6144)}
+RAR_SAMPLERS = {"b": (1.0, 16.0, 2.75), "l": (1.02, 15.5, 2.5), "xl": (1.02, 6.9, 1.5), "xxl": (1.02, 8.0, 1.2)}
+
+
+class RARCatalog(Catalog):
+    """`rar-{b,l,xl,xxl}` (aliases rar_b, ...) with the MaskGIT-VQGAN tokenizer."""
+
+    family = "rar"
+    config_class = RARConfig
+    checkpoint_marker = "timesteps_embeddings"
+    hint = "rar-b|rar-l|rar-xl|rar-xxl"
+
+    def names(self):
+        return [f"rar-{s}" for s in RAR_SIZES]
+
+    def canonical(self, name):
+        low = name.lower()
+        return f"rar-{low[4:]}" if low.replace("_", "-").startswith("rar-") and low[4:] in RAR_SIZES else None
+
+    def base_config(self, name, image_size):
+        size = name[4:]
+        n_layer, dim, ffn = RAR_SIZES[size]
+        temperature, g, power = RAR_SAMPLERS[size]
+        sampler = {"cfg_scale": g, "cfg_schedule": "cosine", "cfg_power": power, "temperature": temperature,
+                   "top_k": 0, "top_p": 1.0}
+        return RARConfig(dim=dim, n_layer=n_layer, n_head=16, intermediate_size=ffn, grid_size=(image_size or 256) // 16,
+                         extra={"sampling_defaults": sampler})
+
+
+CATALOG = RARCatalog()

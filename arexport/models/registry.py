@@ -13,7 +13,8 @@ Names:
   from a local save_pretrained directory (`--checkpoint DIR`: config, weights, tokenizer.json); prompts.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
-Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
+Each family's names, aliases and configs come from its catalog (models/catalog.py, one per model
+module, listed in CATALOGS). Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
 fewer layers for tests.
 """
 
@@ -21,50 +22,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from arexport.errors import ArexportError, CheckpointError
-from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
-from arexport.models.llamagen import LlamaGenConfig
-from arexport.models.rar import RARConfig
-from arexport.models.var import VAR_256, VAR_512, VARConfig
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
+from arexport.models import arpg, janus, llamagen, rar, var
+from arexport.models.catalog import Catalog, LoadedModel
+from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
+from arexport.models.llamagen import LLAMAGEN_SIZES
+from arexport.models.var import VARConfig
+
+__all__ = ["CATALOGS", "LLAMAGEN_SIZES", "LoadedModel", "canonical_name", "known_models", "load_model", "model_config",
+           "parse_overrides"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-# (n_layer, n_head, dim) from LlamaGen's GPT configs.
-LLAMAGEN_SIZES = {
-    "B": (12, 12, 768),
-    "L": (24, 16, 1024),
-    "XL": (36, 20, 1280),
-    "XXL": (48, 24, 1536),
-    "XXXL": (48, 40, 2560),
-    "1B": (22, 32, 2048),
-    "3B": (24, 32, 3200),
-    "7B": (32, 32, 4096),
-}
-
-# (n_layer, n_head, dim) from ARPG's configs.
-ARPG_SIZES = {"L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536)}
-
-# RAR sizes (num_hidden_layers, hidden_size, intermediate_size; 16 heads) and the sampler each
-# was evaluated with (randomize_temperature, guidance_scale, guidance_scale_pow), from README_RAR.md.
-RAR_SIZES = {"b": (24, 768, 3072), "l": (24, 1024, 4096), "xl": (32, 1280, 5120), "xxl": (40, 1408, 6144)}
-RAR_SAMPLERS = {"b": (1.0, 16.0, 2.75), "l": (1.02, 15.5, 2.5), "xl": (1.02, 6.9, 1.5), "xxl": (1.02, 8.0, 1.2)}
-
-# Parameter names only one family's checkpoints hold: a checkpoint names its own family.
-FAMILY_MARKERS = {"rar": "timesteps_embeddings", "arpg": "layers.cross_dec.", "llamagen": "tok_embeddings.weight",
-                  "var": "lvl_embed."}
-FAMILY_HINTS = {"rar": "rar-b|rar-l|rar-xl|rar-xxl", "arpg": "arpg-L|arpg-XL|arpg-XXL",
-                "var": "var-d16|var-d20|var-d24|var-d30|var-d36", "llamagen": "llamagen-c2i-<size>"}
-
-# VAR depths released (var_d16.pth ...): 256 px, except d36 (512 px, shared AdaLN)
-VAR_DEPTHS = (16, 20, 24, 30, 36)
+# One catalog per family, each in its family's model module: names, aliases, configs, checkpoint markers.
+CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",
@@ -80,55 +59,34 @@ DEMO_CFG_SCALE = 1.5
 DEMO_ARPG_CFG_SCALE = 3.0
 
 
-@dataclass(frozen=True)
-class JanusOptions:
-    """What a Janus checkpoint's config does not say: the prompt slots an engine reserves."""
+def catalog_of(family: str) -> Catalog:
+    """The catalog of a family with PyTorch models here."""
+    for c in CATALOGS:
+        if c.family == family:
+            return c
+    raise ArexportError(f"no PyTorch models of the {family!r} family here; known: {', '.join(c.family for c in CATALOGS)}")
 
-    prompt_slots: int = 128  # prompt tokens (chat template and image-start token included)
 
-
-@dataclass
-class LoadedModel:
-    """A ready PyTorch model with its spec, image decoder and where its weights came from."""
-
-    name: str
-    model: torch.nn.Module
-    spec: ModelSpec
-    decoder: Optional[torch.nn.Module]
-    source: dict[str, Any]
-    prompter: Optional[dict] = None  # {'files': {name: path or text}, 'info': {...}}: a chat model's prompt assets
+def _resolve(name: str) -> tuple[str, Optional[Catalog]]:
+    """(canonical name, its catalog; None for the packaged demos); raise on unknown names."""
+    n = name.strip()
+    if n in DEMO_MODELS:
+        return n, None
+    for c in CATALOGS:
+        cname = c.canonical(n)
+        if cname is not None:
+            return cname, c
+    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}")
 
 
 def canonical_name(name: str) -> str:
-    """Resolve aliases (GPT-B, c2i-B, B) to `llamagen-<type>-<size>`; raise on unknown names."""
-    n = name.strip()
-    if n in DEMO_MODELS:
-        return n
-    low = n.lower()
-    if low.replace("_", "-").startswith("rar-") and low[4:] in RAR_SIZES:
-        return f"rar-{low[4:]}"
-    v = low.replace("_", "-")
-    if v in ("janus", "janus-pro", "janus-pro-1b", "janus-pro-7b"):
-        return "janus-pro"
-    if v.startswith("var-d") and v[5:].isdigit() and int(v[5:]) in VAR_DEPTHS:
-        return f"var-d{int(v[5:])}"
-    if low.startswith("arpg-") and n[5:].upper() in ARPG_SIZES:
-        return f"arpg-{n[5:].upper()}"
-    for prefix, mtype in (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i")):
-        if low.startswith(prefix):
-            size = n[len(prefix):].upper()
-            if size in LLAMAGEN_SIZES:
-                return f"llamagen-{mtype}-{size}"
-    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}")
+    """Resolve aliases (GPT-B, c2i-B, B, rar_b, ...) to canonical names through the family catalogs; raise on unknown names."""
+    return _resolve(name)[0]
 
 
 def known_models() -> list[str]:
     """Every canonical model name."""
-    names = list(DEMO_MODELS)
-    names += [f"llamagen-c2i-{s}" for s in LLAMAGEN_SIZES] + [f"llamagen-t2i-{s}" for s in LLAMAGEN_SIZES]
-    names += [f"arpg-{s}" for s in ARPG_SIZES] + [f"rar-{s}" for s in RAR_SIZES] + [f"var-d{d}" for d in VAR_DEPTHS]
-    names += ["janus-pro"]
-    return names
+    return list(DEMO_MODELS) + [n for c in CATALOGS for n in c.names()]
 
 
 def parse_overrides(text: Optional[str]) -> dict[str, Any]:
@@ -168,45 +126,11 @@ def parse_overrides(text: Optional[str]) -> dict[str, Any]:
 
 
 def model_config(name: str, overrides: Optional[dict] = None, image_size: Optional[int] = None):
-    """The config (LlamaGenConfig or ARPGConfig) for a model name, with overrides and image size."""
-    name = canonical_name(name)
-    if name.startswith("var-"):
-        depth = int(name[5:])
-        native = 512 if depth == 36 else 256
-        if image_size not in (None, native):
-            raise ArexportError(f"{name} generates {native} px images (its released patch_nums); --image-size {image_size} does not apply")
-        # width and heads follow an overridden depth (64 x depth, depth heads) unless given too
-        kw = {"depth": depth, "patch_nums": VAR_512 if depth == 36 else VAR_256, "shared_aln": depth == 36, **(overrides or {})}
-        try:
-            return VARConfig(**kw)
-        except (ValueError, TypeError) as e:
-            raise ArexportError(f"invalid model config: {e}") from None
-    if image_size is not None and image_size % 16 and name not in DEMO_MODELS:
-        raise ArexportError(f"image size {image_size} is not a multiple of 16 (the VQ-16 downsampling)")
-    if name in DEMO_MODELS:
-        cfg = demo_config(name)
-    elif name.startswith("rar-"):
-        size = name[4:]
-        n_layer, dim, ffn = RAR_SIZES[size]
-        temperature, g, power = RAR_SAMPLERS[size]
-        sampler = {"cfg_scale": g, "cfg_schedule": "cosine", "cfg_power": power, "temperature": temperature,
-                   "top_k": 0, "top_p": 1.0}
-        cfg = RARConfig(dim=dim, n_layer=n_layer, n_head=16, intermediate_size=ffn,
-                        grid_size=(image_size or 256) // 16, extra={"sampling_defaults": sampler})
-    elif name.startswith("arpg-"):
-        from arexport.models.arpg import ARPGConfig
-
-        n_layer, n_head, dim = ARPG_SIZES[name.split("-")[1]]
-        cfg = ARPGConfig(dim=dim, n_layer=n_layer, n_head=n_head, grid_size=(image_size or 256) // 16)
-    else:
-        _, mtype, size = name.split("-")
-        n_layer, n_head, dim = LLAMAGEN_SIZES[size]
-        kw: dict[str, Any] = dict(n_layer=n_layer, n_head=n_head, dim=dim, model_type=mtype)
-        if mtype == "t2i":
-            kw["cls_token_num"] = 120
-        if image_size is not None:
-            kw["grid_size"] = image_size // 16
-        cfg = LlamaGenConfig(**kw)
+    """The config of a model name (its family's config class), with overrides and image size."""
+    name, catalog = _resolve(name)
+    if catalog is not None:
+        return catalog.config(name, overrides, image_size)
+    cfg = demo_config(name)
     if overrides:
         try:
             cfg = cfg.with_overrides(**overrides)
@@ -217,16 +141,14 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
 
 def family_configs() -> dict[str, type]:
     """The config class of each family with PyTorch models here."""
-    from arexport.models.arpg import ARPGConfig
-
-    return {"llamagen": LlamaGenConfig, "arpg": ARPGConfig, "rar": RARConfig, "var": VARConfig, "janus": JanusOptions}
+    return {c.family: c.config_class for c in CATALOGS}
 
 
 def checkpoint_family(sd: dict) -> Optional[str]:
     """The family whose parameter names a state dict holds (None when no marker matches)."""
-    for family, marker in FAMILY_MARKERS.items():
-        if any(k.startswith(marker) for k in sd):
-            return family
+    for c in CATALOGS:
+        if c.checkpoint_marker and any(k.startswith(c.checkpoint_marker) for k in sd):
+            return c.family
     return None
 
 
@@ -260,9 +182,9 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
     """Build a model by name and fill its weights from a checkpoint, the package, or a seed."""
-    cname = canonical_name(name)
-    if cname == "janus-pro":
-        return load_janus(cname, checkpoint, random_init, overrides, vq_checkpoint, dtype, device)
+    cname, catalog = _resolve(name)
+    if catalog is not None and catalog.load is not None:  # a family that loads its own way (a transformers directory)
+        return catalog.load(cname, checkpoint, random_init, overrides, vq_checkpoint, dtype, device)
     for path, what in ((checkpoint, "checkpoint"), (vq_checkpoint, "tokenizer checkpoint")):
         if path is not None and not Path(path).is_file():  # before building (and allocating) the model
             raise CheckpointError(f"{what} not found: {path}" if not Path(path).exists() else
@@ -278,7 +200,7 @@ def load_model(
         held = checkpoint_family(sd)
         family = cfg.spec(cname).family
         if held is not None and held != family:
-            hint = FAMILY_HINTS.get(held, "llamagen-c2i-<size>")
+            hint = catalog_of(held).hint
             raise ArexportError(f"{checkpoint} holds a {held} model, not a {family} one ({cname}): pass --model {hint}")
         trained = meta.get("args", {}).get("gpt_model")  # reference trainers record the model they trained
         if isinstance(trained, str):
@@ -378,35 +300,3 @@ def load_var_vae(path: str, cfg: VARConfig):
     vae = VARVQVAE(cfg)
     load_into(vae, sd, source=str(path))
     return vae.eval()
-
-
-def load_janus(cname: str, checkpoint, random_init: bool, overrides, vq_checkpoint, dtype, device) -> LoadedModel:
-    """Janus-Pro from a save_pretrained directory: the step model, its VQ decoder and spec."""
-    from arexport.models.janus import (JanusImageDecoder, JanusImageModel, janus_spec, load_hf_janus, pixel_mapping, prompter_assets,
-                                       special_ids)
-
-    if random_init or checkpoint is None:
-        raise ArexportError(f"{cname} loads a transformers save_pretrained directory: pass --checkpoint DIR")
-    if vq_checkpoint is not None:
-        raise ArexportError(f"{cname} decodes with its own VQ model (in the checkpoint directory): drop --vq-checkpoint")
-    bad = set(overrides or {}) - {"prompt_slots"}
-    if bad:
-        raise ArexportError(f"{cname} takes only prompt_slots as a model override, not {', '.join(sorted(bad))}")
-    slots = int((overrides or {}).get("prompt_slots", JanusOptions().prompt_slots))
-    if slots < 2:
-        raise ArexportError(f"prompt_slots must be >= 2, got {slots}")
-    hf = load_hf_janus(checkpoint)
-    ids = special_ids(checkpoint, hf)
-    spec = janus_spec(cname, hf, slots, ids)
-    model = JanusImageModel(hf, slots).to_precision(device=device, dtype=dtype).eval()
-    step_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(model.STEP_WEIGHTS))
-    spec = dataclasses.replace(spec, extra={**spec.extra, "sampling_defaults": get_family("janus").sampling_defaults(spec),
-                                            "step_weight_params": int(step_params)})
-    source = {"model": cname, "overrides": dict(overrides or {}), "image_size": None,
-              "checkpoint": str(Path(checkpoint).resolve())}
-    from tokenizers import Tokenizer
-
-    boi = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json")).id_to_token(ids["boi_token_id"])
-    assets = prompter_assets(checkpoint, slots, ids["pad_token_id"], boi)
-    decoder = JanusImageDecoder(hf, pixel_mapping(checkpoint)).to(device).eval()
-    return LoadedModel(cname, model, spec, decoder, source, prompter=assets)

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from arexport.format.scales import Scales
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
+from arexport.errors import ArexportError
+from arexport.models.catalog import Catalog
 from arexport.models.llamagen import CacheWrite, inplace_cache_write
 
 VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens
@@ -554,3 +556,39 @@ class VARVQVAE(nn.Module):
             f_hat, nxt = self.next_scale(si, f_hat, self.quantize.embedding(tokens[:, sc.begins[si]:sc.ends[si]]))
             out.append(nxt)
         return torch.cat(out, 1)
+
+
+# -- catalog: VAR's released models --------------------------------------------------------------
+VAR_DEPTHS = (16, 20, 24, 30, 36)  # var_d16.pth ...: 256 px, except d36 (512 px, shared AdaLN)
+
+
+class VARCatalog(Catalog):
+    """`var-d{16,20,24,30}` (256 px) and `var-d36` (512 px) with the multi-scale VQVAE."""
+
+    family = "var"
+    config_class = VARConfig
+    checkpoint_marker = "lvl_embed."
+    hint = "var-d16|var-d20|var-d24|var-d30|var-d36"
+    tokenizer_grid = None  # the released patch_nums fix the image size
+
+    def names(self):
+        return [f"var-d{d}" for d in VAR_DEPTHS]
+
+    def canonical(self, name):
+        v = name.lower().replace("_", "-")
+        return f"var-d{int(v[5:])}" if v.startswith("var-d") and v[5:].isdigit() and int(v[5:]) in VAR_DEPTHS else None
+
+    def config(self, name, overrides=None, image_size=None):
+        depth = int(name[5:])
+        native = 512 if depth == 36 else 256
+        if image_size not in (None, native):
+            raise ArexportError(f"{name} generates {native} px images (its released patch_nums); --image-size {image_size} does not apply")
+        # width and heads follow an overridden depth (64 x depth, depth heads) unless given too
+        kw = {"depth": depth, "patch_nums": VAR_512 if depth == 36 else VAR_256, "shared_aln": depth == 36, **(overrides or {})}
+        try:
+            return VARConfig(**kw)
+        except (ValueError, TypeError) as e:
+            raise ArexportError(f"invalid model config: {e}") from None
+
+
+CATALOG = VARCatalog()

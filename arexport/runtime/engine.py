@@ -32,7 +32,7 @@ from arexport.format.spec import ModelSpec, s_max_for
 from arexport.format.stepkinds import CAPTION_PREFILL, MULTI_QUERY, SCALE, TOKEN, StepKind, get_step_kind
 from arexport.runtime.kv_cache import KVCache
 
-__all__ = ["Conditions", "StepEngine", "StepRecord", "graph_feeds", "step_kind"]
+__all__ = ["Conditions", "StepEngine", "StepRecord", "declared_feeds", "step_kind"]
 
 
 @dataclass
@@ -48,11 +48,6 @@ class StepRecord:
 NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode", "text_encode")  # calls that are not transformer forwards
 
 TORCH_DTYPES = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}
-
-
-def graph_feeds(device, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Step-graph inputs on `device`, contiguous, with the graph's dtypes: masks bool, the rest int64."""
-    return {k: v.to(device, torch.bool if k.endswith("mask") else torch.int64).contiguous() for k, v in tensors.items()}
 
 
 def declared_feeds(kind: StepKind, device, model_dtype: torch.dtype, feeds: dict) -> dict[str, torch.Tensor]:

@@ -16,13 +16,13 @@ from arexport.errors import ArexportError
 BACKENDS = ("torch", "ort", "trt")
 
 
-def loader(name: str):
-    """The loader module of a backend (`open_directory(directory, manifest, device, **options)`)."""
+def backend(name: str):
+    """A backend's package (`open_directory(directory, manifest, device, **options)`; torch also `open_model`)."""
     if name not in BACKENDS:
         raise ArexportError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return importlib.import_module(f"arexport.runtime.backends.{name}.loader")
+    return importlib.import_module(f"arexport.runtime.backends.{name}")
 
 
 def open_directory(name: str, directory: Path, manifest, device: str = "cpu", **options):
     """A StepEngine of backend `name` over an engine directory whose manifest was read and verified."""
-    return loader(name).open_directory(Path(directory), manifest, device=device, **options)
+    return backend(name).open_directory(Path(directory), manifest, device=device, **options)

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from arexport.devices import current_gpu, require_tensorrt, torch_dtype
 from arexport.errors import ArexportError
 from arexport.format.profiles import select_profile
 
@@ -51,21 +50,3 @@ class Plan:
 
     def profile_for(self, kind: str, batch: int, q: int) -> int:
         return select_profile(self.profiles, kind, batch, q)
-
-
-def open_directory(directory: Path, manifest, device="cuda", cuda_graph: bool = False):
-    """A TrtEngine over the directory's plans (refused for another GPU or TensorRT version)."""
-    from arexport.runtime.backends.trt.runner import TrtEngine
-
-    trt = require_tensorrt()
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise ArexportError("the TensorRT backend runs on a CUDA device: pass --device cuda")
-    info = manifest.tensorrt
-    if not info:
-        raise ArexportError(f"{directory} has no TensorRT plans: rebuild with arexport build --backend trt")
-    check_plan_compat(info, trt.__version__, current_gpu(dev.index or 0))
-    stream = torch.cuda.Stream(dev)
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    plans = {p["graph"]: Plan(trt, runtime, Path(directory) / f, p["profiles"], stream) for f, p in info["plans"].items()}
-    return TrtEngine(Path(directory), manifest, dev, torch_dtype(manifest.precision), plans, stream, cuda_graph)

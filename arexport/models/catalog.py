@@ -1,0 +1,72 @@
+"""Model catalogs: what each family's PyTorch module says about its released models.
+
+A catalog lives next to its family's model code (models/<family>.py) and answers what the registry
+asks: the canonical names and their aliases, the config of a name, the parameter names only its
+checkpoints hold, and (where a family loads differently) how to load it. The registry asks every
+catalog instead of switching on name prefixes, so a new family is one catalog in its own module
+plus one line in `registry.CATALOGS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.format.spec import ModelSpec
+
+
+@dataclass
+class LoadedModel:
+    """A ready PyTorch model with its spec, image decoder and where its weights came from."""
+
+    name: str
+    model: torch.nn.Module
+    spec: ModelSpec
+    decoder: Optional[torch.nn.Module]
+    source: dict[str, Any]
+    prompter: Optional[dict] = None  # {'files': {name: path or text}, 'info': {...}}: a chat model's prompt assets
+
+
+class Catalog:
+    """Base catalog of one family; subclasses set the attributes and implement names/canonical/base_config."""
+
+    family: str = "?"
+    config_class: type = object
+    checkpoint_marker: Optional[str] = None  # a parameter-name prefix only this family's checkpoints hold
+    hint: str = ""  # the --model names to suggest for a checkpoint of this family
+    tokenizer_grid: Optional[int] = 16  # image pixels per token side (VQ-16); None: the config fixes the image size
+
+    def names(self) -> list[str]:
+        """Every canonical name of the family."""
+        raise NotImplementedError
+
+    def canonical(self, name: str) -> Optional[str]:
+        """The canonical name for `name` (an alias or itself), or None when it is not this family's."""
+        raise NotImplementedError
+
+    def base_config(self, name: str, image_size: Optional[int]):
+        """The config of a canonical name at an image size (None: its native size)."""
+        raise NotImplementedError
+
+    def config(self, name: str, overrides: Optional[dict] = None, image_size: Optional[int] = None):
+        """The config of a canonical name with config-field overrides and image size."""
+        if image_size is not None and self.tokenizer_grid and image_size % self.tokenizer_grid:
+            raise ArexportError(f"image size {image_size} is not a multiple of {self.tokenizer_grid} (the VQ-{self.tokenizer_grid} downsampling)")
+        cfg = self.base_config(name, image_size)
+        if overrides:
+            try:
+                cfg = cfg.with_overrides(**overrides)
+            except (ValueError, TypeError) as e:
+                raise ArexportError(f"invalid model config: {e}") from None
+        return cfg
+
+    def sampling_defaults(self, name: str) -> Optional[dict[str, Any]]:
+        """A model's own sampler settings (None: its family adapter's defaults)."""
+        return None
+
+    # A catalog whose models load differently (a transformers directory) defines
+    # load(name, checkpoint, random_init, overrides, vq_checkpoint, dtype, device) -> LoadedModel.
+    load = None

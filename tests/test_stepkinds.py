@@ -1,0 +1,151 @@
+"""Step kinds as declarations (format/stepkinds.py): the decode-with-hidden-states kind added for real,
+exported for LlamaGen and verified against torch on ORT by `arexport verify`; TensorRT profiles as
+declared; and the seam itself (no runner, exporter, verify or calibration code names a kind)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from arexport.errors import ArexportError
+from arexport.format.profiles import step_profiles
+
+PACKAGE = Path(__file__).resolve().parent.parent / "arexport"
+TINY = {"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32}
+
+
+@pytest.fixture(scope="module")
+def hidden_engine(tmp_path_factory):
+    """A tiny c2i LlamaGen engine built through the CLI with the token_hidden step besides its own."""
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    out = tmp_path_factory.mktemp("engines") / "hidden"
+    r = CliRunner().invoke(cli, ["build", "llamagen-c2i-B", "--random-init", "--init-seed", "7", "--model-config",
+                                 ",".join(f"{k}={v}" for k, v in TINY.items()), "--batch-sizes", "1,2,4", "--verify-len", "4",
+                                 "--no-images", "--step", "token_hidden", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_token_hidden_is_built_and_verified_against_torch_on_ort(hidden_engine, tmp_path):
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    m = json.loads((hidden_engine / "manifest.json").read_text())
+    assert m["graphs"]["step_hidden"]["step"] == "token_hidden"
+    assert [o["name"] for o in m["graphs"]["step_hidden"]["outputs"]][:2] == ["logits", "hidden"]
+    out = tmp_path / "verify.json"
+    r = CliRunner().invoke(cli, ["verify", str(hidden_engine), "--backend", "ort", "--images", "0", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(out.read_text())["rows"]
+    hidden = [row for row in rows if row["output"] == "hidden"]
+    assert {row["case"] for row in hidden} >= {"decode q=1 (token_hidden)", "verify q=4 (token_hidden)"}
+    assert all(row["passed"] and row["max_abs"] < 1e-4 for row in hidden)
+    assert any(row["case"] == "prefill q=1" for row in rows)  # the family's own kinds are still covered
+
+
+def test_hidden_is_the_output_heads_input_and_verify_rejects_a_wrong_one(hidden_engine, monkeypatch):
+    from arexport.runtime.backends import open_directory
+    from arexport.runtime.loading import open_engine
+    from arexport.verify import verify_engine
+
+    eng = open_engine(str(hidden_engine), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
+    cache = eng.allocate(2)
+    eng.family.prefill(eng, cache, eng.family.conditions(eng.spec, classes=[1, 2]))
+    w = cache.length.clone()
+    toks, pos = torch.tensor([[5, 9, 11], [3, 4, 2]]), torch.arange(3).expand(2, 3)
+    out = eng.run("token_hidden", cache, tokens=toks, positions=pos, write_index=w, attn_mask=cache.causal_mask(w, 3))
+    assert out["hidden"].shape == (2, 3, eng.spec.dim) and eng.calls["verify"] == 1
+    head = ref.model.output(out["hidden"]).float()  # logits are the head applied to the hidden state
+    assert torch.allclose(head, out["logits"], atol=1e-4)
+    # negative control: a reference whose hidden state is off by 1e-3 fails verify on the hidden rows only
+    step_hidden = ref.model.step_hidden
+
+    def perturbed(*a, **k):
+        logits, hidden, keys, values = step_hidden(*a, **k)
+        return logits, hidden + 1e-3, keys, values
+
+    monkeypatch.setattr(ref.model, "step_hidden", perturbed)
+    rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=False)
+    failed = {r["output"] for r in rep.rows if not r["passed"]}
+    assert not rep.passed and failed == {"hidden"}
+
+
+def test_engines_refuse_step_kinds_they_were_not_built_with(demo_engine):
+    from arexport.runtime.loading import open_engine
+
+    eng = open_engine(str(demo_engine), "ort")
+    assert eng.step_kinds() == ("token",)
+    cache = eng.allocate(1)
+    with pytest.raises(ArexportError, match="without a token_hidden step .*--method ar"):
+        eng.run("token_hidden", cache, tokens=torch.zeros(1, 1), positions=torch.zeros(1, 1), write_index=torch.zeros(1),
+                attn_mask=cache.causal_mask(torch.zeros(1, dtype=torch.long), 1))
+    with pytest.raises(ArexportError, match="the token step takes tokens, positions, write_index, attn_mask; missing positions"):
+        eng.run("token", cache, tokens=torch.zeros(1, 1), write_index=torch.zeros(1), attn_mask=torch.ones(1, 1, 1, cache.s_max))
+    with pytest.raises(ArexportError, match="unknown step kind 'hidden'"):
+        eng.run("hidden", cache)
+
+
+def test_build_refuses_a_kind_the_model_does_not_implement(tmp_path):
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
+    with pytest.raises(ArexportError, match="demo-arpg has no token_hidden step"):
+        build_engine(load_model("demo-arpg"), tmp_path / "x", BuildOptions(steps=("token_hidden",)))
+    with pytest.raises(ArexportError, match="unknown step kind 'nope'"):
+        BuildOptions(steps=("nope",)).validate()
+    assert not (tmp_path / "x").exists()
+
+
+def test_trt_profiles_are_the_declared_ranges():
+    top = [1, 2, 4]
+    assert step_profiles(top, 16, "token") == [{"kind": "decode", "batch": [1, 4, 4], "q": [1, 1, 1]},
+                                               {"kind": "verify", "batch": [1, 4, 4], "q": [2, 16, 16]}]
+    assert step_profiles(top, 1, "token") == [{"kind": "decode", "batch": [1, 4, 4], "q": [1, 1, 1]}]  # no empty verify
+    assert step_profiles(top, 64, "multi_query") == [{"kind": "multi_query", "batch": [1, 4, 4], "q": [1, 8, 64], "m": [1, 8, 64]}]
+    scale = step_profiles(top, 30, "scale", (1, 4, 9, 16, 36))
+    assert [p["q"] for p in scale] == [[1, 1, 1], [4, 4, 4], [9, 9, 9], [16, 16, 16], [1, 36, 30]]
+    assert step_profiles(top, 8, "caption_prefill") == [{"kind": "prefill", "batch": [1, 4, 4], "q": [0, 0, 0]}]
+
+
+def test_only_the_declaration_and_the_models_name_a_step_kind():
+    """The seam: runners, exporter, verify and calibration read declarations. The kind added for real
+    (token_hidden / step_hidden) is named in two package files: its declaration and the model's forward."""
+    hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                  if re.search(r"token_hidden|step_hidden", p.read_text()) and p.name != "cli.py")
+    assert hits == ["format/stepkinds.py", "models/llamagen.py"], hits
+    readers = ["runtime/backends/torch/runner.py", "runtime/backends/ort/runner.py", "runtime/backends/trt/runner.py",
+               "exporter/export.py", "exporter/graphs.py", "exporter/build.py", "exporter/trt_build.py", "format/profiles.py",
+               "calibration/capture.py", "runtime/engine.py"]
+    for f in readers:
+        text = (PACKAGE / f).read_text()
+        assert not re.search(r"""["'](multi_query|scale|decode|verify)["']\s*(in|==|not in)\b|\b(in|==)\s*["'](multi_query|scale)["']""",
+                             text), f
+
+
+def test_backend_loaders_never_import_their_runners(tmp_path):
+    """The loader <-> runner circles are gone and a contract keeps them gone: lint-imports fails on a
+    copy of the tree whose ORT loader imports its runner again (as open_directory used to, deferred)."""
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("lint-imports")
+    if exe is None:
+        pytest.skip("import-linter is not installed (pip install -e '.[test]')")
+    root = PACKAGE.parent
+    copy = tmp_path / "tree"
+    shutil.copytree(PACKAGE, copy / "arexport", ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    shutil.copy(root / "pyproject.toml", copy / "pyproject.toml")
+    loader = copy / "arexport" / "runtime" / "backends" / "ort" / "loader.py"
+    loader.write_text(loader.read_text() + "\n\ndef _engine():\n    from arexport.runtime.backends.ort.runner import OrtEngine  # noqa\n")
+    bad = subprocess.run([exe], cwd=copy, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(copy)})
+    assert bad.returncode != 0 and "no loader <-> runner circles) BROKEN" in " ".join(bad.stdout.split())
