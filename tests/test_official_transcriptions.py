@@ -285,3 +285,132 @@ def test_vvs_negative_control_extra_stale_token(monkeypatch):
     monkeypatch.setattr(VVSDecoder, "_commit_unverified", commit_one_more, raising=False)
     rows, n_tokens = _vvs_rows()
     assert any(kind == "content" for *_, kind in _vvs_mismatches(rows, 4, n_tokens))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CoDe: czg1225/CoDe, commit bfb204de8648. infer_CoDe.py lines 118-131 (sample_CoDe.py lines 127-141:
+# top_p 0.96, cfg 1.5): `newk = [600]*10`, `temp = [1.1]*7+[1.0]*3`, top_p=0.95, scale si sampled with
+# top_k[si] and temp[si] (models/var.py lines 654-657 draft, refine alike). models/helpers.py
+# `sample_with_top_k_top_p_` lines 7-25, on the guided logits: top-k removes logits below the k-th
+# largest (line 11); top-p sorts ascending and removes where the running softmax mass <= 1 - top_p,
+# never the largest (lines 14-17); only then divides by temp and draws from the softmax (lines 22-23).
+# ---------------------------------------------------------------------------------------------------
+def _official_code_probs(logits, top_k, top_p, temp):
+    """The distribution sample_with_top_k_top_p_ draws from, for logits [..., V]."""
+    x = logits.clone().double()
+    if top_k > 0:  # (torch.topk fails for k > V: the official V is 4096; a no-op cut here)
+        top_k = min(top_k, x.shape[-1])
+        x = x.masked_fill(x < x.topk(top_k, dim=-1).values.amin(dim=-1, keepdim=True), float("-inf"))
+    if top_p > 0:
+        srt, order = x.sort(dim=-1, descending=False)
+        drop = srt.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return (x / temp).softmax(dim=-1)
+
+
+OFFICIAL_TEMPS = [1.1] * 7 + [1.0] * 3
+
+
+def _code_sampler_mismatch(params_for):
+    """Largest |difference| between ours (params_for(base) -> SamplingParams) and the official sampler
+    over 10 scales of random logits (V = 1000 > top-k 600, so top-k and top-p both cut)."""
+    from arexport.runtime.sampling import SamplingParams, probs_from_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 7, 1000, generator=g) * 3  # [scale, position, V]
+    params = params_for(SamplingParams(cfg_scale=1.5, cfg_schedule="ramp"))
+    step = torch.arange(10)[:, None].expand(10, 7)
+    ours = probs_from_logits(logits, params, step).double()
+    want = torch.stack([_official_code_probs(logits[si], 600, 0.95, OFFICIAL_TEMPS[si]) for si in range(10)])
+    assert int((want > 0).sum(-1).max()) < 600  # top-p cut below top-k's 600 somewhere...
+    assert int((want > 0).sum(-1).min()) > 1
+    return float((ours - want).abs().max())
+
+
+def test_code_official_sampler_per_scale():
+    from arexport.runtime.methods.var import code_sampler
+
+    assert _code_sampler_mismatch(lambda p: code_sampler(p, 10)) < 1e-5
+
+
+@pytest.mark.parametrize("perturb", ["filter after temperature", "one temperature"])
+def test_code_official_sampler_negative_controls(perturb):
+    from dataclasses import replace
+
+    from arexport.runtime.methods.var import code_sampler
+
+    if perturb == "filter after temperature":
+        fn = lambda p: replace(code_sampler(p, 10), filter_first=False)  # noqa: E731
+    else:
+        fn = lambda p: replace(code_sampler(p, 10), temperatures=(1.0,) * 10)  # noqa: E731
+    assert _code_sampler_mismatch(fn) > 1e-3
+
+
+def _code_counts_and_official(head_gain=2.0, n=4000, cls=3):
+    """Run `code` (sampled, the default official sampler) on a tiny VAR pair of 4 scales (CoDe's
+    temperatures there: 1.1 at scale 0, 1.0 at the last three); return the scale-0 token counts [V],
+    the counts of scale 1's 4 tokens among images whose scale-0 token is the most common one [4, V],
+    and the transcription's logits for both ([V] and [4, V]; scale 0 is unguided: ramp t = 0)."""
+    from tests.test_var import engine_of, ours_from_official, tiny_cfg
+    from tests.var_official import official_pair
+
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    drafter_off, quant = official_pair(4)
+    refiner_off, _ = official_pair(5, depth=1)
+    refiner_off.quant = (quant,)
+    with torch.no_grad():
+        drafter_off.head.weight.mul_(head_gain)  # peakier distributions: temperature and top-p matter
+        drafter_off.head.bias.mul_(head_gain)
+    cfg, rcfg = tiny_cfg(), tiny_cfg(depth=1)
+    drafter, vae = ours_from_official(drafter_off, quant, cfg)
+    refiner, _ = ours_from_official(refiner_off, quant, rcfg)
+    gen = Generator(engine_of(drafter, vae, cfg), engine_of(refiner, vae, rcfg))
+    out = gen.generate(classes=[cls] * n, seed=5, method="code", method_options={"drafter_steps": 2}, images=False,
+                       sampling=SamplingParams(cfg_scale=1.5, cfg_schedule="ramp"), batch_size=1000, timings=False)
+    toks = torch.from_numpy(out.tokens)
+    c0 = torch.bincount(toks[:, 0], minlength=40)
+    t0 = int(c0.argmax())
+    c1 = torch.stack([torch.bincount(toks[toks[:, 0] == t0, 1 + j], minlength=40) for j in range(4)])
+    seen = []
+
+    def draw(logits):
+        seen.append(logits[0].clone())
+        return torch.full(logits.shape[:2], t0, dtype=torch.long)
+
+    with torch.no_grad():
+        drafter_off.infer(torch.tensor([cls]), 1.5, draw, stop=2)
+    return c0, c1, seen[0][0], seen[1]
+
+
+def _chi2_p(counts, probs):
+    """Pearson chi-square p-value of counts [..., V] against probs [..., V] (rows pooled: the
+    statistics and degrees of freedom add)."""
+    from scipy.stats import chi2
+
+    counts, probs = counts.reshape(-1, counts.shape[-1]).double(), probs.reshape(-1, probs.shape[-1])
+    stat, df = 0.0, 0
+    for c, p in zip(counts, probs):
+        keep = p > 0
+        assert float(c[~keep].sum()) == 0, "a token the sampler filters out was drawn"
+        exp = p[keep] * c.sum()
+        stat += float(((c[keep] - exp) ** 2 / exp).sum())
+        df += int(keep.sum()) - 1
+    return float(chi2.sf(stat, df))
+
+
+def test_code_sampled_distribution_is_the_official_samplers():
+    """Chi-square: scale 0 (drafter, temperature 1.1) and scale 1 given scale 0 (temperature 1.0),
+    against the official sampler applied to the transcription's logits; the same counts reject the
+    perturbed samplers (scale 0 at temperature 1.0; no top-p cut). Scale 1's temperature (1.0 vs
+    1.1) is below this test's power; the per-scale choice is pinned by test_code_official_sampler_per_scale."""
+    c0, c1, l0, l1 = _code_counts_and_official()
+    top_p = 0.95
+    assert _chi2_p(c0, _official_code_probs(l0, 600, top_p, 1.1)) > 1e-3
+    assert _chi2_p(c1, _official_code_probs(l1, 600, top_p, 1.0)) > 1e-3
+    # negative controls: the test has power against each perturbation
+    assert _chi2_p(c0, _official_code_probs(l0, 600, top_p, 1.0)) < 1e-4
+    assert _chi2_p(c0, _official_code_probs(l0, 600, 0.0, 1.1)) < 1e-4
+    assert _chi2_p(c1, _official_code_probs(l1, 600, 0.0, 1.0)) < 1e-4

@@ -32,6 +32,8 @@ class SamplingParams:
     cfg_interval: int = -1  # LlamaGen: CFG only for image tokens 0..cfg_interval+1; -1 = always
     cfg_schedule: str = "constant"  # guidance scale per token index: see CFG_SCHEDULES
     cfg_power: float = 1.0  # exponent of the cosine schedule (RAR's guidance_scale_pow)
+    temperatures: tuple = ()  # per-step temperatures (next-scale methods: one per scale); () = `temperature`
+    filter_first: bool = False  # top-k/top-p on the guided logits, then temperature (VAR's helper order)
 
     def validate(self, vocab_size: int) -> "SamplingParams":
         """Raise ArexportError naming the first invalid option (NaN and infinity included)."""
@@ -51,6 +53,9 @@ class SamplingParams:
             raise ArexportError(f"cfg-schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}")
         if self.cfg_power < 0:
             raise ArexportError(f"cfg-power must be >= 0, got {self.cfg_power}")
+        for t in self.temperatures:
+            if not (math.isfinite(t) and t > 0):
+                raise ArexportError(f"per-step temperatures must be finite and > 0, got {t}")
         return self
 
     @property
@@ -161,17 +166,30 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
-def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def probs_from_logits(logits: torch.Tensor, params: SamplingParams, step=None) -> torch.Tensor:
     """Target distribution p over the vocabulary (fp32) after temperature and filtering.
 
     With temperature 0 this is the one-hot argmax distribution, so acceptance rules stay exact.
+    Filtering follows temperature (LlamaGen's order) unless `params.filter_first` (VAR's and CoDe's
+    helper: top-k/top-p on the untempered logits, then divide by the temperature). With per-step
+    `params.temperatures`, `step` (an int, or an integer tensor over the leading dims of the logits,
+    e.g. the scale index) picks each row's temperature.
     """
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k > 0 or params.top_p < 1.0:
+    temp = params.temperature
+    if params.temperatures:
+        if step is None:
+            raise ArexportError("per-step temperatures need the step each row samples (only var and code sample by scale)")
+        t = torch.tensor(params.temperatures, dtype=torch.float32, device=logits.device)[torch.as_tensor(step, device=logits.device)]
+        temp = t.view(*t.shape, *(1,) * (logits.dim() - t.dim()))
+    filtering = params.top_k > 0 or params.top_p < 1.0
+    if filtering and params.filter_first:
+        logits = filter_logits(logits, params.top_k, params.top_p)
+    if isinstance(temp, torch.Tensor) or temp != 1.0:
+        logits = logits / temp
+    if filtering and not params.filter_first:
         logits = filter_logits(logits, params.top_k, params.top_p)
     return torch.softmax(logits, dim=-1)
 

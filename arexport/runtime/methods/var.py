@@ -14,6 +14,13 @@ position of scales 0..N at once under the block-causal mask - the drafter's next
 official `autoregressive_infer_cfg_refine` does with its token hub - and samples scale N; it then
 decodes the remaining scales alone.
 
+`code`'s sampler is CoDe's by default (`sampler=official`, czg1225/CoDe `infer_CoDe.py` lines
+118-131 and `models/helpers.py` `sample_with_top_k_top_p_` lines 7-25): top-k 600 and top-p 0.95 on
+the guided logits, then the scale's temperature, 1.1 for scales 0..6 and 1.0 for the last three
+(`temp = [1.1]*7+[1.0]*3` at 10 scales; at S scales 1.1 for all but the last three, our
+extension). Its guidance scale stays the sampler's (the official scripts use 1.5; VAR's demo 4.0).
+`sampler=given` samples with the sampling options as given, like `var`.
+
 `more_smooth` (VAR's option for visual quality) replaces a scale's codebook rows by a Gumbel-softmax
 mix at temperature max(0.27 (1 - 0.95 r), 0.005) of the (top-k/top-p filtered) logits times (1 + r),
 r = k / (S - 1); the image then comes from f_hat, not from the tokens.
@@ -21,7 +28,7 @@ r = k / (S - 1); the image then comes from f_hat, not from the tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -43,6 +50,19 @@ class VAROptions(Options):
 class CoDeOptions(VAROptions):
     drafter_steps: Optional[int] = option(None, "scales the drafter generates before the refiner takes over "
                                           "(default: all but the last two, the official 8 of 10)", flag="--drafter-steps")
+    sampler: str = option("official", "official: CoDe's sampler (top-k 600, top-p 0.95 before a per-scale temperature "
+                          "1.1 then 1.0 for the last 3 scales; replaces --temperature/--top-k/--top-p); given: the "
+                          "sampling options as given", choices=("official", "given"))
+
+
+def code_sampler(params, n_scales: int):
+    """CoDe's official sampler for n_scales scales (the guidance options kept): top-k 600, top-p
+    0.95, filtering before temperature, temperature 1.1 except 1.0 on the last three scales.
+    Temperature 0 stays greedy (filtering and temperature do not move the argmax)."""
+    if params.greedy:
+        return params
+    temps = tuple([1.1] * max(n_scales - 3, 0) + [1.0] * min(n_scales, 3))
+    return replace(params, temperature=1.0, top_k=600, top_p=0.95, temperatures=temps, filter_first=True)
 
 
 def runs(mask: list[bool]) -> list[tuple[int, int]]:
@@ -66,6 +86,8 @@ class VARDecoder(Decoder):
         self.sc = Scales(spec.extra["patch_nums"])
         self.S = len(self.sc)
         self.cfg = CFGRows(ctx.params, self.S)  # the guidance schedule runs over scales (VAR's ramp)
+        if self.params.temperatures and len(self.params.temperatures) != self.S:
+            raise ArexportError(f"per-scale temperatures: got {len(self.params.temperatures)} for {self.S} scales")
         cvae, hw = spec.extra["cvae"], self.sc.patch_nums[-1]
         self.codebook = self.engine.codebook().float()
         self.k = s.image_tensor(())  # next scale
@@ -103,7 +125,8 @@ class VARDecoder(Decoder):
         s, Q = self.slots, logits.shape[1]
         if self.cfg.per_image == 2:
             logits = self.cfg.guide(logits, k[:, None].expand(-1, Q))
-        tok = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(Q, s.span(a, b))[a:b])
+        step = k[:, None].expand(-1, Q) if self.params.temperatures else None  # per-scale temperatures
+        tok = sample_from_probs(probs_from_logits(logits, self.params, step), s.uniform(Q, s.span(a, b))[a:b])
         if not self.opts.more_smooth:
             return tok, self.codebook[tok]
         # the reference filters its logits in place while sampling, so the mix sees the top-k/top-p-filtered ones
@@ -177,6 +200,8 @@ class CoDeDecoder(VARDecoder):
             raise ArexportError(f"the refiner's first step feeds {self.sc.ends[n]} positions, more than its engine's "
                                 f"maximum query length {self.refiner.max_q}: rebuild it with --verify-len {self.sc.total}")
         self.N = n
+        if self.opts.sampler == "official":
+            self.params = code_sampler(self.params, self.S)
         self.caches[id(self.refiner)] = self.slots.cache(self.refiner.allocate(capacity * self.cfg.per_image))
 
     def advance(self) -> list[int]:
