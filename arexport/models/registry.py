@@ -119,7 +119,9 @@ def canonical_name(name: str) -> str:
             size = n[len(prefix):].upper()
             if size in LLAMAGEN_SIZES:
                 return f"llamagen-{mtype}-{size}"
-    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}")
+    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}; aliases GPT-SIZE and c2i-SIZE "
+                        f"for llamagen-c2i-SIZE, t2i-SIZE for llamagen-t2i-SIZE (SIZE: {', '.join(LLAMAGEN_SIZES)}), "
+                        "janus for janus-pro")
 
 
 def known_models() -> list[str]:
