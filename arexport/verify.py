@@ -306,8 +306,9 @@ class VerifyReport:
 
 def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, batch: int = 2, verify_len: int = 16,
                   atol: Optional[float] = None, rtol: Optional[float] = None, full_image: bool = True,
-                  n_images: int = 2, seed: int = 0) -> VerifyReport:
-    """Compare `engine` with `reference` on every step function; see module docstring."""
+                  n_images: int = 2, seed: int = 0, progress=lambda msg: None) -> VerifyReport:
+    """Compare `engine` with `reference` on every step function; see module docstring. `progress` gets
+    a line per stage (progress)."""
     BaseRunner, CompareFunc, Comparator, TensorMetadata = _polygraphy()
     d_atol, d_rtol = TOLERANCES[precision]
     atol = d_atol if atol is None else atol
@@ -340,6 +341,7 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
     runners = [StepRunner(engine, f"{engine.backend}"), StepRunner(reference, "torch-reference")]
     from polygraphy.logger import G_LOGGER
 
+    progress(f"running {len(cases)} step cases on {engine.backend} and the PyTorch reference")
     with G_LOGGER.verbosity(G_LOGGER.ERROR):  # we print our own table
         results = Comparator.run(runners, data_loader=cases)
         acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True))
@@ -357,6 +359,7 @@ def verify_engine(engine: StepEngine, reference: StepEngine, precision: str, bat
                 "passed": bool(res),
             })
     if full_image:
+        progress(f"greedy whole-image token agreement on {n_images} images")
         report.token_agreement, report.images_identical = greedy_agreement(engine, reference, n_images, seed)
     report.seconds = time.perf_counter() - t0
     return report
@@ -384,3 +387,94 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
 # kind's declaration names its scenario
 SCENARIOS = {"token": (make_token_cases, run_token_case), "multi_query": (make_multi_query_cases, run_multi_query_case),
              "scale": (make_scale_cases, run_scale_case)}
+
+
+# -- quantized engines ---------------------------------------------------------------------------------
+
+DEMO_GATE_IMAGES = 200  # as many generated digits as calibrate's demo gate scores, so the thresholds mean the same
+
+
+@dataclass
+class QuantizedReport:
+    """A quantized engine against its own accuracy gates (the thresholds calibrate recorded in the
+    manifest), measured afresh against the PyTorch reference: top-1 agreement and mean KL of next-token
+    distributions on the verify cases' logits, and for the digits demo the drop in class accuracy."""
+
+    mode: str
+    thresholds: dict
+    gates: list[dict] = field(default_factory=list)  # name, value, limit, passed
+    calibration: dict = field(default_factory=dict)  # what calibrate measured (manifest), shown next to ours
+    token_agreement: Optional[float] = None  # greedy whole images: informational (quantization may diverge)
+    images_identical: Optional[str] = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gates) and all(g["passed"] for g in self.gates)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["passed"] = self.passed
+        return d
+
+
+def logits_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[int, list[float], int]:
+    """(argmax matches, KL(p_ref || p_out) per position, positions) over logits [..., V]."""
+    a = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    b = out.reshape(-1, out.shape[-1]).astype(np.float64)
+    la = a - a.max(-1, keepdims=True)
+    la -= np.log(np.exp(la).sum(-1, keepdims=True))
+    lb = b - b.max(-1, keepdims=True)
+    lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    return int((a.argmax(-1) == b.argmax(-1)).sum()), list(kl), a.shape[0]
+
+
+def verify_quantized(engine: StepEngine, reference: StepEngine, quantization: dict, batch: int = 2,
+                     verify_len: int = 16, n_images: int = 2, seed: int = 0, demo_images: int = DEMO_GATE_IMAGES,
+                     progress=lambda msg: None) -> QuantizedReport:
+    """Check a quantized `engine` against the gates in its manifest's `quantization` block."""
+    gates = quantization.get("gates") or {}
+    th = gates.get("thresholds")
+    if not th:
+        raise ArexportError("the manifest's quantization block records no gate thresholds: re-run arexport calibrate")
+    t0 = time.perf_counter()
+    rep = QuantizedReport(quantization["mode"], dict(th), calibration={
+        k: gates[k] for k in ("top1_agreement", "mean_kl", "heldout_steps", "demo", "passed") if k in gates})
+    cases = make_cases(engine.spec, batch, verify_len, seed)
+    progress(f"running {len(cases)} step cases on the quantized engine and the PyTorch reference")
+    agree, kls, n = 0, [], 0
+    for case in cases:
+        ref_out, q_out = run_case(reference, dict(case)), run_case(engine, dict(case))
+        if "logits" in ref_out:
+            a, k, m = logits_agreement(ref_out["logits"], q_out["logits"])
+            agree, kls, n = agree + a, kls + k, n + m
+    top1, mean_kl = agree / max(n, 1), float(np.mean(kls)) if kls else float("nan")
+    rep.gates.append({"name": f"top-1 agreement ({n} positions)", "value": top1, "limit": f">= {th['min_agreement']}",
+                      "passed": top1 >= th["min_agreement"]})
+    rep.gates.append({"name": "mean KL(reference || quantized)", "value": mean_kl, "limit": f"<= {th['max_kl']}",
+                      "passed": bool(mean_kl <= th["max_kl"])})
+    if engine.spec.image.kind == "digits" and "max_accuracy_drop" in th and demo_images > 0:
+        progress(f"generating {demo_images} digits on each engine for the accuracy gate")
+        acc = {name: _digits_accuracy(e, demo_images, seed) for name, e in (("reference", reference), ("quantized", engine))}
+        drop = acc["reference"] - acc["quantized"]
+        rep.gates.append({"name": f"demo accuracy drop ({acc['reference']:.3f} -> {acc['quantized']:.3f}, "
+                                  f"{demo_images} digits)", "value": drop, "limit": f"<= {th['max_accuracy_drop']}",
+                          "passed": drop <= th["max_accuracy_drop"]})
+    if n_images > 0:
+        progress(f"greedy whole-image token agreement on {n_images} images (informational)")
+        rep.token_agreement, rep.images_identical = greedy_agreement(engine, reference, n_images, seed)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _digits_accuracy(engine: StepEngine, n_images: int, seed: int) -> float:
+    """Class accuracy (the CNN judge) of `n_images` digits at the model's default sampling."""
+    from arexport.quality import score_digits
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import default_sampling
+
+    classes = [i % 10 for i in range(n_images)]
+    res = Generator(engine).generate(classes=classes, sampling=default_sampling(engine.spec), seed=seed,
+                                     batch_size=min(100, n_images), images=False, timings=False)
+    return float(score_digits(res.tokens, classes).accuracy)

@@ -132,7 +132,7 @@ def test_generate_without_outputs_writes_a_fresh_out_dir(tmp_path, monkeypatch):
         res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1,2"], catch_exceptions=False)
         assert res.exit_code == 0, res.output
         assert sorted(p.name for p in (tmp_path / expect).iterdir()) == ["0000.png", "0001.png"]
-        assert f"-> {expect}" in res.output
+        assert f"-> images {expect}/" in res.output
 
 
 def test_unreadable_and_non_checkpoint_files(tmp_path, monkeypatch):

@@ -83,7 +83,7 @@ def test_profile_cli_json_schema_and_plot(tmp_path):
     assert ar["steps"]["decode"]["count"] == 2 * 63 and ar["target_forwards_per_image"] == 64
     assert "verify" in sjd["steps"] and sjd["target_forwards_per_image"] < 64
     assert ar["bandwidth"]["floor_ms"] > 0 and 0 < ar["bandwidth"]["fraction_of_floor"] < 1
-    assert "ratios vs torch:ar" in res.output
+    assert "x ms/image vs [1]" in res.output and "[1] = torch:ar" in res.output
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,10 +46,14 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         raise ArexportError(f"calibration set {calib_path} was captured from classes {calib_manifest.get('classes')}, not the "
                             f"--classes given: pass a new --calib-set DIR to capture them, or drop --classes to reuse it")
     report(f"calibration set {calib_path}: {len(data)} samples (hash {calib_manifest['hash'][:12]})")
+    if len(data) < samples:  # a sample is one captured step call over every image decoded together
+        report(f"{len(data)} samples, not --samples {samples}: a sample is one step call over the "
+               f"{len(calib_manifest.get('classes', []))} images decoded together, {spec.n_tokens} steps of which every "
+               f"{calib_manifest.get('every', every)}th is kept; pass a smaller --every (and a new --calib-set) for more")
     n_held = max(1, len(data) // 5)
     calib, heldout = data[:-n_held], data[-n_held:]
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        report(f"quantizing the step graph ({mode}) with {len(calib)} calibration samples")
+        report(f"quantizing the step graph ({mode}) with {len(calib)} calibration samples ({n_held} held out for the gates)")
         info, graphs = build_quantized_dir(src, Path(out_dir), mode, calib, tmp, activations)
         from arexport.exporter.checks import check_graph, raise_on_problems
 
@@ -63,8 +68,10 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         new.graphs, new.report, new.tools = graphs, reports, tool_versions()
         new.weights = {"file": "weights.bin", "unique_bytes": info["weights_bytes"], "referenced_bytes": info["weights_bytes"]}
         new.tensorrt = None  # plans must be rebuilt from the quantized graph
-        new.quantization = {"mode": mode, **info, "source_engine": str(src.resolve()),
-                            "calibration": {"path": str(calib_path.resolve()), "hash": calib_manifest["hash"],
+        # paths relative to the new engine directory, so it can be moved together with its source
+        here = Path(out_dir).resolve()
+        new.quantization = {"mode": mode, **info, "source_engine": os.path.relpath(src.resolve(), here),
+                            "calibration": {"path": os.path.relpath(calib_path.resolve(), here), "hash": calib_manifest["hash"],
                                             "samples": len(calib), "heldout": len(heldout)}}
         write_manifest(tmp, new)
         demo = spec.image.kind == "digits"

@@ -18,7 +18,9 @@ onnx~=1.21 and onnxruntime-gpu~=1.24, which conflict with the opset-24 stack thi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import shutil
 import tempfile
 from pathlib import Path
@@ -122,11 +124,13 @@ def _quantize(src: Path, dst: Path, mode: str, samples, activations: str) -> dic
         wtype = QuantType.QInt8 if mode == "int8" else QuantType.QFLOAT8E4M3FN
         atype = wtype if mode == "fp8" or activations == "s8" else QuantType.QUInt8
         method = CalibrationMethod.MinMax if mode == "int8" else CalibrationMethod.Distribution
-        quantize_static(str(src), str(dst), StepDataReader(samples, src), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul"], per_channel=(mode == "int8"), activation_type=atype,
-                        weight_type=wtype, nodes_to_exclude=exclude, use_external_data_format=True,
-                        calibrate_method=method,
-                        extra_options={"ActivationSymmetric": atype != QuantType.QUInt8, "WeightSymmetric": True})
+        # ORT's histogram calibrator (fp8's Distribution method) print()s its progress: not for our users
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(str(src), str(dst), StepDataReader(samples, src), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul"], per_channel=(mode == "int8"), activation_type=atype,
+                            weight_type=wtype, nodes_to_exclude=exclude, use_external_data_format=True,
+                            calibrate_method=method,
+                            extra_options={"ActivationSymmetric": atype != QuantType.QUInt8, "WeightSymmetric": True})
         info.update(calibration=method.name, per_channel=mode == "int8", activation_type=atype.name, weight_type=wtype.name)
     else:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

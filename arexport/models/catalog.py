@@ -37,6 +37,7 @@ class Catalog:
     config_class: type = object
     checkpoint_marker: Optional[str] = None  # a parameter-name prefix only this family's checkpoints hold
     hint: str = ""  # the --model names to suggest for a checkpoint of this family
+    alias_help: str = ""  # the aliases an unknown-name error lists (the README's spellings)
     tokenizer_grid: Optional[int] = 16  # image pixels per token side (VQ-16); None: the config fixes the image size
 
     def names(self) -> list[str]:

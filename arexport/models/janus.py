@@ -223,6 +223,7 @@ class JanusCatalog(Catalog):
     family = "janus"
     config_class = JanusOptions
     hint = "janus-pro"
+    alias_help = "janus for janus-pro"
     ALIASES = ("janus", "janus-pro", "janus-pro-1b", "janus-pro-7b")
 
     def names(self):

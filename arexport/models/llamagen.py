@@ -457,6 +457,8 @@ class LlamaGenCatalog(Catalog):
     config_class = LlamaGenConfig
     checkpoint_marker = "tok_embeddings.weight"
     hint = "llamagen-c2i-<size>"
+    alias_help = (f"GPT-SIZE and c2i-SIZE for llamagen-c2i-SIZE, t2i-SIZE for llamagen-t2i-SIZE "
+                  f"(SIZE: {', '.join(LLAMAGEN_SIZES)})")
     ALIASES = (("gpt-", "c2i"), ("llamagen-c2i-", "c2i"), ("llamagen-t2i-", "t2i"), ("c2i-", "c2i"), ("t2i-", "t2i"))
 
     def names(self):

@@ -76,7 +76,8 @@ def _resolve(name: str) -> tuple[str, Optional[Catalog]]:
         cname = c.canonical(n)
         if cname is not None:
             return cname, c
-    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}")
+    aliases = "; ".join(c.alias_help for c in CATALOGS if c.alias_help)
+    raise ArexportError(f"unknown model name {name!r}; known: {', '.join(known_models())}; aliases: {aliases}")
 
 
 def canonical_name(name: str) -> str:

@@ -62,7 +62,7 @@ def _cells(results: list[ProfileResult], compare: bool = False) -> list[tuple[st
 
 def print_table(results: list[ProfileResult], console, compare: bool = False) -> None:
     """One column per config, one row per metric, fitted to the console's width (80 columns when piped):
-    a label too wide for its column becomes a number with a legend line, and configs that do not fit
+    compared configs (or labels too wide for their column) are numbered, with a legend below, and configs that do not fit
     go to a further table, so no cell wraps or is cut."""
     from rich.table import Table
 
@@ -73,9 +73,6 @@ def print_table(results: list[ProfileResult], console, compare: bool = False) ->
     heads = [f"[{i + 1}]" for i in range(len(results))]
     if not compare and all(len(lb) <= max(w, 12) for lb, w in zip(labels, value_w)):
         heads = labels  # short labels head their columns; otherwise numbered, with a legend
-    if heads is not labels:
-        for i, lb in enumerate(labels):
-            console.print(f"[{i + 1}] = {lb}", markup=False, highlight=False)
     widths = [max(len(h), w) for h, w in zip(heads, value_w)]
     budget = max(console.width, 40) - (metric_w + 4)  # each further column costs its width + 3 (borders, padding)
     chunks, cur, used = [], [], 0
@@ -94,6 +91,9 @@ def print_table(results: list[ProfileResult], console, compare: bool = False) ->
         for name, cells in rows:
             t.add_row(name, *[cells[i] for i in idx])
         console.print(t)
+    if heads is not labels:  # the legend of the numbered columns
+        for i, lb in enumerate(labels):
+            console.print(f"[{i + 1}] = {lb}", markup=False, highlight=False, soft_wrap=True)
     for r, lb in zip(results, labels):
         bw = r.bandwidth
         if bw:
