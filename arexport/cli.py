@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,22 @@ class Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except OSError as e:  # a read-only or full disk, a vanished file: name it in one line
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}") from None
+        except MemoryError:
+            raise click.ClickException("out of memory: use a smaller batch or fewer images") from None
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: still one line, traceback on request
+            import os
+
+            if os.environ.get(TRACEBACK_ENV):
+                raise
+            raise click.ClickException(f"unexpected {type(e).__name__}: {e} (set {TRACEBACK_ENV}=1 for the traceback)") from None
+
+
+TRACEBACK_ENV = "AREXPORT_TRACEBACK"
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -220,6 +237,8 @@ def _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, 
         return {}
     from arexport.models.registry import parse_overrides
 
+    if image_size is not None and not 16 <= image_size <= 4096:
+        raise ArexportError(f"--image-size must be in 16..4096 pixels, got {image_size}")
     kw = dict(checkpoint=checkpoint, random_init=random_init, seed=init_seed, overrides=parse_overrides(model_config),
               image_size=image_size, vq_checkpoint=vq_checkpoint)
     if precision is not None:
@@ -257,9 +276,12 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
 
 def _int(s: str, what: str) -> int:
     try:
-        return int(s)
+        v = int(s)
     except ValueError:
         raise ArexportError(f"bad {what}: {s!r} is not an integer") from None
+    if not -2**31 <= v < 2**31:  # class ids and counts are int32-sized; the model checks its own range later
+        raise ArexportError(f"bad {what}: {s} is out of range")
+    return v
 
 
 def _load_captions(path: Optional[str]):
@@ -361,15 +383,22 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     captions, cmask = _load_captions(caption_embeddings)
     show = ("lines" if not sys.stderr.isatty() else True) if progress is None else progress
     need_images = bool(out_dir or grid_png)
+    class_ids = _parse_classes(classes)
+    if need_images:  # every image is held until the run ends (plus the grid)
+        from arexport.budget import check, image_bytes
+
+        n = len(class_ids or prompts or (captions if captions is not None else []))
+        check(f"{n} images", (3 if grid_png else 2) * image_bytes(spec, n), device, "generate fewer images per run")
     result = _run_with_progress(gen, show, dict(
-        classes=_parse_classes(classes), captions=captions, caption_mask=cmask, prompts=prompts, method=method, method_options=opts,
+        classes=class_ids, captions=captions, caption_mask=cmask, prompts=prompts, method=method, method_options=opts,
         sampling=sampling, seed=seed, batch_size=batch_size, images=need_images))
     if save_tokens:
         atomic_save_npy(save_tokens, result.tokens.astype(np.int64))
     if out_dir:
         out = Path(out_dir)
-        for i, img in enumerate(result.images):
-            atomic_save_png(out / f"{i:04d}.png", img)
+        with _partial_marker(out_dir, len(result.images)):
+            for i, img in enumerate(result.images):
+                atomic_save_png(out / f"{i:04d}.png", img)
     if grid_png:
         labels = None
         if grid_labels:
@@ -478,9 +507,14 @@ def _check_outputs(*outputs) -> None:
     """(flag, path or None, "file"|"dir") per output: fail before the work, naming the flag and path."""
     from arexport.fileio import check_writable
 
+    seen: dict[Path, str] = {}
     for flag, path, kind in outputs:
         if path:
             check_writable(path, kind, what=flag)
+            key = Path(path).resolve()
+            if key in seen:
+                raise ArexportError(f"{seen[key]} and {flag} name the same path {path}: one would overwrite the other")
+            seen[key] = flag
 
 
 def _source(engine_dir: Optional[str], model_name: Optional[str], what: str) -> str:
@@ -737,7 +771,10 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
     console = Console(log_path=False)
     err = Console(stderr=True, log_path=False)
     err.log(f"opening {engine_dir} on {backend} and its PyTorch reference")
+    for flag, v in (("--atol", atol), ("--rtol", rtol)):
+        _check_finite(flag, v, 0.0, 1e6)
     engine = open_engine(engine_dir, backend=backend, device=device)
+    _check_verify_budget(engine, batch, device)
     reference = open_engine(engine_dir, backend="torch", device=device, verify_hashes=False)
     quant = engine.manifest.quantization
     if quant:
@@ -801,6 +838,22 @@ def _print_quantized_report(engine_dir, backend, rep, console) -> None:
     if rep.token_agreement is not None:
         console.print(f"greedy whole-image token agreement: {rep.token_agreement:.4f} ({rep.images_identical} images "
                       "identical); informational: a quantized engine may take another greedy path")
+def _check_finite(flag: str, v: Optional[float], lo: float, hi: float) -> None:
+    """A numeric option must be a finite number in [lo, hi] (NaN would disable every comparison)."""
+    import math
+
+    if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+        raise ArexportError(f"{flag} must be a finite number in [{lo:g}, {hi:g}], got {v}")
+
+
+def _check_verify_budget(engine, batch: int, device: str) -> None:
+    """verify runs the engine and the torch reference on `batch` rows: two caches, logits and activations."""
+    from arexport.budget import check, kv_cache_bytes
+
+    spec = engine.spec
+    q = engine.manifest.profiles.verify_len
+    per_engine = kv_cache_bytes(spec, batch) + batch * q * (spec.vocab_size + 16 * spec.dim) * 4
+    check(f"verify --batch {batch}", 2 * per_engine, device, "use a smaller --batch")
 
 
 @cli.command()
@@ -829,22 +882,55 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
         raise ArexportError("no output requested: pass --out DIR or --grid FILE")
     _check_outputs(("--out", out_dir, "dir"), ("--grid", grid_png, "file"))
     try:
-        tokens = np.load(tokens_file)
+        tokens = np.load(tokens_file, mmap_mode="r", allow_pickle=False)  # mapped: read chunk by chunk below
     except Exception as e:  # numpy raises several types on bad files
         raise ArexportError(f"cannot read tokens {tokens_file}: {e}") from None
+    if not isinstance(tokens, np.ndarray):
+        raise ArexportError(f"{tokens_file} is not a .npy array (an .npz archive?): save the tokens with np.save")
     kw = {} if Path(source).is_dir() else _model_kwargs(source, checkpoint, random_init, init_seed, model_config, image_size,
                                                         vq_checkpoint)
     engine = open_engine(source, backend=backend, device=device, **kw)
     spec = engine.spec
     if tokens.ndim != 2 or tokens.shape[1] != spec.n_tokens or not np.issubdtype(tokens.dtype, np.integer) or not len(tokens):
         raise ArexportError(f"tokens must be a non-empty integer array [N, {spec.n_tokens}], got {tokens.dtype} {list(tokens.shape)}")
-    images = engine.decode_images(torch.from_numpy(tokens.astype(np.int64))).cpu().numpy()
-    if out_dir:
-        for i, img in enumerate(images):
-            atomic_save_png(Path(out_dir) / f"{i:04d}.png", img)
+    if grid_png:  # the grid holds every image at once; --out alone decodes and writes chunk by chunk
+        from arexport.budget import check, image_bytes
+
+        check(f"a grid of {len(tokens)} images", 3 * image_bytes(spec, len(tokens)), device, "decode fewer tokens per grid")
+    n = len(tokens)
+    keep = [] if grid_png else None
+    with _partial_marker(out_dir, n):
+        for a in range(0, n, DECODE_CHUNK):
+            chunk = torch.from_numpy(np.array(tokens[a:a + DECODE_CHUNK], dtype=np.int64))
+            images = engine.decode_images(chunk).cpu().numpy()
+            if out_dir:
+                for i, img in enumerate(images, start=a):
+                    atomic_save_png(Path(out_dir) / f"{i:04d}.png", img)
+            if keep is not None:
+                keep.append(images)
     if grid_png:
-        atomic_save_png(grid_png, image_grid(images))
-    click.echo(f"decoded {len(images)} images", err=True)
+        atomic_save_png(grid_png, image_grid(np.concatenate(keep)))
+    click.echo(f"decoded {n} images", err=True)
+
+
+DECODE_CHUNK = 16  # images decoded at once by `decode` (memory stays flat however many tokens the file holds)
+PARTIAL = "PARTIAL.txt"
+
+
+@contextmanager
+def _partial_marker(out_dir: Optional[str], n: int):
+    """While images are written into out_dir, PARTIAL.txt there says the set is incomplete; it is removed
+    only after the last image, so an interrupted run (SIGTERM, kill, full disk) leaves it behind."""
+    from arexport.fileio import atomic_write_bytes
+
+    if not out_dir:
+        yield
+        return
+    marker = Path(out_dir) / PARTIAL
+    atomic_write_bytes(marker, f"incomplete: this directory should hold {n} images (0000.png ...); the run writing "
+                               "them stopped before the last one\n".encode())
+    yield
+    marker.unlink()
 
 
 @cli.command()
@@ -967,6 +1053,9 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite)
+    _check_finite("--min-agreement", min_agreement, 0.0, 1.0)
+    _check_finite("--max-kl", max_kl, 0.0, 1e6)
+    _check_finite("--max-accuracy-drop", max_accuracy_drop, 0.0, 1.0)
     th = {k: v for k, v in (("min_agreement", min_agreement), ("max_kl", max_kl), ("max_accuracy_drop", max_accuracy_drop)) if v is not None}
     console = Console(stderr=True, log_path=False)
     m = calibrate_engine(engine_dir, out_dir, mode, samples=samples, calib_set=calib_set, classes=_parse_classes(classes),
@@ -995,8 +1084,13 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest accepted request body.")
 @click.option("--max-images", type=int, default=64, show_default=True, help="Most images per request (GridAR/best-of-N candidates count).")
 @click.option("--insecure-no-auth", is_flag=True, help="Listen on a non-loopback address without a bearer token.")
+@click.option("--max-outstanding", type=click.IntRange(min=1), help="Most images queued or running at once (candidates "
+              "count); beyond, 429 + Retry-After. Default: 64 full batches.")
+@click.option("--max-lanes", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Most batches kept at once (one per method, options and sampling); idle ones are evicted.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
-          threads, draft, refiner, text_encoder, latency_profile, host, port, batching, max_batch, token_env, max_body_bytes, max_images, insecure_no_auth):
+          threads, draft, refiner, text_encoder, latency_profile, host, port, batching, max_batch, token_env, max_body_bytes, max_images,
+          insecure_no_auth, max_outstanding, max_lanes):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -1019,12 +1113,16 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
                             "listen on 127.0.0.1, or pass --insecure-no-auth")
     if not 0 < port < 65536:
         raise ArexportError(f"--port must be in 1..65535, got {port}")
+    for flag, v, top in (("--max-body-bytes", max_body_bytes, 1 << 30), ("--max-images", max_images, 1 << 20)):
+        if not 1 <= v <= top:
+            raise ArexportError(f"{flag} must be in 1..{top}, got {v}")
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
     gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder,
                           latency_profile=latency_profile, **kw)
-    service = GenerationService(gen, batching=batching, max_batch=max_batch)
+    service = GenerationService(gen, batching=batching, max_batch=max_batch, max_outstanding=max_outstanding,
+                                max_lanes=max_lanes)
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
     click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
                + (" with bearer auth" if token else ""), err=True)

@@ -126,3 +126,93 @@ def test_build_cli_keeps_user_directories_and_refuses_non_engine_overwrite(tmp_p
     assert (photos / "a.jpg").exists() and (tmp_path / "e" / "manifest.json").exists()
     res = CliRunner().invoke(cli, ["build", "demo", "--out", str(tmp_path / "e"), "--overwrite", "--no-images"])
     assert res.exit_code == 0, res.output  # an engine directory is replaced as before
+
+
+# -- items 6-8 on the CLI ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "--model", "demo", "--classes", "99999999999999999999999", "--save-tokens", "{t}/a.npy"], "out of range"),
+    (["generate", "--model", "demo", "--image-size", "0", "--classes", "1", "--save-tokens", "{t}/a.npy"], "--image-size"),
+    (["generate", "--model", "demo", "--image-size", "-16", "--classes", "1", "--save-tokens", "{t}/a.npy"], "--image-size"),
+    (["generate", "--model", "demo", "--classes", "1", "--save-tokens", "{t}/a.npy", "--stats-json", "{t}/a.npy"],
+     "name the same path"),
+    (["generate", "--model", "demo", "--classes", "1", "--cfg-scale", "1e308", "--save-tokens", "{t}/a.npy"], "cfg-scale must be in"),
+    (["generate", "--model", "demo", "--classes", "1", "--temperature", "1e-300", "--save-tokens", "{t}/a.npy"], "temperature"),
+    (["generate", "--model", "demo", "--method", "gridar", "--candidates", "100000000", "--classes", "1",
+      "--save-tokens", "{t}/a.npy"], "memory budget"),
+    (["decode", "demo", "--tokens", "{t}/t.npz", "--out", "{t}/d"], "not a .npy array"),
+    (["calibrate", "{t}/nowhere", "--mode", "int8", "--out", "{t}/q", "--min-agreement", "nan"], "--min-agreement"),
+    (["serve", "--model", "demo", "--max-batch", "100000"], "max batch must be in"),
+])
+def test_cli_refuses_absurd_values_in_one_line(tmp_path, args, message):
+    import numpy as np
+
+    np.savez(tmp_path / "t.npz", a=np.zeros((2, 64), dtype=np.int64))
+    res = CliRunner().invoke(cli, [a.format(t=tmp_path) for a in args])
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "a.npy").exists()
+
+
+def test_verify_refuses_nan_tolerance_and_a_batch_over_budget(demo_engine, monkeypatch):
+    res = CliRunner().invoke(cli, ["verify", str(demo_engine), "--atol", "nan"])
+    assert res.exit_code == 1 and "--atol must be a finite number" in res.output
+    monkeypatch.setenv("AREXPORT_MEMORY_BUDGET_GB", "0.5")
+    res = CliRunner().invoke(cli, ["verify", str(demo_engine), "--batch", "100000"])
+    assert res.exit_code == 1 and "verify --batch 100000 needs an estimated" in res.output and "0.50 GiB" in res.output, res.output
+
+
+def test_memory_budget_error_names_estimate_and_budget(monkeypatch):
+    from arexport.budget import MemoryBudgetError, check
+
+    monkeypatch.setenv("AREXPORT_MEMORY_BUDGET_GB", "1")
+    check("small", 2**29)
+    with pytest.raises(MemoryBudgetError, match=r"big needs an estimated 2.00 GiB; the memory budget is 1.00 GiB"):
+        check("big", 2**31)
+    monkeypatch.setenv("AREXPORT_MEMORY_BUDGET_GB", "nan")
+    with pytest.raises(ArexportError, match="positive number"):
+        check("x", 1)
+
+
+def test_manifest_paths_stay_inside_the_engine_directory(demo_engine, tmp_path):
+    import json
+    import shutil
+
+    from arexport.errors import ManifestError
+    from arexport.format.manifest import read_manifest
+
+    for field_edit, message in [
+        (lambda m: m["files"].__setitem__("../../../../etc/hostname", {"bytes": 1, "sha256": "0" * 64}), "plain file name"),
+        (lambda m: m["spec"].__setitem__("s_max", 10**9), "implausible"),
+    ]:
+        d = tmp_path / "e"
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.copytree(demo_engine, d)
+        m = json.loads((d / "manifest.json").read_text())
+        field_edit(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(ManifestError, match=message):
+            read_manifest(d)
+        res = CliRunner().invoke(cli, ["inspect", str(d)])
+        assert res.exit_code == 1 and message in res.output
+
+
+def test_interrupted_image_writing_leaves_a_partial_marker(tmp_path, monkeypatch):
+    from arexport import fileio
+
+    calls = []
+
+    def failing_png(path, img):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what SIGINT/SIGTERM-as-exit does mid-set
+        real(path, img)
+
+    real = fileio.atomic_save_png
+    monkeypatch.setattr(fileio, "atomic_save_png", failing_png)
+    out = tmp_path / "imgs"
+    res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1,2,3", "--out", str(out)])
+    assert res.exit_code == 130
+    assert (out / "PARTIAL.txt").exists() and "3 images" in (out / "PARTIAL.txt").read_text()
+    monkeypatch.setattr(fileio, "atomic_save_png", real)
+    res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1,2,3", "--out", str(out)])
+    assert res.exit_code == 0 and not (out / "PARTIAL.txt").exists() and len(list(out.glob("*.png"))) == 3

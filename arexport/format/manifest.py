@@ -148,12 +148,28 @@ class Manifest:
             out = cls(spec=spec, files=files, graphs=graphs, profiles=profiles, **rest)
         except (TypeError, AttributeError) as e:
             raise ManifestError(f"{where}: malformed manifest ({e})") from None
+        for name in files:  # every file an engine reads is named here: plain names keep it inside its directory
+            if not isinstance(name, str) or not _plain_name(name):
+                raise ManifestError(f"{where}: file name {name!r} is not a plain file name inside the engine directory")
+        for name, file in (m.get("arrays") or {}).items():
+            if file not in files:
+                raise ManifestError(f"{where}: array {name} names a file that the manifest does not list")
+        if isinstance(out.weights, dict) and out.weights.get("file") is not None and out.weights["file"] not in files:
+            raise ManifestError(f"{where}: the weights file is not listed in the manifest")
+        top = 4 * (spec.cond_len + spec.n_tokens) + 64  # the cache holds condition, image and a verify block
+        if not isinstance(spec.s_max, int) or not spec.cond_len + spec.n_tokens <= spec.s_max <= top:
+            raise ManifestError(f"{where}: cache length s_max {spec.s_max!r} is implausible for {spec.cond_len} condition "
+                                f"+ {spec.n_tokens} image tokens (expected up to {top})")
         if "step" not in graphs:
             raise ManifestError(f"{where}: no step graph")
         for name, g in graphs.items():
             if g.file not in files:
                 raise ManifestError(f"{where}: graph {name} names a file that the manifest does not list")
         return out
+
+
+def _plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def tool_versions() -> dict[str, Optional[str]]:

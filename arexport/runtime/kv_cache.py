@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from arexport.budget import check as check_budget, kv_cache_bytes
+
 
 @dataclass
 class KVCache:
@@ -29,6 +31,9 @@ class KVCache:
     def allocate(cls, spec, batch: int, dtype: torch.dtype, device, slots: int) -> "KVCache":
         """Zeroed buffers for `batch` rows of `slots` slots."""
         shape = spec.cache_shape(batch, slots)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        check_budget(f"a KV cache of {batch} rows x {slots} slots", kv_cache_bytes(spec, batch, slots, itemsize), device,
+                     "use a smaller batch, fewer candidates, or an engine with a shorter cache")
         keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_cache_layers)]
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_cache_layers)]
         return cls(keys, values, torch.zeros(batch, dtype=torch.int64, device=device),

@@ -21,6 +21,14 @@ import torch
 from arexport.errors import ArexportError
 
 
+# Bounds past which sampling is numerically meaningless (inf/NaN logits), not a matter of taste:
+# published guidance scales are <= 10 and temperatures near 1.
+MAX_CFG_SCALE = 100.0
+MAX_CFG_POWER = 100.0
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling options shared by all methods."""
@@ -43,19 +51,23 @@ class SamplingParams:
                 raise ArexportError(f"{name} must be a finite number, got {v}")
         if self.temperature < 0:
             raise ArexportError(f"temperature must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE or self.temperature > MAX_TEMPERATURE:
+            raise ArexportError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
+                                f"{self.temperature:g} (outside that, logits / temperature overflow or the draw is uniform)")
         if self.top_k < 0:
             raise ArexportError(f"top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ArexportError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.cfg_scale < 0:
-            raise ArexportError(f"cfg-scale must be >= 0, got {self.cfg_scale}")
+        if not 0 <= self.cfg_scale <= MAX_CFG_SCALE:
+            raise ArexportError(f"cfg-scale must be in [0, {MAX_CFG_SCALE:g}], got {self.cfg_scale:g} (larger scales "
+                                "overflow the guided logits)")
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ArexportError(f"cfg-schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}")
-        if self.cfg_power < 0:
-            raise ArexportError(f"cfg-power must be >= 0, got {self.cfg_power}")
         for t in self.temperatures:
             if not (math.isfinite(t) and t > 0):
                 raise ArexportError(f"per-step temperatures must be finite and > 0, got {t}")
+        if not 0 <= self.cfg_power <= MAX_CFG_POWER:
+            raise ArexportError(f"cfg-power must be in [0, {MAX_CFG_POWER:g}], got {self.cfg_power:g}")
         return self
 
     @property
