@@ -81,6 +81,8 @@ class StepEngine(ABC):
         self.max_q: int = max_q if max_q is not None else spec.n_tokens
         self.max_batch: Optional[int] = None  # most rows one call may have (None: no limit)
         self._latency: dict[tuple, torch.Tensor] = {}  # (rows, max_q) -> latency_curve
+        # (rows, max_q) -> a curve from the user's latency profile: the only timings speculation reads
+        self.profiled_latency: dict[tuple, torch.Tensor] = {}
         self.text_encoder = None  # runtime.text: prompts -> T5 caption features (LlamaGen t2i) or prompt ids (ChatPrompter, Janus)
 
     # -- to implement ---------------------------------------------------------------------------
@@ -163,7 +165,8 @@ class StepEngine(ABC):
         """Seconds of one step with q = 1 .. max_q queries over `rows` cache rows: float64 [max_q],
         index q - 1. Measured once per (rows, max_q) and engine (median of 3 timed calls after a warm-up
         at each grid point, linear in between) on a scratch cache; these calls are not counted as
-        forwards. Latency-aware speculation reads it (runtime/speculative.py: DraftLength, WindowArms)."""
+        forwards. `arexport profile` records it; decoding reads only curves loaded from a profile
+        (`load_latency_curves`, runtime/step_cost.py), so no clock decides a seed's tokens."""
         key = (rows, max_q)
         have = self._latency.get(key)
         if have is not None:
@@ -206,7 +209,7 @@ class StepEngine(ABC):
                 raise ArexportError(f"latency curve {key!r}: expected 'rows,max_q' -> a list of seconds") from None
             if rows < 1 or max_q < 1 or curve.numel() != max_q or not bool(torch.isfinite(curve).all() and (curve > 0).all()):
                 raise ArexportError(f"latency curve {key!r}: needs {max_q} finite positive seconds (q = 1..{max_q})")
-            self._latency[(rows, max_q)] = curve
+            self._latency[(rows, max_q)] = self.profiled_latency[(rows, max_q)] = curve
 
     def check_batch(self, batch: int) -> None:
         if self.max_batch is not None and batch > self.max_batch:

@@ -171,43 +171,32 @@ class LanternRule(StandardRule):
         return _nonempty((p - q.masked_fill(removed, 0.0)).clamp(min=0), p.scatter(-1, x[:, None], 0.0), p)
 
 
-def _running_overhead(mean: float, step_seconds: float, engine_seconds: float, floor: float = 0.0) -> float:
-    """The runtime's own cost per step, a running mean of each step's wall time minus the engine's
-    part (each step's part taken as at least `floor`)."""
-    return 0.8 * mean + 0.2 * max(step_seconds - engine_seconds, floor)
-
-
 class DraftLength:
-    """Latency-aware speculation: how many drafts each image verifies per step.
+    """Latency-aware speculation: how many drafts each image verifies per round.
 
     An image whose drafts are each accepted with probability a (left to right, independently)
-    commits E(d) = 1 + a + ... + a^d = (1 - a^(d+1)) / (1 - a) tokens in a step with d drafts. The
-    step costs cost[d] seconds (the engine's latency curve, measured once per engine and process for
-    one image's rows, plus what a method's round costs besides) and the runtime's own work per step
-    (sampling, acceptance, bookkeeping), measured as it runs: the decoder reports each step's wall
-    time (`record`) and the part the curve does not explain is kept as a running mean, starting at
-    cost[0]. Each image takes d in [low, min(high, cap)] maximising E(d) / (cost[d] + overhead), with a
-    estimated from its own recent steps: (accepted + 1) / (accepted + rejections + 2), counts decayed
-    by `decay` per observed step. An image that stops accepting falls back to d = low (plain decoding
-    when low is 0); after `explore` steps without a verified draft it tries one (d = 1) again, so a
+    commits E(d) = 1 + a + ... + a^d = (1 - a^(d+1)) / (1 - a) tokens in a round with d drafts. The
+    round costs cost[d] (its engine steps) plus `host` (the runtime's own work), priced before
+    decoding by runtime/step_cost.py: a fixed model of the engines, or the user's latency profile.
+    Each image takes d in [low, min(high, cap)] maximising E(d) / (cost[d] + host), with a estimated
+    from its own recent rounds: (accepted + 1) / (accepted + rejections + 2), counts decayed by
+    `decay` per observed round. An image that stops accepting falls back to d = low (plain decoding
+    when low is 0); after `explore` rounds without a verified draft it tries one (d = 1) again, so a
     wrong estimate cannot stick.
 
-    The choice reads measured times, so the tokens a seed gives can change from run to run (never
-    their distribution: the acceptance rules are exact for any d). A fixed window or gamma pins d,
-    and with it tokens that do not depend on timing or on what an image is batched with."""
+    No clock is read: d depends only on the prices and the image's own history, so an image's
+    tokens do not depend on timing, load, the machine or what it is batched with (issue 38). The
+    acceptance rules are exact for any d, so neither does the output distribution."""
 
-    def __init__(self, slots, cost: torch.Tensor, low: int, high: int, decay: float = 0.8, explore: int = 8):
+    def __init__(self, slots, cost: torch.Tensor, low: int, high: int, host: Optional[float] = None,
+                 decay: float = 0.8, explore: int = 8):
         self.cost = cost.to(slots.device, torch.float64)
-        self.overhead = float(self.cost[0])  # seconds per step outside the engine call (running mean)
+        self.host = float(self.cost[0]) if host is None else float(host)
         self.low, self.high, self.decay, self.explore = low, high, decay, explore
         self.accepted = slots.image_tensor((), torch.float64)
         self.rejected = slots.image_tensor((), torch.float64)
-        self.idle = slots.image_tensor(())  # steps since the image last verified a draft
+        self.idle = slots.image_tensor(())  # rounds since the image last verified a draft
         self._d = torch.arange(high + 1, device=slots.device, dtype=torch.float64)
-
-    def record(self, seconds: float, d: int) -> None:
-        """A step whose longest row had d drafts took `seconds` of wall time, engine call included."""
-        self.overhead = _running_overhead(self.overhead, seconds, float(self.cost[min(d, self.high)]))
 
     def acceptance(self, n: int) -> torch.Tensor:
         """The estimated per-draft acceptance probability of images [0, n)."""
@@ -218,7 +207,7 @@ class DraftLength:
         """Drafts per image [n] (int64), at most cap [n] (what is left to draft)."""
         alpha = self.acceptance(n)[:, None]
         expected = (1.0 - alpha ** (self._d + 1.0)) / (1.0 - alpha)
-        d = (expected / (self.cost + self.overhead)).masked_fill(self._d < self.low, float("-inf")).argmax(1)
+        d = (expected / (self.cost + self.host)).masked_fill(self._d < self.low, float("-inf")).argmax(1)
         d = torch.where((d == 0) & (self.idle[:n] >= self.explore), 1, d)
         return torch.minimum(d, cap.clamp(min=0))
 
@@ -233,77 +222,66 @@ class DraftLength:
 
 
 class WindowArms:
-    """Latency-aware Jacobi windows (SJD): speculate with the window, or decode one token per step.
+    """Latency-aware Jacobi windows (SJD): per image and step, speculate with the window or decode one
+    token.
 
     A Jacobi window's drafts are not independent guesses: its tail is refined from step to step, so
     a window that runs long raises the acceptance of the next one, and shorter windows are not a
     cheaper version of the same bet (measured on the demo: 1.35, 1.73, 2.40 and 3.17 tokens per step
-    at 2, 4, 8 and 16). SJD therefore chooses per step between two arms, the full window and L = 1,
-    by tokens committed per second: tokens per step over the step's cost, the engine's latency curve
-    c(L) plus the runtime's own cost per step at that arm (a running mean of each step's wall time
-    minus c(L)). L = 1 commits exactly one token per step, so only the window's yield is measured: a
-    running mean of the tokens an image commits per window step, counted only when the step before
-    also ran the window (the first step after a switch finds its drafts cold). The window runs first,
-    until `trust` steps are behind its mean (an image's first steps, with random drafts, commit
-    little: one of them alone must not end speculation). While L = 1 wins, the window is re-measured
-    `probe` steps in a row every `reprobe` steps, and those steps replace the old mean, so a stale
-    estimate cannot stick. Where speculation does not pay (poor acceptance, or a verify block that
-    costs many decode steps), SJD costs about what `ar` does.
+    at 2, 4, 8 and 16). Each image therefore chooses per step between two arms, the full window and
+    L = 1, by tokens committed per unit of cost: tokens per step over the step's price (cost[L - 1]
+    plus `host`, fixed before decoding by runtime/step_cost.py). L = 1 commits exactly one token per
+    step, so only the window's yield is estimated: a running mean of the tokens the image commits per
+    window step, counted only when its step before also ran the window (the first step after a switch
+    finds its drafts cold) and the window was not cut short. The window runs first, until `trust`
+    steps are behind its mean (an image's first steps, with random drafts, commit little: one of them
+    alone must not end speculation). While L = 1 wins, the window is re-measured `probe` steps in a
+    row every `reprobe` steps, and those steps replace the old mean, so a stale estimate cannot stick.
 
-    The choice reads measured times, so tokens can change from run to run, never their distribution.
-    A fixed --window pins L."""
+    No clock is read and every image decides from its own history, so an image's tokens do not
+    depend on timing, load, the machine or what it is batched with (issue 38); the acceptance rules
+    keep the output distribution exact whatever is chosen. The price of per-image choices: an image
+    at L = 1 next to one at the window still waits for the window's step."""
 
-    def __init__(self, cost: torch.Tensor, window: int, reprobe: int = 16, probe: int = 3, decay: float = 0.85,
-                 trust: int = 4):
-        self.cost = [float(c) for c in cost]  # c(q) at index q - 1
+    def __init__(self, slots, cost: torch.Tensor, window: int, host: float, reprobe: int = 16, probe: int = 3,
+                 decay: float = 0.85, trust: int = 4):
+        cost = cost.to(torch.float64)
+        # the window wins where tokens / (c(L) + host) >= 1 / (c(1) + host)
+        self.threshold = float((cost[window - 1] + host) / (cost[0] + host))
         self.window, self.reprobe, self.probe, self.decay, self.trust = window, reprobe, probe, decay, trust
-        self.tokens: Optional[float] = None  # the window's committed tokens per step (running mean)
-        self.counted = 0  # window steps measured
-        self.overhead: dict[int, float] = {}  # runtime seconds per step, per arm (running means)
-        self.since = 0  # steps since the window last ran
-        self.burst = 0  # window steps left in the current re-measurement
-        self.last: Optional[int] = None  # the arm of the previous step
-        self.previous: Optional[int] = None  # and of the one before it
+        self.tokens = slots.image_tensor((), torch.float64)  # the window's committed tokens per step (running mean)
+        self.measured = slots.image_tensor((), torch.bool)  # whether `tokens` holds a current estimate
+        self.counted = slots.image_tensor(())  # window steps measured
+        self.since = slots.image_tensor(())  # steps since the window last ran
+        self.burst = slots.image_tensor(())  # window steps left in the current re-measurement
+        self.last = slots.image_tensor(())  # the arm of the previous step (0: none yet)
+        self.previous = slots.image_tensor(())  # and of the one before it
 
-    def rate(self, arm: int) -> float:
-        """Expected tokens per second at `arm` (the window's from its measured yield)."""
-        tokens = 1.0 if arm == 1 else self.tokens
-        return tokens / (self.cost[arm - 1] + self._overhead(arm))
-
-    def _overhead(self, arm: int) -> float:
-        """An arm not run yet is charged the window's overhead (most of the runtime's work per step
-        does not depend on the window, and never less than zero there), not zero, which would favour
-        it unmeasured. A measured arm's overhead may be negative: c(L) + overhead is then the running
-        mean of its steps' wall time, so a latency curve measured too high at L (a noisy moment while
-        it was timed) cannot keep that arm from running."""
-        if arm in self.overhead:
-            return self.overhead[arm]
-        return max(self.overhead.get(self.window, self.cost[0]), 0.0)
-
-    def choose(self) -> int:
-        """The window length for the next step."""
+    def choose(self, n: int) -> torch.Tensor:
+        """The window length of each image [n] (int64) for the next step: the window or 1."""
         w = self.window
-        if self.counted < self.trust or self.burst > 0 or self.tokens is None or self.rate(w) >= self.rate(1):
-            arm = w
-        elif self.since >= self.reprobe:  # one token per step wins; re-measure the window now and then
-            arm, self.burst, self.tokens = w, self.probe, None  # the old estimate is stale
-        else:
-            arm = 1
-        if arm == w:
-            self.burst, self.since = max(self.burst - 1, 0), 0
-        else:
-            self.since += 1
-        self.previous, self.last = self.last, arm
+        measured, burst, since = self.measured[:n], self.burst[:n], self.since[:n]
+        keep = (self.counted[:n] < self.trust) | (burst > 0) | ~measured | (self.tokens[:n] >= self.threshold)
+        probe = ~keep & (since >= self.reprobe)  # one token per step wins; re-measure the window now and then
+        window = keep | probe
+        burst = torch.where(probe, self.probe, burst)
+        self.measured[:n] = measured & ~probe  # the old estimate is stale
+        self.burst[:n] = torch.where(window, (burst - 1).clamp(min=0), burst)
+        self.since[:n] = torch.where(window, 0, since + 1)
+        arm = torch.where(window, w, 1)
+        self.previous[:n], self.last[:n] = self.last[:n], arm
         return arm
 
-    def observe(self, window: int, committed: float, seconds: float) -> None:
-        """A step at `window` committed `committed` tokens per image in `seconds` (engine call included)."""
-        self.overhead[window] = _running_overhead(self._overhead(window), seconds, self.cost[window - 1],
-                                                  floor=float("-inf"))
-        if window == 1 or self.previous != window:  # L = 1 yields one token; a cold window says little
-            return
-        self.tokens = committed if self.tokens is None else self.decay * self.tokens + (1 - self.decay) * committed
-        self.counted += 1
+    def observe(self, committed: torch.Tensor, full: torch.Tensor) -> None:
+        """After a step: tokens each image committed [n] (float), and whether it ran its whole chosen
+        arm [n] (bool; a window cut short by the image's end or the speculative interval says little)."""
+        n = committed.shape[0]
+        use = full & (self.last[:n] == self.window) & (self.previous[:n] == self.window)
+        old = self.tokens[:n]
+        mean = torch.where(self.measured[:n], self.decay * old + (1 - self.decay) * committed, committed)
+        self.tokens[:n] = torch.where(use, mean, old)
+        self.measured[:n] |= use
+        self.counted[:n] += use.long()
 
 
 @dataclass

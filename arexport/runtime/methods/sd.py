@@ -16,7 +16,6 @@ or has nothing left to draft) feeds padding there too, and its random stream doe
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,13 +25,15 @@ from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 from arexport.runtime.speculative import DraftLength, StandardRule, verify_chain
+from arexport.runtime.step_cost import prices
 
 
 @dataclass(frozen=True)
 class SDOptions(Options):
     gamma: Optional[int] = option(None, "draft tokens per round. Default: latency-aware, each image drafts 1 .. 8 "
-                                  "(or what the engine's verify block holds), whatever maximises expected committed "
-                                  "tokens per second; a number pins it", flag="--gamma")
+                                  "(or what the engine's verify block holds), whatever maximises its expected committed "
+                                  "tokens per unit of a fixed step-cost model (or of --latency-profile); a number pins it",
+                                  flag="--gamma")
 
     def validate(self):
         if self.gamma is not None and self.gamma < 1:
@@ -66,9 +67,9 @@ class SDDecoder(Decoder):
         self.length = None
         if adaptive:  # a round with d drafts: the catch-up and d - 1 more draft steps, one target step of d + 1
             d = torch.arange(g + 1, dtype=torch.float64)
-            per = self.cfg.per_image  # priced at one image's rows
-            dc, tc = self.draft.latency_curve(per, 2), self.engine.latency_curve(per, g + 1)
-            self.length = DraftLength(s, dc[1] + (d - 1).clamp(min=0) * dc[0] + tc, 1, g)
+            pr = prices(self.engine, self.cfg.per_image, g + 1, self.draft)  # one image's rows; fixed, no clock
+            drafting = torch.where(d > 0, pr.draft[1] + (d - 1).clamp(min=0) * pr.draft[0], 0.0)
+            self.length = DraftLength(s, drafting + pr.target, 1, g, host=pr.host)
 
     def start(self, a, b, conds):
         s = self.slots
@@ -91,7 +92,6 @@ class SDDecoder(Decoder):
 
     # -- one round -----------------------------------------------------------------------------------
     def advance(self):
-        t0 = time.perf_counter()
         s, n_tok = self.slots, self.spec.n_tokens
         n = self.n[: s.n]
         remaining = n_tok - n
@@ -108,10 +108,7 @@ class SDDecoder(Decoder):
             self._commit_unverified(drafts, m, skipping)
         if not bool(skipping.all()):
             self._verify(drafts, q, g, ~skipping, remaining)
-        done = s.where(self.n[: s.n] >= n_tok)
-        if self.length is not None:
-            self.length.record(time.perf_counter() - t0, int(g.max()))
-        return done
+        return s.where(self.n[: s.n] >= n_tok)
 
     def _draft(self, g: torch.Tensor):
         """Per image g_i draft tokens from the draft model, and the distributions they came from."""

@@ -17,7 +17,6 @@ batch step feeds max L_i positions and shorter rows pad into their cache lookahe
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,16 +26,17 @@ from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import sample_from_probs
 from arexport.runtime.speculative import SampledProposals, StandardRule, WindowArms, per_row_lanes, verify_chain
+from arexport.runtime.step_cost import prices
 
 INITS = ("random", "repeat_horizon")
 
 
 @dataclass(frozen=True)
 class SJDOptions(Options):
-    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step. Default: latency-aware, each step "
-                                   "verifies the whole window (16, or the engine's largest verify block if smaller) "
-                                   "or one token, whichever commits more tokens per second; a number pins it",
-                                   flag="--window")
+    window: Optional[int] = option(None, "Jacobi window L: tokens verified per step. Default: latency-aware, each image "
+                                   "verifies per step its whole window (16, or the engine's largest verify block if "
+                                   "smaller) or one token, whichever commits more tokens per unit of a fixed step-cost "
+                                   "model (or of --latency-profile); a number pins it", flag="--window")
     init: str = option("random", "how new drafts are initialised", flag="--sjd-init", choices=INITS)
     start: int = option(0, "first token index where drafts may be accepted")
     end: Optional[int] = option(None, "token index where speculation stops (default: the last token)")
@@ -74,8 +74,10 @@ class SJDDecoder(Decoder):
         self.rows: Optional[torch.Tensor] = None
         self.lanes = torch.arange(w + 1, device=s.device)
         self.images = torch.arange(capacity, device=s.device)
-        # latency-aware: the whole window or one token per step, priced by the engine's curve
-        self.arms = WindowArms(self.engine.latency_curve(capacity * self.cfg.per_image, w), w) if adaptive else None
+        self.arms = None
+        if adaptive:  # per image, the whole window or one token per step, priced at one image's rows (no clock)
+            pr = prices(self.engine, self.cfg.per_image, w)
+            self.arms = WindowArms(s, pr.target, w, pr.host)
 
     def start(self, a, b, conds):
         s = self.slots
@@ -89,13 +91,12 @@ class SJDDecoder(Decoder):
         self._pad_drafts(slice(a, b), first, None, None, None, self._random_tokens(u))
 
     def advance(self):
-        t0 = time.perf_counter()
         s, o, rule, cfg = self.slots, self.opts, self.rule, self.cfg
         b, n_tok, dev = s.n, self.spec.n_tokens, s.device
-        arm = self.window if self.arms is None else self.arms.choose()
+        arms = [self.window] * b if self.arms is None else self.arms.choose(b).tolist()
         count = self.count
         # per image: positions fed (its window; 1 outside [start, end)) and drafts that may be accepted
-        qlen = [min(n_tok - c, arm) if o.start <= c < self.end else 1 for c in count]
+        qlen = [min(n_tok - c, arm) if o.start <= c < self.end else 1 for c, arm in zip(count, arms)]
         Q = max(qlen)
         n, length, accept = torch.tensor([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]],
                                          device=dev)
@@ -129,8 +130,8 @@ class SJDDecoder(Decoder):
             st.accepted.append(a)
         self.rows = P.view(-1, P.shape[-1])
         self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
-        if self.arms is not None and Q == arm:  # a step cut short by the images' ends says little
-            self.arms.observe(arm, sum(advanced) / b, time.perf_counter() - t0)
+        if self.arms is not None:  # a window cut short by an image's end says little
+            self.arms.observe(adv.to(torch.float64), torch.tensor([q == a for q, a in zip(qlen, arms)], device=dev))
         return [i for i, c in enumerate(count) if c >= n_tok]
 
     def finish(self, i):
