@@ -78,8 +78,6 @@ T2I_TEMPLATES = (
     "{a} {d} written by hand", "the digit {d} written by hand", "show me {a} {d}", "sketch {a} {d}",
     "a small {d}", "a bold {d}", "a neat handwritten {d}", "a scanned digit {d}", "make {a} {d}",
 )
-# Phrasings never seen in training (the held-out rows of the accuracy table)
-T2I_HELDOUT = ("can you draw {a} {d} for me", "i want the number {d}", "{d} please", "generate {a} {d}")
 
 
 def t2i_prompts(templates=T2I_TEMPLATES, numerals: bool = True) -> tuple[list[str], list[int]]:
