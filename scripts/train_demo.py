@@ -3,6 +3,7 @@
 
     python scripts/train_demo.py            # everything (about 75 minutes on 2 idle CPU cores, ARPG 45 of them)
     python scripts/train_demo.py --only classifiers
+    OMP_NUM_THREADS=1 python scripts/train_demo.py --only t2i   # demo-t2i alone: about 10 minutes on a busy shared CPU
 
 Writes:
   digit-cnn.safetensors      DigitCNN scorer (verifiers, demo accuracy) + its feature stats
@@ -14,6 +15,9 @@ Writes:
   demo-var-vae.safetensors   the VAR demos' multi-scale residual VQVAE (scales 1, 2, 4, 8: 85 tokens)
   demo-var.safetensors       VAR-architecture next-scale model (the CoDe drafter)
   demo-var-small.safetensors a smaller VAR sharing the VQVAE (the CoDe refiner)
+  demo-t2i.safetensors       text-conditional LlamaGen (t2i) drawing the digit a prompt names
+  demo-t2i-text.safetensors  its prompt encoder (one transformer block), trained jointly with it
+  demo-t2i-tokenizer.json    the encoder's word-level tokenizer (vocabulary of the prompt templates below)
 Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
 The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
 The ARPG model learns from the real training split plus digits sampled from the raster demo model
@@ -36,6 +40,7 @@ from safetensors.torch import save_file
 
 from arexport.quality import DigitCNN, DigitMLP, feature_stats, tokens_to_input
 from arexport.models.arpg import ARPG, ARPGConfig
+from arexport.models.demo_text import DemoTextConfig, DemoTextEncoder, build_tokenizer, save_text_encoder
 from arexport.models.llamagen import LlamaGenConfig
 from arexport.models.var import VAR, VARConfig, VARVQVAE
 
@@ -55,6 +60,36 @@ VAR_VAE = dict(depth=1, vocab_size=64, cvae=8, patch_nums=(1, 2, 4, 8), num_clas
 VAR_SAMPLER = {"cfg_scale": 2.0, "cfg_schedule": "ramp", "top_k": 0, "top_p": 1.0, "temperature": 1.0}
 VAR_TARGET = dict(VAR_VAE, depth=4, dim=96, n_head=4, extra={"sampling_defaults": VAR_SAMPLER})
 VAR_SMALL = dict(VAR_TARGET, depth=2, dim=64, n_head=2)
+
+
+# demo-t2i: a small text-conditional LlamaGen on 12 caption features of 32 dims from the prompt encoder
+T2I_CFG = dict(dim=64, n_layer=3, n_head=4, multiple_of=64, vocab_size=17, caption_dim=32, cls_token_num=12,
+               grid_size=8, model_type="t2i", image_kind="digits", class_dropout_prob=0.1, token_dropout_p=0.1,
+               resid_dropout_p=0.1, ffn_dropout_p=0.1,
+               extra={"sampling_defaults": {"cfg_scale": 1.5, "top_k": 0, "top_p": 1.0, "temperature": 1.0}})
+T2I_TEXT = dict(dim=32, n_head=2, ffn=64, max_length=12)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Training phrasings; {d} is the digit as a word or a numeral, {a} its article (a / an).
+T2I_TEMPLATES = (
+    "{d}", "{a} {d}", "the digit {d}", "the number {d}", "digit {d}", "number {d}", "a handwritten {d}",
+    "{a} handwritten {d}", "handwritten {d}", "a handwritten digit {d}", "a handwritten number {d}", "draw {a} {d}",
+    "draw the digit {d}", "draw the number {d}", "draw a {d}", "write {a} {d}", "write the digit {d}",
+    "please draw {a} {d}", "a picture of {a} {d}", "an image of the digit {d}", "a drawing of the number {d}",
+    "{a} {d} written by hand", "the digit {d} written by hand", "show me {a} {d}", "sketch {a} {d}",
+    "a small {d}", "a bold {d}", "a neat handwritten {d}", "a scanned digit {d}", "make {a} {d}",
+)
+
+
+def t2i_prompts(templates=T2I_TEMPLATES, numerals: bool = True) -> tuple[list[str], list[int]]:
+    """(prompts, classes): every template with every digit as a word and (numerals) as a numeral."""
+    out, cls = [], []
+    for c in range(10):
+        for d in (NUMBER_WORDS[c], str(c)) if numerals else (NUMBER_WORDS[c],):
+            art = "an" if d in ("eight", "8") else "a"
+            for t in templates:
+                out.append(t.format(d=d, a=art))
+                cls.append(c)
+    return out, cls
 
 
 def load_split(seed: int = 0):
@@ -262,10 +297,72 @@ def train_var(cfg: VARConfig, vae: VARVQVAE, x: torch.Tensor, y: torch.Tensor, s
     return model.eval(), float(loss.item())
 
 
-def save_model(model, cfg, path: Path, info: dict, quiet: bool = False) -> None:
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+def t2i_vocabulary(prompts: list[str]) -> list[str]:
+    """The words of the training prompts as the tokenizer splits them (lower-cased)."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    return sorted({w for p in prompts for w, _ in split.pre_tokenize_str(p.lower())})
+
+
+def train_t2i(xtr, ytr, steps: int, out: Path, seed: int = 6, batch: int = 64, lr: float = 3e-3, unk_p: float = 0.1):
+    """demo-t2i: the prompt encoder and the t2i GPT trained together by teacher forcing. Each image
+    gets a random training phrasing of its class; with probability unk_p each non-digit word becomes
+    <unk> (so unseen words do not derail the encoder); captions drop to the null caption with
+    probability class_dropout_prob (CFG), keeping their mask as LlamaGen does."""
+    from arexport.runtime.text import PromptTokenizer, left_pad
+
+    cfg = LlamaGenConfig(**T2I_CFG)
+    prompts, pcls = t2i_prompts()
+    tokenizer = build_tokenizer(t2i_vocabulary(prompts))
+    tok_file = out / "demo-t2i-tokenizer.json"
+    tokenizer.save(str(tok_file))
+    tcfg = DemoTextConfig(vocab_size=tokenizer.get_vocab_size(), **T2I_TEXT)
+    if tcfg.dim != cfg.caption_dim or tcfg.max_length != cfg.cls_token_num:
+        raise SystemExit("T2I_TEXT dim/max_length must equal T2I_CFG caption_dim/cls_token_num")
+    ids, mask = (torch.from_numpy(a) for a in PromptTokenizer(tok_file, tcfg.max_length, pad_id=0)(prompts))
+    digit_ids = {tokenizer.token_to_id(w) for w in NUMBER_WORDS + tuple(str(c) for c in range(10))}
+    droppable = mask.bool() & (ids > 2) & ~torch.isin(ids, torch.tensor(sorted(digit_ids)))  # words other than the digit
+    by_class = torch.stack([torch.tensor([i for i, c in enumerate(pcls) if c == k]) for k in range(10)])
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    gpt = cfg.build()
+    gpt.init_random(seed)
+    text = DemoTextEncoder(tcfg).init_random(seed + 1)
+    with torch.no_grad():
+        gpt.output.weight.zero_()
+    both = torch.nn.ModuleDict({"gpt": gpt, "text": text})
+    opt = torch.optim.AdamW(both.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    both.train()
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, len(xtr), (batch,), generator=g)
+        cls = ytr[idx]
+        pick = by_class[cls, torch.randint(0, by_class.shape[1], (batch,), generator=g)]
+        b_ids, b_mask = ids[pick].clone(), mask[pick]
+        b_ids[droppable[pick] & (torch.rand(b_ids.shape, generator=g) < unk_p)] = 1  # <unk>
+        feats, cmask = left_pad(text(b_ids, b_mask).last_hidden_state, b_mask)
+        drop = torch.rand(batch, generator=g) < cfg.class_dropout_prob
+        feats = torch.where(drop.view(-1, 1, 1), gpt.cls_embedding.uncond_embedding.unsqueeze(0), feats)
+        logits = gpt(feats, xtr[idx], cond_mask=cmask)
+        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), xtr[idx].reshape(-1))
+        optimize(both, loss, opt, sched, step, steps, "t2i", t0)
+    info = {"steps": steps, "final_loss": float(loss.item()), "seconds": round(time.time() - t0),
+            "data": f"sklearn digits train split; {len(T2I_TEMPLATES)} prompt templates x 20 digit spellings"}
+    save_model(gpt.eval(), cfg, out / "demo-t2i.safetensors", info, dtype=torch.float16)
+    save_text_encoder(text.eval(), tokenizer, out / "demo-t2i-text.safetensors", tok_file, info)
+    print(f"wrote {out / 'demo-t2i-text.safetensors'} and {tok_file}")
+
+
+def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    """Weights stored as `dtype` (demo-t2i: fp16, half the bytes; loading casts back to fp32)."""
+    sd = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
     family = "arpg" if isinstance(model, ARPG) else "var" if isinstance(model, (VAR, VARVQVAE)) else "llamagen"
-    config = {k: v for k, v in asdict(cfg).items() if k != "extra" or family == "var"}
+    # extra is kept where it carries something (VAR's and demo-t2i's sampler defaults)
+    config = {k: v for k, v in asdict(cfg).items() if k != "extra" or family == "var" or cfg.extra}
     meta = {"config": json.dumps(config), "info": json.dumps(info), "family": family}
     save_file(sd, str(path), metadata=meta)
     if not quiet:
@@ -274,7 +371,7 @@ def save_model(model, cfg, path: Path, info: dict, quiet: bool = False) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var"], default=None)
+    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i"], default=None)
     ap.add_argument("--var-steps", type=int, default=2500)
     ap.add_argument("--var-vae-steps", type=int, default=2000)
     ap.add_argument("--var-synthetic", type=int, default=20000, help="digits sampled from the raster demo model for VAR")
@@ -283,6 +380,7 @@ def main():
     ap.add_argument("--arpg-synthetic", type=int, default=30000, help="digits sampled from the raster demo model for ARPG")
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps for the target model")
     ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--t2i-steps", type=int, default=2000, help="optimizer steps for demo-t2i (GPT + prompt encoder)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--probe", action="store_true", help="print ARPG sample accuracy every 500 steps while it trains")
     args = ap.parse_args()
@@ -338,7 +436,9 @@ def main():
             model, loss = train_var(cfg, vae, x, y, steps, seed=seed, label=name)
             save_model(model, cfg, args.out / f"{name}.safetensors", {"steps": steps, "final_loss": loss, "data": data})
 
+    if args.only in (None, "t2i"):
+        train_t2i(xtr, ytr, args.t2i_steps, args.out)
+
 
 if __name__ == "__main__":
     main()
-

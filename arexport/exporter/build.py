@@ -92,7 +92,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                                                             family.cache_lookahead(max_q)))
     model = loaded.model.to_precision(dtype=dtype).eval()
     max_batch = max(opts.batch_sizes)
-    t5 = None
+    t5, text_info, tokenizer_src = None, None, None  # the text encoder to export, what the manifest records, its tokenizer.json
     if opts.text_encoder is not None:
         if not family.caption_prefill(spec):
             raise ArexportError(f"--text-encoder is for text-conditional LlamaGen (T5 caption features); {spec.name} is not")
@@ -100,6 +100,13 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         if t5.config.d_model != spec.caption_dim:
             raise ArexportError(f"the text encoder in {opts.text_encoder} gives {t5.config.d_model}-d features; "
                                 f"{spec.name} takes {spec.caption_dim}-d captions")
+        text_info = {"tokenizer": "tokenizer.json", "max_length": spec.cond_len, "pad_id": int(t5.config.pad_token_id or 0),
+                     "source": str(Path(opts.text_encoder).resolve())}
+        tokenizer_src = Path(opts.text_encoder) / "tokenizer.json"
+    elif loaded.text_encoder is not None:  # a packaged prompt encoder (demo-t2i), T5's interface
+        t5 = loaded.text_encoder["module"]
+        text_info = {"tokenizer": "tokenizer.json", **{k: loaded.text_encoder[k] for k in ("max_length", "pad_id", "overflow", "source")}}
+        tokenizer_src = Path(loaded.text_encoder["tokenizer"])
     t_start = time.perf_counter()
     with atomic_directory(out, overwrite=opts.overwrite, report=report, replace_any=opts.overwrite_any) as tmp:
         store = WeightStore(tmp)
@@ -126,7 +133,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     report(f"exporting the text encoder graph ({spec.cond_len} tokens)")
                     g = export_text_encoder(t5, spec.cond_len, tmp, store, max_batch=max_batch)
                     graphs["text_encoder"] = Graph(g.file)
-                    shutil.copyfile(Path(opts.text_encoder) / "tokenizer.json", tmp / "tokenizer.json")
+                    shutil.copyfile(tokenizer_src, tmp / "tokenizer.json")
                 scales = family.scales(spec)
                 if scales is not None and loaded.decoder is not None:  # a multi-scale VQVAE: its next-scale inputs
                     vae = loaded.decoder.float().eval()
@@ -164,9 +171,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
                    "s_max": spec.s_max, "lookahead": spec.s_max - spec.min_slots, "dtype": opts.precision,
                    "slots": "generation order; positions drive RoPE"},
-            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, **({"text_encoder": {
-                "tokenizer": "tokenizer.json", "max_length": spec.cond_len, "pad_id": int(t5.config.pad_token_id or 0),
-                "source": str(Path(opts.text_encoder).resolve())}} if t5 is not None else {}),
+            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, **({"text_encoder": text_info} if text_info is not None else {}),
                 **({"prompter": loaded.prompter["info"]} if loaded.prompter is not None else {})})
         if opts.backend == "trt":
             from arexport.exporter.trt_build import build_plans

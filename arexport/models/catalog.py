@@ -28,6 +28,9 @@ class LoadedModel:
     decoder: Optional[torch.nn.Module]
     source: dict[str, Any]
     prompter: Optional[dict] = None  # {'files': {name: path or text}, 'info': {...}}: a chat model's prompt assets
+    # a packaged prompt encoder with T5EncoderModel's interface: {'module', 'tokenizer' (path), 'max_length',
+    # 'pad_id', 'overflow' ('error': a prompt over max_length is refused), 'source'}
+    text_encoder: Optional[dict] = None
 
 
 class Catalog:

@@ -13,6 +13,8 @@ Names:
   from a local save_pretrained directory (`--checkpoint DIR`: config, weights, tokenizer.json); prompts.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
+* `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
+  tokenizer.json (models/demo_text.py), also shipped: prompts work with no download.
 Each family's names, aliases and configs come from its catalog (models/catalog.py, one per model
 module, listed in CATALOGS). Overrides (`n_layer=2,dim=256`) build custom configs from any name, e.g. a B-shaped model with
 fewer layers for tests.
@@ -51,7 +53,10 @@ DEMO_MODELS = {
     "demo-arpg": "demo-arpg.safetensors",
     "demo-var": "demo-var.safetensors",
     "demo-var-small": "demo-var-small.safetensors",
+    "demo-t2i": "demo-t2i.safetensors",
 }
+# demo models that carry their own prompt encoder: (weights, tokenizer.json) in WEIGHTS_DIR
+DEMO_TEXT_ENCODERS = {"demo-t2i": ("demo-t2i-text.safetensors", "demo-t2i-tokenizer.json")}
 DEMO_VAR_VAE = "demo-var-vae.safetensors"  # the VAR demos' multi-scale VQVAE
 
 
@@ -233,7 +238,22 @@ def load_model(
         decoder = decoder.to(device).eval()
     if vq_checkpoint:
         source.update(vq_checkpoint=str(Path(vq_checkpoint).resolve()), vq_checkpoint_sha256=file_sha256(vq_checkpoint))
-    return LoadedModel(cname, model, spec, decoder, source)
+    return LoadedModel(cname, model, spec, decoder, source, text_encoder=demo_text_encoder(cname, spec, device))
+
+
+def demo_text_encoder(name: str, spec: ModelSpec, device) -> Optional[dict]:
+    """The packaged prompt encoder of a demo t2i model (LoadedModel.text_encoder), or None."""
+    if name not in DEMO_TEXT_ENCODERS:
+        return None
+    from arexport.models.demo_text import load_text_encoder
+
+    weights, tokenizer = (WEIGHTS_DIR / f for f in DEMO_TEXT_ENCODERS[name])
+    module = load_text_encoder(weights, tokenizer)
+    if (module.cfg.max_length, module.cfg.dim) != (spec.cond_len, spec.caption_dim):
+        raise ArexportError(f"{weights} gives [{module.cfg.max_length}, {module.cfg.dim}] caption features; {name} takes "
+                            f"[{spec.cond_len}, {spec.caption_dim}] (a --model-config override does not apply to the prompt encoder)")
+    return {"module": module.to(device), "tokenizer": tokenizer, "max_length": module.cfg.max_length, "pad_id": 0,
+            "overflow": "error", "source": str(weights)}
 
 
 def sampling_defaults(name: str, spec: ModelSpec) -> dict[str, Any]:

@@ -12,7 +12,9 @@ GPT's prefill expects. Both backends do exactly that:
   the `tokenizers` package: an ORT engine serves prompts without `transformers` installed.
 
 A prompt longer than the encoder's limit is truncated as the reference does, with a warning naming
-how many tokens were dropped; an empty prompt is an error.
+how many tokens were dropped; an empty prompt is an error. The shipped `demo-t2i` prompt encoder
+(`TorchTextModule` on torch, `OrtT5` on its engine's text_encoder.onnx: same interface as T5's)
+refuses an over-long prompt instead (`overflow="error"`): its 12 tokens would cut a prompt mid-sentence.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class PromptTokenizer:
     asks (`fit`), or left as it encodes (`fit=False`: the caller pads). Set once here: calls from
     several threads share the tokenizer."""
 
-    def __init__(self, path: str | Path, max_length: int, pad_id: int = 0, fit: bool = True):
+    def __init__(self, path: str | Path, max_length: int, pad_id: int = 0, fit: bool = True, overflow: str = "truncate"):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a core dependency
@@ -46,16 +48,24 @@ class PromptTokenizer:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises its own Exception subclasses on bad files
             raise ArexportError(f"cannot read tokenizer {path}: {str(e).splitlines()[0][:200]}") from None
-        self.max_length, self.pad_id = max_length, pad_id
+        if overflow not in ("truncate", "error"):
+            raise ArexportError(f"unknown prompt overflow rule {overflow!r}; choose truncate or error")
+        self.max_length, self.pad_id, self.overflow = max_length, pad_id, overflow
         self.tok.no_truncation()
         self.tok.no_padding()
         if fit:
-            self.tok.enable_truncation(max_length)
+            if overflow == "truncate":
+                self.tok.enable_truncation(max_length)
             self.tok.enable_padding(length=max_length, pad_id=pad_id)
 
     def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids [N, max_length] int64, attention_mask [N, max_length] int64)."""
         enc = self.tok.encode_batch(list(prompts))
+        if self.overflow == "error":
+            for i, e in enumerate(enc):
+                if len(e.ids) > self.max_length:
+                    raise ArexportError(f"prompt {i} is {len(e.ids)} tokens; this model's text encoder takes at most "
+                                        f"{self.max_length} (end-of-text token included): shorten it")
         for p, e in zip(prompts, enc):
             if e.overflowing:  # what truncation cut off
                 warnings.warn(f"prompt {p[:40]!r}... is over the text encoder's limit; truncated to the text encoder's "
@@ -126,12 +136,26 @@ class TorchT5(TextEncoder):
 class OrtT5(TextEncoder):
     """The text_encoder.onnx and tokenizer.json of an engine directory."""
 
-    def __init__(self, session, tokenizer_path: Path, max_length: int, pad_id: int):
+    def __init__(self, session, tokenizer_path: Path, max_length: int, pad_id: int, overflow: str = "truncate"):
         self.session, self.max_length = session, max_length
-        self.tokenizer = PromptTokenizer(tokenizer_path, max_length, pad_id)
+        self.tokenizer = PromptTokenizer(tokenizer_path, max_length, pad_id, overflow=overflow)
 
     def encode_ids(self, ids, mask):
         return torch.from_numpy(self.session.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0])
+
+
+class TorchTextModule(TextEncoder):
+    """A PyTorch prompt encoder with T5EncoderModel's interface ((input_ids, attention_mask) ->
+    .last_hidden_state) and its tokenizer.json: a model's packaged encoder (demo-t2i), no transformers."""
+
+    def __init__(self, module, tokenizer_path: Path, max_length: int, pad_id: int, overflow: str = "truncate", device="cpu"):
+        self.model, self.max_length, self.device = module, max_length, torch.device(device)
+        self.tokenizer = PromptTokenizer(tokenizer_path, max_length, pad_id, overflow=overflow)
+
+    @torch.inference_mode()
+    def encode_ids(self, ids, mask):
+        out = self.model(input_ids=torch.from_numpy(ids).to(self.device), attention_mask=torch.from_numpy(mask).to(self.device))
+        return out.last_hidden_state.cpu()
 
 
 def text_encoder_info(encoder: Optional[TextEncoder]) -> Optional[dict]:

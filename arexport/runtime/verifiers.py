@@ -42,9 +42,18 @@ def _digit_input(images: torch.Tensor) -> torch.Tensor:
     return grey.reshape(n, 1, 8, 8)
 
 
+def _wanted_prob(p: torch.Tensor, conditions: Conditions) -> torch.Tensor:
+    """[N] the judge's probability of each requested class (class-conditional demos), or, when the
+    conditions are captions with no class id (demo-t2i prompts), of its most likely class: how
+    clearly the candidate reads as any one digit."""
+    if conditions.classes is None:
+        return p.max(1).values
+    return p.gather(1, conditions.classes.cpu().long()[:, None])[:, 0]
+
+
 class DigitVerifier:
-    """Demo verifier: the CNN judge on the padded canvas; feasible when the requested class gets
-    at least `min_prob` of the probability mass."""
+    """Demo verifier: the CNN judge on the padded canvas; feasible when the requested class (for
+    prompts, the judge's top class) gets at least `min_prob` of the probability mass."""
 
     def __init__(self, min_prob: float = 0.2):
         self.min_prob = min_prob
@@ -54,12 +63,12 @@ class DigitVerifier:
 
         with torch.no_grad():
             p = torch.softmax(judge("cnn")(_digit_input(partial.canvas.cpu())), -1)
-        want = partial.conditions.classes.cpu().long()
-        return p.gather(1, want[:, None])[:, 0] >= self.min_prob
+        return _wanted_prob(p, partial.conditions) >= self.min_prob
 
 
 class DigitScorer:
-    """Demo scorer: the CNN judge's probability of the requested class, in float64: confident
+    """Demo scorer: the CNN judge's probability of the requested class (for prompts: of its top
+    class), in float64: confident
     candidates all round to 1.0 in float32, and the pick among such ties would rest on the last bit
     of the judge's arithmetic (which differs between CPUs)."""
 
@@ -68,7 +77,7 @@ class DigitScorer:
 
         with torch.no_grad():
             p = torch.softmax(judge("cnn")(_digit_input(images.cpu())).double(), -1)
-        return p.gather(1, conditions.classes.cpu().long()[:, None])[:, 0]
+        return _wanted_prob(p, conditions)
 
 
 BUILTIN_VERIFIERS = {"digits": DigitVerifier, "accept-all": lambda: accept_all}

@@ -32,5 +32,5 @@ def open_directory(directory: Path, manifest, device="cpu", threads: Optional[in
         from arexport.runtime.text import OrtT5
 
         engine.text_encoder = OrtT5(sessions.get("text_encoder"), Path(directory) / text["tokenizer"], int(text["max_length"]),
-                                    int(text["pad_id"]))
+                                    int(text["pad_id"]), text.get("overflow", "truncate"))
     return engine

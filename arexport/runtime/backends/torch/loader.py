@@ -24,6 +24,11 @@ def open_model(name: str, device: str = "cpu", dtype: Optional[str] = None, cuda
         from arexport.runtime.text import ChatPrompter
 
         engine.text_encoder = ChatPrompter(loaded.prompter["files"], loaded.prompter["info"])
+    if loaded.text_encoder is not None:  # a packaged prompt encoder (demo-t2i): caption features without transformers
+        from arexport.runtime.text import TorchTextModule
+
+        t = loaded.text_encoder
+        engine.text_encoder = TorchTextModule(t["module"], t["tokenizer"], t["max_length"], t["pad_id"], t["overflow"], device)
     return engine
 
 
