@@ -89,3 +89,114 @@ def test_only_iobinding_graphs_get_cuda_graphs():
         assert "enable_cuda_graph" not in got[0][1] and got[0][1]["device_id"] == "0" and got[1] == "CPUExecutionProvider"
     assert CUDA_GRAPH_GRAPHS == {"step", "prefill"}
     assert base[0][1]["enable_cuda_graph"] == "1"  # the directory's providers are not modified
+
+
+# -- support tables and coverage (inspect --target) ---------------------------------------------
+
+def _one_node(op: str, opset: int, dtype, n_inputs: int = 1, **attrs):
+    """A one-node ONNX model of `op` at `opset` on [2, 3] tensors of `dtype` (Clip's min/max scalars)."""
+    from onnx import helper
+
+    ins = [helper.make_tensor_value_info(f"x{i}", dtype, [] if op == "Clip" and i else [2, 3]) for i in range(n_inputs)]
+    out = helper.make_tensor_value_info("y", dtype, None)
+    node = helper.make_node(op, [i.name for i in ins], ["y"], **attrs)
+    g = helper.make_graph([node], "g", ins, [out])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+# (op, opset, dtype, inputs, attrs): no CPU kernel in the table for these types (and no function body)
+# (ReduceL2, Clip with bounds and Gelu are ONNX functions: ONNX Runtime inlines them, and their bodies
+# need bf16 Mul / Less / Sqrt kernels the CPU provider lacks)
+MISSING_ON_CPU = [("ReduceL2", 18, "BFLOAT16", 1, {}), ("Clip", 13, "BFLOAT16", 3, {}), ("Gelu", 20, "BFLOAT16", 1, {}),
+                  ("Add", 14, "BFLOAT16", 2, {}), ("Sigmoid", 13, "BFLOAT16", 1, {})]
+PRESENT_ON_CPU = [("ReduceL2", 18, "FLOAT", 1, {}), ("Clip", 13, "FLOAT", 3, {}), ("Gelu", 20, "FLOAT", 1, {}),
+                  ("Add", 14, "FLOAT16", 2, {}), ("Sigmoid", 13, "FLOAT", 1, {}), ("Clip", 13, "BFLOAT16", 1, {})]
+
+
+@pytest.mark.parametrize("case", MISSING_ON_CPU + PRESENT_ON_CPU, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_cpu_table_agrees_with_the_installed_onnxruntime(case, tmp_path):
+    """What the CPU table (onnxruntime 1.27.0's registry) says is missing really fails to load in the
+    installed CPU onnxruntime, and what it says is there (float16 via ORT's inserted Casts) loads."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from arexport.format.coverage import check_graph
+
+    op, opset, dtype, n, attrs = case
+    path = tmp_path / "m.onnx"
+    onnx.save(_one_node(op, opset, getattr(TensorProto, dtype), n, **attrs), str(path))
+    findings = check_graph(path, "cpu")
+    fails = [f for f in findings if f.severity == "fail"]
+    if case in MISSING_ON_CPU:
+        assert fails and "kernel" in fails[0].reason, findings
+        with pytest.raises(Exception, match="(?i)not_implemented|could not find an implementation|invalid"):
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    else:
+        assert not fails, findings
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_tables_record_their_sources_and_versions():
+    from arexport.format.coverage import load_table
+
+    cpu, cuda, trt = (load_table(t) for t in ("cpu", "cuda", "trt"))
+    assert cpu["onnxruntime"] == cuda["onnxruntime"] == "1.27.0" and "get_all_opkernel_def" in cuda["source"]
+    assert cuda["provider"] == "CUDAExecutionProvider" and trt["tensorrt"] == "10.15" and trt["opset"] == [9, 24]
+    # what issue 29 found, as the tables record it
+    assert not any("bfloat16" in k["constraints"]["T"] for k in cuda["ops"]["ai.onnx:ReduceL2"])
+    assert "ai.onnx:GroupNormalization" not in cuda["ops"]
+    assert [k["range"] for k in cuda["ops"]["ai.onnx:TensorScatter"]] == [[24, None]]
+
+
+def test_open_ended_kernels_serve_only_their_start_version(tmp_path):
+    """ONNX Runtime matches a kernel `N+` only to nodes of since-version N: a Reshape at opset 25
+    (since-version 25) has a CUDA kernel in 1.27, an Unsqueeze-13 node (opset 13..20) a closed range."""
+    import onnx
+    from onnx import TensorProto
+
+    from arexport.format.coverage import _ort_kernel, _nodes, load_table
+
+    cuda = load_table("cuda")
+    m = _one_node("Sigmoid", 13, TensorProto.FLOAT)
+    node = _nodes(m)[0]
+    assert node.since == 13 and _ort_kernel(cuda, node) is None
+    node.since = 14  # a since-version between two kernels' starts with an open-ended one below: not served
+    assert "no CUDAExecutionProvider kernel for Sigmoid-14" in _ort_kernel(cuda, node)
+
+
+def test_trt_refuses_uint8_inside_the_network_and_integer_clip(tmp_path):
+    """The checks that caught the image decoders' uint8 Transpose and the integer Clip (issue 29 item 4)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from arexport.format.coverage import check_graph
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+    for order, bad in ((["Cast", "Transpose"], True), (["Transpose", "Cast"], False)):
+        nodes, src = [], "x"
+        for i, op in enumerate(order):
+            out = "y" if i == len(order) - 1 else f"t{i}"
+            nodes.append(helper.make_node(op, [src], [out], **({"to": TensorProto.UINT8} if op == "Cast" else {"perm": [0, 3, 1, 2]})))
+            src = out
+        path = tmp_path / f"{order[0]}.onnx"
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 24)]), str(path))
+        fails = [f for f in check_graph(path, "trt") if f.severity == "fail"]
+        assert bool(fails) == bad and (not bad or "UINT8" in fails[0].reason)
+    path = tmp_path / "clip.onnx"
+    onnx.save(_one_node("Clip", 13, TensorProto.INT64), str(path))
+    assert any("Clip in int64" in f.reason for f in check_graph(path, "trt"))
+    onnx.save(_one_node("Min", 13, TensorProto.INT64, 2), str(path))
+    assert not check_graph(path, "trt")
+
+
+def test_inspect_target_cli_on_the_demo_engine(demo_engine):
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    for target, table in (("cuda", "onnxruntime-gpu 1.27.0"), ("trt", "TensorRT 10.15"), ("cpu", "onnxruntime 1.27.0")):
+        r = CliRunner().invoke(cli, ["inspect", str(demo_engine), "--target", target])
+        assert r.exit_code == 0 and table in r.output and "step: every node supported" in r.output, r.output
+        assert "vq_decoder: every node supported" in r.output, r.output
