@@ -200,3 +200,136 @@ def test_inspect_target_cli_on_the_demo_engine(demo_engine):
         r = CliRunner().invoke(cli, ["inspect", str(demo_engine), "--target", target])
         assert r.exit_code == 0 and table in r.output and "step: every node supported" in r.output, r.output
         assert "vq_decoder: every node supported" in r.output, r.output
+
+
+# -- every family x precision the exporter accepts, on the GPU targets ------------------------
+
+def _tiny(family: str, tmp_path_factory):
+    """A small model of each family with its image decoder where one can be built without weights."""
+    from arexport.models.registry import load_model
+
+    tiny = {"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32}
+    if family == "llamagen-c2i":
+        return load_model("demo")  # LlamaGen architecture, with the digits decoder
+    if family == "llamagen-t2i":
+        return load_model("llamagen-t2i-B", random_init=True, seed=2, overrides=dict(tiny, cls_token_num=6, caption_dim=32))
+    if family == "arpg":
+        return load_model("arpg-L", random_init=True, seed=3, overrides=dict(tiny))
+    if family == "rar":
+        return load_model("rar-b", random_init=True, seed=5, overrides=dict(dim=64, n_layer=2, n_head=4, intermediate_size=96,
+                                                                            num_classes=10, vocab_size=40, grid_size=4))
+    if family == "var":
+        return load_model("demo-var")  # with its VQVAE: next-scale and latent decoder graphs
+    if family == "janus":
+        from test_janus import make_janus
+
+        d = tmp_path_factory.mktemp("janus") / "Janus-Pro-tiny"
+        make_janus(d)
+        return load_model("janus-pro", checkpoint=str(d), overrides={"prompt_slots": 16})
+    raise AssertionError(family)
+
+
+FAMILIES = ["llamagen-c2i", "llamagen-t2i", "arpg", "rar", "var", "janus"]
+PRECISIONS = ["fp32", "fp16", "bf16"]
+REFUSED: dict[tuple[str, str], str] = {}  # (family, precision) -> the named error a build raises; none today
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_and_precision_runs_on_cuda_and_tensorrt(family, precision, tmp_path, tmp_path_factory):
+    """The build checks --target cuda and --target trt (exporter/trt_build.check_targets) and refuses
+    with TargetUnsupported otherwise; every family x precision builds, and inspect agrees: no node
+    fails or falls back to the CPU on ONNX Runtime CUDA, none fails TensorRT's parser. On the CPU
+    target, fp32/fp16 engines have no failing node and load in the installed onnxruntime; bf16
+    engines have failing nodes and really fail to load (ORT's CPU provider has no bf16 MatMul)."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.format.coverage import TargetUnsupported, check_directory
+    from arexport.format.manifest import read_manifest
+
+    loaded = _tiny(family, tmp_path_factory)
+    out = tmp_path / "eng"
+    opts = BuildOptions(precision=precision, batch_sizes=[2], verify_len=4 if family != "arpg" else None,
+                        images=family in ("llamagen-c2i", "var", "rar", "janus") and precision == "fp32")
+    if (family, precision) in REFUSED:
+        with pytest.raises(TargetUnsupported, match=REFUSED[(family, precision)]):
+            build_engine(loaded, out, opts)
+        return
+    manifest = build_engine(loaded, out, opts)
+    manifest = read_manifest(out)
+    for target in ("cuda", "trt"):
+        blocking = [f.line() for fs in check_directory(out, manifest, target).values() for f in fs
+                    if f.severity in ("fail", "fallback")]
+        assert not blocking, blocking
+        assert CliRunner().invoke(cli, ["inspect", str(out), "--target", target]).exit_code == 0
+    cpu = check_directory(out, manifest, "cpu")
+    fails = [f for fs in cpu.values() for f in fs if f.severity == "fail"]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if precision == "bf16":
+        assert fails and all(f.graph in ("step", "prefill") for f in fails)
+        with pytest.raises(Exception):
+            ort.InferenceSession(str(out / manifest.graphs["step"].file), so, providers=["CPUExecutionProvider"])
+        assert CliRunner().invoke(cli, ["inspect", str(out), "--target", "cpu"]).exit_code == 1
+    else:
+        assert not fails, [f.line() for f in fails]
+        for g in manifest.graphs.values():
+            ort.InferenceSession(str(out / g.file), so, providers=["CPUExecutionProvider"])
+
+
+def test_plan_compatibility_compares_versions_as_numbers():
+    """check_plan_compat compares TensorRT releases as numbers (issue 29: it compared strings)."""
+    from arexport.errors import ArexportError
+    from arexport.format.versions import release, same_release
+    from arexport.runtime.backends.trt.loader import check_plan_compat
+
+    assert release("10.16.1.11.post1") == (10, 16, 1, 11) and release("1.27.0+cu13") == (1, 27, 0)
+    assert release("10.9") < release("10.15")  # as strings '10.9' > '10.15'
+    assert same_release("10.16.1", "10.16.1.0") and not same_release("10.16.1", "10.16.10")
+    gpu = {"name": "H200", "compute_capability": "9.0"}
+    info = {"version": "10.16.1.11", "gpu": gpu}
+    check_plan_compat(info, "10.16.1.11.post1", gpu)  # the same release repackaged: accepted (was refused)
+    for other in ("10.16.1.12", "10.16.10.11", "11.0.0.114"):
+        with pytest.raises(ArexportError, match="built with TensorRT 10.16.1.11"):
+            check_plan_compat(info, other, gpu)
+    with pytest.raises(ArexportError, match="not a version"):
+        release("unknown")
+
+
+def test_trt_version_range_is_enforced(monkeypatch):
+    """require_tensorrt accepts the [trt] extra's range 10.15 <= v < 12 only (as numbers)."""
+    import sys
+    import types
+
+    from arexport.devices import MAX_TRT, MIN_TRT, require_tensorrt
+    from arexport.errors import BackendUnavailable
+
+    assert (MIN_TRT, MAX_TRT) == ((10, 15), (12, 0))
+    for v, why in (("10.9.0.34", "too old"), ("12.0.1", "newer than")):
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=v))
+        with pytest.raises(BackendUnavailable, match=why):
+            require_tensorrt()
+
+
+def test_gpu_extra_installs_one_onnxruntime():
+    """pyproject: the CPU onnxruntime is not a core dependency (pip would install it next to
+    onnxruntime-gpu into the same package folder); [cpu] and [gpu] each bring one, with the 1.27
+    floor the support tables were built for, and [gpu] the CUDA 13 runtime libraries its wheels use."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    py = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    proj = py["project"]
+    names = lambda reqs: [re.split(r"[\[<>=~ ;]", r, 1)[0] for r in reqs]  # noqa: E731
+    assert "onnxruntime" not in names(proj["dependencies"]) and "onnxruntime-gpu" not in names(proj["dependencies"])
+    extras = proj["optional-dependencies"]
+    assert names(extras["gpu"]).count("onnxruntime-gpu") == 1 and "onnxruntime" not in names(extras["gpu"])
+    assert any(r.startswith("onnxruntime-gpu[cuda,cudnn]>=1.27") for r in extras["gpu"])
+    assert any(r.startswith("onnxruntime>=1.27") for r in extras["cpu"]) and "onnxruntime-gpu" not in names(extras["cpu"])
+    assert any(r.startswith("tensorrt>=10.15,<12") for r in extras["trt"])
+    assert not {"onnxruntime", "onnxruntime-gpu"} & set(names(extras["test"]))  # CI: .[cpu,test]; a GPU box: .[gpu,test]
