@@ -333,3 +333,36 @@ def test_gpu_extra_installs_one_onnxruntime():
     assert any(r.startswith("onnxruntime>=1.27") for r in extras["cpu"]) and "onnxruntime-gpu" not in names(extras["cpu"])
     assert any(r.startswith("tensorrt>=10.15,<12") for r in extras["trt"])
     assert not {"onnxruntime", "onnxruntime-gpu"} & set(names(extras["test"]))  # CI: .[cpu,test]; a GPU box: .[gpu,test]
+
+
+# -- on a GPU (run by benchmarks/gpu_all.sh; skip with the reason elsewhere) ----------------------
+
+def _no_ort_cuda() -> str:
+    """Why ONNX Runtime cannot run on CUDA here ('' when it can)."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch sees none)"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install arexport[gpu])"
+    return ""
+
+
+@pytest.mark.skipif(bool(_no_ort_cuda()), reason=_no_ort_cuda() or "-")  # before the engine fixture is built
+@pytest.mark.parametrize("method,options", [("ar", {}), ("sjd", {"window": 4})])
+def test_ort_cuda_graphs_equal_the_cpu_tokens(demo_engine, method, options):
+    """ONNX Runtime on CUDA with CUDA graphs: the same greedy tokens as ONNX Runtime on the CPU,
+    every launch's bound addresses fixed across the run, and captured replays fed new inputs (the
+    tokens would repeat the first step's otherwise)."""
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, cfg_scale=3.0)
+    args = dict(classes=list(range(4)), method=method, method_options=options, sampling=greedy, images=False)
+    cpu = Generator.load(str(demo_engine), backend="ort").generate(**args)
+    gen = Generator.load(str(demo_engine), backend="ort", device="cuda", cuda_graph=True)
+    first = gen.generate(**args)
+    bound = {k: dict(e.binding.bound) for k, e in gen.engine.static.items()}
+    again = gen.generate(**args)  # replays of the graphs captured by the first run
+    assert (first.tokens == cpu.tokens).mean() >= 0.99 and (again.tokens == first.tokens).all()
+    assert all(dict(gen.engine.static[k].binding.bound) == v for k, v in bound.items() if k in gen.engine.static)
