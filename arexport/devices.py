@@ -5,6 +5,7 @@ from __future__ import annotations
 from arexport.errors import ArexportError, BackendUnavailable
 
 MIN_TRT = (10, 15)  # TensorScatter -> IKVCacheUpdateLayer
+MAX_TRT = (12, 0)  # the [trt] extra's range: the 10.15..11.x Python API this code uses
 
 
 def require_tensorrt():
@@ -16,9 +17,15 @@ def require_tensorrt():
             "TensorRT is not installed (pip install 'arexport[trt]' on a machine with an NVIDIA GPU and driver); "
             f"import failed: {e}"
         ) from None
-    ver = tuple(int(x) for x in trt.__version__.split(".")[:2])
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", trt.__version__)  # numbers: '10.9' < '10.15'
+    ver = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     if ver < MIN_TRT:
         raise BackendUnavailable(f"TensorRT {trt.__version__} is too old: the KV-cache TensorScatter needs >= {'.'.join(map(str, MIN_TRT))}")
+    if ver >= MAX_TRT:
+        raise BackendUnavailable(f"TensorRT {trt.__version__} is newer than this code was written for "
+                                 f"(< {'.'.join(map(str, MAX_TRT))}): install 'arexport[trt]'")
     import torch
 
     if not torch.cuda.is_available():

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU run-book (issue 19), one command on a CUDA machine:
 #   bash benchmarks/gpu_all.sh /tmp/arexport-gpu [gpu_all.py options, e.g. --budget-s 300]
-# 1. the GPU tests (tests/test_gpu.py; TensorRT tests skip with their reason where TensorRT is absent),
-# 2. the GPU profile: LlamaGen-XL and ARPG-XL shapes, bf16, batch 1 and 8, eager vs CUDA graphs,
-#    ar / sjd / arpg, fraction of the HBM floor -> gpu_all.json and gpu_all.md in the output folder,
-#    rewritten after every config, so a run stopped early still leaves what it measured.
-# What this machine cannot run (TensorRT, onnxruntime-gpu, pytest) is listed as skipped.
+# 1. the GPU tests (tests/test_gpu.py, the TensorRT engine test, ONNX Runtime on CUDA with CUDA graphs;
+#    each skips with its reason where TensorRT, onnxruntime-gpu or a GPU is absent),
+# 2. the GPU profile: LlamaGen-XL and ARPG-XL shapes, bf16, batch 1 and 8, for torch, ONNX Runtime CUDA
+#    and TensorRT, each eager and with CUDA graphs: ar / sjd / arpg wall clock, fraction of the HBM
+#    floor, image decoder images/s at batch 1, 8, 32 -> gpu_all.json and gpu_all.md in the output
+#    folder, rewritten after every config, so a run stopped early still leaves what it measured.
+# What this machine cannot run (TensorRT, onnxruntime-gpu, pytest) is listed as skipped, never a failure.
 # The checkout need not be installed: it goes first on PYTHONPATH. PYTHON picks the interpreter
 # (default python3). `bash benchmarks/gpu_all.sh DIR --device cpu --smoke` checks the script on a CPU.
 set -uo pipefail
@@ -17,8 +19,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-$(command -v python3 || command -v python)}
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi not found") | tee "$out/gpu.txt"
 if "$py" -c "import pytest" 2>/dev/null; then
-  "$py" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_engines.py -k "gpu or trt or cuda" 2>&1 \
-    | tee "$out/gpu_tests.txt"
+  # named tests, no -k filter: a filter once deselected test_tensorrt_engine_matches_pytorch
+  "$py" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
+    tests/test_engines.py::test_tensorrt_engine_matches_pytorch \
+    tests/test_gpu_path.py::test_ort_cuda_graphs_equal_the_cpu_tokens 2>&1 | tee "$out/gpu_tests.txt"
   tests=${PIPESTATUS[0]}
 else
   echo "skipped: the GPU tests (pytest is not installed for $py)" | tee "$out/gpu_tests.txt"

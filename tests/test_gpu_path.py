@@ -89,3 +89,280 @@ def test_only_iobinding_graphs_get_cuda_graphs():
         assert "enable_cuda_graph" not in got[0][1] and got[0][1]["device_id"] == "0" and got[1] == "CPUExecutionProvider"
     assert CUDA_GRAPH_GRAPHS == {"step", "prefill"}
     assert base[0][1]["enable_cuda_graph"] == "1"  # the directory's providers are not modified
+
+
+# -- support tables and coverage (inspect --target) ---------------------------------------------
+
+def _one_node(op: str, opset: int, dtype, n_inputs: int = 1, **attrs):
+    """A one-node ONNX model of `op` at `opset` on [2, 3] tensors of `dtype` (Clip's min/max scalars)."""
+    from onnx import helper
+
+    ins = [helper.make_tensor_value_info(f"x{i}", dtype, [] if op == "Clip" and i else [2, 3]) for i in range(n_inputs)]
+    out = helper.make_tensor_value_info("y", dtype, None)
+    node = helper.make_node(op, [i.name for i in ins], ["y"], **attrs)
+    g = helper.make_graph([node], "g", ins, [out])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+# (op, opset, dtype, inputs, attrs): no CPU kernel in the table for these types (and no function body)
+# (ReduceL2, Clip with bounds and Gelu are ONNX functions: ONNX Runtime inlines them, and their bodies
+# need bf16 Mul / Less / Sqrt kernels the CPU provider lacks)
+MISSING_ON_CPU = [("ReduceL2", 18, "BFLOAT16", 1, {}), ("Clip", 13, "BFLOAT16", 3, {}), ("Gelu", 20, "BFLOAT16", 1, {}),
+                  ("Add", 14, "BFLOAT16", 2, {}), ("Sigmoid", 13, "BFLOAT16", 1, {})]
+PRESENT_ON_CPU = [("ReduceL2", 18, "FLOAT", 1, {}), ("Clip", 13, "FLOAT", 3, {}), ("Gelu", 20, "FLOAT", 1, {}),
+                  ("Add", 14, "FLOAT16", 2, {}), ("Sigmoid", 13, "FLOAT", 1, {}), ("Clip", 13, "BFLOAT16", 1, {})]
+
+
+@pytest.mark.parametrize("case", MISSING_ON_CPU + PRESENT_ON_CPU, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_cpu_table_agrees_with_the_installed_onnxruntime(case, tmp_path):
+    """What the CPU table (onnxruntime 1.27.0's registry) says is missing really fails to load in the
+    installed CPU onnxruntime, and what it says is there (float16 via ORT's inserted Casts) loads."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from arexport.format.coverage import check_graph
+
+    op, opset, dtype, n, attrs = case
+    path = tmp_path / "m.onnx"
+    onnx.save(_one_node(op, opset, getattr(TensorProto, dtype), n, **attrs), str(path))
+    findings = check_graph(path, "cpu")
+    fails = [f for f in findings if f.severity == "fail"]
+    if case in MISSING_ON_CPU:
+        assert fails and "kernel" in fails[0].reason, findings
+        with pytest.raises(Exception, match="(?i)not_implemented|could not find an implementation|invalid"):
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    else:
+        assert not fails, findings
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_tables_record_their_sources_and_versions():
+    from arexport.format.coverage import load_table
+
+    cpu, cuda, trt = (load_table(t) for t in ("cpu", "cuda", "trt"))
+    assert cpu["onnxruntime"] == cuda["onnxruntime"] == "1.27.0" and "get_all_opkernel_def" in cuda["source"]
+    assert cuda["provider"] == "CUDAExecutionProvider" and trt["tensorrt"] == "10.15" and trt["opset"] == [9, 24]
+    # what issue 29 found, as the tables record it
+    assert not any("bfloat16" in k["constraints"]["T"] for k in cuda["ops"]["ai.onnx:ReduceL2"])
+    assert "ai.onnx:GroupNormalization" not in cuda["ops"]
+    assert [k["range"] for k in cuda["ops"]["ai.onnx:TensorScatter"]] == [[24, None]]
+
+
+def test_open_ended_kernels_serve_only_their_start_version(tmp_path):
+    """ONNX Runtime matches a kernel `N+` only to nodes of since-version N: a Reshape at opset 25
+    (since-version 25) has a CUDA kernel in 1.27, an Unsqueeze-13 node (opset 13..20) a closed range."""
+    import onnx
+    from onnx import TensorProto
+
+    from arexport.format.coverage import _ort_kernel, _nodes, load_table
+
+    cuda = load_table("cuda")
+    m = _one_node("Sigmoid", 13, TensorProto.FLOAT)
+    node = _nodes(m)[0]
+    assert node.since == 13 and _ort_kernel(cuda, node) is None
+    node.since = 14  # a since-version between two kernels' starts with an open-ended one below: not served
+    assert "no CUDAExecutionProvider kernel for Sigmoid-14" in _ort_kernel(cuda, node)
+
+
+def test_trt_refuses_uint8_inside_the_network_and_integer_clip(tmp_path):
+    """The checks that caught the image decoders' uint8 Transpose and the integer Clip (issue 29 item 4)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from arexport.format.coverage import check_graph
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+    for order, bad in ((["Cast", "Transpose"], True), (["Transpose", "Cast"], False)):
+        nodes, src = [], "x"
+        for i, op in enumerate(order):
+            out = "y" if i == len(order) - 1 else f"t{i}"
+            nodes.append(helper.make_node(op, [src], [out], **({"to": TensorProto.UINT8} if op == "Cast" else {"perm": [0, 3, 1, 2]})))
+            src = out
+        path = tmp_path / f"{order[0]}.onnx"
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 24)]), str(path))
+        fails = [f for f in check_graph(path, "trt") if f.severity == "fail"]
+        assert bool(fails) == bad and (not bad or "UINT8" in fails[0].reason)
+    path = tmp_path / "clip.onnx"
+    onnx.save(_one_node("Clip", 13, TensorProto.INT64), str(path))
+    assert any("Clip in int64" in f.reason for f in check_graph(path, "trt"))
+    onnx.save(_one_node("Min", 13, TensorProto.INT64, 2), str(path))
+    assert not check_graph(path, "trt")
+
+
+def test_inspect_target_cli_on_the_demo_engine(demo_engine):
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    for target, table in (("cuda", "onnxruntime-gpu 1.27.0"), ("trt", "TensorRT 10.15"), ("cpu", "onnxruntime 1.27.0")):
+        r = CliRunner().invoke(cli, ["inspect", str(demo_engine), "--target", target])
+        assert r.exit_code == 0 and table in r.output and "step: every node supported" in r.output, r.output
+        assert "vq_decoder: every node supported" in r.output, r.output
+
+
+# -- every family x precision the exporter accepts, on the GPU targets ------------------------
+
+def _tiny(family: str, tmp_path_factory):
+    """A small model of each family with its image decoder where one can be built without weights."""
+    from arexport.models.registry import load_model
+
+    tiny = {"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32}
+    if family == "llamagen-c2i":
+        return load_model("demo")  # LlamaGen architecture, with the digits decoder
+    if family == "llamagen-t2i":
+        return load_model("llamagen-t2i-B", random_init=True, seed=2, overrides=dict(tiny, cls_token_num=6, caption_dim=32))
+    if family == "arpg":
+        return load_model("arpg-L", random_init=True, seed=3, overrides=dict(tiny))
+    if family == "rar":
+        return load_model("rar-b", random_init=True, seed=5, overrides=dict(dim=64, n_layer=2, n_head=4, intermediate_size=96,
+                                                                            num_classes=10, vocab_size=40, grid_size=4))
+    if family == "var":
+        return load_model("demo-var")  # with its VQVAE: next-scale and latent decoder graphs
+    if family == "janus":
+        from test_janus import make_janus
+
+        d = tmp_path_factory.mktemp("janus") / "Janus-Pro-tiny"
+        make_janus(d)
+        return load_model("janus-pro", checkpoint=str(d), overrides={"prompt_slots": 16})
+    raise AssertionError(family)
+
+
+FAMILIES = ["llamagen-c2i", "llamagen-t2i", "arpg", "rar", "var", "janus"]
+PRECISIONS = ["fp32", "fp16", "bf16"]
+REFUSED: dict[tuple[str, str], str] = {}  # (family, precision) -> the named error a build raises; none today
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_and_precision_runs_on_cuda_and_tensorrt(family, precision, tmp_path, tmp_path_factory):
+    """The build checks --target cuda and --target trt (exporter/trt_build.check_targets) and refuses
+    with TargetUnsupported otherwise; every family x precision builds, and inspect agrees: no node
+    fails or falls back to the CPU on ONNX Runtime CUDA, none fails TensorRT's parser. On the CPU
+    target, fp32/fp16 engines have no failing node and load in the installed onnxruntime; bf16
+    engines have failing nodes and really fail to load (ORT's CPU provider has no bf16 MatMul)."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.format.coverage import TargetUnsupported, check_directory
+    from arexport.format.manifest import read_manifest
+
+    loaded = _tiny(family, tmp_path_factory)
+    out = tmp_path / "eng"
+    opts = BuildOptions(precision=precision, batch_sizes=[2], verify_len=4 if family != "arpg" else None,
+                        images=family in ("llamagen-c2i", "var", "rar", "janus") and precision == "fp32")
+    if (family, precision) in REFUSED:
+        with pytest.raises(TargetUnsupported, match=REFUSED[(family, precision)]):
+            build_engine(loaded, out, opts)
+        return
+    manifest = build_engine(loaded, out, opts)
+    manifest = read_manifest(out)
+    for target in ("cuda", "trt"):
+        blocking = [f.line() for fs in check_directory(out, manifest, target).values() for f in fs
+                    if f.severity in ("fail", "fallback")]
+        assert not blocking, blocking
+        assert CliRunner().invoke(cli, ["inspect", str(out), "--target", target]).exit_code == 0
+    cpu = check_directory(out, manifest, "cpu")
+    fails = [f for fs in cpu.values() for f in fs if f.severity == "fail"]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if precision == "bf16":
+        assert fails and all(f.graph in ("step", "prefill") for f in fails)
+        with pytest.raises(Exception):
+            ort.InferenceSession(str(out / manifest.graphs["step"].file), so, providers=["CPUExecutionProvider"])
+        assert CliRunner().invoke(cli, ["inspect", str(out), "--target", "cpu"]).exit_code == 1
+    else:
+        assert not fails, [f.line() for f in fails]
+        for g in manifest.graphs.values():
+            ort.InferenceSession(str(out / g.file), so, providers=["CPUExecutionProvider"])
+
+
+def test_plan_compatibility_compares_versions_as_numbers():
+    """check_plan_compat compares TensorRT releases as numbers (issue 29: it compared strings)."""
+    from arexport.errors import ArexportError
+    from arexport.format.versions import release, same_release
+    from arexport.runtime.backends.trt.loader import check_plan_compat
+
+    assert release("10.16.1.11.post1") == (10, 16, 1, 11) and release("1.27.0+cu13") == (1, 27, 0)
+    assert release("10.9") < release("10.15")  # as strings '10.9' > '10.15'
+    assert same_release("10.16.1", "10.16.1.0") and not same_release("10.16.1", "10.16.10")
+    gpu = {"name": "H200", "compute_capability": "9.0"}
+    info = {"version": "10.16.1.11", "gpu": gpu}
+    check_plan_compat(info, "10.16.1.11.post1", gpu)  # the same release repackaged: accepted (was refused)
+    for other in ("10.16.1.12", "10.16.10.11", "11.0.0.114"):
+        with pytest.raises(ArexportError, match="built with TensorRT 10.16.1.11"):
+            check_plan_compat(info, other, gpu)
+    with pytest.raises(ArexportError, match="not a version"):
+        release("unknown")
+
+
+def test_trt_version_range_is_enforced(monkeypatch):
+    """require_tensorrt accepts the [trt] extra's range 10.15 <= v < 12 only (as numbers)."""
+    import sys
+    import types
+
+    from arexport.devices import MAX_TRT, MIN_TRT, require_tensorrt
+    from arexport.errors import BackendUnavailable
+
+    assert (MIN_TRT, MAX_TRT) == ((10, 15), (12, 0))
+    for v, why in (("10.9.0.34", "too old"), ("12.0.1", "newer than")):
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=v))
+        with pytest.raises(BackendUnavailable, match=why):
+            require_tensorrt()
+
+
+def test_gpu_extra_installs_one_onnxruntime():
+    """pyproject: the CPU onnxruntime is not a core dependency (pip would install it next to
+    onnxruntime-gpu into the same package folder); [cpu] and [gpu] each bring one, with the 1.27
+    floor the support tables were built for, and [gpu] the CUDA 13 runtime libraries its wheels use."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    py = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    proj = py["project"]
+    names = lambda reqs: [re.split(r"[\[<>=~ ;]", r, 1)[0] for r in reqs]  # noqa: E731
+    assert "onnxruntime" not in names(proj["dependencies"]) and "onnxruntime-gpu" not in names(proj["dependencies"])
+    extras = proj["optional-dependencies"]
+    assert names(extras["gpu"]).count("onnxruntime-gpu") == 1 and "onnxruntime" not in names(extras["gpu"])
+    assert any(r.startswith("onnxruntime-gpu[cuda,cudnn]>=1.27") for r in extras["gpu"])
+    assert any(r.startswith("onnxruntime>=1.27") for r in extras["cpu"]) and "onnxruntime-gpu" not in names(extras["cpu"])
+    assert any(r.startswith("tensorrt>=10.15,<12") for r in extras["trt"])
+    assert not {"onnxruntime", "onnxruntime-gpu"} & set(names(extras["test"]))  # CI: .[cpu,test]; a GPU box: .[gpu,test]
+
+
+# -- on a GPU (run by benchmarks/gpu_all.sh; skip with the reason elsewhere) ----------------------
+
+def _no_ort_cuda() -> str:
+    """Why ONNX Runtime cannot run on CUDA here ('' when it can)."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch sees none)"
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install arexport[gpu])"
+    return ""
+
+
+@pytest.mark.skipif(bool(_no_ort_cuda()), reason=_no_ort_cuda() or "-")  # before the engine fixture is built
+@pytest.mark.parametrize("method,options", [("ar", {}), ("sjd", {"window": 4})])
+def test_ort_cuda_graphs_equal_the_cpu_tokens(demo_engine, method, options):
+    """ONNX Runtime on CUDA with CUDA graphs: the same greedy tokens as ONNX Runtime on the CPU,
+    every launch's bound addresses fixed across the run, and captured replays fed new inputs (the
+    tokens would repeat the first step's otherwise)."""
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, cfg_scale=3.0)
+    args = dict(classes=list(range(4)), method=method, method_options=options, sampling=greedy, images=False)
+    cpu = Generator.load(str(demo_engine), backend="ort").generate(**args)
+    gen = Generator.load(str(demo_engine), backend="ort", device="cuda", cuda_graph=True)
+    first = gen.generate(**args)
+    bound = {k: dict(e.binding.bound) for k, e in gen.engine.static.items()}
+    again = gen.generate(**args)  # replays of the graphs captured by the first run
+    assert (first.tokens == cpu.tokens).mean() >= 0.99 and (again.tokens == first.tokens).all()
+    assert all(dict(gen.engine.static[k].binding.bound) == v for k, v in bound.items() if k in gen.engine.static)

@@ -100,7 +100,10 @@ def test_gpu_runbook_runs_on_the_cpu_in_smoke_mode(tmp_path):
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()  # the CUDA tests skip here, with their reason
     doc = json.loads((tmp_path / "gpu_all.json").read_text())
-    assert {r["config"] for r in doc["rows"]} == {"torch:ar", "torch:sjd[window=16]", "torch:sjd", "torch:arpg[steps=16]"}
+    assert {r["config"] for r in doc["rows"]} == {"torch:ar", "torch:sjd[window=16]", "torch:sjd", "torch:arpg[steps=16]",
+                                                  "ort:ar"}  # ORT's static-buffer path, on the CPU (issue 29)
+    assert {(d["backend"], d["batch"]) for d in doc["decoder"]} == {(b, n) for b in ("torch", "ort") for n in (1, 8, 32)}
+    assert all(d["images/s"] > 0 for d in doc["decoder"]) and all(r["step floor fraction"] > 0 for r in doc["rows"])
     assert all(r["fwd/image"] > 0 and r["host ms/step"] >= 0 for r in doc["rows"]) and doc["not_run"] == []
     import importlib.util
 
@@ -119,7 +122,7 @@ def test_gpu_runbook_profile_lists_what_its_time_budget_left_out(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu_all.json").read_text())
-    assert doc["rows"] == [] and len(doc["not_run"]) == 4
+    assert doc["rows"] == [] and len(doc["not_run"]) == 5
     assert "not run (time budget): demo batch 1 cuda graph no torch:ar" in (tmp_path / "gpu_all.md").read_text()
 
 

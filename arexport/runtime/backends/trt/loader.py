@@ -9,12 +9,15 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.format.profiles import select_profile
+from arexport.format.versions import same_release
 
 
 def check_plan_compat(trt_info: dict[str, Any], trt_version: str, gpu: dict[str, str]) -> None:
-    """Refuse plans built with another TensorRT version or for another GPU architecture."""
+    """Refuse plans built with another TensorRT release or for another GPU architecture (a plan
+    deserializes only in the TensorRT release that built it: versions compare as numbers, so a
+    '.post1' repackaging of the same release is accepted)."""
     built = trt_info.get("version")
-    if built != trt_version:
+    if not built or not same_release(str(built), trt_version):
         raise ArexportError(f"TensorRT plans were built with TensorRT {built}, this machine has {trt_version}: rebuild with arexport build --backend trt")
     want = trt_info.get("gpu", {}).get("compute_capability")
     have = gpu.get("compute_capability")
