@@ -175,6 +175,12 @@ def _write(name: str, table: dict) -> None:
     print(f"wrote {OUT / name}: {len(table['ops'])} ops ({table['source']})")
 
 
+def _set_out(path: Path | None) -> None:
+    global OUT
+    if path is not None:
+        OUT = path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -186,7 +192,9 @@ def main() -> None:
     t.add_argument("--operators-md", type=Path, required=True)
     t.add_argument("--version", required=True)
     t.add_argument("--source", required=True, help="where the document came from (repository, path, release)")
+    ap.add_argument("--out", type=Path, help=f"folder for the tables (default {OUT}, the package's)")
     args = ap.parse_args()
+    _set_out(args.out)
     if args.what == "ort":
         ort_tables(args.wheel_dir, args.stub_cuda_libs, args.targets.split(","))
     else:

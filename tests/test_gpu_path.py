@@ -366,3 +366,25 @@ def test_ort_cuda_graphs_equal_the_cpu_tokens(demo_engine, method, options):
     again = gen.generate(**args)  # replays of the graphs captured by the first run
     assert (first.tokens == cpu.tokens).mean() >= 0.99 and (again.tokens == first.tokens).all()
     assert all(dict(gen.engine.static[k].binding.bound) == v for k, v in bound.items() if k in gen.engine.static)
+
+
+def test_trt_attention_restrictions_are_checked(tmp_path):
+    """onnx-tensorrt 10.15: Attention without past/present tensors only (the graphs scatter the cache
+    with TensorScatter and attend over it with a 4-input Attention)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from arexport.format.coverage import check_graph
+
+    def model(n_in: int, n_out: int):
+        ins = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 2, 3, 4]) for x in ["q", "k", "v"]]
+        ins.append(helper.make_tensor_value_info("m", TensorProto.BOOL, [1, 1, 3, 3]))
+        ins += [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 2, 3, 4]) for x in ["pk", "pv"]][:max(0, n_in - 4)]
+        outs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, None) for x in ["y", "prk", "prv"][:n_out]]
+        node = helper.make_node("Attention", [i.name for i in ins], [o.name for o in outs])
+        return helper.make_model(helper.make_graph([node], "g", ins, outs), opset_imports=[helper.make_opsetid("", 24)])
+
+    for n_in, n_out, ok in ((4, 1, True), (6, 3, False)):
+        onnx.save(model(n_in, n_out), str(tmp_path / "a.onnx"))
+        fails = [f for f in check_graph(tmp_path / "a.onnx", "trt") if f.severity == "fail"]
+        assert (not fails) == ok, fails

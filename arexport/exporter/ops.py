@@ -1,9 +1,10 @@
 """The KV-cache write as a custom op that exports to ONNX `TensorScatter` (opset 24).
 
 Eager PyTorch runs it functionally (clone + scatter); the ONNX translation is a single
-`TensorScatter(past, update, write_indices, axis=2, mode="linear")`, which ONNX Runtime updates in
-place when one buffer is bound to both input and output, and which TensorRT >= 10.15 parses into
-`IKVCacheUpdateLayer`. The dynamo exporter would otherwise turn an in-place `index_copy_` into a
+`TensorScatter(past, update, write_indices, axis=-2, mode="linear")` (the sequence axis of
+[B, H, S, D], written -2: onnx-tensorrt's parser takes no other value), which ONNX Runtime updates
+in place when one buffer is bound to both input and output, and which TensorRT >= 10.15 parses
+into `IKVCacheUpdateLayer`. The dynamo exporter would otherwise turn an in-place `index_copy_` into a
 copying ScatterND on a constant.
 """
 
@@ -33,7 +34,7 @@ def _kv_scatter_fake(past, update, write_index):
 
 def kv_scatter_onnx(past, update, write_index):
     """ONNX translation of arexport::kv_scatter."""
-    return _op24.TensorScatter(past, update, write_index, axis=2, mode="linear")
+    return _op24.TensorScatter(past, update, write_index, axis=-2, mode="linear")  # TensorRT accepts -2 only
 
 
 def functional_cache_write(past: torch.Tensor, new: torch.Tensor, write_index: torch.Tensor) -> torch.Tensor:

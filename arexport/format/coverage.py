@@ -237,6 +237,9 @@ def _check_trt(graph: str, nodes: list[_Node], io: set[str], opset: int) -> list
             why = "not in the parser's operator table" if row is None else "listed as unsupported"
             found.append(Finding(graph, n.name, n.op, "fail", f"{n.op} ({n.domain}) {why} (TensorRT {table['tensorrt']})"))
             continue
+        why = _trt_restriction(n)
+        if why:
+            found.append(Finding(graph, n.name, n.op, "fail", f"{why} (TensorRT {table['tensorrt']} restriction)"))
         bad = sorted({t for t in n.bound.get(n.data_param, []) if t not in row["types"] and t != "?"})
         if bad:
             found.append(Finding(graph, n.name, n.op, "fail",
@@ -247,6 +250,19 @@ def _check_trt(graph: str, nodes: list[_Node], io: set[str], opset: int) -> list
                 found.append(Finding(graph, n.name, n.op, "fail",
                                      f"UINT8 tensor {inner[0]!r} inside the network (TensorRT allows UINT8 only as a network input or output)"))
     return found
+
+
+def _trt_restriction(n: _Node) -> str | None:
+    """The operators.md restrictions of the ops these graphs use that can be read off the node."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.proto.attribute}
+    if n.op == "Attention":
+        if len([x for x in n.proto.input if x]) > 4 or len([x for x in n.proto.output if x]) > 1:
+            return "Attention with past_key/past_value/nonpad_kv_seqlen inputs or present/qk outputs"
+        if attrs.get("softcap", 0.0) or attrs.get("qk_matmul_output_mode", 0):
+            return "Attention with softcap or qk_matmul_output_mode"
+    if n.op == "TensorScatter" and attrs.get("axis", -2) != -2:
+        return f"TensorScatter on axis {attrs['axis']} (must be -2)"
+    return None
 
 
 def check_graph(path: Path, target: str, graph: str | None = None) -> list[Finding]:

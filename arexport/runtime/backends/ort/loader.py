@@ -13,8 +13,9 @@ from arexport.errors import ArexportError, BackendUnavailable
 def _ort():
     try:
         import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - a core dependency
-        raise BackendUnavailable(f"onnxruntime is not installed ({e})") from None
+    except ImportError as e:  # [cpu] or [gpu] not installed
+        raise BackendUnavailable(f"onnxruntime is not installed ({e}): pip install 'arexport[cpu]', or 'arexport[gpu]' "
+                                 "for the CUDA provider (one of the two, never both)") from None
     return ort
 
 
@@ -63,7 +64,8 @@ class OrtSessions:
             raise ArexportError(f"ONNX Runtime backend supports cpu and cuda devices, not {self.device}")
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable(
-                "ONNX Runtime has no CUDA execution provider here: install onnxruntime-gpu (pip install arexport[gpu])")
+                f"ONNX Runtime {ort.__version__} has no CUDA execution provider here: pip uninstall -y onnxruntime, "
+                "then pip install 'arexport[gpu]' (onnxruntime-gpu >= 1.27 with its CUDA 13 libraries)")
         self.stream = torch.cuda.Stream(self.device)
         cuda_opts = {"device_id": str(self.device.index or 0), "user_compute_stream": str(self.stream.cuda_stream)}
         if cuda_graph:
