@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -478,3 +479,66 @@ def test_serve_refuses_a_batch_over_the_memory_budget(demo_gen, monkeypatch):
     monkeypatch.setenv("AREXPORT_MEMORY_BUDGET_GB", "0.01")
     with pytest.raises(MemoryBudgetError, match="serving with max batch 4000 in up to 8 lanes needs an estimated"):
         GenerationService(demo_gen, max_batch=4000)
+
+
+FUZZ_BODIES = 300
+FUZZ_RSS_GROWTH = 0.20  # RSS after all bodies within 20% of RSS after the first 100 (the issue's target)
+
+
+def _fuzz_body(rng):
+    """A random request body: mostly the schema's fields with values of any type or size, some junk."""
+    import json
+
+    values = [0, 1, -1, 3, 2**31, 2**63, -2**70, 10**30, 1.5, -0.0, 1e308, -1e308, 1e-300, True, False, None, "", "3",
+              "é" * 50, "x" * 3000, [], [1], [1, 2], [0] * 50, ["a"], [[1]], [1e23], {}, {"a": 1}, {"candidates": 8},
+              {"verifier": ["digits"]}, {"checkpoints": 7}, {"window": 1}, {"steps": 10**12}, {"start": -5}]
+    fields = ["classes", "method", "options", "seed", "cfg_scale", "cfg_interval", "cfg_schedule", "cfg_power", "temperature",
+              "top_k", "top_p", "format", "timeout", "prompt", "prompts", "caption_embeddings", "caption_mask", "junk"]
+    kind = rng.random()
+    if kind < 0.05:
+        return bytes(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tolist())
+    if kind < 0.1:
+        return b'{"classes": [1], "cfg_scale": ' + rng.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999"]) + b"}"
+    body = {}
+    if rng.random() < 0.7:
+        body["classes"] = [int(c) for c in rng.integers(0, 12, int(rng.integers(1, 3)))]
+    for _ in range(int(rng.integers(0, 5))):
+        f = fields[int(rng.integers(len(fields)))]
+        if f == "method":
+            body[f] = str(rng.choice(["ar", "sjd", "gridar", "best-of-n", "sd", "var", "magic", "arpg"]))
+        elif f == "format" and rng.random() < 0.5:
+            body[f] = "tokens"
+        else:
+            body[f] = values[int(rng.integers(len(values)))]
+    body.setdefault("format", "tokens")
+    return json.dumps(body).encode()
+
+
+def test_fuzzed_bodies_get_no_5xx_no_traceback_and_bounded_memory(demo_gen):
+    import httpx
+
+    from arexport.budget import rss_bytes
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    rng = np.random.default_rng(38)
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2, max_lanes=2, max_outstanding=8)
+    statuses, rss = {}, {}
+    with BackgroundServer(create_app(svc, token="t", max_body_bytes=4096, max_images=2)) as url, httpx.Client() as client:
+        for i in range(FUZZ_BODIES):
+            body = _fuzz_body(rng)
+            r = client.post(f"{url}/generate", content=body, timeout=60,
+                            headers={"Authorization": "Bearer t", "content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body[:300], r.status_code, r.text[:300])
+            assert "Traceback" not in r.text and "File \"" not in r.text, body[:300]
+            if r.status_code != 200:
+                assert set(r.json()) == {"error"}, r.text[:300]
+            if i + 1 == 100:
+                rss["100"] = rss_bytes()
+        rss["end"] = rss_bytes()
+    svc.close()
+    print("FUZZ", statuses, {k: v // 2**20 for k, v in rss.items()})
+    assert statuses.get(200, 0) >= 10, statuses  # the fuzz also ran real work
+    assert rss["end"] <= rss["100"] * (1 + FUZZ_RSS_GROWTH), (rss, statuses)
