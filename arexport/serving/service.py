@@ -50,6 +50,7 @@ MODES = ("continuous", "request", "none")
 MAX_BATCH = 4096  # images per lane batch; the memory budget usually binds first
 DEFAULT_OUTSTANDING_BATCHES = 64  # default bound on outstanding images: this many full batches
 MAX_TIMEOUT_S = 86400.0
+DEADLINE_MARGIN = 0.8  # admit a timed request only when its estimated finish is within this share of the timeout
 DEGRADED_FRACTION = 0.8  # /healthz says degraded at this fraction of a bound
 
 
@@ -110,6 +111,15 @@ class Request:
         return [Row(self.conds.select(slice(i, i + 1)), image_seed(self.seed, i), (self, i)) for i in range(self.n)]
 
 
+def _fairness(row: Row):
+    """Scheduler group of a row: requests with a timeout run first come, first served among
+    themselves (the order admission control's finish estimate assumes, so an admitted request is
+    not pushed past its deadline by later ones); others round robin, so a large request cannot hold
+    every slot while a small one waits."""
+    r = row.tag[0]
+    return "deadline" if r.timeout is not None else id(r)
+
+
 @dataclass
 class Response:
     tokens: np.ndarray  # [N, n_tokens]
@@ -146,6 +156,8 @@ class GenerationService:
         self._rate: Optional[float] = None  # images per busy second (EWMA over RATE_HALF_LIFE_S)
         self._lane_used: dict[tuple, float] = {}  # lane key -> last time it stepped or took rows
         self.waiting_for_lane = 0
+        self._turn_images = 0
+        self._last_turn: Optional[float] = None
         self._queue: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
         self._pending: list[Request] = []  # taken from the queue, not yet given to a scheduler
         self._lanes: dict[tuple, Scheduler] = {}
@@ -200,7 +212,7 @@ class GenerationService:
                              f"{self.max_outstanding}; retry later", min(60.0, max(1.0, drain)))
         if timeout is not None and rate:
             finish = (self._outstanding + cost) / rate
-            if finish > timeout:
+            if finish > DEADLINE_MARGIN * timeout:
                 self.metrics.rejected.labels("deadline").inc()
                 raise DeadlineUnreachable(f"the request cannot finish within its {timeout:g} s timeout: {self._outstanding} "
                                           f"images are ahead of it at about {rate:.1f} images/s (about {finish:.1f} s)",
@@ -302,9 +314,18 @@ class GenerationService:
             return True
         self._expire()
         self._dispatch()
+        t0, self._turn_images = time.perf_counter(), 0
+        stepped = False
         for lane in list(self._lanes.values()):
             if lane.busy:
                 self._step(lane)
+                stepped = True
+        if stepped:  # wall time of the whole turn since the last one (HTTP and other threads' share included)
+            now = time.perf_counter()
+            self._measure(now - min(t0, self._last_turn if self._last_turn is not None else t0), self._turn_images)
+            self._last_turn = now
+        else:
+            self._last_turn = None
         self.metrics.queue_depth.set(self._queue.qsize() + len(self._pending))
         return False
 
@@ -355,7 +376,7 @@ class GenerationService:
                     return None
                 self._drop_lane(idle[0])
             dec = self.gen.decoder(r.method, r.sampling, self.max_batch)
-            self._lanes[key] = Scheduler(dec, fair_by=lambda row: id(row.tag[0]))  # round robin over requests
+            self._lanes[key] = Scheduler(dec, fair_by=_fairness)
         self._lane_used[key] = time.monotonic()
         return self._lanes[key]
 
@@ -425,7 +446,7 @@ class GenerationService:
         dec = lane.decoder
         seconds = time.perf_counter() - t0
         self.metrics.record_step(seconds, self.engine.forward_count() - before, dec.live / dec.slots.capacity)
-        self._measure(seconds, len(done))
+        self._turn_images += len(done)
         for f in done:
             r, i = f.tag
             if r.future.done():
@@ -437,7 +458,8 @@ class GenerationService:
                 self._finish(r, torch.stack([r.results[j] for j in range(r.n)]))
 
     def _measure(self, seconds: float, images: int) -> None:
-        """Throughput in images per busy second: a decaying sum of images over a decaying sum of seconds."""
+        """Throughput in images per busy wall second (a decaying sum of images over a decaying sum of
+        seconds): what admission control expects the queue to drain at."""
         decay = 0.5 ** (seconds / RATE_HALF_LIFE_S)
         self._rate_images = getattr(self, "_rate_images", 0.0) * decay + images
         self._rate_seconds = getattr(self, "_rate_seconds", 0.0) * decay + seconds
