@@ -463,7 +463,7 @@ class GenerationService:
         decay = 0.5 ** (seconds / RATE_HALF_LIFE_S)
         self._rate_images = getattr(self, "_rate_images", 0.0) * decay + images
         self._rate_seconds = getattr(self, "_rate_seconds", 0.0) * decay + seconds
-        if self._rate_images > 0 and self._rate_seconds > 0.05:
+        if self._rate_images > 0 and self._rate_seconds > 0.02:
             self._rate = self._rate_images / self._rate_seconds
 
     def _finish(self, r: Request, tokens: torch.Tensor) -> None:
