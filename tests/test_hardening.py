@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -216,3 +217,327 @@ def test_interrupted_image_writing_leaves_a_partial_marker(tmp_path, monkeypatch
     monkeypatch.setattr(fileio, "atomic_save_png", real)
     res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1,2,3", "--out", str(out)])
     assert res.exit_code == 0 and not (out / "PARTIAL.txt").exists() and len(list(out.glob("*.png"))) == 3
+
+
+# -- the service (items 2-5, 8): a real server on loopback -------------------------------------------
+
+TOKEN = "s3cret-clé"  # non-ASCII on purpose: a configured token like this made every request a 500
+AUTH = {"Authorization": b"Bearer " + TOKEN.encode()}
+
+
+@pytest.fixture(scope="module")
+def demo_gen():
+    from arexport.runtime.generator import Generator
+
+    return Generator.load("demo")
+
+
+@pytest.fixture(scope="module")
+def server(demo_gen):
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=4, max_outstanding=64, max_lanes=2)
+    app = create_app(svc, token=TOKEN, max_body_bytes=4096, max_images=16, body_timeout_s=0.5)
+    with BackgroundServer(app) as url:
+        yield url, svc
+
+
+def _post(url, body, headers=AUTH, **kw):
+    import httpx
+
+    return httpx.post(f"{url}/generate", json=body, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+
+@pytest.mark.parametrize("options", [
+    {"verifier": ["digits"]}, {"verifier": {"a": 1}}, {"scorer": {"x": "y"}}, {"scorer": [1]},
+    {"checkpoints": 3}, {"checkpoints": {"a": 0.5}}, {"candidates": "four"}, {"candidates": 1e30},
+])
+def test_ill_typed_method_options_get_400(server, options):
+    url, _ = server
+    r = _post(url, {"classes": [1], "method": "gridar", "options": options, "format": "tokens"})
+    assert r.status_code == 400 and "error" in r.json() and "Traceback" not in r.text, r.text
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"classes": [1], "cfg_scale": 1e308}, "cfg-scale must be in"),
+    ({"classes": [1], "temperature": 1e-300}, "temperature"),
+    ({"classes": [1], "top_k": 2**40}, "top_k"),
+    ({"classes": [1], "timeout": 1e308}, "timeout"),
+])
+def test_absurd_sampling_values_are_refused(server, body, message):
+    url, _ = server
+    r = _post(url, dict(body, format="tokens"))
+    assert r.status_code in (400, 422) and message in r.json()["error"], r.text
+
+
+def test_nan_guidance_in_json_is_refused(server):
+    import httpx
+
+    url, _ = server
+    r = httpx.post(f"{url}/generate", content=b'{"classes": [1], "cfg_scale": NaN, "format": "tokens"}',
+                   headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    assert r.status_code in (400, 422) and "error" in r.json(), r.text
+
+
+def test_auth_covers_docs_and_non_ascii_headers(server):
+    import httpx
+
+    url, _ = server
+    for path in ("/docs", "/openapi.json", "/redoc", "/metrics", "/nowhere"):
+        r = httpx.get(f"{url}{path}")
+        assert r.status_code == 401 and r.json() == {"error": "missing or wrong bearer token"}, path
+    r = httpx.post(f"{url}/generate", json={"classes": [1]}, headers={"Authorization": "Bearer ümlaut".encode("latin-1")})
+    assert r.status_code == 401
+    r = httpx.post(f"{url}/generate", json={"classes": [1]}, headers={"Authorization": "Bearer \u00e9t\u00e9".encode()})
+    assert r.status_code == 401
+    assert _post(url, {"classes": [1], "format": "tokens"}).status_code == 200  # the UTF-8 token itself works
+    r = httpx.get(f"{url}/nowhere", headers=AUTH)
+    assert r.status_code == 404 and set(r.json()) == {"error"}
+    r = httpx.get(f"{url}/generate", headers=AUTH)
+    assert r.status_code == 405 and set(r.json()) == {"error"}
+
+
+def test_metrics_count_http_refusals(server):
+    import httpx
+
+    url, _ = server
+    httpx.get(f"{url}/metrics")  # 401
+    _post(url, {"classes": [1], "pad": "x" * 5000})  # 413
+    text = httpx.get(f"{url}/metrics", headers=AUTH).text
+    assert 'arexport_http_responses_total{status="401"}' in text
+    assert 'arexport_http_responses_total{status="413"}' in text
+
+
+def test_query_string_is_not_logged():
+    import logging
+
+    import httpx
+
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.http import create_app
+
+    class Svc:  # /healthz only needs these
+        closed, healthy, batching = False, True, "none"
+        metrics = __import__("arexport.serving.metrics", fromlist=["Metrics"]).Metrics()
+        load = {}
+
+        def degraded(self):
+            return []
+
+        def close(self, **kw):
+            pass
+
+        class engine:
+            backend = "torch"
+
+            class spec:
+                name, family = "demo", "demo"
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    background = BackgroundServer(create_app(Svc()), log_level="info")  # configures uvicorn's loggers
+    logging.getLogger("uvicorn.access").addHandler(handler)
+    try:
+        with background as url:
+            httpx.get(f"{url}/healthz?token=hunter2")
+    finally:
+        logging.getLogger("uvicorn.access").removeHandler(handler)
+    assert any("/healthz?<redacted>" in m for m in seen), seen
+    assert not any("hunter2" in m for m in seen)
+
+
+def test_slow_body_is_timed_out(server):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    url, _ = server
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() +
+                  b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"classes\"")
+        t0 = time.monotonic()
+        reply = s.recv(4096)
+        assert b" 408 " in reply.split(b"\r\n")[0] and time.monotonic() - t0 < 5, reply
+
+
+def test_admission_bound_and_deadline_refusals(demo_gen):
+    import time
+
+    from arexport.serving.service import DeadlineUnreachable, GenerationService, Overloaded
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2, max_outstanding=6)
+    try:
+        with pytest.raises(ArexportError, match="runs at most 6"):
+            svc.submit(list(range(7)), images=False)
+        svc.submit([1, 2, 3, 4], images=False).result(timeout=60)  # measures the throughput
+        assert svc.load["images_per_second"] > 0
+        running = svc.submit([1, 2, 3, 4], images=False)
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineUnreachable, match="cannot finish within its 0.001 s timeout") as e:
+            svc.submit([5], images=False, timeout=0.001)
+        assert time.monotonic() - t0 < 0.1 and e.value.retry_after >= 1
+        svc.submit([5, 6], images=False)
+        with pytest.raises(Overloaded, match="6 images queued or running, the limit is 6"):
+            svc.submit([7], images=False)
+        running.result(timeout=60)
+    finally:
+        svc.close()
+    text = svc.metrics.render().decode()
+    assert 'arexport_rejected_total{reason="overloaded"} 1.0' in text and 'arexport_rejected_total{reason="deadline"} 1.0' in text
+    assert svc.load["outstanding_images"] == 0
+
+
+def test_http_overload_gets_429_with_retry_after(demo_gen):
+    import httpx
+
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2, max_outstanding=4)
+    with BackgroundServer(create_app(svc)) as url:
+        busy = svc.submit([1, 2, 3, 4], images=False)
+        r = httpx.post(f"{url}/generate", json={"classes": [1], "format": "tokens"}, timeout=60)
+        health = httpx.get(f"{url}/healthz").json()
+        busy.result(timeout=60)
+    svc.close()
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and "server busy" in r.json()["error"]
+    assert health["status"] == "degraded" and "outstanding images" in health["degraded"][0]
+
+
+def test_disconnected_client_cancels_its_rows(demo_gen):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2)
+    body = b'{"classes": [0,1,2,3,4,5,6,7,8,9,0,1,2,3,4,5], "format": "tokens"}'
+    with BackgroundServer(create_app(svc, max_images=16)) as url:
+        u = urlparse(url)
+        s = socket.create_connection((u.hostname, u.port))
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while svc.load["outstanding_images"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        s.close()  # the client goes away
+        while svc.load["outstanding_images"]:
+            assert time.monotonic() < deadline, "the abandoned request kept running"
+            time.sleep(0.01)
+        forwards = svc.engine.forward_count()
+        time.sleep(0.3)
+        assert svc.engine.forward_count() == forwards, "rows of the cancelled request still step"
+        text = svc.metrics.render().decode()
+    svc.close()
+    assert 'arexport_requests_total{method="ar",outcome="cancelled"} 1.0' in text, text
+    images = [line for line in text.splitlines() if line.startswith("arexport_images_total")]
+    assert float(images[0].split()[-1]) < 16
+
+
+def test_lanes_are_bounded_and_results_unchanged(demo_gen):
+    import numpy as np
+
+    from arexport.runtime.sampling import SamplingParams
+    from arexport.serving.service import GenerationService
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2, max_lanes=2, lane_idle_s=0.0)
+    temps = [0.5, 0.7, 0.9, 1.1, 1.3]
+    seen = []
+    try:
+        futs = [svc.submit([t_i % 10, 3], seed=t_i, images=False, sampling=SamplingParams(temperature=t))
+                for t_i, t in enumerate(temps)]
+        while not all(f.done() for f in futs):
+            seen.append(len(svc._lanes))
+        outs = [f.result(timeout=60) for f in futs]
+    finally:
+        svc.close()
+    assert max(seen) <= 2
+    for t_i, (t, out) in enumerate(zip(temps, outs)):
+        alone = demo_gen.generate(classes=[t_i % 10, 3], seed=t_i, sampling=SamplingParams(temperature=t), images=False).tokens
+        assert np.array_equal(out.tokens, alone), t
+    assert "arexport_lane_bytes" in svc.metrics.render().decode()
+
+
+def test_serve_refuses_a_batch_over_the_memory_budget(demo_gen, monkeypatch):
+    from arexport.budget import MemoryBudgetError
+    from arexport.serving.service import GenerationService
+
+    monkeypatch.setenv("AREXPORT_MEMORY_BUDGET_GB", "0.01")
+    with pytest.raises(MemoryBudgetError, match="serving with max batch 4000 in up to 8 lanes needs an estimated"):
+        GenerationService(demo_gen, max_batch=4000)
+
+
+FUZZ_BODIES = int(os.environ.get("AREXPORT_FUZZ_BODIES", "300"))  # docs/benchmarks.md: a 2,000-body run
+FUZZ_RSS_GROWTH = 0.20  # RSS after all bodies within 20% of RSS after the first 100 (the issue's target)
+
+
+def _fuzz_body(rng):
+    """A random request body: mostly the schema's fields with values of any type or size, some junk."""
+    import json
+
+    values = [0, 1, -1, 3, 2**31, 2**63, -2**70, 10**30, 1.5, -0.0, 1e308, -1e308, 1e-300, True, False, None, "", "3",
+              "é" * 50, "x" * 3000, [], [1], [1, 2], [0] * 50, ["a"], [[1]], [1e23], {}, {"a": 1}, {"candidates": 8},
+              {"verifier": ["digits"]}, {"checkpoints": 7}, {"window": 1}, {"steps": 10**12}, {"start": -5}]
+    fields = ["classes", "method", "options", "seed", "cfg_scale", "cfg_interval", "cfg_schedule", "cfg_power", "temperature",
+              "top_k", "top_p", "format", "timeout", "prompt", "prompts", "caption_embeddings", "caption_mask", "junk"]
+    kind = rng.random()
+    if kind < 0.05:
+        return bytes(rng.integers(0, 256, int(rng.integers(0, 200)), dtype=np.uint8).tolist())
+    if kind < 0.1:
+        return b'{"classes": [1], "cfg_scale": ' + rng.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999"]) + b"}"
+    body = {}
+    if rng.random() < 0.7:
+        body["classes"] = [int(c) for c in rng.integers(0, 12, int(rng.integers(1, 3)))]
+    for _ in range(int(rng.integers(0, 5))):
+        f = fields[int(rng.integers(len(fields)))]
+        if f == "method":
+            body[f] = str(rng.choice(["ar", "sjd", "gridar", "best-of-n", "sd", "var", "magic", "arpg"]))
+        elif f == "format" and rng.random() < 0.5:
+            body[f] = "tokens"
+        else:
+            body[f] = values[int(rng.integers(len(values)))]
+    body.setdefault("format", "tokens")
+    return json.dumps(body).encode()
+
+
+def test_fuzzed_bodies_get_no_5xx_no_traceback_and_bounded_memory(demo_gen):
+    import httpx
+
+    from arexport.budget import rss_bytes
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    rng = np.random.default_rng(38)
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=2, max_lanes=2, max_outstanding=8)
+    statuses, rss = {}, {}
+    with BackgroundServer(create_app(svc, token="t", max_body_bytes=4096, max_images=2)) as url, httpx.Client() as client:
+        for i in range(FUZZ_BODIES):
+            body = _fuzz_body(rng)
+            r = client.post(f"{url}/generate", content=body, timeout=60,
+                            headers={"Authorization": "Bearer t", "content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body[:300], r.status_code, r.text[:300])
+            assert "Traceback" not in r.text and "File \"" not in r.text, body[:300]
+            if r.status_code != 200:
+                assert set(r.json()) == {"error"}, r.text[:300]
+            if i + 1 == 100:
+                rss["100"] = rss_bytes()
+        rss["end"] = rss_bytes()
+    svc.close()
+    assert statuses.get(200, 0) >= 10, statuses  # the fuzz also ran real work
+    assert rss["end"] <= rss["100"] * (1 + FUZZ_RSS_GROWTH), (rss, statuses)

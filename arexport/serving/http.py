@@ -2,19 +2,26 @@
 
 POST /generate  JSON {classes | caption_embeddings, method, options, seed, sampling fields, format,
                 timeout} -> image/png (one image), JSON with base64 PNGs, or JSON tokens
-GET  /healthz   liveness + model summary
-GET  /metrics   Prometheus text format (queue depth, batch occupancy, latencies, forward passes)
-Errors are 4xx with {"error": "..."}: 400 bad values (class out of range, bad options), 401 missing
-or wrong bearer token, 413 request body over the limit, 422 malformed JSON/fields; 503 while
-shutting down or when the queue is full, 504 on timeout. A rejected request never reaches the
-worker, so it cannot disturb requests in flight.
+GET  /healthz   liveness + model summary + load ("ok", "degraded" near a bound, 503 "closing")
+GET  /metrics   Prometheus text format (queue depth, outstanding images, lanes, latencies, HTTP statuses)
+With a token, every path but /healthz needs it (/docs and /openapi.json included).
+Errors are {"error": "..."}: 400 bad values (class out of range, bad options), 401 missing or wrong
+bearer token, 404/405 unknown path or method, 408 a body not sent within BODY_TIMEOUT_S, 413 body
+over the limit, 422 malformed JSON/fields, 429 + Retry-After when the bound on outstanding images
+is reached, 503 + Retry-After when the request cannot finish before its timeout or the server is
+shutting down, 504 on timeout. A rejected request never reaches the worker, so it cannot disturb
+requests in flight; a client that disconnects cancels its request (its rows leave their batch).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model class itself.
 
+import asyncio
 import base64
 import hmac
 import io
+import json
+import logging
+import math
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -31,19 +38,26 @@ def _deps():
         raise ArexportError(f"arexport serve needs fastapi and uvicorn (pip install 'arexport[serve]'): {e}") from None
 
 
-def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 20, max_images: int = 64):
-    """The FastAPI app. `token` enables bearer auth on /generate and /metrics."""
+BODY_TIMEOUT_S = 10.0  # a client must send its whole body within this (slow clients hold no slot for long)
+OPEN_PATHS = ("/healthz",)  # the only path served without the token
+log = logging.getLogger("arexport.serve")
+
+
+def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 20, max_images: int = 64,
+               body_timeout_s: float = BODY_TIMEOUT_S):
+    """The FastAPI app. `token` enables bearer auth on every path but /healthz."""
     _deps()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException as StarletteHTTPException
     from typing import Annotated
 
     from pydantic import BaseModel, Field, StrictInt
 
     from arexport.runtime.methods.base import METHODS
-    from arexport.runtime.verifiers import request_safe_options
-    from arexport.serving.service import RequestTimeout, ServiceClosed
+    from arexport.runtime.verifiers import HOOK_OPTIONS, request_safe_options
+    from arexport.serving.service import DeadlineUnreachable, Overloaded, RequestTimeout, ServiceClosed
 
     spec = service.engine.spec
 
@@ -59,58 +73,53 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         options: dict[str, Any] = Field(default_factory=dict)
         seed: StrictInt = Field(0, ge=0, lt=2**63, description="Request seed, 0 <= seed < 2**63")
         cfg_scale: Optional[float] = None
-        cfg_interval: int = -1
+        cfg_interval: StrictInt = Field(-1, ge=-1, lt=2**31)
         cfg_schedule: Optional[Literal["constant", "linear", "cosine", "ramp"]] = None
         cfg_power: Optional[float] = None
         temperature: Optional[float] = None
-        top_k: Optional[int] = None
+        top_k: Optional[StrictInt] = Field(None, ge=0, lt=2**31)
         top_p: Optional[float] = None
         format: Literal["png", "tokens"] = "png"
-        timeout: Optional[float] = Field(None, gt=0)
+        timeout: Optional[float] = Field(None, gt=0, le=86400)
 
     app = FastAPI(title="arexport", version="1")
+    app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes, metrics=service.metrics,
+                       body_timeout_s=body_timeout_s)
 
-    def err(status: int, msg: str) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path in ("/generate", "/metrics") and token is not None:
-            scheme, _, credential = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip(), token):  # schemes are case-insensitive
-                return err(401, "missing or wrong bearer token")
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-                return err(413, f"request body of {length} bytes exceeds the limit of {max_body_bytes}")
-            chunks, size = [], 0  # a chunked body is counted as it arrives, never buffered past the limit
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    return err(413, f"request body exceeds the limit of {max_body_bytes} bytes")
-                chunks.append(chunk)
-            request._body = b"".join(chunks)  # what the endpoint reads
-        return await call_next(request)
+    def err(status: int, msg: str, headers: Optional[dict] = None) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return err(422, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}")
+        return err(422, f"invalid request: {where or 'body'}: {_first_line(first.get('msg', 'malformed'))}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404, 405, ...: the documented {"error"} body
+        return err(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal(request, exc):  # a bug: logged here, never its text to the client
+        log.exception("internal error on %s", request.url.path)
+        return err(500, "internal error")
 
     @app.get("/healthz")
     async def healthz():
         status = "closing" if service.closed else "ok" if service.healthy else "unhealthy"
+        reasons = service.degraded() if status == "ok" else []
+        if reasons:
+            status = "degraded"
         body = {"status": status, "model": spec.name, "family": spec.family, "backend": service.engine.backend,
-                "batching": service.batching}
-        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+                "batching": service.batching, "load": service.load, **({"degraded": reasons} if reasons else {})}
+        return JSONResponse(body, status_code=200 if status in ("ok", "degraded") else 503)
 
     @app.get("/metrics")
     async def metrics():
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/generate")
-    async def generate(body: GenerateBody):
+    async def generate(body: GenerateBody, request: Request):
         method = body.method or service.engine.family.default_method
         if method not in METHODS:
             return err(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
@@ -142,26 +151,57 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             if not body.classes:
                 return err(400, "classes must be a non-empty list of class ids")
             n_images = len(body.classes)
+        for k in HOOK_OPTIONS:
+            if not isinstance(body.options.get(k, "auto"), str):
+                return err(400, f"option {k} must be the name of a built-in {k} (a string)")
         try:
             request_safe_options(body.options)  # a request names built-in hooks only, never module:callable
             m = service.gen.method(method, body.options)
         except ArexportError as e:
             return err(400, str(e))
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError):  # a value of the wrong type or size
+            return err(400, f"invalid options for method {method}: a value of the wrong type or out of range among "
+                            f"{', '.join(sorted(map(str, body.options))) or '(none)'}")
         rows = n_images * getattr(m.options, "candidates", 1)  # test-time scaling generates every candidate
         if rows > max_images:
             return err(400, f"{n_images} images x {rows // n_images} candidates requested; the limit per request is "
                             f"{max_images} images (candidates included)")
-        sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                    cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
-                                    cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
+        for name in ("cfg_scale", "cfg_power", "temperature", "top_p"):
+            v = getattr(body, name)
+            if v is not None and not math.isfinite(v):
+                return err(400, f"{name} must be a finite number")
         try:
-            res = await service.agenerate(body.classes, method=method, options=body.options, sampling=sampling,
-                                          seed=body.seed, images=body.format == "png", timeout=body.timeout,
-                                          captions=captions, caption_mask=mask, prompts=prompts)
+            sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                        cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
+                                        cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
+            future = service.submit(body.classes, method=method, options=body.options, sampling=sampling,
+                                    seed=body.seed, images=body.format == "png", timeout=body.timeout,
+                                    captions=captions, caption_mask=mask, prompts=prompts)
+        except DeadlineUnreachable as e:
+            return err(503, str(e), {"Retry-After": str(math.ceil(e.retry_after))})
+        except Overloaded as e:
+            return err(429, str(e), {"Retry-After": str(math.ceil(e.retry_after))})
         except ServiceClosed as e:
             return err(503, str(e))
+        except ArexportError as e:
+            return err(400, str(e))
+        result = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not result.done():  # the client went away (or this task was cancelled): drop its rows
+                future.cancel()
+                result.cancel()
+            gone.cancel()
+        if not result.done() or result.cancelled():
+            return err(499, "client closed the request")
+        try:
+            res = result.result()
         except RequestTimeout as e:
             return err(504, str(e))
+        except ServiceClosed as e:
+            return err(503, str(e))
         except ArexportError as e:
             return err(400, str(e))
         headers = {"X-Arexport-Seconds": f"{res.seconds:.4f}"}
@@ -180,6 +220,103 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
 
 MAX_PROMPT_CHARS = 4096  # a prompt's characters (the text encoder truncates to its token limit anyway)
+
+
+async def _disconnected(request) -> None:
+    """Return when the client disconnects (the body was already read, so receive() waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _first_line(text) -> str:
+    return str(text).splitlines()[0][:300] if str(text) else ""
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: bearer auth (all paths but OPEN_PATHS), the body
+    limit and read timeout, and a count of every response status in /metrics (refusals included).
+    Pure ASGI (not BaseHTTPMiddleware) so the endpoint still sees the client's disconnect."""
+
+    def __init__(self, app, token: Optional[str], max_body_bytes: int, metrics, body_timeout_s: float):
+        self.app = app
+        self.token = token.encode("utf-8") if token is not None else None  # compared as bytes: any token works
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.body_timeout_s = body_timeout_s
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status_seen = []
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status_seen.append(message["status"])
+                self.metrics.http.labels(str(message["status"])).inc()
+            await send(message)
+
+        refusal = self._refuse_headers(scope)
+        if refusal is not None:
+            return await _send_error(counting_send, *refusal)
+        if scope["method"] == "POST":
+            body, refusal = await self._read_body(receive)
+            if refusal is not None:
+                return await _send_error(counting_send, *refusal)
+            replayed = [False]
+
+            async def replay():
+                if not replayed[0]:
+                    replayed[0] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: waits for the client's disconnect
+
+            return await self.app(scope, replay, counting_send)
+        return await self.app(scope, receive, counting_send)
+
+    def _refuse_headers(self, scope):
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.token is not None and scope.get("path") not in OPEN_PATHS:
+            scheme, _, credential = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), self.token):
+                return 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+        if scope["method"] == "POST":
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+                shown = length[:20].decode("latin-1")
+                return 413, f"request body of {shown} bytes exceeds the limit of {self.max_body_bytes}", None
+        return None
+
+    async def _read_body(self, receive):
+        """The whole body, counted as it arrives (never buffered past the limit), within the timeout."""
+        chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return None, (408, f"request body not received within {self.body_timeout_s:g} s", None)
+            if message["type"] == "http.disconnect":
+                return None, (400, "client disconnected while sending the body", None)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None, (413, f"request body exceeds the limit of {self.max_body_bytes} bytes", None)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+async def _send_error(send, status: int, msg: str, headers: Optional[dict]) -> None:
+    raw = [(b"content-type", b"application/json")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    body = json.dumps({"error": msg}).encode()
+    raw.append((b"content-length", str(len(body)).encode()))
+    if status in (408, 413):
+        raw.append((b"connection", b"close"))  # the rest of the body is not read
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _npy(text: str) -> np.ndarray:

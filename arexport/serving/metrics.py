@@ -25,6 +25,11 @@ class Metrics:
         self.images = Counter("arexport_images", "Images generated", registry=r)
         self.requests = Counter("arexport_requests", "Finished requests by outcome", ["method", "outcome"], registry=r)
         self.rejected = Counter("arexport_rejected", "Requests refused before running", ["reason"], registry=r)
+        self.outstanding = Gauge("arexport_outstanding_images", "Images queued or running (admission control)", registry=r)
+        self.lanes = Gauge("arexport_lanes", "Batches kept, one per method, options and sampling", registry=r)
+        self.lane_bytes = Gauge("arexport_lane_bytes", "Bytes of the lanes' KV caches", registry=r)
+        self.http = Counter("arexport_http_responses", "HTTP responses by status (refusals by the HTTP layer included)",
+                            ["status"], registry=r)
 
     def record_step(self, seconds: float, forwards: int, occupancy: float) -> None:
         """One batched engine step (or merged generation): its time, forward passes and slot occupancy."""

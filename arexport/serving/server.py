@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -17,6 +18,25 @@ def _uvicorn():
     return uvicorn
 
 
+class RedactQuery(logging.Filter):
+    """Access-log lines show a path without its query string (which may carry a token or a prompt)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = args[:2] + (args[2].split("?", 1)[0] + "?<redacted>",) + args[3:]
+        return True
+
+
+def redact_access_log() -> None:
+    """Install RedactQuery on uvicorn's access logger (once)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuery) for f in logger.filters):
+        logger.addFilter(RedactQuery())
+
+
+MAX_CONNECTIONS = 1000  # connections + tasks; beyond, uvicorn answers 503 at once
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MIN_DRAIN_S = 1.0  # the socket stays open (answering 503) at least this long after SIGTERM
 MAX_DRAIN_S = 60.0
 
@@ -27,7 +47,9 @@ def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
     MIN_DRAIN_S so clients and load balancers see the 503s); then uvicorn stops. A second SIGINT
     forces the exit."""
     uvicorn = _uvicorn()
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60,
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S)
+    redact_access_log()  # after Config, which (re)configures uvicorn's loggers
     (_DrainingServer(config, service) if service is not None else uvicorn.Server(config)).run()
 
 
@@ -64,9 +86,11 @@ def _DrainingServer(config, service):
 class BackgroundServer:
     """`with BackgroundServer(app) as url:` serves on 127.0.0.1 (a free port) until the block ends."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         uvicorn = _uvicorn()
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                     limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S)
+        redact_access_log()
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -12,11 +12,20 @@ Every image keeps its own seed, lengths and windows, so a request's output does 
 it was batched with, speculative methods included. Requests carry an optional timeout and can be
 cancelled; `close(drain=True)` finishes queued work, `close(drain=False)` rejects it with
 `ServiceClosed` — nothing is dropped silently.
+
+Bounded work (admission control): queued + running images (GridAR / best-of-N candidates count
+each) never exceed `max_outstanding`; beyond it `submit` raises `Overloaded` at once. A request
+with a timeout is refused at once (`DeadlineUnreachable`) when the measured throughput says the
+work ahead of it plus its own cannot finish in time. A cancelled request (a client that went away)
+has its rows dropped from their batch at the next step. Lanes (one batch per method, options and
+sampling) are at most `max_lanes`; idle ones are evicted (least recently used first, and any idle
+for `lane_idle_s`), and a request whose lane cannot be made yet waits for one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import threading
 import time
@@ -27,6 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from arexport.budget import budget_bytes, check as check_budget, kv_cache_bytes
 from arexport.errors import ArexportError
 from arexport.families import Conditions
 from arexport.runtime.generator import Generator
@@ -37,6 +47,11 @@ from arexport.runtime.scheduler import Scheduler
 from arexport.serving.metrics import Metrics
 
 MODES = ("continuous", "request", "none")
+MAX_BATCH = 4096  # images per lane batch; the memory budget usually binds first
+DEFAULT_OUTSTANDING_BATCHES = 64  # default bound on outstanding images: this many full batches
+MAX_TIMEOUT_S = 86400.0
+DEADLINE_MARGIN = 0.8  # admit a timed request only when its estimated finish is within this share of the timeout
+DEGRADED_FRACTION = 0.8  # /healthz says degraded at this fraction of a bound
 
 
 class ServiceClosed(ArexportError):
@@ -45,6 +60,21 @@ class ServiceClosed(ArexportError):
 
 class RequestTimeout(ArexportError):
     """A request did not finish within its timeout."""
+
+
+class Overloaded(ServiceClosed):
+    """Refused before queueing: the bound on outstanding work is reached (HTTP 429)."""
+
+    def __init__(self, msg: str, retry_after: float):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+class DeadlineUnreachable(Overloaded):
+    """Refused before queueing: the work ahead cannot finish before this request's deadline (HTTP 503)."""
+
+
+RATE_HALF_LIFE_S = 2.0  # busy seconds over which the throughput estimate forgets half its past
 
 
 @dataclass(eq=False)  # requests are compared by identity: their fields hold tensors
@@ -65,6 +95,11 @@ class Request:
         return len(self.conds)
 
     @property
+    def cost(self) -> int:
+        """Images this request generates (GridAR / best-of-N generate every candidate)."""
+        return self.n * int(getattr(self.method.options, "candidates", 1) or 1)
+
+    @property
     def key(self) -> tuple:
         """Requests with the same key share a batch: same method, options and sampling."""
         return (self.method.name, repr(self.method.options), self.sampling)
@@ -74,6 +109,15 @@ class Request:
 
     def rows(self) -> list[Row]:
         return [Row(self.conds.select(slice(i, i + 1)), image_seed(self.seed, i), (self, i)) for i in range(self.n)]
+
+
+def _fairness(row: Row):
+    """Scheduler group of a row: requests with a timeout run first come, first served among
+    themselves (the order admission control's finish estimate assumes, so an admitted request is
+    not pushed past its deadline by later ones); others round robin, so a large request cannot hold
+    every slot while a small one waits."""
+    r = row.tag[0]
+    return "deadline" if r.timeout is not None else id(r)
 
 
 @dataclass
@@ -87,14 +131,33 @@ class GenerationService:
     """See module docstring."""
 
     def __init__(self, generator: Generator, batching: str = "continuous", max_batch: int = 8, metrics: Optional[Metrics] = None,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, max_outstanding: Optional[int] = None, max_lanes: int = 8,
+                 lane_idle_s: float = 30.0):
         if batching not in MODES:
             raise ArexportError(f"batching must be one of {', '.join(MODES)}, got {batching!r}")
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ArexportError(f"max batch must be in 1..{MAX_BATCH} images, got {max_batch}")
+        if max_lanes < 1:
+            raise ArexportError(f"max lanes must be >= 1, got {max_lanes}")
         self.gen = generator
         self.engine = generator.engine
         self.batching = batching
-        self.max_batch = max(1, max_batch)
+        self.max_batch = max_batch
+        self.max_lanes = max_lanes
+        self.lane_idle_s = lane_idle_s
+        self.max_outstanding = max_outstanding or DEFAULT_OUTSTANDING_BATCHES * max_batch
+        spec = self.engine.spec
+        self.lane_estimate = kv_cache_bytes(spec, 2 * max_batch, itemsize=4)  # CFG: two rows per image
+        check_budget(f"serving with max batch {max_batch} in up to {max_lanes} lanes",
+                     max_lanes * self.lane_estimate, getattr(self.engine, "device", None),
+                     "use a smaller --max-batch or fewer --max-lanes")
         self.metrics = metrics or Metrics()
+        self._outstanding = 0  # images queued or running (admission control)
+        self._rate: Optional[float] = None  # images per busy second (EWMA over RATE_HALF_LIFE_S)
+        self._lane_used: dict[tuple, float] = {}  # lane key -> last time it stepped or took rows
+        self.waiting_for_lane = 0
+        self._turn_images = 0
+        self._last_turn: Optional[float] = None
         self._queue: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
         self._pending: list[Request] = []  # taken from the queue, not yet given to a scheduler
         self._lanes: dict[tuple, Scheduler] = {}
@@ -114,18 +177,85 @@ class GenerationService:
         m = self.gen.method(method, options)
         sampling = sampling or self.default_sampling()
         sampling.validate(self.engine.spec.vocab_size)
+        if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
+            raise ArexportError(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout}")
         req = Request(conds, m, sampling, int(seed), images, timeout)
+        cost = req.cost
         with self._lock:
             if self._closing:
                 self.metrics.rejected.labels("closed").inc()
                 raise ServiceClosed("the service is shutting down")
+            self._admission(cost, timeout)
             try:
                 self._queue.put_nowait(req)
             except queue.Full:
                 self.metrics.rejected.labels("queue_full").inc()
-                raise ServiceClosed("the request queue is full; retry later") from None
+                raise Overloaded("the request queue is full; retry later", 1.0) from None
+            self._outstanding += cost
+        req.future.add_done_callback(lambda f, r=req: self._settled(r))
         self.metrics.queue_depth.set(self._queue.qsize() + len(self._pending))
+        self.metrics.outstanding.set(self._outstanding)
         return req.future
+
+    def _admission(self, cost: int, timeout: Optional[float]) -> None:
+        """Refuse (raise) a request of `cost` images that would exceed the bound or miss its deadline.
+        Called under the lock."""
+        if cost > self.max_outstanding:
+            self.metrics.rejected.labels("too_large").inc()
+            raise ArexportError(f"the request asks for {cost} images (candidates included); this server runs at most "
+                                f"{self.max_outstanding} at a time")
+        rate = self._rate
+        drain = (self._outstanding / rate) if rate else 1.0  # seconds until today's work is done
+        if self._outstanding + cost > self.max_outstanding:
+            self.metrics.rejected.labels("overloaded").inc()
+            raise Overloaded(f"server busy: {self._outstanding} images queued or running, the limit is "
+                             f"{self.max_outstanding}; retry later", min(60.0, max(1.0, drain)))
+        if timeout is not None and rate:
+            finish = (self._outstanding + cost) / rate
+            if finish > DEADLINE_MARGIN * timeout:
+                self.metrics.rejected.labels("deadline").inc()
+                raise DeadlineUnreachable(f"the request cannot finish within its {timeout:g} s timeout: {self._outstanding} "
+                                          f"images are ahead of it at about {rate:.1f} images/s (about {finish:.1f} s)",
+                                          min(60.0, max(1.0, drain)))
+
+    def _settled(self, r: Request) -> None:
+        """A request's future resolved (result, error, timeout or cancellation): release its admission."""
+        with self._lock:
+            self._outstanding -= r.cost
+        self.metrics.outstanding.set(self._outstanding)
+        if r.future.cancelled():
+            self.metrics.requests.labels(r.method.name, "cancelled").inc()
+
+    @property
+    def load(self) -> dict:
+        """Admission state for /healthz: outstanding images against the bound, lanes, memory."""
+        try:
+            free, _ = budget_bytes(getattr(self.engine, "device", None))
+        except ArexportError:
+            free = None
+        return {"outstanding_images": self._outstanding, "max_outstanding_images": self.max_outstanding,
+                "lanes": len(self._lanes), "max_lanes": self.max_lanes, "lane_bytes": self.lane_bytes(),
+                "waiting_for_lane": self.waiting_for_lane, "memory_budget_bytes": free,
+                "images_per_second": None if self._rate is None else round(self._rate, 3)}
+
+    def degraded(self) -> list[str]:
+        """Reasons the service is near a bound (empty when it is not)."""
+        info, out = self.load, []
+        if info["outstanding_images"] >= DEGRADED_FRACTION * self.max_outstanding:
+            out.append(f"{info['outstanding_images']} of {self.max_outstanding} outstanding images")
+        if info["memory_budget_bytes"] is not None and info["memory_budget_bytes"] < 2 * self.lane_estimate:
+            out.append("memory: less than two lanes' caches left in the budget")
+        if info["waiting_for_lane"]:
+            out.append(f"{info['waiting_for_lane']} requests waiting for a lane")
+        return out
+
+    def lane_bytes(self) -> int:
+        """Bytes held by the lanes' KV caches."""
+        total = 0
+        for lane in list(self._lanes.values()):
+            for cache, _ in list(getattr(lane.decoder.slots, "_caches", [])):
+                total += sum(t.numel() * t.element_size() for t in list(cache.keys) + list(cache.values))
+        return total
 
     def generate(self, classes, **kw) -> Response:
         """Blocking submit + wait."""
@@ -177,15 +307,25 @@ class GenerationService:
     def _iteration(self) -> bool:
         """One turn of the worker; True when it should exit."""
         self._take(block=not self._busy and not self._pending)
+        self._evict_idle_lanes()
         if self._closing and not self._drain:
             self._fail_outstanding(ServiceClosed("the service shut down before this request ran"), "closed", queued=True)
         if self._closing and not self._pending and not self._busy and self._queue.empty():
             return True
         self._expire()
         self._dispatch()
+        t0, self._turn_images = time.perf_counter(), 0
+        stepped = False
         for lane in list(self._lanes.values()):
             if lane.busy:
                 self._step(lane)
+                stepped = True
+        if stepped:  # wall time of the whole turn since the last one (HTTP and other threads' share included)
+            now = time.perf_counter()
+            self._measure(now - min(t0, self._last_turn if self._last_turn is not None else t0), self._turn_images)
+            self._last_turn = now
+        else:
+            self._last_turn = None
         self.metrics.queue_depth.set(self._queue.qsize() + len(self._pending))
         return False
 
@@ -208,9 +348,6 @@ class GenerationService:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for r in self._pending:
-            if r.future.cancelled():
-                self.metrics.rejected.labels("cancelled").inc()
         self._pending = [r for r in self._pending if not r.future.done()]
         for r in self._pending + self._inflight():
             if r.expired(now):
@@ -228,18 +365,41 @@ class GenerationService:
                 seen[id(tag[0])] = tag[0]
         return list(seen.values())
 
-    def _lane(self, r: Request) -> Scheduler:
+    def _lane(self, r: Request) -> Optional[Scheduler]:
+        """r's lane, made when missing; None when max_lanes lanes are all busy (r waits)."""
         key = r.key
         if key not in self._lanes:
+            if len(self._lanes) >= self.max_lanes:
+                idle = sorted((k for k, v in self._lanes.items() if not v.busy and not v.queue),
+                              key=lambda k: self._lane_used.get(k, 0.0))
+                if not idle:
+                    return None
+                self._drop_lane(idle[0])
             dec = self.gen.decoder(r.method, r.sampling, self.max_batch)
-            self._lanes[key] = Scheduler(dec, fair_by=lambda row: id(row.tag[0]))  # round robin over requests
+            self._lanes[key] = Scheduler(dec, fair_by=_fairness)
+        self._lane_used[key] = time.monotonic()
         return self._lanes[key]
+
+    def _drop_lane(self, key: tuple) -> None:
+        self._lanes.pop(key, None)
+        self._lane_used.pop(key, None)
+
+    def _evict_idle_lanes(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, v in self._lanes.items()
+                    if not v.busy and not v.queue and now - self._lane_used.get(k, now) > self.lane_idle_s]:
+            self._drop_lane(key)
+        self.metrics.lanes.set(len(self._lanes))
+        self.metrics.lane_bytes.set(self.lane_bytes())
 
     def _dispatch(self) -> None:
         if self.batching == "continuous":
+            waiting = []
             for r in self._pending:
-                self._admit(r)
-            self._pending = []
+                if not self._admit(r):
+                    waiting.append(r)
+            self._pending = waiting
+            self.waiting_for_lane = len(waiting)
             return
         if self._busy or not self._pending:  # request / none: one group at a time, run to its end
             return
@@ -252,19 +412,26 @@ class GenerationService:
                     group.append(other)
                     n += other.n
         taken = {id(g) for g in group}  # requests stay in _pending until they are admitted: nothing is lost
-        self._pending = [p for p in self._pending if id(p) not in taken]
-        for g in group:
-            self._admit(g)
+        admitted = {id(g) for g in group if self._admit(g)}
+        self._pending = [p for p in self._pending if id(p) not in taken or id(p) not in admitted]
 
-    def _admit(self, r: Request) -> None:
+    def _admit(self, r: Request) -> bool:
+        """Give r's rows to its lane; False when r must wait for a lane (it stays pending)."""
         try:
-            self._lane(r).submit(r.rows())
+            lane = self._lane(r)
+            if lane is None:
+                return False
+            lane.submit(r.rows())
         except Exception as e:  # e.g. an engine that cannot hold this batch: fail this request alone
             self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"could not start the request: {e}"), "error")
+        return True
 
     def _step(self, lane: Scheduler) -> None:
         t0 = time.perf_counter()
         before = self.engine.forward_count()
+        for k, v in self._lanes.items():
+            if v is lane:
+                self._lane_used[k] = time.monotonic()
         try:
             done = lane.step()
         except (Exception, SystemExit) as e:  # a step failed (a hook raised, ...): only the requests in its batch fail
@@ -277,8 +444,9 @@ class GenerationService:
             self._lanes = {k: v for k, v in self._lanes.items() if v is not lane}
             return
         dec = lane.decoder
-        self.metrics.record_step(time.perf_counter() - t0, self.engine.forward_count() - before,
-                                 dec.live / dec.slots.capacity)
+        seconds = time.perf_counter() - t0
+        self.metrics.record_step(seconds, self.engine.forward_count() - before, dec.live / dec.slots.capacity)
+        self._turn_images += len(done)
         for f in done:
             r, i = f.tag
             if r.future.done():
@@ -288,6 +456,15 @@ class GenerationService:
                 r.latents[i] = f.latents
             if len(r.results) == r.n:
                 self._finish(r, torch.stack([r.results[j] for j in range(r.n)]))
+
+    def _measure(self, seconds: float, images: int) -> None:
+        """Throughput in images per busy wall second (a decaying sum of images over a decaying sum of
+        seconds): what admission control expects the queue to drain at."""
+        decay = 0.5 ** (seconds / RATE_HALF_LIFE_S)
+        self._rate_images = getattr(self, "_rate_images", 0.0) * decay + images
+        self._rate_seconds = getattr(self, "_rate_seconds", 0.0) * decay + seconds
+        if self._rate_images > 0 and self._rate_seconds > 0.02:
+            self._rate = self._rate_images / self._rate_seconds
 
     def _finish(self, r: Request, tokens: torch.Tensor) -> None:
         try:
@@ -324,6 +501,7 @@ class GenerationService:
             if r is not None:
                 self._fail(r, err, reason)
         self._lanes.clear()
+        self._lane_used.clear()
 
     def _fail(self, r: Request, err: Exception, reason: str = "closed") -> None:
         if r.future.done():
