@@ -411,8 +411,9 @@ def test_window_arms_pick_the_window_only_where_it_pays():
             arms.observe(got, torch.tensor([True, True]))
         return seen
 
-    seen = run(30, [3.0, 1.0])  # image 0: 3 tokens for 3.5 beats 1 for 2; image 1's window does not pay
-    assert [s[0] for s in seen] == [16] * 30  # no step is spent measuring L = 1
+    seen = run(40, [3.0, 1.0])  # image 0: 3 tokens for 3.5 beats 1 for 2; image 1's window does not pay
+    assert [s[0] for s in seen] == [16] * 40  # no step is spent measuring L = 1
+    assert [s[1] for s in seen[:9]] == [16] * 9  # the first step (cold) and `trust` = 8 counted ones
     assert float(arms.tokens[0]) == pytest.approx(3.0)
     tail = "".join("w" if s[1] == 16 else "." for s in seen[-20:])
     assert "www" in tail and "wwww" not in tail  # image 1: re-measured in bursts of 3 ...
