@@ -330,8 +330,9 @@ def _load_captions(path: Optional[str]):
 @click.option("--draft", help="Draft model name or engine directory (sd, lantern, vvs).")
 @click.option("--refiner", help="Refiner model name or engine directory (code: a smaller VAR for the last scales).")
 @click.option("--latency-profile", type=click.Path(dir_okay=False, exists=True),
-              help="An `arexport profile --json` file of this model, backend and device: latency-aware sjd/sd read its "
-                   "latency curves instead of measuring them at their first step.")
+              help="An `arexport profile --json` file of this model, backend and device: latency-aware sjd/sd/lantern/vvs "
+                   "price their steps with its measured curves instead of the fixed cost model (machine-dependent: "
+                   "the tokens a seed gives follow the file).")
 @method_options
 @click.option("--option", "method_opts", multiple=True, metavar="K=V", help="Any other method option, repeatable (e.g. start=3).")
 @click.option("--save-tokens", type=click.Path(dir_okay=False), help="Write tokens as .npy int array [N, n_tokens], raster order.")
@@ -1073,8 +1074,9 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--refiner", help="Refiner model or engine directory (code requests).")
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP)
 @click.option("--latency-profile", type=click.Path(dir_okay=False, exists=True),
-              help="An `arexport profile --json` file of this model, backend and device: latency-aware sjd/sd read its "
-                   "latency curves instead of measuring them at their first step.")
+              help="An `arexport profile --json` file of this model, backend and device: latency-aware sjd/sd/lantern/vvs "
+                   "price their steps with its measured curves instead of the fixed cost model (machine-dependent: "
+                   "the tokens a seed gives follow the file).")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--batching", type=click.Choice(["continuous", "request", "none"]), default="continuous", show_default=True,

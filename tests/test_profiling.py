@@ -127,8 +127,9 @@ def test_gpu_runbook_profile_lists_what_its_time_budget_left_out(tmp_path):
 
 
 def test_latency_curves_from_a_profile_json_replace_measuring(demo_engine, tmp_path):
-    """profile --json records the curves latency-aware speculation measured; --latency-profile loads them
-    back, so the first sjd step measures nothing (the engine's step is never called to time it)."""
+    """profile --json records the curves latency-aware speculation prices steps with (one image's rows,
+    up to the default window); --latency-profile loads them back without measuring, and they are what
+    the speculative defaults then read (runtime/step_cost.py)."""
     import json
 
     from click.testing import CliRunner
@@ -147,6 +148,10 @@ def test_latency_curves_from_a_profile_json_replace_measuring(demo_engine, tmp_p
     gen = Generator.load(str(demo_engine), backend="ort", latency_profile=str(out))
     gen.engine._step = lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured"))
     assert gen.engine.latency_curve(rows, max_q).tolist() == values
+    assert (rows, max_q) == (2, 8)  # CFG rows of one image; the engine's largest verify block (8 < 16)
+    from arexport.runtime.step_cost import prices
+
+    assert prices(gen.engine, 2, 8).target.tolist() == values and prices(gen.engine, 2, 8).source == "profile"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "arexport-profile", "context": {"model": "demo-arpg"}, "results": []}))
     with pytest.raises(ArexportError, match="profiles 'demo-arpg', not 'demo'"):

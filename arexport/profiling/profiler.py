@@ -18,6 +18,7 @@ from arexport.runtime.generator import Generator
 from arexport.runtime.methods.base import parse_method_options
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.stats import percentiles
+from arexport.runtime.step_cost import LATENCY_AWARE, measure_for_profile
 
 SCHEMA_VERSION = 1
 KIND_ORDER = ("prefill", "decode", "verify", "multi_query", "scale", "next_scale", "vq_decode", "latent_decode")
@@ -124,6 +125,8 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         if r == 0:
             trace = [{"kind": x.kind, "q": x.q, "ms": x.seconds * 1e3} for x in gen.engine.records]
             stats = res.stats
+    if cfg.method in LATENCY_AWARE:  # the curves `--latency-profile` reads back (decoding itself times nothing)
+        measure_for_profile(gen.engine, gen.draft, 2 if sampling.uses_cfg else 1)
     steps = summarize_steps(records)
     n_img = len(classes) * repeats
     peak, peak_kind = _peak_memory(dev)

@@ -56,7 +56,8 @@ class Generator:
 
         text_encoder: a local T5 save_pretrained directory for text-conditional LlamaGen (prompts).
         latency_profile: an `arexport profile --json` file of this model and backend whose latency curves
-        the speculative methods use instead of measuring them at their first step.
+        latency-aware speculation prices its steps with instead of the fixed cost model (runtime/step_cost.py;
+        the tokens a seed gives then follow the file's numbers).
         host_threads: torch intra-op threads for the runtime's own work (sampling, acceptance, masks).
         With ONNX Runtime on the CPU it defaults to 1: that work is on tiny tensors, and torch's thread
         pool spinning next to ORT's on the same cores made an SJD step 3x slower (engine and host both).

@@ -34,6 +34,7 @@ KAPPA = 1.0 / 16  # an extra query in a verify block, in decode steps
 HOST = 1.0  # the runtime's own work per step, in decode steps
 SPECULATION_Q = 16  # the longest block a default choice verifies (sjd's window; sd's is 9): what a profile measures
 DRAFT_Q = 2  # a draft round's longest step (its catch-up of the two newest tokens)
+LATENCY_AWARE = ("sd", "sjd", "lantern", "vvs")  # methods whose defaults read these prices
 
 
 @dataclass(frozen=True)

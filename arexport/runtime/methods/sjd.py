@@ -10,8 +10,10 @@ is padded with new drafts: `random` (uniform token, one-hot q) or `repeat_horizo
 previous token of the same image row, one-hot q; random at a row start).
 Outside the token interval [start, end) no draft is accepted, i.e. decoding is plain AR.
 
-Every image has its own window length L_i = min(window, tokens left) (1 outside the interval); a
-batch step feeds max L_i positions and shorter rows pad into their cache lookahead.
+Every image has its own window length L_i = min(window, tokens left) (1 outside the interval); with
+the default (latency-aware) window each image also chooses per step between its window and L_i = 1
+from its own history (WindowArms). A batch step feeds max L_i positions and shorter rows pad into
+their cache lookahead; an image reads the same random lanes whatever that width.
 """
 
 from __future__ import annotations
