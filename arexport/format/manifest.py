@@ -66,7 +66,8 @@ class Graph:
 
 @dataclass
 class Profiles:
-    """Shapes the engine serves: batch sizes in rows (CFG doubles them) and the largest query length."""
+    """Shapes the engine serves: batch sizes in rows (CFG doubles them) and the largest query length
+    (`verify_len`: the same number as `Manifest.max_q`)."""
 
     batch_sizes: list[int]
     verify_len: int
@@ -99,6 +100,12 @@ class Manifest:
     @property
     def step(self) -> Graph:
         return self.graphs["step"]
+
+    @property
+    def max_q(self) -> int:
+        """The largest query length of any step: `--verify-len` at build, recorded as profiles.verify_len
+        and as each step graph's q_range[1] (checked equal on reading), StepEngine.max_q at run time."""
+        return int(self.profiles.verify_len)
 
     def step_graphs(self) -> dict[str, "StepKind"]:
         """Graph name -> the step kind it implements, for every step graph of the directory."""
@@ -153,6 +160,9 @@ class Manifest:
         for name, g in graphs.items():
             if g.file not in files:
                 raise ManifestError(f"{where}: graph {name} names a file that the manifest does not list")
+            if g.q_range is not None and int(g.q_range[1]) != out.max_q:
+                raise ManifestError(f"{where}: graph {name} serves queries up to {g.q_range[1]}, the profiles say "
+                                    f"{out.max_q} (one number: the engine's largest query length)")
         return out
 
 

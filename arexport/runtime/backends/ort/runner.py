@@ -57,7 +57,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
     MAX_BINDINGS = 32  # standing cache bindings kept (one per live-row count and cache in use)
 
     def __init__(self, sessions: OrtSessions, manifest, device: torch.device, cache_dtype: torch.dtype):
-        super().__init__(manifest.spec, device, cache_dtype, max_q=int(manifest.step.q_range[1]))
+        super().__init__(manifest.spec, device, cache_dtype, max_q=manifest.max_q)
         self.sessions = sessions
         self.directory = sessions.directory
         self.manifest = manifest
