@@ -146,7 +146,7 @@ def test_latency_curves_from_a_profile_json_replace_measuring(demo_engine, tmp_p
     (key, values), = curves.items()
     rows, max_q = map(int, key.split(","))
     gen = Generator.load(str(demo_engine), backend="ort", latency_profile=str(out))
-    gen.engine._step = lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured"))
+    gen.engine._forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured"))
     assert gen.engine.latency_curve(rows, max_q).tolist() == values
     assert (rows, max_q) == (2, 8)  # CFG rows of one image; the engine's largest verify block (8 < 16)
     from arexport.runtime.step_cost import prices

@@ -149,3 +149,35 @@ def test_backend_loaders_never_import_their_runners(tmp_path):
     loader.write_text(loader.read_text() + "\n\ndef _engine():\n    from arexport.runtime.backends.ort.runner import OrtEngine  # noqa\n")
     bad = subprocess.run([exe], cwd=copy, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(copy)})
     assert bad.returncode != 0 and "no loader <-> runner circles) BROKEN" in " ".join(bad.stdout.split())
+
+
+def test_the_largest_query_length_is_one_number(hidden_engine):
+    """--verify-len, profiles.verify_len, every step graph's q_range and StepEngine.max_q are one number:
+    a manifest where a step graph disagrees is refused, naming the graph."""
+    from arexport.errors import ManifestError
+    from arexport.format.manifest import Manifest
+    from arexport.runtime.loading import open_engine
+
+    m = json.loads((hidden_engine / "manifest.json").read_text())
+    assert Manifest.from_json(m).max_q == 4 == open_engine(str(hidden_engine), "ort").max_q
+    m["graphs"]["step_hidden"]["q_range"] = [1, 3]
+    with pytest.raises(ManifestError, match="graph step_hidden serves queries up to 3, the profiles say 4"):
+        Manifest.from_json(m)
+
+
+def test_version_2_directories_are_read_with_their_step_kinds_inferred(hidden_engine):
+    from arexport.errors import ManifestError
+    from arexport.format.manifest import Manifest
+
+    m = json.loads((hidden_engine / "manifest.json").read_text())
+    assert m["format_version"] == 3
+    m["format_version"] = 2
+    for g in m["graphs"].values():
+        g.pop("step", None)
+    kinds = {name: k.name for name, k in Manifest.from_json(m).step_graphs().items()}
+    assert kinds == {"step": "token", "step_hidden": "token_hidden"}
+    m["graphs"]["step"]["kinds"] = {"scale": 4}  # a VAR step graph of version 2
+    assert Manifest.from_json(m).step_graphs()["step"].name == "scale"
+    m["format_version"] = 1
+    with pytest.raises(ManifestError, match="format version 1 was written by an older arexport .* rebuild"):
+        Manifest.from_json(m)

@@ -51,7 +51,7 @@ def build_plans(directory: Path, manifest, opts, report: Callable[[str], None]) 
     exact = get_family(manifest.spec.family).exact_query_sizes(manifest.spec)
     for name, graph in manifest.graphs.items():
         if name in steps:  # the step kind's declared ranges
-            profiles = step_profiles(batch_sizes, manifest.profiles.verify_len, steps[name], exact)
+            profiles = step_profiles(batch_sizes, manifest.max_q, steps[name], exact)
         else:
             profiles = graph_profiles(name, batch_sizes)
         report(f"TensorRT: {graph.file} with {len(profiles)} profiles")

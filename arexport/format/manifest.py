@@ -4,10 +4,12 @@ The runtime refuses a directory whose manifest it does not understand (wrong for
 version, missing fields), whose files are missing or whose hashes/sizes do not match, or whose
 TensorRT plans were built for another GPU or TensorRT version — each with a message naming it.
 
-Format versions: 2 (this one) sizes every graph's cache with `lookahead` slots past the image
-(`spec.s_max = s_max_for(cond_len, n_tokens, verify_len - 1)`), which lets one batch step rows with
-different query lengths. Version-1 directories lack that headroom and are refused with a message
-that says to rebuild them.
+Format versions: 3 (this one) names the step kind each step graph implements (`Graph.step`, see
+format.stepkinds), so a directory may hold several (e.g. `step_hidden` next to `step`); version-2
+directories are read too (their step graphs' kinds follow from their names and labels). Version 2
+sized every graph's cache with `lookahead` slots past the image (`spec.s_max = s_max_for(cond_len,
+n_tokens, verify_len - 1)`), which lets one batch step rows with different query lengths. Version-1
+directories lack that headroom and are refused with a message that says to rebuild them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from arexport.format.spec import ModelSpec
 from arexport.format.stepkinds import StepKind, graph_step_kind
 
 FORMAT = "arexport-engine"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+OLDEST_READ = 2  # version 2 lacks Graph.step only, which format.stepkinds infers
 MANIFEST = "manifest.json"
 REQUIRED = ("format", "format_version", "spec", "precision", "graphs", "files", "profiles", "tools")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -66,7 +69,8 @@ class Graph:
 
 @dataclass
 class Profiles:
-    """Shapes the engine serves: batch sizes in rows (CFG doubles them) and the largest query length."""
+    """Shapes the engine serves: batch sizes in rows (CFG doubles them) and the largest query length
+    (`verify_len`: the same number as `Manifest.max_q`)."""
 
     batch_sizes: list[int]
     verify_len: int
@@ -100,6 +104,12 @@ class Manifest:
     def step(self) -> Graph:
         return self.graphs["step"]
 
+    @property
+    def max_q(self) -> int:
+        """The largest query length of any step: `--verify-len` at build, recorded as profiles.verify_len
+        and as each step graph's q_range[1] (checked equal on reading), StepEngine.max_q at run time."""
+        return int(self.profiles.verify_len)
+
     def step_graphs(self) -> dict[str, "StepKind"]:
         """Graph name -> the step kind it implements, for every step graph of the directory."""
         out = {}
@@ -127,9 +137,9 @@ class Manifest:
         if v > FORMAT_VERSION:
             raise ManifestError(f"{where}: manifest format version {v} is newer than this arexport understands "
                                 f"({FORMAT_VERSION}); upgrade arexport")
-        if v < FORMAT_VERSION:
+        if v < OLDEST_READ:
             raise ManifestError(f"{where}: manifest format version {v} was written by an older arexport (this one reads "
-                                f"{FORMAT_VERSION}: caches now carry lookahead slots); rebuild the engine with arexport build")
+                                f"{OLDEST_READ}-{FORMAT_VERSION}: caches now carry lookahead slots); rebuild the engine with arexport build")
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise ManifestError(f"{where}: missing fields: {', '.join(missing)}")
@@ -165,6 +175,9 @@ class Manifest:
         for name, g in graphs.items():
             if g.file not in files:
                 raise ManifestError(f"{where}: graph {name} names a file that the manifest does not list")
+            if g.q_range is not None and int(g.q_range[1]) != out.max_q:
+                raise ManifestError(f"{where}: graph {name} serves queries up to {g.q_range[1]}, the profiles say "
+                                    f"{out.max_q} (one number: the engine's largest query length)")
         return out
 
 

@@ -12,12 +12,12 @@ from arexport.errors import ArexportError
 from arexport.format.stepkinds import StepKind, get_step_kind
 
 
-def step_profiles(batch_sizes: list[int], verify_len: int, kind: Union[str, StepKind] = "token",
+def step_profiles(batch_sizes: list[int], max_q: int, kind: Union[str, StepKind] = "token",
                   exact_sizes: tuple[int, ...] = ()) -> list[dict[str, Any]]:
     """Profiles of a step graph as its declaration states them, each covering every batch of 1..max
     rows (the scheduler's live rows change from step to step), tuned for the largest batch size given;
     `exact_sizes` are the query sizes the family gives a profile of their own (VAR's scales)."""
-    return get_step_kind(kind).trt_profiles(max(batch_sizes), verify_len, tuple(exact_sizes))
+    return get_step_kind(kind).trt_profiles(max(batch_sizes), max_q, tuple(exact_sizes))
 
 
 def graph_profiles(name: str, batch_sizes: list[int]) -> list[dict[str, Any]]:

@@ -108,7 +108,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
     MAX_STATIC = 32  # launches whose static buffers are kept (least recently used dropped first)
 
     def __init__(self, sessions: OrtSessions, manifest, device: torch.device, cache_dtype: torch.dtype):
-        super().__init__(manifest.spec, device, cache_dtype, max_q=int(manifest.step.q_range[1]))
+        super().__init__(manifest.spec, device, cache_dtype, max_q=manifest.max_q)
         self.sessions = sessions
         self.directory = sessions.directory
         self.manifest = manifest

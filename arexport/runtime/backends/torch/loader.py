@@ -49,7 +49,7 @@ def open_directory(directory: Path, manifest, device: str = "cpu", cuda_graph: b
     if "vq_decoder" not in manifest.graphs:
         engine.decoder = None  # mirror the engine: it was built without images
     engine.spec = manifest.spec  # same model; the directory's spec records its cache length
-    engine.max_q = int(manifest.step.q_range[1])
+    engine.max_q = manifest.max_q
     text = manifest.export.get("text_encoder")
     if text and Path(text["source"]).is_dir():  # the T5 directory the engine's text encoder was exported from
         from arexport.runtime.text import TorchT5

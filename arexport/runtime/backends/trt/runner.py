@@ -26,7 +26,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
 
     def __init__(self, directory: Path, manifest, device: torch.device, cache_dtype: torch.dtype, plans: dict[str, Plan],
                  stream, cuda_graph: bool = False):
-        super().__init__(manifest.spec, device, cache_dtype, max_q=int(manifest.step.q_range[1]))
+        super().__init__(manifest.spec, device, cache_dtype, max_q=manifest.max_q)
         self.directory = directory
         self.manifest = manifest
         self.fixed_slots = manifest.spec.s_max
