@@ -209,8 +209,9 @@ def test_lantern_one_step_output_distribution_is_the_officials():
 # models/ea_llamagen.py `generate`: `new_token = 0` after `initialize_tree_v2` sampled the first token
 # (lines 420, 214-241), `steps_in_first_row = 0` and never changed (line 427), `idx` the loop index over
 # all steps, skipped ones included (line 433; the call at lines 446-459 passes an extra leading
-# `prompt_idx` that the published signature lacks, so we follow skip_verify's own parameters); so `new_token` counts the tokens appended to `input_ids`
-# before this step, which leaves out the step's root token (candidates[:, 0], the last sampled token).
+# `prompt_idx` that the published signature lacks, so we follow skip_verify's own parameters); so
+# `new_token` counts the tokens appended to `input_ids` before this step, which leaves out the step's
+# root token (candidates[:, 0], the last sampled token).
 # `update_inference_inputs_skip` lines 276-287 and 428-431: a skipped step appends candidates[best,
 # :accept_length] (root + accept_length - 1 drafts) and drafts next from candidates[best, accept_length],
 # `new_token += accept_length`; a verified step appends root + accept_length accepted drafts and samples
@@ -454,9 +455,9 @@ def _gridar_seen(grid, split):
         seen.append((partial.tokens.clone(), partial.canvas.clone()))
         return torch.tensor([True, False, True, True])
 
+    scorer = lambda im, c: im.float().mean((1, 2, 3))  # noqa: E731
     Generator(engine).generate(classes=[1], seeds=[4], method="gridar", sampling=SamplingParams(cfg_scale=2.0), images=False,
-                               method_options=dict(candidates=4, verifier=verifier, scorer=lambda im, c: im.float().mean((1, 2, 3)),
-                                                   split=split))
+                               method_options=dict(candidates=4, verifier=verifier, scorer=scorer, split=split))
     return engine, seen
 
 

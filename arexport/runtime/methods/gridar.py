@@ -299,7 +299,7 @@ class GridAR(Method):
     """GridAR test-time scaling (see module docstring)."""
 
     Options = GridAROptions
-    help = "GridAR test-time scaling: N candidates, prune at 1/4 and 1/2 of the rows with a verifier, pick with a scorer"
+    help = "GridAR test-time scaling: N candidates, prune after 1/4 and 1/2 of the tokens with a verifier, pick with a scorer"
 
     def decoder(self, ctx, capacity):
         o = self.options
