@@ -27,15 +27,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--cfg", default="1.5,1.0", help="guidance scales for the GridAR comparison")
+    ap.add_argument("--batch", type=int, default=1, help="VVS comparison batch (tokens do not depend on it; ms/img does)")
+    ap.add_argument("--only", choices=("vvs", "gridar"), default=None, help="run one of the two comparisons")
     args = ap.parse_args()
     gen = Generator.load("demo", draft="demo-draft")
     classes = [i % 10 for i in range(args.images)]
     params = SamplingParams(cfg_scale=1.5)
-    vvs_rows = []
-    for method, opts in (("ar", {}), ("lantern", {"delta": 0.2}), ("vvs", {"policy": "uniform"}), ("vvs", {"policy": "dynamic"}),
-                         ("vvs", {"policy": "dynamic", "sim_threshold": 0.95})):
+    vvs_rows, tts_rows = [], []
+    for method, opts in () if args.only == "gridar" else (
+            ("ar", {}), ("lantern", {"delta": 0.2, "gamma": 4}), ("vvs", {"policy": "uniform", "gamma": 4}),
+            ("vvs", {"policy": "dynamic", "gamma": 4}), ("vvs", {"policy": "dynamic", "sim_threshold": 0.95, "gamma": 4})):
         t0 = time.perf_counter()
-        r = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, batch_size=1, images=False,
+        r = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, batch_size=args.batch, images=False,
                          timings=False, seed=1)
         dt = time.perf_counter() - t0
         vvs_rows.append({"method": method + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items())),
@@ -43,8 +46,7 @@ def main():
                          "skipped rounds/img": r.stats.get("skipped_rounds", 0) / args.images, "ms/img": 1e3 * dt / args.images,
                          **digit_quality(r.tokens, classes)})
         print(vvs_rows[-1], file=sys.stderr)
-    tts_rows = []
-    for cfg in (float(x) for x in args.cfg.split(",")):
+    for cfg in () if args.only == "vvs" else (float(x) for x in args.cfg.split(",")):
         p = SamplingParams(cfg_scale=cfg)
         for method, n in (("ar", 1), ("best-of-n", 4), ("best-of-n", 8), ("gridar", 4), ("gridar", 8)):
             opts = {} if method == "ar" else {"candidates": n}

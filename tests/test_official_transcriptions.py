@@ -209,8 +209,9 @@ def test_lantern_one_step_output_distribution_is_the_officials():
 # models/ea_llamagen.py `generate`: `new_token = 0` after `initialize_tree_v2` sampled the first token
 # (lines 420, 214-241), `steps_in_first_row = 0` and never changed (line 427), `idx` the loop index over
 # all steps, skipped ones included (line 433; the call at lines 446-459 passes an extra leading
-# `prompt_idx` that the published signature lacks, so we follow skip_verify's own parameters); so `new_token` counts the tokens appended to `input_ids`
-# before this step, which leaves out the step's root token (candidates[:, 0], the last sampled token).
+# `prompt_idx` that the published signature lacks, so we follow skip_verify's own parameters); so
+# `new_token` counts the tokens appended to `input_ids` before this step, which leaves out the step's
+# root token (candidates[:, 0], the last sampled token).
 # `update_inference_inputs_skip` lines 276-287 and 428-431: a skipped step appends candidates[best,
 # :accept_length] (root + accept_length - 1 drafts) and drafts next from candidates[best, accept_length],
 # `new_token += accept_length`; a verified step appends root + accept_length accepted drafts and samples
@@ -414,3 +415,93 @@ def test_code_sampled_distribution_is_the_official_samplers():
     assert _chi2_p(c0, _official_code_probs(l0, 600, top_p, 1.0)) < 1e-4
     assert _chi2_p(c0, _official_code_probs(l0, 600, 0.0, 1.1)) < 1e-4
     assert _chi2_p(c1, _official_code_probs(l1, 600, 0.0, 1.0)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# GridAR: JoonHyung-Park/GridAR, commit 5f755efea146, GridAR-Janus-Pro/generator/janus_generator.py:
+# the first checkpoint after `quarter = total_tokens // 4` tokens (lines 196-204), the second after
+# `half = total_tokens // 2` (lines 207-222); the verifier's canvas pads with mode "repeat": after the
+# first quarter tokens[:, q:2q], [2q:3q], [3q:4q] = tokens[:, :q] (lines 27-30), after the half
+# tokens[:, half:] = tokens[:, :half] (lines 40-41). evaluate_gridar.py lines 281-288 / 340-347:
+# without 3-way CFG the refined prompt replaces the prompt (2-way CFG on it).
+# ---------------------------------------------------------------------------------------------------
+def _official_pad_repeat(tokens, total):
+    """The full-length canvas tokens for a generated prefix of a quarter or a half of `total`."""
+    out = torch.zeros(tokens.shape[0], total, dtype=tokens.dtype)
+    t = tokens.shape[1]
+    if t == total // 4:
+        for j in range(4):
+            out[:, j * t:(j + 1) * t] = tokens
+    elif t == total // 2:
+        out[:, :t] = tokens
+        out[:, t:] = tokens[:, :total - t]
+    else:
+        raise AssertionError(f"not an official checkpoint: {t} of {total}")
+    return out
+
+
+def _gridar_seen(grid, split):
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    lm = load_model("llamagen-c2i-B", random_init=True,
+                    overrides={"n_layer": 1, "dim": 32, "n_head": 2, "grid_size": grid, "multiple_of": 32})
+    engine = TorchEngine(lm)
+    seen = []
+
+    def verifier(partial):
+        seen.append((partial.tokens.clone(), partial.canvas.clone()))
+        return torch.tensor([True, False, True, True])
+
+    scorer = lambda im, c: im.float().mean((1, 2, 3))  # noqa: E731
+    Generator(engine).generate(classes=[1], seeds=[4], method="gridar", sampling=SamplingParams(cfg_scale=2.0), images=False,
+                               method_options=dict(candidates=4, verifier=verifier, scorer=scorer, split=split))
+    return engine, seen
+
+
+@pytest.mark.parametrize("grid", [18, 8])
+def test_gridar_checkpoints_and_canvas_are_the_officials(grid):
+    total = grid * grid
+    engine, seen = _gridar_seen(grid, "tokens")
+    assert [t.shape[1] for t, _ in seen] == [total // 4, total // 2]
+    for tokens, canvas in seen:
+        assert torch.equal(canvas, engine.decode_images(_official_pad_repeat(tokens, total)))
+
+
+def test_gridar_negative_control_whole_rows():
+    """split=rows, the previous behaviour, prunes grid 18 after 4 rows (72 tokens), not 81."""
+    _, seen = _gridar_seen(18, "rows")
+    assert [t.shape[1] for t, _ in seen] == [72, 162]
+    with pytest.raises(AssertionError, match="not an official checkpoint"):
+        _official_pad_repeat(seen[0][0], 324)
+
+
+def test_gridar_replace_guidance_is_cfg_on_the_reformulated_caption():
+    """guidance=replace: a reformulation that returns the original caption changes nothing; 3-way
+    CFG at w3 = 0 ignores the reformulated caption entirely, while replace follows it."""
+    from arexport.families import Conditions
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    lm = load_model("llamagen-t2i-B", random_init=True, seed=2,
+                    overrides={"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "cls_token_num": 6,
+                               "caption_dim": 32})
+    gen = Generator(TorchEngine(lm))
+    emb = torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(0))
+
+    def run(reformulate=None, **opts):
+        res = gen.generate(captions=emb, seeds=[9], method="gridar", sampling=SamplingParams(cfg_scale=3.0), images=False,
+                           method_options=dict(candidates=4, verifier="accept-all", reformulate=reformulate,
+                                               scorer=lambda images, c: images.float().mean((1, 2, 3)), **opts))
+        return res.extras[0]["candidate_tokens"]
+
+    same = lambda partial, c: c  # noqa: E731
+    other = lambda partial, c: Conditions(embeds=c.embeds * -1.0, mask=c.mask)  # noqa: E731
+    base = run()
+    assert torch.equal(run(same, guidance="replace"), base)
+    assert torch.equal(run(other, w3=0.0), base)  # 3-way at w3 = 0: not the official ablation
+    assert not torch.equal(run(other, guidance="replace"), base)

@@ -194,7 +194,8 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams, step=None) -
     if params.temperatures:
         if step is None:
             raise ArexportError("per-step temperatures need the step each row samples (only var and code sample by scale)")
-        t = torch.tensor(params.temperatures, dtype=torch.float32, device=logits.device)[torch.as_tensor(step, device=logits.device)]
+        t = torch.tensor(params.temperatures, dtype=torch.float32, device=logits.device)
+        t = t[torch.as_tensor(step, device=logits.device)]
         temp = t.view(*t.shape, *(1,) * (logits.dim() - t.dim()))
     filtering = params.top_k > 0 or params.top_p < 1.0
     if filtering and params.filter_first:

@@ -1,8 +1,11 @@
 """`gridar` and `best-of-n`: test-time scaling over N partial candidates per image.
 
 GridAR generates N candidates (a multiple of 4) for every image with raster AR, in lockstep. At
-checkpoints (a quarter and half of the grid rows) it decodes each partial canvas — the visible
-rows repeated to fill the grid, then cropped back for the verifier — asks a verifier which
+checkpoints (a quarter and half of the tokens, the official `total // 4` and `total // 2` of
+JoonHyung-Park/GridAR `GridAR-Janus-Pro/generator/janus_generator.py` lines 196-238; `split=rows`
+rounds them to whole grid rows, which differs on grids not divisible by 4) it decodes each partial
+canvas — the generated prefix repeated to fill the grid (the official pad "repeat", lines 22-41),
+then its top fraction cropped for the verifier — asks a verifier which
 candidates are feasible, and replaces the infeasible ones by copies of feasible ones of the same
 group of `group` candidates (4, the official `is_grouped_by_4`; `group=N` pools all N), round robin,
 cache rows included; a copy gets a fresh random stream so it diverges from its source. A group with
@@ -15,8 +18,12 @@ as the official loop refines from the selected images); then the 3-way CFG guide
 u + s (c - u) + w3 * perp(r - u), where r are the logits under the reformulated caption, perp removes
 the component along (c - u), s is the sampler's guidance scale and w3 defaults to s - 1: the
 official `cfg_decode_3_way` is u + (w + 1)(c - u) + w perp(r - u) with one guidance weight w, in
-Janus-Pro's convention where our s is w + 1. `w3=0` turns the third term off. The reformulated rows
-keep their own cache, prefilled with the new caption and fed the tokens so far.
+Janus-Pro's convention where our s is w + 1 (`decode.py` lines 7-32): the official default
+`cfg_scale: 5.0` (`configs/evaluate_gridar.yaml` line 10) is `--cfg-scale 6` here. `w3=0` turns the
+third term off; that is not the official ablation without 3-way CFG, which conditions on the
+reformulated caption alone (`evaluate_gridar.py` lines 281-288, 340-347): `guidance=replace`
+guides u + s (r - u). The reformulated rows keep their own cache, prefilled with the new caption
+and fed the tokens so far.
 """
 
 from __future__ import annotations
@@ -65,12 +72,18 @@ class GridAROptions(Options):
     verifier: Any = option("auto", "verifier of partial candidates: digits, accept-all, or module:callable (CLI only)",
                            flag="--verifier")
     scorer: Any = option("auto", "final scorer: digits, or module:callable (CLI only)", flag="--scorer")
-    checkpoints: Any = option((0.25, 0.5), "fractions of the grid rows where candidates are verified (a/b/...)")
+    checkpoints: Any = option((0.25, 0.5), "fractions of the image where candidates are verified (a/b/...)")
+    split: str = option("tokens", "where a checkpoint falls: tokens (floor(fraction x tokens), the official total // 4 "
+                        "and // 2) or rows (whole grid rows, round(fraction x rows)); they differ on grids not "
+                        "divisible by 4", choices=("tokens", "rows"))
     group: int = option(4, "candidates replaced within groups of this size (4: the official is_grouped_by_4; N: all)",
                         flag="--group")
     reformulate: Any = option(None, "t2i: module:callable (CLI) or callable (partial, conditions) -> new prompts (a list "
                               "of strings, one per candidate) or Conditions, rewriting them from the partial canvases",
                               flag="--reformulate")
+    guidance: str = option("3way", "t2i, after a reformulation: 3way (the official default) or replace (guide with the "
+                           "reformulated caption alone, u + s (r - u): the official ablation without 3-way CFG)",
+                           choices=("3way", "replace"))
     w3: Optional[float] = option(None, "t2i: weight of the reformulated caption in 3-way CFG (default cfg_scale - 1, "
                                  "the official single guidance weight; 0 = off)")
     multiple_of: int = 4
@@ -109,13 +122,18 @@ class BestOfNOptions(Options):
 class GridARDecoder(ARDecoder):
     derive_streams = True
 
-    def __init__(self, ctx, capacity, candidates, checkpoints, verifier, scorer, reformulate=None, w3=None, group=None):
+    def __init__(self, ctx, capacity, candidates, checkpoints, verifier, scorer, reformulate=None, w3=None, group=None,
+                 guidance="3way", split="tokens"):
         super().__init__(ctx, capacity, candidates)
         self.group = group or candidates
         kind = self.spec.image.kind
         self.checkpoints = checkpoints
-        g = self.spec.grid_size  # token index of each checkpoint (whole rows), then a sentinel
-        self.until = torch.tensor([max(1, int(round(c * g))) * g for c in checkpoints] + [-1], device=self.slots.device)
+        g, n = self.spec.grid_size, self.spec.n_tokens  # token index of each checkpoint, then a sentinel
+        if split == "tokens":
+            at = [max(1, int(c * n)) for c in checkpoints]
+        else:
+            at = [max(1, int(round(c * g))) * g for c in checkpoints]
+        self.until = torch.tensor(at + [-1], device=self.slots.device)
         self.verifier = resolve(verifier, BUILTIN_VERIFIERS, "verifier", kind) if checkpoints else None
         self.scorer = resolve(scorer, BUILTIN_SCORERS, "scorer", kind)
         self.passed = self.slots.image_tensor(())  # checkpoints done
@@ -123,7 +141,7 @@ class GridARDecoder(ARDecoder):
         w3 = max(0.0, ctx.params.cfg_scale - 1.0) if w3 is None else w3
         if reformulate is not None and not callable(reformulate):
             reformulate = resolve(reformulate, {}, "reformulate", kind)
-        self.side = _Reformulated(self, reformulate, w3) if reformulate is not None else None
+        self.side = _Reformulated(self, reformulate, w3, guidance) if reformulate is not None else None
 
     def start(self, a, b, conds):
         super().start(a, b, conds)
@@ -146,15 +164,15 @@ class GridARDecoder(ARDecoder):
 
     def _checkpoint(self, images: list[int]) -> None:
         """Verify the partial candidates of `images` (one verifier call) and replace infeasible ones."""
-        N, g, s = self.N, self.spec.grid_size, self.slots
+        N, n, s = self.N, self.spec.n_tokens, self.slots
         until = int(self.t[images[0]])
-        rows = until // g
         tokens = self.tokens[images, :, :until].reshape(len(images) * N, until)
         conds = Conditions.cat([self.image_conds[i] for i in images]).repeat_interleave(N)
-        reps = -(-g // rows)
-        canvas = self.engine.decode_images(tokens.view(-1, rows, g).repeat(1, reps, 1)[:, :g].reshape(-1, g * g))
-        px = canvas.shape[1] * rows // g
-        partial = PartialCanvas(canvas, canvas[:, :px], tokens, rows / g, conds)
+        # the generated prefix tiled over the grid (the official pad "repeat"; whole rows when until is)
+        canvas = self.engine.decode_images(tokens.repeat(1, -(-n // until))[:, :n])
+        px = canvas.shape[1] * until // n  # the visible top: image_size // 4 at a quarter, as officially
+        frac = until / n
+        partial = PartialCanvas(canvas, canvas[:, :px], tokens, frac, conds)
         feasible = call_hook(self.verifier, "verifier", len(tokens), partial).to(torch.bool).cpu()
         self.events["verifier_calls"] += 1
         selected = torch.arange(len(tokens))  # which partial canvas each candidate holds after replacement
@@ -171,7 +189,7 @@ class GridARDecoder(ARDecoder):
                 self._copy_candidates(i, plan.to(s.device), moved.to(s.device), salt)
             self.passed[i] += 1
         if self.side is not None and self.spec.model_type == "t2i":
-            chosen = PartialCanvas(canvas[selected], canvas[selected, :px], tokens[selected], rows / g, conds)
+            chosen = PartialCanvas(canvas[selected], canvas[selected, :px], tokens[selected], frac, conds)
             new = self.side.reformulate(chosen, conds)
             if isinstance(new, (list, tuple)) and all(isinstance(p, str) for p in new):  # rewritten prompts
                 new = self.engine.family.prompt_conditions(self.engine, list(new))
@@ -208,10 +226,10 @@ class _Reformulated:
     """Reformulated-caption rows for the 3-way CFG: one row per candidate with its own cache, prefilled
     at a checkpoint with the rewritten caption and fed every token since, in lockstep with the main rows."""
 
-    def __init__(self, dec: GridARDecoder, reformulate, w3: float):
+    def __init__(self, dec: GridARDecoder, reformulate, w3: float, guidance: str = "3way"):
         if dec.spec.model_type != "t2i":
             raise ArexportError("prompt reformulation and 3-way CFG apply to text-conditional models")
-        self.dec, self.reformulate, self.w3 = dec, reformulate, w3
+        self.dec, self.reformulate, self.w3, self.guidance = dec, reformulate, w3, guidance
         s = dec.slots
         self.cache = s.cache(dec.engine.allocate(s.capacity * dec.N), rows_per_image=dec.N)
         self.on = s.image_tensor((), torch.bool)
@@ -259,10 +277,11 @@ class _Reformulated:
             view.length += 1
 
     def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
-        """3-way CFG for images with reformulated rows, the decoder's CFG otherwise."""
+        """3-way CFG (or, with guidance=replace, CFG with the reformulated caption as the condition)
+        for images with reformulated rows, the decoder's CFG otherwise."""
         dec = self.dec
         out = dec.cfg.guide(logits, token_index)
-        if self.w3 <= 0 or dec.cfg.per_image == 1:
+        if dec.cfg.per_image == 1 or (self.guidance == "3way" and self.w3 <= 0):
             return out
         n, N = dec.slots.n, dec.N
         on = self.on[:n].repeat_interleave(N)
@@ -270,6 +289,8 @@ class _Reformulated:
             return out
         c, u = logits[0::2], logits[1::2]
         r = self.logits_view[:n].reshape(n * N, -1)
+        if self.guidance == "replace":  # evaluate_gridar.py lines 281-288: the refined prompt is the condition
+            return torch.where(on[:, None], dec.cfg.guide(torch.stack([r, u], 1).flatten(0, 1), token_index), out)
         return torch.where(on[:, None], out + self.w3 * orthogonal_part(c, u, r), out)
 
 
@@ -278,11 +299,12 @@ class GridAR(Method):
     """GridAR test-time scaling (see module docstring)."""
 
     Options = GridAROptions
-    help = "GridAR test-time scaling: N candidates, prune at 1/4 and 1/2 of the rows with a verifier, pick with a scorer"
+    help = "GridAR test-time scaling: N candidates, prune after 1/4 and 1/2 of the tokens with a verifier, pick with a scorer"
 
     def decoder(self, ctx, capacity):
         o = self.options
-        return GridARDecoder(ctx, capacity, o.candidates, o.checkpoints, o.verifier, o.scorer, o.reformulate, o.w3, o.group)
+        return GridARDecoder(ctx, capacity, o.candidates, o.checkpoints, o.verifier, o.scorer, o.reformulate, o.w3, o.group,
+                             o.guidance, o.split)
 
 
 @register("best-of-n")

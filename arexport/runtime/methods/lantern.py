@@ -27,7 +27,8 @@ class LanternOptions(Options):
     delta: float = option(0.1, "total-variation budget delta", flag="--lantern-delta")
     lam: Optional[float] = option(None, "LANTERN++ bound: pooled mass <= (lambda - 1) p(x)", flag="--lantern-lambda")
     drafter: str = option("sd", "drafter under the relaxed acceptance", flag="--drafter", choices=tuple(DRAFTERS))
-    rule: str = option("official", "official: LANTERN's code (uncapped credit, k+1 neighbours removed, greedy variant); "
+    rule: str = option("official", "official: LANTERN's evaluate_posterior_v1 (uncapped credit, q zeroed at k+1 "
+                       "neighbours, greedy variant); "
                        "capped: credit <= delta q(x), output within TV delta of the target", choices=LANTERN_RULES)
     gamma: Optional[int] = None  # sd drafter (its default)
     window: Optional[int] = None  # sjd drafter (its default)
