@@ -515,6 +515,7 @@ def _fuzz_body(rng):
 
 
 def test_fuzzed_bodies_get_no_5xx_no_traceback_and_bounded_memory(demo_gen):
+    """No 5xx except the answers to a body's own timeout (503 + Retry-After, 504), no traceback, {"error"} bodies."""
     import httpx
 
     from arexport.budget import rss_bytes
@@ -531,7 +532,9 @@ def test_fuzzed_bodies_get_no_5xx_no_traceback_and_bounded_memory(demo_gen):
             r = client.post(f"{url}/generate", content=body, timeout=60,
                             headers={"Authorization": "Bearer t", "content-type": "application/json"})
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            assert r.status_code < 500, (body[:300], r.status_code, r.text[:300])
+            # a body's own "timeout" may be answered 503 + Retry-After (cannot finish in time) or 504 (did not)
+            own_deadline = b'"timeout"' in body and (r.status_code == 504 or "Retry-After" in r.headers)
+            assert r.status_code < 500 or (r.status_code in (503, 504) and own_deadline), (body[:300], r.status_code, r.text[:300])
             assert "Traceback" not in r.text and "File \"" not in r.text, body[:300]
             if r.status_code != 200:
                 assert set(r.json()) == {"error"}, r.text[:300]
@@ -541,3 +544,6 @@ def test_fuzzed_bodies_get_no_5xx_no_traceback_and_bounded_memory(demo_gen):
     svc.close()
     assert statuses.get(200, 0) >= 10, statuses  # the fuzz also ran real work
     assert rss["end"] <= rss["100"] * (1 + FUZZ_RSS_GROWTH), (rss, statuses)
+    if os.environ.get("AREXPORT_FUZZ_REPORT"):  # the figures docs/benchmarks.md quotes
+        print(f"\nfuzz: {FUZZ_BODIES} bodies, statuses {dict(sorted(statuses.items()))}, RSS after 100 "
+              f"{rss['100'] / 2**20:.0f} MiB, after all {rss['end'] / 2**20:.0f} MiB")
