@@ -861,7 +861,7 @@ def _check_verify_budget(engine, batch: int, device: str) -> None:
 @click.argument("source")
 @model_options
 @click.option("--tokens", "tokens_file", required=True, type=click.Path(dir_okay=False), help=".npy int array [N, n_tokens].")
-@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), default="torch", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), help=BACKEND_HELP)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write DIR/0000.png, ...")
 @click.option("--grid", "grid_png", type=click.Path(dir_okay=False), help="Write one grid PNG.")
@@ -888,6 +888,7 @@ def decode(source, checkpoint, random_init, vq_checkpoint, model_config, image_s
         raise ArexportError(f"cannot read tokens {tokens_file}: {e}") from None
     if not isinstance(tokens, np.ndarray):
         raise ArexportError(f"{tokens_file} is not a .npy array (an .npz archive?): save the tokens with np.save")
+    backend = backend or _default_backend(source if Path(source).is_dir() else None)
     kw = {} if Path(source).is_dir() else _model_kwargs(source, checkpoint, random_init, init_seed, model_config, image_size,
                                                         vq_checkpoint)
     engine = open_engine(source, backend=backend, device=device, **kw)
@@ -1005,9 +1006,9 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         cfg.method = cfg.method or gen.engine.family.default_method
         sampling = default_sampling(spec, cfg_scale=cfg_scale)
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
-        console.log(f"profiling {escape(cfg.label)} on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
+        console.log(f"profiling {escape(cfg.label)} ({_precision_label(gen.engine)}) on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))
-        context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": prec, "batch_size": batch_size,
+        context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": _precision_label(gen.engine), "batch_size": batch_size,
                    "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,
                    "gpu": torch_gpu_name(device), "copy_bandwidth_gbps": (bw / 1e9) if bw else None}
     print_table(results, console, compare=bool(compare))
@@ -1099,7 +1100,8 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     Examples:
       arexport serve engines/demo --port 8000
       AREXPORT_TOKEN=secret arexport serve engines/b --batching request --max-batch 4
-      curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"classes": [3]}' -o three.png
+      curl -sf localhost:8000/generate -H "Authorization: Bearer $AREXPORT_TOKEN" \\
+          -H 'content-type: application/json' -d '{"classes": [3]}' -o three.png
     """
     import os
 
@@ -1126,7 +1128,7 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     service = GenerationService(gen, batching=batching, max_batch=max_batch, max_outstanding=max_outstanding,
                                 max_lanes=max_lanes)
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
-    click.echo(f"serving {gen.spec.name} ({backend}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
+    click.echo(f"serving {gen.spec.name} ({backend} {_precision_label(gen.engine)} {gen.engine.device}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
                + (" with bearer auth" if token else ""), err=True)
     serve_forever(app, host=host, port=port, service=service)
 
