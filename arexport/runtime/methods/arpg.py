@@ -25,7 +25,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
-from arexport.runtime.sampling import cfg_combine, cfg_scales, probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import cfg_combine, cfg_scales_rows, probs_from_logits, sample_from_probs
 
 SCHEDULES = ("arccos", "cosine")
 
@@ -112,12 +112,13 @@ class ARPGDecoder(Decoder):
         qmask = attn[:, :, :1].expand(-1, -1, M, -1)
         logits = self.engine.multi_query_step(view, self.feed[:rows, :N], self.feed_pos[:rows, :N], w, attn, qpos, qmask)
         view.length += cfg.expand(n_in)
-        if cfg.per_image == 2:  # each image at its own point of the guidance schedule
-            scale = cfg_scales(self.params, first + n_q - 1, spec.n_tokens)
+        params = self.params
+        if cfg.per_image == 2:  # each image at its own point of its guidance schedule
+            scale = cfg_scales_rows(params, first + n_q - 1, spec.n_tokens)
             if isinstance(scale, torch.Tensor):
                 scale = scale.to(s.device).view(n, 1, 1)
             logits = cfg_combine(logits[0::2], logits[1::2], scale)
-        new = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(M))
+        new = sample_from_probs(probs_from_logits(logits, params), s.uniform(M))
         keep = torch.arange(M, device=s.device)[None, :] < n_q[:, None]
         self.seq[:n].scatter_(1, qidx, torch.where(keep, new, self.seq[:n].gather(1, qidx)))
         self.feed[:rows, :M], self.feed_pos[:rows, :M] = cfg.expand(new), qpos

@@ -120,7 +120,9 @@ class GridARDecoder(ARDecoder):
         self.scorer = resolve(scorer, BUILTIN_SCORERS, "scorer", kind)
         self.passed = self.slots.image_tensor(())  # checkpoints done
         self.image_conds = self.slots.image_list()  # each image's condition (the verifier gets them)
-        w3 = max(0.0, ctx.params.cfg_scale - 1.0) if w3 is None else w3
+        if w3 is None:  # the 3-way weight follows the batch's guidance scale, so the batch shares it
+            w3 = max(0.0, ctx.params.cfg_scale - 1.0)
+            self.batch_sampling_keys = ("cfg_scale",) if reformulate is not None else ()
         if reformulate is not None and not callable(reformulate):
             reformulate = resolve(reformulate, {}, "reformulate", kind)
         self.side = _Reformulated(self, reformulate, w3) if reformulate is not None else None
@@ -132,8 +134,8 @@ class GridARDecoder(ARDecoder):
         if self.side is not None:
             self.side.reset(a, b)
 
-    def guide(self, logits, token_index):
-        return self.side.guide(logits, token_index) if self.side is not None else self.cfg.guide(logits, token_index)
+    def guide(self, logits, token_index, params):
+        return self.side.guide(logits, token_index, params) if self.side is not None else self.cfg.guide(logits, token_index, params)
 
     def after(self):
         super().after()
@@ -258,10 +260,10 @@ class _Reformulated:
             self.logits_view[i] = e.step(view, tok, torch.full_like(tok, t), w, view.causal_mask(w, 1))[:, 0]
             view.length += 1
 
-    def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
+    def guide(self, logits: torch.Tensor, token_index, params) -> torch.Tensor:
         """3-way CFG for images with reformulated rows, the decoder's CFG otherwise."""
         dec = self.dec
-        out = dec.cfg.guide(logits, token_index)
+        out = dec.cfg.guide(logits, token_index, params)
         if self.w3 <= 0 or dec.cfg.per_image == 1:
             return out
         n, N = dec.slots.n, dec.N
