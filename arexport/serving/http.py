@@ -20,7 +20,6 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from arexport.errors import ArexportError
-from arexport.runtime.sampling import default_sampling
 
 
 def _deps():
@@ -151,9 +150,9 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         if rows > max_images:
             return err(400, f"{n_images} images x {rows // n_images} candidates requested; the limit per request is "
                             f"{max_images} images (candidates included)")
-        sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                    cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
-                                    cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
+        sampling = service.gen.sampling_params(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                               cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
+                                               cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
         try:
             res = await service.agenerate(body.classes, method=method, options=body.options, sampling=sampling,
                                           seed=body.seed, images=body.format == "png", timeout=body.timeout,
