@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -179,16 +180,6 @@ def cfg_scales(params: SamplingParams, token_index, n_tokens: int):
     return float(s) if scalar else s.float()
 
 
-def cfg_scales_rows(params, token_index: torch.Tensor, n_tokens: int):
-    """cfg_scales per image: token_index [n] -> a float (one constant scale for the batch) or a
-    float32 tensor [n] (params: SamplingParams or RowParams)."""
-    if not isinstance(params, RowParams):
-        return cfg_scales(params, token_index, n_tokens)
-    def one(p, t):
-        return torch.as_tensor(cfg_scales(p, t, n_tokens), dtype=torch.float32, device=t.device).expand(t.shape)
-    return per_group(params, one, token_index)
-
-
 def default_sampling(spec, **overrides) -> SamplingParams:
     """The model's sampler defaults (recorded in its spec), with any non-None overrides applied."""
     from arexport.families import get_family
@@ -207,19 +198,30 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor
     return uncond + (cond - uncond) * scale
 
 
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, token_index, n_tokens: int) -> torch.Tensor:
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, token_index, n_tokens: int,
+                  extra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CFG at the scale the schedule gives each token index (an int, or an integer tensor over the
     leading dims of the logits); tokens outside LlamaGen's cfg_interval keep the conditional logits.
-    `params` may be RowParams (per image of the leading dim)."""
+    `extra` (shaped like cond) is a further guidance term added where guidance applies (GridAR's
+    3-way CFG), so the interval rules it too. `params` may be RowParams (per image of the leading dim).
+
+    The one guidance rule: every method (ar and the speculative ones per token, ARPG per parallel
+    step at the index of the step's last token, VAR per scale, GridAR's 3-way) guides through it."""
     if isinstance(params, RowParams):
-        return per_group(params, lambda p, c, u, t: guided_logits(c, u, p, t, n_tokens), cond, uncond, token_index)
+        return per_group(params, lambda p, c, u, t, x: guided_logits(c, u, p, t, n_tokens, x), cond, uncond,
+                         token_index, extra)
     scale = cfg_scales(params, token_index, n_tokens)
     if isinstance(token_index, int):
-        return cfg_combine(cond, uncond, scale) if params.cfg_active(token_index) else cond
+        if not params.cfg_active(token_index):
+            return cond
+        guided = cfg_combine(cond, uncond, scale)
+        return guided if extra is None else guided + extra
     pad = (1,) * (cond.dim() - token_index.dim())
     if isinstance(scale, torch.Tensor):
         scale = scale.to(cond.device).view(*scale.shape, *pad)
     guided = cfg_combine(cond, uncond, scale)
+    if extra is not None:
+        guided = guided + extra
     if params.cfg_interval < 0:
         return guided
     active = token_index <= params.cfg_interval + 1

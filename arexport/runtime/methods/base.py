@@ -166,13 +166,14 @@ class CFGRows:
         else:
             rows.add_(x)
 
-    def guide(self, logits: torch.Tensor, token_index, params) -> torch.Tensor:
+    def guide(self, logits: torch.Tensor, token_index, params, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-row logits -> per-image guided logits for the image tokens with these indices (an int,
         or an integer tensor [B, ...] over the leading dims): the schedule's scale at each index, with
-        each image's guidance options (params: SamplingParams or RowParams over the B images)."""
+        each image's guidance options (params: SamplingParams or RowParams over the B images) and an
+        optional further guidance term `extra` [B, ..., V] (see sampling.guided_logits)."""
         if self.per_image == 1:
             return logits
-        return guided_logits(logits[0::2], logits[1::2], params, token_index, self.n_tokens)
+        return guided_logits(logits[0::2], logits[1::2], params, token_index, self.n_tokens, extra)
 
 
 # -- the row batch ---------------------------------------------------------------------------------

@@ -263,16 +263,16 @@ class _Reformulated:
     def guide(self, logits: torch.Tensor, token_index, params) -> torch.Tensor:
         """3-way CFG for images with reformulated rows, the decoder's CFG otherwise."""
         dec = self.dec
-        out = dec.cfg.guide(logits, token_index, params)
         if self.w3 <= 0 or dec.cfg.per_image == 1:
-            return out
+            return dec.cfg.guide(logits, token_index, params)
         n, N = dec.slots.n, dec.N
         on = self.on[:n].repeat_interleave(N)
         if not bool(on.any()):
-            return out
+            return dec.cfg.guide(logits, token_index, params)
         c, u = logits[0::2], logits[1::2]
         r = self.logits_view[:n].reshape(n * N, -1)
-        return torch.where(on[:, None], out + self.w3 * orthogonal_part(c, u, r), out)
+        # the third term joins the decoder's guidance, so cfg_interval stops it with the rest
+        return dec.cfg.guide(logits, token_index, params, torch.where(on[:, None], self.w3 * orthogonal_part(c, u, r), 0.0))
 
 
 @register("gridar")
