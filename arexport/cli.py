@@ -361,7 +361,6 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
 
     from arexport.fileio import atomic_save_npy, atomic_save_png, atomic_write_json
     from arexport.runtime.methods.base import parse_method_options
-    from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "run")
     backend = backend or _default_backend(engine_dir)
@@ -379,8 +378,9 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     opts = parse_method_options(method_opts)
     opts.update(_method_kwargs(named_method_options))
     _check_second_engine(method, draft, refiner, opts)
-    sampling = default_sampling(spec, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power)
+    # the options given over the model's sampler: the runtime's one rule, as for Python and HTTP
+    sampling = gen.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                                   cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power)
     captions, cmask = _load_captions(caption_embeddings)
     show = ("lines" if not sys.stderr.isatty() else True) if progress is None else progress
     need_images = bool(out_dir or grid_png)
@@ -973,7 +973,6 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     from arexport.profiling.profiler import RunConfig, profile_generator
     from arexport.profiling.report import plot, print_table, to_json
     from arexport.runtime.methods.base import parse_method_options
-    from arexport.runtime.sampling import default_sampling
 
     source = _source(engine_dir, model_name, "profile")
     backend = backend or _default_backend(engine_dir)
@@ -1004,7 +1003,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
                               text_encoder=text_encoder, **kw)
         spec = gen.spec
         cfg.method = cfg.method or gen.engine.family.default_method
-        sampling = default_sampling(spec, cfg_scale=cfg_scale)
+        sampling = gen.sampling_params(cfg_scale=cfg_scale)
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
         console.log(f"profiling {escape(cfg.label)} ({_precision_label(gen.engine)}) on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))

@@ -472,9 +472,8 @@ def _digits_accuracy(engine: StepEngine, n_images: int, seed: int) -> float:
     """Class accuracy (the CNN judge) of `n_images` digits at the model's default sampling."""
     from arexport.quality import score_digits
     from arexport.runtime.generator import Generator
-    from arexport.runtime.sampling import default_sampling
 
     classes = [i % 10 for i in range(n_images)]
-    res = Generator(engine).generate(classes=classes, sampling=default_sampling(engine.spec), seed=seed,
+    res = Generator(engine).generate(classes=classes, seed=seed,  # the model's sampler
                                      batch_size=min(100, n_images), images=False, timings=False)
     return float(score_digits(res.tokens, classes).accuracy)

@@ -70,14 +70,12 @@ def capture_set(engine_dir: str | Path, out: str | Path, classes: list[int], met
     from arexport.format.manifest import read_manifest
     from arexport.runtime.backends import open_directory
     from arexport.runtime.generator import Generator
-    from arexport.runtime.sampling import default_sampling
 
     manifest = read_manifest(engine_dir)
     ref = open_directory("torch", Path(engine_dir), manifest)
     cap = CapturingEngine(ref, every=every, limit=samples)
-    params = default_sampling(ref.spec)
     method = method if method in cap.family.methods else cap.family.default_method
-    Generator(cap).generate(classes=classes, method=method, sampling=params, seed=seed, batch_size=max(1, len(classes)),
+    Generator(cap).generate(classes=classes, method=method, seed=seed, batch_size=max(1, len(classes)),
                             images=False, timings=False)
     if not cap.samples:
         raise ArexportError("no step inputs were captured: use more classes or a smaller --every")

@@ -74,14 +74,12 @@ def demo_quality(ref_dir: Path, q_dir: Path, n_images: int = 200, seed: int = 0)
     """Generated-digit quality of the reference and quantized engines (same seeds)."""
     from arexport.quality import score_digits
     from arexport.runtime.generator import Generator
-    from arexport.runtime.sampling import default_sampling
 
     classes = [i % 10 for i in range(n_images)]
     out = {}
     for name, d in (("reference", ref_dir), ("quantized", q_dir)):
         gen = Generator.load(str(d), backend="ort", verify_hashes=False)
-        params = default_sampling(gen.spec)
-        toks = gen.generate(classes=classes, sampling=params, seed=seed, batch_size=100, images=False, timings=False).tokens
+        toks = gen.generate(classes=classes, seed=seed, batch_size=100, images=False, timings=False).tokens
         s = score_digits(toks, classes)
         out[name] = {"accuracy": s.accuracy, "feature_distance": s.feature_distance}
     out["n_images"] = n_images

@@ -10,5 +10,7 @@ from arexport.families import Conditions
 from arexport.runtime.engine import StepEngine
 from arexport.runtime.generator import GenerationResult, Generator
 from arexport.runtime.sampling import SamplingParams
+from arexport.runtime.session import Image, Session, decode_finished
 
-__all__ = ["Conditions", "GenerationResult", "Generator", "SamplingParams", "StepEngine"]
+__all__ = ["Conditions", "GenerationResult", "Generator", "Image", "SamplingParams", "Session", "StepEngine",
+           "decode_finished"]

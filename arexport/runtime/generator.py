@@ -6,8 +6,9 @@
     out.tokens, out.images, out.stats
 
 Image i of a call uses the row seed `image_seed(seed, i)`, so a result does not depend on the
-batch size or on which other requests share the batch. Generation runs the method's decoder under
-the same scheduler the serving worker uses, to completion.
+batch size or on which other requests share the batch. `generate` runs a step-wise Session
+(runtime/session.py) to completion; `session()` opens one for callers that run their own loop.
+Sampling not given is the model's sampler (its recorded defaults), whoever calls.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.engine import StepEngine
-from arexport.runtime.methods.base import Context, Method, Row, RowStats, make_method
-from arexport.runtime.rng import image_seed
-from arexport.runtime.sampling import SamplingParams
-from arexport.runtime.scheduler import Scheduler
+from arexport.runtime.methods.base import Context, Method, RowStats, make_method
+from arexport.runtime.sampling import SamplingParams, default_sampling
+from arexport.runtime.session import Session, decode_finished
 from arexport.runtime.stats import RunStats
 
 
@@ -105,19 +105,37 @@ class Generator:
             raise ArexportError(f"method {name} needs {what}: pass {m.second_engine} NAME|DIR")
         return m
 
-    def decoder(self, method: Method, sampling: SamplingParams, capacity: int):
-        """A fresh decoder of `method` with room for `capacity` images."""
-        return method.decoder(Context(self.engine, sampling, method.options, self.draft), capacity)
+    def decoder(self, method: Method, sampling: Optional[SamplingParams], capacity: int):
+        """A fresh decoder of `method` with room for `capacity` images (sampling None: the model's)."""
+        return method.decoder(Context(self.engine, self.resolve_sampling(sampling), method.options, self.draft), capacity)
 
-    def images(self, finished: list, tokens: torch.Tensor, batch_size: int) -> np.ndarray:
-        """uint8 images of finished results: from their latents where a method left them (VAR
-        more_smooth), else decoded from their tokens; `batch_size` images per decoder call."""
-        if finished and finished[0].latents is not None:
-            lat = torch.stack([f.latents for f in finished])
-            parts = [self.engine.decode_latents(lat[i:i + batch_size]).cpu() for i in range(0, len(lat), batch_size)]
-        else:
-            parts = [self.engine.decode_images(tokens[i:i + batch_size]).cpu() for i in range(0, len(tokens), batch_size)]
-        return torch.cat(parts).numpy()
+    def sampling_params(self, **overrides) -> SamplingParams:
+        """The model's sampler (the defaults its spec records) with every non-None override applied:
+        what the CLI, HTTP and Python callers all start from."""
+        return default_sampling(self.spec, **overrides)
+
+    def resolve_sampling(self, sampling) -> SamplingParams:
+        """None -> the model's sampler; a dict -> the model's sampler with those overrides; a
+        SamplingParams as given. Validated against the model's vocabulary."""
+        if sampling is None:
+            sampling = self.sampling_params()
+        elif isinstance(sampling, dict):
+            sampling = self.sampling_params(**sampling)
+        elif not isinstance(sampling, SamplingParams):
+            raise ArexportError(f"sampling must be SamplingParams, a dict of overrides or None, got {type(sampling).__name__}")
+        return sampling.validate(self.spec.vocab_size)
+
+    def session(self, method: Optional[str] = None, method_options: Optional[dict] = None, sampling=None,
+                capacity: int = 8, images: bool = True) -> Session:
+        """A step-wise batch of `capacity` slots for `method` (see runtime/session.py). `sampling`
+        (None, a dict of overrides or SamplingParams, see resolve_sampling) is what requests added
+        without their own use, and whether the batch is guided. Not locked: one caller drives it."""
+        return Session(self.engine, self.method(method, method_options), self.resolve_sampling(sampling), capacity,
+                       self.draft, images=images, decode_batch=capacity)
+
+    def images(self, finished: list, batch_size: int) -> np.ndarray:
+        """uint8 images of finished results (see session.decode_finished)."""
+        return decode_finished(self.engine, finished, batch_size)
 
     def generate(
         self,
@@ -126,7 +144,7 @@ class Generator:
         caption_mask=None,
         method: Optional[str] = None,
         method_options: Optional[dict] = None,
-        sampling: SamplingParams = SamplingParams(),
+        sampling=None,
         seed: int = 0,
         seeds: Optional[Sequence[int]] = None,
         batch_size: int = 8,
@@ -137,23 +155,14 @@ class Generator:
     ) -> GenerationResult:
         """Generate one image per condition, `batch_size` images at a time (refilled as images finish).
         progress(done_tokens, total_tokens) is called as images finish. `prompts` (text-to-image models)
-        replace classes or caption features: one image per prompt.
+        replace classes or caption features: one image per prompt. `sampling`: None (the model's
+        sampler), a dict of overrides of it, or SamplingParams.
 
         Image i uses the row seed image_seed(seed, i), or seeds[i] when per-image seeds are given."""
         if batch_size < 1:
             raise ArexportError(f"batch size must be >= 1, got {batch_size}")
         conds = self.conditions(classes, captions, caption_mask, prompts)
-        sampling.validate(self.spec.vocab_size)
-        m = self.method(method, method_options)
         n = len(conds)
-        for s in [seed] + list(seeds or []):
-            if not 0 <= int(s) < 1 << 63:
-                raise ArexportError(f"seed must be in [0, 2**63), got {s}")
-        if seeds is None:
-            seeds = [image_seed(seed, i) for i in range(n)]
-        elif len(seeds) != n:
-            raise ArexportError(f"got {len(seeds)} seeds for {n} images")
-        seeds = [int(s) & ((1 << 62) - 1) for s in seeds]  # row streams take 62-bit seeds
         total = n * self.spec.n_tokens
         with self._lock:
             engines = {"target": self.engine, "draft": self.draft}
@@ -163,24 +172,22 @@ class Generator:
                     e.records.clear()
                     e.record_timings = timings
             t0 = time.perf_counter()
-            dec = self.decoder(m, sampling, min(batch_size, n))
-            sched = Scheduler(dec)
-            sched.submit(Row(conds.select(slice(i, i + 1)), seeds[i], i) for i in range(n))
-            done = [0]
-
-            def tick(_f) -> None:
-                done[0] += self.spec.n_tokens
-                if progress:
-                    progress(done[0], total)
-
-            finished = sorted(sched.run(tick), key=lambda f: f.tag)
+            session = self.session(method, method_options, sampling, min(batch_size, max(n, 1)), images=False)
+            session.add(conditions=conds, seed=seed, seeds=seeds)
+            finished, done = [], 0
+            while not session.is_done():
+                session.step()
+                for f in session.take():
+                    finished.append(f)
+                    done += self.spec.n_tokens
+                    if progress:
+                        progress(done, total)
+            finished.sort(key=lambda f: f.tag[1])
             tokens = torch.stack([f.tokens for f in finished])
-            imgs = None
-            if images:
-                imgs = self.images(finished, tokens, batch_size)
+            imgs = self.images(finished, batch_size) if images else None
             seconds = time.perf_counter() - t0
             stats = RunStats.aggregate([f.stats for f in finished], self.spec.n_tokens, engines, seconds,
-                                       sched.admissions, dec.events)
+                                       session.admissions, session.events)
         return GenerationResult(tokens.cpu().numpy(), imgs, stats.as_dict(), [f.extras for f in finished],
                                 [f.stats for f in finished])
 

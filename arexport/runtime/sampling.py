@@ -5,6 +5,11 @@ temperature; top-k keeps every logit >= the k-th largest (ties kept); top-p keep
 prefix of the sorted distribution whose mass reaches p (the token crossing p is kept).
 Temperature 0 means greedy (argmax). Draws use inverse-CDF sampling on uniforms from `RowRNG`.
 
+Sampling is per image: a batch whose images all share one `SamplingParams` passes it to these
+functions as is; a batch whose images differ passes `RowParams`, and each function applies every
+distinct setting to the images that use it (gathered, computed, scattered back). Every operation
+here is row-wise, so an image gets exactly the numbers it would get in a batch of its own kind.
+
 The guidance scale may change per image token (`cfg_schedule`); every method asks `cfg_scales`
 for the scale of the token index it samples, so a schedule applies inside verify blocks and
 parallel steps position by position.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -89,6 +95,62 @@ CFG_SCHEDULES = ("constant", "linear", "cosine", "ramp")
 MAX_CFG_POWER = 64.0
 
 
+class RowParams:
+    """Sampling of a batch's images [0, n) when they differ: each distinct SamplingParams with the
+    (ascending) image indices that use it. Build it with `row_params`, which returns the shared
+    SamplingParams instead when every image has the same."""
+
+    def __init__(self, per_image: list, device):
+        groups: dict = {}
+        for i, p in enumerate(per_image):
+            groups.setdefault(p, []).append(i)
+        self.n = len(per_image)
+        self.per_image = list(per_image)
+        self.groups = [(p, torch.tensor(idx, dtype=torch.int64, device=device)) for p, idx in groups.items()]
+
+    def repeat_interleave(self, k: int) -> "RowParams":
+        """Each image's params for k consecutive rows (GridAR's candidates)."""
+        return RowParams([p for p in self.per_image for _ in range(k)], self.groups[0][1].device)
+
+    def same(self, name: str):
+        """The value of option `name` shared by every image; ArexportError when images differ in it."""
+        vals = {getattr(p, name) for p, _ in self.groups}
+        if len(vals) != 1:
+            raise ArexportError(f"images of one batch differ in {name} ({sorted(map(str, vals))}); "
+                                "this code path needs one value per batch")
+        return vals.pop()
+
+    @property
+    def greedy(self) -> bool:
+        return self.same("greedy")
+
+
+def row_params(per_image: list, device):
+    """SamplingParams when every image of the list shares it (the batch-wide code path, as before
+    per-row sampling existed), else RowParams."""
+    first = per_image[0]
+    if all(p is first or p == first for p in per_image):
+        return first
+    return RowParams(per_image, device)
+
+
+def per_group(params, fn, *args):
+    """fn(p, *args restricted to p's images) for each setting of RowParams, scattered into one
+    tensor along dim 0; args that are tensors with a leading dim of n images are indexed, others
+    (ints, None) pass as they are. With SamplingParams: fn(params, *args)."""
+    if not isinstance(params, RowParams):
+        return fn(params, *args)
+    out = None
+    for p, idx in params.groups:
+        sub = [a.index_select(0, idx.to(a.device)) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == params.n
+               else a for a in args]
+        r = fn(p, *sub)
+        if out is None:
+            out = torch.empty((params.n, *r.shape[1:]), dtype=r.dtype, device=r.device)
+        out[idx.to(out.device)] = r
+    return out
+
+
 def cfg_scales(params: SamplingParams, token_index, n_tokens: int):
     """Guidance scale for the image token with 0-based index `token_index` (an int or an integer
     tensor) of n_tokens, with g = cfg_scale and t = token_index:
@@ -136,16 +198,30 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor
     return uncond + (cond - uncond) * scale
 
 
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, token_index, n_tokens: int) -> torch.Tensor:
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, params: SamplingParams, token_index, n_tokens: int,
+                  extra: Optional[torch.Tensor] = None) -> torch.Tensor:
     """CFG at the scale the schedule gives each token index (an int, or an integer tensor over the
-    leading dims of the logits); tokens outside LlamaGen's cfg_interval keep the conditional logits."""
+    leading dims of the logits); tokens outside LlamaGen's cfg_interval keep the conditional logits.
+    `extra` (shaped like cond) is a further guidance term added where guidance applies (GridAR's
+    3-way CFG), so the interval rules it too. `params` may be RowParams (per image of the leading dim).
+
+    The one guidance rule: every method (ar and the speculative ones per token, ARPG per parallel
+    step at the index of the step's last token, VAR per scale, GridAR's 3-way) guides through it."""
+    if isinstance(params, RowParams):
+        return per_group(params, lambda p, c, u, t, x: guided_logits(c, u, p, t, n_tokens, x), cond, uncond,
+                         token_index, extra)
     scale = cfg_scales(params, token_index, n_tokens)
     if isinstance(token_index, int):
-        return cfg_combine(cond, uncond, scale) if params.cfg_active(token_index) else cond
+        if not params.cfg_active(token_index):
+            return cond
+        guided = cfg_combine(cond, uncond, scale)
+        return guided if extra is None else guided + extra
     pad = (1,) * (cond.dim() - token_index.dim())
     if isinstance(scale, torch.Tensor):
         scale = scale.to(cond.device).view(*scale.shape, *pad)
     guided = cfg_combine(cond, uncond, scale)
+    if extra is not None:
+        guided = guided + extra
     if params.cfg_interval < 0:
         return guided
     active = token_index <= params.cfg_interval + 1
@@ -178,6 +254,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return out
 
 
+def filter_rows(logits: torch.Tensor, params) -> torch.Tensor:
+    """filter_logits with each image's top-k and top-p (params: SamplingParams or RowParams)."""
+    return per_group(params, lambda p, x: filter_logits(x, p.top_k, p.top_p), logits)
+
+
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams, step=None) -> torch.Tensor:
     """Target distribution p over the vocabulary (fp32) after temperature and filtering.
 
@@ -185,8 +266,11 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams, step=None) -
     Filtering follows temperature (LlamaGen's order) unless `params.filter_first` (VAR's and CoDe's
     helper: top-k/top-p on the untempered logits, then divide by the temperature). With per-step
     `params.temperatures`, `step` (an int, or an integer tensor over the leading dims of the logits,
-    e.g. the scale index) picks each row's temperature.
+    e.g. the scale index) picks each row's temperature. `params` may be RowParams (per image of the
+    leading dim).
     """
+    if isinstance(params, RowParams):
+        return per_group(params, lambda p, x, st: probs_from_logits(x, p, st), logits, step)
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -221,6 +305,8 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def sample_logits(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
     """Sample token ids from logits [..., V] with uniforms u [...]; greedy when temperature is 0."""
+    if isinstance(params, RowParams):
+        return per_group(params, lambda p, x, v: sample_logits(x, p, v), logits, u)
     if params.greedy:
         return logits.argmax(-1)
     return sample_from_probs(probs_from_logits(logits, params), u)

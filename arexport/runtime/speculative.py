@@ -36,6 +36,8 @@ from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 class StandardRule:
     """Lossless speculative sampling."""
 
+    batch_sampling_keys: tuple = ()  # sampling options the rule is built for, so one value per batch
+
     name = "standard"
 
     def target_probs(self, guided_logits: torch.Tensor, params) -> torch.Tensor:
@@ -100,6 +102,8 @@ class LanternRule(StandardRule):
     A residual without mass (p == q' up to rounding; a rejection then had zero probability) falls
     back to p without the rejected token (the official code falls back to the uniform distribution).
     """
+
+    batch_sampling_keys = ("greedy",)  # its greedy variant is chosen when it is built
 
     name = "lantern"
 

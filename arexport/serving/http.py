@@ -27,7 +27,6 @@ from typing import Any, Literal, Optional
 import numpy as np
 
 from arexport.errors import ArexportError
-from arexport.runtime.sampling import default_sampling
 
 
 def _deps():
@@ -171,9 +170,9 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             if v is not None and not math.isfinite(v):
                 return err(400, f"{name} must be a finite number")
         try:
-            sampling = default_sampling(spec, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                                        cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
-                                        cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
+            sampling = service.gen.sampling_params(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                                                   cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
+                                                   cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
             future = service.submit(body.classes, method=method, options=body.options, sampling=sampling,
                                     seed=body.seed, images=body.format == "png", timeout=body.timeout,
                                     captions=captions, caption_mask=mask, prompts=prompts)

@@ -42,7 +42,7 @@ from arexport.families import Conditions
 from arexport.runtime.generator import Generator
 from arexport.runtime.methods.base import Method, Row
 from arexport.runtime.rng import image_seed
-from arexport.runtime.sampling import SamplingParams, default_sampling
+from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.scheduler import Scheduler
 from arexport.serving.metrics import Metrics
 
@@ -175,8 +175,7 @@ class GenerationService:
         Bad input raises ArexportError here, in the caller's thread, before anything is queued."""
         conds = self.gen.conditions(classes, captions, caption_mask, prompts)
         m = self.gen.method(method, options)
-        sampling = sampling or self.default_sampling()
-        sampling.validate(self.engine.spec.vocab_size)
+        sampling = self.gen.resolve_sampling(sampling)  # None: the model's sampler, as generate and the CLI
         if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
             raise ArexportError(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout}")
         req = Request(conds, m, sampling, int(seed), images, timeout)
@@ -267,7 +266,7 @@ class GenerationService:
         return await asyncio.wrap_future(self.submit(classes, **kw))
 
     def default_sampling(self) -> SamplingParams:
-        return default_sampling(self.engine.spec)
+        return self.gen.sampling_params()
 
     def close(self, drain: bool = True, timeout: Optional[float] = None) -> None:
         """Stop taking requests; finish (drain) or reject queued ones; wait for the worker."""

@@ -12,7 +12,7 @@ import torch
 from arexport.families import Conditions
 from arexport.runtime.methods.base import Decoder, Finished, Method, Options, register
 from arexport.runtime.rng import derive_seeds
-from arexport.runtime.sampling import sample_logits
+from arexport.runtime.sampling import SamplingParams, sample_logits
 
 
 class ARDecoder(Decoder):
@@ -45,15 +45,21 @@ class ARDecoder(Decoder):
     def advance(self) -> list[int]:
         n, N = self.slots.n, self.N
         t = self.t[:n].repeat_interleave(N)  # per candidate
-        guided = self.guide(self.logits[:self.slots.rows], t)
-        tok = sample_logits(guided, self.params, self.slots.uniform(1)[:, 0])
+        params = self.candidate_params()
+        guided = self.guide(self.logits[:self.slots.rows], t, params)
+        tok = sample_logits(guided, params, self.slots.uniform(1)[:, 0])
         self.tokens[:n].view(n * N, -1).scatter_(1, t[:, None], tok[:, None])
         self.t[:n] += 1
         return self.slots.where(self.t[:n] == self.spec.n_tokens)
 
-    def guide(self, logits, token_index):
+    def candidate_params(self):
+        """Sampling per candidate row of the live images (each image's, N times)."""
+        p = self.params
+        return p if self.N == 1 or isinstance(p, SamplingParams) else p.repeat_interleave(self.N)
+
+    def guide(self, logits, token_index, params):
         """Per-row logits -> per-candidate guided logits (GridAR's 3-way CFG overrides this)."""
-        return self.cfg.guide(logits, token_index)
+        return self.cfg.guide(logits, token_index, params)
 
     def after(self) -> None:
         """Feed every live candidate's newest token (q = 1) for the next logits."""

@@ -7,7 +7,9 @@ after step k a fraction `ratio(k)` of the grid stays masked — `arccos`: arccos
 `cosine`: cos(pi/2 (k+1)/S) — clamped so every step makes at least one token and the last takes
 the rest. The guidance scale follows the sampler's `cfg_schedule` (ARPG models default to `linear`,
 1 + (g - 1) done / n_tokens), evaluated once per step where `done` counts the tokens predicted so far
-*including this step's*, as the official `generate` does (the index of the step's last token). The
+*including this step's*, as the official `generate` does (the index of the step's last token).
+`cfg_interval` counts the same index: a step is guided while it is <= cfg_interval + 1 (the shared
+guidance rule, sampling.guided_logits; before issue 28 ARPG ignored cfg_interval). The
 output is put back in raster order. Orders are per image (`order=row`, batch-invariant) or shared by the images
 admitted together (`order=batch`, as the reference samples one order per batch).
 
@@ -25,7 +27,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
-from arexport.runtime.sampling import cfg_combine, cfg_scales, probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 
 SCHEDULES = ("arccos", "cosine")
 
@@ -112,12 +114,11 @@ class ARPGDecoder(Decoder):
         qmask = attn[:, :, :1].expand(-1, -1, M, -1)
         logits = self.engine.multi_query_step(view, self.feed[:rows, :N], self.feed_pos[:rows, :N], w, attn, qpos, qmask)
         view.length += cfg.expand(n_in)
-        if cfg.per_image == 2:  # each image at its own point of the guidance schedule
-            scale = cfg_scales(self.params, first + n_q - 1, spec.n_tokens)
-            if isinstance(scale, torch.Tensor):
-                scale = scale.to(s.device).view(n, 1, 1)
-            logits = cfg_combine(logits[0::2], logits[1::2], scale)
-        new = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(M))
+        params = self.params
+        # each image at its own point of its guidance schedule and interval: the index of the step's
+        # last token (tokens predicted so far, this step's included, as ARPG's generate counts them)
+        logits = cfg.guide(logits, first + n_q - 1, params)
+        new = sample_from_probs(probs_from_logits(logits, params), s.uniform(M))
         keep = torch.arange(M, device=s.device)[None, :] < n_q[:, None]
         self.seq[:n].scatter_(1, qidx, torch.where(keep, new, self.seq[:n].gather(1, qidx)))
         self.feed[:rows, :M], self.feed_pos[:rows, :M] = cfg.expand(new), qpos

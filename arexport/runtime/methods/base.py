@@ -25,7 +25,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.families import Conditions
 from arexport.runtime.rng import DrawCache, draws
-from arexport.runtime.sampling import SamplingParams, guided_logits
+from arexport.runtime.sampling import SamplingParams, guided_logits, row_params
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -114,11 +114,13 @@ class RowStats:
 
 @dataclass
 class Row:
-    """One image to generate: its condition (a one-row Conditions), its seed, and who asked for it."""
+    """One image to generate: its condition (a one-row Conditions), its seed, who asked for it, and
+    its sampling (None: the batch's, `Context.params`)."""
 
     cond: Conditions
     seed: int
     tag: Any = None
+    sampling: Optional[SamplingParams] = None
 
 
 @dataclass
@@ -137,8 +139,8 @@ class CFGRows:
     """Classifier-free guidance doubles an image into rows [cond, uncond] fed the same tokens."""
 
     def __init__(self, params: SamplingParams, n_tokens: int):
-        self.params, self.n_tokens = params, n_tokens
-        self.per_image = 2 if params.uses_cfg else 1
+        self.n_tokens = n_tokens
+        self.per_image = 2 if params.uses_cfg else 1  # the batch's layout: every image guided, or none
         self._pairs: Optional[torch.Tensor] = None
 
     def conditions(self, engine, conds: Conditions) -> Conditions:
@@ -164,12 +166,14 @@ class CFGRows:
         else:
             rows.add_(x)
 
-    def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
+    def guide(self, logits: torch.Tensor, token_index, params, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-row logits -> per-image guided logits for the image tokens with these indices (an int,
-        or an integer tensor [B, ...] over the leading dims): the schedule's scale at each index."""
+        or an integer tensor [B, ...] over the leading dims): the schedule's scale at each index, with
+        each image's guidance options (params: SamplingParams or RowParams over the B images) and an
+        optional further guidance term `extra` [B, ..., V] (see sampling.guided_logits)."""
         if self.per_image == 1:
             return logits
-        return guided_logits(logits[0::2], logits[1::2], self.params, token_index, self.n_tokens)
+        return guided_logits(logits[0::2], logits[1::2], params, token_index, self.n_tokens, extra)
 
 
 # -- the row batch ---------------------------------------------------------------------------------
@@ -300,7 +304,8 @@ class Slots:
 # -- methods and decoders ----------------------------------------------------------------------------
 @dataclass
 class Context:
-    """What a decoder runs on: engines, sampling and the method's options."""
+    """What a decoder runs on: engines, the batch's sampling (what rows without their own use; it
+    also fixes whether the batch is guided) and the method's options."""
 
     engine: Any  # StepEngine
     params: SamplingParams
@@ -309,15 +314,50 @@ class Context:
 
 
 class Decoder:
-    """A method's state machine over a static batch (see module docstring)."""
+    """A method's state machine over a static batch (see module docstring).
+
+    Sampling is per image: each admitted Row may bring its own SamplingParams. What must be shared
+    by a batch is checked at admission (`check_sampling`): whether it is guided (the row layout),
+    plus whatever a method builds once per batch (`batch_sampling_keys`)."""
+
+    batch_sampling_keys: tuple = ()  # SamplingParams attributes a method needs equal across its batch
 
     def __init__(self, ctx: Context, capacity: int, rows_per_image: int, streams: int = 1):
-        self.ctx, self.engine, self.params, self.opts = ctx, ctx.engine, ctx.params, ctx.options
+        self.ctx, self.engine, self.opts = ctx, ctx.engine, ctx.options
         self.cfg = CFGRows(ctx.params, ctx.engine.spec.n_tokens)
         self.spec = ctx.engine.spec
         self.slots = Slots(capacity, rows_per_image, ctx.engine.device, streams)
+        self.row_sampling = self.slots.image_list()  # each image's SamplingParams (after `sampling_of`)
         self.pending_conds: list[Conditions] = []
         self.events: Counter = Counter()  # method-level event counts (gridar verifier invocations)
+
+    @property
+    def params(self):
+        """Sampling of the live images [0, n): SamplingParams when they share it, else RowParams."""
+        return self.sampling(0, self.slots.n)
+
+    def sampling(self, a: int, b: int):
+        """Sampling of images [a, b): SamplingParams when they share it, else RowParams."""
+        return row_params(self.row_sampling[a:b], self.slots.device)
+
+    def sampling_of(self, p: SamplingParams) -> SamplingParams:
+        """The params an image samples with, from those it was admitted with (CoDe's official sampler
+        replaces some); raises ArexportError when the image cannot join this batch."""
+        return p
+
+    def check_sampling(self, p: SamplingParams) -> SamplingParams:
+        """p validated for this batch (see class docstring); the params the image samples with."""
+        p.validate(self.spec.vocab_size)
+        base = self.ctx.params
+        if p.uses_cfg != base.uses_cfg:
+            raise ArexportError(f"this batch is {'' if base.uses_cfg else 'un'}guided (opened with cfg-scale "
+                                f"{base.cfg_scale:g}); an image with cfg-scale {p.cfg_scale:g} needs a batch that is "
+                                f"{'' if p.uses_cfg else 'un'}guided")
+        for k in self.batch_sampling_keys:
+            if getattr(p, k) != getattr(base, k):
+                raise ArexportError(f"{type(self).__name__.removesuffix('Decoder')} needs one {k.replace('_', '-')} per batch: this one has {getattr(base, k)!r}, "
+                                    f"the image asks for {getattr(p, k)!r}")
+        return self.sampling_of(p)
 
     @property
     def live(self) -> int:
@@ -329,7 +369,10 @@ class Decoder:
 
     def admit(self, rows: list[Row]) -> None:
         """Queue images; they prefill at the start of the next step."""
+        params = [self.check_sampling(r.sampling or self.ctx.params) for r in rows]  # all checked before any is admitted
+        n = self.slots.n
         self.slots.admit([r.seed for r in rows], [r.tag for r in rows], self.slots.streams)
+        self.row_sampling[n:] = params
         self.pending_conds.append(Conditions.cat([r.cond for r in rows]))
 
     @torch.inference_mode()
@@ -376,7 +419,8 @@ class Decoder:
         """Token 0 of images [a, b) sampled from their prefill logits, each from its own stream."""
         from arexport.runtime.sampling import probs_from_logits, sample_from_probs
 
-        p0 = probs_from_logits(self.cfg.guide(logits, 0), self.params)
+        params = self.sampling(a, b)
+        p0 = probs_from_logits(self.cfg.guide(logits, 0, params), params)
         return sample_from_probs(p0, self.slots.uniform(1, self.slots.span(a, b))[a:b, 0])
 
     def advance(self) -> list[int]:

@@ -138,7 +138,9 @@ class GridARDecoder(ARDecoder):
         self.scorer = resolve(scorer, BUILTIN_SCORERS, "scorer", kind)
         self.passed = self.slots.image_tensor(())  # checkpoints done
         self.image_conds = self.slots.image_list()  # each image's condition (the verifier gets them)
-        w3 = max(0.0, ctx.params.cfg_scale - 1.0) if w3 is None else w3
+        if w3 is None:  # the 3-way weight follows the batch's guidance scale, so the batch shares it
+            w3 = max(0.0, ctx.params.cfg_scale - 1.0)
+            self.batch_sampling_keys = ("cfg_scale",) if reformulate is not None else ()
         if reformulate is not None and not callable(reformulate):
             reformulate = resolve(reformulate, {}, "reformulate", kind)
         self.side = _Reformulated(self, reformulate, w3, guidance) if reformulate is not None else None
@@ -150,8 +152,8 @@ class GridARDecoder(ARDecoder):
         if self.side is not None:
             self.side.reset(a, b)
 
-    def guide(self, logits, token_index):
-        return self.side.guide(logits, token_index) if self.side is not None else self.cfg.guide(logits, token_index)
+    def guide(self, logits, token_index, params):
+        return self.side.guide(logits, token_index, params) if self.side is not None else self.cfg.guide(logits, token_index, params)
 
     def after(self):
         super().after()
@@ -276,22 +278,23 @@ class _Reformulated:
             self.logits_view[i] = e.step(view, tok, torch.full_like(tok, t), w, view.causal_mask(w, 1))[:, 0]
             view.length += 1
 
-    def guide(self, logits: torch.Tensor, token_index) -> torch.Tensor:
+    def guide(self, logits: torch.Tensor, token_index, params) -> torch.Tensor:
         """3-way CFG (or, with guidance=replace, CFG with the reformulated caption as the condition)
         for images with reformulated rows, the decoder's CFG otherwise."""
         dec = self.dec
-        out = dec.cfg.guide(logits, token_index)
         if dec.cfg.per_image == 1 or (self.guidance == "3way" and self.w3 <= 0):
-            return out
+            return dec.cfg.guide(logits, token_index, params)
         n, N = dec.slots.n, dec.N
         on = self.on[:n].repeat_interleave(N)
         if not bool(on.any()):
-            return out
+            return dec.cfg.guide(logits, token_index, params)
         c, u = logits[0::2], logits[1::2]
         r = self.logits_view[:n].reshape(n * N, -1)
         if self.guidance == "replace":  # evaluate_gridar.py lines 281-288: the refined prompt is the condition
-            return torch.where(on[:, None], dec.cfg.guide(torch.stack([r, u], 1).flatten(0, 1), token_index), out)
-        return torch.where(on[:, None], out + self.w3 * orthogonal_part(c, u, r), out)
+            return torch.where(on[:, None], dec.cfg.guide(torch.stack([r, u], 1).flatten(0, 1), token_index, params),
+                               dec.cfg.guide(logits, token_index, params))
+        # the third term joins the decoder's guidance, so cfg_interval stops it with the rest
+        return dec.cfg.guide(logits, token_index, params, torch.where(on[:, None], self.w3 * orthogonal_part(c, u, r), 0.0))
 
 
 @register("gridar")

@@ -48,6 +48,7 @@ class SDDecoder(Decoder):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         self.draft = ctx.draft
         self.rule = rule or StandardRule()
+        self.batch_sampling_keys = self.rule.batch_sampling_keys
         spec, s, rows = self.spec, self.slots, capacity * self.cfg.per_image
         limit = min(self.engine.max_q, spec.n_tokens) - 1
         adaptive = self.opts.gamma is None
@@ -134,10 +135,11 @@ class SDDecoder(Decoder):
         out = out.gather(1, cfg.expand(c - 1).clamp(max=C - 1).view(-1, 1, 1).expand(-1, 1, out.shape[-1]))[:, 0]
         view.length.copy_(torch.where(cfg.expand(drafting), w + cfg.expand(c), view.length))
         self._count(drafting, draft=True)
+        params = self.params
         for k in range(G):
             active = k < g
             t_index = (n + k).clamp(max=spec.n_tokens - 1)
-            qk = probs_from_logits(cfg.guide(out, t_index), self.params)
+            qk = probs_from_logits(cfg.guide(out, t_index, params), params)
             dk = sample_from_probs(qk, s.uniform(1, active)[:, 0])
             drafts[:, k], q[:, k] = dk, qk
             if k == G - 1:
@@ -170,7 +172,8 @@ class SDDecoder(Decoder):
         sel = cfg.expand((p - 1)[:, None] + ar).clamp(max=L - 1)  # outputs for the drafts and the bonus position
         out = out.gather(1, sel[:, :, None].expand(-1, -1, out.shape[-1]))
         tok_index = n[:, None] + ar
-        P = self.rule.target_probs(cfg.guide(out, tok_index), self.params)
+        params = self.params
+        P = self.rule.target_probs(cfg.guide(out, tok_index, params), params)
         limit = torch.minimum(g, n_tok - n)  # drafts that may be accepted: those inside the image
         u = s.uniform(G + 1, verifying)
         self._verified(P, g, verifying)

@@ -54,6 +54,7 @@ class SJDDecoder(Decoder):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         o, spec = self.opts, self.spec
         self.rule = rule or StandardRule()
+        self.batch_sampling_keys = self.rule.batch_sampling_keys
         limit = min(self.engine.max_q, spec.n_tokens)
         adaptive = o.window is None
         if adaptive:  # the default adapts to the engine; an explicit window that does not fit is an error
@@ -114,7 +115,8 @@ class SJDDecoder(Decoder):
         write = view.length.clone()
         out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
                                write, view.causal_mask(write, Q))
-        P = rule.target_probs(cfg.guide(out, tok_index), self.params)
+        params = self.params
+        P = rule.target_probs(cfg.guide(out, tok_index, params), params)
         res = verify_chain(P, proposals, drafts, accept, u_accept, None, rule)
         # the token after the accepted run, and fresh samples from this step's p (what the unverified
         # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)

@@ -37,7 +37,7 @@ from arexport.errors import ArexportError
 from arexport.families.base import Conditions
 from arexport.format.scales import Scales
 from arexport.runtime.methods.base import CFGRows, Decoder, Finished, Method, Options, option, register
-from arexport.runtime.sampling import filter_logits, probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import filter_rows, probs_from_logits, sample_from_probs
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,7 @@ class VARDecoder(Decoder):
         self.sc = Scales(spec.extra["patch_nums"])
         self.S = len(self.sc)
         self.cfg = CFGRows(ctx.params, self.S)  # the guidance schedule runs over scales (VAR's ramp)
-        if self.params.temperatures and len(self.params.temperatures) != self.S:
-            raise ArexportError(f"per-scale temperatures: got {len(self.params.temperatures)} for {self.S} scales")
+        self.check_sampling(ctx.params)  # a batch whose own sampling is wrong fails at once, not at its first image
         cvae, hw = spec.extra["cvae"], self.sc.patch_nums[-1]
         self.codebook = self.engine.codebook().float()
         self.k = s.image_tensor(())  # next scale
@@ -96,6 +95,11 @@ class VARDecoder(Decoder):
         self.f_hat = s.image_tensor((cvae, hw, hw), torch.float32)
         self.classes = s.row_tensor((), torch.int64)
         self.caches = {id(self.engine): s.cache(self.engine.allocate(capacity * self.cfg.per_image))}
+
+    def sampling_of(self, p):
+        if p.temperatures and len(p.temperatures) != self.S:
+            raise ArexportError(f"per-scale temperatures: got {len(p.temperatures)} for {self.S} scales")
+        return p
 
     def cache_of(self, engine):
         return self.caches[id(engine)]
@@ -122,15 +126,15 @@ class VARDecoder(Decoder):
     def sample(self, logits: torch.Tensor, k: torch.Tensor, a: int, b: int):
         """Tokens [n, Q] and their h rows [n, Q, Cvae] for images [a, b) at scales k [n], from per-row
         logits [rows, Q, V] (position j of an image's scale at index j), each from its own stream."""
-        s, Q = self.slots, logits.shape[1]
+        s, Q, params = self.slots, logits.shape[1], self.sampling(a, b)
         if self.cfg.per_image == 2:
-            logits = self.cfg.guide(logits, k[:, None].expand(-1, Q))
-        step = k[:, None].expand(-1, Q) if self.params.temperatures else None  # per-scale temperatures
-        tok = sample_from_probs(probs_from_logits(logits, self.params, step), s.uniform(Q, s.span(a, b))[a:b])
+            logits = self.cfg.guide(logits, k[:, None].expand(-1, Q), params)
+        step = k[:, None].expand(-1, Q)  # the scale index: per-scale temperatures, for images that have them
+        tok = sample_from_probs(probs_from_logits(logits, params, step), s.uniform(Q, s.span(a, b))[a:b])
         if not self.opts.more_smooth:
             return tok, self.codebook[tok]
         # the reference filters its logits in place while sampling, so the mix sees the top-k/top-p-filtered ones
-        filtered = filter_logits(logits.float(), self.params.top_k, self.params.top_p)
+        filtered = filter_rows(logits.float(), params)
         r = (k.float() / max(self.S - 1, 1))[:, None, None]
         tau = torch.clamp(0.27 * (1 - r * 0.95), min=0.005)
         u = s.uniform(Q * logits.shape[-1], s.span(a, b))[a:b].view(b - a, Q, -1).clamp(1e-12, 1 - 1e-7)
@@ -200,9 +204,11 @@ class CoDeDecoder(VARDecoder):
             raise ArexportError(f"the refiner's first step feeds {self.sc.ends[n]} positions, more than its engine's "
                                 f"maximum query length {self.refiner.max_q}: rebuild it with --verify-len {self.sc.total}")
         self.N = n
-        if self.opts.sampler == "official":
-            self.params = code_sampler(self.params, self.S)
         self.caches[id(self.refiner)] = self.slots.cache(self.refiner.allocate(capacity * self.cfg.per_image))
+
+    def sampling_of(self, p):
+        p = super().sampling_of(p)
+        return code_sampler(p, self.S) if self.opts.sampler == "official" else p
 
     def advance(self) -> list[int]:
         n, N = self.slots.n, self.N
