@@ -28,6 +28,7 @@ def main():
     ap.add_argument("--images", type=int, default=500)
     ap.add_argument("--cfg", default="1.5,1.0", help="guidance scales for the GridAR comparison")
     ap.add_argument("--batch", type=int, default=1, help="VVS comparison batch (tokens do not depend on it; ms/img does)")
+    ap.add_argument("--no-ar", action="store_true", help="leave ar out of the VVS comparison")
     ap.add_argument("--only", choices=("vvs", "gridar"), default=None, help="run one of the two comparisons")
     args = ap.parse_args()
     gen = Generator.load("demo", draft="demo-draft")
@@ -37,6 +38,8 @@ def main():
     for method, opts in () if args.only == "gridar" else (
             ("ar", {}), ("lantern", {"delta": 0.2, "gamma": 4}), ("vvs", {"policy": "uniform", "gamma": 4}),
             ("vvs", {"policy": "dynamic", "gamma": 4}), ("vvs", {"policy": "dynamic", "sim_threshold": 0.95, "gamma": 4})):
+        if args.no_ar and method == "ar":
+            continue
         t0 = time.perf_counter()
         r = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, batch_size=args.batch, images=False,
                          timings=False, seed=1)
