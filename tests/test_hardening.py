@@ -566,3 +566,17 @@ def test_slow_headers_are_timed_out(server, monkeypatch):
     with socket.create_connection((u.hostname, u.port), timeout=10) as s:  # a prompt client is unaffected
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert b" 200 " in s.recv(4096).split(b"\r\n")[0]
+
+
+def test_full_disk_while_writing_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from arexport import fileio
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write_bytes", full)
+    res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy")])
+    assert res.exit_code == 1 and "No space left on device" in res.output and "t.npy" in res.output, res.output
+    assert "Traceback" not in res.output
