@@ -547,3 +547,36 @@ def test_fuzzed_bodies_get_no_5xx_no_traceback_and_bounded_memory(demo_gen):
     if os.environ.get("AREXPORT_FUZZ_REPORT"):  # the figures docs/benchmarks.md quotes
         print(f"\nfuzz: {FUZZ_BODIES} bodies, statuses {dict(sorted(statuses.items()))}, RSS after 100 "
               f"{rss['100'] / 2**20:.0f} MiB, after all {rss['end'] / 2**20:.0f} MiB")
+
+
+def test_slow_headers_are_timed_out(server, monkeypatch):
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    from arexport.serving import server as server_mod
+
+    monkeypatch.setattr(server_mod, "HEADER_TIMEOUT_S", 0.5)  # read when each connection opens
+    url, _ = server
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the head
+        t0 = time.monotonic()
+        assert s.recv(4096) == b"" and time.monotonic() - t0 < 5  # closed by the server
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:  # a prompt client is unaffected
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert b" 200 " in s.recv(4096).split(b"\r\n")[0]
+
+
+def test_full_disk_while_writing_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from arexport import fileio
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(fileio, "atomic_write_bytes", full)
+    res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy")])
+    assert res.exit_code == 1 and "No space left on device" in res.output and "t.npy" in res.output, res.output
+    assert "Traceback" not in res.output

@@ -35,6 +35,35 @@ def redact_access_log() -> None:
         logger.addFilter(RedactQuery())
 
 
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent a whole request head within this is closed
+
+
+def header_timeout_protocol():
+    """uvicorn's h11 protocol, plus: a connection that does not start a request (its whole head
+    received) within HEADER_TIMEOUT_S of opening, or of its previous response, is closed — a client
+    sending headers byte by byte cannot hold a connection for long (uvicorn times out only idle
+    keep-alive connections)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def _arm_header_timer(self):
+            self.loop.call_later(HEADER_TIMEOUT_S, self._header_timeout, self.cycle)
+
+        def _header_timeout(self, cycle):
+            if self.cycle is cycle and self.transport is not None and not self.transport.is_closing():
+                self.transport.close()  # no new request since the timer was armed
+
+    return HeaderTimeoutProtocol
+
+
 MAX_CONNECTIONS = 1000  # connections + tasks; beyond, uvicorn answers 503 at once
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 MIN_DRAIN_S = 1.0  # the socket stays open (answering 503) at least this long after SIGTERM
@@ -48,7 +77,7 @@ def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str
     forces the exit."""
     uvicorn = _uvicorn()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60,
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S)
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S, http=header_timeout_protocol())
     redact_access_log()  # after Config, which (re)configures uvicorn's loggers
     (_DrainingServer(config, service) if service is not None else uvicorn.Server(config)).run()
 
@@ -89,7 +118,8 @@ class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
         uvicorn = _uvicorn()
         self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                                     limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S)
+                                     limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=KEEP_ALIVE_S,
+                                     http=header_timeout_protocol())
         redact_access_log()
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
