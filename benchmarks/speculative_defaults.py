@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import git_rev, machine, markdown_table  # noqa: E402
@@ -63,13 +63,17 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--configs", default=None, help="comma-separated config labels (default: all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the CLI's default for the demo)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = CONFIGS if args.configs is None else [c for c in CONFIGS if c[0] in args.configs.split(",")]
     gen = Generator.load("demo", draft="demo-draft")
     classes = [i % gen.spec.num_classes for i in range(args.images)]
-    rows = [{"config": label, **run(gen, m, o, classes, args.runs, args.batch, args.seed)} for label, m, o in CONFIGS]
+    rows = [{"config": label, **run(gen, m, o, classes, args.runs, args.batch, args.seed)} for label, m, o in configs]
     print(machine(), "git", git_rev())
-    print(f"demo + demo-draft, torch cpu, {args.images} images, seed {args.seed}, {args.runs} batch-1 runs (median), "
+    print(f"demo + demo-draft, torch cpu ({args.threads} threads), {args.images} images, seed {args.seed}, {args.runs} batch-1 runs (median), "
           f"batch {args.batch} once")
     print(markdown_table(rows, ["config", "ms/image", "fwd/image", "fwd/image batch", "agree runs", "agree batch",
                                 "fwd/image runs", "runs ms/image"]))
