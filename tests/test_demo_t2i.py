@@ -169,3 +169,21 @@ def test_cli_bad_prompt_is_one_line(tmp_path):
     assert r.exit_code == 1 and "at most 12" in r.output
     assert len([line for line in r.output.splitlines() if line.strip()]) == 1, r.output
     assert not (tmp_path / "t.npy").exists()
+
+
+def test_digit_scorer_ranks_prompted_candidates_by_the_judges_top_class(gen):
+    import torch
+
+    from arexport.families import Conditions
+    from arexport.quality import judge
+    from arexport.runtime.verifiers import DigitScorer, _digit_input
+
+    r = gen.generate(prompts=PROMPTS, sampling=default_sampling(gen.spec), seed=0)
+    images = torch.from_numpy(np.concatenate([r.images, np.zeros_like(r.images[:1])]))  # + a blank canvas
+    feats, mask = gen.engine.encode_prompts(PROMPTS + ["an eight"])
+    p = torch.softmax(judge("cnn")(_digit_input(images)).double(), -1)
+    by_prompt = DigitScorer()(images, Conditions(embeds=feats, mask=mask))
+    assert torch.equal(by_prompt, p.max(1).values)
+    assert by_prompt[:3].min() > by_prompt[3]  # drawn digits read more clearly than a blank canvas
+    classes = torch.tensor([7, 3, 4, 8])
+    assert torch.equal(DigitScorer()(images, Conditions(classes=classes)), p.gather(1, classes[:, None])[:, 0])
