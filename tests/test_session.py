@@ -44,7 +44,7 @@ def run_mixed(gen, method, options, params, seeds, capacity):
     return [out[i] for i in range(len(params))]
 
 
-@pytest.mark.parametrize("method,options", [("ar", {}), ("sjd", {"window": 8}), ("gridar", {"candidates": 2})])
+@pytest.mark.parametrize("method,options", [("ar", {}), ("sjd", {"window": 8}), ("best-of-n", {"candidates": 2})])
 def test_mixed_sampling_batch_gives_each_image_its_tokens_alone(gen, method, options):
     """Six images, six different settings, one batch of 4 slots (refilled as they finish): each
     image's tokens equal those of the same image generated alone with generate()."""
