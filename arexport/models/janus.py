@@ -92,7 +92,7 @@ class JanusImageModel(nn.Module):
 
     def embed(self, tokens):
         m = self.hf.model
-        img = m.generation_aligner(m.generation_embeddings(tokens.clamp(0, self.V - 1)))
+        img = m.generation_aligner(m.generation_embeddings(torch.minimum(torch.maximum(tokens, tokens.new_zeros(())), tokens.new_tensor(self.V - 1))))
         txt = m.language_model.embed_tokens(torch.maximum(tokens - self.V, tokens.new_zeros(())))
         return torch.where((tokens < self.V).unsqueeze(-1), img, txt)
 
