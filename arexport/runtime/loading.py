@@ -8,8 +8,7 @@ from typing import Optional
 from arexport.devices import check_device
 from arexport.errors import ArexportError
 from arexport.format.manifest import read_manifest, verify_files
-from arexport.runtime.backends import BACKENDS, open_directory
-from arexport.runtime.backends import backend as backend_named
+from arexport.runtime.backends import BACKENDS, backend_package, open_directory
 
 
 def open_engine(source: str, backend: str = "torch", device: str = "cpu", dtype: Optional[str] = None,
@@ -34,5 +33,4 @@ def open_engine(source: str, backend: str = "torch", device: str = "cpu", dtype:
     if backend != "torch":
         raise ArexportError(f"engine directory not found: {source} (backend {backend} runs an engine directory; if "
                             f"{source} is a model name, build one first: arexport build {source} --out DIR)")
-    # `backend` is the parameter here (a name), hence the lookup under another name
-    return backend_named("torch").open_model(source, device=device, dtype=dtype, cuda_graph=cuda_graph, **options)
+    return backend_package("torch").open_model(source, device=device, dtype=dtype, cuda_graph=cuda_graph, **options)

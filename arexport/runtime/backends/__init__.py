@@ -16,7 +16,7 @@ from arexport.errors import ArexportError
 BACKENDS = ("torch", "ort", "trt")
 
 
-def backend(name: str):
+def backend_package(name: str):
     """A backend's package (`open_directory(directory, manifest, device, **options)`; torch also `open_model`)."""
     if name not in BACKENDS:
         raise ArexportError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -25,4 +25,4 @@ def backend(name: str):
 
 def open_directory(name: str, directory: Path, manifest, device: str = "cpu", **options):
     """A StepEngine of backend `name` over an engine directory whose manifest was read and verified."""
-    return backend(name).open_directory(Path(directory), manifest, device=device, **options)
+    return backend_package(name).open_directory(Path(directory), manifest, device=device, **options)
