@@ -57,7 +57,7 @@ class SDDecoder(Decoder):
             raise ArexportError(f"gamma {gamma} drafts do not fit this engine's largest verify block of "
                                 f"{limit + 1} tokens: pass --gamma {limit} or less")
         self.gamma = g = gamma
-        # a verify block is pending + g <= max_q tokens (pending <= g + 2 after a VVS skip); short rows pad
+        # a verify block is pending + g <= max_q tokens (pending <= g + 1 after a VVS skip; sized for g + 2); short rows pad
         # into their lookahead
         self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 2) - 1))
         self.dcache = s.cache(self.draft.allocate(rows, lookahead=2))
@@ -87,9 +87,6 @@ class SDDecoder(Decoder):
     def skip(self, g: torch.Tensor, drafts, q) -> torch.Tensor:
         """[n] tokens each image commits without verification this round (0 = verify). SD never skips."""
         return torch.zeros_like(g)
-
-    def _verified(self, P: torch.Tensor, g: torch.Tensor, verifying: torch.Tensor) -> None:
-        """Sees the target distributions [n, G+1, V] of a verify round (VVS caches them)."""
 
     # -- one round -----------------------------------------------------------------------------------
     def advance(self):
@@ -176,7 +173,6 @@ class SDDecoder(Decoder):
         P = self.rule.target_probs(cfg.guide(out, tok_index, params), params)
         limit = torch.minimum(g, n_tok - n)  # drafts that may be accepted: those inside the image
         u = s.uniform(G + 1, verifying)
-        self._verified(P, g, verifying)
         res = verify_chain(P, q, drafts, limit, u[:, :G], u.gather(1, g[:, None])[:, 0], self.rule)
         k = res.accepted
         if self.length is not None:
