@@ -186,19 +186,19 @@ def arpg256():
 @pytest.mark.parametrize("cfg_schedule", ["linear", "constant"])
 def test_schedule_and_guidance_match_the_official_generate(arpg256, monkeypatch, steps, schedule, cfg_schedule):
     """Tokens per step and the guidance scale each step really uses (spied on) equal the official loop's."""
-    import arexport.runtime.methods.arpg as arpg_mod
+    import arexport.runtime.sampling as sampling_mod
     from arexport.runtime.generator import Generator
     from arexport.runtime.sampling import SamplingParams
 
     seen = []
-    real = arpg_mod.cfg_combine
+    real = sampling_mod.cfg_combine  # the one guidance rule (sampling.guided_logits) combines through it
 
     def spy(cond, uncond, scale):
         scales = [float(x) for x in scale.flatten()] if isinstance(scale, torch.Tensor) else [float(scale)] * cond.shape[0]
         seen.append((cond.shape[1], scales))
         return real(cond, uncond, scale)
 
-    monkeypatch.setattr(arpg_mod, "cfg_combine", spy)
+    monkeypatch.setattr(sampling_mod, "cfg_combine", spy)
     Generator(TorchEngine(arpg256)).generate(classes=[3, 7], method="arpg", images=False,
                                             sampling=SamplingParams(cfg_scale=4.0, cfg_schedule=cfg_schedule),
                                             method_options={"steps": steps, "schedule": schedule})
