@@ -340,12 +340,14 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
         build_engine(lm, out, BuildOptions(batch_sizes=[1], verify_len=2))
     assert not out.exists()
     assert os.listdir(tmp_path) == []
-    # An existing engine survives a failed --overwrite rebuild untouched.
+    # An existing engine survives a failed --overwrite rebuild untouched (--overwrite replaces only
+    # directories whose manifest says they are arexport's).
     out.mkdir()
-    (out / "manifest.json").write_text("old")
+    old = '{"format": "arexport-engine", "note": "old"}'
+    (out / "manifest.json").write_text(old)
     with pytest.raises(KeyboardInterrupt):
         build_engine(lm, out, BuildOptions(batch_sizes=[1], verify_len=2, overwrite=True))
-    assert (out / "manifest.json").read_text() == "old"
+    assert (out / "manifest.json").read_text() == old
     assert sorted(os.listdir(tmp_path)) == ["eng"]
 
 
