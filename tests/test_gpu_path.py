@@ -48,11 +48,11 @@ def test_ort_static_buffers_are_bound_once_and_equal_the_plain_path(demo_engine)
         cache.length += q
         for key, entry in eng.static.items():
             now = (dict(entry.binding.bound), entry.binding.binds,
-                   {n: t.data_ptr() for n, t in entry.inputs.items()}, entry.logits.data_ptr())
+                   {n: t.data_ptr() for n, t in entry.inputs.items()}, entry.outputs["logits"].data_ptr())
             assert seen.setdefault(key, now) == now, "a static launch was rebound or its buffers moved"
             bound = entry.binding.bound
             assert all(bound[n][0] == t.data_ptr() for n, t in entry.inputs.items())
-            assert bound["out:logits"][0] == entry.logits.data_ptr()
+            assert bound["out:logits"][0] == entry.outputs["logits"].data_ptr()
             assert bound["past_key_0"][0] == cache.keys[0].data_ptr() == bound["out:present_key_0"][0]
     assert len(eng.static) == 3  # decode, verify q=3, verify q=2: one entry each, however many steps
     ref_logits, ref_cache = _reference_steps(demo_engine, cache_np, steps)
