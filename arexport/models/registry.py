@@ -253,7 +253,7 @@ def demo_text_encoder(name: str, spec: ModelSpec, device) -> Optional[dict]:
         raise ArexportError(f"{weights} gives [{module.cfg.max_length}, {module.cfg.dim}] caption features; {name} takes "
                             f"[{spec.cond_len}, {spec.caption_dim}] (a --model-config override does not apply to the prompt encoder)")
     return {"module": module.to(device), "tokenizer": tokenizer, "max_length": module.cfg.max_length, "pad_id": 0,
-            "overflow": "error", "source": str(weights)}
+            "overflow": "error", "source": f"packaged:{weights.name}"}  # no build-machine path in manifests
 
 
 def sampling_defaults(name: str, spec: ModelSpec) -> dict[str, Any]:
