@@ -43,7 +43,7 @@ class BuildOptions:
     trt_workspace_gb: Optional[float] = None
     lantern_k: int = 1000
     text_encoder: Optional[str] = None  # a T5 save_pretrained directory exported next to a t2i model (prompts)
-    steps: tuple[str, ...] = ()  # step kinds (format.stepkinds) built besides the family's own, e.g. token_hidden
+    steps: tuple[str, ...] = ()  # step kinds (format.stepkinds) built besides the family's own
     # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on (ONNX
     # Runtime >= 1.27 has kernels for both; TensorRT >= 10.15 imports both, onnx-tensorrt operators.md)
     fused_ops: Optional[bool] = None

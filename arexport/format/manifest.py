@@ -5,7 +5,7 @@ version, missing fields), whose files are missing or whose hashes/sizes do not m
 TensorRT plans were built for another GPU or TensorRT version — each with a message naming it.
 
 Format versions: 3 (this one) names the step kind each step graph implements (`Graph.step`, see
-format.stepkinds), so a directory may hold several (e.g. `step_hidden` next to `step`); version-2
+format.stepkinds), so a directory may hold several (a second step kind's graph next to `step`); version-2
 directories are read too (their step graphs' kinds follow from their names and labels). Version 2
 sized every graph's cache with `lookahead` slots past the image (`spec.s_max = s_max_for(cond_len,
 n_tokens, verify_len - 1)`), which lets one batch step rows with different query lengths. Version-1
