@@ -59,17 +59,17 @@ class Catalog:
         """The config of a canonical name with config-field overrides and image size."""
         if image_size is not None and self.tokenizer_grid and image_size % self.tokenizer_grid:
             raise ArexportError(f"image size {image_size} is not a multiple of {self.tokenizer_grid} (the VQ-{self.tokenizer_grid} downsampling)")
-        cfg = self.base_config(name, image_size)
-        if overrides:
-            try:
-                cfg = cfg.with_overrides(**overrides)
-            except (ValueError, TypeError) as e:
-                raise ArexportError(f"invalid model config: {e}") from None
-        return cfg
+        return with_overrides(self.base_config(name, image_size), overrides)
 
-    def sampling_defaults(self, name: str) -> Optional[dict[str, Any]]:
-        """A model's own sampler settings (None: its family adapter's defaults)."""
-        return None
+
+def with_overrides(cfg, overrides: Optional[dict]):
+    """`cfg` with config-field overrides applied (a bad field or value is a one-line error)."""
+    if not overrides:
+        return cfg
+    try:
+        return cfg.with_overrides(**overrides)
+    except (ValueError, TypeError) as e:
+        raise ArexportError(f"invalid model config: {e}") from None
 
     # A catalog whose models load differently (a transformers directory) defines
     # load(name, checkpoint, random_init, overrides, vq_checkpoint, dtype, device) -> LoadedModel.

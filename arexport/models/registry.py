@@ -34,7 +34,7 @@ from arexport.errors import ArexportError, CheckpointError
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
 from arexport.models import arpg, janus, llamagen, rar, var
-from arexport.models.catalog import Catalog, LoadedModel
+from arexport.models.catalog import Catalog, LoadedModel, with_overrides
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LLAMAGEN_SIZES
 from arexport.models.var import VARConfig
@@ -136,13 +136,7 @@ def model_config(name: str, overrides: Optional[dict] = None, image_size: Option
     name, catalog = _resolve(name)
     if catalog is not None:
         return catalog.config(name, overrides, image_size)
-    cfg = demo_config(name)
-    if overrides:
-        try:
-            cfg = cfg.with_overrides(**overrides)
-        except (ValueError, TypeError) as e:
-            raise ArexportError(f"invalid model config: {e}") from None
-    return cfg
+    return with_overrides(demo_config(name), overrides)
 
 
 def family_configs() -> dict[str, type]:
