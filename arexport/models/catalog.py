@@ -61,6 +61,10 @@ class Catalog:
             raise ArexportError(f"image size {image_size} is not a multiple of {self.tokenizer_grid} (the VQ-{self.tokenizer_grid} downsampling)")
         return with_overrides(self.base_config(name, image_size), overrides)
 
+    # A catalog whose models load differently (a transformers directory) defines
+    # load(name, checkpoint, random_init, overrides, vq_checkpoint, dtype, device) -> LoadedModel.
+    load = None
+
 
 def with_overrides(cfg, overrides: Optional[dict]):
     """`cfg` with config-field overrides applied (a bad field or value is a one-line error)."""
@@ -70,7 +74,3 @@ def with_overrides(cfg, overrides: Optional[dict]):
         return cfg.with_overrides(**overrides)
     except (ValueError, TypeError) as e:
         raise ArexportError(f"invalid model config: {e}") from None
-
-    # A catalog whose models load differently (a transformers directory) defines
-    # load(name, checkpoint, random_init, overrides, vq_checkpoint, dtype, device) -> LoadedModel.
-    load = None
