@@ -3,9 +3,10 @@
 POST /generate  JSON {classes | caption_embeddings, method, options, seed, sampling fields, format,
                 timeout} -> image/png (one image), JSON with base64 PNGs, or JSON tokens
 GET  /healthz   liveness + model summary + load ("ok", "degraded" near a bound, 503 "closing")
+POST /v1/images/generations  OpenAI's images API (arexport/serving/openai_api.py: fields, extensions)
 GET  /metrics   Prometheus text format (queue depth, outstanding images, lanes, latencies, HTTP statuses)
 With a token, every path but /healthz needs it (/docs and /openapi.json included).
-Errors are {"error": "..."}: 400 bad values (class out of range, bad options), 401 missing or wrong
+Errors are {"error": "..."} (on /v1 paths OpenAI's {"error": {"message", "type", "param", "code"}}): 400 bad values (class out of range, bad options), 401 missing or wrong
 bearer token, 404/405 unknown path or method, 408 a body not sent within BODY_TIMEOUT_S, 413 body
 over the limit, 422 malformed JSON/fields, 429 + Retry-After when the bound on outstanding images
 is reached, 503 + Retry-After when the request cannot finish before its timeout or the server is
@@ -85,23 +86,24 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes, metrics=service.metrics,
                        body_timeout_s=body_timeout_s)
 
-    def err(status: int, msg: str, headers: Optional[dict] = None) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status, headers=headers)
+    def err(status: int, msg: str, headers: Optional[dict] = None, path: str = "") -> JSONResponse:
+        return JSONResponse(_error_body(status, msg, path), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return err(422, f"invalid request: {where or 'body'}: {_first_line(first.get('msg', 'malformed'))}")
+        return err(422, f"invalid request: {where or 'body'}: {_first_line(first.get('msg', 'malformed'))}",
+                   path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404, 405, ...: the documented {"error"} body
-        return err(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return err(exc.status_code, str(exc.detail), getattr(exc, "headers", None), request.url.path)
 
     @app.exception_handler(Exception)
     async def internal(request, exc):  # a bug: logged here, never its text to the client
         log.exception("internal error on %s", request.url.path)
-        return err(500, "internal error")
+        return err(500, "internal error", path=request.url.path)
 
     @app.get("/healthz")
     async def healthz():
@@ -211,6 +213,10 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             return Response(pngs[0], media_type="image/png", headers=headers)
         return JSONResponse({"images": [base64.b64encode(p).decode() for p in pngs], "seconds": res.seconds}, headers=headers)
 
+    from arexport.serving.openai_api import register as register_openai
+
+    register_openai(app, service, max_images)  # POST /v1/images/generations (OpenAI's images API)
+
     @app.on_event("shutdown")
     def _shutdown():
         service.close(drain=True, timeout=60)
@@ -257,12 +263,13 @@ class _Guard:
             await send(message)
 
         refusal = self._refuse_headers(scope)
+        path = scope.get("path", "")
         if refusal is not None:
-            return await _send_error(counting_send, *refusal)
+            return await _send_error(counting_send, *refusal, path)
         if scope["method"] == "POST":
             body, refusal = await self._read_body(receive)
             if refusal is not None:
-                return await _send_error(counting_send, *refusal)
+                return await _send_error(counting_send, *refusal, path)
             replayed = [False]
 
             async def replay():
@@ -308,9 +315,18 @@ class _Guard:
                 return b"".join(chunks), None
 
 
-async def _send_error(send, status: int, msg: str, headers: Optional[dict]) -> None:
+def _error_body(status: int, msg: str, path: str) -> dict:
+    """{"error": msg}, or OpenAI's error shape on the OpenAI-compatible /v1 paths."""
+    if path.startswith("/v1/"):
+        from arexport.serving.openai_api import openai_error
+
+        return openai_error(status, msg, code="invalid_api_key" if status == 401 else None)
+    return {"error": msg}
+
+
+async def _send_error(send, status: int, msg: str, headers: Optional[dict], path: str = "") -> None:
     raw = [(b"content-type", b"application/json")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    body = json.dumps({"error": msg}).encode()
+    body = json.dumps(_error_body(status, msg, path)).encode()
     raw.append((b"content-length", str(len(body)).encode()))
     if status in (408, 413):
         raw.append((b"connection", b"close"))  # the rest of the body is not read
