@@ -1132,6 +1132,47 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     serve_forever(app, host=host, port=port, service=service)
 
 
+# -- export-triton -----------------------------------------------------------------------------------
+
+@cli.command("export-triton")
+@click.argument("engine_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="The model repository to write into.")
+@click.option("--name", default="arexport", show_default=True, help="The model's name in the repository.")
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+              help="The runtime backend each Triton instance runs the engine on (trt needs --kind KIND_GPU).")
+@click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default="KIND_CPU", show_default=True,
+              help="Instance kind: KIND_GPU puts each instance on a GPU (cuda:N).")
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Instances (per GPU with --gpus).")
+@click.option("--gpus", help="GPU ids for KIND_GPU instances, comma separated (default: all).")
+@click.option("--capacity", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Triton's max batch size: requests gathered into one runtime Session.")
+@click.option("--max-images", type=click.IntRange(min=1), default=64, show_default=True, help="Most images per request.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per instance.")
+@click.option("--sys-path/--no-sys-path", default=True, show_default=True,
+              help="Record this interpreter's sys.path for the Python stub (which ignores PYTHONPATH): for a server on this machine.")
+@click.option("--execution-env", type=click.Path(dir_okay=False, exists=True),
+              help="A conda-pack .tar.gz of an environment with arexport installed, copied in and named by EXECUTION_ENV_PATH.")
+def export_triton_cmd(engine_dir, out_dir, name, backend, kind, count, gpus, capacity, max_images, threads, sys_path,
+                      execution_env):
+    """Write a Triton Inference Server model repository (Python backend) serving ENGINE_DIR.
+
+    \b
+    Example (a CPU server on this machine; README "Scaling out" has the GPU deployment):
+      arexport export-triton engines/demo --out triton_repo
+      tritonserver --model-repository triton_repo
+    """
+    from arexport.deploy.triton import export_triton
+
+    try:
+        gpu_ids = [int(g) for g in gpus.split(",")] if gpus else None
+    except ValueError:
+        raise ArexportError(f"--gpus takes comma-separated GPU ids, got {gpus!r}") from None
+    model_dir = export_triton(engine_dir, out_dir, name=name, backend=backend, kind=kind, count=count, gpus=gpu_ids,
+                              capacity=capacity, max_images=max_images, threads=threads, record_sys_path=sys_path,
+                              execution_env=execution_env)
+    click.echo(f"wrote {model_dir} (config.pbtxt, 1/model.py, engine/)", err=True)
+
+
 def _loopback(host: str) -> bool:
     import ipaddress
 
