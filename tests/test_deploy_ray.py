@@ -96,8 +96,7 @@ def test_replica_killed_mid_load_loses_nothing(handle, alone):
             assert i % 2 == 1 and "replica died" in str(out) and str(r["seed"]) in str(out)
             failed += 1
         else:
-            assert np.array_equal(np.asarray(out["tokens"]), alone(r))
-            assert out["replica"] != victim
+            assert np.array_equal(np.asarray(out["tokens"]), alone(r))  # (a request the victim finished first counts too)
             answered += 1
     assert answered + failed == len(reqs)  # nothing lost silently
     assert retrying.replica_deaths + once.replica_deaths >= 1, "the kill hit no request in flight"
