@@ -19,7 +19,7 @@ from arexport.deploy.ray_serve import ReplicaFailed, RetryingClient, app  # noqa
 from arexport.errors import ArexportError  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a Ray cluster and two replica processes start (about 40 s here)
+pytestmark = pytest.mark.slow  # a Ray cluster and two replica processes start (40 s on 2 loaded cores)
 
 REQS = [dict(classes=[c, (c + 3) % 10], seed=100 + c, images=False) for c in range(6)]
 
@@ -101,3 +101,4 @@ def test_replica_killed_mid_load_loses_nothing(handle, alone):
     assert answered + failed == len(reqs)  # nothing lost silently
     assert retrying.replica_deaths + once.replica_deaths >= 1, "the kill hit no request in flight"
     assert failed == once.replica_deaths
+

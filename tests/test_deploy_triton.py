@@ -26,7 +26,7 @@ from arexport.deploy.triton import client_inputs  # noqa: E402
 from arexport.errors import ArexportError  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a tritonserver process starts and loads the engine (about 15 s here)
+pytestmark = pytest.mark.slow  # builds demo-t2i; a tritonserver starts and loads two models (60 s on 2 loaded cores)
 
 
 def _pytriton_dir() -> Path:
@@ -57,10 +57,15 @@ def triton(demo_engine, tmp_path_factory):
         pytest.skip(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
     if not (Path(libdir) / f"libpython{version}.so.1.0").exists():
         pytest.skip(f"the Python backend stub needs libpython{version}.so.1.0 (a shared-library Python) in {libdir}")
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
     tmp = tmp_path_factory.mktemp("triton")
-    res = CliRunner().invoke(cli, ["export-triton", str(demo_engine), "--out", str(tmp / "repo"), "--capacity", "8"],
-                             catch_exceptions=False)
-    assert res.exit_code == 0, res.output
+    build_engine(load_model("demo-t2i"), tmp / "t2i", BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
+    for engine, name in ((demo_engine, "arexport"), (tmp / "t2i", "t2i")):  # two models in one repository
+        res = CliRunner().invoke(cli, ["export-triton", str(engine), "--out", str(tmp / "repo"), "--name", name,
+                                       "--capacity", "8"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
     # the backend directory the server loads: the wheel's Python backend plus the stub of this Python
     backend = tmp / "backends" / "python"
     backend.mkdir(parents=True)
@@ -84,12 +89,12 @@ def triton(demo_engine, tmp_path_factory):
                 raise AssertionError("tritonserver did not get the model ready:\n" +
                                      (tmp / "tritonserver.log").read_text(errors="replace")[-3000:])
             try:
-                if client.is_model_ready("arexport"):
+                if client.is_model_ready("arexport") and client.is_model_ready("t2i"):
                     break
             except Exception:  # noqa: BLE001 — not listening yet
                 pass
             time.sleep(0.5)
-        yield url, tmp / "repo" / "arexport" / "engine"
+        yield url, tmp / "repo" / "arexport" / "engine", tmp / "repo" / "t2i" / "engine"
     finally:
         client.close()
         proc.send_signal(signal.SIGINT)
@@ -101,11 +106,11 @@ def triton(demo_engine, tmp_path_factory):
         log.close()
 
 
-def _ask(url, request, images=False):
+def _ask(url, request, images=False, model="arexport"):
     client = th.InferenceServerClient(url)
     try:
         outs = [th.InferRequestedOutput("TOKENS")] + ([th.InferRequestedOutput("IMAGES")] if images else [])
-        r = client.infer("arexport", client_inputs(request), outputs=outs)
+        r = client.infer(model, client_inputs(request), outputs=outs)
         return r.as_numpy("TOKENS")[0], (r.as_numpy("IMAGES")[0] if images else None)
     finally:
         client.close()
@@ -117,7 +122,7 @@ REQS = [dict(classes=[1, 2], seed=3), dict(classes=[4], seed=5), dict(classes=[7
 
 
 def test_concurrent_requests_equal_generate(triton, tmp_path):
-    url, engine = triton
+    url, engine, _ = triton
     with ThreadPoolExecutor(len(REQS)) as pool:
         outs = list(pool.map(lambda r: _ask(url, r, images=r is REQS[0]), REQS))
     gen = Generator.load(str(engine), backend="ort")
@@ -140,7 +145,7 @@ def test_concurrent_requests_equal_generate(triton, tmp_path):
 
 
 def test_bad_request_fails_alone(triton):
-    url, _ = triton
+    url = triton[0]
     from tritonclient.utils import InferenceServerException
 
     with pytest.raises(InferenceServerException, match="class"):
@@ -149,6 +154,17 @@ def test_bad_request_fails_alone(triton):
         _ask_raw(url, {"CLASSES": [1]}, sampling='{"tempratur": 1}')
     tokens, _ = _ask(url, dict(classes=[1], seed=1))  # the model still answers
     assert tokens.shape[0] == 1
+
+
+def test_prompts_equal_generate(triton):
+    url, _, engine = triton
+    reqs = [dict(prompts=["a handwritten seven", "a two"], seed=4), dict(prompts=["an eight"], seed=9, method="sjd")]
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        outs = list(pool.map(lambda r: _ask(url, r, images=True, model="t2i"), reqs))
+    gen = Generator.load(str(engine), backend="ort")
+    for r, (tokens, images) in zip(reqs, outs):
+        alone = gen.generate(prompts=r["prompts"], seed=r["seed"], method=r.get("method"))
+        assert np.array_equal(tokens, alone.tokens) and np.array_equal(images, alone.images), r
 
 
 def _ask_raw(url, inputs, sampling):
