@@ -227,5 +227,8 @@ def test_bad_emu3_input_is_named(emu3_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(ArexportError, match="has no processor_config.json"):
+        Generator.load("emu3-gen", checkpoint=str(bare))
+    (bare / "processor_config.json").write_text((d / "processor_config.json").read_text())
     with pytest.raises(ArexportError, match="has no tokenizer.json"):
         Generator.load("emu3-gen", checkpoint=str(bare))

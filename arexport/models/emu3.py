@@ -125,16 +125,17 @@ class Emu3ImageModel(nn.Module):
 
     def bpe_ids(self, tokens):
         """Step ids -> the checkpoint's BPE ids (module docstring)."""
-        img = self.bpe[torch.clamp(tokens, 0, self.V)]
+        img = self.bpe[torch.minimum(torch.maximum(tokens, tokens.new_zeros(())), tokens.new_tensor(self.V))]
         return torch.where(tokens <= self.V, img, tokens - (self.V + 1))
 
     def constrain(self, logits, positions):
         """The prefix constraint: EOL alone at a row's end, visual tokens alone elsewhere."""
         target = positions + 1  # the image index the logits of `positions` predict
-        at_eol = ((target % (self.width + 1)) == self.width) & (target >= 0)
-        is_eol_col = torch.arange(self.V + 1, device=logits.device) == self.V
-        forbid = at_eol.unsqueeze(-1) != is_eol_col  # [B, q, V+1]
-        return logits.masked_fill(forbid, MASKED)
+        at_eol = (((target % (self.width + 1)) == self.width) & (target >= 0)).to(logits.dtype).unsqueeze(-1)
+        is_eol_col = (torch.arange(self.V + 1, device=logits.device) == self.V).to(logits.dtype)
+        # float arithmetic, not a bool comparison: TensorRT's parser takes no bool Equal
+        allowed = at_eol * is_eol_col + (1 - at_eol) * (1 - is_eol_col)  # [B, q, V+1], 1 or 0
+        return torch.where(allowed > 0.5, logits, torch.full_like(logits, MASKED))
 
     def step(self, tokens, positions, write_index, attn_mask, keys, values, cache_write=None):
         """logits [B,q,V+1] fp32 (codebook ids and EOL, constrained) and the updated caches."""
@@ -183,7 +184,8 @@ class Emu3ImageDecoder(nn.Module):
         self.register_buffer("std", torch.tensor(mapping["image_std"]).view(1, 3, 1, 1) * rf, persistent=False)
 
     def forward(self, tokens):
-        ids = tokens.view(tokens.shape[0], self.h, self.w + 1)[:, :, : self.w].clamp(0, self.V - 1)
+        ids = tokens.view(tokens.shape[0], self.h, self.w + 1)[:, :, : self.w]
+        ids = torch.minimum(torch.maximum(ids, ids.new_zeros(())), ids.new_tensor(self.V - 1))  # no int64 Clip (TensorRT)
         x = self.vq.decode(ids).float()
         return (x * self.std + self.mean).clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8).contiguous()
 
