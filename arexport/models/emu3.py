@@ -316,4 +316,34 @@ class Emu3Catalog(Catalog):
         return LoadedModel(cname, model, spec, decoder, source, prompter=prompter_assets(checkpoint, opts, side, tokens))
 
 
+    def dry_run_shape(self, cname, checkpoint, overrides):
+        """The StepShape (models.memory) of an engine of this checkpoint, from its config.json alone:
+        parameters counted on meta tensors, nothing allocated or read but the config."""
+        from arexport.models.memory import StepShape
+
+        if checkpoint is None or not (Path(checkpoint) / "config.json").exists():
+            raise ArexportError(f"{cname} --dry-run reads the checkpoint's config.json: pass --checkpoint DIR holding one")
+        opts = self.options(overrides)
+        side = grid_for(opts.image_area)
+        from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+        cfg = Emu3Config.from_pretrained(str(checkpoint), local_files_only=True)
+        with torch.device("meta"):
+            hf = Emu3ForConditionalGeneration(cfg)
+        step = sum(p.numel() for n, p in hf.named_parameters() if n.startswith(("model.text_model.", "lm_head.")))
+        vq = hf.model.vqmodel
+        dec = sum(p.numel() for n, p in vq.named_parameters() if not n.startswith(("encoder.", "quant_conv.")))
+        vc, text = cfg.vq_config, cfg.text_config
+        top = len(vc.channel_multiplier) - 1  # level i works at (side * 2^(top - i)) pixels per side
+        peak = max(vc.base_channels * m * (side * 2 ** (top - i)) ** 2 for i, m in enumerate(vc.channel_multiplier))
+        peak *= vc.temporal_downsample_factor  # the decoder upsamples one latent frame to this many
+        n_tokens = side * (side + 1)
+        heads = text.num_attention_heads
+        return StepShape(name=f"{cname} ({side}x{side} tokens, {side * 8} px)", n_layer=text.num_hidden_layers, n_head=heads,
+                         n_kv_head=text.num_key_value_heads, head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+                         dim=text.hidden_size, intermediate=text.intermediate_size, logits_width=text.vocab_size,
+                         s_max=s_max_for(opts.prompt_slots, n_tokens, 15), step_params=step, decoder_params=dec,
+                         decoder_peak_elems=peak)
+
+
 CATALOG = Emu3Catalog()
