@@ -140,6 +140,7 @@ def test_greedy_tokens_equal_transformers_with_the_official_processors(emu3_dir,
         px = model.decode_image_tokens(image_tokens=ref, height=SIDE, width=SIDE)
         pil = proc.postprocess(list(px.float()), return_tensors="PIL.Image.Image")["pixel_values"]  # the official decode
         assert np.abs(out.images.astype(int) - np.stack([np.asarray(p) for p in pil]).astype(int)).max() <= 1
+        assert out.images.std() > 10  # a varied image, not a saturated one
 
 
 def test_negative_controls_are_rejected(emu3_dir):
@@ -232,3 +233,24 @@ def test_bad_emu3_input_is_named(emu3_dir, tmp_path):
     (bare / "processor_config.json").write_text((d / "processor_config.json").read_text())
     with pytest.raises(ArexportError, match="has no tokenizer.json"):
         Generator.load("emu3-gen", checkpoint=str(bare))
+
+
+def test_dry_run_prints_the_memory_of_a_full_size_engine(tmp_path):
+    """Emu3-Gen's shapes (transformers' Emu3 config defaults: 4096 wide, 32 layers, 8 KV heads of 128,
+    184622 text tokens) from config.json alone; the KV cache figure re-derived by hand."""
+    from click.testing import CliRunner
+    from transformers import Emu3Config
+    from transformers.models.emu3.configuration_emu3 import Emu3TextConfig, Emu3VQVAEConfig
+
+    from arexport.cli import cli
+
+    vmap = {f"<|visual token {i:06d}|>": 151854 + i for i in range(32768)}
+    Emu3Config(text_config=Emu3TextConfig(), vq_config=Emu3VQVAEConfig(), vocabulary_map=vmap).save_pretrained(tmp_path)
+    r = CliRunner().invoke(cli, ["build", "emu3-gen", "--checkpoint", str(tmp_path), "--dry-run", "--precision", "bf16"])
+    assert r.exit_code == 0, r.output
+    slots = -(-(128 + 90 * 91 + 15) // 8) * 8  # prompt slots + 90 rows of 91 + verify lookahead, rounded to 8
+    kv1 = 2 * 32 * 8 * 128 * slots * 2 * 2  # K and V, layers, heads, head_dim, slots, 2 CFG rows, bf16
+    assert f"{slots} cache slots" in r.output and f"KV cache {kv1 / 2 ** 30:.2f} GiB" in r.output
+    assert f"KV cache {8 * kv1 / 2 ** 30:.2f} GiB" in r.output and "8.49 B step parameters" in r.output
+    r = CliRunner().invoke(cli, ["build", "demo", "--dry-run"])
+    assert r.exit_code != 0 and "config-only models" in r.output
