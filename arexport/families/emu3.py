@@ -35,3 +35,14 @@ class Emu3Family(JanusFamily):
         for f in ("bos_token_id", "pad_token_id", "eol_token_id", "text_vocab_size"):
             if target_spec.extra.get(f) != draft_spec.extra.get(f):
                 raise ArexportError(f"draft {draft_spec.name} does not share {target_spec.name}'s tokenizer ({f})")
+
+
+class LuminaMGPTFamily(Emu3Family):
+    """Lumina-mGPT 1.0 (models/lumina_mgpt.py): the same grid with new-line tokens; the unconditional
+    context is the image-start and resolution tokens alone (an empty negative prompt without BOS)."""
+
+    name = "lumina-mgpt"
+
+    def sampling_defaults(self, spec):
+        # Alpha-VLLM/Lumina-mGPT inference_solver.py l.391 (create_logits_processor: cfg 3.0, image_top_k 2000)
+        return {"cfg_scale": 3.0, "top_k": 2000, "top_p": 1.0, "temperature": 1.0}

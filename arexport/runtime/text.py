@@ -190,7 +190,8 @@ class ChatPrompter:
     def render(self, prompt: str, suffix: bool = True) -> str:
         """The text transformers' JanusProcessor (or Emu3Processor: `prefix` = BOS text, `prompt_suffix`
         the official positive prompt) tokenizes for image generation."""
-        text = self.info.get("prefix", "") + prompt + (self.info.get("prompt_suffix", "") if suffix else "")
+        prefix = self.info.get("prefix", "") if suffix else self.info.get("negative_prefix", self.info.get("prefix", ""))
+        text = prefix + prompt + (self.info.get("prompt_suffix", "") if suffix else "")
         if self.template is not None:
             msgs = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
             text = self.template.render(messages=msgs, add_generation_prompt=True, **self.info.get("special_tokens", {}))
@@ -207,7 +208,8 @@ class ChatPrompter:
     def __call__(self, prompts, suffix: bool = True, check: bool = True, what: str = "prompt {i}") -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N, slots] int64, mask [N, slots] bool), left-padded."""
         prompts = check_prompts(prompts) if check else list(prompts)
-        enc = self.tok.encode_batch([self.render(p, suffix) for p in prompts])
+        enc = self.tok.encode_batch([self.render(p, suffix) for p in prompts],
+                                    add_special_tokens=self.info.get("add_special_tokens", True))
         ids = torch.full((len(prompts), self.max_length), int(self.info["pad_id"]), dtype=torch.int64)
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
         for i, e in enumerate(enc):
