@@ -314,7 +314,7 @@ def _dry_run(model_name, checkpoint, overrides, precision, verify_len) -> None:
             for line in report(shape, {"fp32": 4, "fp16": 2, "bf16": 2}[precision], verify_len=verify_len or 16):
                 click.echo(line)
             return
-    raise ArexportError(f"build --dry-run estimates config-only models (emu3-gen), not {model_name}")
+    raise ArexportError(f"build --dry-run estimates config-only models (emu3-gen, lumina-mgpt-7b-*), not {model_name}")
 
 
 @cli.command()
@@ -572,7 +572,7 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Engine batch sizes in rows (CFG: 2 rows per image).")
 @click.option("--dry-run", is_flag=True, help="Print the memory an engine would need (weights, KV cache at 1 and 8 images, "
-              "activations) from the checkpoint's config alone, and build nothing (emu3-gen).")
+              "activations) from the checkpoint's config alone, and build nothing (emu3-gen, lumina-mgpt-7b-*).")
 @click.option("--verify-len", type=int, help="Largest query length of the step (verify block K). Default 16; ARPG: all tokens.")
 @click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True, help="onnx: ONNX graphs; trt: also TensorRT plans.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")

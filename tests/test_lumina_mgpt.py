@@ -149,3 +149,20 @@ def test_methods_run_and_images_are_refused(lumina_dir, tmp_path):
         assert r.stats["draft_forwards"] > 0 and (t[:, :, -1] == V).all() and (t[:, :, :-1] < V).all(), method
     with pytest.raises(ArexportError, match="VQGAN decoder"):
         gen.generate(prompts=prompts[:1])
+
+
+def test_dry_run_prints_the_memory_of_a_7b_engine(tmp_path):
+    """Chameleon-7B shapes (transformers' ChameleonConfig defaults: 4096 wide, 32 layers, 32 KV heads of
+    128) at 768 px; the KV cache figure re-derived by hand."""
+    from click.testing import CliRunner
+    from transformers import ChameleonConfig
+
+    from arexport.cli import cli
+
+    ChameleonConfig().save_pretrained(tmp_path)
+    r = CliRunner().invoke(cli, ["build", "lumina-mgpt-7b-768", "--checkpoint", str(tmp_path), "--dry-run", "--precision", "bf16"])
+    assert r.exit_code == 0, r.output
+    slots = -(-(128 + 48 * 49 + 15) // 8) * 8
+    kv1 = 2 * 32 * 32 * 128 * slots * 2 * 2  # K and V, layers, heads, head_dim, slots, 2 CFG rows, bf16
+    assert f"{slots} cache slots" in r.output and f"KV cache {kv1 / 2 ** 30:.2f} GiB" in r.output
+    assert f"KV cache {8 * kv1 / 2 ** 30:.2f} GiB" in r.output and "unported decoder" in r.output

@@ -229,4 +229,33 @@ class LuminaCatalog(Catalog):
                            prompter={"files": {"tokenizer.json": Path(checkpoint) / "tokenizer.json"}, "info": info})
 
 
+    def dry_run_shape(self, cname, checkpoint, overrides):
+        """The StepShape (models.memory) of an engine of this checkpoint from its config.json alone."""
+        from arexport.models.memory import StepShape
+
+        if checkpoint is None or not (Path(checkpoint) / "config.json").exists():
+            raise ArexportError(f"{cname} --dry-run reads the checkpoint's config.json: pass --checkpoint DIR holding one")
+        from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+        slots = int((overrides or {}).get("prompt_slots", LuminaOptions().prompt_slots))
+        px = int((overrides or {}).get("image_px", SIZES[cname]))
+        side = 2 * (px // 32)
+        cfg = ChameleonConfig.from_pretrained(str(checkpoint), local_files_only=True)
+        cfg.vocabulary_map = cfg.vocabulary_map or {}  # not needed to count parameters
+        with torch.device("meta"):
+            hf = ChameleonForConditionalGeneration(cfg)
+        step = sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("model.vqmodel."))
+        vqp = sum(p.numel() for p in hf.model.vqmodel.parameters())
+        vc = cfg.vq_config
+        top = len(vc.channel_multiplier) - 1
+        peak = max(vc.base_channels * m * (side * 2 ** (top - i)) ** 2 for i, m in enumerate(vc.channel_multiplier))
+        heads = cfg.num_attention_heads
+        return StepShape(name=f"{cname} ({side}x{side} tokens, {px} px)", n_layer=cfg.num_hidden_layers, n_head=heads,
+                         n_kv_head=cfg.num_key_value_heads, head_dim=cfg.hidden_size // heads, dim=cfg.hidden_size,
+                         intermediate=cfg.intermediate_size, logits_width=cfg.vocab_size,
+                         s_max=s_max_for(slots, side * (side + 1), 15), step_params=step, decoder_params=vqp,
+                         decoder_peak_elems=peak,
+                         note="decoder: the VQGAN encoder's size stands in for the unported decoder")
+
+
 CATALOG = LuminaCatalog()

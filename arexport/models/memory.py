@@ -29,6 +29,7 @@ class StepShape:
     step_params: int
     decoder_params: int = 0
     decoder_peak_elems: int = 0  # elements of the decoder's largest feature map for one image
+    note: str = ""  # what the figures stand in for (printed with them)
 
 
 def estimate(shape: StepShape, bytes_per_param: int, images: int, verify_len: int = 16, cfg: bool = True) -> dict[str, int]:
@@ -54,7 +55,8 @@ def gib(n: int) -> str:
 def report(shape: StepShape, bytes_per_param: int, batches=(1, 8), verify_len: int = 16) -> list[str]:
     """Lines printed by `build --dry-run`: one per image batch."""
     lines = [f"{shape.name}: {shape.step_params / 1e9:.2f} B step parameters, {shape.decoder_params / 1e6:.1f} M decoder "
-             f"parameters, {shape.s_max} cache slots per row, {bytes_per_param} bytes per parameter, step q <= {verify_len}"]
+             f"parameters, {shape.s_max} cache slots per row, {bytes_per_param} bytes per parameter, step q <= {verify_len}"
+             + (f" ({shape.note})" if shape.note else "")]
     for b in batches:
         e = estimate(shape, bytes_per_param, b, verify_len)
         lines.append(f"  batch {b} image(s), {2 * b} CFG rows: weights {gib(e['weights_step'])} step + "
