@@ -149,6 +149,12 @@ def test_methods_run_and_images_are_refused(lumina_dir, tmp_path):
         assert r.stats["draft_forwards"] > 0 and (t[:, :, -1] == V).all() and (t[:, :, :-1] < V).all(), method
     with pytest.raises(ArexportError, match="VQGAN decoder"):
         gen.generate(prompts=prompts[:1])
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
+    with pytest.raises(ArexportError, match="build with --no-images"):  # refused before anything is written
+        build_engine(load_model("lumina-mgpt-7b-768", checkpoint=str(d), overrides=OVERRIDES), tmp_path / "eng", BuildOptions())
+    assert not (tmp_path / "eng").exists()
 
 
 def test_dry_run_prints_the_memory_of_a_7b_engine(tmp_path):

@@ -133,6 +133,8 @@ class NoChameleonDecoder(nn.Module):
         super().__init__()
         self.quantize = hf.model.vqmodel.quantize
 
+    not_exportable = "the Chameleon VQGAN decoder is not in transformers and not ported here (tokens only)"
+
     def forward(self, tokens):
         raise ArexportError("Lumina-mGPT images need the Chameleon VQGAN decoder, which transformers does not ship and "
                             "arexport has not ported: generate tokens only (images off)")
