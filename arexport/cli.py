@@ -65,7 +65,7 @@ def model_options(f):
     """Options that pick a model and its weights (torch backend / build)."""
     opts = [
         click.option("--checkpoint", type=click.Path(), help="Model weights (.pt/.pth/.safetensors, the layouts LlamaGen, ARPG, "
-                     "RAR and VAR release; a transformers save_pretrained directory for janus-pro)."),
+                     "RAR and VAR release; a transformers save_pretrained directory for janus-pro and emu3-gen)."),
         click.option("--random-init", is_flag=True, help="Random weights (latency work without checkpoints)."),
         click.option("--vq-checkpoint", type=click.Path(dir_okay=False), help="Image tokenizer checkpoint, for images (LlamaGen VQ-16; MaskGIT-VQGAN for RAR)."),
         click.option("--model-config", "model_config", metavar="K=V,...", help="Override config fields, e.g. n_layer=2,dim=256."),
@@ -301,6 +301,21 @@ def _load_captions(path: Optional[str]):
 
 
 # -- generate ----------------------------------------------------------------------------------------
+
+def _dry_run(model_name, checkpoint, overrides, precision, verify_len) -> None:
+    """build --dry-run: the memory an engine would need, from the model's config (models/memory.py)."""
+    from arexport.models.memory import report
+    from arexport.models.registry import CATALOGS
+
+    for c in CATALOGS:
+        cname = c.canonical(model_name)
+        if cname and hasattr(c, "dry_run_shape"):
+            shape = c.dry_run_shape(cname, checkpoint, overrides)
+            for line in report(shape, {"fp32": 4, "fp16": 2, "bf16": 2}[precision], verify_len=verify_len or 16):
+                click.echo(line)
+            return
+    raise ArexportError(f"build --dry-run estimates config-only models (emu3-gen, lumina-mgpt-7b-*), not {model_name}")
+
 
 @cli.command()
 @click.argument("engine_dir", required=False, type=click.Path(file_okay=False))
@@ -553,9 +568,11 @@ def _int_list(text: str, what: str) -> list[int]:
 @cli.command()
 @click.argument("model_name")
 @model_options
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Engine directory to write.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Engine directory to write (required unless --dry-run).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Engine batch sizes in rows (CFG: 2 rows per image).")
+@click.option("--dry-run", is_flag=True, help="Print the memory an engine would need (weights, KV cache at 1 and 8 images, "
+              "activations) from the checkpoint's config alone, and build nothing (emu3-gen, lumina-mgpt-7b-*).")
 @click.option("--verify-len", type=int, help="Largest query length of the step (verify block K). Default 16; ARPG: all tokens.")
 @click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True, help="onnx: ONNX graphs; trt: also TensorRT plans.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
@@ -571,7 +588,7 @@ def _int_list(text: str, what: str) -> list[int]:
               "token_hidden: the token step that also returns the last hidden state (EAGLE draft heads).")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k, text_encoder, steps):
+          lantern_k, text_encoder, steps, dry_run):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -583,6 +600,11 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
     from arexport.exporter.build import BuildOptions, build_engine
     from arexport.models.registry import load_model, parse_overrides
 
+    if dry_run:
+        _dry_run(model_name, checkpoint, parse_overrides(model_config), precision, verify_len)
+        return
+    if not out_dir:
+        raise ArexportError("build needs --out DIR (the engine directory to write)")
     opts = BuildOptions(precision=precision, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), verify_len=verify_len,
                         backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
                         trt_opt_level=trt_opt_level,

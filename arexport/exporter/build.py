@@ -77,6 +77,9 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     from arexport.hf import load_t5_encoder
 
     opts.validate()
+    why = getattr(loaded.decoder, "not_exportable", None)  # a decoder that only holds a codebook (Lumina-mGPT)
+    if opts.images and why:
+        raise ArexportError(f"{loaded.name}: {why}; build with --no-images")
     if opts.backend == "trt":
         from arexport.devices import require_tensorrt
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from arexport.errors import ArexportError
 from arexport.families.arpg import ARPGFamily
 from arexport.families.base import Conditions, Family
+from arexport.families.emu3 import Emu3Family, LuminaMGPTFamily
 from arexport.families.janus import JanusFamily
 from arexport.families.llamagen import LlamaGenFamily
 from arexport.families.rar import RARFamily
 from arexport.families.var import VARFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily(), JanusFamily())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily(), JanusFamily(),
+                                             Emu3Family(), LuminaMGPTFamily())}
 
 
 def get_family(name: str) -> Family:

@@ -11,6 +11,8 @@ Names:
   (`--checkpoint var_d16.pth`) with the multi-scale VQVAE (`--vq-checkpoint vae_ch160v4096z32.pth`).
 * `janus-pro`: Janus-Pro (any size its config describes) through transformers' model definition,
   from a local save_pretrained directory (`--checkpoint DIR`: config, weights, tokenizer.json); prompts.
+* `emu3-gen`: Emu3 (Emu3-Gen) through transformers' model definition, the same way; the grid's
+  end-of-line tokens are forced by the step graph (models/emu3.py).
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 * `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
@@ -33,7 +35,7 @@ import torch
 from arexport.errors import ArexportError, CheckpointError
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
-from arexport.models import arpg, janus, llamagen, rar, var
+from arexport.models import arpg, emu3, janus, llamagen, lumina_mgpt, rar, var
 from arexport.models.catalog import Catalog, LoadedModel, with_overrides
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LLAMAGEN_SIZES
@@ -45,7 +47,8 @@ __all__ = ["CATALOGS", "LLAMAGEN_SIZES", "LoadedModel", "canonical_name", "known
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # One catalog per family, each in its family's model module: names, aliases, configs, checkpoint markers.
-CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG)
+CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG,
+                                  emu3.CATALOG, lumina_mgpt.CATALOG)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",

@@ -187,24 +187,35 @@ class ChatPrompter:
                                                                 extensions=[jinja2.ext.loopcontrols])
             self.template = env.from_string(text if isinstance(text, str) else Path(text).read_text(encoding="utf-8"))
 
-    def render(self, prompt: str) -> str:
-        """The text transformers' JanusProcessor tokenizes for image generation."""
-        text = prompt
+    def render(self, prompt: str, suffix: bool = True) -> str:
+        """The text transformers' JanusProcessor (or Emu3Processor: `prefix` = BOS text, `prompt_suffix`
+        the official positive prompt) tokenizes for image generation."""
+        prefix = self.info.get("prefix", "") if suffix else self.info.get("negative_prefix", self.info.get("prefix", ""))
+        text = prefix + prompt + (self.info.get("prompt_suffix", "") if suffix else "")
         if self.template is not None:
             msgs = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
             text = self.template.render(messages=msgs, add_generation_prompt=True, **self.info.get("special_tokens", {}))
         return text + self.info["boi_token"]
 
-    def __call__(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    def negative(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The negative prompt (the unconditional CFG context; Emu3) for n rows, as __call__ returns prompts."""
+        neg = self.info.get("negative_prompt")
+        if neg is None:
+            raise ArexportError("this engine's prompter has no negative prompt")
+        ids, mask = self([neg] * n, suffix=False, check=False, what="the negative prompt")
+        return ids, mask
+
+    def __call__(self, prompts, suffix: bool = True, check: bool = True, what: str = "prompt {i}") -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [N, slots] int64, mask [N, slots] bool), left-padded."""
-        prompts = check_prompts(prompts)
-        enc = self.tok.encode_batch([self.render(p) for p in prompts])
+        prompts = check_prompts(prompts) if check else list(prompts)
+        enc = self.tok.encode_batch([self.render(p, suffix) for p in prompts],
+                                    add_special_tokens=self.info.get("add_special_tokens", True))
         ids = torch.full((len(prompts), self.max_length), int(self.info["pad_id"]), dtype=torch.int64)
         mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool)
         for i, e in enumerate(enc):
             n = len(e.ids)
             if n > self.max_length:
-                raise ArexportError(f"prompt {i} is {n} tokens with the chat template and image-start token; this model "
+                raise ArexportError(f"{what.format(i=i)} is {n} tokens with the chat template and image-start token; this model "
                                     f"holds {self.max_length} (raise --model-config prompt_slots=N and rebuild)")
             ids[i, self.max_length - n:] = torch.tensor(e.ids, dtype=torch.int64)
             mask[i, self.max_length - n:] = True
