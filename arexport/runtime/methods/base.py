@@ -216,6 +216,10 @@ class Slots:
         self._caches.append((cache, rows_per_image or self.rows_per_image))
         return cache
 
+    def cache_bytes(self) -> int:
+        """Bytes of the registered KV caches (their static buffers, whatever is live)."""
+        return sum(t.numel() * t.element_size() for c, _ in self._caches for t in (*c.keys, *c.values))
+
     def image_list(self) -> list:
         """A per-image Python list kept in slot order (compacted with the tensors)."""
         lst: list = []
@@ -478,6 +482,13 @@ def make_method(name: str, **options) -> Method:
         raise ArexportError(f"unknown decoding method {name!r}; available: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     return cls(build_options(name, cls.Options, options))
+
+
+def method_names() -> list[str]:
+    """The registered decoding methods, sorted."""
+    from arexport.runtime import methods  # noqa: F401  (registers the built-in methods)
+
+    return sorted(METHODS)
 
 
 def parse_method_options(items, what: str = "--option") -> dict[str, Any]:
