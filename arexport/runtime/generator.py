@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
+from arexport.runtime.backends import get_backend
 from arexport.runtime.engine import StepEngine
 from arexport.runtime.methods.base import Method, RowStats, make_method
 from arexport.runtime.sampling import SamplingParams, default_sampling
@@ -70,8 +71,8 @@ class Generator:
             from arexport.runtime.text import TorchT5
 
             engine.text_encoder = TorchT5(text_encoder, max_length=engine.spec.cond_len, device=device)
-        if host_threads is None and engine.backend == "ort" and engine.device.type == "cpu":
-            host_threads = 1
+        if host_threads is None and engine.device.type == "cpu":
+            host_threads = get_backend(engine.backend).cpu_host_threads
         if host_threads is not None and torch.get_num_threads() != host_threads:
             torch.set_num_threads(host_threads)
         draft_engine = None
