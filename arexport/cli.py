@@ -77,7 +77,8 @@ def model_options(f):
     return f
 
 
-BACKEND_HELP = "Backend: torch (PyTorch), ort (ONNX Runtime), trt (TensorRT). Default: ort for an ENGINE_DIR, torch for --model."
+BACKEND_HELP = ("Backend, what runs the engine (runtime/backends BACKENDS): torch (PyTorch), ort (ONNX Runtime), trt (TensorRT "
+                "plans of an engine built with --format trt). Default: ort for an ENGINE_DIR, torch for --model.")
 
 TEXT_ENCODER_HELP = ("Text-conditional LlamaGen: a local T5 save_pretrained directory (config, weights, tokenizer.json) "
                      "that turns prompts into caption features (an engine built with it carries its own).")
@@ -474,21 +475,17 @@ def summary_line(stats: dict, method: str) -> str:
     drafts are verified (VAR's and ARPG's tokens per step are reported as such)."""
     head = (f"{stats['images']} images ({stats['model']}, {method}, {stats['backend']} {stats.get('precision', '?')} "
             f"{stats['device']}) in {stats['seconds']:.2f}s ({stats['seconds_per_image']:.3f}s/image)")
+    from arexport.runtime.methods.base import method_stats
+
+    own = method_stats(method).summary(stats)  # the method's own wording (gridar, best-of-n, code), if any
+    if own is not None:
+        return f"{head}, {own}"
     fpi = stats["target_forwards_per_image"]
-    if "candidate_forwards_per_image" in stats:
-        cost = (f"{stats['candidate_forwards_per_image']:.1f} candidate forwards per image "
-                f"({fpi:.1f} batched steps over its candidates)")
-    elif "refiner_forwards_per_image" in stats:
-        cost = (f"{stats['drafter_forwards_per_image']:.1f} drafter + {stats['refiner_forwards_per_image']:.1f} refiner "
-                f"forwards per image")
-    else:
-        cost = f"{fpi:.1f} target forwards per image" + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else "")
+    cost = f"{fpi:.1f} target forwards per image" + (f", {stats['draft_forwards']} draft forwards" if stats.get("draft_forwards") else "")
     if method in SPECULATIVE_METHODS and "mean_accepted_length" in stats:
         cost += f", mean accepted length {stats['mean_accepted_length']:.2f}"
-    elif "candidate_forwards_per_image" not in stats:
-        fwd = fpi + stats.get("refiner_forwards_per_image", 0.0)
-        if fwd and stats["tokens_per_image"] != round(fwd):
-            cost += f", {stats['tokens_per_image'] / fwd:.2f} tokens per forward"
+    elif fpi and stats["tokens_per_image"] != round(fpi):
+        cost += f", {stats['tokens_per_image'] / fpi:.2f} tokens per forward"
     return f"{head}, {cost}"
 
 
@@ -574,7 +571,9 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--dry-run", is_flag=True, help="Print the memory an engine would need (weights, KV cache at 1 and 8 images, "
               "activations) from the checkpoint's config alone, and build nothing (emu3-gen, lumina-mgpt-7b-*).")
 @click.option("--verify-len", type=int, help="Largest query length of the step (verify block K). Default 16; ARPG: all tokens.")
-@click.option("--backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True, help="onnx: ONNX graphs; trt: also TensorRT plans.")
+@click.option("--format", "--backend", "backend", type=click.Choice(["onnx", "trt"]), default="onnx", show_default=True,
+              help="What to write (not what runs it): onnx = ONNX graphs, run with --backend ort or torch; trt = also "
+                   "TensorRT plans, run with --backend trt. --backend is this option's older name.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory (only once the new one is complete).")
 @click.option("--overwrite-any-directory", "overwrite_any", is_flag=True,
@@ -628,7 +627,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
             console.log(msg)
 
         manifest = build_engine(loaded, out_dir, opts, report=report)
-    _print_manifest(manifest.to_json(), console, brief=True)
+    _print_manifest(manifest, console, brief=True)
 
 
 @cli.command()
@@ -660,7 +659,7 @@ def inspect(engine_dir, as_json, check_hashes, target):
         return
     from rich.console import Console
 
-    _print_manifest(manifest.to_json(), Console(), brief=False)
+    _print_manifest(manifest, Console(), brief=False)
 
 
 def _inspect_target(engine_dir, manifest, target: str, as_json: bool) -> None:
@@ -713,15 +712,17 @@ def _print_quantization(q: dict, console) -> None:
     console.print(f"  gates {verdict} on {g.get('heldout_steps', '?')} held-out step rows: " + "; ".join(parts), highlight=False)
 
 
-def _print_manifest(m: dict, console, brief: bool) -> None:
+def _print_manifest(manifest, console, brief: bool) -> None:
     from rich.table import Table
 
+    from arexport.families import get_family
+
+    m = manifest.to_json()
     spec = m["spec"]
     quant = f" + {m['quantization']['mode']} quantization" if m.get("quantization") else ""
     console.print(f"[bold]{spec['name']}[/] ({spec['family']} {spec['model_type']}), precision {m['precision']}{quant}, "
                   f"format v{m['format_version']}, created {m.get('created', '?')}")
-    layout = (f"scales {','.join(map(str, spec['extra']['patch_nums']))}" if "patch_nums" in spec.get("extra", {})
-              else f"{spec['grid_size']}x{spec['grid_size']}")
+    layout = get_family(manifest.spec.family).token_layout(manifest.spec)  # VAR: its scales
     console.print(f"  layers {spec['n_layer']}, heads {spec['n_head']} (kv {spec['n_kv_head']}), dim {spec['dim']}, "
                   f"vocab {spec['vocab_size']}, {spec['n_tokens']} tokens ({layout}), "
                   f"condition {spec['cond_len']} token(s), S_max {spec['s_max']}")

@@ -365,3 +365,73 @@ def test_request_batching_groups_waiting_requests_of_different_sizes(demo_gen):
         svc.close()
     a, b = (Request(demo_gen.conditions(c), demo_gen.method("ar"), svc.default_sampling(), 0, False) for c in ([1, 2, 3], [4]))
     assert a != b and a == a
+
+
+def _resident_bytes(url) -> int:
+    """The server's resident memory as its /metrics reports it (read at scrape)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    line = next(x for x in text.splitlines() if x.startswith("arexport_process_resident_bytes "))
+    return int(float(line.split()[-1]))
+
+
+TEMPERATURE_REQUESTS = 500
+RSS_GROWTH = 0.10  # issue 28: RSS after 500 within 10% of RSS after the first 10
+
+
+def test_500_distinct_temperatures_share_one_lane_and_memory_stays_flat(demo_gen, capsys):
+    """Issue 28: 500 requests (one image each) that differ in temperature, 16 at a time over a real
+    server on loopback: they share one lane (sampling is per image, not part of the lane's key), the
+    server's resident memory after all 500 is within 10% of where the first 10 left it, and sampled
+    answers equal the same request alone. Keying lanes by sampling (the old service) fails the lane
+    count; a lane per temperature kept forever is what grew the server to 1.1 GB."""
+    import time
+
+    svc = GenerationService(demo_gen, batching="continuous", max_batch=16)  # default max_lanes (8)
+    temps = [round(0.5 + 0.002 * i, 4) for i in range(TEMPERATURE_REQUESTS)]  # 0.5 .. 1.498, all distinct
+    body = lambda i: {"classes": [i % 10], "seed": 1000 + i, "temperature": temps[i], "format": "tokens"}  # noqa: E731
+    lanes, rss = set(), {}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with BackgroundServer(create_app(svc, max_images=1)) as url, httpx.Client(timeout=120) as client:
+        def call(i):
+            r = client.post(f"{url}/generate", json=body(i))
+            assert r.status_code == 200, r.text
+            lanes.add(svc.load["lanes"])
+            return np.array(r.json()["tokens"])
+
+        with ThreadPoolExecutor(16) as pool:
+            first = list(pool.map(call, range(10)))
+            rss["10"] = _resident_bytes(url)
+            rest = list(pool.map(call, range(10, TEMPERATURE_REQUESTS)))
+        rss["500"] = _resident_bytes(url)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    svc.close()
+    outs = first + rest
+    assert lanes == {1}, f"requests differing only in temperature used {sorted(lanes)} lanes"
+    growth = rss["500"] / rss["10"] - 1
+    with capsys.disabled():  # the figures the issue's closing note quotes
+        print(f"\n500 temperatures: RSS after 10 {rss['10'] / 2**20:.1f} MiB, after 500 {rss['500'] / 2**20:.1f} MiB "
+              f"({100 * growth:+.2f}%); {wall:.1f} s wall, {cpu:.1f} s CPU (server and client)")
+    assert abs(growth) <= RSS_GROWTH, rss
+    for i in range(0, TEMPERATURE_REQUESTS, 50):  # 10 answers, each against the same request alone
+        alone = demo_gen.generate(classes=[i % 10], seed=1000 + i, sampling=demo_gen.sampling_params(temperature=temps[i]),
+                                  images=False, timings=False).tokens
+        assert np.array_equal(outs[i], alone), i
+    assert len({o.tobytes() for o in outs}) > 400  # the answers are not one image repeated
+
+
+def test_serving_contract_covers_every_runtime_module():
+    """The import-linter contract that keeps serving on the runtime's public API forbids every
+    module of arexport.runtime (a module added later must be listed, or serving could reach it)."""
+    import pkgutil
+    import tomllib
+    from pathlib import Path
+
+    import arexport.runtime
+
+    doc = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    contract = next(c for c in doc["tool"]["importlinter"]["contracts"]
+                    if c.get("source_modules") == ["arexport.serving"] and c["type"] == "forbidden"
+                    and "arexport.runtime.session" in c["forbidden_modules"])
+    modules = {f"arexport.runtime.{m.name}" for m in pkgutil.iter_modules(arexport.runtime.__path__)}
+    assert modules == set(contract["forbidden_modules"]), modules ^ set(contract["forbidden_modules"])
+    assert contract.get("allow_indirect_imports") is True  # through arexport.runtime's __init__ only

@@ -145,3 +145,35 @@ def test_arpg_honours_cfg_interval_through_the_shared_guidance():
     assert tokens_per_step(gen.spec.n_tokens, 8, "arccos")[:2] == [6, 5]
     first_only = toks(cfg_interval=4)
     assert not np.array_equal(first_only, always)
+
+
+def test_session_accessors_a_service_needs(gen):
+    """What the service reads of a session (it uses nothing else): whether sampling fits the batch,
+    the requests still live and those in a slot, waiting images, cache bytes, admission groups."""
+    s = gen.session("ar", capacity=2, images=False)
+    assert s.shares(gen.sampling_params(temperature=0.3, top_k=5)) and not s.shares(SamplingParams(cfg_scale=1.0))
+    assert s.memory_bytes > 0 and s.requests() == [] and s.running() == set() and s.waiting == 0
+    a = s.add(classes=[1, 2, 3], seed=1)
+    b = s.add(classes=[4], seed=2)
+    s.step()  # requests round robin: a's first image and b's take the two slots
+    assert s.requests() == [a, b] and s.running() == {a, b} and s.waiting == 2 and s.live == 2
+    fifo = gen.session("ar", capacity=2, images=False)
+    a = fifo.add(classes=[1, 2, 3], seed=1, group="deadline")
+    b = fifo.add(classes=[4], seed=2, group="deadline")
+    fifo.step()  # one group: first come, first served
+    assert fifo.running() == {a} and fifo.waiting == 2
+
+
+def test_methods_contribute_their_own_statistics_through_one_hook(gen):
+    """RowStats holds what every method fills; a method's own fields come from its RowStats subclass
+    (run_fields), so a plain run has none of them and best-of-N has its own."""
+    import dataclasses
+
+    from arexport.runtime.methods.base import RowStats
+
+    assert {f.name for f in dataclasses.fields(RowStats)} == {"forwards", "draft_forwards", "accepted"}
+    ar = gen.generate(classes=[1], seed=3, images=False, timings=False)
+    assert not {"skipped_rounds", "candidate_forwards_per_image", "gridar_replaced", "refiner_forwards_per_image"} & set(ar.stats)
+    bon = gen.generate(classes=[1], seed=3, method="best-of-n", method_options={"candidates": 2}, images=False, timings=False)
+    assert bon.rows[0].candidates == 2 and len(bon.stats["gridar_best_scores"]) == 1
+    assert bon.stats["candidate_forwards_per_image"] == 2 * bon.stats["target_forwards_per_image"]

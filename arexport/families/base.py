@@ -89,6 +89,10 @@ class Family:
         (next-scale input graphs, a latent decoder); None for token-grid families."""
         return None
 
+    def token_layout(self, spec) -> str:
+        """How its tokens are laid out, for people (inspect): the grid here, VAR's scales."""
+        return f"{spec.grid_size}x{spec.grid_size}"
+
     def latent_channels(self, spec) -> int:
         """Channels of a next-scale family's VQVAE latents (its steps' features)."""
         raise ArexportError(f"{spec.name} ({self.name}) has no multi-scale latents")

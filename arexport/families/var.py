@@ -31,6 +31,9 @@ class VARFamily(Family):
     def scales(self, spec) -> Scales:
         return Scales(spec.extra["patch_nums"])
 
+    def token_layout(self, spec) -> str:
+        return "scales " + ",".join(map(str, self.scales(spec).patch_nums))
+
     def latent_channels(self, spec) -> int:
         """Cvae: channels of the VQVAE latents (the scale step's features, next-scale inputs, f_hat)."""
         return int(spec.extra["cvae"])

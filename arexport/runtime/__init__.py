@@ -9,8 +9,9 @@ exception, and only when the torch backend is asked for).
 from arexport.families import Conditions
 from arexport.runtime.engine import StepEngine
 from arexport.runtime.generator import GenerationResult, Generator
+from arexport.runtime.methods.base import method_names
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.session import Image, Session, decode_finished
 
 __all__ = ["Conditions", "GenerationResult", "Generator", "Image", "SamplingParams", "Session", "StepEngine",
-           "decode_finished"]
+           "decode_finished", "method_names"]

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
+from arexport.runtime.backends import get_backend
 from arexport.runtime.engine import StepEngine
-from arexport.runtime.methods.base import Context, Method, RowStats, make_method
+from arexport.runtime.methods.base import Method, RowStats, make_method
 from arexport.runtime.sampling import SamplingParams, default_sampling
 from arexport.runtime.session import Session, decode_finished
 from arexport.runtime.stats import RunStats
+from arexport.runtime.verifiers import request_safe_options
 
 
 @dataclass
@@ -69,8 +71,8 @@ class Generator:
             from arexport.runtime.text import TorchT5
 
             engine.text_encoder = TorchT5(text_encoder, max_length=engine.spec.cond_len, device=device)
-        if host_threads is None and engine.backend == "ort" and engine.device.type == "cpu":
-            host_threads = 1
+        if host_threads is None and engine.device.type == "cpu":
+            host_threads = get_backend(engine.backend).cpu_host_threads
         if host_threads is not None and torch.get_num_threads() != host_threads:
             torch.set_num_threads(host_threads)
         draft_engine = None
@@ -105,9 +107,11 @@ class Generator:
             raise ArexportError(f"method {name} needs {what}: pass {m.second_engine} NAME|DIR")
         return m
 
-    def decoder(self, method: Method, sampling: Optional[SamplingParams], capacity: int):
-        """A fresh decoder of `method` with room for `capacity` images (sampling None: the model's)."""
-        return method.decoder(Context(self.engine, self.resolve_sampling(sampling), method.options, self.draft), capacity)
+    def request_method(self, method: Optional[str], options: Optional[dict] = None) -> Method:
+        """`method` for an untrusted request (HTTP and other remote callers): validated as `method`,
+        and its hook options (verifier, scorer) may only name built-ins, never code to import."""
+        request_safe_options(options or {})
+        return self.method(method, options)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's sampler (the defaults its spec records) with every non-None override applied:
@@ -125,12 +129,17 @@ class Generator:
             raise ArexportError(f"sampling must be SamplingParams, a dict of overrides or None, got {type(sampling).__name__}")
         return sampling.validate(self.spec.vocab_size)
 
-    def session(self, method: Optional[str] = None, method_options: Optional[dict] = None, sampling=None,
+    def session(self, method=None, method_options: Optional[dict] = None, sampling=None,
                 capacity: int = 8, images: bool = True) -> Session:
-        """A step-wise batch of `capacity` slots for `method` (see runtime/session.py). `sampling`
-        (None, a dict of overrides or SamplingParams, see resolve_sampling) is what requests added
-        without their own use, and whether the batch is guided. Not locked: one caller drives it."""
-        return Session(self.engine, self.method(method, method_options), self.resolve_sampling(sampling), capacity,
+        """A step-wise batch of `capacity` slots for `method` (a name, None for the family's default,
+        or a Method from `method()`; see runtime/session.py). `sampling` (None, a dict of overrides
+        or SamplingParams, see resolve_sampling) is what requests added without their own use, and
+        whether the batch is guided. Not locked: one caller drives it."""
+        if not isinstance(method, Method):
+            method = self.method(method, method_options)
+        elif method_options:
+            raise ArexportError("give method options to method(), not beside a Method")
+        return Session(self.engine, method, self.resolve_sampling(sampling), capacity,
                        self.draft, images=images, decode_batch=capacity)
 
     def images(self, finished: list, batch_size: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,10 +81,12 @@ class Session:
             raise ArexportError(f"session capacity must be >= 1, got {capacity}")
         self.engine, self.method, self.sampling = engine, method, sampling.validate(engine.spec.vocab_size)
         self.decoder = method.decoder(Context(engine, sampling, method.options, draft), capacity)
-        self.scheduler = Scheduler(self.decoder)
+        self.capacity = capacity
+        self.scheduler = Scheduler(self.decoder, fair_by=lambda row: self._groups[row.tag[0]])
         self.images, self.decode_batch = images, decode_batch
         self._ids = itertools.count()
         self._sizes: dict[int, int] = {}  # live request -> images not yet finished
+        self._groups: dict[int, Hashable] = {}  # live request -> its admission group
         self._done: list[Finished] = []
 
     @property
@@ -92,10 +94,16 @@ class Session:
         return self.engine.spec
 
     def add(self, classes=None, captions=None, caption_mask=None, prompts=None, conditions=None,
-            sampling: Optional[SamplingParams] = None, seed: int = 0, seeds: Optional[Sequence[int]] = None) -> int:
+            sampling: Optional[SamplingParams] = None, seed: int = 0, seeds: Optional[Sequence[int]] = None,
+            group: Optional[Hashable] = None) -> int:
         """Queue a request: one image per condition (class ids, caption features, prompts, or a packed
         Conditions). Image i uses seed image_seed(seed, i), or seeds[i]; `sampling` None: the
-        session's. Returns the request's handle. Every check runs before anything is queued."""
+        session's. Returns the request's handle. Every check runs before anything is queued.
+
+        Waiting images are admitted round robin over groups (in order of arrival), first come first
+        served within a group; a request is its own group unless `group` names a shared one (a
+        service puts its deadline requests in one FIFO group). Admission order never changes an
+        image's tokens, only when it finishes."""
         if conditions is None:
             if prompts is not None:
                 if classes is not None or captions is not None:
@@ -114,6 +122,7 @@ class Session:
         p = sampling or self.sampling
         self.decoder.check_sampling(p)  # an image the batch cannot hold fails here, not at admission
         h = next(self._ids)
+        self._groups[h] = h if group is None else group
         self.scheduler.submit(Row(conditions.select(slice(i, i + 1)), int(s) & ((1 << 62) - 1), (h, i), p)
                               for i, s in enumerate(seeds))  # row streams take 62-bit seeds
         self._sizes[h] = n
@@ -128,7 +137,7 @@ class Session:
             h = f.tag[0]
             self._sizes[h] -= 1
             if not self._sizes[h]:
-                del self._sizes[h]
+                del self._sizes[h], self._groups[h]
         return done
 
     def finished(self) -> list[Image]:
@@ -151,9 +160,37 @@ class Session:
         it was still live. Images of it that already finished stay in `finished()`."""
         if handle not in self._sizes:
             return False
-        del self._sizes[handle]
+        del self._sizes[handle], self._groups[handle]
         self.scheduler.drop(lambda tag: tag[0] != handle)
         return True
+
+    def shares(self, sampling: SamplingParams) -> bool:
+        """Whether an image with `sampling` can join this batch: the same guidance layout (guided or
+        not) and the same value of every option the method builds once per batch (see `add`). A
+        service keeps one session per method and options, and a second only where this is False."""
+        try:
+            self.decoder.check_sampling(sampling)
+        except ArexportError:
+            return False
+        return True
+
+    def requests(self) -> list[int]:
+        """Handles of the requests with images queued or running, in the order they were added."""
+        return list(self._sizes)
+
+    def running(self) -> set[int]:
+        """Handles of the requests with an image in a slot now (admitted, not finished)."""
+        return {tag[0] for tag in self.decoder.slots.tags}
+
+    @property
+    def waiting(self) -> int:
+        """Images queued for a free slot."""
+        return len(self.scheduler.queue)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the KV caches this session holds (allocated once, for its whole capacity)."""
+        return self.decoder.slots.cache_bytes()
 
     def is_done(self) -> bool:
         """Whether no image is queued or running."""

@@ -80,6 +80,19 @@ def _nonempty(r: torch.Tensor, without: torch.Tensor, p: torch.Tensor) -> torch.
 LANTERN_RULES = ("official", "capped")
 
 
+def check_lantern(k: int, delta: float, lam: Optional[float], rule: str) -> None:
+    """LANTERN's parameters, checked in this one place (the lantern and vvs options and the rule
+    itself call it): k neighbours >= 1, delta in [0, 1], lambda None or >= 1, a known rule."""
+    if k < 1:
+        raise ArexportError(f"lantern k must be >= 1, got {k}")
+    if not 0 <= delta <= 1:
+        raise ArexportError(f"lantern delta must be in [0, 1], got {delta}")
+    if lam is not None and lam < 1:
+        raise ArexportError(f"lantern lambda must be >= 1, got {lam}")
+    if rule not in LANTERN_RULES:
+        raise ArexportError(f"lantern rule must be one of {', '.join(LANTERN_RULES)}, got {rule!r}")
+
+
 class LanternRule(StandardRule):
     """LANTERN relaxed acceptance over latent-space neighbourhoods.
 
@@ -109,14 +122,7 @@ class LanternRule(StandardRule):
 
     def __init__(self, neighbors: torch.Tensor, k: int = 1000, delta: float = 0.1, lam: Optional[float] = None,
                  rule: str = "official", greedy: bool = False):
-        if k < 1:
-            raise ArexportError(f"lantern k must be >= 1, got {k}")
-        if not 0 <= delta <= 1:
-            raise ArexportError(f"lantern delta must be in [0, 1], got {delta}")
-        if lam is not None and lam < 1:
-            raise ArexportError(f"lantern lambda must be >= 1, got {lam}")
-        if rule not in LANTERN_RULES:
-            raise ArexportError(f"lantern rule must be one of {', '.join(LANTERN_RULES)}, got {rule!r}")
+        check_lantern(k, delta, lam, rule)
         self.table = neighbors[:, : min(k + 1, neighbors.shape[1])].long()  # k searched, k + 1 removed (official)
         self.k = min(k, neighbors.shape[1])
         self.delta, self.lam, self.rule = delta, lam, rule

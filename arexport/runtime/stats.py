@@ -49,17 +49,12 @@ class RunStats:
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
     mean_accepted_length: Optional[float] = None
     accepted_length_histogram: Optional[dict[int, int]] = None
-    skipped_rounds: Optional[int] = None  # vvs
-    candidate_forwards_per_image: Optional[float] = None  # gridar / best-of-n: forwards x candidates
-    gridar_replaced: Optional[int] = None
-    gridar_verifier_calls: Optional[int] = None
-    gridar_checkpoint_feasible: Optional[list[float]] = None
-    gridar_best_scores: Optional[list[float]] = None
-    drafter_forwards_per_image: Optional[float] = None  # code: the drafter's (the model's) calls per image
-    refiner_forwards_per_image: Optional[float] = None  # code: the refiner's
+    method: dict[str, Any] = field(default_factory=dict)  # the method's own fields (RowStats.run_fields)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Flat: the method's own fields sit beside the shared ones (skipped_rounds, gridar_*, ...)."""
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "method"}
+        return {**out, **self.method}
 
     @classmethod
     def aggregate(cls, rows: list[RowStats], n_tokens: int, engines: dict[str, Any], seconds: float, batches: int,
@@ -80,15 +75,6 @@ class RunStats:
             out.mean_accepted_length = float(np.mean(acc))
             values, counts = np.unique(np.asarray(acc), return_counts=True)
             out.accepted_length_histogram = {int(v): int(c) for v, c in zip(values, counts)}
-        if any(r.decisions for r in rows) or any(r.skipped_rounds for r in rows):
-            out.skipped_rounds = sum(r.skipped_rounds for r in rows)
-        if any(r.refiner_forwards for r in rows):
-            out.drafter_forwards_per_image = fwd
-            out.refiner_forwards_per_image = float(np.mean([r.refiner_forwards for r in rows]))
-        if any(r.best_score is not None for r in rows):
-            out.candidate_forwards_per_image = float(np.mean([r.forwards * r.candidates for r in rows]))
-            out.gridar_replaced = sum(r.replaced for r in rows)
-            out.gridar_verifier_calls = int(events.get("verifier_calls", 0))
-            out.gridar_checkpoint_feasible = [f for r in rows for f in r.checkpoint_feasible]
-            out.gridar_best_scores = [float(r.best_score) for r in rows]
+        if rows:  # the method's own statistics, through its RowStats class's one hook
+            out.method = type(rows[0]).run_fields(rows, events, fwd)
         return out

@@ -92,6 +92,8 @@ def request_safe_options(options: dict) -> None:
     name built-ins ('auto' included), and `reformulate` is for the Python API."""
     for k, builtins in HOOK_OPTIONS.items():
         v = options.get(k, "auto")
+        if not isinstance(v, str):  # a callable or any other object comes only from the Python API
+            raise ArexportError(f"option {k} must be the name of a built-in {k} (a string)")
         if v != "auto" and v not in builtins:
             raise ArexportError(f"{k} {v!r} is not a built-in {k} ({', '.join(builtins)}); module:callable hooks are "
                                 "set by the operator (CLI or Python API), never by a request")

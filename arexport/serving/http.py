@@ -55,8 +55,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
     from pydantic import BaseModel, Field, StrictInt
 
-    from arexport.runtime.methods.base import METHODS
-    from arexport.runtime.verifiers import HOOK_OPTIONS, request_safe_options
+    from arexport.runtime import method_names
     from arexport.serving.service import DeadlineUnreachable, Overloaded, RequestTimeout, ServiceClosed
 
     spec = service.engine.spec
@@ -122,8 +121,8 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     @app.post("/generate")
     async def generate(body: GenerateBody, request: Request):
         method = body.method or service.engine.family.default_method
-        if method not in METHODS:
-            return err(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+        if method not in method_names():
+            return err(400, f"unknown method {method!r}; available: {', '.join(method_names())}")
         captions = mask = prompts = None
         if body.prompt is not None or body.prompts is not None:
             if spec.model_type != "t2i":
@@ -152,12 +151,8 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             if not body.classes:
                 return err(400, "classes must be a non-empty list of class ids")
             n_images = len(body.classes)
-        for k in HOOK_OPTIONS:
-            if not isinstance(body.options.get(k, "auto"), str):
-                return err(400, f"option {k} must be the name of a built-in {k} (a string)")
         try:
-            request_safe_options(body.options)  # a request names built-in hooks only, never module:callable
-            m = service.gen.method(method, body.options)
+            m = service.gen.request_method(method, body.options)  # hooks: built-in names only, never module:callable
         except ArexportError as e:
             return err(400, str(e))
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError):  # a value of the wrong type or size

@@ -26,8 +26,11 @@ class Metrics:
         self.requests = Counter("arexport_requests", "Finished requests by outcome", ["method", "outcome"], registry=r)
         self.rejected = Counter("arexport_rejected", "Requests refused before running", ["reason"], registry=r)
         self.outstanding = Gauge("arexport_outstanding_images", "Images queued or running (admission control)", registry=r)
-        self.lanes = Gauge("arexport_lanes", "Batches kept, one per method, options and sampling", registry=r)
+        self.lanes = Gauge("arexport_lanes", "Batches (sessions) kept, one per method and options (two where guided "
+                           "and unguided requests meet)", registry=r)
         self.lane_bytes = Gauge("arexport_lane_bytes", "Bytes of the lanes' KV caches", registry=r)
+        self.resident = Gauge("arexport_process_resident_bytes", "Resident memory of the serving process (read at scrape)",
+                              registry=r)
         self.http = Counter("arexport_http_responses", "HTTP responses by status (refusals by the HTTP layer included)",
                             ["status"], registry=r)
 
@@ -41,4 +44,7 @@ class Metrics:
     def render(self) -> bytes:
         from prometheus_client import generate_latest
 
+        from arexport.budget import rss_bytes
+
+        self.resident.set(rss_bytes())
         return generate_latest(self.registry)

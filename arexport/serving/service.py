@@ -1,25 +1,31 @@
 """GenerationService: the embeddable, thread- and asyncio-safe front end of a serving process.
 
 Callers `submit()` requests from any thread (or `await agenerate()` from asyncio); one worker thread
-owns the engine and drives the runtime's scheduler (the same one `Generator.generate` runs), one
-step at a time, for every method:
-* `continuous` (default) — one scheduler per (method, options, sampling); a request's images join
-  its static batch at the next step boundary whenever slots are free (step-level batching);
-* `request` — compatible queued requests (same method, options and sampling) are merged into one
-  batch of up to `max_batch` images, which runs to the end before the next group starts;
+owns the engine and drives the runtime's public step-wise API (`arexport.runtime.Session`, the one
+`Generator.generate` runs), one step at a time, for every method:
+* `continuous` (default) — one session (lane) per method and options; a request's images join its
+  static batch at the next step boundary whenever slots are free (step-level batching);
+* `request` — compatible queued requests (same method and options) are merged into one batch of up
+  to `max_batch` images, which runs to the end before the next group starts;
 * `none` — one request at a time.
-Every image keeps its own seed, lengths and windows, so a request's output does not depend on what
-it was batched with, speculative methods included. Requests carry an optional timeout and can be
-cancelled; `close(drain=True)` finishes queued work, `close(drain=False)` rejects it with
-`ServiceClosed` — nothing is dropped silently.
+Sampling (temperature, top-k/p, guidance scale and schedule, seed) is per image, so requests that
+differ only in sampling share a lane; a method and options get a second lane only for an image its
+batch cannot hold (guided next to unguided: `Session.shares`). Every image keeps its own seed,
+lengths and windows, so a request's output does not depend on what it was batched with,
+speculative methods included. Requests carry an optional timeout and can be cancelled;
+`close(drain=True)` finishes queued work, `close(drain=False)` rejects it with `ServiceClosed` —
+nothing is dropped silently.
 
 Bounded work (admission control): queued + running images (GridAR / best-of-N candidates count
 each) never exceed `max_outstanding`; beyond it `submit` raises `Overloaded` at once. A request
 with a timeout is refused at once (`DeadlineUnreachable`) when the measured throughput says the
 work ahead of it plus its own cannot finish in time. A cancelled request (a client that went away)
-has its rows dropped from their batch at the next step. Lanes (one batch per method, options and
-sampling) are at most `max_lanes`; idle ones are evicted (least recently used first, and any idle
-for `lane_idle_s`), and a request whose lane cannot be made yet waits for one.
+has its images dropped from their batch at the next step. Lanes are at most `max_lanes`; idle
+ones are evicted (least recently used first, and any idle for `lane_idle_s`), and a request whose
+lane cannot be made yet waits for one. Their KV-cache bytes and the process's resident memory are
+in /metrics.
+
+This module uses only what `arexport.runtime` exports (an import-linter contract holds it).
 """
 
 from __future__ import annotations
@@ -34,16 +40,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-import torch
 
-from arexport.budget import budget_bytes, check as check_budget, kv_cache_bytes
+from arexport.budget import budget_bytes, check as check_budget, kv_cache_bytes, rss_bytes
 from arexport.errors import ArexportError
-from arexport.families import Conditions
-from arexport.runtime.generator import Generator
-from arexport.runtime.methods.base import Method, Row
-from arexport.runtime.rng import image_seed
-from arexport.runtime.sampling import SamplingParams
-from arexport.runtime.scheduler import Scheduler
+from arexport.runtime import Conditions, Generator, SamplingParams, Session, decode_finished
 from arexport.serving.metrics import Metrics
 
 MODES = ("continuous", "request", "none")
@@ -80,15 +80,14 @@ RATE_HALF_LIFE_S = 2.0  # busy seconds over which the throughput estimate forget
 @dataclass(eq=False)  # requests are compared by identity: their fields hold tensors
 class Request:
     conds: Conditions
-    method: Method
+    method: object  # a validated Method (Generator.method / request_method)
     sampling: SamplingParams
     seed: int = 0
     images: bool = True
     timeout: Optional[float] = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.monotonic)
-    results: dict = field(default_factory=dict)  # image index -> tokens
-    latents: dict = field(default_factory=dict)  # image index -> VQVAE latents (VAR more_smooth makes images from them)
+    results: dict = field(default_factory=dict)  # image index -> the session's finished result (tokens, latents)
 
     @property
     def n(self) -> int:
@@ -101,23 +100,33 @@ class Request:
 
     @property
     def key(self) -> tuple:
-        """Requests with the same key share a batch: same method, options and sampling."""
-        return (self.method.name, repr(self.method.options), self.sampling)
+        """Requests with the same key may share a lane: same method and options (sampling is per image)."""
+        return (self.method.name, repr(self.method.options))
+
+    @property
+    def group(self):
+        """Admission group in its session: requests with a timeout run first come, first served among
+        themselves (the order admission control's finish estimate assumes, so an admitted request is
+        not pushed past its deadline by later ones); others round robin (None: each its own group),
+        so a large request cannot hold every slot while a small one waits."""
+        return "deadline" if self.timeout is not None else None
 
     def expired(self, now: float) -> bool:
         return self.timeout is not None and now > self.submitted + self.timeout
 
-    def rows(self) -> list[Row]:
-        return [Row(self.conds.select(slice(i, i + 1)), image_seed(self.seed, i), (self, i)) for i in range(self.n)]
 
+@dataclass(eq=False)
+class Lane:
+    """One session (a static batch of max_batch image slots) and the requests added to it."""
 
-def _fairness(row: Row):
-    """Scheduler group of a row: requests with a timeout run first come, first served among
-    themselves (the order admission control's finish estimate assumes, so an admitted request is
-    not pushed past its deadline by later ones); others round robin, so a large request cannot hold
-    every slot while a small one waits."""
-    r = row.tag[0]
-    return "deadline" if r.timeout is not None else id(r)
+    key: tuple  # Request.key
+    session: Session
+    requests: dict = field(default_factory=dict)  # session handle -> Request
+    used: float = field(default_factory=time.monotonic)  # last time it stepped or took a request
+
+    @property
+    def idle(self) -> bool:
+        return self.session.is_done()
 
 
 @dataclass
@@ -154,13 +163,12 @@ class GenerationService:
         self.metrics = metrics or Metrics()
         self._outstanding = 0  # images queued or running (admission control)
         self._rate: Optional[float] = None  # images per busy second (EWMA over RATE_HALF_LIFE_S)
-        self._lane_used: dict[tuple, float] = {}  # lane key -> last time it stepped or took rows
         self.waiting_for_lane = 0
         self._turn_images = 0
         self._last_turn: Optional[float] = None
         self._queue: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
-        self._pending: list[Request] = []  # taken from the queue, not yet given to a scheduler
-        self._lanes: dict[tuple, Scheduler] = {}
+        self._pending: list[Request] = []  # taken from the queue, not yet given to a lane
+        self._lanes: list[Lane] = []
         self._closing = False
         self._drain = True
         self._lock = threading.Lock()
@@ -174,7 +182,7 @@ class GenerationService:
         """Queue a request (class ids, or caption features for t2i); the Future resolves to a Response.
         Bad input raises ArexportError here, in the caller's thread, before anything is queued."""
         conds = self.gen.conditions(classes, captions, caption_mask, prompts)
-        m = self.gen.method(method, options)
+        m = self.gen.method(method, options)  # trusted caller (HTTP checks its requests with request_method)
         sampling = self.gen.resolve_sampling(sampling)  # None: the model's sampler, as generate and the CLI
         if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
             raise ArexportError(f"timeout must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout}")
@@ -234,6 +242,7 @@ class GenerationService:
             free = None
         return {"outstanding_images": self._outstanding, "max_outstanding_images": self.max_outstanding,
                 "lanes": len(self._lanes), "max_lanes": self.max_lanes, "lane_bytes": self.lane_bytes(),
+                "resident_bytes": rss_bytes(),
                 "waiting_for_lane": self.waiting_for_lane, "memory_budget_bytes": free,
                 "images_per_second": None if self._rate is None else round(self._rate, 3)}
 
@@ -250,11 +259,7 @@ class GenerationService:
 
     def lane_bytes(self) -> int:
         """Bytes held by the lanes' KV caches."""
-        total = 0
-        for lane in list(self._lanes.values()):
-            for cache, _ in list(getattr(lane.decoder.slots, "_caches", [])):
-                total += sum(t.numel() * t.element_size() for t in list(cache.keys) + list(cache.values))
-        return total
+        return sum(lane.session.memory_bytes for lane in list(self._lanes))
 
     def generate(self, classes, **kw) -> Response:
         """Blocking submit + wait."""
@@ -301,7 +306,7 @@ class GenerationService:
 
     @property
     def _busy(self) -> bool:
-        return any(s.busy for s in self._lanes.values())
+        return any(not lane.idle for lane in self._lanes)
 
     def _iteration(self) -> bool:
         """One turn of the worker; True when it should exit."""
@@ -315,8 +320,8 @@ class GenerationService:
         self._dispatch()
         t0, self._turn_images = time.perf_counter(), 0
         stepped = False
-        for lane in list(self._lanes.values()):
-            if lane.busy:
+        for lane in list(self._lanes):
+            if not lane.idle:
                 self._step(lane)
                 stepped = True
         if stepped:  # wall time of the whole turn since the last one (HTTP and other threads' share included)
@@ -341,120 +346,127 @@ class GenerationService:
             except queue.Empty:
                 return
 
-    @staticmethod
-    def _live(tag) -> bool:
-        return not tag[0].future.done()
-
     def _expire(self) -> None:
+        """Fail timed-out requests; drop the images of every settled request (timed out, cancelled,
+        failed) from its session, so their slots are free at the next step."""
         now = time.monotonic()
-        self._pending = [r for r in self._pending if not r.future.done()]
         for r in self._pending + self._inflight():
-            if r.expired(now):
+            if not r.future.done() and r.expired(now):
                 self._fail(r, RequestTimeout(f"request timed out after {r.timeout}s"), "timeout")
         self._pending = [r for r in self._pending if not r.future.done()]
-        for lane in self._lanes.values():
-            lane.drop(self._live)
+        for lane in self._lanes:
+            for h in [h for h, r in lane.requests.items() if r.future.done()]:
+                lane.session.cancel(h)
+                del lane.requests[h]
 
     def _inflight(self) -> list[Request]:
-        seen: dict[int, Request] = {}
-        for lane in self._lanes.values():
-            for row in list(lane.queue):
-                seen[id(row.tag[0])] = row.tag[0]
-            for tag in lane.decoder.slots.tags:
-                seen[id(tag[0])] = tag[0]
-        return list(seen.values())
+        return [r for lane in self._lanes for r in lane.requests.values()]
 
-    def _lane(self, r: Request) -> Optional[Scheduler]:
-        """r's lane, made when missing; None when max_lanes lanes are all busy (r waits)."""
-        key = r.key
-        if key not in self._lanes:
-            if len(self._lanes) >= self.max_lanes:
-                idle = sorted((k for k, v in self._lanes.items() if not v.busy and not v.queue),
-                              key=lambda k: self._lane_used.get(k, 0.0))
-                if not idle:
-                    return None
-                self._drop_lane(idle[0])
-            dec = self.gen.decoder(r.method, r.sampling, self.max_batch)
-            self._lanes[key] = Scheduler(dec, fair_by=_fairness)
-        self._lane_used[key] = time.monotonic()
-        return self._lanes[key]
-
-    def _drop_lane(self, key: tuple) -> None:
-        self._lanes.pop(key, None)
-        self._lane_used.pop(key, None)
+    def _lane(self, r: Request) -> Optional[Lane]:
+        """A lane that can hold r's images (same method and options, a batch that shares its
+        guidance layout), made when missing; None when max_lanes lanes are all busy (r waits)."""
+        now = time.monotonic()
+        for lane in self._lanes:
+            if lane.key == r.key and lane.session.shares(r.sampling):
+                lane.used = now
+                return lane
+        if len(self._lanes) >= self.max_lanes:
+            idle = sorted((lane for lane in self._lanes if lane.idle), key=lambda lane: lane.used)
+            if not idle:
+                return None
+            self._lanes.remove(idle[0])  # least recently used
+        lane = Lane(r.key, self.gen.session(r.method, sampling=r.sampling, capacity=self.max_batch, images=False))
+        self._lanes.append(lane)
+        return lane
 
     def _evict_idle_lanes(self) -> None:
         now = time.monotonic()
-        for key in [k for k, v in self._lanes.items()
-                    if not v.busy and not v.queue and now - self._lane_used.get(k, now) > self.lane_idle_s]:
-            self._drop_lane(key)
+        self._lanes = [lane for lane in self._lanes if not (lane.idle and now - lane.used > self.lane_idle_s)]
         self.metrics.lanes.set(len(self._lanes))
         self.metrics.lane_bytes.set(self.lane_bytes())
 
     def _dispatch(self) -> None:
         if self.batching == "continuous":
-            waiting = []
-            for r in self._pending:
-                if not self._admit(r):
-                    waiting.append(r)
+            waiting = [r for r in self._pending if not self._admit(r)]
             self._pending = waiting
             self.waiting_for_lane = len(waiting)
             return
         if self._busy or not self._pending:  # request / none: one group at a time, run to its end
             return
         r = self._pending[0]
-        group = [r]
+        lane = self._new_lane_for(r)
+        if lane is None:
+            return
+        group, n = [r], r.n
         if self.batching == "request":
-            n = r.n
             for other in self._pending[1:]:
-                if other.key == r.key and n + other.n <= self.max_batch:
+                if other.key == r.key and n + other.n <= self.max_batch and lane.session.shares(other.sampling):
                     group.append(other)
                     n += other.n
-        taken = {id(g) for g in group}  # requests stay in _pending until they are admitted: nothing is lost
-        admitted = {id(g) for g in group if self._admit(g)}
-        self._pending = [p for p in self._pending if id(p) not in taken or id(p) not in admitted]
+        for g in group:
+            self._add(lane, g)
+        taken = {id(g) for g in group}
+        self._pending = [p for p in self._pending if id(p) not in taken]
+
+    def _new_lane_for(self, r: Request) -> Optional[Lane]:
+        """r's lane, or None after failing r when no session can be opened for it."""
+        try:
+            return self._lane(r)
+        except Exception as e:  # e.g. sampling this method cannot run, a batch over the memory budget
+            self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"could not start the request: {e}"), "error")
+            self._pending = [p for p in self._pending if p is not r]
+            return None
 
     def _admit(self, r: Request) -> bool:
-        """Give r's rows to its lane; False when r must wait for a lane (it stays pending)."""
+        """Give r's images to its lane; False when r must wait for a lane (it stays pending)."""
         try:
             lane = self._lane(r)
-            if lane is None:
-                return False
-            lane.submit(r.rows())
-        except Exception as e:  # e.g. an engine that cannot hold this batch: fail this request alone
+        except Exception as e:  # fail this request alone
             self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"could not start the request: {e}"), "error")
+            return True
+        if lane is None:
+            return False
+        self._add(lane, r)
         return True
 
-    def _step(self, lane: Scheduler) -> None:
+    def _add(self, lane: Lane, r: Request) -> None:
+        try:
+            h = lane.session.add(conditions=r.conds, sampling=r.sampling, seed=r.seed, group=r.group)
+        except Exception as e:  # e.g. an engine that cannot hold this batch: fail this request alone
+            self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"could not start the request: {e}"), "error")
+            return
+        lane.requests[h] = r
+
+    def _step(self, lane: Lane) -> None:
+        session = lane.session
         t0 = time.perf_counter()
         before = self.engine.forward_count()
-        for k, v in self._lanes.items():
-            if v is lane:
-                self._lane_used[k] = time.monotonic()
+        lane.used = time.monotonic()
         try:
-            done = lane.step()
+            session.step()
         except (Exception, SystemExit) as e:  # a step failed (a hook raised, ...): only the requests in its batch fail
             err = e if isinstance(e, ArexportError) else ArexportError(f"generation failed: {type(e).__name__}: {e}")
-            running = {id(t[0]): t[0] for t in lane.decoder.slots.tags}
-            for r in running.values():
-                self._fail(r, err, "error")
-            waiting = {id(row.tag[0]): row.tag[0] for row in lane.queue if id(row.tag[0]) not in running}
-            self._pending.extend(r for r in waiting.values() if not r.results)  # they start again in a fresh batch
-            self._lanes = {k: v for k, v in self._lanes.items() if v is not lane}
+            running = session.running()
+            for h, r in lane.requests.items():
+                if h in running or r.results:
+                    self._fail(r, err, "error")
+                else:
+                    self._pending.append(r)  # it had not started: it starts again in a fresh batch
+            self._lanes.remove(lane)  # its state is unknown after an error
             return
-        dec = lane.decoder
         seconds = time.perf_counter() - t0
-        self.metrics.record_step(seconds, self.engine.forward_count() - before, dec.live / dec.slots.capacity)
+        self.metrics.record_step(seconds, self.engine.forward_count() - before, session.live / session.capacity)
+        done = session.take()
         self._turn_images += len(done)
         for f in done:
-            r, i = f.tag
-            if r.future.done():
+            h, i = f.tag
+            r = lane.requests.get(h)
+            if r is None or r.future.done():
                 continue
-            r.results[i] = f.tokens.cpu()
-            if f.latents is not None:
-                r.latents[i] = f.latents
+            r.results[i] = f
             if len(r.results) == r.n:
-                self._finish(r, torch.stack([r.results[j] for j in range(r.n)]))
+                del lane.requests[h]
+                self._finish(r)
 
     def _measure(self, seconds: float, images: int) -> None:
         """Throughput in images per busy wall second (a decaying sum of images over a decaying sum of
@@ -465,20 +477,17 @@ class GenerationService:
         if self._rate_images > 0 and self._rate_seconds > 0.02:
             self._rate = self._rate_images / self._rate_seconds
 
-    def _finish(self, r: Request, tokens: torch.Tensor) -> None:
+    def _finish(self, r: Request) -> None:
+        finished = [r.results[j] for j in range(r.n)]
         try:
-            if not r.images:
-                images = None
-            elif r.latents:
-                images = self.engine.decode_latents(torch.stack([r.latents[j] for j in range(r.n)])).cpu().numpy()
-            else:
-                images = self.engine.decode_images(tokens).cpu().numpy()
+            images = decode_finished(self.engine, finished, r.n) if r.images else None
         except Exception as e:
             self._fail(r, e if isinstance(e, ArexportError) else ArexportError(f"image decoding failed: {e}"), "error")
             return
+        tokens = np.stack([f.tokens.cpu().numpy() for f in finished])
         seconds = time.monotonic() - r.submitted
         try:
-            r.future.set_result(Response(tokens.numpy(), images, seconds))
+            r.future.set_result(Response(tokens, images, seconds))
         except InvalidStateError:  # cancelled meanwhile
             return
         self.metrics.latency.labels(r.method.name).observe(seconds)
@@ -486,9 +495,9 @@ class GenerationService:
         self.metrics.requests.labels(r.method.name, "ok").inc()
 
     def _fail_outstanding(self, err: Exception, reason: str, queued: bool) -> None:
-        """Fail every request the worker holds (pending or in a scheduler) and, with `queued`, those
-        still in the queue. Schedulers are dropped (their state is unknown after an error); new ones
-        are made on demand."""
+        """Fail every request the worker holds (pending or in a lane) and, with `queued`, those still
+        in the queue. Lanes are dropped (their state is unknown after an error); new ones are made on
+        demand."""
         for r in self._pending + self._inflight():
             self._fail(r, err, reason)
         self._pending.clear()
@@ -500,7 +509,6 @@ class GenerationService:
             if r is not None:
                 self._fail(r, err, reason)
         self._lanes.clear()
-        self._lane_used.clear()
 
     def _fail(self, r: Request, err: Exception, reason: str = "closed") -> None:
         if r.future.done():

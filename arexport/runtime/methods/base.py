@@ -98,18 +98,27 @@ def _coerce(method: str, name: str, v, typ):
 # -- statistics ------------------------------------------------------------------------------------
 @dataclass
 class RowStats:
-    """What generating one image cost and did (typed; aggregated by the Generator)."""
+    """What generating one image cost and did (typed; aggregated by the Generator).
+
+    The fields every method fills. A method with statistics of its own subclasses this (its
+    decoder's `row_stats`) and contributes them to the run's statistics through the one hook
+    `run_fields`, and to the CLI's summary line through `summary` (VVS, GridAR, CoDe do)."""
 
     forwards: int = 0  # target engine calls this image took part in (its prefill included)
     draft_forwards: int = 0  # draft engine calls it took part in (sd, lantern, vvs)
     accepted: list[int] = field(default_factory=list)  # tokens committed per step (speculative: per round)
-    skipped_rounds: int = 0  # vvs: rounds committed without a target forward
-    candidates: int = 1  # gridar / best-of-n: candidates generated for it
-    replaced: int = 0  # gridar: candidates replaced at checkpoints
-    checkpoint_feasible: list[float] = field(default_factory=list)  # gridar: feasible fraction per checkpoint
-    best_score: Optional[float] = None  # gridar / best-of-n: the chosen candidate's score
-    decisions: list[tuple[int, bool]] = field(default_factory=list)  # vvs: (tokens done, skipped?) per round
-    refiner_forwards: int = 0  # code: refiner engine calls it took part in (`forwards` counts the drafter's)
+
+    @classmethod
+    def run_fields(cls, rows: list["RowStats"], events: dict[str, int], forwards_per_image: float) -> dict[str, Any]:
+        """The method's own fields of a run's statistics (`--stats-json`), from its images' stats and
+        the decoder's event counts; forwards_per_image is the run's mean target forwards per image."""
+        return {}
+
+    @classmethod
+    def summary(cls, stats: dict[str, Any]) -> Optional[str]:
+        """What an image cost, in the method's own terms, for the CLI's summary line (None: the
+        generic target-forwards wording)."""
+        return None
 
 
 @dataclass
@@ -189,7 +198,7 @@ class Slots:
         self.n = 0
         self.started = 0  # slots [0, started) are prefilled; [started, n) are admitted, not yet started
         self.tags: list[Any] = []
-        self.stats: list[RowStats] = []
+        self.stats: list[RowStats] = []  # each image's, made by the decoder (its method's RowStats class)
         self.lists: list[list] = [self.tags, self.stats]
         self._image: list[torch.Tensor] = []
         self._fill: list = []
@@ -216,6 +225,10 @@ class Slots:
         self._caches.append((cache, rows_per_image or self.rows_per_image))
         return cache
 
+    def cache_bytes(self) -> int:
+        """Bytes of the registered KV caches (their static buffers, whatever is live)."""
+        return sum(t.numel() * t.element_size() for c, _ in self._caches for t in (*c.keys, *c.values))
+
     def image_list(self) -> list:
         """A per-image Python list kept in slot order (compacted with the tensors)."""
         lst: list = []
@@ -233,7 +246,7 @@ class Slots:
     def rows_of(self, start: int, stop: int) -> tuple[int, int]:
         return start * self.rows_per_image, stop * self.rows_per_image
 
-    def admit(self, seeds: list[int], tags: list[Any], n_stats: int = 1) -> None:
+    def admit(self, seeds: list[int], tags: list[Any], stats: list[RowStats]) -> None:
         k = len(seeds)
         if k > self.free:
             raise ArexportError(f"{k} images do not fit in {self.free} free slots")
@@ -243,7 +256,7 @@ class Slots:
         self.seeds[s] = torch.as_tensor(seeds, dtype=torch.int64, device=self.device)[:, None]
         self.counters[s] = 0
         self.tags.extend(tags)
-        self.stats.extend(RowStats(candidates=n_stats) for _ in range(k))
+        self.stats.extend(stats)
         for lst in self.lists[2:]:
             lst.extend(None for _ in range(k))
         self.n += k
@@ -321,6 +334,7 @@ class Decoder:
     plus whatever a method builds once per batch (`batch_sampling_keys`)."""
 
     batch_sampling_keys: tuple = ()  # SamplingParams attributes a method needs equal across its batch
+    row_stats: type = RowStats  # each image's statistics (a method's own fields: a subclass, see RowStats)
 
     def __init__(self, ctx: Context, capacity: int, rows_per_image: int, streams: int = 1):
         self.ctx, self.engine, self.opts = ctx, ctx.engine, ctx.options
@@ -371,7 +385,7 @@ class Decoder:
         """Queue images; they prefill at the start of the next step."""
         params = [self.check_sampling(r.sampling or self.ctx.params) for r in rows]  # all checked before any is admitted
         n = self.slots.n
-        self.slots.admit([r.seed for r in rows], [r.tag for r in rows], self.slots.streams)
+        self.slots.admit([r.seed for r in rows], [r.tag for r in rows], [self.new_stats() for _ in rows])
         self.row_sampling[n:] = params
         self.pending_conds.append(Conditions.cat([r.cond for r in rows]))
 
@@ -433,6 +447,10 @@ class Decoder:
     def finish(self, i: int) -> Finished:
         raise NotImplementedError
 
+    def new_stats(self) -> RowStats:
+        """Fresh statistics of an admitted image."""
+        return self.row_stats()
+
     def finished(self, i: int, tokens: torch.Tensor, extras: Optional[dict] = None) -> Finished:
         """The result of slot i: its raster tokens [n_tokens] with its stats and tag."""
         return Finished(tokens, self.slots.stats[i], self.slots.tags[i], extras or {})
@@ -478,6 +496,22 @@ def make_method(name: str, **options) -> Method:
         raise ArexportError(f"unknown decoding method {name!r}; available: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     return cls(build_options(name, cls.Options, options))
+
+
+def method_stats(name: str) -> type[RowStats]:
+    """The statistics class of a registered method (its summary hook: RowStats.summary)."""
+    from arexport.runtime import methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ArexportError(f"unknown decoding method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name].decoder_class.row_stats
+
+
+def method_names() -> list[str]:
+    """The registered decoding methods, sorted."""
+    from arexport.runtime import methods  # noqa: F401  (registers the built-in methods)
+
+    return sorted(METHODS)
 
 
 def parse_method_options(items, what: str = "--option") -> dict[str, Any]:

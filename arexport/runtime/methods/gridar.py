@@ -29,15 +29,16 @@ and fed the tokens so far.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from arexport.errors import ArexportError
 from arexport.families import Conditions
 from arexport.runtime.methods.ar import ARDecoder
-from arexport.runtime.methods.base import Method, Options, option, register
+from arexport.runtime.methods.base import Method, Options, RowStats, option, register
 from arexport.runtime.rng import derive_seeds
 from arexport.runtime.verifiers import BUILTIN_SCORERS, BUILTIN_VERIFIERS, PartialCanvas, call_hook, resolve
 
@@ -119,8 +120,35 @@ class BestOfNOptions(Options):
         return self
 
 
+@dataclass
+class GridARStats(RowStats):
+    """An image's GridAR / best-of-N statistics."""
+
+    candidates: int = 1  # candidates generated for it
+    replaced: int = 0  # candidates replaced at checkpoints
+    checkpoint_feasible: list[float] = field(default_factory=list)  # feasible fraction per checkpoint
+    best_score: Optional[float] = None  # the chosen candidate's score
+
+    @classmethod
+    def run_fields(cls, rows, events, forwards_per_image):
+        return {"candidate_forwards_per_image": float(np.mean([r.forwards * r.candidates for r in rows])) if rows else 0.0,
+                "gridar_replaced": sum(r.replaced for r in rows),
+                "gridar_verifier_calls": int(events.get("verifier_calls", 0)),
+                "gridar_checkpoint_feasible": [f for r in rows for f in r.checkpoint_feasible],
+                "gridar_best_scores": [float(r.best_score) for r in rows if r.best_score is not None]}
+
+    @classmethod
+    def summary(cls, stats):
+        return (f"{stats['candidate_forwards_per_image']:.1f} candidate forwards per image "
+                f"({stats['target_forwards_per_image']:.1f} batched steps over its candidates)")
+
+
 class GridARDecoder(ARDecoder):
     derive_streams = True
+    row_stats = GridARStats
+
+    def new_stats(self) -> GridARStats:
+        return GridARStats(candidates=self.slots.streams)
 
     def __init__(self, ctx, capacity, candidates, checkpoints, verifier, scorer, reformulate=None, w3=None, group=None,
                  guidance="3way", split="tokens"):
@@ -302,6 +330,7 @@ class GridAR(Method):
     """GridAR test-time scaling (see module docstring)."""
 
     Options = GridAROptions
+    decoder_class = GridARDecoder  # built by decoder() below; named for its statistics (GridARStats)
     help = "GridAR test-time scaling: N candidates, prune after 1/4 and 1/2 of the tokens with a verifier, pick with a scorer"
 
     def decoder(self, ctx, capacity):
@@ -315,6 +344,7 @@ class BestOfN(Method):
     """N independent candidates per condition, the scorer picks one: GridAR without checkpoints."""
 
     Options = BestOfNOptions
+    decoder_class = GridARDecoder  # built by decoder() below; named for its statistics (GridARStats)
     help = "N independent candidates, the scorer picks one (same code as gridar, no pruning)"
 
     def decoder(self, ctx, capacity):

@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.sd import SD, SDOptions
 from arexport.runtime.methods.sjd import SJD, SJDOptions
-from arexport.runtime.speculative import LANTERN_RULES, LanternRule
+from arexport.runtime.speculative import LANTERN_RULES, LanternRule, check_lantern
 
 DRAFTERS = {"sd": SD, "sjd": SJD}
 
@@ -37,12 +36,7 @@ class LanternOptions(Options):
     end: Optional[int] = None
 
     def validate(self):
-        if self.k < 1:
-            raise ArexportError(f"lantern k must be >= 1, got {self.k}")
-        if not 0 <= self.delta <= 1:
-            raise ArexportError(f"lantern delta must be in [0, 1], got {self.delta}")
-        if self.lam is not None and self.lam < 1:
-            raise ArexportError(f"lantern lambda must be >= 1, got {self.lam}")
+        check_lantern(self.k, self.delta, self.lam, self.rule)
         self.drafter_options().validate()
         return self
 

@@ -35,8 +35,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.families.base import Conditions
-from arexport.format.scales import Scales
-from arexport.runtime.methods.base import CFGRows, Decoder, Finished, Method, Options, option, register
+from arexport.runtime.methods.base import CFGRows, Decoder, Finished, Method, Options, RowStats, option, register
 from arexport.runtime.sampling import filter_rows, probs_from_logits, sample_from_probs
 
 
@@ -83,11 +82,11 @@ class VARDecoder(Decoder):
     def __init__(self, ctx, capacity: int):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         spec, s = self.spec, self.slots
-        self.sc = Scales(spec.extra["patch_nums"])
+        self.sc = self.engine.family.scales(spec)
         self.S = len(self.sc)
         self.cfg = CFGRows(ctx.params, self.S)  # the guidance schedule runs over scales (VAR's ramp)
         self.check_sampling(ctx.params)  # a batch whose own sampling is wrong fails at once, not at its first image
-        cvae, hw = spec.extra["cvae"], self.sc.patch_nums[-1]
+        cvae, hw = self.engine.family.latent_channels(spec), self.sc.patch_nums[-1]
         self.codebook = self.engine.codebook().float()
         self.k = s.image_tensor(())  # next scale
         self.tokens = s.image_tensor((self.sc.total,))
@@ -189,8 +188,30 @@ class VARMethod(Method):
     help = "VAR next-scale prediction: one step per scale (the default for VAR models)"
 
 
+@dataclass
+class CoDeStats(RowStats):
+    """An image's CoDe statistics: `forwards` counts the drafter's (the model's) calls."""
+
+    refiner_forwards: int = 0  # refiner engine calls it took part in
+
+    @classmethod
+    def run_fields(cls, rows, events, forwards_per_image):
+        refiner = sum(r.refiner_forwards for r in rows) / len(rows) if rows else 0.0
+        return {"drafter_forwards_per_image": forwards_per_image, "refiner_forwards_per_image": float(refiner)}
+
+    @classmethod
+    def summary(cls, stats):
+        drafter, refiner = stats["drafter_forwards_per_image"], stats["refiner_forwards_per_image"]
+        out = f"{drafter:.1f} drafter + {refiner:.1f} refiner forwards per image"
+        if drafter + refiner and stats["tokens_per_image"] != round(drafter + refiner):
+            out += f", {stats['tokens_per_image'] / (drafter + refiner):.2f} tokens per forward"
+        return out
+
+
 class CoDeDecoder(VARDecoder):
     """The drafter (the generator's model) takes scales 0..N-1, the refiner the rest."""
+
+    row_stats = CoDeStats
 
     def __init__(self, ctx, capacity: int):
         super().__init__(ctx, capacity)

@@ -29,16 +29,16 @@ LANTERN delta 0.2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from arexport.errors import ArexportError
-from arexport.runtime.methods.base import Method, Options, option, register
+from arexport.runtime.methods.base import Method, Options, RowStats, option, register
 from arexport.runtime.methods.sd import SDDecoder
-from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule
+from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule, check_lantern
 
 POLICIES = ("uniform", "dynamic", "none")
 MIN_TOKENS = 5  # skip_verify never skips while new_token (committed tokens before the root) <= 5
@@ -80,12 +80,25 @@ class VVSOptions(Options):
             raise ArexportError(f"vvs gamma must be >= 1, got {self.gamma}")
         if self.skip_interval < 2:
             raise ArexportError(f"vvs skip interval must be >= 2 (a skipped round needs a verified one before), got {self.skip_interval}")
-        if not 0 <= self.delta <= 1:
-            raise ArexportError(f"lantern delta must be in [0, 1], got {self.delta}")
+        check_lantern(self.k, self.delta, self.lam, self.rule)
         return self
 
 
+@dataclass
+class VVSStats(RowStats):
+    """An image's VVS statistics: its skipped rounds and every skip decision."""
+
+    skipped_rounds: int = 0  # rounds committed without a target forward
+    decisions: list[tuple[int, bool]] = field(default_factory=list)  # (tokens done, skipped?) per round
+
+    @classmethod
+    def run_fields(cls, rows, events, forwards_per_image):
+        return {"skipped_rounds": sum(r.skipped_rounds for r in rows)}
+
+
 class VVSDecoder(SDDecoder):
+    row_stats = VVSStats
+
     def __init__(self, ctx, capacity):
         o = ctx.options
         rule = LanternRule(ctx.engine.neighbors(o.k + 1), k=o.k, delta=o.delta, lam=o.lam, rule=o.rule,
