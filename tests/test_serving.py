@@ -430,7 +430,7 @@ def test_serving_contract_covers_every_runtime_module():
 
     doc = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     contract = next(c for c in doc["tool"]["importlinter"]["contracts"]
-                    if c.get("source_modules") == ["arexport.serving"] and c["type"] == "forbidden"
+                    if "arexport.serving" in c.get("source_modules", []) and c["type"] == "forbidden"
                     and "arexport.runtime.session" in c["forbidden_modules"])
     modules = {f"arexport.runtime.{m.name}" for m in pkgutil.iter_modules(arexport.runtime.__path__)}
     assert modules == set(contract["forbidden_modules"]), modules ^ set(contract["forbidden_modules"])

@@ -51,7 +51,7 @@ class Replica:
 
     def __init__(self, source: str, backend: str = "torch", device: str = "cpu", batching: str = "continuous",
                  max_batch: int = 8, max_images: int = 64, load_kwargs: Optional[dict] = None):
-        from arexport.runtime.generator import Generator
+        from arexport.runtime import Generator
         from arexport.serving.service import GenerationService
 
         self.service = GenerationService(Generator.load(source, backend=backend, device=device, **(load_kwargs or {})),

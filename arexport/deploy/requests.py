@@ -24,8 +24,6 @@ MAX_IMAGES = 64  # images per request (candidates of test-time scaling included)
 def submit(service, request: dict[str, Any], max_images: int = MAX_IMAGES):
     """Check `request` and submit it to a GenerationService; returns its Future (of a serving Response).
     A bad request raises ArexportError naming the bad field, before anything is queued."""
-    from arexport.runtime.verifiers import request_safe_options
-
     if not isinstance(request, dict):
         raise ArexportError(f"a request is a dict, got {type(request).__name__}")
     unknown = sorted(set(request) - FIELDS)
@@ -36,8 +34,7 @@ def submit(service, request: dict[str, Any], max_images: int = MAX_IMAGES):
         raise ArexportError("send classes (class-conditional models) or prompts (text-to-image models), one of them")
     n = len(classes if classes is not None else prompts)
     options = dict(request.get("options") or {})
-    request_safe_options(options)  # built-in hooks only, never module:callable
-    method = service.gen.method(request.get("method"), options)
+    method = service.gen.request_method(request.get("method"), options)  # hooks: built-in names only
     rows = n * getattr(method.options, "candidates", 1)
     if not 1 <= rows <= max_images:
         raise ArexportError(f"a request makes 1..{max_images} images (candidates included), this one {rows}")

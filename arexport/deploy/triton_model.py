@@ -55,7 +55,7 @@ class TritonPythonModel:
             sys.path.insert(0, path)
         import torch
 
-        from arexport.runtime.generator import Generator
+        from arexport.runtime import Generator
 
         torch.set_num_threads(int(params.get("THREADS", "1")))
         device = "cpu"
@@ -69,7 +69,6 @@ class TritonPythonModel:
     def _parse(self, pb_utils, request):
         """One Triton request -> (batch key, session args, add kwargs, whether to decode images)."""
         from arexport.errors import ArexportError
-        from arexport.runtime.verifiers import request_safe_options
 
         def read(name):
             t = pb_utils.get_input_tensor_by_name(request, name)
@@ -100,8 +99,7 @@ class TritonPythonModel:
         unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
         if unknown:
             raise ArexportError(f"unknown SAMPLING field(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
-        request_safe_options(options)  # built-in hooks only, never module:callable
-        m = self.gen.method(method, options)
+        m = self.gen.request_method(method, options)  # hooks: built-in names only, never module:callable
         n = len(next(iter(v for k, v in add.items() if k != "seed")))
         rows = n * getattr(m.options, "candidates", 1)
         if not 1 <= rows <= self.max_images:

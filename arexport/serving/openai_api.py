@@ -51,8 +51,7 @@ def register(app, service, max_images: int) -> None:
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-    from arexport.runtime.methods.base import METHODS
-    from arexport.runtime.verifiers import HOOK_OPTIONS, request_safe_options
+    from arexport.runtime import method_names
     from arexport.serving.http import MAX_PROMPT_CHARS, _disconnected, _first_line, _png
     from arexport.serving.service import DeadlineUnreachable, Overloaded, RequestTimeout, ServiceClosed
 
@@ -163,14 +162,10 @@ def register(app, service, max_images: int) -> None:
             return conds
         classes, prompts, n = conds
         method = body.method or service.engine.family.default_method
-        if method not in METHODS:
-            return fail(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}", "method")
-        for k in HOOK_OPTIONS:
-            if not isinstance(body.options.get(k, "auto"), str):
-                return fail(400, f"option {k} must be the name of a built-in {k} (a string)", "options")
+        if method not in method_names():
+            return fail(400, f"unknown method {method!r}; available: {', '.join(method_names())}", "method")
         try:
-            request_safe_options(body.options)  # built-in hooks only, never module:callable
-            m = service.gen.method(method, body.options)
+            m = service.gen.request_method(method, body.options)  # hooks: built-in names only, never module:callable
         except ArexportError as e:
             return fail(400, str(e), "options")
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError):
