@@ -580,3 +580,47 @@ def test_full_disk_while_writing_is_one_line(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy")])
     assert res.exit_code == 1 and "No space left on device" in res.output and "t.npy" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def _admission_after(turns, slots=8, max_outstanding=64):
+    """An Admission fed `turns` (seconds, images finished, images live) with a real Metrics."""
+    from arexport.serving.admission import Admission
+    from arexport.serving.metrics import Metrics
+
+    adm = Admission(max_outstanding, slots, Metrics())
+    for t in turns:
+        adm.observe(*t)
+    return adm
+
+
+def test_admission_estimates_an_images_time_in_the_batch_not_a_share_of_it():
+    """Finish = max(0, ahead + cost - slots) / rate + T, with T = occupancy / rate (Little's law).
+    A full batch of 8 images, each 2 s in the batch: 4 images/s. On an idle server a 4-image request
+    still takes T = 2 s, so a 2.2 s deadline (margin 0.8: 1.76 s) is unreachable; the queue-drain
+    formula alone ((ahead + cost) / rate = 1 s) admitted it and the request missed its deadline."""
+    from arexport.serving.admission import DeadlineUnreachable
+
+    adm = _admission_after([(0.1, 0.4, 8)] * 200)  # 0.4 images finish per 0.1 s turn with 8 live
+    assert adm.rate == pytest.approx(4.0) and adm.image_seconds == pytest.approx(2.0)
+    assert adm.finish_s(0, 4) == pytest.approx(2.0)  # free slots: one image's time
+    assert adm.finish_s(12, 4) == pytest.approx(8 / 4 + 2.0)  # 8 must finish first, then 2 s
+    assert adm.finish_s(12, 4) == pytest.approx((12 + 4) / adm.rate)  # a full batch: the drain time
+    with pytest.raises(DeadlineUnreachable, match="2.00 s per image"):
+        adm.check(4, 2.2, 0)
+    adm.check(4, 2.6, 0)  # 2 s <= 0.8 x 2.6
+    adm.check(4, None, 60)  # no deadline: only the bound
+    # negative control: the old estimate ((outstanding + cost) / rate) would admit the 2.2 s request
+    assert (0 + 4) / adm.rate <= 0.8 * 2.2
+
+
+def test_admission_admits_before_measuring_and_refuses_over_the_bound_at_once():
+    from arexport.serving.admission import Overloaded
+
+    adm = _admission_after([])
+    assert adm.rate is None and adm.finish_s(100, 4) is None
+    adm.check(4, 0.001, 60)  # nothing measured yet: no basis for a deadline refusal
+    with pytest.raises(Overloaded, match="60 images queued or running, the limit is 64") as e:
+        adm.check(5, None, 60)
+    assert e.value.retry_after == 1.0
+    with pytest.raises(ArexportError, match="asks for 65 images"):
+        adm.check(65, None, 0)
