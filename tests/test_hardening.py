@@ -624,3 +624,73 @@ def test_admission_admits_before_measuring_and_refuses_over_the_bound_at_once():
     assert e.value.retry_after == 1.0
     with pytest.raises(ArexportError, match="asks for 65 images"):
         adm.check(65, None, 0)
+
+
+def _vvs_blocks(monkeypatch, gamma, skip=None, blocks=None):
+    """Run vvs (uniform, a skip every second round) on 6 demo images with gamma pinned; return the
+    lookahead the target cache was allocated with and, per verify step, (largest pending, the
+    block length L, the furthest slot a row of the step writes + 1, the cache's slots)."""
+    import torch
+
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.methods.sd import SDDecoder
+    from arexport.runtime.methods.vvs import VVSDecoder
+    from arexport.runtime.sampling import SamplingParams
+
+    gen = Generator(TorchEngine(load_model("demo")), TorchEngine(load_model("demo-draft")))
+    asked, blocks = [], ([] if blocks is None else blocks)
+    allocate = type(gen.engine).allocate
+
+    def spy_allocate(self, batch, lookahead=0):
+        if self is gen.engine:
+            asked.append(lookahead)
+        return allocate(self, batch, lookahead)
+
+    verify = SDDecoder._verify
+
+    def spy_verify(self, drafts, q, g, verifying, remaining):
+        b = self.slots.n
+        p = self.pending[:b]
+        length = int((p + torch.where(verifying, g, 0))[verifying].max())
+        view = self.tcache.view(0, self.slots.rows)
+        blocks.append((int(p.max()), length, int(view.length.max()) + length, view.s_max))
+        return verify(self, drafts, q, g, verifying, remaining)
+
+    monkeypatch.setattr(type(gen.engine), "allocate", spy_allocate)
+    monkeypatch.setattr(SDDecoder, "_verify", spy_verify)
+    if skip is not None:
+        monkeypatch.setattr(VVSDecoder, "skip", skip)
+    gen.generate(classes=[0, 1, 2, 3, 4, 5], method="vvs", method_options={"gamma": gamma, "skip_interval": 2},
+                 sampling=SamplingParams(cfg_scale=1.5), seed=3, batch_size=3, images=False)
+    return asked[-1], blocks
+
+
+def test_vvs_pending_is_at_most_gamma_plus_one_and_verify_blocks_fit_the_lookahead(monkeypatch):
+    """sd sizes its target lookahead for verify blocks of pending + g <= 2g + 1 tokens: VVS never skips
+    two rounds in a row, so at most one skipped round's g drafts wait on top of the root (pending
+    <= g + 1). Every row of a step writes the step's block from its own length, so the furthest write
+    must stay inside the cache. (It was sized for pending <= g + 2: one slot too many, no overflow.)"""
+    g = 3
+    lookahead, blocks = _vvs_blocks(monkeypatch, g)
+    assert lookahead == 2 * g
+    assert max(b[0] for b in blocks) == g + 1  # a skipped round's drafts on top of the root: reached
+    assert all(b[1] <= 2 * g + 1 and b[2] <= b[3] for b in blocks), blocks
+
+
+def test_vvs_pending_bound_negative_control_consecutive_skips(monkeypatch):
+    """Negative control: a skip rule that may skip twice in a row lets pending exceed g + 1; the bound
+    above rejects it, and the block then overflows the cache (the engine raises)."""
+    import torch
+
+    from arexport.runtime.methods.vvs import MIN_TOKENS
+
+    def skip_always(self, g, drafts, q):
+        n = self.n[: self.slots.n]
+        return torch.where((n - 1 > MIN_TOKENS) & (self.pending[: self.slots.n] < 2 * g.clamp(min=1)), g, 0)
+
+    blocks = []
+    with pytest.raises(RuntimeError, match="out of bounds"):  # the lookahead no longer holds the block
+        _vvs_blocks(monkeypatch, 3, skip=skip_always, blocks=blocks)
+    assert max(b[0] for b in blocks) > 3 + 1 and max(b[2] - b[3] for b in blocks) > 0
