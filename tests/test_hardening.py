@@ -593,24 +593,41 @@ def _admission_after(turns, slots=8, max_outstanding=64):
     return adm
 
 
-def test_admission_estimates_an_images_time_in_the_batch_not_a_share_of_it():
-    """Finish = max(0, ahead + cost - slots) / rate + T, with T = occupancy / rate (Little's law).
-    A full batch of 8 images, each 2 s in the batch: 4 images/s. On an idle server a 4-image request
-    still takes T = 2 s, so a 2.2 s deadline (margin 0.8: 1.76 s) is unreachable; the queue-drain
-    formula alone ((ahead + cost) / rate = 1 s) admitted it and the request missed its deadline."""
+def _turns(step_s, k=20, occupancies=(8, 4)):
+    """Worker turns of a machine whose turn with b live images takes step_s(b) seconds, an image
+    staying k turns: (seconds, images finished, live) alternating over the occupancies."""
+    return [(step_s(b), b / k, b) for _ in range(100) for b in occupancies]
+
+
+def test_admission_estimates_a_requests_finish_from_the_measured_step_time_line():
+    """A GPU-like machine (a turn takes 0.1 s at any batch) and a CPU-like one (0.0125 s per live image),
+    both 2 s per image in a full batch of 8 (4 images/s). On the GPU a 4-image request on an idle
+    server still takes 2 s, so a 2.2 s deadline (margin 0.8: 1.76 s) is refused; the old queue-drain
+    estimate ((ahead + cost) / rate = 1 s) admitted it, and it missed. On the CPU the same request runs
+    in a half batch at twice the speed (1 s) and is admitted. Behind 12 images both drain at the full
+    batch's rate: (16 - 8) / 4 + 2 = 4 s."""
     from arexport.serving.admission import DeadlineUnreachable
 
-    adm = _admission_after([(0.1, 0.4, 8)] * 200)  # 0.4 images finish per 0.1 s turn with 8 live
-    assert adm.rate == pytest.approx(4.0) and adm.image_seconds == pytest.approx(2.0)
-    assert adm.finish_s(0, 4) == pytest.approx(2.0)  # free slots: one image's time
-    assert adm.finish_s(12, 4) == pytest.approx(8 / 4 + 2.0)  # 8 must finish first, then 2 s
-    assert adm.finish_s(12, 4) == pytest.approx((12 + 4) / adm.rate)  # a full batch: the drain time
-    with pytest.raises(DeadlineUnreachable, match="2.00 s per image"):
-        adm.check(4, 2.2, 0)
-    adm.check(4, 2.6, 0)  # 2 s <= 0.8 x 2.6
-    adm.check(4, None, 60)  # no deadline: only the bound
-    # negative control: the old estimate ((outstanding + cost) / rate) would admit the 2.2 s request
-    assert (0 + 4) / adm.rate <= 0.8 * 2.2
+    gpu = _admission_after(_turns(lambda b: 0.1))
+    cpu = _admission_after(_turns(lambda b: 0.0125 * b))
+    for adm in (gpu, cpu):
+        assert adm.rate == pytest.approx(4.0) and adm.image_seconds(8) == pytest.approx(2.0)
+        assert adm.finish_s(12, 4) == pytest.approx(4.0)
+        adm.check(4, None, 60)  # no deadline: only the bound
+    assert gpu.finish_s(0, 4) == pytest.approx(2.0) and cpu.finish_s(0, 4) == pytest.approx(1.0)
+    with pytest.raises(DeadlineUnreachable, match="about 2.00 s in its batch"):
+        gpu.check(4, 2.2, 0)
+    cpu.check(4, 2.2, 0)
+    gpu.check(4, 2.6, 0)  # 2 s <= 0.8 x 2.6
+    # negative control: the old estimate ((outstanding + cost) / rate) admits the GPU's 2.2 s request
+    assert (0 + 4) / gpu.rate <= 0.8 * 2.2
+
+
+def test_admission_without_varied_occupancy_assumes_throughput_is_kept():
+    """A batch that was always full gives no line: a smaller batch is then assumed to keep the
+    throughput (the proportional line; what the throughput-only estimate assumed)."""
+    adm = _admission_after(_turns(lambda b: 0.1, occupancies=(8,)))
+    assert adm.finish_s(0, 4) == pytest.approx(1.0) and adm.finish_s(12, 4) == pytest.approx(4.0)
 
 
 def test_admission_admits_before_measuring_and_refuses_over_the_bound_at_once():

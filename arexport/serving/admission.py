@@ -6,17 +6,22 @@ A request of `cost` images (GridAR / best-of-N candidates counted) is refused be
 * `deadline` (`DeadlineUnreachable`, HTTP 503): its estimated finish is later than `margin` of its
   timeout.
 
-The finish estimate comes from the worker's measured throughput, never from a guess per method:
-* rate R: images finished per busy wall second (decaying sums of images and seconds, half-life
-  `half_life_s` busy seconds), so it follows the methods and sizes actually being served;
-* occupancy L: images live in the batches, averaged over the same seconds;
-* an image's time in a batch T = L / R (Little's law);
+The finish estimate comes from the worker's measured turns, never from a guess per method. Each
+turn (one step of every busy lane) is recorded as (wall seconds, images live in it, images finished),
+in decaying sums (half-life `half_life_s` busy seconds), so it follows what is being served:
+* K: turns an image stays in a batch = live images summed over turns / images finished;
+* s(b) = a + c b: a turn's seconds with b live images, a weighted least-squares line through the
+  turns. A GPU step costs about the same for any batch (c ~ 0: an image takes as long alone as in a
+  full batch), a CPU step about in proportion to it (a ~ 0: throughput is the same at any batch,
+  so a request alone finishes sooner). Until the occupancy has varied enough to fit a line, the
+  proportional line through the mean is used (the throughput-only estimate this module replaced);
+* an image in a batch of b takes T(b) = K s(b); b images finish at R(b) = b / T(b) per second;
 * requests with a timeout run first come, first served (service.py `_fairness`), so a new request
-  has every outstanding image ahead of it. With `slots` images running at once its last image
-  starts once max(0, ahead + cost - slots) images have finished, and runs T:
-      finish = max(0, ahead + cost - slots) / R + T.
-  A full batch has R = slots / T, so this is (ahead + cost) / R, the time to drain the queue; with
-  free slots it is T, not a fraction of it.
+  of `cost` images has every outstanding image ahead of it: n = ahead + cost. With n <= slots all
+  run in one batch and the last finishes after T(n); otherwise its last image starts once n - slots
+  images have finished at the full batch's rate, then runs T(slots):
+      finish = T(n)                             (n <= slots)
+      finish = (n - slots) / R(slots) + T(slots) (n > slots)
 Units: seconds, images. Retry-After is the time the outstanding work takes to drain, 1 .. 60 s.
 
 Under a sustained overload of k times the throughput, at most 1/k of the offered requests can
@@ -61,41 +66,59 @@ class Admission:
             raise ArexportError(f"the deadline margin must be in (0, 1], got {margin}")
         self.max_outstanding, self.slots, self.metrics = max_outstanding, slots, metrics
         self.margin, self.half_life_s = margin, half_life_s
-        self._images = 0.0  # decaying sum of images finished
-        self._seconds = 0.0  # decaying sum of busy wall seconds
-        self._live = 0.0  # decaying sum of live images x seconds
+        # decaying sums over turns: weight, busy seconds, live images, live^2, live x seconds, images finished
+        self._w = self._seconds = self._live = self._live2 = self._live_s = self._images = 0.0
 
     # -- the estimate --------------------------------------------------------------------------------
     def observe(self, seconds: float, images: int, live: int) -> None:
-        """A worker turn of `seconds` (wall, everything included) finished `images` images while
-        `live` images were in the batches."""
-        if seconds <= 0:
+        """A worker turn of `seconds` (wall, everything included) with `live` images in its steps, of
+        which `images` finished."""
+        if seconds <= 0 or live <= 0:
             return
-        decay = 0.5 ** (seconds / self.half_life_s)
-        self._images = self._images * decay + images
-        self._seconds = self._seconds * decay + seconds
-        self._live = self._live * decay + live * seconds
+        d = 0.5 ** (seconds / self.half_life_s)
+        self._w = self._w * d + 1.0
+        self._seconds = self._seconds * d + seconds
+        self._live = self._live * d + live
+        self._live2 = self._live2 * d + live * live
+        self._live_s = self._live_s * d + live * seconds
+        self._images = self._images * d + images
+
+    def _line(self) -> tuple[float, float]:
+        """(a, c): a turn's seconds with b live images is a + c b (both >= 0)."""
+        w, sb, sbb, ss, sbs = self._w, self._live, self._live2, self._seconds, self._live_s
+        var = w * sbb - sb * sb  # w^2 x the variance of b
+        mean_b, mean_s = sb / w, ss / w
+        if var <= (0.05 * mean_b * w) ** 2:  # occupancy barely varied (sd < 5% of the mean): proportional
+            return 0.0, mean_s / mean_b
+        c = (w * sbs - sb * ss) / var
+        a = (ss - c * sb) / w
+        if c < 0:
+            return mean_s, 0.0
+        if a < 0:
+            return 0.0, mean_s / mean_b
+        return a, c
+
+    def image_seconds(self, b: int) -> Optional[float]:
+        """T(b): seconds an image spends in a batch of b live images, or None before any was measured."""
+        if self._images <= 0 or self._seconds <= MIN_MEASURED_S:
+            return None
+        a, c = self._line()
+        return (self._live / self._images) * (a + c * b)
 
     @property
     def rate(self) -> Optional[float]:
-        """Images finished per busy second, or None before enough was measured."""
-        if self._images <= 0 or self._seconds <= MIN_MEASURED_S:
-            return None
-        return self._images / self._seconds
-
-    @property
-    def image_seconds(self) -> Optional[float]:
-        """T: the seconds an image spends in a batch (mean occupancy over the rate), or None."""
-        rate = self.rate
-        return None if rate is None else (self._live / self._seconds) / rate
+        """Images finished per second with a full batch, or None before enough was measured."""
+        t = self.image_seconds(self.slots)
+        return None if t is None else self.slots / t
 
     def finish_s(self, ahead: int, cost: int) -> Optional[float]:
         """Estimated seconds until the last of `cost` new images finishes behind `ahead` images, or
         None before the throughput is measured."""
-        rate = self.rate
-        if rate is None:
-            return None
-        return max(0, ahead + cost - self.slots) / rate + self.image_seconds
+        n = ahead + cost
+        if n <= self.slots:
+            return self.image_seconds(n)
+        t = self.image_seconds(self.slots)
+        return None if t is None else (n - self.slots) / (self.slots / t) + t
 
     def retry_after(self, outstanding: int) -> float:
         rate = self.rate
@@ -116,5 +139,6 @@ class Admission:
         if finish is not None and finish > self.margin * timeout:
             self.metrics.rejected.labels("deadline").inc()
             raise DeadlineUnreachable(f"the request cannot finish within its {timeout:g} s timeout: {outstanding} images are "
-                                      f"ahead of it at about {self.rate:.1f} images/s and {self.image_seconds:.2f} s per image "
+                                      f"ahead of it at about {self.rate:.1f} images/s, an image taking about "
+                                      f"{self.image_seconds(min(self.slots, outstanding + cost)):.2f} s in its batch "
                                       f"(about {finish:.1f} s)", self.retry_after(outstanding))
