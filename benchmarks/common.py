@@ -66,6 +66,22 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def config_label(method: str, opts: dict) -> str:
+    """`method k=v,k=v`: a method and its options as one table cell."""
+    return method + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items()))
+
+
+def emit(header: str, rows: list[dict], cols: list[str], json_path=None) -> None:
+    """Print the header line and the markdown table of rows; write both as JSON to json_path if given."""
+    print(header)
+    print(markdown_table(rows, cols))
+    if json_path:
+        import json
+        from pathlib import Path
+
+        Path(json_path).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+
+
 QUALITY_COLS = ["acc CNN", "FD CNN", "acc MLP", "FD MLP"]
 
 

@@ -12,13 +12,12 @@ measured at batch 1 on --latency-images images.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import QUALITY_COLS, digit_quality, git_rev, machine, markdown_table  # noqa: E402
+from common import QUALITY_COLS, config_label, digit_quality, emit, git_rev, machine  # noqa: E402
 
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import SamplingParams  # noqa: E402
@@ -45,7 +44,7 @@ def run(gen, method, opts, classes, params, seed, batch_size, latency_images):
     per_image = (time.perf_counter() - t0) / len(lat_cls)
     st = res.stats
     return {
-        "method": method + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items())),
+        "method": config_label(method, opts),
         "target fwd/img": st["forwards_per_image_alone"],
         "step compression": 64 / st["forwards_per_image_alone"],
         "mean accepted": st["mean_accepted_length"],
@@ -81,10 +80,7 @@ def main():
               f"{machine()}; commit {git_rev()}")
     cols = ["method", "target fwd/img", "step compression", "mean accepted", "draft fwd/img", "ms/img (batch 1)",
             *QUALITY_COLS]
-    print(header)
-    print(markdown_table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    emit(header, rows, cols, args.json)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ candidates by the judge's confidence in its top class (it does not know the prom
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import QUALITY_COLS, digit_quality, git_rev, machine, markdown_table  # noqa: E402
+from common import QUALITY_COLS, config_label, digit_quality, emit, git_rev, machine  # noqa: E402
 
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import default_sampling  # noqa: E402
@@ -69,7 +68,7 @@ def main():
             t0 = time.perf_counter()
             r = gen.generate(prompts=prompts, method=method, method_options=opts, sampling=params, seed=args.seed,
                              batch_size=args.batch_size, images=False, timings=False)
-            name = method + ("" if not opts else " " + ",".join(f"{k}={v}" for k, v in opts.items()))
+            name = config_label(method, opts)
             rows.append({"model": "demo-t2i (prompts)", "method": name, "prompts": label,
                          "target fwd/img": r.stats["forwards_per_image_alone"], "s": time.perf_counter() - t0,
                          **digit_quality(r.tokens, cls)})
@@ -77,10 +76,7 @@ def main():
     header = (f"demo-t2i, {args.images} images per row (10 classes), CFG {params.cfg_scale}, backend {args.backend}; "
               f"{machine()}; commit {git_rev()}")
     cols = ["model", "method", "prompts", "target fwd/img", *QUALITY_COLS]
-    print(header)
-    print(markdown_table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    emit(header, rows, cols, args.json)
 
 
 if __name__ == "__main__":

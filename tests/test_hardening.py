@@ -580,3 +580,134 @@ def test_full_disk_while_writing_is_one_line(tmp_path, monkeypatch):
     res = CliRunner().invoke(cli, ["generate", "--model", "demo", "--classes", "1", "--save-tokens", str(tmp_path / "t.npy")])
     assert res.exit_code == 1 and "No space left on device" in res.output and "t.npy" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def _admission_after(turns, slots=8, max_outstanding=64):
+    """An Admission fed `turns` (seconds, images finished, images live) with a real Metrics."""
+    from arexport.serving.admission import Admission
+    from arexport.serving.metrics import Metrics
+
+    adm = Admission(max_outstanding, slots, Metrics())
+    for t in turns:
+        adm.observe(*t)
+    return adm
+
+
+def _turns(step_s, k=20, occupancies=(8, 4)):
+    """Worker turns of a machine whose turn with b live images takes step_s(b) seconds, an image
+    staying k turns: (seconds, images finished, live) alternating over the occupancies."""
+    return [(step_s(b), b / k, b) for _ in range(100) for b in occupancies]
+
+
+def test_admission_estimates_a_requests_finish_from_the_measured_step_time_line():
+    """A GPU-like machine (a turn takes 0.1 s at any batch) and a CPU-like one (0.0125 s per live image),
+    both 2 s per image in a full batch of 8 (4 images/s). On the GPU a 4-image request on an idle
+    server still takes 2 s, so a 2.2 s deadline (margin 0.8: 1.76 s) is refused; the old queue-drain
+    estimate ((ahead + cost) / rate = 1 s) admitted it, and it missed. On the CPU the same request runs
+    in a half batch at twice the speed (1 s) and is admitted. Behind 12 images both drain at the full
+    batch's rate: (16 - 8) / 4 + 2 = 4 s."""
+    from arexport.serving.admission import DeadlineUnreachable
+
+    gpu = _admission_after(_turns(lambda b: 0.1))
+    cpu = _admission_after(_turns(lambda b: 0.0125 * b))
+    for adm in (gpu, cpu):
+        assert adm.rate == pytest.approx(4.0) and adm.image_seconds(8) == pytest.approx(2.0)
+        assert adm.finish_s(12, 4) == pytest.approx(4.0)
+        adm.check(4, None, 60)  # no deadline: only the bound
+    assert gpu.finish_s(0, 4) == pytest.approx(2.0) and cpu.finish_s(0, 4) == pytest.approx(1.0)
+    with pytest.raises(DeadlineUnreachable, match="about 2.00 s in its batch"):
+        gpu.check(4, 2.2, 0)
+    cpu.check(4, 2.2, 0)
+    gpu.check(4, 2.6, 0)  # 2 s <= 0.8 x 2.6
+    # negative control: the old estimate ((outstanding + cost) / rate) admits the GPU's 2.2 s request
+    assert (0 + 4) / gpu.rate <= 0.8 * 2.2
+
+
+def test_admission_without_varied_occupancy_assumes_throughput_is_kept():
+    """A batch that was always full gives no line: a smaller batch is then assumed to keep the
+    throughput (the proportional line; what the throughput-only estimate assumed)."""
+    adm = _admission_after(_turns(lambda b: 0.1, occupancies=(8,)))
+    assert adm.finish_s(0, 4) == pytest.approx(1.0) and adm.finish_s(12, 4) == pytest.approx(4.0)
+
+
+def test_admission_admits_before_measuring_and_refuses_over_the_bound_at_once():
+    from arexport.serving.admission import Overloaded
+
+    adm = _admission_after([])
+    assert adm.rate is None and adm.finish_s(100, 4) is None
+    adm.check(4, 0.001, 60)  # nothing measured yet: no basis for a deadline refusal
+    with pytest.raises(Overloaded, match="60 images queued or running, the limit is 64") as e:
+        adm.check(5, None, 60)
+    assert e.value.retry_after == 1.0
+    with pytest.raises(ArexportError, match="asks for 65 images"):
+        adm.check(65, None, 0)
+
+
+def _vvs_blocks(monkeypatch, gamma, skip=None, blocks=None):
+    """Run vvs (uniform, a skip every second round) on 6 demo images with gamma pinned; return the
+    lookahead the target cache was allocated with and, per verify step, (largest pending, the
+    block length L, the furthest slot a row of the step writes + 1, the cache's slots)."""
+    import torch
+
+    from arexport.models.registry import load_model
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.methods.sd import SDDecoder
+    from arexport.runtime.methods.vvs import VVSDecoder
+    from arexport.runtime.sampling import SamplingParams
+
+    gen = Generator(TorchEngine(load_model("demo")), TorchEngine(load_model("demo-draft")))
+    asked, blocks = [], ([] if blocks is None else blocks)
+    allocate = type(gen.engine).allocate
+
+    def spy_allocate(self, batch, lookahead=0):
+        if self is gen.engine:
+            asked.append(lookahead)
+        return allocate(self, batch, lookahead)
+
+    verify = SDDecoder._verify
+
+    def spy_verify(self, drafts, q, g, verifying, remaining):
+        b = self.slots.n
+        p = self.pending[:b]
+        length = int((p + torch.where(verifying, g, 0))[verifying].max())
+        view = self.tcache.view(0, self.slots.rows)
+        blocks.append((int(p.max()), length, int(view.length.max()) + length, view.s_max))
+        return verify(self, drafts, q, g, verifying, remaining)
+
+    monkeypatch.setattr(type(gen.engine), "allocate", spy_allocate)
+    monkeypatch.setattr(SDDecoder, "_verify", spy_verify)
+    if skip is not None:
+        monkeypatch.setattr(VVSDecoder, "skip", skip)
+    gen.generate(classes=[0, 1, 2, 3, 4, 5], method="vvs", method_options={"gamma": gamma, "skip_interval": 2},
+                 sampling=SamplingParams(cfg_scale=1.5), seed=3, batch_size=3, images=False)
+    return asked[-1], blocks
+
+
+def test_vvs_pending_is_at_most_gamma_plus_one_and_verify_blocks_fit_the_lookahead(monkeypatch):
+    """sd sizes its target lookahead for verify blocks of pending + g <= 2g + 1 tokens: VVS never skips
+    two rounds in a row, so at most one skipped round's g drafts wait on top of the root (pending
+    <= g + 1). Every row of a step writes the step's block from its own length, so the furthest write
+    must stay inside the cache. (It was sized for pending <= g + 2: one slot too many, no overflow.)"""
+    g = 3
+    lookahead, blocks = _vvs_blocks(monkeypatch, g)
+    assert lookahead == 2 * g
+    assert max(b[0] for b in blocks) == g + 1  # a skipped round's drafts on top of the root: reached
+    assert all(b[1] <= 2 * g + 1 and b[2] <= b[3] for b in blocks), blocks
+
+
+def test_vvs_pending_bound_negative_control_consecutive_skips(monkeypatch):
+    """Negative control: a skip rule that may skip twice in a row lets pending exceed g + 1; the bound
+    above rejects it, and the block then overflows the cache (the engine raises)."""
+    import torch
+
+    from arexport.runtime.methods.vvs import MIN_TOKENS
+
+    def skip_always(self, g, drafts, q):
+        n = self.n[: self.slots.n]
+        return torch.where((n - 1 > MIN_TOKENS) & (self.pending[: self.slots.n] < 2 * g.clamp(min=1)), g, 0)
+
+    blocks = []
+    with pytest.raises(RuntimeError, match="out of bounds"):  # the lookahead no longer holds the block
+        _vvs_blocks(monkeypatch, 3, skip=skip_always, blocks=blocks)
+    assert max(b[0] for b in blocks) > 3 + 1 and max(b[2] - b[3] for b in blocks) > 0

@@ -10,11 +10,14 @@ acceptance history and the prices below, which are fixed before decoding starts:
 
 * default, the model: units of one target decode step (one query over one image's rows). A target
   step with q queries costs 1 + KAPPA (q - 1); a draft step costs `draft_ratio` of the target's
-  (from the two specs); the runtime's own work per step (sampling, acceptance, bookkeeping) costs
-  HOST. The numbers are middle values of what was measured (docs/benchmarks.md, issue 38): a
-  16-query step cost 1.2-1.5 decode steps for one demo image on a CPU, 2.7 for 16 rows, 3.2 for
-  GPT-B on a CPU and about 1 on a GPU; the host work per step was close to one decode step's
-  engine time on the demo.
+  (from the two specs); the runtime's own work per speculative round or step (drawing the drafts,
+  guidance, acceptance over the block, bookkeeping) costs HOST. The numbers are middle values of
+  what was measured (docs/benchmarks.md, issues 38 and 38-II): a 16-query step cost 1.2-1.5 decode
+  steps for one demo image on a CPU, 2.7 for 16 rows, 3.2 for GPT-B on a CPU and about 1 on a GPU;
+  an sd round on the demo (torch, 1 thread, gamma 8) took 11.5 ms of which its engine steps were
+  6.7 ms, a decode step 1.2 ms: about 4 decode steps of the runtime's own work per round. (HOST = 1,
+  one plain decode step's host work, made sd draft 2-3 tokens a round: 26 target forwards per demo
+  image where timing had chosen 15.5.)
 * `--latency-profile FILE` (`Generator.load(latency_profile=...)`): the curves an `arexport profile
   --json` run measured, in seconds, with HOST priced at that curve's c(1). The tokens then depend on
   the file's numbers: the same file gives the same tokens on any machine, a profile measured again
@@ -23,6 +26,7 @@ acceptance history and the prices below, which are fixed before decoding starts:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,7 +35,7 @@ import torch
 from arexport.errors import ArexportError
 
 KAPPA = 1.0 / 16  # an extra query in a verify block, in decode steps
-HOST = 1.0  # the runtime's own work per step, in decode steps
+HOST = 4.0  # the runtime's own work per speculative round (sd) or step (sjd), in decode steps
 SPECULATION_Q = 16  # the longest block a default choice verifies (sjd's window; sd's is 9): what a profile measures
 DRAFT_Q = 2  # a draft round's longest step (its catch-up of the two newest tokens)
 LATENCY_AWARE = ("sd", "sjd", "lantern", "vvs")  # methods whose defaults read these prices
@@ -63,13 +67,15 @@ def prices(engine, rows: int, max_q: int, draft=None) -> StepPrices:
 
 
 def draft_ratio(target_spec, draft_spec) -> float:
-    """A draft step's price over the target's: the larger of the layer ratio (a small step is bound by
+    """A draft step's price over the target's, between the layer ratio (a small step is bound by
     per-layer latency: launches, synchronisation) and the step-weight ratio (a large one by reading
-    its weights). The real ratio lies between the two; the larger errs towards shorter drafts."""
+    its weights): their geometric mean, or the layer ratio when a spec does not record its weights.
+    (The larger of the two, used before, priced every draft as if launch-bound and drafted shorter
+    chains than the engines' timing chose.) Demo: layers 2/4, weights 0.108M/0.445M: 0.35."""
     ratio = draft_spec.n_layer / target_spec.n_layer
     tw, dw = (int(s.extra.get("step_weight_params") or 0) for s in (target_spec, draft_spec))
     if tw > 0 and dw > 0:
-        ratio = max(ratio, dw / tw)
+        ratio = math.sqrt(ratio * (dw / tw))
     return float(ratio)
 
 

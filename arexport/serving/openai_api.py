@@ -56,7 +56,6 @@ def register(app, service, max_images: int) -> None:
     from arexport.serving.service import DeadlineUnreachable, Overloaded, RequestTimeout, ServiceClosed
 
     spec = service.engine.spec
-    side = spec.image.image_size  # the engines make square images of one static size
     ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
 
     class ImagesBody(BaseModel):
@@ -93,6 +92,9 @@ def register(app, service, max_images: int) -> None:
              headers: Optional[dict] = None) -> JSONResponse:
         return JSONResponse(openai_error(status, message, param, code), status_code=status, headers=headers)
 
+    def side() -> int:  # the engines make square images of one static size (read per request: a stand-in
+        return spec.image.image_size  # service without an image spec can still register the route)
+
     def refuse_unsupported(body: ImagesBody) -> Optional[JSONResponse]:
         if body.model is not None and body.model != spec.name:
             return fail(404, f"model {body.model!r} is not served here; this server serves {spec.name!r}", "model",
@@ -100,9 +102,9 @@ def register(app, service, max_images: int) -> None:
         if body.response_format not in (None, "b64_json"):
             return fail(400, f"response_format {body.response_format!r} is not supported: this server keeps no "
                              "images to link to; use b64_json", "response_format")
-        if body.size not in (None, "auto", f"{side}x{side}"):
-            return fail(400, f"size {body.size!r} is not available: model {spec.name} makes {side}x{side} images "
-                             f"(send size {side}x{side} or auto)", "size")
+        if body.size not in (None, "auto", f"{side()}x{side()}"):
+            return fail(400, f"size {body.size!r} is not available: model {spec.name} makes {side()}x{side()} images "
+                             f"(send size {side()}x{side()} or auto)", "size")
         if body.output_format not in (None, "png"):
             return fail(400, f"output_format {body.output_format!r} is not supported; this server returns png",
                         "output_format")
@@ -214,7 +216,7 @@ def register(app, service, max_images: int) -> None:
             return fail(400, str(e))
         data = [{"b64_json": base64.b64encode(_png(img)).decode(), "revised_prompt": None} for img in res.images]
         return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
-                             "size": f"{side}x{side}",
+                             "size": f"{side()}x{side()}",
                              "arexport": {"model": spec.name, "method": method, "seed": body.seed,
                                           "seconds": res.seconds}},
                             headers={"X-Arexport-Seconds": f"{res.seconds:.4f}"})

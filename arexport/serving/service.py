@@ -44,37 +44,18 @@ import numpy as np
 from arexport.budget import budget_bytes, check as check_budget, kv_cache_bytes, rss_bytes
 from arexport.errors import ArexportError
 from arexport.runtime import Conditions, Generator, SamplingParams, Session, decode_finished
+from arexport.serving.admission import Admission, DeadlineUnreachable, Overloaded, ServiceClosed  # noqa: F401 (re-exported)
 from arexport.serving.metrics import Metrics
 
 MODES = ("continuous", "request", "none")
 MAX_BATCH = 4096  # images per lane batch; the memory budget usually binds first
 DEFAULT_OUTSTANDING_BATCHES = 64  # default bound on outstanding images: this many full batches
 MAX_TIMEOUT_S = 86400.0
-DEADLINE_MARGIN = 0.8  # admit a timed request only when its estimated finish is within this share of the timeout
 DEGRADED_FRACTION = 0.8  # /healthz says degraded at this fraction of a bound
-
-
-class ServiceClosed(ArexportError):
-    """The service is shutting down and takes no (more) work."""
 
 
 class RequestTimeout(ArexportError):
     """A request did not finish within its timeout."""
-
-
-class Overloaded(ServiceClosed):
-    """Refused before queueing: the bound on outstanding work is reached (HTTP 429)."""
-
-    def __init__(self, msg: str, retry_after: float):
-        super().__init__(msg)
-        self.retry_after = retry_after
-
-
-class DeadlineUnreachable(Overloaded):
-    """Refused before queueing: the work ahead cannot finish before this request's deadline (HTTP 503)."""
-
-
-RATE_HALF_LIFE_S = 2.0  # busy seconds over which the throughput estimate forgets half its past
 
 
 @dataclass(eq=False)  # requests are compared by identity: their fields hold tensors
@@ -162,7 +143,7 @@ class GenerationService:
                      "use a smaller --max-batch or fewer --max-lanes")
         self.metrics = metrics or Metrics()
         self._outstanding = 0  # images queued or running (admission control)
-        self._rate: Optional[float] = None  # images per busy second (EWMA over RATE_HALF_LIFE_S)
+        self.admission = Admission(self.max_outstanding, max_batch, self.metrics)  # bound + throughput estimate
         self.waiting_for_lane = 0
         self._turn_images = 0
         self._last_turn: Optional[float] = None
@@ -205,25 +186,9 @@ class GenerationService:
         return req.future
 
     def _admission(self, cost: int, timeout: Optional[float]) -> None:
-        """Refuse (raise) a request of `cost` images that would exceed the bound or miss its deadline.
-        Called under the lock."""
-        if cost > self.max_outstanding:
-            self.metrics.rejected.labels("too_large").inc()
-            raise ArexportError(f"the request asks for {cost} images (candidates included); this server runs at most "
-                                f"{self.max_outstanding} at a time")
-        rate = self._rate
-        drain = (self._outstanding / rate) if rate else 1.0  # seconds until today's work is done
-        if self._outstanding + cost > self.max_outstanding:
-            self.metrics.rejected.labels("overloaded").inc()
-            raise Overloaded(f"server busy: {self._outstanding} images queued or running, the limit is "
-                             f"{self.max_outstanding}; retry later", min(60.0, max(1.0, drain)))
-        if timeout is not None and rate:
-            finish = (self._outstanding + cost) / rate
-            if finish > DEADLINE_MARGIN * timeout:
-                self.metrics.rejected.labels("deadline").inc()
-                raise DeadlineUnreachable(f"the request cannot finish within its {timeout:g} s timeout: {self._outstanding} "
-                                          f"images are ahead of it at about {rate:.1f} images/s (about {finish:.1f} s)",
-                                          min(60.0, max(1.0, drain)))
+        """Refuse (raise) a request of `cost` images that would exceed the bound or miss its deadline
+        (serving/admission.py). Called under the lock."""
+        self.admission.check(cost, timeout, self._outstanding)
 
     def _settled(self, r: Request) -> None:
         """A request's future resolved (result, error, timeout or cancellation): release its admission."""
@@ -244,7 +209,7 @@ class GenerationService:
                 "lanes": len(self._lanes), "max_lanes": self.max_lanes, "lane_bytes": self.lane_bytes(),
                 "resident_bytes": rss_bytes(),
                 "waiting_for_lane": self.waiting_for_lane, "memory_budget_bytes": free,
-                "images_per_second": None if self._rate is None else round(self._rate, 3)}
+                "images_per_second": None if self.admission.rate is None else round(self.admission.rate, 3)}
 
     def degraded(self) -> list[str]:
         """Reasons the service is near a bound (empty when it is not)."""
@@ -319,14 +284,15 @@ class GenerationService:
         self._expire()
         self._dispatch()
         t0, self._turn_images = time.perf_counter(), 0
-        stepped = False
+        stepped, live = False, 0
         for lane in list(self._lanes):
             if not lane.idle:
                 self._step(lane)
-                stepped = True
+                stepped, live = True, live + lane.session.live
         if stepped:  # wall time of the whole turn since the last one (HTTP and other threads' share included)
             now = time.perf_counter()
-            self._measure(now - min(t0, self._last_turn if self._last_turn is not None else t0), self._turn_images)
+            self.admission.observe(now - min(t0, self._last_turn if self._last_turn is not None else t0), self._turn_images,
+                                   live + self._turn_images)  # images in this turn's steps: still live + finished
             self._last_turn = now
         else:
             self._last_turn = None
@@ -467,15 +433,6 @@ class GenerationService:
             if len(r.results) == r.n:
                 del lane.requests[h]
                 self._finish(r)
-
-    def _measure(self, seconds: float, images: int) -> None:
-        """Throughput in images per busy wall second (a decaying sum of images over a decaying sum of
-        seconds): what admission control expects the queue to drain at."""
-        decay = 0.5 ** (seconds / RATE_HALF_LIFE_S)
-        self._rate_images = getattr(self, "_rate_images", 0.0) * decay + images
-        self._rate_seconds = getattr(self, "_rate_seconds", 0.0) * decay + seconds
-        if self._rate_images > 0 and self._rate_seconds > 0.02:
-            self._rate = self._rate_images / self._rate_seconds
 
     def _finish(self, r: Request) -> None:
         finished = [r.results[j] for j in range(r.n)]

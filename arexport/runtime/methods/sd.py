@@ -57,9 +57,9 @@ class SDDecoder(Decoder):
             raise ArexportError(f"gamma {gamma} drafts do not fit this engine's largest verify block of "
                                 f"{limit + 1} tokens: pass --gamma {limit} or less")
         self.gamma = g = gamma
-        # a verify block is pending + g <= max_q tokens (pending <= g + 1 after a VVS skip; sized for g + 2); short rows pad
-        # into their lookahead
-        self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 2) - 1))
+        # a verify block is pending + g <= min(max_q, 2g + 1) tokens: VVS never skips two rounds in a row, so at most one
+        # skipped round's g drafts wait on top of the root (pending <= g + 1); short rows pad into their lookahead
+        self.tcache = s.cache(self.engine.allocate(rows, lookahead=min(self.engine.max_q, 2 * g + 1) - 1))
         self.dcache = s.cache(self.draft.allocate(rows, lookahead=2))
         self.tokens = s.image_tensor((spec.n_tokens + 2 * g + 2,))  # padded: no clamped writes
         self.n = s.image_tensor(())  # committed tokens
