@@ -199,7 +199,17 @@ CAPTION_PREFILL = StepKind(
     labels=("prefill",), profiles=(Profile("prefill", q=(0, 0, 0)),), cache="condition", count_dim="T",
     doc="text-conditional LlamaGen: caption features at slots [0, T): logits of the last position [B, V]")
 
-STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL)}
+# -- EAGLE draft trees (issue 30) ----------------------------------------------------------------------
+TREE_VERIFY = StepKind(
+    name="tree_verify", graph="step_tree", method="step_hidden", inputs=_TOKEN_INPUTS,
+    outputs=(IO("logits", "float32", ("batch", "q", "V")), IO("hidden", "model", ("batch", "q", "dim"))),
+    labels=("tree",), profiles=(Profile("tree", q=(1, "K", "K")),), verify="token",
+    doc="a draft tree's K nodes [B, K] at per-node positions (root + depth), written from slot write_index, each "
+        "attending to the cache and its ancestors in the block through attn_mask (the tree mask): logits [B, K, V] "
+        "and the last hidden states [B, K, dim] (after the final norm) that the draft head's next round reads")
+
+STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL,
+                                                       TREE_VERIFY)}
 
 
 def get_step_kind(kind: Union[str, StepKind]) -> StepKind:
