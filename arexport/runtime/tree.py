@@ -184,6 +184,7 @@ class TreeResult:
     path: list[int]  # node indices from the root (node 0) to the last accepted node
     token: int  # the token after it
     tests: int  # children tested (uniforms used before the final draw)
+    dist: torch.Tensor  # [V] the distribution the token was drawn from
 
 
 def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, rank: torch.Tensor,
@@ -234,8 +235,9 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
         node = accepted
         path.append(node)
         p = P[node]
-    y = int(sample_from_probs(p[None] if rejected else rule.bonus(p[None]), u[n - 1:n])[0])
-    return TreeResult(path, y, t)
+    final = p if rejected else rule.bonus(p[None])[0]
+    y = int(sample_from_probs(final[None], u[n - 1:n])[0])
+    return TreeResult(path, y, t, final)
 
 
 def _tree_residual(rule, p: torch.Tensor, qrow: torch.Tensor, x: torch.Tensor, one_hot_draft: bool) -> torch.Tensor:

@@ -258,25 +258,31 @@ class EagleDecoder(Decoder):
         u = s.uniform(N1)
         remaining = n_tok - n
         allowed = (tree.depth <= (remaining - 1)[:, None]) & ready[:, None]
-        rows_per = cfg.per_image
+        paths = torch.zeros(b, self.max_depth + 1, dtype=torch.long, device=dev)
         adv = torch.zeros(b, dtype=torch.long, device=dev)
+        Pc, uc, ac = P.cpu(), u.cpu(), allowed.cpu()
+        tk, pa, rk = tree.tokens.cpu(), tree.parent.cpu(), tree.rank.cpu()
+        qc = None if tree.q is None else tree.q.cpu()
         for i in range(b):
-            res = accept_tree(P[i], tree.tokens[i], tree.parent[i], tree.rank[i], None if tree.q is None else tree.q[i],
-                              self.rule, u[i], allowed[i])
-            path = torch.tensor(res.path, device=dev)
+            res = accept_tree(Pc[i], tk[i], pa[i], rk[i], None if qc is None else qc[i], self.rule, uc[i], ac[i])
             L = len(res.path) - 1
             ni = int(n[i])
-            self.tokens[i, ni:ni + L] = tree.tokens[i, path[1:]]
+            self.tokens[i, ni:ni + L] = tree.tokens[i, res.path[1:]]
             self.tokens[i, ni + L] = res.token
             adv[i] = L + 1
-            for r in range(i * rows_per, (i + 1) * rows_per):
-                src = int(write[r]) + path
-                for kbuf, vbuf in zip(view.keys, view.values):
-                    kbuf[r, :, int(write[r]):int(write[r]) + L + 1] = kbuf[r, :, src]
-                    vbuf[r, :, int(write[r]):int(write[r]) + L + 1] = vbuf[r, :, src]
-                self.ph[r, : L + 1] = hidden[r, path].to(self.ph.dtype)
+            paths[i, : L + 1] = torch.tensor(res.path)
+            paths[i, L + 1:] = res.path[-1]  # padding: copies past the kept slots, which nothing reads
             s.stats[i].forwards += 1
             s.stats[i].accepted.append(L + 1)
+        # the path's K/V down to consecutive slots from the root's (sources never precede their destinations)
+        rp = cfg.expand(paths)
+        src = (write[:, None] + rp).clamp(max=view.s_max - 1)
+        dst = (write[:, None] + torch.arange(rp.shape[1], device=dev)[None, :]).clamp(max=view.s_max - 1)
+        for buf in view.keys + view.values:
+            h, d = buf.shape[1], buf.shape[3]
+            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
+            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+        self.ph[: s.rows, : rp.shape[1]] = hidden.gather(1, rp[:, :, None].expand(-1, -1, hidden.shape[-1])).to(self.ph.dtype)
         view.length.copy_(write + cfg.expand(adv))
         self.pc[:b] = adv
         self.n[:b] += adv
