@@ -166,3 +166,27 @@ def test_eagle_refuses_bad_options(enum_setup):
         _gen_eagle(gen, 1, SamplingParams(), {"draft_head": head, "tree": "static", "choices": "0;1;1,1"}, 0)
     with pytest.raises(ArexportError, match="does not fit this engine's verify block"):
         _gen_eagle(gen, 1, SamplingParams(), {"draft_head": head, "tokens": 99, "top_k": 3, "depth": 30}, 0)
+
+
+def test_lantern_on_the_eagle_drafter(enum_setup):
+    """--draft-head makes eagle lantern's drafter; delta 0 reproduces eagle token for token, a relaxed
+    delta accepts more drafts (static tree = LANTERN++'s --static_tree)."""
+    from arexport.runtime.methods.base import make_method
+
+    lm, head = enum_setup
+    assert make_method("lantern", draft_head=head).options.drafter_name == "eagle"
+    assert make_method("lantern").options.drafter_name == "sd"
+    with pytest.raises(ArexportError, match="--draft-head is read by the eagle drafter"):
+        make_method("lantern", draft_head=head, drafter="sjd").options.validate()
+    gen = Generator(TorchEngine(lm))
+    opts = {"draft_head": head, "tree": "static", "choices": "0;1;0,0"}
+    params = SamplingParams(cfg_scale=2.0)
+    classes = [1, 0] * 40
+    eg = gen.generate(classes=classes, method="eagle", method_options=opts, sampling=params, seed=2, batch_size=80,
+                      images=False, timings=False)
+    l0 = gen.generate(classes=classes, method="lantern", method_options=dict(opts, delta=0.0), sampling=params, seed=2,
+                      batch_size=80, images=False, timings=False)
+    l1 = gen.generate(classes=classes, method="lantern", method_options=dict(opts, delta=0.5, k=2), sampling=params, seed=2,
+                      batch_size=80, images=False, timings=False)
+    assert np.array_equal(eg.tokens, l0.tokens)
+    assert l1.stats["mean_accepted_length"] > eg.stats["mean_accepted_length"]
