@@ -28,7 +28,7 @@ def hidden_engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "hidden"
     r = CliRunner().invoke(cli, ["build", "llamagen-c2i-B", "--random-init", "--init-seed", "7", "--model-config",
                                  ",".join(f"{k}={v}" for k, v in TINY.items()), "--batch-sizes", "1,2,4", "--verify-len", "4",
-                                 "--no-images", "--step", "token_hidden", "--out", str(out)])
+                                 "--no-images", "--step", "token_hidden", "--step", "tree_verify", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out
 
@@ -175,9 +175,63 @@ def test_version_2_directories_are_read_with_their_step_kinds_inferred(hidden_en
     for g in m["graphs"].values():
         g.pop("step", None)
     kinds = {name: k.name for name, k in Manifest.from_json(m).step_graphs().items()}
-    assert kinds == {"step": "token", "step_hidden": "token_hidden"}
+    assert kinds == {"step": "token", "step_hidden": "token_hidden", "step_tree": "tree_verify"}
     m["graphs"]["step"]["kinds"] = {"scale": 4}  # a VAR step graph of version 2
     assert Manifest.from_json(m).step_graphs()["step"].name == "scale"
     m["format_version"] = 1
     with pytest.raises(ManifestError, match="format version 1 was written by an older arexport .* rebuild"):
         Manifest.from_json(m)
+
+
+# -- tree_verify (EAGLE draft trees, issue 30) ---------------------------------------------------------------
+def test_tree_verify_is_built_run_with_a_tree_mask_on_ort_and_verified(hidden_engine, tmp_path):
+    """The tree_verify kind exported for LlamaGen (`--step tree_verify`, built in the fixture's engine):
+    `arexport verify` checks it on ORT through its declaration, and a real tree mask (per-node positions,
+    ancestors only) gives ORT's logits and hidden states equal to torch's, which differ from a causal
+    block's (the mask is really applied)."""
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+    from arexport.runtime.backends import open_directory
+    from arexport.runtime.loading import open_engine
+    from arexport.runtime.tree import ancestor_mask
+
+    out = hidden_engine
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["graphs"]["step_tree"]["step"] == "tree_verify"
+    rep = tmp_path / "verify.json"
+    r = CliRunner().invoke(cli, ["verify", str(out), "--backend", "ort", "--images", "0", "--json", str(rep)])
+    assert r.exit_code == 0, r.output
+    rows = [row for row in json.loads(rep.read_text())["rows"] if "tree_verify" in row["case"]]
+    assert {row["output"] for row in rows} >= {"logits", "hidden"} and all(row["passed"] for row in rows)
+
+    eng = open_engine(str(out), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
+    parent = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]])  # a bushy tree and a chain (the fixture's block is 4)
+    depth = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3]])
+    toks = torch.tensor([[5, 9, 11, 3], [3, 4, 2, 8]])
+    results = []
+    for e in (eng, ref):
+        cache = e.allocate(2, lookahead=4)
+        e.family.prefill(e, cache, e.family.conditions(e.spec, classes=[1, 2]))
+        w = cache.length.clone()
+        mask = cache.causal_mask(w, 4).clone()
+        slots = (w[:, None] + torch.arange(4)[None, :])
+        mask[:, 0].scatter_(2, slots[:, None, :].expand(-1, 4, -1), ancestor_mask(parent))
+        results.append(e.run("tree_verify", cache, tokens=toks, positions=depth, write_index=w, attn_mask=mask))
+        if e is ref:
+            causal = e.run("tree_verify", cache, tokens=toks, positions=depth, write_index=w, attn_mask=cache.causal_mask(w, 4))
+    assert eng.calls["tree"] == 1
+    for k in ("logits", "hidden"):
+        assert torch.allclose(results[0][k].float(), results[1][k].float(), atol=1e-4), k
+    assert torch.allclose(results[1]["logits"][1], causal["logits"][1], atol=1e-5)  # a chain is the causal block
+    assert not torch.allclose(results[1]["logits"][0], causal["logits"][0], atol=1e-3)  # a tree is not
+
+
+def test_tree_verify_profiles_and_seam():
+    """Its TensorRT profile is the declared one; only its declaration, the model and the method that runs
+    it name the kind (no runner, exporter or verify branch)."""
+    assert step_profiles([1, 2, 4], 16, "tree_verify") == [{"kind": "tree", "batch": [1, 4, 4], "q": [1, 16, 16]}]
+    hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                  if re.search(r"tree_verify|step_tree", p.read_text()) and p.name != "cli.py")
+    assert hits == ["format/stepkinds.py", "models/llamagen.py", "runtime/methods/eagle.py"], hits
