@@ -439,8 +439,8 @@ def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: t
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i", "eagle"], default=None)
-    ap.add_argument("--eagle-steps", type=int, default=800)
-    ap.add_argument("--eagle-synthetic", type=int, default=3000, help="digits sampled from demo for the EAGLE head")
+    ap.add_argument("--eagle-steps", type=int, default=400)
+    ap.add_argument("--eagle-synthetic", type=int, default=0, help="digits sampled from demo added to the EAGLE head's data")
     ap.add_argument("--var-steps", type=int, default=2500)
     ap.add_argument("--var-vae-steps", type=int, default=2000)
     ap.add_argument("--var-synthetic", type=int, default=20000, help="digits sampled from the raster demo model for VAR")

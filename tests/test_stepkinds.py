@@ -235,3 +235,40 @@ def test_tree_verify_profiles_and_seam():
     hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                   if re.search(r"tree_verify|step_tree", p.read_text()) and p.name != "cli.py")
     assert hits == ["format/stepkinds.py", "models/llamagen.py", "runtime/methods/eagle.py"], hits
+
+
+def test_draft_head_kind_exports_and_runs_on_ort_like_torch(tmp_path):
+    """The draft_head kind exported from an EAGLE head through its declaration (the exporter's generic
+    export_step_kind): ONNX Runtime's logits, hidden states and in-place cache equal torch's under a tree mask."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from arexport.exporter.export import WeightStore, export_step_kind
+    from arexport.format.stepkinds import get_step_kind
+    from arexport.models.eagle import EagleConfig, EagleHead
+
+    head = EagleHead(EagleConfig(dim=32, n_head=4, n_kv_head=2, ffn_hidden=48, vocab_size=19, grid_size=4)).init_random(2, 0.2)
+    kind, slots = get_step_kind("draft_head"), 24
+    store = WeightStore(tmp_path)
+    g = export_step_kind(head, kind, head.spec(slots), tmp_path, store, torch.float32, max_q=6, max_batch=2)
+    store.close()
+    gen = torch.Generator().manual_seed(0)
+    feeds = {"hidden": torch.randn(2, 5, 32, generator=gen), "tokens": torch.randint(0, 19, (2, 5), generator=gen),
+             "positions": torch.tensor([[3, 4, 4, 5, 5], [7, 8, 9, 10, 11]]), "write_index": torch.tensor([3, 7])}
+    mask = torch.zeros(2, 1, 5, slots, dtype=torch.bool)
+    mask[0, 0, :, :3] = True
+    anc = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]]).bool()
+    mask[0, 0, :, 3:8] = anc
+    mask[1, 0] = (torch.arange(slots)[None, :] <= 7 + torch.arange(5)[:, None])
+    feeds["attn_mask"] = mask
+    past = [torch.randn(2, 2, slots, 8, generator=gen) for _ in range(2)]
+    keys, values = [past[0].clone()], [past[1].clone()]
+    with torch.no_grad():
+        logits, hid, keys, values = head.step(*feeds.values(), keys, values)
+    sess = ort.InferenceSession(str(tmp_path / g.file), providers=["CPUExecutionProvider"])
+    res = sess.run(None, {**{k: v.numpy() for k, v in feeds.items()}, "past_key_0": past[0].numpy(), "past_value_0": past[1].numpy()})
+    names = [o.name for o in sess.get_outputs()]
+    assert names[:2] == ["logits", "hidden_out"]
+    assert np.allclose(res[0], logits.numpy(), atol=1e-5) and np.allclose(res[1], hid.numpy(), atol=1e-5)
+    assert np.allclose(res[names.index("present_key_0")], keys[0].numpy(), atol=1e-5)
+    assert step_profiles([1, 2], 8, "draft_head") == [{"kind": "draft", "batch": [1, 2, 2], "q": [1, 8, 8]}]

@@ -155,16 +155,34 @@ class EagleHead(nn.Module):
         return ([torch.zeros(self.cache_shape(batch, slots), dtype=p.dtype, device=p.device) for _ in self.layers],
                 [torch.zeros(self.cache_shape(batch, slots), dtype=p.dtype, device=p.device) for _ in self.layers])
 
-    def step(self, hidden, tokens, positions, write_index, attn_mask, keys, values):
+    @property
+    def step_kinds(self) -> tuple[str, ...]:
+        """The step kinds (arexport.format.stepkinds) this model implements."""
+        return ("draft_head",)
+
+    def spec(self, slots: int):
+        """A ModelSpec for exporting the head's step (its sizes; slots = its cache length)."""
+        from arexport.format.spec import ImageSpec, ModelSpec
+
+        c = self.cfg
+        return ModelSpec(name="eagle-head", family="eagle", model_type="c2i", vocab_size=c.vocab_size,
+                         n_tokens=c.grid_size**2, grid_size=c.grid_size, cond_len=0, num_classes=0, caption_dim=0,
+                         n_layer=c.n_layer, n_head=c.n_head, n_kv_head=c.n_kv_head, head_dim=c.head_dim, dim=c.dim,
+                         n_cache_layers=c.n_layer, s_max=slots, image=ImageSpec("digits", c.grid_size, c.grid_size, 1))
+
+    def step(self, hidden, tokens, positions, write_index, attn_mask, keys, values, cache_write=None):
         """hidden [B,q,dim] (target hidden states h_t, or the head's own outputs deeper in a tree), tokens
         [B,q] (x_{t+1}), positions [B,q] grid index t, write_index [B], attn_mask [B,1,q,S] bool ->
-        (logits [B,q,V] fp32, out_hidden [B,q,dim], keys, values), the caches written in place."""
+        (logits [B,q,V] fp32, out_hidden [B,q,dim], keys, values); `cache_write(past, new, write_index)`
+        writes K/V (default: in place; the exporter passes its functional scatter)."""
+        if cache_write is None:
+            from arexport.models.llamagen import inplace_cache_write as cache_write
         c = self.cfg
         b, q, _ = hidden.shape
         idx = positions.clamp(0, c.grid_size**2 - 1) + 1
         cos, sin = self.rope_cos[idx].unsqueeze(2), self.rope_sin[idx].unsqueeze(2)
         h = self.fc(torch.cat([self.embed_tokens(tokens).to(hidden.dtype), hidden], dim=-1))
-        slots = (write_index.view(b, 1) + torch.arange(q, device=h.device).view(1, q))
+        keys, values = list(keys), list(values)
         for i, layer in enumerate(self.layers):
             residual = h
             x = layer.input_layernorm(h) if i else h
@@ -173,9 +191,8 @@ class EagleHead(nn.Module):
             kh = a.k_proj(x).view(b, q, c.n_kv_head, c.head_dim).transpose(1, 2)
             vh = a.v_proj(x).view(b, q, c.n_kv_head, c.head_dim).transpose(1, 2)
             qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
-            sl = slots.view(b, 1, q, 1).expand(b, c.n_kv_head, q, c.head_dim)
-            keys[i].scatter_(2, sl, kh.to(keys[i].dtype))
-            values[i].scatter_(2, sl, vh.to(values[i].dtype))
+            keys[i] = cache_write(keys[i], kh, write_index)
+            values[i] = cache_write(values[i], vh, write_index)
             out = F.scaled_dot_product_attention(qh, keys[i], values[i], attn_mask=attn_mask,
                                                  enable_gqa=c.n_kv_head != c.n_head)
             h = residual + a.o_proj(out.transpose(1, 2).reshape(b, q, c.dim))
