@@ -311,12 +311,11 @@ def _static_level_mask(committed, base, anc, level, N):
 
 def load_head(opts, spec, device):
     """The head named by --draft-head, checked against the target's width and vocabulary."""
-    from arexport.models.eagle import load_eagle_head
+    from arexport.runtime.backends import backend_package
 
     if not opts.draft_head:
         raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo)")
-    return load_eagle_head(opts.draft_head, target_dim=spec.dim, target_vocab=spec.vocab_size,
-                           grid_size=spec.extra.get("grid_size") if spec.extra else None).to(device)
+    return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
 
 
 @register("eagle")
