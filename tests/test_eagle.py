@@ -190,3 +190,20 @@ def test_lantern_on_the_eagle_drafter(enum_setup):
                       batch_size=80, images=False, timings=False)
     assert np.array_equal(eg.tokens, l0.tokens)
     assert l1.stats["mean_accepted_length"] > eg.stats["mean_accepted_length"]
+
+
+def test_cli_generate_demo_with_the_packaged_head(tmp_path):
+    """`arexport generate --model demo --method eagle --draft-head demo-eagle --stats-json` on a fresh checkout:
+    the shipped head drafts trees the demo accepts (more than one token per target forward)."""
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    stats = tmp_path / "s.json"
+    r = CliRunner().invoke(cli, ["generate", "--model", "demo", "--method", "eagle", "--draft-head", "demo-eagle",
+                                 "--classes", "3,7", "--seed", "1", "--stats-json", str(stats),
+                                 "--save-tokens", str(tmp_path / "t.npy")])
+    assert r.exit_code == 0, r.output
+    s = json.loads(stats.read_text())
+    assert s["method"] == "eagle" and s["images"] == 2
+    assert 64 / s["target_forwards_per_image"] > 1.5 and s["mean_accepted_length"] > 1.5
