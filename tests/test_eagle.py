@@ -110,7 +110,7 @@ def _gen_eagle(gen, n, params, opts, seed, batch=None):
     return res
 
 
-N = 3000
+N = 2000
 
 
 @pytest.mark.parametrize("opts,params", [
