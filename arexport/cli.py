@@ -431,7 +431,7 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     click.echo(summary_line(stats, method) + " -> " + ", ".join(w for w in written if w), err=True)
 
 
-SPECULATIVE_METHODS = ("sjd", "sd", "lantern", "vvs")  # where "accepted length" means drafts accepted per verify step
+SPECULATIVE_METHODS = ("sjd", "sd", "lantern", "vvs", "eagle")  # where "accepted length" means drafts accepted per verify step
 
 
 def _default_backend(engine_dir: Optional[str]) -> str:

@@ -18,6 +18,8 @@ Writes:
   demo-t2i.safetensors       text-conditional LlamaGen (t2i) drawing the digit a prompt names
   demo-t2i-text.safetensors  its prompt encoder (one transformer block), trained jointly with it
   demo-t2i-tokenizer.json    the encoder's word-level tokenizer (vocabulary of the prompt templates below)
+  demo-eagle.safetensors     EAGLE draft head for demo, trained on demo's own last hidden states (--only eagle:
+                             about 3 minutes on one busy core)
 Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
 The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
 The ARPG model learns from the real training split plus digits sampled from the raster demo model
@@ -357,6 +359,71 @@ def train_t2i(xtr, ytr, steps: int, out: Path, seed: int = 6, batch: int = 64, l
     print(f"wrote {out / 'demo-t2i-text.safetensors'} and {tok_file}")
 
 
+def target_hidden(model, cls: torch.Tensor, tokens: torch.Tensor):
+    """Teacher forcing through a LlamaGen c2i model: (hidden [B, n, dim] after the final norm, logits
+    [B, n, V]); row 0 is the class position, row 1 + t image token t; row i predicts token i."""
+    h = torch.cat([model.condition_embeddings(cls), model.tok_embeddings(tokens[:, :-1])], 1)
+    b, n, _ = h.shape
+    cos, sin = model.rope(torch.cat([torch.full((1,), -1), torch.arange(n - 1)]).expand(b, n))
+    for layer in model.layers:
+        h = layer.forward_full(h, cos, sin, None, True)
+    h = model.norm(h)
+    return h, model.output(h).float()
+
+
+def train_eagle(xtr, ytr, steps: int, synthetic: int, out: Path, seed: int = 7, batch: int = 64, lr: float = 3e-3):
+    """demo-eagle: an EAGLE head (one decoder layer over fc([embedding(x_t+1); h_t])) trained on demo's own
+    hidden states, as EAGLE trains: the head's output regresses the next hidden state (smooth L1) and its
+    logits through demo's output projection match demo's next-token distribution (soft cross-entropy).
+    Token table and output projection are demo's, frozen; inputs get EAGLE's uniform noise."""
+    from arexport.models.eagle import EagleConfig, EagleHead, save_eagle_head
+    from arexport.models.registry import load_model
+
+    target = load_model("demo", checkpoint=str(out / "demo.safetensors")).model.eval()
+    tc = target.cfg
+    xs, ys = synthetic_digits(synthetic, out / "demo.safetensors") if synthetic else (xtr[:0], ytr[:0])
+    x, y = torch.cat([xtr, xs]), torch.cat([ytr, ys])
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    head = EagleHead(EagleConfig(dim=tc.dim, n_head=tc.n_head, n_kv_head=tc.kv_heads, ffn_hidden=2 * tc.dim,
+                                 vocab_size=tc.vocab_size, grid_size=tc.grid_size)).init_random(seed)
+    with torch.no_grad():
+        head.embed_tokens.weight.copy_(target.tok_embeddings.weight)
+        head.lm_head.weight.copy_(target.output.weight)
+    for p in (head.embed_tokens.weight, head.lm_head.weight):
+        p.requires_grad_(False)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    n = x.shape[1]
+    m = n - 2  # pairs (h_t, x_t+1) for t = 0 .. n - 3 predict x_t+2
+    mask = torch.ones(m, m, dtype=torch.bool).tril()[None, None]
+    pos = torch.arange(m)[None]
+    t0 = time.time()
+    head.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        tok, cls = x[idx], y[idx].clone()
+        cls[torch.rand(batch, generator=g) < tc.class_dropout_prob] = tc.num_classes  # CFG's null rows too
+        with torch.no_grad():
+            hid, logits = target_hidden(target, cls, tok)
+        inp = hid[:, 1:1 + m]
+        inp = inp + (torch.rand(inp.shape, generator=g) - 0.5) * 0.2  # EAGLE's uniform input noise
+        keys, values = head.allocate(batch, m)
+        lg, feat, _, _ = head.step(inp, tok[:, 1:1 + m], pos.expand(batch, m), torch.zeros(batch, dtype=torch.long),
+                                   mask.expand(batch, 1, m, m), keys, values)
+        want_feat, want_p = hid[:, 2:2 + m], torch.softmax(logits[:, 2:2 + m], -1)
+        loss = F.smooth_l1_loss(feat, want_feat) - (want_p * torch.log_softmax(lg, -1)).sum(-1).mean()
+        optimize(head, loss, opt, sched, step, steps, "eagle", t0)
+    head.eval()
+    with torch.no_grad():  # top-1 agreement with demo on held-out teacher forcing (a rough quality line)
+        acc = float((lg.argmax(-1) == logits[:, 2:2 + m].argmax(-1)).float().mean())
+    path = out / "demo-eagle.safetensors"
+    save_eagle_head(head, path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), last-batch top-1 agreement with demo {acc:.3f}")
+
+
 def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: torch.dtype = torch.float32) -> None:
     """Weights stored as `dtype` (demo-t2i: fp16, half the bytes; loading casts back to fp32)."""
     sd = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
@@ -371,7 +438,9 @@ def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: t
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i"], default=None)
+    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i", "eagle"], default=None)
+    ap.add_argument("--eagle-steps", type=int, default=400)
+    ap.add_argument("--eagle-synthetic", type=int, default=0, help="digits sampled from demo added to the EAGLE head's data")
     ap.add_argument("--var-steps", type=int, default=2500)
     ap.add_argument("--var-vae-steps", type=int, default=2000)
     ap.add_argument("--var-synthetic", type=int, default=20000, help="digits sampled from the raster demo model for VAR")
@@ -438,6 +507,8 @@ def main():
 
     if args.only in (None, "t2i"):
         train_t2i(xtr, ytr, args.t2i_steps, args.out)
+    if args.only in (None, "eagle"):
+        train_eagle(xtr, ytr, args.eagle_steps, args.eagle_synthetic, args.out)
 
 
 if __name__ == "__main__":

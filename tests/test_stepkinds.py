@@ -28,7 +28,7 @@ def hidden_engine(tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "hidden"
     r = CliRunner().invoke(cli, ["build", "llamagen-c2i-B", "--random-init", "--init-seed", "7", "--model-config",
                                  ",".join(f"{k}={v}" for k, v in TINY.items()), "--batch-sizes", "1,2,4", "--verify-len", "4",
-                                 "--no-images", "--step", "token_hidden", "--out", str(out)])
+                                 "--no-images", "--step", "token_hidden", "--step", "tree_verify", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out
 
@@ -175,9 +175,100 @@ def test_version_2_directories_are_read_with_their_step_kinds_inferred(hidden_en
     for g in m["graphs"].values():
         g.pop("step", None)
     kinds = {name: k.name for name, k in Manifest.from_json(m).step_graphs().items()}
-    assert kinds == {"step": "token", "step_hidden": "token_hidden"}
+    assert kinds == {"step": "token", "step_hidden": "token_hidden", "step_tree": "tree_verify"}
     m["graphs"]["step"]["kinds"] = {"scale": 4}  # a VAR step graph of version 2
     assert Manifest.from_json(m).step_graphs()["step"].name == "scale"
     m["format_version"] = 1
     with pytest.raises(ManifestError, match="format version 1 was written by an older arexport .* rebuild"):
         Manifest.from_json(m)
+
+
+# -- tree_verify (EAGLE draft trees, issue 30) ---------------------------------------------------------------
+def test_tree_verify_is_built_run_with_a_tree_mask_on_ort_and_verified(hidden_engine, tmp_path):
+    """The tree_verify kind exported for LlamaGen (`--step tree_verify`, built in the fixture's engine):
+    `arexport verify` checks it on ORT through its declaration, and a real tree mask (per-node positions,
+    ancestors only) gives ORT's logits and hidden states equal to torch's, which differ from a causal
+    block's (the mask is really applied)."""
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+    from arexport.runtime.backends import open_directory
+    from arexport.runtime.loading import open_engine
+    from arexport.runtime.tree import ancestor_mask
+
+    out = hidden_engine
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["graphs"]["step_tree"]["step"] == "tree_verify"
+    rep = tmp_path / "verify.json"
+    r = CliRunner().invoke(cli, ["verify", str(out), "--backend", "ort", "--images", "0", "--json", str(rep)])
+    assert r.exit_code == 0, r.output
+    rows = [row for row in json.loads(rep.read_text())["rows"] if "tree_verify" in row["case"]]
+    assert {row["output"] for row in rows} >= {"logits", "hidden"} and all(row["passed"] for row in rows)
+
+    eng = open_engine(str(out), "ort")
+    ref = open_directory("torch", eng.directory, eng.manifest)
+    parent = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]])  # a bushy tree and a chain (the fixture's block is 4)
+    depth = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3]])
+    toks = torch.tensor([[5, 9, 11, 3], [3, 4, 2, 8]])
+    results = []
+    for e in (eng, ref):
+        cache = e.allocate(2, lookahead=4)
+        e.family.prefill(e, cache, e.family.conditions(e.spec, classes=[1, 2]))
+        w = cache.length.clone()
+        mask = cache.causal_mask(w, 4).clone()
+        slots = (w[:, None] + torch.arange(4)[None, :])
+        mask[:, 0].scatter_(2, slots[:, None, :].expand(-1, 4, -1), ancestor_mask(parent))
+        results.append(e.run("tree_verify", cache, tokens=toks, positions=depth, write_index=w, attn_mask=mask))
+        if e is ref:
+            causal = e.run("tree_verify", cache, tokens=toks, positions=depth, write_index=w, attn_mask=cache.causal_mask(w, 4))
+    assert eng.calls["tree"] == 1
+    for k in ("logits", "hidden"):
+        assert torch.allclose(results[0][k].float(), results[1][k].float(), atol=1e-4), k
+    assert torch.allclose(results[1]["logits"][1], causal["logits"][1], atol=1e-5)  # a chain is the causal block
+    assert not torch.allclose(results[1]["logits"][0], causal["logits"][0], atol=1e-3)  # a tree is not
+
+
+def test_tree_verify_profiles_and_seam():
+    """Its TensorRT profile is the declared one; only its declaration, the model and the method that runs
+    it name the kind (no runner, exporter or verify branch)."""
+    assert step_profiles([1, 2, 4], 16, "tree_verify") == [{"kind": "tree", "batch": [1, 4, 4], "q": [1, 16, 16]}]
+    hits = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
+                  if re.search(r"tree_verify|step_tree", p.read_text()) and p.name != "cli.py")
+    assert hits == ["format/stepkinds.py", "models/llamagen.py", "runtime/methods/eagle.py"], hits
+
+
+def test_draft_head_kind_exports_and_runs_on_ort_like_torch(tmp_path):
+    """The draft_head kind exported from an EAGLE head through its declaration (the exporter's generic
+    export_step_kind): ONNX Runtime's logits, hidden states and in-place cache equal torch's under a tree mask."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from arexport.exporter.export import WeightStore, export_step_kind
+    from arexport.format.stepkinds import get_step_kind
+    from arexport.models.eagle import EagleConfig, EagleHead
+
+    head = EagleHead(EagleConfig(dim=32, n_head=4, n_kv_head=2, ffn_hidden=48, vocab_size=19, grid_size=4)).init_random(2, 0.2)
+    kind, slots = get_step_kind("draft_head"), 24
+    store = WeightStore(tmp_path)
+    g = export_step_kind(head, kind, head.spec(slots), tmp_path, store, torch.float32, max_q=6, max_batch=2)
+    store.close()
+    gen = torch.Generator().manual_seed(0)
+    feeds = {"hidden": torch.randn(2, 5, 32, generator=gen), "tokens": torch.randint(0, 19, (2, 5), generator=gen),
+             "positions": torch.tensor([[3, 4, 4, 5, 5], [7, 8, 9, 10, 11]]), "write_index": torch.tensor([3, 7])}
+    mask = torch.zeros(2, 1, 5, slots, dtype=torch.bool)
+    mask[0, 0, :, :3] = True
+    anc = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]]).bool()
+    mask[0, 0, :, 3:8] = anc
+    mask[1, 0] = (torch.arange(slots)[None, :] <= 7 + torch.arange(5)[:, None])
+    feeds["attn_mask"] = mask
+    past = [torch.randn(2, 2, slots, 8, generator=gen) for _ in range(2)]
+    keys, values = [past[0].clone()], [past[1].clone()]
+    with torch.no_grad():
+        logits, hid, keys, values = head.step(*feeds.values(), keys, values)
+    sess = ort.InferenceSession(str(tmp_path / g.file), providers=["CPUExecutionProvider"])
+    res = sess.run(None, {**{k: v.numpy() for k, v in feeds.items()}, "past_key_0": past[0].numpy(), "past_value_0": past[1].numpy()})
+    names = [o.name for o in sess.get_outputs()]
+    assert names[:2] == ["logits", "hidden_out"]
+    assert np.allclose(res[0], logits.numpy(), atol=1e-5) and np.allclose(res[1], hid.numpy(), atol=1e-5)
+    assert np.allclose(res[names.index("present_key_0")], keys[0].numpy(), atol=1e-5)
+    assert step_profiles([1, 2], 8, "draft_head") == [{"kind": "draft", "batch": [1, 2, 2], "q": [1, 8, 8]}]

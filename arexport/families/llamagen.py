@@ -16,7 +16,7 @@ from arexport.families.base import NEXT_TOKEN_METHODS, NEXT_TOKEN_STEPS, Conditi
 
 class LlamaGenFamily(Family):
     name = "llamagen"
-    methods = NEXT_TOKEN_METHODS
+    methods = NEXT_TOKEN_METHODS + ("eagle",)  # EAGLE draft heads read LlamaGen hidden states
     default_method = "ar"
     step_kinds = NEXT_TOKEN_STEPS
 

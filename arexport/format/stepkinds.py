@@ -199,7 +199,26 @@ CAPTION_PREFILL = StepKind(
     labels=("prefill",), profiles=(Profile("prefill", q=(0, 0, 0)),), cache="condition", count_dim="T",
     doc="text-conditional LlamaGen: caption features at slots [0, T): logits of the last position [B, V]")
 
-STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL)}
+# -- EAGLE draft trees (issue 30) ----------------------------------------------------------------------
+TREE_VERIFY = StepKind(
+    name="tree_verify", graph="step_tree", method="step_hidden", inputs=_TOKEN_INPUTS,
+    outputs=(IO("logits", "float32", ("batch", "q", "V")), IO("hidden", "model", ("batch", "q", "dim"))),
+    labels=("tree",), profiles=(Profile("tree", q=(1, "K", "K")),), verify="token",
+    doc="a draft tree's K nodes [B, K] at per-node positions (root + depth), written from slot write_index, each "
+        "attending to the cache and its ancestors in the block through attn_mask (the tree mask): logits [B, K, V] "
+        "and the last hidden states [B, K, dim] (after the final norm) that the draft head's next round reads")
+
+DRAFT_HEAD = StepKind(
+    name="draft_head", graph="draft_head", method="step",
+    inputs=(IO("hidden", "model", ("batch", "q", "dim")), *_TOKEN_INPUTS),
+    outputs=(IO("logits", "float32", ("batch", "q", "V")), IO("hidden_out", "model", ("batch", "q", "dim"))),
+    labels=("draft",), profiles=(Profile("draft", q=(1, "K", "K")),),
+    doc="an EAGLE draft head's step over its own cache: pairs (hidden h_t [B, q, dim], token x_t+1) at grid "
+        "positions t, written from slot write_index, under attn_mask (causal for a catch-up, the tree mask for a "
+        "tree level): draft logits [B, q, V] (through the target's output projection) and its hidden states")
+
+STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL,
+                                                       TREE_VERIFY, DRAFT_HEAD)}
 
 
 def get_step_kind(kind: Union[str, StepKind]) -> StepKind:

@@ -302,7 +302,7 @@ class LlamaGen(Fp32RopeTables, nn.Module):
     @property
     def step_kinds(self) -> tuple[str, ...]:
         """The step kinds (arexport.format.stepkinds) this model implements."""
-        return ("token", "token_hidden") + (("caption_prefill",) if self.cfg.model_type == "t2i" else ())
+        return ("token", "token_hidden", "tree_verify") + (("caption_prefill",) if self.cfg.model_type == "t2i" else ())
 
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()

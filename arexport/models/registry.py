@@ -318,3 +318,10 @@ def load_var_vae(path: str, cfg: VARConfig):
     vae = VARVQVAE(cfg)
     load_into(vae, sd, source=str(path))
     return vae.eval()
+
+
+def load_draft_head(source: str, **options):
+    """An EAGLE draft head (models.eagle.load_eagle_head): a packaged name, a drafter directory or a file."""
+    from arexport.models.eagle import load_eagle_head
+
+    return load_eagle_head(source, **options)

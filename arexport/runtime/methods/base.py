@@ -64,7 +64,7 @@ def build_options(method: str, cls, values: dict[str, Any]) -> Options:
         raise ArexportError(f"bad options for method {method}: {e}") from None
     for f, _ in option_fields(cls):
         choices = f.metadata.get("choices")
-        if choices and getattr(opts, f.name) not in choices:
+        if choices and getattr(opts, f.name) not in choices and not (f.default is None and getattr(opts, f.name) is None):
             raise ArexportError(f"{method} {f.name} must be one of {', '.join(map(str, choices))}, got {getattr(opts, f.name)!r}")
     return opts.validate()
 

@@ -1,4 +1,5 @@
-"""`lantern`: LANTERN relaxed acceptance on top of a drafter (`sd` by default, or `sjd`).
+"""`lantern`: LANTERN relaxed acceptance on top of a drafter (`sd` by default, `eagle` when a draft head
+is given: the official setup, `--tree static` being LANTERN++'s `--static_tree`; or `sjd`).
 
 Neighbourhoods come from L2 distances between the raw codebook rows, as LANTERN's
 `generate_codebook.py` computes them (precomputed into the engine directory at build time, or
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from arexport.runtime.methods.base import Method, Options, option, register
+from arexport.runtime.methods.eagle import Eagle, EagleOptions
 from arexport.runtime.methods.sd import SD, SDOptions
 from arexport.runtime.methods.sjd import SJD, SJDOptions
 from arexport.runtime.speculative import LANTERN_RULES, LanternRule, check_lantern
 
-DRAFTERS = {"sd": SD, "sjd": SJD}
+DRAFTERS = {"sd": SD, "sjd": SJD, "eagle": Eagle}
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,8 @@ class LanternOptions(Options):
     k: int = option(1000, "nearest codebook neighbours searched", flag="--lantern-k")
     delta: float = option(0.1, "total-variation budget delta", flag="--lantern-delta")
     lam: Optional[float] = option(None, "LANTERN++ bound: pooled mass <= (lambda - 1) p(x)", flag="--lantern-lambda")
-    drafter: str = option("sd", "drafter under the relaxed acceptance", flag="--drafter", choices=tuple(DRAFTERS))
+    drafter: Optional[str] = option(None, "drafter under the relaxed acceptance (default: eagle when --draft-head is "
+                                    "given, the official setup; else sd)", flag="--drafter", choices=tuple(DRAFTERS))
     rule: str = option("official", "official: LANTERN's evaluate_posterior_v1 (uncapped credit, q zeroed at k+1 "
                        "neighbours, greedy variant); "
                        "capped: credit <= delta q(x), output within TV delta of the target", choices=LANTERN_RULES)
@@ -34,6 +37,16 @@ class LanternOptions(Options):
     init: str = SJDOptions.__dataclass_fields__["init"].default
     start: int = 0
     end: Optional[int] = None
+    draft_head: Optional[str] = None  # eagle drafter (its options; --tree static is LANTERN++'s --static_tree)
+    tree: str = EagleOptions.__dataclass_fields__["tree"].default
+    top_k: int = EagleOptions.__dataclass_fields__["top_k"].default
+    depth: int = EagleOptions.__dataclass_fields__["depth"].default
+    tokens: Optional[int] = None
+    choices: Optional[str] = None
+
+    @property
+    def drafter_name(self) -> str:
+        return self.drafter or ("eagle" if self.draft_head else "sd")
 
     def validate(self):
         check_lantern(self.k, self.delta, self.lam, self.rule)
@@ -41,7 +54,12 @@ class LanternOptions(Options):
         return self
 
     def drafter_options(self) -> Options:
-        if self.drafter == "sd":
+        if self.drafter_name == "eagle":
+            return EagleOptions(draft_head=self.draft_head, tree=self.tree, top_k=self.top_k, depth=self.depth,
+                                tokens=self.tokens, choices=self.choices)
+        if self.draft_head:
+            raise ArexportError(f"--draft-head is read by the eagle drafter; lantern --drafter {self.drafter} does not use it")
+        if self.drafter_name == "sd":
             return SDOptions(gamma=self.gamma)
         return SJDOptions(window=self.window, init=self.init, start=self.start, end=self.end)
 
@@ -54,11 +72,11 @@ class Lantern(Method):
     help = "LANTERN relaxed acceptance (latent-space neighbours, TV budget) on top of sd or sjd"
 
     def requires_draft(self) -> bool:
-        return self.options.drafter == "sd"
+        return self.options.drafter_name == "sd"
 
     def decoder(self, ctx, capacity):
         o = self.options
         rule = LanternRule(ctx.engine.neighbors(o.k + 1), k=o.k, delta=o.delta, lam=o.lam, rule=o.rule,
                            greedy=ctx.params.greedy)
-        drafter = DRAFTERS[o.drafter](o.drafter_options())
+        drafter = DRAFTERS[o.drafter_name](o.drafter_options())
         return drafter.decoder(type(ctx)(ctx.engine, ctx.params, o.drafter_options(), ctx.draft), capacity, rule=rule)

@@ -32,6 +32,14 @@ def open_model(name: str, device: str = "cpu", dtype: Optional[str] = None, cuda
     return engine
 
 
+def open_draft_head(source: str, target_dim: int, target_vocab: int, grid_size: Optional[int] = None, device: str = "cpu"):
+    """An EAGLE draft head (PyTorch) for a target of this width and vocabulary (`--draft-head`); it runs
+    beside any backend's target engine."""
+    from arexport.models.registry import load_draft_head
+
+    return load_draft_head(source, target_dim=target_dim, target_vocab=target_vocab, grid_size=grid_size).to(device)
+
+
 def open_directory(directory: Path, manifest, device: str = "cpu", cuda_graph: bool = False, precision: Optional[str] = None):
     """The PyTorch reference of an engine directory, rebuilt from the weights source it records
     (at the engine's precision unless `precision` says otherwise)."""

@@ -1,0 +1,329 @@
+"""`eagle`: tree speculative decoding with an EAGLE draft head (lossless with the standard rule).
+
+Per round and image (runtime/tree.py has the tree and acceptance rules):
+
+1. the head catches up on the pairs (h_t, x_{t+1}) the last verification produced (target hidden
+   states of the accepted path and the tokens after them), one head call for the batch; its last
+   output drafts the root's children;
+2. a tree grows: EAGLE-2's dynamic tree (`--tree dynamic`: `--tree-depth` more head calls on the top-k
+   frontier) or LANTERN++'s static tree (`--tree static`: one head call per level, children drawn
+   without replacement);
+3. one target call (the `tree_verify` step: logits and hidden states) over [root, nodes] at positions
+   root + depth under the tree mask; the walk keeps a path and draws the next token;
+4. the target cache keeps the path's K/V (copied down to consecutive slots), the head keeps none of
+   the tree's: the path's target hidden states are its next catch-up.
+
+An image's first round has no target hidden state yet (the prefill gives logits only): it drafts
+nothing and its verify is a plain decode of token 0. Images of one batch share tree shapes; a node
+that would pass the image's last token is never accepted. Each image draws N + 1 uniforms per round
+for acceptance (and N for a static tree's draws) from its own stream, so its tokens do not depend on
+the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.runtime.kv_cache import KVCache
+from arexport.runtime.methods.base import Decoder, Method, Options, option, register
+from arexport.runtime.sampling import probs_from_logits
+from arexport.runtime.speculative import StandardRule
+from arexport.runtime.tree import (SMALL_STATIC_TREE, Tree, accept_tree, ancestor_mask, grow_dynamic, parse_tree_choices,
+                                   sampled_children, static_tree)
+
+TREES = ("dynamic", "static")
+VERIFY_KIND = "tree_verify"
+
+
+@dataclass(frozen=True)
+class EagleOptions(Options):
+    draft_head: Optional[str] = option(None, "EAGLE draft head: a packaged name (demo-eagle), a released drafter directory "
+                                       "(config.json + model.safetensors|pytorch_model.bin) or a .safetensors file",
+                                       flag="--draft-head")
+    tree: str = option("dynamic", "draft tree: dynamic (EAGLE-2: top-k expansion by cumulative draft probability, "
+                       "re-ranked to --tree-tokens) or static (LANTERN++ --static_tree: fixed --tree-choices, sampled drafts)",
+                       flag="--tree", choices=TREES)
+    top_k: int = option(4, "children per expanded node (dynamic tree)", flag="--tree-top-k")
+    depth: int = option(3, "head calls that expand the dynamic tree past the root's children", flag="--tree-depth")
+    tokens: Optional[int] = option(None, "draft nodes per tree (dynamic; default: the engine's verify block - 1, at most 15)",
+                                   flag="--tree-tokens")
+    choices: Optional[str] = option(None, "static tree paths, child ranks joined by ',' and paths by ';' "
+                                    "(default: a 15-node tree)", flag="--tree-choices")
+
+    def validate(self):
+        if self.top_k < 1 or self.depth < 0:
+            raise ArexportError(f"eagle needs --tree-top-k >= 1 and --tree-depth >= 0, got {self.top_k} and {self.depth}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ArexportError(f"eagle --tree-tokens must be >= 1, got {self.tokens}")
+        if self.choices is not None:
+            parse_tree_choices(self.choices)
+        return self
+
+
+class EagleDecoder(Decoder):
+    """EAGLE tree speculative decoding under an acceptance rule (StandardRule: lossless)."""
+
+    def __init__(self, ctx, capacity: int, rule=None, head=None):
+        super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
+        o, spec, s = self.opts, self.spec, self.slots
+        self.rule = rule or StandardRule()
+        self.batch_sampling_keys = self.rule.batch_sampling_keys
+        if VERIFY_KIND not in self.engine.step_kinds():
+            raise ArexportError(f"eagle verifies trees with the {VERIFY_KIND} step, which this engine lacks (it has "
+                                f"{', '.join(self.engine.step_kinds())}): rebuild it with --step {VERIFY_KIND}")
+        self.head = head if head is not None else load_head(o, spec, self.engine.device)
+        limit = self.engine.max_q - 1
+        if o.tree == "static":
+            paths = parse_tree_choices(o.choices) if o.choices else SMALL_STATIC_TREE
+            parent, depth, rank = static_tree(paths)
+            if parent.numel() - 1 > limit:
+                raise ArexportError(f"the static tree has {parent.numel() - 1} nodes; this engine verifies at most {limit} "
+                                    "drafts at once: pass smaller --tree-choices or rebuild with a larger --verify-len")
+            self.static = (parent, depth, rank)
+            self.n_nodes = parent.numel() - 1
+            self.max_depth = int(depth.max())
+        else:
+            pool = o.top_k + o.depth * o.top_k**2
+            self.n_nodes = o.tokens if o.tokens is not None else min(limit, 15, pool)
+            if self.n_nodes > limit:
+                raise ArexportError(f"--tree-tokens {self.n_nodes} does not fit this engine's verify block of "
+                                    f"{limit + 1}: pass {limit} or less, or rebuild with a larger --verify-len")
+            if self.n_nodes > pool:
+                raise ArexportError(f"--tree-tokens {self.n_nodes} exceeds the {pool} candidates of top-k {o.top_k} and "
+                                    f"depth {o.depth}")
+            self.static = None
+            self.max_depth = o.depth + 1
+        N, rows = self.n_nodes, capacity * self.cfg.per_image
+        self.tcache = s.cache(self.engine.allocate(rows, lookahead=N))
+        hc = self.head.cfg
+        tree_slots = N if self.static is not None else o.depth * o.top_k
+        hslots = spec.n_tokens + max(N, tree_slots) + self.max_depth + 2  # committed pairs, a catch-up, the tree levels
+        k, v = self.head.allocate(rows, hslots)
+        self.hcache = s.cache(KVCache(k, v, torch.zeros(rows, dtype=torch.long, device=s.device),
+                                      torch.ones(rows, hslots, dtype=torch.bool, device=s.device)))
+        self.tokens = s.image_tensor((spec.n_tokens + 1,))
+        self.n = s.image_tensor(())  # committed tokens
+        self.pc = s.image_tensor(())  # pending head pairs (hidden states in self.ph)
+        self.ph = s.row_tensor((self.max_depth + 1, hc.dim), self.head.fc.weight.dtype)
+
+    def start(self, a, b, conds):
+        rows = self.cfg.conditions(self.engine, conds)
+        logits = self.prefill(self.engine, self.tcache, a, b, rows)
+        self.tokens[a:b, 0] = self.first_token(logits, a, b)
+        self.n[a:b], self.pc[a:b] = 1, 0
+        r0, r1 = self.slots.rows_of(a, b)
+        self.hcache.length[r0:r1] = 0
+        for st in self.slots.stats[a:b]:
+            st.forwards += 1
+
+    # -- head -----------------------------------------------------------------------------------------
+    def _head(self, hidden, tokens, positions, write, mask):
+        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row)."""
+        hc = self.hcache.view(0, hidden.shape[0])
+        logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+        return logits, out
+
+    def _draft_dist(self, logits, token_index):
+        """Per-image draft log-probabilities [B, q, V] and probabilities from per-row head logits."""
+        params = self.params
+        g = self.cfg.guide(logits, token_index, params)
+        if getattr(params, "greedy", False):
+            lp = torch.log_softmax(g.float(), -1)
+            return lp, lp.exp()
+        p = probs_from_logits(g, params)
+        return torch.log(p), p
+
+    def _catch_up(self, b, dev):
+        """Feed the pending pairs; the head's last output per row (hidden [rows, dim]) and per-image draft
+        log-probs / probs [B, V] for the root's children; `ready` [B]: images with a pending pair."""
+        cfg, n, pc = self.cfg, self.n[:b], self.pc[:b]
+        rows = b * cfg.per_image
+        ready = pc > 0
+        P = max(int(pc.max()), 1)
+        j = torch.arange(P, device=dev)
+        tok_idx = (n - pc)[:, None] + j  # x_{t+1} of pair j
+        toks = torch.where(j < pc[:, None], self.tokens[:b].gather(1, tok_idx.clamp(0, self.tokens.shape[1] - 1)), 0)
+        pos = tok_idx - 1
+        hl = self.hcache.length[:rows]
+        write = hl.clone()
+        slots = torch.arange(self.hcache.s_max, device=dev)
+        qslot = write[:, None] + j[None, :]
+        mask = (slots[None, None, :] <= qslot[:, :, None]).unsqueeze(1)
+        logits, out = self._head(self.ph[:rows, :P], cfg.expand(toks), cfg.expand(pos), write, mask)
+        last = cfg.expand((pc - 1).clamp(min=0))
+        out_last = out[torch.arange(rows, device=dev), last]
+        lg_last = logits[torch.arange(rows, device=dev), last][:, None]
+        self.hcache.length[:rows] += cfg.expand(pc)
+        lp, p = self._draft_dist(lg_last, n[:, None].clamp(max=self.spec.n_tokens - 1))
+        self._count(ready, draft=True)
+        return out_last, lp[:, 0], p[:, 0], ready
+
+    def _grow(self, b, dev, out_root, lp0, p0, ready):
+        """The round's tree [B] and the head calls it took."""
+        cfg, n = self.cfg, self.n[:b]
+        rows = b * cfg.per_image
+        base = self.hcache.length[:rows].clone()  # committed head slots (catch-up included)
+        slots = torch.arange(self.hcache.s_max, device=dev)
+        committed = slots[None, :] < base[:, None]  # [rows, S]
+        if self.static is None:
+            k = self.opts.top_k
+            state = {}
+
+            def expand(level, f_tok, f_par):
+                """Feed one frontier level [B, k] (slots base + level k ..): its draft log-probs [B, k, V]."""
+                if level == 0:
+                    hid = out_root[:, None].expand(-1, k, -1)
+                    anc = torch.zeros(rows, k, 0, dtype=torch.bool, device=dev)
+                else:  # a node's input is its parent's head output; it sees the parent's ancestors and the parent
+                    par = cfg.expand(f_par)
+                    hid = state["hidden"].gather(1, par[:, :, None].expand(-1, -1, state["hidden"].shape[-1]))
+                    prev = state["anc"].gather(1, par[:, :, None].expand(-1, -1, state["anc"].shape[-1]))
+                    anc = torch.cat([prev, torch.nn.functional.one_hot(par, k).bool()], 2)
+                write = base + level * k
+                m = committed[:, None, :].expand(-1, k, -1).clone()
+                ar = torch.arange(level * k + k, device=dev)
+                seen = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(rows, k, k)], 2)
+                m.scatter_(2, (base[:, None] + ar[None, :])[:, None, :].expand(-1, k, -1), seen)
+                pos = cfg.expand((n - 1 + level)[:, None].expand(-1, k))
+                logits, out = self._head(hid, cfg.expand(f_tok), pos, write, m[:, None])
+                state["hidden"], state["anc"] = out, anc
+                lp, _ = self._draft_dist(logits, (n[:, None] + level + 1).clamp(max=self.spec.n_tokens - 1).expand(-1, k))
+                self._count(ready, draft=True)
+                return lp
+
+            tree = grow_dynamic(lp0, expand, k, self.opts.depth, self.n_nodes)
+            return tree
+        parent, depth, rank = (t.to(dev) for t in self.static)
+        N = self.n_nodes
+        u = self.slots.uniform(N, ready)  # one draw per node
+        tokens = torch.zeros(b, N + 1, dtype=torch.long, device=dev)
+        tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
+        q = torch.zeros(b, N + 1, p0.shape[-1], device=dev)
+        anc = ancestor_mask(parent[None])[0]  # [N+1, N+1]
+        dist = {0: p0}  # node -> the head's distribution after it [B, V]
+        hid = {0: out_root}
+        for d in range(1, self.max_depth + 1):
+            level = [i for i in range(1, N + 1) if int(depth[i]) == d]
+            for c in sorted({int(parent[i]) for i in level}):
+                kids = [i for i in level if int(parent[i]) == c]
+                kids.sort(key=lambda i: int(rank[i]))
+                drawn = sampled_children(dist[c], len(kids), u[:, [i - 1 for i in kids]])
+                for r, i in enumerate(kids):
+                    tokens[:, i] = drawn[:, r]
+                    q[:, i] = dist[c]
+            if d == self.max_depth or not any(int(depth[i]) == d + 1 for i in range(1, N + 1)):
+                break
+            # feed the level's nodes to the head: each sees the committed pairs, its ancestors' slots and itself
+            first, L = level[0], len(level)
+            write = base + (first - 1)
+            m = _static_level_mask(committed, base, anc, level, N)
+            hin = torch.stack([hid[int(parent[i])] for i in level], 1)
+            pos = cfg.expand((n - 2 + d)[:, None].expand(-1, L))
+            logits, out = self._head(hin, cfg.expand(tokens[:, level]), pos, write, m[:, None])
+            _, pl = self._draft_dist(logits, (n[:, None] + d).clamp(max=self.spec.n_tokens - 1).expand(-1, L))
+            for a_, i in enumerate(level):
+                dist[i], hid[i] = pl[:, a_], out[:, a_]
+            self._count(ready, draft=True)
+        pb = parent[None].expand(b, -1)
+        return Tree(tokens=tokens, parent=pb, depth=depth[None].expand(b, -1), rank=rank[None].expand(b, -1), q=q)
+
+    # -- one round -----------------------------------------------------------------------------------
+    def advance(self):
+        s, spec, cfg, dev = self.slots, self.spec, self.cfg, self.slots.device
+        b, n_tok = s.n, spec.n_tokens
+        out_root, lp0, p0, ready = self._catch_up(b, dev)
+        tree = self._grow(b, dev, out_root, lp0, p0, ready)
+        n = self.n[:b]
+        tree.tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
+        N1 = tree.size
+        # target: [root, nodes] at root + depth under the tree mask
+        view = self.tcache.view(0, s.rows)
+        write = view.length.clone()
+        anc = cfg.expand(tree.mask())  # [rows, N+1, N+1]
+        slots = torch.arange(view.s_max, device=dev)
+        m = ((slots[None, None, :] < write[:, None, None]) & view.key_valid[:, None, :]).expand(-1, N1, -1).clone()
+        tslots = (write[:, None] + torch.arange(N1, device=dev)[None, :]).clamp(max=view.s_max - 1)
+        m.scatter_(2, tslots[:, None, :].expand(-1, N1, -1), anc)
+        pos = cfg.expand((n[:, None] - 1 + tree.depth).clamp(max=n_tok - 1))
+        out = self.engine.run(VERIFY_KIND, view, tokens=cfg.expand(tree.tokens), positions=pos, write_index=write,
+                              attn_mask=m[:, None])
+        params = self.params
+        tok_index = (n[:, None] + tree.depth).clamp(max=n_tok - 1)
+        P = self.rule.target_probs(cfg.guide(out["logits"], tok_index, params), params)  # [B, N+1, V]
+        hidden = out["hidden"]
+        u = s.uniform(N1)
+        remaining = n_tok - n
+        allowed = (tree.depth <= (remaining - 1)[:, None]) & ready[:, None]
+        paths = torch.zeros(b, self.max_depth + 1, dtype=torch.long, device=dev)
+        adv = torch.zeros(b, dtype=torch.long, device=dev)
+        Pc, uc, ac = P.cpu(), u.cpu(), allowed.cpu()
+        tk, pa, rk = tree.tokens.cpu(), tree.parent.cpu(), tree.rank.cpu()
+        qc = None if tree.q is None else tree.q.cpu()
+        for i in range(b):
+            res = accept_tree(Pc[i], tk[i], pa[i], rk[i], None if qc is None else qc[i], self.rule, uc[i], ac[i])
+            L = len(res.path) - 1
+            ni = int(n[i])
+            self.tokens[i, ni:ni + L] = tree.tokens[i, res.path[1:]]
+            self.tokens[i, ni + L] = res.token
+            adv[i] = L + 1
+            paths[i, : L + 1] = torch.tensor(res.path)
+            paths[i, L + 1:] = res.path[-1]  # padding: copies past the kept slots, which nothing reads
+            s.stats[i].forwards += 1
+            s.stats[i].accepted.append(L + 1)
+        # the path's K/V down to consecutive slots from the root's (sources never precede their destinations)
+        rp = cfg.expand(paths)
+        src = (write[:, None] + rp).clamp(max=view.s_max - 1)
+        dst = (write[:, None] + torch.arange(rp.shape[1], device=dev)[None, :]).clamp(max=view.s_max - 1)
+        for buf in view.keys + view.values:
+            h, d = buf.shape[1], buf.shape[3]
+            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
+            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+        self.ph[: s.rows, : rp.shape[1]] = hidden.gather(1, rp[:, :, None].expand(-1, -1, hidden.shape[-1])).to(self.ph.dtype)
+        view.length.copy_(write + cfg.expand(adv))
+        self.pc[:b] = adv
+        self.n[:b] += adv
+        return s.where(self.n[: s.n] >= n_tok)
+
+    def _count(self, rows: torch.Tensor, draft: bool = False) -> None:
+        for st, on in zip(self.slots.stats, rows.tolist()):
+            if on and draft:
+                st.draft_forwards += 1
+
+    def finish(self, i):
+        return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
+
+
+def _static_level_mask(committed, base, anc, level, N):
+    """[rows, L, S] head mask for a static tree level: committed slots, the ancestors' slots (node j at
+    base + j - 1; the root has none: its pair is the last committed one) and the node itself."""
+    L = len(level)
+    m = committed[:, None, :].expand(-1, L, -1).clone()
+    for a_, i in enumerate(level):
+        js = [j for j in range(1, N + 1) if bool(anc[i, j])]
+        idx = base[:, None] + torch.tensor([j - 1 for j in js], device=base.device)[None, :]
+        m[:, a_].scatter_(1, idx, True)
+    return m
+
+
+def load_head(opts, spec, device):
+    """The head named by --draft-head, checked against the target's width and vocabulary."""
+    from arexport.runtime.backends import backend_package
+
+    if not opts.draft_head:
+        raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo)")
+    return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
+
+
+@register("eagle")
+class Eagle(Method):
+    """EAGLE tree speculative decoding (lossless)."""
+
+    Options = EagleOptions
+    help = "tree speculative decoding with an EAGLE draft head (--draft-head), lossless"
+
+    def decoder(self, ctx, capacity, rule=None):
+        return EagleDecoder(ctx, capacity, rule)

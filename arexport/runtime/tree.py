@@ -1,0 +1,255 @@
+"""Draft trees and tree acceptance for EAGLE-style speculative decoding.
+
+A tree holds, per image, node 0 (the root: the newest committed token, not yet seen by the target)
+and N draft nodes in an order where a parent precedes its children. It is verified in one target
+call: node i is fed at position root + depth[i] and attends to the committed cache and to its
+ancestors (`ancestor_mask`). Two growers:
+
+* `grow_dynamic` — EAGLE-2's dynamic tree as LANTERN runs it (jadohu/LANTERN
+  `models/drafters/cnets_llamagen.py` `Model.topK_genrate`, commit 3a56e45, lines 731-866): the root's
+  top_k children, then `depth` rounds that expand the top_k frontier nodes by cumulative draft
+  log-probability into top_k children each and keep the top_k of those top_k^2 as the next frontier;
+  every node ever proposed is a candidate, and the `total` candidates with the highest cumulative
+  log-probability form the tree (kept in proposal order). Drafts are deterministic (q = 1).
+* `static_tree` + `sampled_children` — LANTERN++'s `--static_tree` (`topK_genrate_v1`, lines 891-964;
+  tree buffers from `ea_model_llamagen.py` `generate_tree_buffers`, lines 283-421): a fixed tree of
+  choice paths ([0], [1], [0, 0], ...: child rank at each depth); each node's children are drawn
+  without replacement from the head's distribution at it, child of rank r being the r-th draw.
+
+`accept_tree` walks a tree from the root with the target's rows P (one per node): at each node the
+children are tried in rank order (a repeated token is skipped); a child x is accepted with
+probability rule.acceptance(p, q'(x), x), where q' is the node's draft row with the earlier siblings
+removed and renormalised (sampled trees) or one-hot at x (dynamic trees: the official q = 1); on
+rejection p becomes the rule's residual. With StandardRule this is multi-candidate speculative
+sampling, which is lossless (sampling without replacement for q = 1). After the last accepted node,
+the next token is drawn from the final p (the node's own row if nothing at it was rejected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from arexport.errors import ArexportError
+from arexport.runtime.sampling import sample_from_probs
+
+# LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
+# the official default; this is a prefix-closed 15-node tree sized for small verify blocks)
+SMALL_STATIC_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
+                     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 0, 0, 0))
+LOGP_FLOOR = -1e4  # -inf draft log-probs (filtered tokens) clamp here so a child never outranks its parent
+
+
+@dataclass
+class Tree:
+    """One draft tree per image: tokens [B, N+1] (node 0 the root), parent [B, N+1] (-1 at the root),
+    depth [B, N+1] (0 at the root), rank [B, N+1] (child order at its parent), q [B, N+1, V] or None:
+    for sampled trees the head's distribution at each node's parent (what it was drawn from)."""
+
+    tokens: torch.Tensor
+    parent: torch.Tensor
+    depth: torch.Tensor
+    rank: torch.Tensor
+    q: Optional[torch.Tensor] = None
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[1]
+
+    def mask(self) -> torch.Tensor:
+        return ancestor_mask(self.parent)
+
+
+def ancestor_mask(parent: torch.Tensor) -> torch.Tensor:
+    """[B, N+1] parents (each before its children) -> [B, N+1, N+1] bool: node i sees j iff j is i or
+    an ancestor of i."""
+    b, n = parent.shape
+    m = torch.eye(n, dtype=torch.bool, device=parent.device).expand(b, n, n).clone()
+    for i in range(1, n):
+        par = parent[:, i]
+        m[:, i] |= m[torch.arange(b), par.clamp(min=0)] & (par >= 0)[:, None]
+    return m
+
+
+def grow_dynamic(logp0: torch.Tensor, expand: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+                 top_k: int, depth: int, total: int) -> Tree:
+    """EAGLE-2's dynamic tree for B images.
+
+    logp0 [B, V]: the head's log-probabilities after the root. expand(level, tokens [B, k], parents
+    [B, k]) feeds frontier nodes (parents: index of each one's parent frontier entry in the previous
+    level, -1 for the root's children) and returns their log-probabilities [B, k, V]. `total` drafts
+    are kept (1 <= total <= top_k + depth * top_k^2)."""
+    b, v = logp0.shape
+    if not 1 <= top_k <= v:
+        raise ArexportError(f"eagle top-k must be in 1..{v}, got {top_k}")
+    pool = top_k + depth * top_k * top_k
+    if not 1 <= total <= pool:
+        raise ArexportError(f"eagle tree of {total} drafts does not fit top-k {top_k} and depth {depth} ({pool} candidates)")
+    dev = logp0.device
+    top = logp0.clamp(min=LOGP_FLOOR).topk(top_k, dim=-1)
+    scores = top.values  # [B, k] cumulative log-prob of the frontier
+    cand_tok, cand_score = [top.indices], [scores]
+    cand_parent = [torch.full((b, top_k), -1, dtype=torch.long, device=dev)]  # pool index of the parent
+    cand_depth = [torch.ones(b, top_k, dtype=torch.long, device=dev)]
+    frontier = torch.arange(top_k, device=dev).expand(b, top_k)  # pool indices
+    f_tok, f_par = top.indices, torch.full((b, top_k), -1, dtype=torch.long, device=dev)
+    base = top_k
+    for level in range(depth):
+        lp = expand(level, f_tok, f_par).clamp(min=LOGP_FLOOR)  # [B, k, V]
+        t = lp.topk(top_k, dim=-1)
+        cu = t.values + scores[:, :, None]  # [B, k, k]
+        cand_tok.append(t.indices.reshape(b, -1))
+        cand_score.append(cu.reshape(b, -1))
+        cand_parent.append(frontier[:, :, None].expand(-1, -1, top_k).reshape(b, -1))
+        cand_depth.append(torch.full((b, top_k * top_k), level + 2, dtype=torch.long, device=dev))
+        sel = cu.reshape(b, -1).topk(top_k, dim=-1)
+        scores = sel.values
+        f_par = sel.indices // top_k
+        f_tok = t.indices.reshape(b, -1).gather(1, sel.indices)
+        frontier = base + sel.indices
+        base += top_k * top_k
+    tok, score, par, dep = (torch.cat(x, 1) for x in (cand_tok, cand_score, cand_parent, cand_depth))
+    # the best `total` by score; ties keep proposal order, so a parent (proposed first, score >= child's) is kept
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :total]
+    keep = torch.sort(order, dim=1).values  # proposal order: parents before children
+    pos_of = torch.full((b, pool), -1, dtype=torch.long, device=dev)
+    pos_of.scatter_(1, keep, torch.arange(1, total + 1, device=dev).expand(b, total))
+    kp = par.gather(1, keep)
+    parent = torch.where(kp >= 0, pos_of.gather(1, kp.clamp(min=0)), 0)
+    if bool((parent < 0).any()):
+        raise ArexportError("internal: a dynamic-tree node was kept without its parent")
+    ktok = tok.gather(1, keep)
+    rank = torch.zeros_like(parent)
+    for i in range(1, total):  # rank = how many kept siblings came before (proposal order = draft rank order)
+        rank[:, i] = (parent[:, :i] == parent[:, i:i + 1]).sum(1)
+    zeros = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    return Tree(tokens=torch.cat([zeros, ktok], 1), parent=torch.cat([zeros - 1, parent], 1),
+                depth=torch.cat([zeros, dep.gather(1, keep)], 1), rank=torch.cat([zeros, rank], 1))
+
+
+def parse_tree_choices(text: str) -> tuple[tuple[int, ...], ...]:
+    """'0;1;0,0;0,1' -> ((0,), (1,), (0, 0), (0, 1)); checked prefix-closed with contiguous ranks."""
+    try:
+        paths = tuple(tuple(int(c) for c in part.split(",")) for part in text.split(";") if part.strip())
+    except ValueError:
+        raise ArexportError(f"tree choices {text!r}: expected paths like '0;1;0,0' (child ranks, ';' between paths)") from None
+    check_tree_choices(paths)
+    return paths
+
+
+def check_tree_choices(paths) -> None:
+    if not paths:
+        raise ArexportError("a static tree needs at least one path")
+    have = set(paths)
+    if len(have) != len(paths):
+        raise ArexportError("static tree choices repeat a path")
+    for p in paths:
+        if not p or min(p) < 0:
+            raise ArexportError(f"static tree path {list(p)}: ranks must be >= 0")
+        if len(p) > 1 and p[:-1] not in have:
+            raise ArexportError(f"static tree path {list(p)} has no parent path {list(p[:-1])}")
+        if p[-1] > 0 and p[:-1] + (p[-1] - 1,) not in have:
+            raise ArexportError(f"static tree path {list(p)}: rank {p[-1] - 1} of the same parent is missing")
+
+
+def static_tree(paths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choice paths -> (parent [N+1], depth [N+1], rank [N+1]) with nodes sorted by (depth, path), as the
+    official tree buffers order them (node 0 the root)."""
+    check_tree_choices(paths)
+    order = sorted(paths, key=lambda p: (len(p), p))
+    index = {p: i + 1 for i, p in enumerate(order)}
+    parent = [-1] + [index[p[:-1]] if len(p) > 1 else 0 for p in order]
+    depth = [0] + [len(p) for p in order]
+    rank = [0] + [p[-1] for p in order]
+    return torch.tensor(parent), torch.tensor(depth), torch.tensor(rank)
+
+
+def sampled_children(q: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
+    """n draws without replacement from rows q [B, V] with uniforms u [B, n]: tokens [B, n]
+    (rank r is the r-th draw: q with the earlier draws removed, renormalised)."""
+    q = q.clone()
+    out = []
+    for r in range(n):
+        x = sample_from_probs(q, u[:, r])
+        out.append(x)
+        q.scatter_(1, x[:, None], 0.0)
+        q = torch.where(q.sum(1, keepdim=True) > 0, q, torch.ones_like(q))  # exhausted support: any token
+    return torch.stack(out, 1)
+
+
+@dataclass
+class TreeResult:
+    path: list[int]  # node indices from the root (node 0) to the last accepted node
+    token: int  # the token after it
+    tests: int  # children tested (uniforms used before the final draw)
+    dist: torch.Tensor  # [V] the distribution the token was drawn from
+
+
+def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, rank: torch.Tensor,
+                q: Optional[torch.Tensor], rule, u: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> TreeResult:
+    """One image's tree walk (module docstring). P [N+1, V] target rows (rule.target_probs), tokens,
+    parent, rank [N+1], q [N+1, V] or None (dynamic tree: q = 1), u [N+1] uniforms (u[t] for the t-th
+    test, u[N] for the final draw), allowed [N+1] bool: nodes that may be accepted (inside the image)."""
+    n = tokens.shape[0]
+    children: dict[int, list[int]] = {}
+    for i in range(1, n):
+        if allowed is None or bool(allowed[i]):
+            children.setdefault(int(parent[i]), []).append(i)
+    for c in children.values():
+        c.sort(key=lambda i: int(rank[i]))
+    node, path, t = 0, [0], 0
+    p, rejected = P[0], False
+    while True:
+        tried: list[int] = []
+        rejected = False
+        accepted = None
+        for ch in children.get(node, []):
+            x = int(tokens[ch])
+            if x in tried:
+                continue
+            if q is None:
+                qrow = torch.zeros_like(p)
+                qrow[x] = 1.0
+            else:
+                qrow = q[ch].clone()
+                qrow[tried] = 0.0
+                s = qrow.sum()
+                if s <= 0 or qrow[x] <= 0:
+                    tried.append(x)
+                    continue
+                qrow = qrow / s
+            tried.append(x)
+            xt = torch.tensor([x], device=p.device)
+            a = float(rule.acceptance(p[None], qrow[x][None], xt)[0])
+            ut = float(u[t])  # t <= N - 1 tests in all: u[N] stays for the final draw
+            t += 1
+            if ut < a:
+                accepted = ch
+                break
+            r = _tree_residual(rule, p, qrow, xt, q is None)
+            p, rejected = r / r.sum(), True
+        if accepted is None:
+            break
+        node = accepted
+        path.append(node)
+        p = P[node]
+    final = p if rejected else rule.bonus(p[None])[0]
+    y = int(sample_from_probs(final[None], u[n - 1:n])[0])
+    return TreeResult(path, y, t, final)
+
+
+def _tree_residual(rule, p: torch.Tensor, qrow: torch.Tensor, x: torch.Tensor, one_hot_draft: bool) -> torch.Tensor:
+    """The rule's residual after rejecting x. For dynamic trees (q = 1) LANTERN's official path zeroes x
+    and, when its nearest neighbour was within the bound, its k + 1 nearest neighbours in p itself
+    (`evaluate_posterior`, lines 765-778 at 3a56e45); otherwise the rule's own residual."""
+    if one_hot_draft and getattr(rule, "name", "") == "lantern" and not getattr(rule, "greedy", False) \
+            and getattr(rule, "rule", "official") == "official":
+        _, take = rule.pooled(p[None], x)
+        r = p.clone()
+        r[x] = 0.0
+        if bool(take[0, 0]):
+            r[rule.table.to(p.device)[x[0]]] = 0.0
+        return r if r.sum() > 0 else torch.ones_like(r)
+    return rule.residual(p[None], qrow[None], x)[0]
