@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.eagle import Eagle, EagleOptions
 from arexport.runtime.methods.sd import SD, SDOptions
