@@ -77,17 +77,21 @@ def test_ort_static_buffers_follow_the_cache_addresses(demo_engine):
 
 
 def test_only_iobinding_graphs_get_cuda_graphs():
-    """ORT's CUDA-graph replay needs IOBinding on fixed buffers: the numpy-fed sessions (VAR's
-    next_scale_*, latent_decoder, vq_decoder, text_encoder) must never get enable_cuda_graph."""
-    from arexport.runtime.backends.ort.loader import CUDA_GRAPH_GRAPHS, providers_for
+    """ORT's CUDA-graph replay needs IOBinding on fixed buffers: the graph of every declared step kind
+    (the runner drives each through _StaticIO) gets enable_cuda_graph, including kinds declared after
+    the step and prefill graphs (token_hidden's step_hidden); the numpy-fed sessions (VAR's
+    next_scale_*, latent_decoder, vq_decoder, text_encoder) never do."""
+    from arexport.format.stepkinds import STEP_KINDS
+    from arexport.runtime.backends.ort.loader import cuda_graph_graphs, providers_for
 
     base = [("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1"}), "CPUExecutionProvider"]
-    assert providers_for("step", base)[0][1]["enable_cuda_graph"] == "1"
-    assert providers_for("prefill", base)[0][1]["enable_cuda_graph"] == "1"
+    graphs = cuda_graph_graphs()
+    assert graphs == {k.graph for k in STEP_KINDS.values()} and {"step", "prefill", "step_hidden"} <= graphs
+    for graph in graphs:
+        assert providers_for(graph, base)[0][1]["enable_cuda_graph"] == "1"
     for graph in ("next_scale_0", "next_scale_9", "latent_decoder", "vq_decoder", "text_encoder"):
         got = providers_for(graph, base)
         assert "enable_cuda_graph" not in got[0][1] and got[0][1]["device_id"] == "0" and got[1] == "CPUExecutionProvider"
-    assert CUDA_GRAPH_GRAPHS == {"step", "prefill"}
     assert base[0][1]["enable_cuda_graph"] == "1"  # the directory's providers are not modified
 
 
@@ -499,3 +503,60 @@ def test_fused_norm_and_rotary_in_model_precision_stay_within_tolerance(precisio
         with fused_export():
             bad = model(cond, tokens)
     assert not torch.allclose(bad, reference, atol=atol, rtol=rtol)
+
+
+# -- every step kind on static buffers (what ORT's CUDA-graph capture needs), checked on the CPU ----
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llamagen-c2i", "llamagen-t2i", "arpg", "var"])  # token, token_hidden, caption_prefill, multi_query, scale
+def test_every_step_kind_runs_on_static_buffers(family, built, monkeypatch):
+    """For every step kind these engines run (verify's cases of each declared scenario): each call goes
+    through a _StaticIO launch of a graph that gets CUDA graphs (loader.cuda_graph_graphs), whose bound
+    addresses and buffers never change across its runs, launches are reused across steps, and every
+    output and the cache equal plain session.run on numpy feeds (the non-static path). The capture
+    itself needs a GPU (docs/gpu.md says what that leaves unverified)."""
+    from arexport.format.stepkinds import get_step_kind
+    from arexport.runtime.backends.ort import runner
+    from arexport.runtime.backends.ort.loader import cuda_graph_graphs
+    from arexport.verify import make_cases, run_case
+
+    out = built(family, "fp32")
+    eng, plain = open_engine(str(out), "ort"), open_engine(str(out), "ort")
+    kinds = eng.step_kinds()
+    launches: dict[int, tuple] = {}
+    runs, graphs = [0], set()
+    real_run, real_static = runner._StaticIO.run, runner.OrtEngine._static_io
+
+    def checked_run(self, feeds):
+        state = (self, dict(self.binding.bound), self.binding.binds,
+                 {n: t.data_ptr() for n, t in self.inputs.items()}, {n: t.data_ptr() for n, t in self.outputs.items()})
+        assert launches.setdefault(id(self), state)[1:] == state[1:], "a launch was rebound or its buffers moved"
+        assert all(self.binding.bound[n][0] == t.data_ptr() for n, t in self.inputs.items())
+        assert all(self.binding.bound["out:" + n][0] == t.data_ptr() for n, t in self.outputs.items())
+        runs[0] += 1
+        return real_run(self, feeds)
+
+    def recording_static(self, graph, feeds, cache, outputs):
+        graphs.add(graph)
+        return real_static(self, graph, feeds, cache, outputs)
+
+    def plain_run(graph, feeds, cache, outputs):  # the non-static path
+        sess = plain.sessions.get(graph)
+        names = [o.name for o in sess.get_outputs()]
+        bufs = {f"{kind}_{i}": buf for i, (k, v) in enumerate(zip(cache.keys, cache.values)) for kind, buf in (("key", k), ("value", v))}
+        res = dict(zip(names, sess.run(names, {**{n: t.numpy() for n, t in feeds.items()},
+                                                **{f"past_{n}": b.numpy().copy() for n, b in bufs.items()}})))
+        for n, b in bufs.items():
+            b.copy_(torch.from_numpy(res[f"present_{n}"]))
+        return {n: torch.from_numpy(res[n]) for n in outputs}
+
+    monkeypatch.setattr(runner._StaticIO, "run", checked_run)
+    monkeypatch.setattr(runner.OrtEngine, "_static_io", recording_static)
+    plain._run = plain_run
+    for case in make_cases(eng.spec, 2, 4, seed=0, steps=kinds):
+        got, want = run_case(eng, case), run_case(plain, case)
+        assert got.keys() == want.keys()
+        for name in got:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    assert graphs == {get_step_kind(k).graph for k in kinds} and graphs <= cuda_graph_graphs(), (graphs, kinds)
+    assert runs[0] > len(launches)  # launches were reused across steps, not rebound per call
