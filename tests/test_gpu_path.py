@@ -151,6 +151,32 @@ def test_tables_record_their_sources_and_versions():
     assert not any("bfloat16" in k["constraints"]["T"] for k in cuda["ops"]["ai.onnx:ReduceL2"])
     assert "ai.onnx:GroupNormalization" not in cuda["ops"]
     assert [k["range"] for k in cuda["ops"]["ai.onnx:TensorScatter"]] == [[24, None]]
+    assert trt["document"]["header"] == "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24"
+    assert "no difference" in trt["document"]["checked"]
+
+
+def test_trt_table_builder_records_the_document_and_refuses_another_release(tmp_path):
+    """scripts/build_support_tables.py trt: the table records the document's header, length and
+    sha256 and the commit given; a document whose header names another release is refused."""
+    import hashlib
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bst", Path(__file__).parent.parent / "scripts" / "build_support_tables.py")
+    bst = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bst)
+    rows = "".join(f"| Op{i} | Y | FP32, BF16 |\n" for i in range(120))
+    md = tmp_path / "operators.md"
+    md.write_text("TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24.\n\n" + rows)
+    bst._set_out(tmp_path)
+    bst.trt_table(md, "10.15", "test", "abc123")
+    table = json.loads((tmp_path / "trt.json").read_text())
+    assert table["document"] == {"header": "TensorRT 10.15 supports operators in the inclusive range of opset 9 to opset 24",
+                                 "chars": len(md.read_text()), "sha256": hashlib.sha256(md.read_bytes()).hexdigest(), "commit": "abc123"}
+    assert table["ops"]["ai.onnx:Op7"] == {"supported": True, "types": ["float", "bfloat16"], "restrictions": ""}
+    with pytest.raises(SystemExit, match="names TensorRT 10.15, not 10.16"):
+        bst.trt_table(md, "10.16", "test")
 
 
 def test_open_ended_kernels_serve_only_their_start_version(tmp_path):
