@@ -268,8 +268,8 @@ REFUSED: dict[tuple[str, str], str] = {}  # (family, precision) -> the named err
 def built(tmp_path_factory):
     """(family, precision) -> engine directory, each built at most once in this module and shared by
     the tests below (the coverage checks, the Cast bounds, the static-I/O check). Each family's model
-    is loaded once and copied per build (a build casts the model it is given). The fp32 build also
-    exports every extra step kind the model implements (token_hidden), for the static-I/O test; the
+    is loaded once and copied per build (a build casts the model it is given). The fp32 demo build
+    also exports the extra step kind it implements (token_hidden), for the static-I/O test; the
     image decoders are exported at fp32 (they are fp32 at every precision: exporter/build.py)."""
     import copy
 
@@ -284,7 +284,8 @@ def built(tmp_path_factory):
                 models[family] = _tiny(family, tmp_path_factory)
             loaded = copy.deepcopy(models[family])
             own = get_family(loaded.spec.family).steps(loaded.spec)
-            extra = tuple(k for k in loaded.model.step_kinds if k not in own and k != "multi_query") if precision == "fp32" else ()
+            extra = tuple(k for k in loaded.model.step_kinds if k not in own and k != "multi_query") \
+                if (family, precision) == ("llamagen-c2i", "fp32") else ()  # token_hidden, once
             out = tmp_path_factory.mktemp(f"{family}-{precision}") / "eng"
             opts = BuildOptions(precision=precision, batch_sizes=[2], verify_len=None if family in ("arpg", "var") else 4,
                                 images=family in ("llamagen-c2i", "var", "rar", "janus") and precision == "fp32", steps=extra)
@@ -354,8 +355,10 @@ def _casts(path) -> int:
 # fp32 (ReduceL2 has no bf16 CUDA kernel and VAR normalises in fp32 under autocast); Janus runs
 # Hugging Face's Llama layers (their RMSNorm casts to fp32 and back).
 CASTS_PER_LAYER = {"fp16": {"llamagen-c2i": 0, "llamagen-t2i": 0, "arpg": 0, "rar": 0, "var": 4, "janus": 4},
-                   "bf16": {"llamagen-c2i": 4, "llamagen-t2i": 4, "arpg": 6, "rar": 0, "var": 4, "janus": 4}}
-CASTS_OUTSIDE = 6  # outside the layers: the RoPE rows cast once (two tables for ARPG's two streams), fp32 logits, ...
+                   "bf16": {"llamagen-c2i": 4, "llamagen-t2i": 4, "arpg": 4, "rar": 0, "var": 4, "janus": 4}}
+# outside the layers: the RoPE rows cast once (two tables for ARPG's two streams), the fp32 logits, RAR's
+# condition mask; Janus adds the Hugging Face final norm's pair and its rotary's casts
+CASTS_OUTSIDE = {"llamagen-c2i": 6, "llamagen-t2i": 6, "arpg": 6, "rar": 6, "var": 6, "janus": 8}
 
 
 @pytest.mark.slow
@@ -371,7 +374,7 @@ def test_half_precision_step_graphs_hold_few_casts(family, precision, built):
     out = built(family, precision)
     manifest = read_manifest(out)
     layers = manifest.spec.n_cache_layers
-    bound = CASTS_PER_LAYER[precision][family] * layers + CASTS_OUTSIDE
+    bound = CASTS_PER_LAYER[precision][family] * layers + CASTS_OUTSIDE[family]
     for name, g in manifest.graphs.items():
         if g.step is not None:
             assert _casts(out / g.file) <= bound, (name, _casts(out / g.file), bound)
@@ -585,4 +588,5 @@ def test_every_step_kind_runs_on_static_buffers(family, built, monkeypatch):
         for name in got:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
     assert graphs == {get_step_kind(k).graph for k in kinds} and graphs <= cuda_graph_graphs(), (graphs, kinds)
-    assert runs[0] > len(launches)  # launches were reused across steps, not rebound per call
+    if family != "var":  # VAR's scales each step a query length of their own: every launch runs once a case
+        assert runs[0] > len(launches)  # launches were reused across steps, not rebound per call
