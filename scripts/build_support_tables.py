@@ -18,13 +18,17 @@ kernel runs.
 TensorRT: onnx-tensorrt's docs/operators.md of the pinned release (its "Operator Support Matrix"):
 
     python scripts/build_support_tables.py trt --operators-md operators.md --version 10.15 \
-        --source "onnx/onnx-tensorrt docs/operators.md (release/10.15-GA)"
+        --source "onnx/onnx-tensorrt docs/operators.md (release/10.15-GA)" --commit <sha>
+
+The table records the document's header line, length and sha256 (and the commit when given); a
+document whose header names another release is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import re
@@ -149,11 +153,14 @@ _TRT_TYPES = {"FP32": "float", "FP16": "float16", "BF16": "bfloat16", "INT32": "
               "INT4": "int4", "DOUBLE": "double"}
 
 
-def trt_table(md: Path, version: str, source: str) -> None:
+def trt_table(md: Path, version: str, source: str, commit: str | None = None) -> None:
     text = md.read_text()
     m = re.search(r"opset (\d+) to opset (\d+)", text)
     if not m:
         raise SystemExit(f"{md}: no 'opset A to opset B' range")
+    header = re.search(r"TensorRT ([\d.]+) supports operators[^.]*", text)
+    if not header or header.group(1) != version:  # the document must be the release's, not main's
+        raise SystemExit(f"{md}: its header names TensorRT {header.group(1) if header else '?'}, not {version}")
     ops = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -164,7 +171,9 @@ def trt_table(md: Path, version: str, source: str) -> None:
                                       "restrictions": cells[3] if len(cells) > 3 else ""}
     if len(ops) < 100:
         raise SystemExit(f"{md}: only {len(ops)} operator rows parsed")
-    _write("trt.json", {"kind": "trt", "target": "trt", "tensorrt": version, "source": source,
+    document = {"header": header.group(0), "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "commit": commit or "unknown"}
+    _write("trt.json", {"kind": "trt", "target": "trt", "tensorrt": version, "source": source, "document": document,
                         "opset": [int(m.group(1)), int(m.group(2))],
                         "uint8_io_only": "UINT8 is only supported as network input or output" in text, "ops": ops})
 
@@ -192,13 +201,14 @@ def main() -> None:
     t.add_argument("--operators-md", type=Path, required=True)
     t.add_argument("--version", required=True)
     t.add_argument("--source", required=True, help="where the document came from (repository, path, release)")
+    t.add_argument("--commit", help="onnx-tensorrt commit the document was read at (recorded in the table)")
     ap.add_argument("--out", type=Path, help=f"folder for the tables (default {OUT}, the package's)")
     args = ap.parse_args()
     _set_out(args.out)
     if args.what == "ort":
         ort_tables(args.wheel_dir, args.stub_cuda_libs, args.targets.split(","))
     else:
-        trt_table(args.operators_md, args.version, args.source)
+        trt_table(args.operators_md, args.version, args.source, args.commit)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,16 @@ an exporter traces inside `fused_export()`, those call the custom ops below inst
 exporter translates to ONNX `RotaryEmbedding` (interleaved pairs) and `RMSNormalization` (opset 23):
 one node each where the decomposed forms take 13 and 6, which on a small decode step is time
 spent per node, not per byte. (For the same reason rotary runs on heads-first [B,H,L,D], so no
-reshapes surround it, and an fp32 norm's weight is the op's scale rather than a Mul after it.)
-ONNX Runtime runs both on every provider; TensorRT builds keep the decomposed forms (the parser's
-operator list does not name these two).
+reshapes surround it, and the norm's weight is the op's scale rather than a Mul after it.)
+
+Precision (issue 29 item 6): RMSNormalization takes fp16/bf16 x and weight with stash_type=1: the mean of squares and the
+normalisation are computed in fp32, rounded to the model dtype and then scaled by the weight, which
+is LlamaGen's `_norm(x.float()).type_as(x) * weight` exactly. RotaryEmbedding runs in
+`rope.rotary_dtype`: fp16 models rotate in fp16 with no Cast per layer (the fp32 tables' gathered
+rows are cast once per graph), bf16 models rotate in fp32 with q and k cast in and out, because bf16
+rows and products measurably worsen the logits (tests/test_gpu_path.py). ONNX Runtime 1.27 has CUDA
+kernels for both in fp16 and bf16 and CPU kernels in fp16; onnx-tensorrt 10.15 imports both
+(format/support/*.json).
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ def fused() -> bool:
 
 @torch.library.custom_op("arexport::rotary", mutates_args=())
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B,H,L,D] fp32 with interleaved pairs rotated by cos/sin [B,L,D/2] (the same arithmetic as apply_rope)."""
+    """x [B,H,L,D] with interleaved pairs rotated by cos/sin [B,L,D/2], all in x's dtype (the ONNX
+    node's arithmetic; apply_rope's eager path rotates in fp32)."""
     xs = x.unflatten(-1, (-1, 2))
     x0, x1 = xs[..., 0], xs[..., 1]
     c, s = cos[:, None], sin[:, None]
@@ -50,9 +58,10 @@ def _rotary_fake(x, cos, sin):
 
 @torch.library.custom_op("arexport::rms_normalize", mutates_args=())
 def rms_normalize(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, fp32 (scale [D]: the norm's weight, or
-    ones where the weight must be applied after a cast)."""
-    return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + eps) * scale
+    """(x * rsqrt(mean(x^2) + eps)) computed in fp32, rounded to x's dtype, times scale [D] (x's dtype:
+    the norm's weight) over the last axis: RMSNormalization with stash_type=1."""
+    xf = x.float()
+    return (xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + eps)).to(x.dtype) * scale
 
 
 @rms_normalize.register_fake

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from arexport.models.catalog import Catalog
 from arexport.models.fused import fused
-from arexport.models.rope import apply_rope, rope_table_2d
+from arexport.models.rope import apply_rope, rope_table_2d, rotary_dtype
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
 CacheWrite = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -163,12 +163,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused() and x.dtype == self.weight.dtype:  # tracing an engine: one RMSNormalization node, no Cast (models/fused.py)
+            return torch.ops.arexport.rms_normalize(x, self.weight, self.eps)
         xf = x.float()
-        if fused():  # tracing for an ONNX Runtime engine: one RMSNormalization node (models/fused.py)
-            if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no cast: the weight is the op's scale
-                return torch.ops.arexport.rms_normalize(xf, self.weight, self.eps)
-            ones = torch.ones(xf.shape[-1], dtype=torch.float32, device=x.device)
-            return torch.ops.arexport.rms_normalize(xf, ones, self.eps).type_as(x) * self.weight
         out = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
 
@@ -346,7 +343,11 @@ class LlamaGen(Fp32RopeTables, nn.Module):
     def rope(self, positions: torch.Tensor):
         """positions [B,L] (grid index, -1 = condition) -> cos, sin [B,L,1,D/2] fp32."""
         idx = positions + 1
-        return self.rope_cos[idx].unsqueeze(2), self.rope_sin[idx].unsqueeze(2)
+        cos, sin = self.rope_cos[idx].unsqueeze(2), self.rope_sin[idx].unsqueeze(2)
+        if fused():  # an engine rotates in rotary_dtype: the rows are cast here, once for all layers (models/fused.py)
+            dt = rotary_dtype(self.output.weight.dtype)
+            cos, sin = cos.to(dt), sin.to(dt)
+        return cos, sin
 
     def condition_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
         """c2i: class ids [B] -> [B,1,dim]; t2i: caption features [B,T,C] -> [B,T,dim]."""

@@ -25,12 +25,22 @@ def rope_table_2d(grid_size: int, head_dim: int, base: float = 10000.0):
     return torch.cat([zeros, torch.cos(grid)]), torch.cat([zeros, torch.sin(grid)])
 
 
+def rotary_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an engine's RotaryEmbedding node runs in for a model of `dtype`: fp16 rotates in
+    fp16 (its logits stay as close to the fp32 model as the fp32 rotation's), bf16 in fp32: bf16
+    cos/sin rows (8-bit mantissa) and products measured up to twice the fp32 rotation's logit error
+    on the demo (tests/test_gpu_path.py), so q and k are cast to fp32 around it."""
+    return torch.float16 if dtype == torch.float16 else torch.float32
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x [B,H,L,D] (heads first, as attention takes it) by cos/sin
-    [B,L,1,D/2]; math in fp32, result in x's dtype."""
-    if fused():  # tracing for an ONNX Runtime engine: one RotaryEmbedding node (models/fused.py)
+    [B,L,1,D/2]; math in fp32, result in x's dtype (an engine's fused node rotates in rotary_dtype)."""
+    if fused():  # tracing an engine: one RotaryEmbedding node in rotary_dtype (models/fused.py)
         b, _, l, d = x.shape
-        return torch.ops.arexport.rotary(x.float(), cos.reshape(b, l, d // 2), sin.reshape(b, l, d // 2)).type_as(x)
+        dt = rotary_dtype(x.dtype)
+        out = torch.ops.arexport.rotary(x.to(dt), cos.to(dt).reshape(b, l, d // 2), sin.to(dt).reshape(b, l, d // 2))
+        return out.to(x.dtype)
     cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
     x0, x1 = xs[..., 0], xs[..., 1]

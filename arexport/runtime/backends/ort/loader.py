@@ -19,16 +19,21 @@ def _ort():
     return ort
 
 
-# Graphs the runner drives through IOBinding on static buffers (runner._StaticIO). Only these may
-# get CUDA graphs: the others (VAR's next_scale_*, latent_decoder, vq_decoder, text_encoder) are
-# fed numpy through `session.run`, which ORT's CUDA-graph replay does not support.
-CUDA_GRAPH_GRAPHS = frozenset({"step", "prefill"})
+def cuda_graph_graphs() -> frozenset:
+    """Graphs the runner drives through IOBinding on static buffers (runner._StaticIO): the graph of
+    every declared step kind (format.stepkinds; the runner runs each kind through `_forward`), so a
+    kind declared later (token_hidden's step_hidden, ...) is captured too. Only these may get CUDA
+    graphs: the others (VAR's next_scale_*, latent_decoder, vq_decoder, text_encoder) are fed numpy
+    through `session.run`, which ORT's CUDA-graph replay does not support."""
+    from arexport.format.stepkinds import STEP_KINDS
+
+    return frozenset(k.graph for k in STEP_KINDS.values())
 
 
 def providers_for(graph: str, providers: list) -> list:
     """The session providers of `graph`: the directory's, without `enable_cuda_graph` unless the
-    graph is run on static IOBinding buffers (CUDA_GRAPH_GRAPHS)."""
-    if graph in CUDA_GRAPH_GRAPHS:
+    graph is run on static IOBinding buffers (cuda_graph_graphs)."""
+    if graph in cuda_graph_graphs():
         return list(providers)
     return [(p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if isinstance(p, tuple) else p
             for p in providers]
