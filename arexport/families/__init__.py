@@ -7,10 +7,11 @@ from arexport.families.arpg import ARPGFamily
 from arexport.families.base import Conditions, Family
 from arexport.families.janus import JanusFamily
 from arexport.families.llamagen import LlamaGenFamily
+from arexport.families.par import PARFamily
 from arexport.families.rar import RARFamily
 from arexport.families.var import VARFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily(), JanusFamily())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily(), JanusFamily(), PARFamily())}
 
 
 def get_family(name: str) -> Family:
