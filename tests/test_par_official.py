@@ -256,7 +256,7 @@ def test_ort_engine_greedy_equals_the_reference(tmp_path):
     assert np.array_equal(out.tokens, ref)
 
 
-def test_batch_invariance_and_sampling_per_image():
+def test_batch_invariance():
     lm = tiny(4, 4)
     gen = Generator(TorchEngine(lm))
     p = SamplingParams(cfg_scale=2.0, top_k=8)
@@ -265,7 +265,7 @@ def test_batch_invariance_and_sampling_per_image():
     assert np.array_equal(a.tokens, b.tokens)  # continuous batching: rows join at different calls
 
 
-@pytest.mark.parametrize("interval", [0, 1, 2, 5])
+@pytest.mark.parametrize("interval", [0, 2])
 def test_cfg_interval_counts_as_the_reference(interval):
     """generate.py l. 143-146, 162-165: sequential token t guided while t - 1 <= interval, the parallel
     steps' counter restarts at 0 and grows by k."""
@@ -277,7 +277,7 @@ def test_cfg_interval_counts_as_the_reference(interval):
         ref = ref_to_raster(ref_generate_greedy(lm.model, cls, 6.0, cfg_interval=interval), 4, 4).numpy()
         always = ref_to_raster(ref_generate_greedy(lm.model, cls, 6.0), 4, 4).numpy()
     assert np.array_equal(out.tokens, ref)
-    if interval < 4:  # negative control: guidance everywhere would give other tokens
+    if interval < 3:  # negative control: guidance everywhere would give other tokens
         assert not np.array_equal(out.tokens, always)
 
 
@@ -299,8 +299,13 @@ def test_released_layouts_load_with_the_weights_only_loader(tmp_path):
         load_model("par-3B-16x", checkpoint=str(tmp_path / "0000005.pt"), overrides=dict(over, grid_size=8))
     lg = load_model("llamagen-c2i-XL", random_init=True, overrides=over)
     torch.save({"model": lg.model.state_dict()}, tmp_path / "llamagen.pt")
-    with pytest.raises(CheckpointError, match="spe_tok_embeddings"):
+    with pytest.raises(ArexportError, match="holds a llamagen model, not a par one"):
         load_model("par-XL-4x", checkpoint=str(tmp_path / "llamagen.pt"), overrides=over)
+    sd_bad = dict(sd)
+    sd_bad["spe_tok_embeddings.special_embeddings.weight"] = torch.zeros(2, 64)  # a k = 3 table: mis-shaped
+    torch.save({"model": sd_bad}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="spe_tok_embeddings"):
+        load_model("par-XL-4x", checkpoint=str(tmp_path / "bad.pt"), overrides=over)
 
 
 def test_catalog_and_bad_configs():
@@ -318,3 +323,19 @@ def test_catalog_and_bad_configs():
     lm = tiny(4, 4)
     with pytest.raises(ArexportError, match="method ar does not apply"):
         Generator(TorchEngine(lm)).generate(classes=[1], method="ar", images=False)
+
+
+def test_shipped_demo_par_quality():
+    """demo-par (scripts/train_demo.py --only par) at its default sampler: 19 forwards per image (4 sequential
+    + 15 parallel steps of 4) and its accuracy under both judges (200 images, fixed seed); the floors
+    leave sampling noise and CPU rounding differences below the measured figures (docs/benchmarks.md)."""
+    from arexport.quality import score_digits
+    from arexport.runtime.sampling import default_sampling
+
+    gen = Generator.load("demo-par")
+    classes = [i % 10 for i in range(200)]
+    r = gen.generate(classes=classes, method="par", sampling=default_sampling(gen.spec), batch_size=200, images=False,
+                     timings=False, seed=11)
+    assert r.stats["target_forwards_per_image"] == 19
+    acc = {j: score_digits(r.tokens, classes, j).accuracy for j in ("cnn", "mlp")}
+    assert acc["cnn"] >= 0.92 and acc["mlp"] >= 0.92, acc
