@@ -11,6 +11,8 @@ Names:
   (`--checkpoint var_d16.pth`) with the multi-scale VQVAE (`--vq-checkpoint vae_ch160v4096z32.pth`).
 * `janus-pro`: Janus-Pro (any size its config describes) through transformers' model definition,
   from a local save_pretrained directory (`--checkpoint DIR`: config, weights, tokenizer.json); prompts.
+* `par-XL-4x`, `par-XXL-4x`, `par-3B-4x`, `par-3B-16x`: PAR (Epiphqny/PAR) checkpoints, LlamaGen's layout plus
+  `spe_tok_embeddings`; `demo-par` is shipped.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 * `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
