@@ -12,6 +12,7 @@ Writes:
   demo.safetensors           LlamaGen-architecture c2i target model (config in metadata)
   demo-draft.safetensors     smaller draft model sharing the tokenizer
   demo-arpg.safetensors      ARPG-architecture model trained in random orders (parallel decoding)
+  demo-par.safetensors       PAR-architecture model (4 distant tokens per step after 4 sequential ones)
   demo-var-vae.safetensors   the VAR demos' multi-scale residual VQVAE (scales 1, 2, 4, 8: 85 tokens)
   demo-var.safetensors       VAR-architecture next-scale model (the CoDe drafter)
   demo-var-small.safetensors a smaller VAR sharing the VQVAE (the CoDe refiner)
@@ -44,6 +45,7 @@ from arexport.quality import DigitCNN, DigitMLP, feature_stats, tokens_to_input
 from arexport.models.arpg import ARPG, ARPGConfig
 from arexport.models.demo_text import DemoTextConfig, DemoTextEncoder, build_tokenizer, save_text_encoder
 from arexport.models.llamagen import LlamaGenConfig
+from arexport.models.par import PAR, PARConfig
 from arexport.models.var import VAR, VARConfig, VARVQVAE
 
 OUT = Path(__file__).resolve().parent.parent / "arexport" / "models" / "weights"
@@ -52,6 +54,10 @@ TARGET = dict(dim=96, n_layer=4, n_head=4, multiple_of=64, vocab_size=17, num_cl
               grid_size=8, cls_token_num=1, model_type="c2i", image_kind="digits", class_dropout_prob=0.1,
               token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
 DRAFT = dict(TARGET, dim=64, n_layer=2, n_head=2)
+# PAR: 4 tokens per step (one per 4x4 quadrant) after 4 sequential ones: 19 forwards for 64 tokens
+PAR_CFG = dict(dim=96, n_layer=4, n_head=4, multiple_of=64, vocab_size=17, num_classes=10, grid_size=8, cls_token_num=1,
+               model_type="c2i", image_kind="digits", class_dropout_prob=0.1, token_dropout_p=0.1, resid_dropout_p=0.1,
+               ffn_dropout_p=0.1, ar_token_num=4, spe_token_num=3)
 ARPG_CFG = dict(dim=128, n_layer=6, n_head=4, multiple_of=64, vocab_size=17, num_classes=10, grid_size=8,
                 image_kind="digits", class_dropout_prob=0.1, token_dropout_p=0.1, resid_dropout_p=0.1, ffn_dropout_p=0.1)
 
@@ -167,9 +173,9 @@ def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label="", 
     g = torch.Generator().manual_seed(seed)
     model = cfg.build()
     model.init_random(seed)
-    arpg = isinstance(model, ARPG)
+    arpg, par = isinstance(model, ARPG), isinstance(model, PAR)
     with torch.no_grad():
-        (model.head if arpg else model.output).weight.zero_()  # both references zero-initialise the head
+        (model.head if arpg else model.output).weight.zero_()  # the references zero-initialise the head
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -181,7 +187,11 @@ def train_ar(cfg, xtr, ytr, steps: int, seed: int, lr=3e-3, batch=64, label="", 
         tok, cls = xtr[idx], ytr[idx].clone()
         drop = torch.rand(batch, generator=g) < cfg.class_dropout_prob
         cls[drop] = cfg.num_classes  # null class for classifier-free guidance
-        if arpg:
+        if par:  # PAR's region-interleaved order, as its train_c2i.py permutes the codes
+            seq = tok[:, model.order]
+            logits = model(cls, seq)
+            loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), seq.reshape(-1))
+        elif arpg:
             order = torch.rand(batch, tok.shape[1], generator=g).argsort(1)
             logits = model(cls, tok, order)
             loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), tok.gather(1, order).reshape(-1))
@@ -427,7 +437,7 @@ def train_eagle(xtr, ytr, steps: int, synthetic: int, out: Path, seed: int = 7, 
 def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: torch.dtype = torch.float32) -> None:
     """Weights stored as `dtype` (demo-t2i: fp16, half the bytes; loading casts back to fp32)."""
     sd = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
-    family = "arpg" if isinstance(model, ARPG) else "var" if isinstance(model, (VAR, VARVQVAE)) else "llamagen"
+    family = "par" if isinstance(model, PAR) else "arpg" if isinstance(model, ARPG) else "var" if isinstance(model, (VAR, VARVQVAE)) else "llamagen"
     # extra is kept where it carries something (VAR's and demo-t2i's sampler defaults)
     config = {k: v for k, v in asdict(cfg).items() if k != "extra" or family == "var" or cfg.extra}
     meta = {"config": json.dumps(config), "info": json.dumps(info), "family": family}
@@ -438,7 +448,7 @@ def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: t
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i", "eagle"], default=None)
+    ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i", "eagle", "par"], default=None)
     ap.add_argument("--eagle-steps", type=int, default=400)
     ap.add_argument("--eagle-synthetic", type=int, default=0, help="digits sampled from demo added to the EAGLE head's data")
     ap.add_argument("--var-steps", type=int, default=2500)
@@ -447,6 +457,8 @@ def main():
     ap.add_argument("--arpg-steps", type=int, default=10000)
     ap.add_argument("--arpg-batch", type=int, default=64)
     ap.add_argument("--arpg-synthetic", type=int, default=30000, help="digits sampled from the raster demo model for ARPG")
+    ap.add_argument("--par-steps", type=int, default=2000)
+    ap.add_argument("--par-synthetic", type=int, default=0, help="digits sampled from the raster demo model for PAR")
     ap.add_argument("--steps", type=int, default=2000, help="optimizer steps for the target model")
     ap.add_argument("--draft-steps", type=int, default=1500)
     ap.add_argument("--t2i-steps", type=int, default=2000, help="optimizer steps for demo-t2i (GPT + prompt encoder)")
@@ -493,6 +505,13 @@ def main():
         save_model(model, cfg, args.out / "demo-arpg.safetensors",
                    {"steps": args.arpg_steps, "batch": args.arpg_batch, "final_loss": loss,
                     "data": f"sklearn digits train split + {args.arpg_synthetic} digits sampled from demo, random orders"})
+    if args.only in (None, "par"):
+        cfg = PARConfig(**PAR_CFG)
+        xs, ys = synthetic_digits(args.par_synthetic, args.out / "demo.safetensors") if args.par_synthetic else (xtr[:0], ytr[:0])
+        model, loss = train_ar(cfg, torch.cat([xtr, xs]), torch.cat([ytr, ys]), args.par_steps, seed=7, lr=3e-3, label="par")
+        save_model(model, cfg, args.out / "demo-par.safetensors",
+                   {"steps": args.par_steps, "final_loss": loss,
+                    "data": f"sklearn digits train split + {args.par_synthetic} digits sampled from demo, PAR order"})
     if args.only in (None, "var"):
         xs, ys = synthetic_digits(args.var_synthetic, args.out / "demo.safetensors") if args.var_synthetic else (xtr[:0], ytr[:0])
         x, y = torch.cat([xtr, xs]), torch.cat([ytr, ys])

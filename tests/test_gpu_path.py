@@ -248,6 +248,8 @@ def _tiny(family: str, tmp_path_factory):
     if family == "rar":
         return load_model("rar-b", random_init=True, seed=5, overrides=dict(dim=64, n_layer=2, n_head=4, intermediate_size=96,
                                                                             num_classes=10, vocab_size=40, grid_size=4))
+    if family == "par":
+        return load_model("par-XL-4x", random_init=True, seed=6, overrides=dict(tiny))
     if family == "var":
         return load_model("demo-var")  # with its VQVAE: next-scale and latent decoder graphs
     if family == "janus":
@@ -259,7 +261,7 @@ def _tiny(family: str, tmp_path_factory):
     raise AssertionError(family)
 
 
-FAMILIES = ["llamagen-c2i", "llamagen-t2i", "arpg", "rar", "var", "janus"]
+FAMILIES = ["llamagen-c2i", "llamagen-t2i", "arpg", "rar", "var", "janus", "par"]
 PRECISIONS = ["fp32", "fp16", "bf16"]
 REFUSED: dict[tuple[str, str], str] = {}  # (family, precision) -> the named error a build raises; none today
 

@@ -39,6 +39,7 @@ class Catalog:
     family: str = "?"
     config_class: type = object
     checkpoint_marker: Optional[str] = None  # a parameter-name prefix only this family's checkpoints hold
+    refines: Optional[str] = None  # a family whose marker this family's checkpoints also hold (its marker wins)
     hint: str = ""  # the --model names to suggest for a checkpoint of this family
     alias_help: str = ""  # the aliases an unknown-name error lists (the README's spellings)
     tokenizer_grid: Optional[int] = 16  # image pixels per token side (VQ-16); None: the config fixes the image size
@@ -60,6 +61,9 @@ class Catalog:
         if image_size is not None and self.tokenizer_grid and image_size % self.tokenizer_grid:
             raise ArexportError(f"image size {image_size} is not a multiple of {self.tokenizer_grid} (the VQ-{self.tokenizer_grid} downsampling)")
         return with_overrides(self.base_config(name, image_size), overrides)
+
+    def check_trained(self, name: str, cfg, args: dict, path) -> None:
+        """Refuse a checkpoint whose recorded training arguments (a dict) contradict the config of `name`."""
 
     # A catalog whose models load differently (a transformers directory) defines
     # load(name, checkpoint, random_init, overrides, vq_checkpoint, dtype, device) -> LoadedModel.

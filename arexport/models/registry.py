@@ -13,6 +13,8 @@ Names:
   from a local save_pretrained directory (`--checkpoint DIR`: config, weights, tokenizer.json); prompts.
 * `emu3-gen`: Emu3 (Emu3-Gen) through transformers' model definition, the same way; the grid's
   end-of-line tokens are forced by the step graph (models/emu3.py).
+* `par-XL-4x`, `par-XXL-4x`, `par-3B-4x`, `par-3B-16x`: PAR (Epiphqny/PAR) checkpoints, LlamaGen's layout plus
+  `spe_tok_embeddings`; `demo-par` is shipped.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 * `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
@@ -35,7 +37,7 @@ import torch
 from arexport.errors import ArexportError, CheckpointError
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
-from arexport.models import arpg, emu3, janus, llamagen, lumina_mgpt, rar, var
+from arexport.models import arpg, emu3, janus, llamagen, lumina_mgpt, par, rar, var
 from arexport.models.catalog import Catalog, LoadedModel, with_overrides
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LLAMAGEN_SIZES
@@ -48,7 +50,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # One catalog per family, each in its family's model module: names, aliases, configs, checkpoint markers.
 CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG,
-                                  emu3.CATALOG, lumina_mgpt.CATALOG)
+                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",
@@ -57,6 +59,7 @@ DEMO_MODELS = {
     "demo-var": "demo-var.safetensors",
     "demo-var-small": "demo-var-small.safetensors",
     "demo-t2i": "demo-t2i.safetensors",
+    "demo-par": "demo-par.safetensors",
 }
 # demo models that carry their own prompt encoder: (weights, tokenizer.json) in WEIGHTS_DIR
 DEMO_TEXT_ENCODERS = {"demo-t2i": ("demo-t2i-text.safetensors", "demo-t2i-tokenizer.json")}
@@ -149,10 +152,10 @@ def family_configs() -> dict[str, type]:
 
 def checkpoint_family(sd: dict) -> Optional[str]:
     """The family whose parameter names a state dict holds (None when no marker matches)."""
-    for c in CATALOGS:
-        if c.checkpoint_marker and any(k.startswith(c.checkpoint_marker) for k in sd):
-            return c.family
-    return None
+    held = [c for c in CATALOGS if c.checkpoint_marker and any(k.startswith(c.checkpoint_marker) for k in sd)]
+    refined = {c.refines for c in held if c.refines}  # a family whose checkpoints hold another's names (PAR: LlamaGen's)
+    held = [c for c in held if c.family not in refined]
+    return held[0].family if held else None
 
 
 def demo_config(name: str):
@@ -211,9 +214,12 @@ def load_model(
                 known = canonical_name(trained)
             except ArexportError:
                 known = None
-            if known is not None and known != cname:
+            # a name of another family says nothing here (PAR's trainer records LlamaGen's GPT-XL)
+            if known is not None and known != cname and _resolve(known)[1].family == family:
                 raise ArexportError(f"{checkpoint} holds a {trained} model (trained as --gpt-model {trained}), "
                                     f"not {cname}: pass --model {known}")
+        if catalog is not None:
+            catalog.check_trained(cname, cfg, meta.get("args", {}), checkpoint)
         load_into(model, sd, source=str(checkpoint))
         source.update(checkpoint=str(Path(checkpoint).resolve()), checkpoint_sha256=file_sha256(checkpoint))
     elif random_init:
