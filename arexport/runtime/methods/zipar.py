@@ -7,8 +7,9 @@ depends only on the grid and the window, never on the tokens, so it is planned o
 * the prefill samples token 0; row 0 is then decoded sequentially, one token per step;
 * row 1 starts once row 0 is complete (its first query feeds row 0's last token, as raster AR does);
 * row r >= 2 starts the step after row r - 1 reaches `window` tokens. The token raster AR would feed
-  to predict (r, 0) — the last of row r - 1 — does not exist yet, so ZipAR feeds a stand-in: the
-  newest token of row r - 1, (r - 1, window - 1), at the position of (r - 1, W - 1);
+  to predict (r, 0) — the last of row r - 1 — does not exist yet, so ZipAR feeds a stand-in at the
+  position of (r - 1, W - 1): the newest token of row r - 2 when row r - 1 reached the window (the
+  vertical neighbour's row; (r - 2, W - 1) once that row is complete);
 * a row's own next query feeds its newest token at that token's position;
 * once row r (0 < r < H - 1) is complete, its last token is fed the next step (logits unused) so
   its K/V replaces the stand-in's at that position.
@@ -65,6 +66,7 @@ def zipar_plan(grid: int, window: int) -> list[list[Feed]]:
     count = [0] * h  # tokens sampled per row
     count[0] = 1  # token 0 comes from the prefill
     active, started = [0], {0}
+    stand_in: dict[int, int] = {}  # a starting row -> the raster index fed for its first query
     refeed: Optional[int] = None  # a row completed last step whose last token is fed now
     steps: list[list[Feed]] = []
     while active:
@@ -79,14 +81,15 @@ def zipar_plan(grid: int, window: int) -> list[list[Feed]]:
                 src = pos = r * w + c - 1
             else:  # a row start: fed at the position of the last token of the row above
                 pos = r * w - 1
-                src = pos if r == 1 else (r - 1) * w + window - 1  # row 1: row 0 is complete
+                src = pos if r == 1 else stand_in[r]  # row 1: row 0 is complete, its last token is real
             feeds.append(Feed(src, pos, r * w + c))
         steps.append(feeds)
         nxt = []
         for r in active:
             count[r] += 1
             if r >= 1 and count[r] == window and r + 1 < h and r + 1 not in started:
-                nxt.append(r + 1)
+                nxt.append(r + 1)  # rows update in ascending order: row r - 1's count is this step's
+                stand_in[r + 1] = (r - 1) * w + count[r - 1] - 1
             if count[r] == w:
                 if r == 0:
                     nxt.append(1)
@@ -161,9 +164,15 @@ class ZipARDecoder(Decoder):
                                 f"step of {self.engine.max_q} tokens: use a larger --window or rebuild with a larger "
                                 "--verify-len")
         # the batch step pads short rows up to q_max past their own entries
-        need = int(self.t["first"][-1]) + q_max
-        self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image,
-                                                  lookahead=max(0, need - spec.n_tokens)))
+        # the cache holds every fed token (n_tokens - 1 plus grid - 2 re-fed row ends) and the batch
+        # step pads short rows up to q_max past their own entries
+        lookahead = max(0, int(self.t["first"][-1]) + q_max - spec.n_tokens)
+        try:
+            cache = self.engine.allocate(capacity * self.cfg.per_image, lookahead=lookahead)
+        except ArexportError as e:
+            raise ArexportError(f"zipar window {window} on a {grid}x{grid} grid needs {lookahead} cache slots past the image "
+                                f"(re-fed row ends and batch padding): {e}") from None
+        self.cache = s.cache(cache)
         self.tokens = s.image_tensor((spec.n_tokens + 1,))  # raster order; the extra column takes pad samples
         self.k = s.image_tensor(())  # next plan step
         self.base: Optional[int] = None  # condition slots (the prefill's length)
