@@ -167,6 +167,8 @@ def live_catalog() -> dict:
             default = "/".join(map(str, fld.default)) if isinstance(fld.default, tuple) else fld.default
             entry = options.setdefault(fld.name, {"flag": None, "defaults": {}})
             entry["defaults"][mname] = default
+            if entry["flag"] and fld.metadata.get("flag") and fld.metadata["help"] not in entry["help"]:
+                entry["help"] += f"; {mname}: {fld.metadata['help']}"  # a flag another method reads differently
             if entry["flag"] or not fld.metadata.get("flag"):  # the first method that names a flag describes it
                 continue
             base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
