@@ -32,6 +32,8 @@ DEFAULT_CONFIGS = [
     ("lantern", {"gamma": 4, "delta": 0.3}),
     ("lantern", {"gamma": 4, "delta": 0.3, "rule": "capped"}),
     ("lantern", {"drafter": "sjd", "window": 16, "delta": 0.1}),
+    ("zipar", {"window": 2}),
+    ("zipar", {"window": 4}),
 ]
 
 
