@@ -1,6 +1,6 @@
 """Decoding methods as step-wise decoders; importing this package registers the built-in ones."""
 
 from arexport.runtime.methods.base import METHODS, Decoder, Finished, Method, Row, RowStats, make_method
-from arexport.runtime.methods import ar, arpg, gridar, lantern, sd, sjd, var, vvs, zipar  # noqa: F401
+from arexport.runtime.methods import ar, arpg, gridar, gsd, lantern, sd, sjd, var, vvs, zipar  # noqa: F401
 
 __all__ = ["METHODS", "Decoder", "Finished", "Method", "Row", "RowStats", "make_method"]
