@@ -34,6 +34,7 @@ DEFAULT_CONFIGS = [
     ("lantern", {"drafter": "sjd", "window": 16, "delta": 0.1}),
     ("zipar", {"window": 2}),
     ("zipar", {"window": 4}),
+    ("gsd", {"window": 16}),
 ]
 
 
