@@ -168,6 +168,8 @@ def live_catalog() -> dict:
             default = "/".join(map(str, fld.default)) if isinstance(fld.default, tuple) else fld.default
             entry = options.setdefault(fld.name, {"flag": None, "defaults": {}})
             entry["defaults"][mname] = default
+            if entry["flag"] and fld.metadata.get("flag") and fld.metadata["help"] not in entry["help"]:
+                entry["help"] += f"; {mname}: {fld.metadata['help']}"  # a flag another method reads differently
             if entry["flag"] or not fld.metadata.get("flag"):  # the first method that names a flag describes it
                 continue
             base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]
@@ -341,6 +343,10 @@ def _dry_run(model_name, checkpoint, overrides, precision, verify_len) -> None:
 @click.option("--top-k", type=int, help="Keep the k most likely tokens (0 = off). Default: the model's.")
 @click.option("--top-p", type=float, help="Nucleus sampling mass (1.0 = off).")
 @click.option("--temperature", type=float, help="Softmax temperature; 0 = greedy.")
+@click.option("--entropy-temperature", is_flag=True, default=None,
+              help="Entropy-aware sampling (ARsample): each token's temperature is multiplied by 2.5 exp(-H/3) + 0.6, H the "
+                   "entropy of its top-k/top-p filtered distribution (filtering before temperature). Changes the "
+                   "distribution sampled (every method).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Request seed; image i uses a seed derived from (seed, i).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Images decoded together (rows are doubled by CFG); slots are refilled as images finish.")
 @click.option("--draft", help="Draft model name or engine directory (sd, lantern, vvs).")
@@ -363,7 +369,7 @@ def _dry_run(model_name, checkpoint, overrides, precision, verify_len) -> None:
 def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed,
              classes, caption_embeddings, prompt_list, prompts_file, text_encoder, method, backend, device, threads, precision,
              cfg_scale, cfg_interval, cfg_schedule,
-             cfg_power, top_k, top_p, temperature, seed, batch_size, draft, refiner, latency_profile, method_opts, save_tokens, out_dir, grid_png, grid_cols, grid_labels, stats_json,
+             cfg_power, top_k, top_p, temperature, entropy_temperature, seed, batch_size, draft, refiner, latency_profile, method_opts, save_tokens, out_dir, grid_png, grid_cols, grid_labels, stats_json,
              progress, **named_method_options):
     """Generate images with any decoding method, from a model name or an ENGINE_DIR.
 
@@ -396,7 +402,8 @@ def generate(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mod
     _check_second_engine(method, draft, refiner, opts)
     # the options given over the model's sampler: the runtime's one rule, as for Python and HTTP
     sampling = gen.sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                                   cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power)
+                                   cfg_interval=cfg_interval, cfg_schedule=cfg_schedule, cfg_power=cfg_power,
+                                   entropy_temperature=entropy_temperature)
     captions, cmask = _load_captions(caption_embeddings)
     show = ("lines" if not sys.stderr.isatty() else True) if progress is None else progress
     need_images = bool(out_dir or grid_png)

@@ -31,6 +31,9 @@ DEFAULT_CONFIGS = [
     ("lantern", {"gamma": 4, "delta": 0.3}),
     ("lantern", {"gamma": 4, "delta": 0.3, "rule": "capped"}),
     ("lantern", {"drafter": "sjd", "window": 16, "delta": 0.1}),
+    ("zipar", {"window": 2}),
+    ("zipar", {"window": 4}),
+    ("gsd", {"window": 16}),
 ]
 
 
@@ -66,9 +69,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="comma-separated method names to run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--entropy-temperature", action="store_true", help="entropy-aware per-token temperature (ARsample)")
     args = ap.parse_args()
     gen = Generator.load(args.engine, backend=args.backend, draft=args.draft)
-    params = SamplingParams(cfg_scale=args.cfg_scale)
+    params = SamplingParams(cfg_scale=args.cfg_scale, entropy_temperature=args.entropy_temperature)
     classes = [i % 10 for i in range(args.images)]
     rows = []
     for method, opts in DEFAULT_CONFIGS:
@@ -76,7 +80,8 @@ def main():
             continue
         rows.append(run(gen, method, opts, classes, params, args.seed, args.batch_size, args.latency_images))
         print(rows[-1], file=sys.stderr)
-    header = (f"digits demo, {args.images} images (10 classes), CFG {args.cfg_scale}, backend {args.backend}; "
+    header = (f"digits demo, {args.images} images (10 classes), CFG {args.cfg_scale}"
+              f"{', entropy-aware temperature' if args.entropy_temperature else ''}, backend {args.backend}; "
               f"{machine()}; commit {git_rev()}")
     cols = ["method", "target fwd/img", "step compression", "mean accepted", "draft fwd/img", "ms/img (batch 1)",
             *QUALITY_COLS]

@@ -62,7 +62,7 @@ class Conditions:
 
 
 # Raster next-token families (LlamaGen, RAR, Janus) share their decoding methods and step kinds.
-NEXT_TOKEN_METHODS = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n")
+NEXT_TOKEN_METHODS = ("ar", "sjd", "sd", "lantern", "vvs", "gridar", "best-of-n", "zipar", "gsd")
 NEXT_TOKEN_STEPS = ("token",)
 
 

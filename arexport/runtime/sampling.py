@@ -48,6 +48,7 @@ class SamplingParams:
     cfg_power: float = 1.0  # exponent of the cosine schedule (RAR's guidance_scale_pow)
     temperatures: tuple = ()  # per-step temperatures (next-scale methods: one per scale); () = `temperature`
     filter_first: bool = False  # top-k/top-p on the guided logits, then temperature (VAR's helper order)
+    entropy_temperature: bool = False  # per-token temperature from the filtered distribution's entropy (ARsample)
 
     def validate(self, vocab_size: int) -> "SamplingParams":
         """Raise ArexportError naming the first invalid option (NaN and infinity included)."""
@@ -188,7 +189,7 @@ def default_sampling(spec, **overrides) -> SamplingParams:
     d = {**family, **(spec.extra.get("sampling_defaults") or {})}
     base = SamplingParams()
     vals = {k: d.get(k, getattr(base, k)) for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_interval",
-                                                    "cfg_schedule", "cfg_power")}
+                                                    "cfg_schedule", "cfg_power", "entropy_temperature")}
     vals.update({k: v for k, v in overrides.items() if v is not None})
     return SamplingParams(**vals)
 
@@ -282,6 +283,10 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams, step=None) -
         t = t[torch.as_tensor(step, device=logits.device)]
         temp = t.view(*t.shape, *(1,) * (logits.dim() - t.dim()))
     filtering = params.top_k > 0 or params.top_p < 1.0
+    if params.entropy_temperature:
+        if filtering:
+            logits = filter_logits(logits, params.top_k, params.top_p)
+        return torch.softmax(logits / (temp * entropy_temperature(logits)), dim=-1)
     if filtering and params.filter_first:
         logits = filter_logits(logits, params.top_k, params.top_p)
     if isinstance(temp, torch.Tensor) or temp != 1.0:
@@ -289,6 +294,20 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams, step=None) -
     if filtering and not params.filter_first:
         logits = filter_logits(logits, params.top_k, params.top_p)
     return torch.softmax(logits, dim=-1)
+
+
+ENTROPY_TEMPERATURE = (2.5, 3.0, 0.6)  # a, b, c of a exp(-H / b) + c (ARsample's LlamaGen sampler)
+
+
+def entropy_temperature(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy-aware temperature factor [..., 1] of (top-k/top-p filtered) logits [..., V]: with H the
+    entropy in nats of softmax(logits) (each term p log(p + 1e-12), so filtered tokens add nothing),
+    2.5 exp(-H / 3) + 0.6 — confident positions (low H) are sampled hotter, up to 3.1x, uncertain ones
+    cooler, down to 0.6x. The sampler's temperature multiplies it; filtering comes first."""
+    a, b, c = ENTROPY_TEMPERATURE
+    p = torch.softmax(logits.float(), dim=-1)
+    h = -(p * torch.log(p + 1e-12)).sum(-1, keepdim=True)
+    return a * torch.exp(-h / b) + c
 
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

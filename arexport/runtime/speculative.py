@@ -56,6 +56,11 @@ class StandardRule:
         """`accept_prob` given only q(x) [...]: min(1, p(x) / q(x)) (no credit: the lossless rule)."""
         return _ratio(p.gather(-1, x[..., None])[..., 0], qx)
 
+    def chain_acceptance(self, p: torch.Tensor, Q, x: torch.Tensor) -> torch.Tensor:
+        """The acceptance probabilities [B, L] of drafts x [B, L] drawn from Q (Proposals) under targets
+        p [B, L, V]. Rules that read q beyond q(x) (GSD's clusters: `Q.at`) override this."""
+        return self.acceptance(p, Q.prob(x), x)
+
     def residual(self, p: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Unnormalised distribution to resample from after x was rejected: [N, V]."""
         x = x[:, None]
@@ -326,6 +331,10 @@ class Proposals:
         """Row j [B, 1] of each chain, whose draft is d [B]: [B, V]."""
         return self.q.gather(1, j[:, :, None].expand(-1, 1, self.q.shape[-1]))[:, 0]
 
+    def at(self, D: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """q_j at other tokens [B, L, C] of each draft's row (drafts D [B, L]): [B, L, C]."""
+        return self.q.gather(-1, tokens)
+
 
 class SampledProposals(Proposals):
     """Drafts D [B, L] that are either samples from rows of an earlier step's distributions or
@@ -345,6 +354,13 @@ class SampledProposals(Proposals):
         if D is not self.D and not torch.equal(D, self.D):
             raise ValueError("SampledProposals.prob: drafts differ from the ones it was built for")
         return self.qx
+
+    def at(self, D, tokens):
+        one = (tokens == D[..., None]).float()  # a one-hot proposal has mass only at its draft
+        if self.rows is None:
+            return one
+        got = self.rows.view(-1).take(self.index.clamp(min=0)[..., None] * self.vocab + tokens)
+        return torch.where((self.index < 0)[..., None], one, got)
 
     def row(self, j, d):
         one = torch.zeros(d.shape[0], self.vocab, device=d.device).scatter_(1, d[:, None], 1.0)
@@ -369,7 +385,7 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     v = P.shape[-1]
     Q = Proposals(Q) if isinstance(Q, torch.Tensor) else Q
     if l:
-        ok = (u_accept < rule.acceptance(P[:, :l], Q.prob(D), D)) & (arange(l, D.device) < limit[:, None])
+        ok = (u_accept < rule.chain_acceptance(P[:, :l], Q, D)) & (arange(l, D.device) < limit[:, None])
         k = ok.long().cumprod(1).sum(1)
     else:
         k = torch.zeros(b, dtype=torch.long, device=P.device)
