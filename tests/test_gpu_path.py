@@ -356,11 +356,11 @@ def _casts(path) -> int:
 # into and out of each rotated tensor: rope.rotary_dtype); VAR's attention L2-normalises q and k in
 # fp32 (ReduceL2 has no bf16 CUDA kernel and VAR normalises in fp32 under autocast); Janus runs
 # Hugging Face's Llama layers (their RMSNorm casts to fp32 and back).
-CASTS_PER_LAYER = {"fp16": {"llamagen-c2i": 0, "llamagen-t2i": 0, "arpg": 0, "rar": 0, "var": 4, "janus": 4},
-                   "bf16": {"llamagen-c2i": 4, "llamagen-t2i": 4, "arpg": 4, "rar": 0, "var": 4, "janus": 4}}
+CASTS_PER_LAYER = {"fp16": {"llamagen-c2i": 0, "llamagen-t2i": 0, "arpg": 0, "rar": 0, "var": 4, "janus": 4, "par": 0},
+                   "bf16": {"llamagen-c2i": 4, "llamagen-t2i": 4, "arpg": 4, "rar": 0, "var": 4, "janus": 4, "par": 4}}
 # outside the layers: the RoPE rows cast once (two tables for ARPG's two streams), the fp32 logits, RAR's
 # condition mask; Janus adds the Hugging Face final norm's pair and its rotary's casts
-CASTS_OUTSIDE = {"llamagen-c2i": 6, "llamagen-t2i": 6, "arpg": 6, "rar": 6, "var": 6, "janus": 8}
+CASTS_OUTSIDE = {"llamagen-c2i": 6, "llamagen-t2i": 6, "arpg": 6, "rar": 6, "var": 6, "janus": 8, "par": 6}
 
 
 @pytest.mark.slow

@@ -298,11 +298,11 @@ def test_lantern_greedy_relaxes_on_the_demo(demo_gen):
 
 # -- latency-aware speculation (issue 19) -------------------------------------------------------------
 def _lengths(cost, low=0, high=7, n=2):
-    from arexport.runtime.methods.base import Slots
+    from arexport.runtime.methods.base import RowStats, Slots
     from arexport.runtime.speculative import DraftLength
 
     slots = Slots(n, 1, "cpu")
-    slots.admit(list(range(n)), [None] * n)
+    slots.admit(list(range(n)), [None] * n, [RowStats() for _ in range(n)])
     return DraftLength(slots, torch.tensor(cost, dtype=torch.float64), low, high)
 
 
@@ -345,11 +345,11 @@ def test_draft_length_learns_and_explores_again():
 def _arms(n=2, reprobe=10, probe=3):
     """WindowArms over n images, priced where the window (16) pays from 1.75 tokens per step on: c(1) = 1,
     c(16) = 2.5, host 1."""
-    from arexport.runtime.methods.base import Slots
+    from arexport.runtime.methods.base import RowStats, Slots
     from arexport.runtime.speculative import WindowArms
 
     slots = Slots(n, 1, "cpu")
-    slots.admit(list(range(n)), [None] * n)
+    slots.admit(list(range(n)), [None] * n, [RowStats() for _ in range(n)])
     curve = torch.tensor([1 + 0.1 * q for q in range(16)], dtype=torch.float64)
     return WindowArms(slots, curve, 16, 1.0, reprobe=reprobe, probe=probe), slots
 

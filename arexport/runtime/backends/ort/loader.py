@@ -22,7 +22,7 @@ def _ort():
 def cuda_graph_graphs() -> frozenset:
     """Graphs the runner drives through IOBinding on static buffers (runner._StaticIO): the graph of
     every declared step kind (format.stepkinds; the runner runs each kind through `_forward`), so a
-    kind declared later (token_hidden's step_hidden, ...) is captured too. Only these may get CUDA
+    kind declared later (a hidden-state or tree step, ...) is captured too. Only these may get CUDA
     graphs: the others (VAR's next_scale_*, latent_decoder, vq_decoder, text_encoder) are fed numpy
     through `session.run`, which ORT's CUDA-graph replay does not support."""
     from arexport.format.stepkinds import STEP_KINDS
