@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -462,6 +463,7 @@ def test_lanes_are_bounded_and_results_unchanged(demo_gen):
                 for t_i, t in enumerate(temps)]
         while not all(f.done() for f in futs):
             seen.append(len(svc._lanes))
+            time.sleep(0.002)  # a spinning probe would hold the GIL the service's worker thread needs
         outs = [f.result(timeout=60) for f in futs]
     finally:
         svc.close()
