@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.errors import ArexportError, CheckpointError
+from arexport.hf import load_safetensors_model
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 from arexport.models.catalog import Catalog
 
@@ -44,28 +45,7 @@ MAX_GRID = 256  # tokens per side an engine may hold (Emu3-Gen's 720 px is 90)
 
 
 def load_hf_emu3(directory: str | Path):
-    """Emu3ForConditionalGeneration from a local save_pretrained directory: safetensors only, loaded
-    onto meta-initialised modules (transformers reads each tensor once: no second copy of the weights)."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise CheckpointError(f"Emu3 checkpoint directory not found: {d} (pass a save_pretrained directory)")
-    if not (d / "config.json").exists():
-        raise CheckpointError(f"{d} has no config.json: not a transformers save_pretrained directory")
-    mt = json.loads((d / "config.json").read_text()).get("model_type")
-    if mt != "emu3":
-        raise CheckpointError(f"{d} holds a {mt!r} model, not emu3")
-    if not (d / "tokenizer.json").exists():
-        raise CheckpointError(f"{d} has no tokenizer.json: save the processor (or tokenizer) with save_pretrained next to the model")
-    if not any(d.glob("*.safetensors")):
-        raise CheckpointError(f"{d} has no .safetensors weights (only safetensors are loaded)")
-    try:
-        from transformers import Emu3ForConditionalGeneration
-    except ImportError:
-        raise ArexportError("Emu3 models need transformers (pip install arexport[text])") from None
-    try:
-        return Emu3ForConditionalGeneration.from_pretrained(str(d), local_files_only=True, use_safetensors=True).eval()
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load Emu3 from {d}: {str(e).splitlines()[0][:200]}") from None
+    return load_safetensors_model(directory, "emu3", "Emu3ForConditionalGeneration", "Emu3")
 
 
 def grid_for(image_area: int, factor: int = 8) -> int:

@@ -23,7 +23,6 @@ not ported, so Lumina-mGPT engines generate tokens and refuse to decode them.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.errors import ArexportError, CheckpointError
+from arexport.hf import load_safetensors_model
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 from arexport.models.catalog import Catalog
 from arexport.models.emu3 import Emu3ImageModel
@@ -49,24 +49,7 @@ def grid_token(n: int) -> str:
 
 
 def load_hf_chameleon(directory: str | Path):
-    d = Path(directory)
-    if not (d / "config.json").exists():
-        raise CheckpointError(f"{d} has no config.json: not a transformers save_pretrained directory")
-    mt = json.loads((d / "config.json").read_text()).get("model_type")
-    if mt != "chameleon":
-        raise CheckpointError(f"{d} holds a {mt!r} model, not chameleon (Lumina-mGPT)")
-    if not (d / "tokenizer.json").exists():
-        raise CheckpointError(f"{d} has no tokenizer.json: save the tokenizer with save_pretrained next to the model")
-    if not any(d.glob("*.safetensors")):
-        raise CheckpointError(f"{d} has no .safetensors weights (only safetensors are loaded)")
-    try:
-        from transformers import ChameleonForConditionalGeneration
-    except ImportError:
-        raise ArexportError("Lumina-mGPT needs transformers (pip install arexport[text])") from None
-    try:
-        return ChameleonForConditionalGeneration.from_pretrained(str(d), local_files_only=True, use_safetensors=True).eval()
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load Lumina-mGPT from {d}: {str(e).splitlines()[0][:200]}") from None
+    return load_safetensors_model(directory, "chameleon", "ChameleonForConditionalGeneration", "Lumina-mGPT")
 
 
 class ChameleonVocab:
