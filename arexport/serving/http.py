@@ -56,7 +56,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     from pydantic import BaseModel, Field, StrictInt
 
     from arexport.runtime import method_names
-    from arexport.serving.service import DeadlineUnreachable, Overloaded, RequestTimeout, ServiceClosed
+    from arexport.serving.service import DeadlineUnreachable, Overloaded, ServiceClosed
 
     spec = service.engine.spec
 
@@ -181,25 +181,9 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
             return err(503, str(e))
         except ArexportError as e:
             return err(400, str(e))
-        result = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not result.done():  # the client went away (or this task was cancelled): drop its rows
-                future.cancel()
-                result.cancel()
-            gone.cancel()
-        if not result.done() or result.cancelled():
-            return err(499, "client closed the request")
-        try:
-            res = result.result()
-        except RequestTimeout as e:
-            return err(504, str(e))
-        except ServiceClosed as e:
-            return err(503, str(e))
-        except ArexportError as e:
-            return err(400, str(e))
+        res, refusal = await _answer(request, future, err)
+        if refusal is not None:
+            return refusal
         headers = {"X-Arexport-Seconds": f"{res.seconds:.4f}"}
         if body.format == "tokens":
             return JSONResponse({"tokens": res.tokens.tolist(), "seconds": res.seconds}, headers=headers)
@@ -220,6 +204,33 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
 
 MAX_PROMPT_CHARS = 4096  # a prompt's characters (the text encoder truncates to its token limit anyway)
+
+
+async def _answer(request, future, fail):
+    """(the service's Response for `future`, None), or (None, fail(status, message)): 499 when the
+    client went away first (its rows leave their batch), 504 past its deadline, 503 when the service
+    closed, 400 for a request the runtime refused."""
+    from arexport.serving.service import RequestTimeout, ServiceClosed
+
+    result = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not result.done():  # the client went away (or this task was cancelled): drop its rows
+            future.cancel()
+            result.cancel()
+        gone.cancel()
+    if not result.done() or result.cancelled():
+        return None, fail(499, "client closed the request")
+    try:
+        return result.result(), None
+    except RequestTimeout as e:
+        return None, fail(504, str(e))
+    except ServiceClosed as e:
+        return None, fail(503, str(e))
+    except ArexportError as e:
+        return None, fail(400, str(e))
 
 
 async def _disconnected(request) -> None:

@@ -26,7 +26,6 @@ unknown fields are a 400 naming them (a misspelt extension never falls back sile
 
 # No `from __future__ import annotations`: pydantic must see the annotations themselves.
 
-import asyncio
 import base64
 import math
 import time
@@ -52,8 +51,8 @@ def register(app, service, max_images: int) -> None:
     from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
     from arexport.runtime import method_names
-    from arexport.serving.http import MAX_PROMPT_CHARS, _disconnected, _first_line, _png
-    from arexport.serving.service import DeadlineUnreachable, Overloaded, RequestTimeout, ServiceClosed
+    from arexport.serving.http import MAX_PROMPT_CHARS, _answer, _first_line, _png
+    from arexport.serving.service import DeadlineUnreachable, Overloaded, ServiceClosed
 
     spec = service.engine.spec
     ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
@@ -195,25 +194,9 @@ def register(app, service, max_images: int) -> None:
             return fail(503, str(e))
         except ArexportError as e:
             return fail(400, str(e))
-        result = asyncio.wrap_future(future)
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not result.done():  # the client went away: its rows leave their batch
-                future.cancel()
-                result.cancel()
-            gone.cancel()
-        if not result.done() or result.cancelled():
-            return fail(499, "client closed the request")
-        try:
-            res = result.result()
-        except RequestTimeout as e:
-            return fail(504, str(e))
-        except ServiceClosed as e:
-            return fail(503, str(e))
-        except ArexportError as e:
-            return fail(400, str(e))
+        res, refusal = await _answer(request, future, fail)
+        if refusal is not None:
+            return refusal
         data = [{"b64_json": base64.b64encode(_png(img)).decode(), "revised_prompt": None} for img in res.images]
         return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png",
                              "size": f"{side()}x{side()}",
