@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from arexport.errors import ArexportError, CheckpointError
 from arexport.hf import load_safetensors_model
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 from arexport.models.catalog import Catalog
+from arexport.models.hf_static import static_cache_layers
 
 # the official demo's prompt additions and guidance (baaivision/Emu3 image_generation.py lines 31-34, 53-55)
 POSITIVE_PROMPT = " masterpiece, film grained, best quality."
@@ -124,28 +124,11 @@ class Emu3ImageModel(nn.Module):
         if cache_write is None:
             from arexport.models.llamagen import inplace_cache_write as cache_write
         tm = self.hf.model.text_model
-        b, q = tokens.shape
         h = tm.embed_tokens(self.bpe_ids(tokens))
         n_valid = attn_mask[:, 0, -1, :self.cond_len].sum(-1, keepdim=True)
         cos, sin = tm.rotary_emb(h, positions + n_valid)
-        new_keys, new_values = [], []
-        for layer, pk, pv in zip(tm.layers, keys, values):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            hd = attn.head_dim
-            qh = attn.q_proj(x).view(b, q, -1, hd).transpose(1, 2)
-            kh = attn.k_proj(x).view(b, q, -1, hd).transpose(1, 2)
-            vh = attn.v_proj(x).view(b, q, -1, hd).transpose(1, 2)
-            qh, kh = apply_rotary_pos_emb(qh, kh, cos, sin)
-            k_all, v_all = cache_write(pk, kh, write_index), cache_write(pv, vh, write_index)
-            new_keys.append(k_all)
-            new_values.append(v_all)
-            rep = qh.shape[1] // k_all.shape[1]
-            k_use = k_all.to(qh.dtype).repeat_interleave(rep, 1) if rep > 1 else k_all.to(qh.dtype)
-            v_use = v_all.to(qh.dtype).repeat_interleave(rep, 1) if rep > 1 else v_all.to(qh.dtype)
-            o = F.scaled_dot_product_attention(qh, k_use, v_use, attn_mask=attn_mask, scale=attn.scaling)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(b, q, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h, new_keys, new_values = static_cache_layers(tm.layers, h, cos, sin, keys, values, write_index, attn_mask,
+                                                     cache_write, apply_rotary_pos_emb)
         # the full text-vocabulary head, then the V + 1 image columns (no copy of lm_head's rows)
         logits = self.hf.lm_head(tm.norm(h)).float().index_select(-1, self.bpe)
         return self.constrain(logits, positions), new_keys, new_values
