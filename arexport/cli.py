@@ -1119,7 +1119,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
 @click.option("--max-outstanding", type=click.IntRange(min=1), help="Most images queued or running at once (candidates "
               "count); beyond, 429 + Retry-After. Default: 64 full batches.")
 @click.option("--max-lanes", type=click.IntRange(1, 1024), default=8, show_default=True,
-              help="Most batches kept at once (one per method, options and sampling); idle ones are evicted.")
+              help="Most batches kept at once (one per method and options; sampling is per image); idle ones are evicted.")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
           threads, draft, refiner, text_encoder, latency_profile, host, port, batching, max_batch, token_env, max_body_bytes, max_images,
           insecure_no_auth, max_outstanding, max_lanes):

@@ -136,8 +136,8 @@ def plan_tables(plan: list[list[Feed]], device) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class ZipAROptions(Options):
-    window: Optional[int] = option(None, f"tokens row r must have before row r + 1 starts (default {OFFICIAL_WINDOW}, "
-                                   "the official default, or grid - 1 on grids of 8 columns or fewer); in [2, grid - 1]",
+    window: Optional[int] = option(None, f"tokens row r must have before row r + 1 starts ({OFFICIAL_WINDOW} when not given, the "
+                                   "official value, or grid - 1 on grids of 8 columns or fewer); in [2, grid - 1]",
                                    flag="--window")
 
     def validate(self):
