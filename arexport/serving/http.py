@@ -23,7 +23,7 @@ import io
 import json
 import logging
 import math
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -36,6 +36,31 @@ def _deps():
         import pydantic  # noqa: F401
     except ImportError as e:
         raise ArexportError(f"arexport serve needs fastapi and uvicorn (pip install 'arexport[serve]'): {e}") from None
+
+
+def _request_fields():
+    """(ClassId, RunFields): the JSON class id type and the pydantic base that /generate and
+    /v1/images/generations share: seed, method, options, the sampling fields and timeout."""
+    from typing import Annotated, Any
+
+    from pydantic import BaseModel, Field, StrictInt
+
+    ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]  # JSON integers only: no true, "3" or 1e23
+
+    class RunFields(BaseModel):
+        method: Optional[str] = None
+        options: dict[str, Any] = Field(default_factory=dict)
+        seed: StrictInt = Field(0, ge=0, lt=2**63, description="Request seed, 0 <= seed < 2**63")
+        cfg_scale: Optional[float] = None
+        cfg_interval: StrictInt = Field(-1, ge=-1, lt=2**31)
+        cfg_schedule: Optional[Literal["constant", "linear", "cosine", "ramp"]] = None
+        cfg_power: Optional[float] = None
+        temperature: Optional[float] = None
+        top_k: Optional[StrictInt] = Field(None, ge=0, lt=2**31)
+        top_p: Optional[float] = None
+        timeout: Optional[float] = Field(None, gt=0, le=86400)
+
+    return ClassId, RunFields
 
 
 BODY_TIMEOUT_S = 10.0  # a client must send its whole body within this (slow clients hold no slot for long)
@@ -53,33 +78,22 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from typing import Annotated
 
-    from pydantic import BaseModel, Field, StrictInt
+    from pydantic import Field
 
     from arexport.runtime import method_names
     from arexport.serving.service import DeadlineUnreachable, Overloaded, ServiceClosed
 
     spec = service.engine.spec
 
-    ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]  # JSON integers only: no true, "3" or 1e23
+    ClassId, RunFields = _request_fields()
 
-    class GenerateBody(BaseModel):
+    class GenerateBody(RunFields):
         classes: Optional[list[ClassId]] = Field(None, description="Class ids (class-conditional models)")
         caption_embeddings: Optional[str] = Field(None, description="base64 .npy [N,T,C] float32 (text-conditional)")
         caption_mask: Optional[str] = Field(None, description="base64 .npy [N,T] bool, left-padded (optional)")
         prompt: Optional[str] = Field(None, max_length=MAX_PROMPT_CHARS, description="A prompt (text-conditional models with a text encoder)")
         prompts: Optional[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]]] = Field(None, description="Prompts, one image each")
-        method: Optional[str] = None
-        options: dict[str, Any] = Field(default_factory=dict)
-        seed: StrictInt = Field(0, ge=0, lt=2**63, description="Request seed, 0 <= seed < 2**63")
-        cfg_scale: Optional[float] = None
-        cfg_interval: StrictInt = Field(-1, ge=-1, lt=2**31)
-        cfg_schedule: Optional[Literal["constant", "linear", "cosine", "ramp"]] = None
-        cfg_power: Optional[float] = None
-        temperature: Optional[float] = None
-        top_k: Optional[StrictInt] = Field(None, ge=0, lt=2**31)
-        top_p: Optional[float] = None
         format: Literal["png", "tokens"] = "png"
-        timeout: Optional[float] = Field(None, gt=0, le=86400)
 
     app = FastAPI(title="arexport", version="1")
     app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes, metrics=service.metrics,

@@ -29,7 +29,7 @@ unknown fields are a 400 naming them (a misspelt extension never falls back sile
 import base64
 import math
 import time
-from typing import Annotated, Any, Literal, Optional
+from typing import Optional
 
 from arexport.errors import ArexportError
 
@@ -48,16 +48,16 @@ def register(app, service, max_images: int) -> None:
     """Add POST /v1/images/generations to the FastAPI `app` serving `service`."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+    from pydantic import ConfigDict, Field, StrictInt, ValidationError
 
     from arexport.runtime import method_names
-    from arexport.serving.http import MAX_PROMPT_CHARS, _answer, _first_line, _png
+    from arexport.serving.http import MAX_PROMPT_CHARS, _answer, _first_line, _png, _request_fields
     from arexport.serving.service import DeadlineUnreachable, Overloaded, ServiceClosed
 
     spec = service.engine.spec
-    ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]
+    ClassId, RunFields = _request_fields()
 
-    class ImagesBody(BaseModel):
+    class ImagesBody(RunFields):
         model_config = ConfigDict(extra="forbid")
         prompt: str = Field(..., max_length=MAX_PROMPT_CHARS)
         n: Optional[StrictInt] = Field(None, ge=1, lt=2**31)
@@ -74,18 +74,7 @@ def register(app, service, max_images: int) -> None:
         safety_identifier: Optional[str] = None
         moderation: Optional[str] = None
         # arexport extensions
-        classes: Optional[list[ClassId]] = None
-        seed: StrictInt = Field(0, ge=0, lt=2**63)
-        method: Optional[str] = None
-        options: dict[str, Any] = Field(default_factory=dict)
-        cfg_scale: Optional[float] = None
-        cfg_interval: StrictInt = Field(-1, ge=-1, lt=2**31)
-        cfg_schedule: Optional[Literal["constant", "linear", "cosine", "ramp"]] = None
-        cfg_power: Optional[float] = None
-        temperature: Optional[float] = None
-        top_k: Optional[StrictInt] = Field(None, ge=0, lt=2**31)
-        top_p: Optional[float] = None
-        timeout: Optional[float] = Field(None, gt=0, le=86400)
+        classes: Optional[list[ClassId]] = None  # with the run fields of RunFields (seed, method, sampling, timeout)
 
     def fail(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
              headers: Optional[dict] = None) -> JSONResponse:
