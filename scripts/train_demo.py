@@ -407,7 +407,9 @@ def train_eagle(xtr, ytr, steps: int, synthetic: int, out: Path, seed: int = 7, 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     n = x.shape[1]
-    m = n - 2  # pairs (h_t, x_t+1) for t = 0 .. n - 3 predict x_t+2
+    # pair i = (hidden row i, token i) at token i's cell (row 0 is the class position: the pair the first round
+    # drafts from), predicting token i + 1 (the official position ids: see runtime/methods/eagle.py)
+    m = n - 1
     mask = torch.ones(m, m, dtype=torch.bool).tril()[None, None]
     pos = torch.arange(m)[None]
     t0 = time.time()
@@ -418,17 +420,17 @@ def train_eagle(xtr, ytr, steps: int, synthetic: int, out: Path, seed: int = 7, 
         cls[torch.rand(batch, generator=g) < tc.class_dropout_prob] = tc.num_classes  # CFG's null rows too
         with torch.no_grad():
             hid, logits = target_hidden(target, cls, tok)
-        inp = hid[:, 1:1 + m]
+        inp = hid[:, :m]
         inp = inp + (torch.rand(inp.shape, generator=g) - 0.5) * 0.2  # EAGLE's uniform input noise
         keys, values = head.allocate(batch, m)
-        lg, feat, _, _ = head.step(inp, tok[:, 1:1 + m], pos.expand(batch, m), torch.zeros(batch, dtype=torch.long),
+        lg, feat, _, _ = head.step(inp, tok[:, :m], pos.expand(batch, m), torch.zeros(batch, dtype=torch.long),
                                    mask.expand(batch, 1, m, m), keys, values)
-        want_feat, want_p = hid[:, 2:2 + m], torch.softmax(logits[:, 2:2 + m], -1)
+        want_feat, want_p = hid[:, 1:1 + m], torch.softmax(logits[:, 1:1 + m], -1)
         loss = F.smooth_l1_loss(feat, want_feat) - (want_p * torch.log_softmax(lg, -1)).sum(-1).mean()
         optimize(head, loss, opt, sched, step, steps, "eagle", t0)
     head.eval()
     with torch.no_grad():  # top-1 agreement with demo on held-out teacher forcing (a rough quality line)
-        acc = float((lg.argmax(-1) == logits[:, 2:2 + m].argmax(-1)).float().mean())
+        acc = float((lg.argmax(-1) == logits[:, 1:1 + m].argmax(-1)).float().mean())
     path = out / "demo-eagle.safetensors"
     save_eagle_head(head, path)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB), last-batch top-1 agreement with demo {acc:.3f}")

@@ -95,3 +95,20 @@ class LlamaGenFamily(Family):
             logits = engine.prefill_embeds(cache, conds.embeds, cache.causal_mask(zero, t))
         cache.length.fill_(t)
         return logits
+
+    def prefill_hidden(self, engine, cache, conds: Conditions):
+        """`prefill` that also returns the condition position's last hidden state [B, dim] (after the final
+        norm), which an EAGLE head pairs with token 0 to draft an image's first round: the c2i class token
+        goes through the `tree_verify` step (the same layers as the prefill, plus the hidden output). A
+        t2i caption prefill has no hidden-state graph: (logits, None)."""
+        spec = engine.spec
+        if spec.model_type != "c2i" or "tree_verify" not in engine.step_kinds():
+            return self.prefill(engine, cache, conds), None
+        b, dev = len(conds), engine.device
+        zero = torch.zeros(b, dtype=torch.int64, device=dev)
+        tokens = self.condition_tokens(spec, conds.classes.to(dev)).view(b, 1)
+        positions = torch.full((b, 1), -1, dtype=torch.int64, device=dev)
+        out = engine.run("tree_verify", cache, label="prefill", tokens=tokens, positions=positions, write_index=zero,
+                         attn_mask=cache.causal_mask(zero, 1))
+        cache.length.fill_(spec.cond_len)
+        return out["logits"][:, 0], out["hidden"][:, 0]

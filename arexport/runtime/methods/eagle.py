@@ -13,8 +13,14 @@ Per round and image (runtime/tree.py has the tree and acceptance rules):
 4. the target cache keeps the path's K/V (copied down to consecutive slots), the head keeps none of
    the tree's: the path's target hidden states are its next catch-up.
 
-An image's first round has no target hidden state yet (the prefill gives logits only): it drafts
-nothing and its verify is a plain decode of token 0. Images of one batch share tree shapes; a node
+A pair (h, x) sits at the grid cell of the token x it feeds (the official head's position ids:
+`cnets_llamagen.py` at 3a56e45 counts `cls_token_num` = 119 zero-RoPE rows for t2i, 0 for c2i, lines
+562-573, and `topK_genrate` numbers the shifted pairs from 0, lines 731-760, so the pair of the last
+condition position and token 0 lands on cell 0). The prefill of a c2i image runs through the
+`tree_verify` step, so it also returns the class position's hidden state: the image's first round
+catches up on (h_cond, token 0) and drafts, as the official `initialize_tree` does. A t2i caption
+prefill has no hidden-state graph: such an image's first round drafts nothing and its verify is a plain
+decode of token 0. Images of one batch share tree shapes; a node
 that would pass the image's last token is never accepted. Each image draws N + 1 uniforms per round
 for acceptance (and N for a static tree's draws) from its own stream, so its tokens do not depend on
 the batch.
@@ -67,6 +73,8 @@ class EagleOptions(Options):
 class EagleDecoder(Decoder):
     """EAGLE tree speculative decoding under an acceptance rule (StandardRule: lossless)."""
 
+    max_pend = 0  # tokens a skipped round may leave without target K/V (VVS: a tree path's drafts)
+
     def __init__(self, ctx, capacity: int, rule=None, head=None):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         o, spec, s = self.opts, self.spec, self.slots
@@ -88,7 +96,8 @@ class EagleDecoder(Decoder):
             self.max_depth = int(depth.max())
         else:
             pool = o.top_k + o.depth * o.top_k**2
-            self.n_nodes = o.tokens if o.tokens is not None else min(limit, 15, pool)
+            room = limit - (o.depth + 1 if self.max_pend else 0)  # VVS: a skipped path's drafts go first
+            self.n_nodes = o.tokens if o.tokens is not None else max(1, min(room, 15, pool))
             if self.n_nodes > limit:
                 raise ArexportError(f"--tree-tokens {self.n_nodes} does not fit this engine's verify block of "
                                     f"{limit + 1}: pass {limit} or less, or rebuild with a larger --verify-len")
@@ -97,8 +106,15 @@ class EagleDecoder(Decoder):
                                     f"depth {o.depth}")
             self.static = None
             self.max_depth = o.depth + 1
+        if self.max_pend:
+            self.max_pend = self.max_depth
+            if self.n_nodes + self.max_pend > limit:
+                raise ArexportError(f"a tree of {self.n_nodes} nodes after up to {self.max_pend} tokens of a skipped round does "
+                                    f"not fit this engine's verify block of {limit + 1}: pass --tree-tokens "
+                                    f"{max(limit - self.max_pend, 0)} or less (or smaller --tree-choices), or rebuild with a "
+                                    "larger --verify-len")
         N, rows = self.n_nodes, capacity * self.cfg.per_image
-        self.tcache = s.cache(self.engine.allocate(rows, lookahead=N))
+        self.tcache = s.cache(self.engine.allocate(rows, lookahead=N + self.max_pend))
         hc = self.head.cfg
         tree_slots = N if self.static is not None else o.depth * o.top_k
         hslots = spec.n_tokens + max(N, tree_slots) + self.max_depth + 2  # committed pairs, a catch-up, the tree levels
@@ -108,15 +124,23 @@ class EagleDecoder(Decoder):
         self.tokens = s.image_tensor((spec.n_tokens + 1,))
         self.n = s.image_tensor(())  # committed tokens
         self.pc = s.image_tensor(())  # pending head pairs (hidden states in self.ph)
+        self.pend = s.image_tensor(())  # committed tokens before the root without target K/V (VVS skips)
         self.ph = s.row_tensor((self.max_depth + 1, hc.dim), self.head.fc.weight.dtype)
 
     def start(self, a, b, conds):
         rows = self.cfg.conditions(self.engine, conds)
-        logits = self.prefill(self.engine, self.tcache, a, b, rows)
+        view = self.tcache.view(*self.slots.rows_of(a, b))
+        view.key_valid.fill_(True)
+        logits, hidden = self.engine.family.prefill_hidden(self.engine, view, rows.to(self.engine.device))
         self.tokens[a:b, 0] = self.first_token(logits, a, b)
-        self.n[a:b], self.pc[a:b] = 1, 0
+        self.n[a:b], self.pend[a:b] = 1, 0
         r0, r1 = self.slots.rows_of(a, b)
         self.hcache.length[r0:r1] = 0
+        if hidden is None:  # t2i: no hidden state of the caption; the first round drafts nothing
+            self.pc[a:b] = 0
+        else:  # the pair (h_cond, token 0) waits for the first round's catch-up
+            self.ph[r0:r1, 0] = hidden.to(self.ph.dtype)
+            self.pc[a:b] = 1
         for st in self.slots.stats[a:b]:
             st.forwards += 1
 
@@ -147,7 +171,7 @@ class EagleDecoder(Decoder):
         j = torch.arange(P, device=dev)
         tok_idx = (n - pc)[:, None] + j  # x_{t+1} of pair j
         toks = torch.where(j < pc[:, None], self.tokens[:b].gather(1, tok_idx.clamp(0, self.tokens.shape[1] - 1)), 0)
-        pos = tok_idx - 1
+        pos = tok_idx  # the fed token's cell
         hl = self.hcache.length[:rows]
         write = hl.clone()
         slots = torch.arange(self.hcache.s_max, device=dev)
@@ -188,7 +212,7 @@ class EagleDecoder(Decoder):
                 ar = torch.arange(level * k + k, device=dev)
                 seen = torch.cat([anc, torch.eye(k, dtype=torch.bool, device=dev).expand(rows, k, k)], 2)
                 m.scatter_(2, (base[:, None] + ar[None, :])[:, None, :].expand(-1, k, -1), seen)
-                pos = cfg.expand((n - 1 + level)[:, None].expand(-1, k))
+                pos = cfg.expand((n + level)[:, None].expand(-1, k))  # the level's tokens are token n + level
                 logits, out = self._head(hid, cfg.expand(f_tok), pos, write, m[:, None])
                 state["hidden"], state["anc"] = out, anc
                 lp, _ = self._draft_dist(logits, (n[:, None] + level + 1).clamp(max=self.spec.n_tokens - 1).expand(-1, k))
@@ -222,7 +246,7 @@ class EagleDecoder(Decoder):
             write = base + (first - 1)
             m = _static_level_mask(committed, base, anc, level, N)
             hin = torch.stack([hid[int(parent[i])] for i in level], 1)
-            pos = cfg.expand((n - 2 + d)[:, None].expand(-1, L))
+            pos = cfg.expand((n - 1 + d)[:, None].expand(-1, L))  # depth-d nodes are token n - 1 + d
             logits, out = self._head(hin, cfg.expand(tokens[:, level]), pos, write, m[:, None])
             _, pl = self._draft_dist(logits, (n[:, None] + d).clamp(max=self.spec.n_tokens - 1).expand(-1, L))
             for a_, i in enumerate(level):
@@ -233,29 +257,72 @@ class EagleDecoder(Decoder):
 
     # -- one round -----------------------------------------------------------------------------------
     def advance(self):
-        s, spec, cfg, dev = self.slots, self.spec, self.cfg, self.slots.device
+        s, spec, dev = self.slots, self.spec, self.slots.device
         b, n_tok = s.n, spec.n_tokens
         out_root, lp0, p0, ready = self._catch_up(b, dev)
         tree = self._grow(b, dev, out_root, lp0, p0, ready)
         n = self.n[:b]
         tree.tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
+        skipping = self.skip(tree, ready)
+        verifying = ~skipping
+        if bool(verifying.any()):  # before the skips commit: the verify reads n, pend and the head's pairs
+            self._verify(tree, ready, verifying)
+        if bool(skipping.any()):
+            self.commit_unverified(tree, skipping)
+        return s.where(self.n[: s.n] >= n_tok)
+
+    # -- hooks for methods built on eagle (VVS) ----------------------------------------------------------
+    def skip(self, tree: Tree, ready: torch.Tensor) -> torch.Tensor:
+        """[B] bool: images that commit part of this round's tree without the target. Eagle never skips."""
+        return torch.zeros_like(ready)
+
+    def commit_unverified(self, tree: Tree, skipping: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def verified(self, rows: torch.Tensor, chain_hidden: torch.Tensor, chain_len: torch.Tensor,
+                 path_hidden: torch.Tensor, path_len: torch.Tensor) -> None:
+        """Hook after a verify: per row the target hidden states of the pending chain [rows, P, dim] (first
+        chain_len valid: right-aligned) and of the kept path [rows, D+1, dim] (first path_len valid)."""
+
+    # -- verification ------------------------------------------------------------------------------------
+    def _verify(self, tree: Tree, ready: torch.Tensor, verifying: torch.Tensor) -> None:
+        """One target call for the verifying images over [pad, pending chain, root, nodes]: the chain (tokens a
+        skipped round committed, VVS) causal, right-aligned against the root; each node sees the cache, the chain
+        and its ancestors. The walk keeps a path and draws the next token; the chain's and the path's K/V move
+        down to consecutive slots."""
+        s, spec, cfg, dev = self.slots, self.spec, self.cfg, self.slots.device
+        b, n_tok = s.n, spec.n_tokens
+        n = self.n[:b]
+        pend = torch.where(verifying, self.pend[:b], 0)
+        Pm = int(pend.max())
         N1 = tree.size
-        # target: [root, nodes] at root + depth under the tree mask
+        T = Pm + N1
         view = self.tcache.view(0, s.rows)
         write = view.length.clone()
-        anc = cfg.expand(tree.mask())  # [rows, N+1, N+1]
         slots = torch.arange(view.s_max, device=dev)
-        m = ((slots[None, None, :] < write[:, None, None]) & view.key_valid[:, None, :]).expand(-1, N1, -1).clone()
-        tslots = (write[:, None] + torch.arange(N1, device=dev)[None, :]).clamp(max=view.s_max - 1)
-        m.scatter_(2, tslots[:, None, :].expand(-1, N1, -1), anc)
-        pos = cfg.expand((n[:, None] - 1 + tree.depth).clamp(max=n_tok - 1))
-        out = self.engine.run(VERIFY_KIND, view, tokens=cfg.expand(tree.tokens), positions=pos, write_index=write,
+        j = torch.arange(Pm, device=dev)
+        chain_on = j[None, :] >= (Pm - pend)[:, None]  # [B, Pm] the real chain entries (right-aligned)
+        m = ((slots[None, None, :] < write[:, None, None]) & view.key_valid[:, None, :]).expand(-1, T, -1).clone()
+        tslots = (write[:, None] + torch.arange(T, device=dev)[None, :]).clamp(max=view.s_max - 1)
+        blk = torch.zeros(b, T, T, dtype=torch.bool, device=dev)
+        causal = torch.ones(Pm, Pm, dtype=torch.bool, device=dev).tril()
+        blk[:, :Pm, :Pm] = causal[None] & chain_on[:, None, :]
+        blk[:, :Pm, :Pm] |= torch.eye(Pm, dtype=torch.bool, device=dev)[None]  # padding rows see themselves
+        blk[:, Pm:, :Pm] = chain_on[:, None, :]
+        blk[:, Pm:, Pm:] = tree.mask()
+        m.scatter_(2, tslots[:, None, :].expand(-1, T, -1), cfg.expand(blk))
+        cstart = n - 1 - pend  # token index of the first chain token
+        ctok = self.tokens[:b].gather(1, (cstart[:, None] + j - (Pm - pend)[:, None]).clamp(0, n_tok))
+        feed = torch.cat([torch.where(chain_on, ctok, 0), tree.tokens], 1)
+        cpos = (cstart[:, None] + j - (Pm - pend)[:, None]).clamp(0, n_tok - 1)
+        pos = torch.cat([cpos, (n[:, None] - 1 + tree.depth).clamp(max=n_tok - 1)], 1)
+        out = self.engine.run(VERIFY_KIND, view, tokens=cfg.expand(feed), positions=cfg.expand(pos), write_index=write,
                               attn_mask=m[:, None])
         params = self.params
         tok_index = (n[:, None] + tree.depth).clamp(max=n_tok - 1)
-        P = self.rule.target_probs(cfg.guide(out["logits"], tok_index, params), params)  # [B, N+1, V]
+        P = self.rule.target_probs(cfg.guide(out["logits"][:, Pm:], tok_index, params), params)  # [B, N+1, V]
         hidden = out["hidden"]
-        u = s.uniform(N1)
+        u = s.uniform(N1, verifying)
         remaining = n_tok - n
         allowed = (tree.depth <= (remaining - 1)[:, None]) & ready[:, None]
         paths = torch.zeros(b, self.max_depth + 1, dtype=torch.long, device=dev)
@@ -264,6 +331,8 @@ class EagleDecoder(Decoder):
         tk, pa, rk = tree.tokens.cpu(), tree.parent.cpu(), tree.rank.cpu()
         qc = None if tree.q is None else tree.q.cpu()
         for i in range(b):
+            if not bool(verifying[i]):
+                continue
             res = accept_tree(Pc[i], tk[i], pa[i], rk[i], None if qc is None else qc[i], self.rule, uc[i], ac[i])
             L = len(res.path) - 1
             ni = int(n[i])
@@ -274,20 +343,28 @@ class EagleDecoder(Decoder):
             paths[i, L + 1:] = res.path[-1]  # padding: copies past the kept slots, which nothing reads
             s.stats[i].forwards += 1
             s.stats[i].accepted.append(L + 1)
-        # the path's K/V down to consecutive slots from the root's (sources never precede their destinations)
-        rp = cfg.expand(paths)
-        src = (write[:, None] + rp).clamp(max=view.s_max - 1)
-        dst = (write[:, None] + torch.arange(rp.shape[1], device=dev)[None, :]).clamp(max=view.s_max - 1)
+        # kept K/V: the chain, then the path, down to consecutive slots from the first one written (sources never
+        # precede their destinations; everything is read before anything is written)
+        keep_src = torch.cat([j[None, :].expand(b, -1), Pm + paths], 1)  # block offsets
+        order = torch.argsort((~torch.cat([chain_on, torch.ones_like(paths, dtype=torch.bool)], 1)).long(), dim=1, stable=True)
+        keep_src = keep_src.gather(1, order)  # the real chain entries first, then the path
+        rk_ = cfg.expand(keep_src)
+        src = (write[:, None] + rk_).clamp(max=view.s_max - 1)
+        dst = (write[:, None] + torch.arange(rk_.shape[1], device=dev)[None, :]).clamp(max=view.s_max - 1)
         for buf in view.keys + view.values:
             h, d = buf.shape[1], buf.shape[3]
             moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
             buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
-        self.ph[: s.rows, : rp.shape[1]] = hidden.gather(1, rp[:, :, None].expand(-1, -1, hidden.shape[-1])).to(self.ph.dtype)
-        view.length.copy_(write + cfg.expand(adv))
-        self.pc[:b] = adv
+        rp = cfg.expand(paths)
+        path_hidden = hidden[:, Pm:].gather(1, rp[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        vr = cfg.expand(verifying)
+        rows = s.rows
+        self.ph[:rows, : rp.shape[1]] = torch.where(vr[:, None, None], path_hidden.to(self.ph.dtype), self.ph[:rows, : rp.shape[1]])
+        view.length.copy_(torch.where(vr, write + cfg.expand(pend + adv), write))
+        self.verified(vr, hidden[:, :Pm], cfg.expand(pend), path_hidden, cfg.expand(adv))
+        self.pc[:b] = torch.where(verifying, adv, self.pc[:b])
+        self.pend[:b] = torch.where(verifying, 0, self.pend[:b])
         self.n[:b] += adv
-        return s.where(self.n[: s.n] >= n_tok)
-
     def _count(self, rows: torch.Tensor, draft: bool = False) -> None:
         for st, on in zip(self.slots.stats, rows.tolist()):
             if on and draft:
