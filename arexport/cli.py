@@ -170,6 +170,8 @@ def live_catalog() -> dict:
             entry["defaults"][mname] = default
             if entry["flag"] and fld.metadata.get("flag") and fld.metadata["help"] not in entry["help"]:
                 entry["help"] += f"; {mname}: {fld.metadata['help']}"  # a flag another method reads differently
+            if entry["flag"] and entry["choices"] and fld.metadata.get("choices"):  # each method checks its own
+                entry["choices"] += [c for c in fld.metadata["choices"] if c not in entry["choices"]]
             if entry["flag"] or not fld.metadata.get("flag"):  # the first method that names a flag describes it
                 continue
             base = [a for a in typing.get_args(typ) if a is not type(None)] or [typ]

@@ -1,4 +1,6 @@
-"""`vvs`: verification skipping on top of draft-model speculative decoding with LANTERN acceptance.
+"""`vvs`: verification skipping on top of speculative decoding with LANTERN acceptance: a draft model's
+chains (`--drafter sd`) or an EAGLE head's trees (`--drafter eagle`, the official setup: VVSEagleDecoder
+below, whose skipped rounds feed the head cached target features).
 
 Some rounds skip the target forward. The schedule is the official `skip_verify` (HyattDD/VVS
 `models/skip_utils_llamagen.py` lines 61-90, commit 7790173). Its `new_token` counts the tokens
@@ -37,10 +39,13 @@ import torch.nn.functional as F
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, RowStats, option, register
+from arexport.runtime.methods.eagle import EagleDecoder, EagleOptions
 from arexport.runtime.methods.sd import SDDecoder
 from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule, check_lantern
+from arexport.runtime.tree import Tree
 
 POLICIES = ("uniform", "dynamic", "none")
+DRAFTERS = ("sd", "eagle")
 MIN_TOKENS = 5  # skip_verify never skips while new_token (committed tokens before the root) <= 5
 
 
@@ -74,6 +79,23 @@ class VVSOptions(Options):
     delta: float = 0.2
     lam: Optional[float] = None
     rule: str = option("official", "LANTERN acceptance rule: official or capped (see lantern)", choices=LANTERN_RULES)
+    drafter: Optional[str] = option(None, "drafter: sd (a draft model, chain drafts) or eagle (an EAGLE head's tree, the "
+                                    "official setup, with skipped rounds reusing cached target features; the default "
+                                    "when --draft-head is given)", flag="--drafter", choices=DRAFTERS)
+    draft_head: Optional[str] = None  # eagle drafter (its options)
+    tree: str = EagleOptions.__dataclass_fields__["tree"].default
+    top_k: int = EagleOptions.__dataclass_fields__["top_k"].default
+    depth: int = EagleOptions.__dataclass_fields__["depth"].default
+    tokens: Optional[int] = None
+    choices: Optional[str] = None
+
+    @property
+    def drafter_name(self) -> str:
+        return self.drafter or ("eagle" if self.draft_head else "sd")
+
+    def eagle_options(self) -> EagleOptions:
+        return EagleOptions(draft_head=self.draft_head, tree=self.tree, top_k=self.top_k, depth=self.depth,
+                            tokens=self.tokens, choices=self.choices)
 
     def validate(self):
         if self.gamma is not None and self.gamma < 1:
@@ -81,6 +103,10 @@ class VVSOptions(Options):
         if self.skip_interval < 2:
             raise ArexportError(f"vvs skip interval must be >= 2 (a skipped round needs a verified one before), got {self.skip_interval}")
         check_lantern(self.k, self.delta, self.lam, self.rule)
+        if self.drafter_name == "eagle":
+            self.eagle_options().validate()
+        elif self.draft_head:
+            raise ArexportError("--draft-head is read by the eagle drafter; vvs --drafter sd does not use it")
         return self
 
 
@@ -136,11 +162,176 @@ class VVSDecoder(SDDecoder):
         return m
 
 
+def tree_paths(tree: Tree, i: int, sampled: bool) -> list[list[int]]:
+    """Image i's candidate paths as the official `topK_genrate_v2` lists them (`retrieve_indices`, VVS
+    `models/drafters/cnets_llamagen.py` lines 1095-1126 at 7790173): one per leaf, root first, leaves in node
+    order; with a sampler (`logits_processor`) sorted by their node indices, a missing entry (-1) after any node."""
+    parent = tree.parent[i].tolist()
+    inner = set(parent[1:])
+    paths = []
+    for leaf in range(1, len(parent)):
+        if leaf in inner:
+            continue
+        path = [leaf]
+        while path[-1] != 0:
+            path.append(parent[path[-1]])
+        paths.append(path[::-1])
+    if sampled:
+        width = max(len(q) for q in paths)
+        paths.sort(key=lambda q: q + [len(parent) + 5] * (width - len(q)))
+    return paths
+
+
+def tree_similarity(token_paths: list[list[int]], latents: torch.Tensor, decay: float = 0.9) -> float:
+    """The official dynamic-skip similarity of a tree's candidate paths (`compute_similarity_pytorch_jit`,
+    `models/skip_utils_llamagen.py` lines 9-57 at 7790173) after its down-sampling to every second path
+    (`skip_verify` line 83): each path's drafts (root left out) as unit codebook latents, zero-padded to the
+    longest; per pair of paths the exp-decay weighted (0.9^j normalised over the longest path) sum over
+    positions where both have a draft of their cosine similarity; the mean over pairs. Fewer than 2 paths: 0."""
+    seqs = [q[1:] for q in token_paths[::2]]
+    if len(seqs) < 2:
+        return 0.0
+    width = max(len(q) for q in seqs)
+    z = torch.zeros(len(seqs), width, latents.shape[1])
+    on = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for a_, q in enumerate(seqs):
+        z[a_, : len(q)] = F.normalize(latents[torch.tensor(q, dtype=torch.long)].float(), dim=-1)
+        on[a_, : len(q)] = True
+    w = decay ** torch.arange(width, dtype=torch.float32)
+    w = w / w.sum()
+    sims = torch.einsum("nld,mld->nml", z, z) * (on[:, None, :] & on[None, :, :])
+    pair = (sims * w).sum(-1)
+    iu = torch.triu_indices(len(seqs), len(seqs), 1)
+    return float(pair[iu[0], iu[1]].mean())
+
+
+def reuse_features(history: torch.Tensor, count: int, m: int) -> torch.Tensor:
+    """The official `retrieve_features` (`reuse_prev`, `skip_utils_llamagen.py` lines 215-243 at 7790173) on
+    one row: the last m of the `count` cached target hidden states (history [H, dim], oldest first), or all of
+    them with the last repeated when fewer are cached: [m, dim]."""
+    if count < 1:
+        raise ArexportError("vvs: a skipped round found no cached target features (no verified round before it)")
+    have = history[max(count - m, 0):count]
+    if count >= m:
+        return have
+    return torch.cat([have, have[-1:].expand(m - count, -1)])
+
+
+class VVSEagleDecoder(EagleDecoder):
+    """VVS on an EAGLE head's tree, as the official VVS runs it (`models/ea_llamagen.py` `generate`, lines
+    433-600 at 7790173):
+
+    * skip decision: `skip_verify` (see the module docstring) with the tree's candidate paths;
+    * a skipped round (`skip_evaluate`, lines 119-151): a candidate path drawn uniformly (the image's own
+      stream, one draw) truncated to min(its drafts, (valid tokens over all paths) // paths - 1) drafts, and at
+      most the image's tokens left - 1; those drafts are committed (the last one is the next root) and stay
+      without target K/V (the next verified round feeds them before its tree, as `tree_decoding_skip_llamagen`);
+    * the head then catches up on the m committed drafts paired with the m newest *cached target features*
+      (`update_inference_inputs_skip` with `cur_skip`, lines 276-287, `retrieve_features` `reuse_prev`): no
+      target hidden state exists for them;
+    * `cached_features` (lines 512-539): every verified round appends the target hidden states of the chain it
+      fed first (the skipped tokens) and of its accepted path, so the cache holds the hidden states of the
+      target's committed tokens in order; the head itself reads only the accepted path's (as in eagle).
+    """
+
+    row_stats = VVSStats
+    max_pend = 1  # becomes the tree's depth in EagleDecoder.__init__
+
+    def __init__(self, ctx, capacity, vopts: "VVSOptions", rule):
+        super().__init__(ctx, capacity, rule)
+        self.vopts = vopts
+        s = self.slots
+        self.latents = ctx.engine.codebook().float().cpu() if vopts.policy == "dynamic" else None
+        self.rounds = s.image_tensor(())
+        self.last_skipped = s.image_tensor((), torch.bool)
+        H = self.max_depth + 1
+        self.hist = s.row_tensor((H, self.head.cfg.dim), self.ph.dtype)  # the newest cached target features
+        self.hcount = s.row_tensor((), torch.long)
+
+    def start(self, a, b, conds):
+        super().start(a, b, conds)
+        r0, r1 = self.slots.rows_of(a, b)
+        self.rounds[a:b], self.last_skipped[a:b], self.hcount[r0:r1] = 0, False, 0
+        self._choice = {}
+
+    def skip(self, tree, ready):
+        o, s = self.vopts, self.slots
+        b = s.n
+        out = torch.zeros(b, dtype=torch.bool, device=ready.device)
+        sampled = not getattr(self.params, "greedy", False)
+        self._choice = {}
+        for i in range(b):
+            r = int(self.rounds[i])
+            self.rounds[i] += 1  # the official idx counts every round, skipped ones included
+            if not bool(ready[i]):
+                continue
+            ni = int(self.n[i])
+            want = False
+            if o.policy != "none" and ni - 1 > MIN_TOKENS:
+                if o.policy == "uniform":
+                    want = r % o.skip_interval == 1
+                elif not bool(self.last_skipped[i]):
+                    paths = tree_paths(tree, i, sampled)
+                    toks = tree.tokens[i].cpu()
+                    want = tree_similarity([toks[q].tolist() for q in paths], self.latents) >= o.sim_threshold
+            s.stats[i].decisions.append((ni, want))
+            out[i] = want
+        if bool(out.any()):
+            u = s.uniform(1, out).cpu()
+            for i in out.nonzero()[:, 0].tolist():
+                paths = tree_paths(tree, i, sampled)
+                valid = sum(len(q) for q in paths)
+                pick = paths[min(int(float(u[i, 0]) * len(paths)), len(paths) - 1)]
+                m = min(len(pick) - 1, valid // len(paths) - 1, self.spec.n_tokens - int(self.n[i]) - 1)
+                if m < 1:  # nothing can be committed unverified: the round verifies
+                    out[i] = False
+                    s.stats[i].decisions[-1] = (s.stats[i].decisions[-1][0], False)
+                    continue
+                self._choice[i] = (pick, m)
+        self.last_skipped[:b] = out
+        return out
+
+    def commit_unverified(self, tree, skipping):
+        s, cfg = self.slots, self.cfg
+        per = cfg.per_image
+        for i, (pick, m) in self._choice.items():
+            ni = int(self.n[i])
+            self.tokens[i, ni:ni + m] = tree.tokens[i, pick[1:m + 1]]
+            self.n[i] += m
+            self.pend[i] += m  # the old root and the first m - 1 drafts; draft m is the new root
+            self.pc[i] = m
+            for r in range(i * per, (i + 1) * per):
+                self.ph[r, :m] = reuse_features(self.hist[r], int(self.hcount[r]), m)
+            s.stats[i].skipped_rounds += 1
+            s.stats[i].accepted.append(m)
+
+    def verified(self, rows, chain_hidden, chain_len, path_hidden, path_len):
+        H = self.hist.shape[1]
+        P = chain_hidden.shape[1]
+        for r in rows.nonzero()[:, 0].tolist():
+            c, a_ = int(chain_len[r]), int(path_len[r])
+            new = torch.cat([chain_hidden[r, P - c:], path_hidden[r, :a_]]).to(self.hist.dtype)
+            k = int(self.hcount[r])
+            both = torch.cat([self.hist[r, :k], new])[-H:]
+            self.hist[r, : both.shape[0]] = both
+            self.hcount[r] = both.shape[0]
+
+
 @register("vvs")
 class VVS(Method):
-    """SD + LANTERN acceptance + verification skipping."""
+    """SD (or an EAGLE head's tree) + LANTERN acceptance + verification skipping."""
 
     Options = VVSOptions
-    decoder_class = VVSDecoder
-    needs_draft = True
-    help = "verification skipping on top of sd + LANTERN: some rounds commit drafts without a target forward"
+    needs_draft = True  # with its default --drafter sd (requires_draft)
+    help = "verification skipping on top of sd or an EAGLE head (--draft-head) + LANTERN: some rounds commit drafts without a target forward"
+
+    def requires_draft(self) -> bool:
+        return self.options.drafter_name == "sd"
+
+    def decoder(self, ctx, capacity):
+        o = self.options
+        if o.drafter_name == "sd":
+            return VVSDecoder(ctx, capacity)
+        rule = LanternRule(ctx.engine.neighbors(o.k + 1), k=o.k, delta=o.delta, lam=o.lam, rule=o.rule,
+                           greedy=ctx.params.greedy) if o.delta > 0 or o.lam is not None else StandardRule()
+        return VVSEagleDecoder(type(ctx)(ctx.engine, ctx.params, o.eagle_options(), ctx.draft), capacity, o, rule)
