@@ -205,6 +205,13 @@ def tree_similarity(token_paths: list[list[int]], latents: torch.Tensor, decay: 
     return float(pair[iu[0], iu[1]].mean())
 
 
+def skip_length(paths: list[list[int]], pick: list[int]) -> int:
+    """Drafts a skipped round commits from candidate path `pick` (`skip_evaluate`, `skip_utils_llamagen.py`
+    lines 126-143 at 7790173): its drafts, truncated to the mean number of valid entries per path (root
+    included, integer division) minus 1."""
+    return min(len(pick) - 1, sum(len(q) for q in paths) // len(paths) - 1)
+
+
 def reuse_features(history: torch.Tensor, count: int, m: int) -> torch.Tensor:
     """The official `retrieve_features` (`reuse_prev`, `skip_utils_llamagen.py` lines 215-243 at 7790173) on
     one row: the last m of the `count` cached target hidden states (history [H, dim], oldest first), or all of
@@ -280,9 +287,8 @@ class VVSEagleDecoder(EagleDecoder):
             u = s.uniform(1, out).cpu()
             for i in out.nonzero()[:, 0].tolist():
                 paths = tree_paths(tree, i, sampled)
-                valid = sum(len(q) for q in paths)
                 pick = paths[min(int(float(u[i, 0]) * len(paths)), len(paths) - 1)]
-                m = min(len(pick) - 1, valid // len(paths) - 1, self.spec.n_tokens - int(self.n[i]) - 1)
+                m = min(skip_length(paths, pick), self.spec.n_tokens - int(self.n[i]) - 1)
                 if m < 1:  # nothing can be committed unverified: the round verifies
                     out[i] = False
                     s.stats[i].decisions[-1] = (s.stats[i].decisions[-1][0], False)
