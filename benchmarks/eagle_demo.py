@@ -4,7 +4,8 @@
     python benchmarks/eagle_demo.py --images 500 --json docs/eagle_demo.json
 
 Rows: ar, sd with demo-draft (chain), eagle with demo-eagle (dynamic and static tree), lantern on the
-sd chain and on the eagle trees (the static one is LANTERN++'s setup), vvs (sd chain). On the dynamic
+sd chain and on the eagle trees (the static one is LANTERN++'s setup), vvs on the sd chain and on the
+eagle trees (the official setup: skipped rounds feed the head cached target features). On the dynamic
 tree a rejection removes x's k + 1 nearest neighbours from the target row itself (the official q = 1
 path); with the default k = 1000 on the demo's 17 grey levels that is every other token, so rows with
 k = 2 are added. "tokens/target
@@ -38,6 +39,9 @@ CONFIGS = [
     ("lantern", dict(HEAD, tree="static", delta=0.1)),
     ("lantern", dict(HEAD, tree="static", delta=0.1, k=2)),
     ("vvs", {"gamma": 4}),
+    ("vvs", dict(HEAD, tree="dynamic")),
+    ("vvs", dict(HEAD, tree="static")),
+    ("vvs", dict(HEAD, tree="static", k=2)),
 ]
 
 
