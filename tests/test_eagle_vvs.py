@@ -208,3 +208,41 @@ def test_vvs_eagle_without_skips_is_lantern_and_skips_save_forwards(demo):
     assert np.array_equal(lan.tokens, none.tokens)
     assert uni.stats["skipped_rounds"] > 0
     assert uni.stats["target_forwards_per_image"] < none.stats["target_forwards_per_image"]
+
+
+def test_continuous_service_with_heads_matches_solo_runs(demo):
+    """The service (continuous batching through the runtime's Session: images join and leave a batch of 2
+    slots mid-run) with eagle and vvs-on-eagle requests: each image's tokens equal its solo run's."""
+    from arexport.serving.service import GenerationService
+
+    _, gen = demo
+    reqs = [([1, 4], 3, "eagle", {"draft_head": "demo-eagle", "tree": "static"}), ([7], 5, "eagle", {"draft_head": "demo-eagle"}),
+            ([2, 9], 6, "vvs", {"draft_head": "demo-eagle", "skip_interval": 3}), ([0], 8, "vvs", {"draft_head": "demo-eagle"})]
+    svc = GenerationService(gen, batching="continuous", max_batch=2)
+    params = svc.default_sampling()
+    try:
+        futs = [svc.submit(c, method=m, options=o, seed=s, images=False) for c, s, m, o in reqs]
+        outs = [f.result(timeout=300) for f in futs]
+    finally:
+        svc.close()
+    for (c, s, m, o), out in zip(reqs, outs):
+        alone = gen.generate(classes=c, seed=s, sampling=params, method=m, method_options=o, images=False,
+                             timings=False).tokens
+        assert np.array_equal(out.tokens, alone), (m, o)
+
+
+def test_profile_with_a_head(tmp_path):
+    """`arexport profile --method eagle --option draft_head=demo-eagle`: the tree step is timed and counted."""
+    import json
+
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["profile", "--model", "demo", "--method", "vvs", "--option", "draft_head=demo-eagle",
+                                 "--classes", "2", "--warmup", "0", "--repeats", "1", "--no-bandwidth", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["results"][0]
+    assert res["steps"]["tree"]["count"] == res["target_forwards_per_image"] - 1 < 63  # the prefill is the other one
+    assert res["mean_accepted_length"] > 1
