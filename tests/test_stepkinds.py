@@ -228,6 +228,39 @@ def test_tree_verify_is_built_run_with_a_tree_mask_on_ort_and_verified(hidden_en
     assert not torch.allclose(results[1]["logits"][0], causal["logits"][0], atol=1e-3)  # a tree is not
 
 
+def test_eagle_and_vvs_heads_run_on_an_ort_engine(hidden_engine, tmp_path):
+    """eagle and vvs on the eagle drafter over an ORT engine (a random head beside it in torch): the c2i prefill
+    through the tree graph gives the prefill's logits, so the first round drafts; greedy eagle and vvs with
+    skipping off equal greedy ar token for token (trees of 3 and 1 nodes fit the fixture's block of 4)."""
+    import numpy as np
+
+    from arexport.models.eagle import EagleConfig, EagleHead, save_eagle_head
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.loading import open_engine
+    from arexport.runtime.sampling import SamplingParams
+
+    eng = open_engine(str(hidden_engine), "ort")
+    spec = eng.spec
+    head = EagleHead(EagleConfig(dim=spec.dim, n_head=4, n_kv_head=4, ffn_hidden=64, vocab_size=spec.vocab_size,
+                                 grid_size=spec.grid_size)).init_random(3, std=0.3)
+    path = tmp_path / "head.safetensors"
+    save_eagle_head(head, path)
+    conds = eng.family.conditions(spec, classes=[1, 2])
+    c1, c2 = eng.allocate(2), eng.allocate(2)
+    plain = eng.family.prefill(eng, c1, conds)
+    logits, hidden = eng.family.prefill_hidden(eng, c2, conds)
+    assert torch.allclose(plain, logits, atol=1e-5) and hidden.shape == (2, spec.dim)
+    gen = Generator(eng)
+    greedy = SamplingParams(temperature=0.0, cfg_scale=1.0)
+    kw = dict(classes=[1, 2, 3], sampling=greedy, seed=0, images=False, timings=False)
+    ar = gen.generate(method="ar", **kw)
+    eg = gen.generate(method="eagle", method_options={"draft_head": str(path), "tree": "static", "choices": "0;1;0,0"}, **kw)
+    vv = gen.generate(method="vvs", method_options={"draft_head": str(path), "tree": "static", "choices": "0", "policy": "none",
+                                                     "delta": 0.0}, **kw)
+    assert np.array_equal(ar.tokens, eg.tokens) and np.array_equal(ar.tokens, vv.tokens)
+    assert eg.stats["draft_forwards_per_image"] > 0 and eg.stats["target_forwards_per_image"] <= spec.n_tokens
+
+
 def test_tree_verify_profiles_and_seam():
     """Its TensorRT profile is the declared one; only its declaration, the model and the method that runs
     it name the kind (no runner, exporter or verify branch)."""
