@@ -639,6 +639,37 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
     _print_manifest(manifest, console, brief=True)
 
 
+@cli.command("build-head")
+@click.argument("head")
+@click.option("--model", "model_name", required=True, help="The target model the head drafts for (its width, vocabulary, "
+              "grid and, for released drafters without one, output projection).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Head directory to write (new).")
+@click.option("--verify-len", type=int, default=16, show_default=True, help="Most pairs per head call (tree level or catch-up).")
+@click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Rows per call (CFG: 2 rows per image); the largest is the limit.")
+@click.option("--extra-slots", type=int, default=64, show_default=True, help="Head cache slots beyond one per image token (tree levels).")
+def build_head(head, model_name, out_dir, verify_len, batch_sizes, extra_slots):
+    """Export the EAGLE draft head HEAD (demo-eagle, a released drafter directory or a .safetensors file) as
+    an ONNX `draft_head` step with its own static cache, checked against the PyTorch head on ONNX Runtime;
+    `--draft-head OUT` then runs it on ONNX Runtime beside any backend's target.
+
+    \b
+    Example:
+      arexport build-head demo-eagle --model demo --out engines/demo-eagle
+    """
+    from arexport.exporter.head import build_head_engine
+    from arexport.models.registry import load_model
+
+    loaded = load_model(model_name)
+    spec = loaded.spec
+    out_w = getattr(loaded.model, "output", None)
+    info = build_head_engine(head, out_dir, spec.dim, spec.vocab_size, spec.grid_size, spec.n_tokens,
+                             lm_head=None if out_w is None else out_w.weight.detach().float(), max_q=verify_len,
+                             max_batch=max(_int_list(batch_sizes, "--batch-sizes")), extra_slots=extra_slots,
+                             report=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {out_dir}: draft_head step, {info['slots']} cache slots, ORT vs torch max error "
+               f"{max(info['check']['max_abs_error'].values()):.1e}")
+
+
 @cli.command()
 @click.argument("engine_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")

@@ -146,6 +146,11 @@ class EagleHead(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision of its hidden states."""
+        return self.fc.weight.dtype
+
     def cache_shape(self, batch: int, slots: int) -> tuple[int, int, int, int]:
         return (batch, self.cfg.n_kv_head, slots, self.cfg.head_dim)
 

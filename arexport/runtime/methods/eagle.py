@@ -119,13 +119,14 @@ class EagleDecoder(Decoder):
         tree_slots = N if self.static is not None else o.depth * o.top_k
         hslots = spec.n_tokens + max(N, tree_slots) + self.max_depth + 2  # committed pairs, a catch-up, the tree levels
         k, v = self.head.allocate(rows, hslots)
+        hslots = k[0].shape[2]  # an exported head's static cache may be longer than needed
         self.hcache = s.cache(KVCache(k, v, torch.zeros(rows, dtype=torch.long, device=s.device),
                                       torch.ones(rows, hslots, dtype=torch.bool, device=s.device)))
         self.tokens = s.image_tensor((spec.n_tokens + 1,))
         self.n = s.image_tensor(())  # committed tokens
         self.pc = s.image_tensor(())  # pending head pairs (hidden states in self.ph)
         self.pend = s.image_tensor(())  # committed tokens before the root without target K/V (VVS skips)
-        self.ph = s.row_tensor((self.max_depth + 1, hc.dim), self.head.fc.weight.dtype)
+        self.ph = s.row_tensor((self.max_depth + 1, hc.dim), self.head.dtype)
 
     def start(self, a, b, conds):
         rows = self.cfg.conditions(self.engine, conds)
@@ -387,11 +388,16 @@ def _static_level_mask(committed, base, anc, level, N):
 
 
 def load_head(opts, spec, device):
-    """The head named by --draft-head, checked against the target's width and vocabulary."""
+    """The head named by --draft-head, checked against the target's width and vocabulary: an exported head
+    directory (`arexport build-head`) runs on ONNX Runtime, anything else in PyTorch."""
     from arexport.runtime.backends import backend_package
 
     if not opts.draft_head:
         raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo)")
+    from arexport.runtime.backends.ort.head import OrtDraftHead, is_head_directory
+
+    if is_head_directory(opts.draft_head):
+        return OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
     return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
 
 

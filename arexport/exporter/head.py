@@ -1,0 +1,95 @@
+"""An EAGLE draft head as its own small engine directory: the `draft_head` step kind exported to ONNX.
+
+Layout (`HEAD_FORMAT`): `draft_head.onnx` (the declared step: hidden [B, q, dim], tokens, positions,
+write_index, attn_mask and the head's per-layer cache -> logits, hidden_out and the updated cache), its
+weights file, and `head.json` (the head's config in the released drafter's keys, the static cache length
+`slots`, the query and batch limits, and the export check's errors). The ORT runner of such a directory is
+`arexport.runtime.backends.ort.head`; `--draft-head DIR` picks it up, so the head runs beside any
+backend's target without PyTorch modules on the hot path.
+
+Before the directory is written, the graph is run on ONNX Runtime against the PyTorch head on random
+inputs (a tree-shaped mask, a cache already holding pairs) and refused beyond `TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from arexport.errors import ArexportError
+
+HEAD_FORMAT = "arexport-draft-head/1"
+HEAD_FILE = "head.json"
+TOLERANCE = 1e-3  # max |ORT - torch| on the logits and hidden states (fp32)
+
+
+def build_head_engine(source: str, out: str | Path, target_dim: int, target_vocab: int, grid_size: int, n_tokens: int,
+                      lm_head: Optional[torch.Tensor] = None, max_q: int = 16, max_batch: int = 8,
+                      extra_slots: int = 64, report=lambda s: None) -> dict:
+    """Export the head named by `source` (as --draft-head reads it) for a target of width `target_dim`,
+    vocabulary `target_vocab`, `n_tokens` image tokens; returns head.json's content. An existing `out` is
+    refused, never replaced."""
+    from arexport.exporter.export import WeightStore, export_step_kind
+    from arexport.fileio import atomic_directory
+    from arexport.format.stepkinds import get_step_kind
+    from arexport.models.eagle import load_eagle_head
+
+    if not (1 <= max_q <= 256 and 1 <= max_batch <= 1024 and 0 <= extra_slots <= 4096):
+        raise ArexportError(f"draft head engine: --verify-len {max_q} (1..256), batch {max_batch} (1..1024) and "
+                            f"--extra-slots {extra_slots} (0..4096) out of range")
+    head = load_eagle_head(source, target_dim=target_dim, target_vocab=target_vocab, lm_head=lm_head,
+                           grid_size=grid_size).float().eval()
+    slots = n_tokens + extra_slots
+    spec = head.spec(slots)
+    kind = get_step_kind("draft_head")
+    with atomic_directory(out, report=report) as tmp:
+        store = WeightStore(tmp)
+        try:
+            report(f"exporting the draft_head step graph (q up to {max_q}, {slots} cache slots)")
+            g = export_step_kind(head, kind, spec, tmp, store, torch.float32, max_q=max(max_q, kind.min_max_q),
+                                 max_batch=max_batch)
+        finally:
+            store.close()
+        err = _check(head, tmp / g.file, slots, min(max_q, 4))
+        if max(err.values()) > TOLERANCE:
+            raise ArexportError(f"the exported draft head differs from the PyTorch head by {max(err.values()):.2e} "
+                                f"(> {TOLERANCE}): {err}")
+        info = {"format": HEAD_FORMAT, "graph": g.file, "weights": store.filename, "config": head.cfg.to_official(),
+                "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": str(source),
+                "check": {"max_abs_error": err, "tolerance": TOLERANCE}}
+        (tmp / HEAD_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _check(head, path: Path, slots: int, q: int) -> dict:
+    """Max abs error of the ORT graph against the PyTorch head: 2 rows, q new pairs after some committed
+    ones, the first row under a causal mask, the second seeing only every other new pair (a tree level)."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(0)
+    c = head.cfg
+    b = 2
+    hidden = torch.randn(b, q, c.dim, generator=g)
+    tokens = torch.randint(0, c.vocab_size, (b, q), generator=g)
+    write = torch.tensor([3, 7])
+    positions = write[:, None] + torch.arange(q)[None, :]
+    s = torch.arange(slots)
+    mask = (s[None, None, :] <= positions[:, :, None]).clone()
+    mask[1] &= ~((s[None, :] >= write[1]) & ((s[None, :] - write[1]) % 2 == 1) & (s[None, :] < write[1] + q - 1))
+    mask = mask[:, None]
+    keys, values = head.allocate(b, slots)
+    for t in keys + values:
+        t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    feeds = {"hidden": hidden.numpy(), "tokens": tokens.numpy(), "positions": positions.numpy(),
+             "write_index": write.numpy(), "attn_mask": mask.numpy()}
+    for i, (k, v) in enumerate(zip(keys, values)):
+        feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k.numpy().copy(), v.numpy().copy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits, out = sess.run(["logits", "hidden_out"], feeds)
+    with torch.no_grad():
+        ref_logits, ref_out, _, _ = head.step(hidden, tokens, positions, write, mask, keys, values)
+    return {"logits": float(np.abs(logits - ref_logits.numpy()).max()), "hidden": float(np.abs(out - ref_out.numpy()).max())}

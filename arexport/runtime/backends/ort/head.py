@@ -1,0 +1,92 @@
+"""An exported EAGLE draft head (`arexport build-head`, arexport.exporter.head) run on ONNX Runtime.
+
+`OrtDraftHead` offers what the eagle decoders call on a PyTorch head (`cfg.dim`, `dtype`, `allocate`,
+`step`), so `--draft-head DIR` works beside any backend's target with no PyTorch module on the hot path.
+The graph's cache length is static (`slots` in head.json): `allocate` hands out buffers of exactly that
+length and refuses a decoder that needs more. The updated cache comes back as the graph's `present_*`
+outputs and is copied into the caller's buffers (the decoder's static cache stays the one it allocated).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+
+from arexport.errors import ArexportError
+
+HEAD_FORMAT = "arexport-draft-head/1"  # what arexport.exporter.head writes
+HEAD_FILE = "head.json"
+
+
+def is_head_directory(path: str) -> bool:
+    return (Path(path) / HEAD_FILE).is_file()
+
+
+class OrtDraftHead:
+    """A draft-head directory's ONNX Runtime session; tensors in and out are torch on `device` (CPU)."""
+
+    def __init__(self, directory: str, target_dim: int, target_vocab: int, device: str = "cpu", threads: Optional[int] = None):
+        from arexport.runtime.backends.ort.loader import _ort
+
+        d = Path(directory)
+        try:
+            info = json.loads((d / HEAD_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ArexportError(f"draft head directory {d}: unreadable {HEAD_FILE} ({e})") from None
+        if info.get("format") != HEAD_FORMAT:
+            raise ArexportError(f"draft head directory {d}: format {info.get('format')!r}, expected {HEAD_FORMAT}")
+        if torch.device(device).type != "cpu":
+            raise ArexportError(f"an exported draft head runs on ONNX Runtime's CPU provider here, not {device}: pass the "
+                                "head's .safetensors file or released directory to run it in PyTorch on that device")
+        c = info["config"]
+        self.cfg = SimpleNamespace(dim=int(c["hidden_size"]), n_layer=int(c.get("num_hidden_layers", 1)),
+                                   n_kv_head=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
+                                   head_dim=int(c["hidden_size"]) // int(c["num_attention_heads"]),
+                                   vocab_size=int(c["vocab_size"]))
+        if self.cfg.dim != target_dim:
+            raise ArexportError(f"draft head {d} has width {self.cfg.dim}; the target's hidden state has width {target_dim}")
+        if self.cfg.vocab_size != target_vocab:
+            raise ArexportError(f"draft head {d} has a vocabulary of {self.cfg.vocab_size}; the target's is {target_vocab}")
+        self.slots, self.max_q, self.max_batch = int(info["slots"]), int(info["max_q"]), int(info["max_batch"])
+        self.dtype = torch.float32
+        ort = _ort()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(d / info["graph"]), opts, providers=["CPUExecutionProvider"])
+        self.present = [f"present_{k}_{i}" for i in range(self.cfg.n_layer) for k in ("key", "value")]
+        self.calls = 0
+
+    def allocate(self, batch: int, slots: int):
+        """Zeroed per-layer K and V buffers [batch, H_kv, self.slots, D]; `slots` is what the caller needs."""
+        if slots > self.slots:
+            raise ArexportError(f"the decoder needs {slots} draft-head cache slots; this exported head has {self.slots}: "
+                                "rebuild it with a larger --extra-slots")
+        if batch > self.max_batch:
+            raise ArexportError(f"{batch} rows exceed the exported draft head's batch limit {self.max_batch}: rebuild it "
+                                "with larger --batch-sizes")
+        shape = (batch, self.cfg.n_kv_head, self.slots, self.cfg.head_dim)
+        return ([torch.zeros(shape) for _ in range(self.cfg.n_layer)], [torch.zeros(shape) for _ in range(self.cfg.n_layer)])
+
+    def step(self, hidden, tokens, positions, write_index, attn_mask, keys, values):
+        """As EagleHead.step: (logits [B,q,V] fp32, out hidden [B,q,dim], keys, values), K/V written in place."""
+        q = tokens.shape[1]
+        if q > self.max_q:
+            raise ArexportError(f"a draft-head call of {q} pairs exceeds the exported head's limit {self.max_q}: rebuild "
+                                "it with a larger --verify-len")
+        feeds = {"hidden": hidden.detach().float().contiguous().numpy(), "tokens": tokens.long().numpy(),
+                 "positions": positions.long().numpy(), "write_index": write_index.long().numpy(),
+                 "attn_mask": attn_mask.bool().numpy()}
+        for i, (k, v) in enumerate(zip(keys, values)):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k.numpy(), v.numpy()
+        outs = self.session.run(["logits", "hidden_out", *self.present], feeds)
+        for buf, new in zip([t for kv in zip(keys, values) for t in kv], outs[2:]):
+            buf.copy_(torch.from_numpy(np.asarray(new)))
+        self.calls += 1
+        return torch.from_numpy(outs[0]), torch.from_numpy(outs[1]), keys, values
