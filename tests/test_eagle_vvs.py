@@ -246,3 +246,46 @@ def test_profile_with_a_head(tmp_path):
     res = json.loads(out.read_text())["results"][0]
     assert res["steps"]["tree"]["count"] == res["target_forwards_per_image"] - 1 < 63  # the prefill is the other one
     assert res["mean_accepted_length"] > 1
+
+
+def test_exported_head_runs_on_ort_beside_the_target(demo, tmp_path):
+    """`arexport build-head` exports demo-eagle's draft_head step (checked against torch when written); eagle
+    with `--draft-head DIR` runs it on ONNX Runtime (no PyTorch head) and gives the PyTorch head's greedy
+    tokens; vvs takes it too; a head too short for the decoder, or for another target, is refused by name."""
+    import json
+
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+    from arexport.errors import ArexportError
+    from arexport.runtime.backends.ort.head import OrtDraftHead
+    from arexport.runtime.sampling import SamplingParams
+
+    pytest.importorskip("onnxruntime")
+    lm, gen = demo
+    out = tmp_path / "head"
+    r = CliRunner().invoke(cli, ["build-head", "demo-eagle", "--model", "demo", "--out", str(out), "--verify-len", "8",
+                                 "--batch-sizes", "4", "--extra-slots", "24"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "head.json").read_text())
+    assert max(info["check"]["max_abs_error"].values()) < 1e-4
+    r = CliRunner().invoke(cli, ["build-head", "demo-eagle", "--model", "demo", "--out", str(out)])
+    assert r.exit_code != 0 and (out / "head.json").exists()  # an existing directory is refused, not replaced
+    calls = []
+    orig = OrtDraftHead.step
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(OrtDraftHead, "step", lambda self, *a: calls.append(1) or orig(self, *a))
+    try:
+        kw = dict(classes=[2, 6], sampling=SamplingParams(temperature=0.0, cfg_scale=1.5), seed=0, images=False, timings=False)
+        ref = gen.generate(method="eagle", method_options={"draft_head": "demo-eagle", "tree": "static"}, **kw)
+        ort = gen.generate(method="eagle", method_options={"draft_head": str(out), "tree": "static"}, **kw)
+        vv = gen.generate(method="vvs", method_options={"draft_head": str(out), "tree": "static", "choices": "0;1;0,0"},
+                          classes=[4], seed=1, images=False, timings=False)
+    finally:
+        monkey.undo()
+    assert np.array_equal(ref.tokens, ort.tokens) and len(calls) > 0 and vv.stats["skipped_rounds"] > 0
+    with pytest.raises(ArexportError, match="draft-head cache slots"):
+        gen.generate(method="eagle", method_options={"draft_head": str(out), "tree": "dynamic", "depth": 30, "top_k": 2},
+                     classes=[1], seed=0, images=False, timings=False)
+    with pytest.raises(ArexportError, match="width 96"):
+        OrtDraftHead(str(out), target_dim=64, target_vocab=17)
