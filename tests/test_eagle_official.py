@@ -52,7 +52,7 @@ def _official_head(sd, cfg, hidden, ids, seq_pos):
     x = torch.nn.functional.linear(torch.cat([sd["embed_tokens.weight"][ids], hidden], -1), sd["fc.weight"], sd["fc.bias"])
     b, s, d = x.shape
     nh, hd = cfg.n_head, d // cfg.n_head
-    fc = _official_freqs(cfg.grid_size, hd)[seq_pos]
+    fc = _official_freqs(cfg.grid_size, hd, cls=119)[seq_pos]  # t2i heads: cls_token_num = 119 (lines 566-569)
     causal = torch.full((s, s), torch.finfo(torch.float32).min).triu(1)
 
     def rms(v, w):
@@ -89,10 +89,12 @@ def test_head_logits_match_the_official_forward(shift):
     b, s, t0 = 2, 6, 13  # positions cross a grid row: RoPE is relative only within a row
     hidden, ids = torch.randn(b, s, cfg.dim, generator=g), torch.randint(0, 37, (b, s), generator=g)
     keys, values = head.allocate(b, 20)
-    pos = (t0 + torch.arange(s)).expand(b, s)  # pair (h_t, x_t+1) at grid cell t
+    pos = (t0 + torch.arange(s)).expand(b, s)  # the cells of the fed tokens
     mask = (torch.arange(20)[None, :] >= t0) & (torch.arange(20)[None, :] <= t0 + torch.arange(s)[:, None])
     logits, out, _, _ = head.step(hidden, ids, pos, torch.full((b,), t0), mask.expand(b, 1, s, 20), keys, values)
-    ref_logits, ref_out = _official_head(sd, cfg, hidden, ids, 120 + t0 + torch.arange(s) + shift)  # t2i: 120 cond slots
+    # topK_genrate numbers the shifted pairs from 0: the pair feeding token j (h of the 120 caption slots'
+    # last for j = 0) is sequence index 119 + j, i.e. cell j after the 119 zero rows
+    ref_logits, ref_out = _official_head(sd, cfg, hidden, ids, 119 + t0 + torch.arange(s) + shift)
     close = torch.allclose(logits, ref_logits, atol=1e-5) and torch.allclose(out, ref_out, atol=1e-5)
     assert close == (shift == 0)
 

@@ -289,3 +289,25 @@ def test_exported_head_runs_on_ort_beside_the_target(demo, tmp_path):
                      classes=[1], seed=0, images=False, timings=False)
     with pytest.raises(ArexportError, match="width 96"):
         OrtDraftHead(str(out), target_dim=64, target_vocab=17)
+
+
+def test_head_pairs_sit_at_the_cells_of_the_tokens_they_feed(demo, monkeypatch):
+    """Every catch-up (the first head call after the prefill or a target call) feeds committed tokens at their
+    own cells, starting with (h_cond, token 0) at cell 0 in the first round (the official position ids)."""
+    from arexport.models.eagle import EagleHead
+    from arexport.runtime.sampling import SamplingParams
+
+    _, gen = demo
+    log = []
+    step, run = EagleHead.step, type(gen.engine).run
+    monkeypatch.setattr(EagleHead, "step", lambda self, h, t, p, *a, **k: log.append(("head", t.clone(), p.clone()))
+                        or step(self, h, t, p, *a, **k))
+    monkeypatch.setattr(type(gen.engine), "run", lambda self, kind, *a, **k: log.append(("target",)) or run(self, kind, *a, **k))
+    res = gen.generate(classes=[5], method="eagle", method_options={"draft_head": "demo-eagle"},
+                       sampling=SamplingParams(cfg_scale=1.0), seed=3, images=False, timings=False)
+    final = torch.as_tensor(np.asarray(res.tokens[0])).long()
+    catch = [e for prev, e in zip(log, log[1:]) if prev[0] == "target" and e[0] == "head"]
+    assert len(catch) == res.stats["target_forwards_per_image"] - 1 and int(catch[0][2][0, 0]) == 0
+    ok = [bool((final[p[0]] == t[0]).all()) for _, t, p in catch]
+    shifted = [bool((final[(p[0] + 1).clamp(max=63)] == t[0]).all()) for _, t, p in catch]  # control: the old cell t - 1
+    assert all(ok) and not all(shifted)
