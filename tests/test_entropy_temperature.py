@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -80,3 +82,39 @@ def test_per_row_in_one_batch(demo):
             got[f.tag] = f.tokens.cpu().numpy()
     assert (got[0] == alone_on[0]).all() and (got[1] == alone_off[0]).all()
     assert (got[2] == alone_off[1]).all() and (got[3] == alone_on[1]).all()
+
+
+def test_http_field(demo):
+    """`entropy_temperature` over HTTP (POST /generate and /v1/images/generations share the field):
+    true gives the tokens of SamplingParams(entropy_temperature=True), absent the model's default;
+    a value that is not a JSON boolean is a 422 naming the field."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    gen = Generator(TorchEngine(demo))
+    base = gen.sampling_params()
+    alone = {on: gen.generate(classes=[3, 8], method="ar", sampling=dict(entropy_temperature=on), seed=4, images=False,
+                              timings=False).tokens for on in (True, False)}
+    assert not (alone[True] == alone[False]).all()
+    svc = GenerationService(gen, batching="continuous", max_batch=4)
+    try:
+        with BackgroundServer(create_app(svc, max_images=4)) as url:
+            def post(**extra):
+                return httpx.post(f"{url}/generate", json={"classes": [3, 8], "seed": 4, "format": "tokens", **extra},
+                                  timeout=120)
+
+            for extra, want in (({"entropy_temperature": True}, True), ({}, base.entropy_temperature),
+                                ({"entropy_temperature": False}, False)):
+                r = post(**extra)
+                assert r.status_code == 200, r.text
+                assert (np.array(r.json()["tokens"]) == alone[want]).all(), extra
+            for bad in ("yes", 1, [True]):
+                r = post(entropy_temperature=bad)
+                assert r.status_code == 422 and "entropy_temperature" in r.json()["error"], (bad, r.text)
+    finally:
+        svc.close()
