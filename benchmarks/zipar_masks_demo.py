@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Why ZipAR at window 2 loses accuracy on the 8x8 digits demo: the decoding order, not the masks.
+"""Why ZipAR at window 2 loses accuracy on the 8x8 digits demo: the official stand-in, not the masks.
 
     python benchmarks/zipar_masks_demo.py --images 1000
 
