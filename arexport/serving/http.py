@@ -43,7 +43,7 @@ def _request_fields():
     /v1/images/generations share: seed, method, options, the sampling fields and timeout."""
     from typing import Annotated, Any
 
-    from pydantic import BaseModel, Field, StrictInt
+    from pydantic import BaseModel, Field, StrictBool, StrictInt
 
     ClassId = Annotated[StrictInt, Field(ge=0, lt=2**31)]  # JSON integers only: no true, "3" or 1e23
 
@@ -58,6 +58,8 @@ def _request_fields():
         temperature: Optional[float] = None
         top_k: Optional[StrictInt] = Field(None, ge=0, lt=2**31)
         top_p: Optional[float] = None
+        entropy_temperature: Optional[StrictBool] = Field(
+            None, description="Entropy-aware per-token temperature (ARsample); null: the model's default")
         timeout: Optional[float] = Field(None, gt=0, le=86400)
 
     return ClassId, RunFields
@@ -183,7 +185,8 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
         try:
             sampling = service.gen.sampling_params(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                                    cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
-                                                   cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
+                                                   cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power,
+                                                   entropy_temperature=body.entropy_temperature)
             future = service.submit(body.classes, method=method, options=body.options, sampling=sampling,
                                     seed=body.seed, images=body.format == "png", timeout=body.timeout,
                                     captions=captions, caption_mask=mask, prompts=prompts)

@@ -15,7 +15,8 @@ arexport extensions (top-level JSON fields; with the openai client pass them in 
   seed             request seed, 0 <= seed < 2**63 (image i uses the runtime's image_seed(seed, i));
                    default 0, so the same request gives the same images
   method, options  decoding method and its options, as POST /generate
-  cfg_scale, cfg_interval, cfg_schedule, cfg_power, temperature, top_k, top_p   sampling, as /generate
+  cfg_scale, cfg_interval, cfg_schedule, cfg_power, temperature, top_k, top_p,
+  entropy_temperature   sampling, as /generate
   timeout          seconds, as /generate
 The answer is OpenAI's {"created", "data": [{"b64_json": PNG}]} plus "arexport": {"model", "method",
 "seed", "seconds"}. Images equal those of POST /generate, the Python service and `arexport generate`
@@ -172,7 +173,8 @@ def register(app, service, max_images: int) -> None:
         try:
             sampling = service.gen.sampling_params(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
                                                    cfg_scale=body.cfg_scale, cfg_interval=body.cfg_interval,
-                                                   cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power)
+                                                   cfg_schedule=body.cfg_schedule, cfg_power=body.cfg_power,
+                                                   entropy_temperature=body.entropy_temperature)
             future = service.submit(classes, method=method, options=body.options, sampling=sampling, seed=body.seed,
                                     images=True, timeout=body.timeout, prompts=prompts)
         except DeadlineUnreachable as e:

@@ -24,7 +24,10 @@ keys and values, which still take softmax weight); here those slots are hidden, 
 exactly the tokens generated before it.
 
 ZipAR is lossy: its tokens are not distributed as raster AR's (a row is sampled before the row above
-it is complete). `window >= W` would be raster AR; the official code's bookkeeping breaks there, so
+it is complete). The stand-in is the vertical neighbour of the slot it fills only once row r - 2 is
+complete when row r starts, i.e. for window >= W / 2; below that it is a token from the middle of
+row r - 2 placed at the end of row r - 1, and quality drops (benchmarks/zipar_masks_demo.py: on the
+8x8 demo window 2 loses about 12 points of accuracy with either mask, window 4 about 0.5). `window >= W` would be raster AR; the official code's bookkeeping breaks there, so
 windows are limited to [2, W - 1].
 
 Images of one batch may sit at different steps: the batch step feeds the largest query count and
