@@ -199,6 +199,16 @@ class GenerationService:
             self.metrics.requests.labels(r.method.name, "cancelled").inc()
 
     @property
+    def outstanding(self) -> int:
+        """Images queued or running now (what admission bounds; replicas are placed by it)."""
+        return self._outstanding
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests not yet given to a lane."""
+        return self._queue.qsize() + len(self._pending)
+
+    @property
     def load(self) -> dict:
         """Admission state for /healthz: outstanding images against the bound, lanes, memory."""
         try:
