@@ -1122,7 +1122,7 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
               help="Most batches kept at once (one per method and options; sampling is per image); idle ones are evicted.")
 @click.option("--devices", help="Several devices in this process, comma separated (cpu,cpu or cuda:0,cuda:1; replaces "
               "--device): one replica per device, requests placed by load, or with --device-split cfg two devices "
-              "sharing each guided step (docs/serving.md, 'Several devices').")
+              "sharing each guided step (README, 'Scaling out').")
 @click.option("--device-split", type=click.Choice(["replicas", "cfg"]), default="replicas", show_default=True,
               help="With --devices: 'replicas' (a whole service per device) or 'cfg' (conditional rows on the first "
               "device, unconditional rows on the second, each step run on both at once).")

@@ -80,6 +80,12 @@ def test_split_cache_views_map_rows_to_their_part():
     assert float(cache.parts[0].keys[0][1].max()) == 5.0
 
 
+def test_split_refuses_eagle_with_a_named_error(split):
+    """EAGLE edits the cache buffers itself (its tree commit): refused, never a wrong image."""
+    with pytest.raises(ArexportError, match="tree_verify step cannot run on a CFG split"):
+        split.generate(classes=[1, 2], method="eagle", method_options={"draft_head": "demo-eagle"}, seed=1, images=False)
+
+
 def test_split_refuses_mismatched_engines_and_device_lists():
     a = Generator.load("demo").engine
     b = Generator.load("demo-draft").engine

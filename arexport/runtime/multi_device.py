@@ -15,17 +15,18 @@ declared outputs (logits [B, q, V], hidden states) come back. What a row compute
 row computes on a single engine of the same kind, so a seed's tokens are the same (tests/
 test_serving_multi_device.py pins it on two CPU "devices").
 
-Latency model (per engine call, docs/serving.md "Several devices"): a single device runs 2b rows
+Latency model (per engine call, README "Scaling out"): a single device runs 2b rows
 in t(2b); split, each device runs b rows in t(b) and the b-row half of the logits comes back over
 the link: t_split = t(b) + b * q * V * 4 bytes / bandwidth + a fixed launch/sync cost. It pays
-where t(b) is well under t(2b) (a GPU step that is compute- or weight-bound at this batch), and
-not on shared CPU cores (both halves compete for the same cores: t(b) ~ t(2b) / 2 only with
-separate cores per device).
+where t(b) is well under t(2b) (a step that is compute-bound at this batch), not where a step reads
+the weights whatever the batch (a memory-bound decode at small batch: t(b) ~ t(2b)), nor on shared
+CPU cores (both halves compete for the same cores).
 
-Methods that edit cache buffers directly rather than through engine calls (EAGLE's tree commit
-gathers K/V across rows) cannot run on split caches: `SplitKVCache.keys` holds every part's
-buffers, whose row counts differ from the logical batch, so such an edit fails with an error,
-never a silently wrong image.
+Methods that edit cache buffers directly rather than through engine calls cannot run on split
+caches: EAGLE's tree commit gathers K/V along the accepted path itself, so its `tree_verify` step
+is refused with an ArexportError (serve it with replicas); `SplitKVCache.keys` lists every part's
+buffers, whose row counts differ from the logical batch, so any other such edit fails too, never
+silently.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from arexport.runtime.engine import StepEngine
 from arexport.runtime.kv_cache import KVCache
 
 PARTS = 2  # rows split by parity: CFG's [cond, uncond] pairs land on two devices
+UNSPLITTABLE = {"tree_verify": "EAGLE moves the accepted path's K/V inside the cache buffers itself"}
 
 
 def _part_rows(start: int, stop: int, part: int) -> tuple[int, int]:
@@ -115,7 +117,7 @@ class RowSplitEngine(StepEngine):
         self.profiled_latency = dict(first.profiled_latency)  # a loaded latency profile prices the split engine's steps
         self._latency = dict(first._latency)
         self.devices = [str(e.device) for e in engines]
-        self._pool = ThreadPoolExecutor(max_workers=PARTS, thread_name_prefix="arexport-split")
+        self._pool = ThreadPoolExecutor(max_workers=PARTS - 1, thread_name_prefix="arexport-split")
 
     def step_kinds(self) -> tuple[str, ...]:
         kinds = set(self.engines[0].step_kinds())
@@ -129,32 +131,35 @@ class RowSplitEngine(StepEngine):
                             torch.ones(batch, slots, dtype=torch.bool, device=self.device))
 
     def _forward(self, kind, cache, feeds):
+        if kind.name in UNSPLITTABLE:
+            raise ArexportError(f"the {kind.name} step cannot run on a CFG split: {UNSPLITTABLE[kind.name]}; run this method "
+                                "with one device per replica (serve --devices ... --device-split replicas)")
         if not isinstance(cache, SplitKVCache):
             raise ArexportError("a row-split engine runs on its own caches (allocate them with this engine)")
         for io in (*kind.inputs, *kind.outputs):
             if io.dims[0] != "batch":
                 raise ArexportError(f"step kind {kind.name} has {io.name} without a leading batch dimension: it cannot be split by rows")
         batch = next(iter(feeds.values())).shape[0]
+        if cache.batch != batch:
+            raise ArexportError(f"a step over {batch} rows was given a cache view of {cache.batch} rows")
 
         def part(i: int):
-            rows = cache.rows_of(i, batch)
-            if rows.numel() == 0:
-                return rows, None
+            off = (i - cache.start) % PARTS  # this view's first row on part i; then every PARTS-th
+            if off >= batch:
+                return off, None
             e = self.engines[i]
-            sub = {k: v.index_select(0, rows).to(e.device, non_blocking=True) for k, v in feeds.items()}
-            mine = cache.parts[i]  # this view's rows of part i, from its index 0
-            if mine.batch != rows.numel():
-                raise ArexportError(f"a step over {batch} rows was given a cache view of {cache.batch} rows")
-            return rows, e._forward(kind, mine, sub)
+            sub = {k: v[off::PARTS].to(e.device, non_blocking=True).contiguous() for k, v in feeds.items()}
+            return off, e._forward(kind, cache.parts[i], sub)
 
-        done = [f.result() for f in [self._pool.submit(part, i) for i in range(PARTS)]]
+        later = [self._pool.submit(part, i) for i in range(1, PARTS)]  # the other devices' parts on the pool,
+        done = [part(0)] + [f.result() for f in later]  # the first one's in this thread meanwhile
         out = {}
         for io in kind.outputs:
-            pieces = [(rows, res[io.name]) for rows, res in done if res is not None]
+            pieces = [(off, res[io.name]) for off, res in done if res is not None]
             ref = pieces[0][1]
             full = torch.empty((batch, *ref.shape[1:]), dtype=ref.dtype, device=self.device)
-            for rows, t in pieces:
-                full.index_copy_(0, rows, t.to(self.device))
+            for off, t in pieces:
+                full[off::PARTS] = t.to(self.device)
             out[io.name] = full
         return out
 

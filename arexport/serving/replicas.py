@@ -10,7 +10,7 @@ every replica refuses is the request refused, with the refusal of the least load
 A request runs on one replica from start to end with its own seed stream, and every replica runs
 the same engine kind on the same kind of device, so its tokens are those of the same request on a
 single service (tests/test_serving_multi_device.py runs it under concurrency on two CPU
-"devices"). Latency model (docs/serving.md "Several devices"): replicas add throughput, never
+"devices"). Latency model (README "Scaling out"): replicas add throughput, never
 speed up one request; with r replicas each running its own batch of b images, a request's latency
 is a single device's at the load each replica sees (offered load / r).
 
