@@ -111,6 +111,17 @@ class ReplicaService:
             return fut
         raise first if first is not None else ServiceClosed("no replica")
 
+    def precheck(self, cost: int, timeout) -> None:
+        """Raise when every replica would refuse a request of at least `cost` images (the least loaded
+        one's refusal); see GenerationService.precheck."""
+        first: Optional[Exception] = None
+        for i in self.order():
+            try:
+                return self.replicas[i].precheck(cost, timeout)
+            except Overloaded as e:
+                first = first or e
+        raise first
+
     def generate(self, classes, **kw):
         timeout = kw.get("timeout")
         return self.submit(classes, **kw).result(timeout=None if timeout is None else timeout + 60)
