@@ -335,7 +335,7 @@ class _Guard:
         deadline = loop.time() + self.body_timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await _receive_within(receive, max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 return None, (408, f"request body not received within {self.body_timeout_s:g} s", None)
             if message["type"] == "http.disconnect":
@@ -347,6 +347,16 @@ class _Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+async def _receive_within(receive, seconds: float):
+    """receive() or asyncio.TimeoutError after `seconds`. On 3.11+ without wait_for's task: a body that
+    has already arrived is then read without a trip through the event loop's queue, where under a
+    burst every other new connection is waiting (the refusal would wait behind all of them)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await receive()
+    return await asyncio.wait_for(receive(), seconds)
 
 
 def _error_body(status: int, msg: str, path: str) -> dict:
