@@ -11,7 +11,9 @@ bearer token, 404/405 unknown path or method, 408 a body not sent within BODY_TI
 over the limit, 422 malformed JSON/fields, 429 + Retry-After when the bound on outstanding images
 is reached, 503 + Retry-After when the request cannot finish before its timeout or the server is
 shutting down, 504 on timeout. A rejected request never reaches the worker, so it cannot disturb
-requests in flight; a client that disconnects cancels its request (its rows leave their batch).
+requests in flight; a refusal known from the headers or a peek at the body's timeout and size comes
+before validation (serving/early.py), each 429/503 with `Server-Timing: decision;dur=MS`; a client
+that disconnects cancels its request (its rows leave their batch).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model class itself.
