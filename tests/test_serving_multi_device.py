@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import httpx
 import numpy as np
 import pytest
@@ -104,11 +102,10 @@ def _replicas(n=2, **kw):
 
 def test_replicas_under_concurrency_match_alone_and_share_the_load(single):
     svc = _replicas()
-    try:
-        with ThreadPoolExecutor(6) as pool:
-            futs = [pool.submit(lambda c=c, s=s: svc.submit(c, seed=s, images=False).result(timeout=300)) for c, s in REQS]
-            outs = [f.result(timeout=330) for f in futs]
+    try:  # submitted back to back (submit does not wait): all in flight at once, each placed by the load then
+        futs = [svc.submit(c, seed=s, images=False) for c, s in REQS]
         placed = list(svc.placed)
+        outs = [f.result(timeout=300) for f in futs]
     finally:
         svc.close()
     for (c, s), out in zip(REQS, outs):
