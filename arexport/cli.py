@@ -1153,9 +1153,15 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
               "count); beyond, 429 + Retry-After. Default: 64 full batches.")
 @click.option("--max-lanes", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Most batches kept at once (one per method and options; sampling is per image); idle ones are evicted.")
+@click.option("--devices", help="Several devices in this process, comma separated (cpu,cpu or cuda:0,cuda:1; replaces "
+              "--device): one replica per device, requests placed by load, or with --device-split cfg two devices "
+              "sharing each guided step (README, 'Scaling out').")
+@click.option("--device-split", type=click.Choice(["replicas", "cfg"]), default="replicas", show_default=True,
+              help="With --devices: 'replicas' (a whole service per device) or 'cfg' (conditional rows on the first "
+              "device, unconditional rows on the second, each step run on both at once).")
 def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
           threads, draft, refiner, text_encoder, latency_profile, host, port, batching, max_batch, token_env, max_body_bytes, max_images,
-          insecure_no_auth, max_outstanding, max_lanes):
+          insecure_no_auth, max_outstanding, max_lanes, devices, device_split):
     """Serve ENGINE_DIR over HTTP: POST /generate, GET /healthz, GET /metrics (Prometheus).
 
     \b
@@ -1185,12 +1191,33 @@ def serve(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_
     kw = _model_kwargs(model_name, checkpoint, random_init, init_seed, model_config, image_size, vq_checkpoint)
     if model_name:
         backend = "torch"
-    gen = _load_generator(source, backend, device, threads, draft=_second(draft, refiner), text_encoder=text_encoder,
-                          latency_profile=latency_profile, **kw)
-    service = GenerationService(gen, batching=batching, max_batch=max_batch, max_outstanding=max_outstanding,
-                                max_lanes=max_lanes)
+    def load(dev):
+        return _load_generator(source, backend, dev, threads, draft=_second(draft, refiner), text_encoder=text_encoder,
+                               latency_profile=latency_profile, **kw)
+
+    def open_service(gen, metrics=None):
+        return GenerationService(gen, batching=batching, max_batch=max_batch, max_outstanding=max_outstanding,
+                                 max_lanes=max_lanes, metrics=metrics)
+
+    where = device
+    if devices is None:
+        service = open_service(gen := load(device))
+    else:  # several devices in this process (runtime/multi_device.py, serving/replicas.py)
+        from arexport.runtime import check_devices, split_generator
+        from arexport.serving.replicas import ReplicaService
+
+        devs, where = check_devices(devices.split(",")), devices
+        if device_split == "cfg":
+            if len(devs) != 2:
+                raise ArexportError(f"--device-split cfg takes two devices (conditional, unconditional rows), got {devices!r}")
+            service = open_service(gen := split_generator(load(devs[0]), source, devs[1], backend,
+                                                          **(dict(kw, threads=threads) if backend == "ort" and threads else kw)))
+            where = f"cond rows {devs[0]}, uncond rows {devs[1]}"
+        else:
+            service = ReplicaService.open(lambda d, m: open_service(load(d), m), devs)
+            gen, where = service.gen, f"{len(devs)} replicas on {devices}"
     app = create_app(service, token=token, max_body_bytes=max_body_bytes, max_images=max_images)
-    click.echo(f"serving {gen.spec.name} ({backend} {_precision_label(gen.engine)} {gen.engine.device}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
+    click.echo(f"serving {gen.spec.name} ({backend} {_precision_label(gen.engine)} {where}, {batching} batching, max batch {max_batch}) on http://{host}:{port}"
                + (" with bearer auth" if token else ""), err=True)
     serve_forever(app, host=host, port=port, service=service)
 

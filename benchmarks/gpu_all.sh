@@ -7,6 +7,8 @@
 #    and TensorRT, each eager and with CUDA graphs: ar / sjd / arpg wall clock, fraction of the HBM
 #    floor, image decoder images/s at batch 1, 8, 32 -> gpu_all.json and gpu_all.md in the output
 #    folder, rewritten after every config, so a run stopped early still leaves what it measured.
+# 3. several devices in one process (issue 34, benchmarks/multi_device.py): the CFG row split and 2 replicas
+#    on cuda:0,cuda:1 -> multi_device.json/.md; skipped with its reason where fewer than 2 GPUs exist.
 # What this machine cannot run (TensorRT, onnxruntime-gpu, pytest) is listed as skipped, never a failure.
 # The checkout need not be installed: it goes first on PYTHONPATH. PYTHON picks the interpreter
 # (default python3). `bash benchmarks/gpu_all.sh DIR --device cpu --smoke` checks the script on a CPU.
@@ -30,5 +32,7 @@ else
 fi
 "$py" benchmarks/gpu_all.py --out "$out" "$@"
 profile=$?
-echo "gpu tests exit $tests, profile exit $profile; results in $out (gpu_all.md, gpu_all.json, gpu_tests.txt)"
-[ "$tests" -eq 0 ] && [ "$profile" -eq 0 ]
+"$py" benchmarks/multi_device.py --out "$out" 2>&1 | tee "$out/multi_device.txt"
+multi=${PIPESTATUS[0]}
+echo "gpu tests exit $tests, profile exit $profile, multi-device exit $multi; results in $out (gpu_all.md, gpu_all.json, gpu_tests.txt, multi_device.md)"
+[ "$tests" -eq 0 ] && [ "$profile" -eq 0 ] && [ "$multi" -eq 0 ]

@@ -10,8 +10,10 @@ from arexport.families import Conditions
 from arexport.runtime.engine import StepEngine
 from arexport.runtime.generator import GenerationResult, Generator
 from arexport.runtime.methods.base import method_names
+from arexport.runtime.multi_device import RowSplitEngine, check_devices, open_row_split, split_generator
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime.session import Image, Session, decode_finished
 
-__all__ = ["Conditions", "GenerationResult", "Generator", "Image", "SamplingParams", "Session", "StepEngine",
-           "decode_finished", "method_names"]
+__all__ = ["Conditions", "GenerationResult", "Generator", "Image", "RowSplitEngine", "SamplingParams", "Session",
+           "StepEngine", "check_devices", "decode_finished", "method_names", "open_row_split",
+           "split_generator"]

@@ -11,7 +11,9 @@ bearer token, 404/405 unknown path or method, 408 a body not sent within BODY_TI
 over the limit, 422 malformed JSON/fields, 429 + Retry-After when the bound on outstanding images
 is reached, 503 + Retry-After when the request cannot finish before its timeout or the server is
 shutting down, 504 on timeout. A rejected request never reaches the worker, so it cannot disturb
-requests in flight; a client that disconnects cancels its request (its rows leave their batch).
+requests in flight; a refusal known from the headers or a peek at the body's timeout and size comes
+before validation (serving/early.py), each 429/503 with `Server-Timing: decision;dur=MS`; a client
+that disconnects cancels its request (its rows leave their batch).
 """
 
 # No `from __future__ import annotations` here: FastAPI must see the request model class itself.
@@ -23,11 +25,14 @@ import io
 import json
 import logging
 import math
+import time
 from typing import Literal, Optional
 
 import numpy as np
 
 from arexport.errors import ArexportError
+from arexport.serving import early
+from arexport.serving.early import GENERATION_PATHS
 
 
 def _deps():
@@ -99,7 +104,7 @@ def create_app(service, token: Optional[str] = None, max_body_bytes: int = 1 << 
 
     app = FastAPI(title="arexport", version="1")
     app.add_middleware(_Guard, token=token, max_body_bytes=max_body_bytes, metrics=service.metrics,
-                       body_timeout_s=body_timeout_s)
+                       body_timeout_s=body_timeout_s, service=service)
 
     def err(status: int, msg: str, headers: Optional[dict] = None, path: str = "") -> JSONResponse:
         return JSONResponse(_error_body(status, msg, path), status_code=status, headers=headers)
@@ -267,8 +272,9 @@ class _Guard:
     limit and read timeout, and a count of every response status in /metrics (refusals included).
     Pure ASGI (not BaseHTTPMiddleware) so the endpoint still sees the client's disconnect."""
 
-    def __init__(self, app, token: Optional[str], max_body_bytes: int, metrics, body_timeout_s: float):
+    def __init__(self, app, token: Optional[str], max_body_bytes: int, metrics, body_timeout_s: float, service=None):
         self.app = app
+        self.service = service  # for refusals known before the body is parsed (serving/early.py)
         self.token = token.encode("utf-8") if token is not None else None  # compared as bytes: any token works
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -278,11 +284,15 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status_seen = []
+        t0 = time.perf_counter()
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status_seen.append(message["status"])
                 self.metrics.http.labels(str(message["status"])).inc()
+                if message["status"] in (429, 503):  # a refusal: the server's own time to decide it
+                    ms = 1e3 * (time.perf_counter() - t0)
+                    message = dict(message, headers=[*message.get("headers", []), (b"server-timing", f"decision;dur={ms:.2f}".encode())])
             await send(message)
 
         refusal = self._refuse_headers(scope)
@@ -290,7 +300,13 @@ class _Guard:
         if refusal is not None:
             return await _send_error(counting_send, *refusal, path)
         if scope["method"] == "POST":
+            generation = self.service is not None and path in GENERATION_PATHS
+            refusal = early.before_body(self.service) if generation else None
+            if refusal is not None:  # known from the headers: the body is not read (the connection closes)
+                return await _send_error(counting_send, *refusal, path, close=True)
             body, refusal = await self._read_body(receive)
+            if refusal is None and generation:
+                refusal = early.before_parse(self.service, body, path)
             if refusal is not None:
                 return await _send_error(counting_send, *refusal, path)
             replayed = [False]
@@ -324,7 +340,7 @@ class _Guard:
         deadline = loop.time() + self.body_timeout_s
         while True:
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                message = await _receive_within(receive, max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 return None, (408, f"request body not received within {self.body_timeout_s:g} s", None)
             if message["type"] == "http.disconnect":
@@ -338,20 +354,30 @@ class _Guard:
                 return b"".join(chunks), None
 
 
+async def _receive_within(receive, seconds: float):
+    """receive() or asyncio.TimeoutError after `seconds`. On 3.11+ without wait_for's task: a body that
+    has already arrived is then read without a trip through the event loop's queue, where under a
+    burst every other new connection is waiting (the refusal would wait behind all of them)."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await receive()
+    return await asyncio.wait_for(receive(), seconds)
+
+
 def _error_body(status: int, msg: str, path: str) -> dict:
     """{"error": msg}, or OpenAI's error shape on the OpenAI-compatible /v1 paths."""
     if path.startswith("/v1/"):
         from arexport.serving.openai_api import openai_error
 
-        return openai_error(status, msg, code="invalid_api_key" if status == 401 else None)
+        return openai_error(status, msg, code={401: "invalid_api_key", 429: "rate_limit_exceeded"}.get(status))
     return {"error": msg}
 
 
-async def _send_error(send, status: int, msg: str, headers: Optional[dict], path: str = "") -> None:
+async def _send_error(send, status: int, msg: str, headers: Optional[dict], path: str = "", close: bool = False) -> None:
     raw = [(b"content-type", b"application/json")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     body = json.dumps(_error_body(status, msg, path)).encode()
     raw.append((b"content-length", str(len(body)).encode()))
-    if status in (408, 413):
+    if status in (408, 413) or close:
         raw.append((b"connection", b"close"))  # the rest of the body is not read
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})

@@ -39,13 +39,17 @@ HEADER_TIMEOUT_S = 10.0  # a connection that has not sent a whole request head w
 
 
 def header_timeout_protocol():
-    """uvicorn's h11 protocol, plus: a connection that does not start a request (its whole head
-    received) within HEADER_TIMEOUT_S of opening, or of its previous response, is closed — a client
-    sending headers byte by byte cannot hold a connection for long (uvicorn times out only idle
-    keep-alive connections)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol (httptools' C parser where it is installed, else the pure-Python h11:
+    under a burst the parser runs on the event loop that also answers refusals), plus: a connection
+    that does not start a request (its whole head received) within HEADER_TIMEOUT_S of opening, or of
+    its previous response, is closed — a client sending headers byte by byte cannot hold a connection
+    for long (uvicorn times out only idle keep-alive connections)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools is optional (uvicorn[standard])
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    class HeaderTimeoutProtocol(Base):
         def connection_made(self, transport):
             super().connection_made(transport)
             self._arm_header_timer()

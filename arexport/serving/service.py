@@ -185,6 +185,17 @@ class GenerationService:
         self.metrics.outstanding.set(self._outstanding)
         return req.future
 
+    def precheck(self, cost: int, timeout: Optional[float]) -> None:
+        """Raise the refusal `submit` would give a request of at least `cost` images with `timeout`
+        right now (ServiceClosed, Overloaded, DeadlineUnreachable; ArexportError when it is larger than
+        the bound), counted in /metrics; queue nothing. The HTTP layer calls it before parsing a body
+        (serving/early.py)."""
+        with self._lock:
+            if self._closing:
+                self.metrics.rejected.labels("closed").inc()
+                raise ServiceClosed("the service is shutting down")
+            self._admission(cost, timeout)
+
     def _admission(self, cost: int, timeout: Optional[float]) -> None:
         """Refuse (raise) a request of `cost` images that would exceed the bound or miss its deadline
         (serving/admission.py). Called under the lock."""
@@ -197,6 +208,16 @@ class GenerationService:
         self.metrics.outstanding.set(self._outstanding)
         if r.future.cancelled():
             self.metrics.requests.labels(r.method.name, "cancelled").inc()
+
+    @property
+    def outstanding(self) -> int:
+        """Images queued or running now (what admission bounds; replicas are placed by it)."""
+        return self._outstanding
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests not yet given to a lane."""
+        return self._queue.qsize() + len(self._pending)
 
     @property
     def load(self) -> dict:
