@@ -44,8 +44,10 @@ def make_lumina(d, seed=0, layers=2):
     PreTrainedTokenizerFast(tokenizer_file=str(d / "raw.json"), bos_token="<s>", eos_token="</s>",
                             pad_token="<pad>").save_pretrained(str(d))
     (d / "raw.json").unlink()
-    vq = ChameleonVQVAEConfig(embed_dim=4, num_embeddings=V, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
-                              num_res_blocks=1, attn_resolutions=[])
+    # five levels as released (16 px a token), narrow; attention at 8 px and new channel counts exercise
+    # every decoder part (tests/test_lumina_vqgan.py)
+    vq = ChameleonVQVAEConfig(embed_dim=4, num_embeddings=V, latent_channels=4, base_channels=32,
+                              channel_multiplier=[1, 2, 1, 1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=64)
     cfg = ChameleonConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, vocabulary_map=vocab,
                           vq_config=vq.to_dict(), bos_token_id=0, pad_token_id=1, eos_token_id=2)
@@ -171,4 +173,9 @@ def test_dry_run_prints_the_memory_of_a_7b_engine(tmp_path):
     slots = -(-(128 + 48 * 49 + 15) // 8) * 8
     kv1 = 2 * 32 * 32 * 128 * slots * 2 * 2  # K and V, layers, heads, head_dim, slots, 2 CFG rows, bf16
     assert f"{slots} cache slots" in r.output and f"KV cache {kv1 / 2 ** 30:.2f} GiB" in r.output
-    assert f"KV cache {8 * kv1 / 2 ** 30:.2f} GiB" in r.output and "unported decoder" in r.output
+    assert f"KV cache {8 * kv1 / 2 ** 30:.2f} GiB" in r.output
+    from tests.test_lumina_vqgan import official_param_shapes  # the released vqgan.yaml's decoder, walked by hand
+
+    dec = sum(int(np.prod(s)) for n, s in official_param_shapes(ChameleonConfig().vq_config).items() if "quant_conv" not in n
+              or n.startswith("post_quant_conv"))
+    assert f"{dec / 1e6:.1f} M decoder parameters" in r.output
