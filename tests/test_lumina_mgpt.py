@@ -69,6 +69,13 @@ def lumina_dir(tmp_path_factory):
     return d, model, vocab
 
 
+def official_prompt(vocab, caption):
+    """(conditional prompt ids, unconditional ids) as official_loop documents them."""
+    words = re.findall(r"\w+|[^\w\s]+", f"Generate an image of {PX}x{PX} according to the following prompt:\n{caption}")
+    header = [vocab["<racm3:break>"], vocab["<reserved08802>"], vocab["<reserved08802>"]]
+    return [vocab["<s>"]] + [vocab[w] for w in words] + [vocab["<reserved08706>"]] + header, header
+
+
 def official_loop(model, vocab, caption, cfg, uncond=None, newline=True):
     """Alpha-VLLM/Lumina-mGPT (commit 104abe4) generation, re-derived (greedy in place of sampling):
     - prompt: BOS + 'Generate an image of {w}x{h} according to the following prompt:\\n' + caption + the
@@ -82,9 +89,7 @@ def official_loop(model, vocab, caption, cfg, uncond=None, newline=True):
     - the model's logits are lm_head(hidden states) with image tokens allowed (mask_image_logits off)."""
     img = [vocab[img_name(i)] for i in range(V)]
     nl = vocab["<reserved08799>"]
-    words = re.findall(r"\w+|[^\w\s]+", f"Generate an image of {PX}x{PX} according to the following prompt:\n{caption}")
-    header = [vocab["<racm3:break>"], vocab["<reserved08802>"], vocab["<reserved08802>"]]
-    cond = [vocab["<s>"]] + [vocab[w] for w in words] + [vocab["<reserved08706>"]] + header
+    cond, header = official_prompt(vocab, caption)
     unc = list(uncond if uncond is not None else header)
     out = []
 
