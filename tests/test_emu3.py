@@ -190,6 +190,10 @@ def test_methods_run_on_emu3(emu3_dir, tmp_path):
         r = gen.generate(prompts=prompts[:1], method=method, images=False,
                          method_options={**opts, "verifier": "accept-all"} if method == "gridar" else opts)
         assert r.tokens.shape == (1, SIDE * (SIDE + 1)) and (r.tokens.reshape(SIDE, SIDE + 1)[:, -1] == V).all()
+    for method, opts in (("zipar", {"window": 2}), ("gsd", {"window": 4})):  # rows of w + 1 with EOL; EOL's zero codebook row
+        r = gen.generate(prompts=prompts, method=method, method_options=opts, seed=1, images=False)
+        t = r.tokens.reshape(2, SIDE, SIDE + 1)
+        assert (t[:, :, -1] == V).all() and (t[:, :, :-1] < V).all(), method
 
 
 def test_ort_engine_equals_torch_without_transformers(emu3_dir, tmp_path):
