@@ -196,17 +196,23 @@ def test_methods_run_on_emu3(emu3_dir, tmp_path):
         assert (t[:, :, -1] == V).all() and (t[:, :, :-1] < V).all(), method
 
 
-def test_ort_engine_equals_torch_without_transformers(emu3_dir, tmp_path):
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def emu3_engine(emu3_dir, tmp_path_factory):
     from arexport.exporter.build import BuildOptions, build_engine
     from arexport.models.registry import load_model
 
+    d, _, _ = emu3_dir
+    out = tmp_path_factory.mktemp("emu3-engine") / "eng"
+    build_engine(load_model("emu3-gen", checkpoint=str(d), overrides=OVERRIDES), out, BuildOptions(batch_sizes=[1, 4]))
+    return out
+
+
+def test_ort_engine_equals_torch_without_transformers(emu3_dir, emu3_engine, tmp_path):
+    import subprocess
+    import sys
+
     d, model, proc = emu3_dir
-    loaded = load_model("emu3-gen", checkpoint=str(d), overrides=OVERRIDES)
-    build_engine(loaded, tmp_path / "eng", BuildOptions(batch_sizes=[1, 4]))
-    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    manifest = json.loads((emu3_engine / "manifest.json").read_text())
     assert manifest["export"]["prompter"]["negative_prompt"] == NEGATIVE_PROMPT
     prompts = ["a red dog", "photo of a big green tree house under the rain"]
     b = Generator.load("emu3-gen", checkpoint=str(d), overrides=OVERRIDES).generate(
@@ -214,12 +220,30 @@ def test_ort_engine_equals_torch_without_transformers(emu3_dir, tmp_path):
     code = (  # a fresh interpreter where importing transformers fails
         "import sys, numpy as np; sys.modules['transformers'] = None\n"
         "from arexport.runtime.generator import Generator\nfrom arexport.runtime.sampling import SamplingParams\n"
-        f"g = Generator.load({str(tmp_path / 'eng')!r}, backend='ort')\n"
+        f"g = Generator.load({str(emu3_engine)!r}, backend='ort')\n"
         f"r = g.generate(prompts={prompts!r}, sampling=SamplingParams(temperature=0.0, cfg_scale=3.0))\n"
         f"np.savez({str(tmp_path / 'ort.npz')!r}, tokens=r.tokens, images=r.images)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     a = np.load(tmp_path / "ort.npz")
     assert np.array_equal(a["tokens"], b.tokens) and np.abs(a["images"].astype(int) - b.images.astype(int)).max() <= 1
+
+
+def test_profile_of_an_emu3_engine(emu3_engine, tmp_path):
+    """`arexport profile ENGINE --prompt ... --compare ort:ar,ort:sjd`: step counts of the grid (EOL
+    column included), JSON results for both configurations."""
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    res = CliRunner().invoke(cli, ["profile", str(emu3_engine), "--prompt", "a red dog", "--prompt", "blue cat with a hat",
+                                   "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-bandwidth",
+                                   "--compare", "ort:ar,ort:sjd:window=4", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    ar, sjd = json.loads((tmp_path / "p.json").read_text())["results"]
+    n = SIDE * (SIDE + 1)
+    assert ar["target_forwards_per_image"] == n and ar["steps"]["decode"]["count"] == n - 1  # one batch, one repeat
+    assert sjd["target_forwards_per_image"] < n
+    assert ar["images_per_s"] > 0 and sjd["tokens_per_s"] > 0 and "verify" in sjd["steps"]
 
 
 def test_bad_emu3_input_is_named(emu3_dir, tmp_path):

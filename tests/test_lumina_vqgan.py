@@ -183,12 +183,20 @@ def test_vqgan_ckpt_layout_errors_are_named(lumina_vq, tmp_path):
         load_chameleon_vqgan(str(tmp_path / "pickled.ckpt"), cfg, SIDE, SIDE)
 
 
-def test_images_from_torch_and_an_ort_engine_without_transformers(lumina_vq, tmp_path):
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def lumina_engine(lumina_vq, tmp_path_factory):
     from arexport.exporter.build import BuildOptions, build_engine
     from arexport.models.registry import load_model
+
+    d, _, _ = lumina_vq
+    out = tmp_path_factory.mktemp("lumina-engine") / "eng"
+    build_engine(load_model("lumina-mgpt-7b-768", checkpoint=str(d), overrides=OVERRIDES), out, BuildOptions(batch_sizes=[1, 2]))
+    return out
+
+
+def test_images_from_torch_and_an_ort_engine_without_transformers(lumina_vq, lumina_engine, tmp_path):
+    import subprocess
+    import sys
 
     d, model, sd = lumina_vq
     prompts = ["a red dog", "photo of a big green tree house under the rain"]
@@ -196,19 +204,54 @@ def test_images_from_torch_and_an_ort_engine_without_transformers(lumina_vq, tmp
     ids = torch.from_numpy(ref.tokens).view(2, SIDE, SIDE + 1)[:, :, :SIDE]
     assert ref.images.shape == (2, 16 * SIDE, 16 * SIDE, 3)
     assert np.abs(ref.images.astype(int) - official_decode(sd, model.config.vq_config, ids).astype(int)).max() <= 1
-    build_engine(load_model("lumina-mgpt-7b-768", checkpoint=str(d), overrides=OVERRIDES), tmp_path / "eng",
-                 BuildOptions(batch_sizes=[1, 2]))
-    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    manifest = json.loads((lumina_engine / "manifest.json").read_text())
     assert manifest["source"]["vq_checkpoint"].endswith("vqgan.ckpt")
     code = (  # a fresh interpreter where importing transformers fails
         "import sys, numpy as np; sys.modules['transformers'] = None\n"
         "from arexport.runtime.generator import Generator\nfrom arexport.runtime.sampling import SamplingParams\n"
-        f"g = Generator.load({str(tmp_path / 'eng')!r}, backend='ort')\n"
+        f"g = Generator.load({str(lumina_engine)!r}, backend='ort')\n"
         f"r = g.generate(prompts={prompts!r}, sampling=SamplingParams(temperature=0.0, cfg_scale=3.0))\n"
         f"np.savez({str(tmp_path / 'ort.npz')!r}, tokens=r.tokens, images=r.images)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     a = np.load(tmp_path / "ort.npz")
     assert np.array_equal(a["tokens"], ref.tokens) and np.abs(a["images"].astype(int) - ref.images.astype(int)).max() <= 1
+
+
+def test_served_over_http_from_the_ort_engine(lumina_engine):
+    """/generate (PNG of a prompt) and /v1/images/generations on the engine equal solo runs; sjd too."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from arexport.serving.http import create_app
+    from arexport.serving.server import BackgroundServer
+    from arexport.serving.service import GenerationService
+
+    gen = Generator.load(str(lumina_engine), backend="ort")
+    svc = GenerationService(gen, batching="continuous", max_batch=2)
+    params = svc.default_sampling()
+    try:
+        with BackgroundServer(create_app(svc, max_images=4)) as url, httpx.Client(timeout=120) as client:
+            r = client.post(f"{url}/generate", json={"prompt": "a red dog", "seed": 3})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+            png = np.asarray(Image.open(io.BytesIO(r.content)))
+            r = client.post(f"{url}/generate", json={"prompts": ["a red dog", "blue cat with a hat"], "seed": 4,
+                                                     "method": "sjd", "options": {"window": 4}, "format": "tokens"})
+            assert r.status_code == 200, r.text
+            sjd = np.array(r.json()["tokens"])
+            r = client.post(f"{url}/v1/images/generations", json={"prompt": "blue cat with a hat", "n": 1, "seed": 5,
+                                                                  "response_format": "b64_json"})
+            assert r.status_code == 200, r.text
+            oai = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
+    finally:
+        svc.close()
+    assert np.array_equal(png, gen.generate(prompts=["a red dog"], seed=3, sampling=params).images[0])
+    alone = gen.generate(prompts=["a red dog", "blue cat with a hat"], seed=4, sampling=params, method="sjd",
+                         method_options={"window": 4}, images=False).tokens
+    assert np.array_equal(sjd, alone)
+    assert np.array_equal(oai, gen.generate(prompts=["blue cat with a hat"], seed=5, sampling=params).images[0])
 
 
 def test_every_raster_method_runs_with_images(lumina_vq):
