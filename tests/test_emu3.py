@@ -25,10 +25,12 @@ WORDS = "a dog cat red blue running under the rain with hat big small green phot
 OVERRIDES = {"prompt_slots": 64, "image_area": AREA}
 
 
-def make_emu3(d, seed=0, layers=2):
+def make_emu3(d, seed=0, layers=2, v=V, text=None, vq=None, scale=0.2):
     """A tiny random Emu3 saved in the layout of BAAI/Emu3-Gen-hf: config.json (vocabulary_map with
     '<|visual token NNNNNN|>' entries), model.safetensors, tokenizer.json + tokenizer_config.json and
-    processor_config.json, written by transformers' own save_pretrained."""
+    processor_config.json, written by transformers' own save_pretrained. `v` codebook entries; `text`
+    (Emu3TextConfig fields) and `vq` (an Emu3VQVAEConfig) replace the tiny shapes
+    (benchmarks/t2i_shapes.py writes full-width ones); weights ~ N(0, scale^2)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
                               PreTrainedTokenizerFast)
@@ -36,7 +38,7 @@ def make_emu3(d, seed=0, layers=2):
 
     d.mkdir(parents=True, exist_ok=True)
     words = sorted(set(WORDS) | set(re.findall(r"\w+|[^\w\s]+", POSITIVE_PROMPT + " " + NEGATIVE_PROMPT)))
-    visual = [f"<|visual token {i:06d}|>" for i in range(V)]
+    visual = [f"<|visual token {i:06d}|>" for i in range(v)]
     vocab = {t: i for i, t in enumerate(SPECIAL + words + visual)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -49,18 +51,18 @@ def make_emu3(d, seed=0, layers=2):
     (d / "raw.json").unlink()
     proc = Emu3Processor(image_processor=Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3), tokenizer=fast)
     proc.save_pretrained(str(d))
-    text = Emu3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vq = Emu3VQVAEConfig(codebook_size=V, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 1],
-                         num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
+    text = Emu3TextConfig(**{**dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2), **(text or {})})
+    vq = vq or Emu3VQVAEConfig(codebook_size=v, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+                               num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
     torch.manual_seed(seed)
     model = Emu3ForConditionalGeneration(Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # weights large enough that greedy decoding does not collapse onto one token
         for name, p in model.named_parameters():
             if "norm" not in name and "vqmodel" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(str(d))
     return model, proc
 
