@@ -261,13 +261,13 @@ def test_every_raster_method_runs_with_images(lumina_vq):
     gen = Generator.load("lumina-mgpt-7b-768", checkpoint=str(d), overrides=OVERRIDES)
     prompts = ["a red dog", "blue cat with a hat"]
     runs = {"gridar": {"candidates": 4, "scorer": "tests.test_janus:brightness", "verifier": "accept-all"},
-            "best-of-n": {"candidates": 4, "scorer": "tests.test_janus:brightness"},
+            "best-of-n": {"candidates": 2, "scorer": "tests.test_janus:brightness"},
             "zipar": {"window": 2}, "gsd": {"window": 4}}
     for method, opts in runs.items():
-        r = gen.generate(prompts=prompts, method=method, method_options=opts, seed=2)
-        t = r.tokens.reshape(2, SIDE, SIDE + 1)
+        r = gen.generate(prompts=prompts[:1], method=method, method_options=opts, seed=2)
+        t = r.tokens.reshape(1, SIDE, SIDE + 1)
         assert (t[:, :, -1] == V).all() and (t[:, :, :-1] < V).all(), method
-        assert r.images.shape == (2, 16 * SIDE, 16 * SIDE, 3), method
+        assert r.images.shape == (1, 16 * SIDE, 16 * SIDE, 3), method
     greedy = gen.generate(prompts=prompts, sampling=GREEDY, images=False)
     zipar = gen.generate(prompts=prompts, method="zipar", method_options={"window": 2}, sampling=GREEDY, images=False)
     # greedy ZipAR starts row r + 1 before row r is done (lossy): row 0 is raster AR's, the rest may differ
