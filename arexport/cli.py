@@ -67,7 +67,7 @@ def model_options(f):
         click.option("--checkpoint", type=click.Path(), help="Model weights (.pt/.pth/.safetensors, the layouts LlamaGen, ARPG, "
                      "RAR and VAR release; a transformers save_pretrained directory for janus-pro and emu3-gen)."),
         click.option("--random-init", is_flag=True, help="Random weights (latency work without checkpoints)."),
-        click.option("--vq-checkpoint", type=click.Path(dir_okay=False), help="Image tokenizer checkpoint, for images (LlamaGen VQ-16; MaskGIT-VQGAN for RAR)."),
+        click.option("--vq-checkpoint", type=click.Path(dir_okay=False), help="Image tokenizer checkpoint, for images (LlamaGen VQ-16; MaskGIT-VQGAN for RAR; Chameleon's vqgan.ckpt for Lumina-mGPT)."),
         click.option("--model-config", "model_config", metavar="K=V,...", help="Override config fields, e.g. n_layer=2,dim=256."),
         click.option("--image-size", type=int, help="Output size in pixels (LlamaGen: 256, 384, 512; grid = size/16)."),
         click.option("--init-seed", type=int, default=0, show_default=True, help="Seed of --random-init weights."),

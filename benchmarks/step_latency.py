@@ -84,6 +84,7 @@ def main():
                         overrides=parse_overrides(args.model_config))
         print(f"building {eng_dir} ...", file=sys.stderr)
         build_engine(lm, eng_dir, BuildOptions(precision=args.precision, batch_sizes=[args.batch], verify_len=max(qs), images=False))
+        del lm  # the torch backend below loads its own copy: one fewer set of weights in memory (7B widths)
     ort_engine = open_engine(str(eng_dir), "ort", threads=args.threads)
     torch_engine = open_directory("torch", ort_engine.directory, ort_engine.manifest)
     spec = ort_engine.spec

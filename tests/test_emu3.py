@@ -25,10 +25,12 @@ WORDS = "a dog cat red blue running under the rain with hat big small green phot
 OVERRIDES = {"prompt_slots": 64, "image_area": AREA}
 
 
-def make_emu3(d, seed=0, layers=2):
+def make_emu3(d, seed=0, layers=2, v=V, text=None, vq=None, scale=0.2):
     """A tiny random Emu3 saved in the layout of BAAI/Emu3-Gen-hf: config.json (vocabulary_map with
     '<|visual token NNNNNN|>' entries), model.safetensors, tokenizer.json + tokenizer_config.json and
-    processor_config.json, written by transformers' own save_pretrained."""
+    processor_config.json, written by transformers' own save_pretrained. `v` codebook entries; `text`
+    (Emu3TextConfig fields) and `vq` (an Emu3VQVAEConfig) replace the tiny shapes
+    (benchmarks/t2i_shapes.py writes full-width ones); weights ~ N(0, scale^2)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
                               PreTrainedTokenizerFast)
@@ -36,7 +38,7 @@ def make_emu3(d, seed=0, layers=2):
 
     d.mkdir(parents=True, exist_ok=True)
     words = sorted(set(WORDS) | set(re.findall(r"\w+|[^\w\s]+", POSITIVE_PROMPT + " " + NEGATIVE_PROMPT)))
-    visual = [f"<|visual token {i:06d}|>" for i in range(V)]
+    visual = [f"<|visual token {i:06d}|>" for i in range(v)]
     vocab = {t: i for i, t in enumerate(SPECIAL + words + visual)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -49,18 +51,18 @@ def make_emu3(d, seed=0, layers=2):
     (d / "raw.json").unlink()
     proc = Emu3Processor(image_processor=Emu3ImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3), tokenizer=fast)
     proc.save_pretrained(str(d))
-    text = Emu3TextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vq = Emu3VQVAEConfig(codebook_size=V, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 1],
-                         num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
+    text = Emu3TextConfig(**{**dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2), **(text or {})})
+    vq = vq or Emu3VQVAEConfig(codebook_size=v, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+                               num_res_blocks=1, attn_resolutions=[], hidden_size=32, num_attention_heads=1)
     torch.manual_seed(seed)
     model = Emu3ForConditionalGeneration(Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # weights large enough that greedy decoding does not collapse onto one token
         for name, p in model.named_parameters():
             if "norm" not in name and "vqmodel" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(str(d))
     return model, proc
 
@@ -190,19 +192,29 @@ def test_methods_run_on_emu3(emu3_dir, tmp_path):
         r = gen.generate(prompts=prompts[:1], method=method, images=False,
                          method_options={**opts, "verifier": "accept-all"} if method == "gridar" else opts)
         assert r.tokens.shape == (1, SIDE * (SIDE + 1)) and (r.tokens.reshape(SIDE, SIDE + 1)[:, -1] == V).all()
+    for method, opts in (("zipar", {"window": 2}), ("gsd", {"window": 4})):  # rows of w + 1 with EOL; EOL's zero codebook row
+        r = gen.generate(prompts=prompts, method=method, method_options=opts, seed=1, images=False)
+        t = r.tokens.reshape(2, SIDE, SIDE + 1)
+        assert (t[:, :, -1] == V).all() and (t[:, :, :-1] < V).all(), method
 
 
-def test_ort_engine_equals_torch_without_transformers(emu3_dir, tmp_path):
-    import subprocess
-    import sys
-
+@pytest.fixture(scope="module")
+def emu3_engine(emu3_dir, tmp_path_factory):
     from arexport.exporter.build import BuildOptions, build_engine
     from arexport.models.registry import load_model
 
+    d, _, _ = emu3_dir
+    out = tmp_path_factory.mktemp("emu3-engine") / "eng"
+    build_engine(load_model("emu3-gen", checkpoint=str(d), overrides=OVERRIDES), out, BuildOptions(batch_sizes=[1, 4]))
+    return out
+
+
+def test_ort_engine_equals_torch_without_transformers(emu3_dir, emu3_engine, tmp_path):
+    import subprocess
+    import sys
+
     d, model, proc = emu3_dir
-    loaded = load_model("emu3-gen", checkpoint=str(d), overrides=OVERRIDES)
-    build_engine(loaded, tmp_path / "eng", BuildOptions(batch_sizes=[1, 4]))
-    manifest = json.loads((tmp_path / "eng" / "manifest.json").read_text())
+    manifest = json.loads((emu3_engine / "manifest.json").read_text())
     assert manifest["export"]["prompter"]["negative_prompt"] == NEGATIVE_PROMPT
     prompts = ["a red dog", "photo of a big green tree house under the rain"]
     b = Generator.load("emu3-gen", checkpoint=str(d), overrides=OVERRIDES).generate(
@@ -210,12 +222,30 @@ def test_ort_engine_equals_torch_without_transformers(emu3_dir, tmp_path):
     code = (  # a fresh interpreter where importing transformers fails
         "import sys, numpy as np; sys.modules['transformers'] = None\n"
         "from arexport.runtime.generator import Generator\nfrom arexport.runtime.sampling import SamplingParams\n"
-        f"g = Generator.load({str(tmp_path / 'eng')!r}, backend='ort')\n"
+        f"g = Generator.load({str(emu3_engine)!r}, backend='ort')\n"
         f"r = g.generate(prompts={prompts!r}, sampling=SamplingParams(temperature=0.0, cfg_scale=3.0))\n"
         f"np.savez({str(tmp_path / 'ort.npz')!r}, tokens=r.tokens, images=r.images)\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     a = np.load(tmp_path / "ort.npz")
     assert np.array_equal(a["tokens"], b.tokens) and np.abs(a["images"].astype(int) - b.images.astype(int)).max() <= 1
+
+
+def test_profile_of_an_emu3_engine(emu3_engine, tmp_path):
+    """`arexport profile ENGINE --prompt ... --compare ort:ar,ort:sjd`: step counts of the grid (EOL
+    column included), JSON results for both configurations."""
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    res = CliRunner().invoke(cli, ["profile", str(emu3_engine), "--prompt", "a red dog", "--prompt", "blue cat with a hat",
+                                   "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--no-bandwidth",
+                                   "--compare", "ort:ar,ort:sjd:window=4", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    ar, sjd = json.loads((tmp_path / "p.json").read_text())["results"]
+    n = SIDE * (SIDE + 1)
+    assert ar["target_forwards_per_image"] == n and ar["steps"]["decode"]["count"] == n - 1  # one batch, one repeat
+    assert sjd["target_forwards_per_image"] < n
+    assert ar["images_per_s"] > 0 and sjd["tokens_per_s"] > 0 and "verify" in sjd["steps"]
 
 
 def test_bad_emu3_input_is_named(emu3_dir, tmp_path):

@@ -27,35 +27,42 @@ def img_name(i: int) -> str:
     return "IMGIMG" + "".join(chr(ord("A") + int(c)) for c in str(i)) + "Z"
 
 
-def make_lumina(d, seed=0, layers=2):
+def make_lumina(d, seed=0, layers=2, v=V, text=None, vq=None, vocab_size=None, scale=0.2):
     """A tiny random Lumina-mGPT (Chameleon layout: config.json with vocabulary_map, model.safetensors,
-    tokenizer.json) written by transformers' save_pretrained."""
+    tokenizer.json) written by transformers' save_pretrained. `v` image tokens; `text` (ChameleonConfig
+    fields) and `vq` (a ChameleonVQVAEConfig) replace the tiny shapes; `vocab_size` pads the vocabulary
+    with filler tokens (benchmarks/t2i_shapes.py: 7B shapes); weights ~ N(0, scale^2)."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration, PreTrainedTokenizerFast
     from transformers.models.chameleon.configuration_chameleon import ChameleonVQVAEConfig
 
     d.mkdir(parents=True, exist_ok=True)
     words = sorted(set(WORDS.split()))
-    vocab = {t: i for i, t in enumerate(SPECIAL + [img_name(i) for i in range(V)] + words)}
+    grids = [f"<reserved{8800 + n:05d}>" for n in range(1, 65) if f"<reserved{8800 + n:05d}>" not in SPECIAL]
+    names = SPECIAL + [img_name(i) for i in range(v)] + words + (grids if vocab_size else [])
+    vocab = {t: i for i, t in enumerate(names + [f"<filler{i}>" for i in range((vocab_size or 0) - len(names))])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL + (grids if vocab_size else [])])
     tok.save(str(d / "raw.json"))
     PreTrainedTokenizerFast(tokenizer_file=str(d / "raw.json"), bos_token="<s>", eos_token="</s>",
                             pad_token="<pad>").save_pretrained(str(d))
     (d / "raw.json").unlink()
-    vq = ChameleonVQVAEConfig(embed_dim=4, num_embeddings=V, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
-                              num_res_blocks=1, attn_resolutions=[])
-    cfg = ChameleonConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, vocabulary_map=vocab,
-                          vq_config=vq.to_dict(), bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    # five levels as released (16 px a token), narrow; attention at 8 px and new channel counts exercise
+    # every decoder part (tests/test_lumina_vqgan.py)
+    vq = vq or ChameleonVQVAEConfig(embed_dim=4, num_embeddings=v, latent_channels=4, base_channels=32,
+                                    channel_multiplier=[1, 2, 1, 1, 2], num_res_blocks=1, attn_resolutions=[8], resolution=64)
+    cfg = ChameleonConfig(**{**dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256),
+                             **(text or {}), **dict(vocabulary_map=vocab, vq_config=vq.to_dict(), bos_token_id=0,
+                                                    pad_token_id=1, eos_token_id=2)})
     torch.manual_seed(seed)
     model = ChameleonForConditionalGeneration(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name and "vqmodel" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(str(d))
     return model, vocab
 
@@ -65,6 +72,13 @@ def lumina_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("lumina") / "Lumina-mGPT-tiny"
     model, vocab = make_lumina(d)
     return d, model, vocab
+
+
+def official_prompt(vocab, caption):
+    """(conditional prompt ids, unconditional ids) as official_loop documents them."""
+    words = re.findall(r"\w+|[^\w\s]+", f"Generate an image of {PX}x{PX} according to the following prompt:\n{caption}")
+    header = [vocab["<racm3:break>"], vocab["<reserved08802>"], vocab["<reserved08802>"]]
+    return [vocab["<s>"]] + [vocab[w] for w in words] + [vocab["<reserved08706>"]] + header, header
 
 
 def official_loop(model, vocab, caption, cfg, uncond=None, newline=True):
@@ -80,9 +94,7 @@ def official_loop(model, vocab, caption, cfg, uncond=None, newline=True):
     - the model's logits are lm_head(hidden states) with image tokens allowed (mask_image_logits off)."""
     img = [vocab[img_name(i)] for i in range(V)]
     nl = vocab["<reserved08799>"]
-    words = re.findall(r"\w+|[^\w\s]+", f"Generate an image of {PX}x{PX} according to the following prompt:\n{caption}")
-    header = [vocab["<racm3:break>"], vocab["<reserved08802>"], vocab["<reserved08802>"]]
-    cond = [vocab["<s>"]] + [vocab[w] for w in words] + [vocab["<reserved08706>"]] + header
+    cond, header = official_prompt(vocab, caption)
     unc = list(uncond if uncond is not None else header)
     out = []
 
@@ -171,4 +183,9 @@ def test_dry_run_prints_the_memory_of_a_7b_engine(tmp_path):
     slots = -(-(128 + 48 * 49 + 15) // 8) * 8
     kv1 = 2 * 32 * 32 * 128 * slots * 2 * 2  # K and V, layers, heads, head_dim, slots, 2 CFG rows, bf16
     assert f"{slots} cache slots" in r.output and f"KV cache {kv1 / 2 ** 30:.2f} GiB" in r.output
-    assert f"KV cache {8 * kv1 / 2 ** 30:.2f} GiB" in r.output and "unported decoder" in r.output
+    assert f"KV cache {8 * kv1 / 2 ** 30:.2f} GiB" in r.output
+    from tests.test_lumina_vqgan import official_param_shapes  # the released vqgan.yaml's decoder, walked by hand
+
+    dec = sum(int(np.prod(s)) for n, s in official_param_shapes(ChameleonConfig().vq_config).items() if "quant_conv" not in n
+              or n.startswith("post_quant_conv"))
+    assert f"{dec / 1e6:.1f} M decoder parameters" in r.output

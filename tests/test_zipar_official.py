@@ -154,9 +154,9 @@ def _not_hiding_replaced(plan, device):
     return t
 
 
-def _stand_in_from_row_above(grid, window):
+def _stand_in_from_row_above(grid, window, rows=None):
     """Perturbed: row r's stand-in is the newest token of row r - 1 instead of row r - 2's."""
-    plan = ORIG_PLAN(grid, window)
+    plan = ORIG_PLAN(grid, window, rows)
     return [[zipar_mod.Feed(f.target - grid + window - 1, f.pos, f.target) if f.target % grid == 0 and f.target >= 2 * grid
              else f for f in s] for s in plan]
 

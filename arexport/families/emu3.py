@@ -18,9 +18,6 @@ from arexport.families.janus import JanusFamily
 
 class Emu3Family(JanusFamily):
     name = "emu3"
-    # zipar and gsd assume a plain raster of codebook ids; these grids carry an end-of-line column
-    # (id V, outside the codebook), so neither is offered here yet.
-    methods = tuple(m for m in JanusFamily.methods if m not in ("zipar", "gsd"))
 
     def sampling_defaults(self, spec):
         # baaivision/Emu3 image_generation.py lines 34 and 53-55: guidance 3.0, sampling with top_k 2048

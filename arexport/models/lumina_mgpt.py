@@ -16,8 +16,10 @@ model is Emu3's (models/emu3.py: codebook ids [0, V), EOL = V, text V + 1 + t; t
 graph) over Chameleon's layers (q/k LayerNorm per head). transformers' ChameleonForConditionalGeneration
 masks every image token out of its logits (text generation only), so the head is applied to the
 language model's hidden states here directly, as the official fork does with mask_image_logits off.
-Images: transformers ships only the VQGAN's encoder; the decoder (the official chameleon_vae_ori) is
-not ported, so Lumina-mGPT engines generate tokens and refuse to decode them.
+Images: transformers ships only the VQGAN's encoder; the decoder is models/chameleon_vq.py, read from
+the released `vqgan.ckpt` (Chameleon's tokenizer/vqgan.ckpt, which the official code loads): given by
+--vq-checkpoint, or found as vqgan.ckpt in the checkpoint directory. Without one, tokens generate and
+decoding refuses, naming the file to pass.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from arexport.errors import ArexportError, CheckpointError
 from arexport.hf import load_safetensors_model
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 from arexport.models.catalog import Catalog
+from arexport.models.chameleon_vq import ChameleonVQConfig, ChameleonVQDecoder, load_chameleon_vqgan
 from arexport.models.hf_static import static_cache_layers
 from arexport.models.emu3 import Emu3ImageModel
 
@@ -100,17 +103,20 @@ class LuminaImageModel(Emu3ImageModel):
 
 
 class NoChameleonDecoder(nn.Module):
-    """The codebook (LANTERN / VVS neighbourhoods) without a decoder: decoding refuses, naming why."""
+    """The codebook (LANTERN / VVS neighbourhoods) when no vqgan.ckpt was given: decoding refuses, naming
+    the file it needs (transformers' Chameleon checkpoint holds the VQGAN's encoder, not its decoder)."""
 
     def __init__(self, hf):
         super().__init__()
         self.quantize = hf.model.vqmodel.quantize
 
-    not_exportable = "the Chameleon VQGAN decoder is not in transformers and not ported here (tokens only)"
+    not_exportable = ("the Chameleon VQGAN decoder is not in a transformers checkpoint: pass --vq-checkpoint "
+                      "PATH/vqgan.ckpt (Chameleon's tokenizer/vqgan.ckpt)")
 
     def forward(self, tokens):
-        raise ArexportError("Lumina-mGPT images need the Chameleon VQGAN decoder, which transformers does not ship and "
-                            "arexport has not ported: generate tokens only (images off)")
+        raise ArexportError("Lumina-mGPT images need the Chameleon VQGAN decoder, which a transformers checkpoint does not "
+                            "hold: pass --vq-checkpoint PATH/vqgan.ckpt (or put vqgan.ckpt in the checkpoint directory), "
+                            "or generate tokens only (images off)")
 
     def codebook(self) -> torch.Tensor:
         w = self.quantize.embedding.weight
@@ -152,8 +158,8 @@ class LuminaCatalog(Catalog):
 
         if random_init or checkpoint is None:
             raise ArexportError(f"{cname} loads a transformers save_pretrained directory: pass --checkpoint DIR")
-        if vq_checkpoint is not None or image_size is not None:
-            raise ArexportError(f"{cname}: the size is in the name (lumina-mgpt-7b-512|768|1024); no --vq-checkpoint/--image-size")
+        if image_size is not None:
+            raise ArexportError(f"{cname}: the size is in the name (lumina-mgpt-7b-512|768|1024) or image_px; no --image-size")
         bad = set(overrides or {}) - {"prompt_slots", "image_px"}
         if bad:
             raise ArexportError(f"{cname} takes only prompt_slots and image_px as model overrides, not {', '.join(sorted(bad))}")
@@ -181,11 +187,13 @@ class LuminaCatalog(Catalog):
         heads = text.num_attention_heads
         head_dim = text.hidden_size // heads
         n_tokens = side * (side + 1)
+        vq_cfg = ChameleonVQConfig.from_hf(hf.config.vq_config)
+        image_px = side * 2 ** (len(vq_cfg.channel_multiplier) - 1)  # 16 px a token with the released 5 levels
         spec = ModelSpec(
             name=cname, family="lumina-mgpt", model_type="t2i", vocab_size=V + 1, n_tokens=n_tokens, grid_size=side + 1,
             cond_len=slots, num_classes=0, caption_dim=0, n_layer=text.num_hidden_layers, n_head=heads,
             n_kv_head=text.num_key_value_heads, head_dim=head_dim, dim=text.hidden_size, n_cache_layers=text.num_hidden_layers,
-            s_max=s_max_for(slots, n_tokens), image=ImageSpec("lumina-mgpt", side + 1, px, hf.config.vq_config.embed_dim),
+            s_max=s_max_for(slots, n_tokens), image=ImageSpec("lumina-mgpt", side + 1, image_px, vq_cfg.embed_dim),
             extra={"bos_token_id": int(bos), "pad_token_id": int(text.pad_token_id if text.pad_token_id is not None else 1),
                    "eol_token_id": ids["eol"], "eol_id": V, "image_rows": side, "image_cols": side,
                    "text_vocab_size": text.vocab_size, "class_token_offset": V + 1})
@@ -200,7 +208,13 @@ class LuminaCatalog(Catalog):
                 "add_special_tokens": False, "special_tokens": {}}
         source = {"model": cname, "overrides": dict(overrides or {}), "image_size": None,
                   "checkpoint": str(Path(checkpoint).resolve())}
-        return LoadedModel(cname, model, spec, NoChameleonDecoder(hf).to(device).eval(), source,
+        vq_file = Path(vq_checkpoint) if vq_checkpoint is not None else Path(checkpoint) / "vqgan.ckpt"
+        if vq_checkpoint is not None or vq_file.exists():
+            decoder = load_chameleon_vqgan(str(vq_file), vq_cfg, side, side, codebook=hf.model.vqmodel.quantize.embedding.weight)
+            source["vq_checkpoint"] = str(vq_file.resolve())
+        else:
+            decoder = NoChameleonDecoder(hf)
+        return LoadedModel(cname, model, spec, decoder.to(device).eval(), source,
                            prompter={"files": {"tokenizer.json": Path(checkpoint) / "tokenizer.json"}, "info": info})
 
 
@@ -219,8 +233,9 @@ class LuminaCatalog(Catalog):
         cfg.vocabulary_map = cfg.vocabulary_map or {}  # not needed to count parameters
         with torch.device("meta"):
             hf = ChameleonForConditionalGeneration(cfg)
+            dec = ChameleonVQDecoder(ChameleonVQConfig.from_hf(cfg.vq_config), side, side)
         step = sum(p.numel() for n, p in hf.named_parameters() if not n.startswith("model.vqmodel."))
-        vqp = sum(p.numel() for p in hf.model.vqmodel.parameters())
+        vqp = sum(p.numel() for p in dec.parameters())  # the VQGAN decoder (models/chameleon_vq.py)
         vc = cfg.vq_config
         top = len(vc.channel_multiplier) - 1
         peak = max(vc.base_channels * m * (side * 2 ** (top - i)) ** 2 for i, m in enumerate(vc.channel_multiplier))
@@ -229,8 +244,7 @@ class LuminaCatalog(Catalog):
                          n_kv_head=cfg.num_key_value_heads, head_dim=cfg.hidden_size // heads, dim=cfg.hidden_size,
                          intermediate=cfg.intermediate_size, logits_width=cfg.vocab_size,
                          s_max=s_max_for(slots, side * (side + 1), 15), step_params=step, decoder_params=vqp,
-                         decoder_peak_elems=peak,
-                         note="decoder: the VQGAN encoder's size stands in for the unported decoder")
+                         decoder_peak_elems=peak)
 
 
 CATALOG = LuminaCatalog()

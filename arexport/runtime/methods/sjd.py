@@ -142,8 +142,10 @@ class SJDDecoder(Decoder):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
 
     def _random_tokens(self, u: torch.Tensor) -> torch.Tensor:
-        """Uniform token ids from uniforms u in [0, 1)."""
-        v = self.spec.vocab_size
+        """Uniform token ids from uniforms u in [0, 1): floor(u * v) over the ids a draft can be. A grid
+        with a forced end-of-line id (Emu3, Lumina-mGPT: eol_id = V, the last id) draws codebook ids
+        only, as the official SJD draws image tokens only (jacobi_iteration_lumina_mgpt.py l.502-509)."""
+        v = int(self.spec.extra.get("eol_id", self.spec.vocab_size))
         return (u * v).long().clamp(max=v - 1)
 
     def _pad_drafts(self, rows: slice, last, fresh, fresh_len, start, new):

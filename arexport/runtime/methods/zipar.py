@@ -58,11 +58,12 @@ class Feed:
     target: int
 
 
-def zipar_plan(grid: int, window: int) -> list[list[Feed]]:
-    """The steps after the prefill for a grid x grid image, each a list of Feeds by ascending position.
+def zipar_plan(grid: int, window: int, rows: Optional[int] = None) -> list[list[Feed]]:
+    """The steps after the prefill for an image of `rows` (default: grid) rows of `grid` tokens, each a
+    list of Feeds by ascending position (Emu3 and Lumina-mGPT rows carry their end-of-line token).
 
     Raises ArexportError unless 2 <= window <= grid - 1."""
-    h = w = grid
+    h, w = rows or grid, grid
     if not 2 <= window <= w - 1:
         raise ArexportError(f"zipar window must be in [2, {w - 1}] on a {h}x{w} grid, got {window} (a window of the "
                             "whole row is raster AR: use --method ar)")
@@ -154,12 +155,12 @@ class ZipARDecoder(Decoder):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         spec, s = self.spec, self.slots
         grid = spec.grid_size
-        if grid * grid != spec.n_tokens:
-            raise ArexportError(f"zipar needs a square raster grid; {spec.name} has {spec.n_tokens} tokens on a "
+        if spec.n_tokens % grid:
+            raise ArexportError(f"zipar needs a raster of whole rows; {spec.name} has {spec.n_tokens} tokens on a "
                                 f"{grid}-wide grid")
         window = self.opts.window if self.opts.window is not None else min(OFFICIAL_WINDOW, grid - 1)
         self.window = window
-        self.plan = zipar_plan(grid, window)
+        self.plan = zipar_plan(grid, window, spec.n_tokens // grid)
         self.t = plan_tables(self.plan, s.device)
         q_max = self.t["src"].shape[1]
         if q_max > self.engine.max_q:
@@ -173,7 +174,7 @@ class ZipARDecoder(Decoder):
         try:
             cache = self.engine.allocate(capacity * self.cfg.per_image, lookahead=lookahead)
         except ArexportError as e:
-            raise ArexportError(f"zipar window {window} on a {grid}x{grid} grid needs {lookahead} cache slots past the image "
+            raise ArexportError(f"zipar window {window} on a {spec.n_tokens // grid}x{grid} grid needs {lookahead} cache slots past the image "
                                 f"(re-fed row ends and batch padding): {e}") from None
         self.cache = s.cache(cache)
         self.tokens = s.image_tensor((spec.n_tokens + 1,))  # raster order; the extra column takes pad samples
