@@ -19,6 +19,7 @@ class TorchEngine(StepEngine):
     K/V scattered into the cache buffers in place."""
 
     backend = "torch"
+    live_masks = True  # eager attention over live_slots views of the cache (models.fused)
 
     def __init__(self, loaded, device="cpu", cuda_graph: bool = False):
         """loaded: an arexport.models.LoadedModel (the loader builds it)."""
