@@ -95,5 +95,6 @@ def sweep_lines(rows: list[SweepRow]) -> list[str]:
     for label, batch in stops_paying(rows).items():
         has_ar = any(r.vs_ar is not None for r in rows if r.label == label)
         out.append(f"{label}: " + ("no ar in the sweep to compare with" if not has_ar else
-                                   f"stops paying at {batch} images per batch" if batch else "pays at every batch size swept"))
+                                   f"no faster than ar from {batch} image(s) per batch on" if batch else
+                                   "faster than ar at every batch size swept"))
     return out
