@@ -53,9 +53,9 @@ def demo(args) -> dict:
         if not (d / "manifest.json").exists():
             print(f"building {d} ...", file=sys.stderr)
             build_engine(load_model(name), d, BuildOptions(batch_sizes=[1, 2 * max(batches)]))
-        gens[name] = Generator(open_engine(str(d), "ort", threads=args.threads))
-    bw = measure_copy_bandwidth("cpu")
-    configs = [(name, RunConfig("ort", method, dict(opts))) for name, method, opts in DEMO_RUNS]
+        gens[name] = Generator(open_engine(str(d), args.backend, device=args.device, threads=args.threads))
+    bw = measure_copy_bandwidth(args.device)
+    configs = [(name, RunConfig(args.backend, method, dict(opts))) for name, method, opts in DEMO_RUNS]
 
     def run(images, item):
         name, cfg = item
@@ -69,7 +69,7 @@ def demo(args) -> dict:
         return row
 
     rows = run_sweep([(b, c) for b in batches for c in configs], run)
-    header = (f"digits demo engines, ORT CPU fp32, {args.repeats} timed generations per point; copy bandwidth "
+    header = (f"digits demo engines, {args.backend} {args.device} fp32, {args.repeats} timed generations per point; copy bandwidth "
               f"{bw / 1e9:.1f} GB/s; {machine()}; commit {git_rev()}")
     print(header)
     print("\n".join(sweep_lines(rows)))
