@@ -83,8 +83,8 @@ def live_width(masks: list[torch.Tensor], slots: int) -> int:
 def graphs_take_live_masks(manifest) -> bool:
     """Whether an engine directory's step graphs declare their masks' last dim as the live bound (built
     since issue 35); directories built before take masks as wide as the cache only."""
-    shapes = [i["shape"] for name in manifest.step_graphs() for i in manifest.graphs[name].inputs
-              if i["name"] in ("attn_mask", "query_mask")]
+    shapes = [i["shape"] for name, kind in manifest.step_graphs().items() for i in manifest.graphs[name].inputs
+              if any(io.name == i["name"] and MASKED in io.dims for io in kind.inputs)]
     return bool(shapes) and all(sh[-1] == MASKED for sh in shapes)
 
 
