@@ -592,9 +592,12 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP + " Exported as text_encoder.onnx with its tokenizer.json.")
 @click.option("--step", "steps", multiple=True, help="Another step kind to build besides the family's own (repeatable), e.g. "
               "token_hidden: the token step that also returns the last hidden state (EAGLE draft heads).")
+@click.option("--live-attention", is_flag=True, help="Step graphs take masks narrowed to the live cache and attend over "
+              "those slots only (a Slice per cache tensor: faster with few tokens cached, slower near a full cache on ONNX "
+              "Runtime CPU; docs/benchmarks.md).")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k, text_encoder, steps, dry_run):
+          lantern_k, text_encoder, steps, dry_run, live_attention):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -615,7 +618,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
                         trt_opt_level=trt_opt_level,
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
-                        text_encoder=text_encoder, steps=tuple(steps)).validate()
+                        text_encoder=text_encoder, steps=tuple(steps), live_attention=live_attention).validate()
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite, overwrite_any)

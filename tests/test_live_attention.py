@@ -2,7 +2,7 @@
 same outputs as masks as wide as the cache, for every family and step kind (verify's own cases, on the
 tiny configs): within verify's fp32 tolerance on the PyTorch reference (SDPA's CPU kernel blocks its
 softmax by key length) and bit for bit on an ONNX Runtime engine; the live bound is the last visible
-slot; engine graphs declare it."""
+slot; engines built with --live-attention declare it, default builds keep full-width masks."""
 
 from __future__ import annotations
 
@@ -127,17 +127,32 @@ def test_live_width_is_the_last_visible_slot_rounded_to_the_bucket():
     assert live_bucket(264) == 32 and live_bucket(8000) == 504  # at most 16 widths per cache
 
 
-def test_engine_graphs_declare_the_live_bound_and_ort_is_bit_identical(demo_engine, exact_bound):
+@pytest.fixture(scope="module")
+def live_engine(tmp_path_factory):
+    """A tiny c2i LlamaGen engine built with --live-attention."""
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
+    out = tmp_path_factory.mktemp("engines") / "live"
+    build_engine(load_model("llamagen-c2i-B", random_init=True, seed=1, overrides=dict(TINY)), out,
+                 BuildOptions(batch_sizes=[1, 2, 4], verify_len=4, images=False, live_attention=True))
+    return out
+
+
+def test_live_engine_declares_the_bound_and_is_bit_identical_on_ort(live_engine, demo_engine, exact_bound):
     from arexport.format.manifest import read_manifest
     from arexport.runtime.loading import open_engine
     from arexport.verify import make_cases
 
-    m = json.loads((demo_engine / "manifest.json").read_text())
+    m = json.loads((live_engine / "manifest.json").read_text())
     assert {i["name"]: i["shape"] for i in m["graphs"]["step"]["inputs"]}["attn_mask"] == ["batch", 1, "q", "L"]
-    assert engine_mod.graphs_take_live_masks(read_manifest(demo_engine))
-    eng = open_engine(str(demo_engine), "ort")
+    assert m["export"]["live_attention"] and engine_mod.graphs_take_live_masks(read_manifest(live_engine))
+    # a default build keeps masks as wide as the cache (no Slice), and its runner never narrows them
+    assert not engine_mod.graphs_take_live_masks(read_manifest(demo_engine))
+    assert not open_engine(str(demo_engine), "ort").live_masks
+    eng = open_engine(str(live_engine), "ort")
     assert eng.live_masks
-    for case in make_cases(eng.spec, batch=2, verify_len=8, seed=1):
+    for case in make_cases(eng.spec, batch=2, verify_len=4, seed=1):
         full, live = _both(eng, case)
         for name in full:
             assert np.array_equal(full[name], live[name]), (name, np.abs(full[name] - live[name]).max())
