@@ -19,8 +19,9 @@ the other layers need, so none of them branches on its name:
   prefill case); `calibrate`: whether calibration captures its feeds (and the cache before them).
 
 Dims: "batch" (rows), "q" (query length, exported as 1..K), "m" (ARPG's query count) and "L" (the live
-bound: the width of every attention mask, 1..S; attention reads cache slots [0, L) only, see
-`models.fused.live_slots` and `runtime.engine.live_width`) are dynamic;
+bound: the width of every attention mask, 1..S, dynamic in engines built with --live-attention and S in
+the others; attention reads cache slots [0, L) only, see `models.fused.live_slots` and
+`runtime.engine.live_width`) are dynamic;
 "S" (cache slots), "V" (vocabulary), "dim" (model width), "T" (condition slots), "C" (caption width)
 come from the ModelSpec, and "extra.<key>" from `spec.extra[key]` (a family's own size).
 Dtypes: int64, bool, float32, or "model" (the engine's precision).
