@@ -139,7 +139,7 @@ def live_engine(tmp_path_factory):
     return out
 
 
-def test_live_engine_declares_the_bound_and_is_bit_identical_on_ort(live_engine, demo_engine, exact_bound):
+def test_live_engine_declares_the_bound_and_is_bit_identical_on_ort(live_engine, demo_engine, exact_bound, capfd):
     from arexport.format.manifest import read_manifest
     from arexport.runtime.loading import open_engine
     from arexport.verify import make_cases
@@ -157,3 +157,11 @@ def test_live_engine_declares_the_bound_and_is_bit_identical_on_ort(live_engine,
         for name in full:
             assert np.array_equal(full[name], live[name]), (name, np.abs(full[name] - live[name]).max())
     assert any(w < s for s, w in exact_bound)
+    # the cache is still written in place through the Slice that follows the TensorScatter
+    cache = eng.allocate(2)
+    ptrs = [t.data_ptr() for t in cache.keys + cache.values]
+    eng.family.prefill(eng, cache, eng.family.conditions(eng.spec, classes=[1, 2]))
+    w = cache.length.clone()
+    eng.step(cache, torch.tensor([[3], [4]]), torch.zeros(2, 1, dtype=torch.long), w, cache.causal_mask(w, 1))
+    assert [t.data_ptr() for t in cache.keys + cache.values] == ptrs and cache.keys[0][:, :, 1].abs().sum() > 0
+    assert "in-place optimization not activated" not in capfd.readouterr().err
