@@ -17,8 +17,9 @@ kernels for both in fp16 and bf16 and CPU kernels in fp16; onnx-tensorrt 10.15 i
 (format/support/*.json).
 
 Live slots (issue 35): `live_slots(cache, mask)` is the part of a static cache [B, H, S, D] that a
-step's attention reads, slots [0, L) with L the mask's last dim. The runtime hands step graphs masks
-only as wide as the live bound of the call (`runtime.engine.live_width`: the last slot any row can see,
+step's attention reads, slots [0, L) with L the mask's last dim (L = S unless narrowed: default builds
+export masks as wide as the cache and no Slice). For engines built with `--live-attention` the runtime
+hands step graphs masks only as wide as the live bound of the call (`runtime.engine.live_width`: the last slot any row can see,
 rounded up to a bucket), so attention reads L slots rather than the whole buffer S. Eager PyTorch
 takes a view (free); an exported graph gets one `Slice(present, 0, Shape(mask)[-1], axis=2)` per cache
 tensor after its TensorScatter, whose end is a shape, not data, so TensorRT profiles and CUDA graphs
