@@ -594,9 +594,12 @@ def _int_list(text: str, what: str) -> list[int]:
 @click.option("--text-encoder", type=click.Path(file_okay=False), help=TEXT_ENCODER_HELP + " Exported as text_encoder.onnx with its tokenizer.json.")
 @click.option("--step", "steps", multiple=True, help="Another step kind to build besides the family's own (repeatable), e.g. "
               "token_hidden: the token step that also returns the last hidden state (EAGLE draft heads).")
+@click.option("--live-attention", is_flag=True, help="Step graphs take masks narrowed to the live cache and attend over "
+              "those slots only (a Slice per cache tensor: faster with few tokens cached, slower near a full cache on ONNX "
+              "Runtime CPU; docs/benchmarks.md).")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k, text_encoder, steps, dry_run):
+          lantern_k, text_encoder, steps, dry_run, live_attention):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -617,7 +620,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
                         trt_opt_level=trt_opt_level,
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
-                        text_encoder=text_encoder, steps=tuple(steps)).validate()
+                        text_encoder=text_encoder, steps=tuple(steps), live_attention=live_attention).validate()
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite, overwrite_any)
@@ -1016,10 +1019,12 @@ def _partial_marker(out_dir: Optional[str], n: int):
 @click.option("--bandwidth/--no-bandwidth", default=True, show_default=True, help="Measure copy bandwidth and report the decode floor.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
+@click.option("--batch-sweep", metavar="N,N,...", help="Profile every config at each batch size (images; e.g. 1,8,32,128): "
+              "step ms, images/s, bytes read per step and fraction of the read floor, and where each method stops paying vs ar.")
 def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
             threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, refiner, prompt_list, prompts_file,
             text_encoder, warmup, repeats, cuda_graph, precision,
-            bandwidth, json_out, plot_png):
+            bandwidth, json_out, plot_png, batch_sweep):
     """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
 
     \b
@@ -1060,6 +1065,11 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     prompts = _prompts(prompt_list, prompts_file)
     cls = None if prompts else _parse_classes(classes)
     bw = measure_copy_bandwidth(device) if bandwidth else None
+    if batch_sweep:
+        _profile_batch_sweep(console, configs, batch_sweep, lambda cfg: _load_generator(
+            source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph, text_encoder=text_encoder,
+            **kw), prompts or cls, bool(prompts), cfg_scale, warmup, repeats, bw, precision, json_out, plot_png)
+        return
     results, context = [], {}
     for cfg in configs:
         gen = _load_generator(source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph,
@@ -1078,6 +1088,40 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         atomic_write_json(json_out, to_json(results, context))
     if plot_png:
         plot(results, plot_png)
+
+
+def _profile_batch_sweep(console, configs, batch_sweep, load, conds, prompts, cfg_scale, warmup, repeats, bw, precision,
+                         json_out, plot_png):
+    """`profile --batch-sweep`: each config at each batch size (profiling.sweep), one table, JSON rows."""
+    from arexport.fileio import atomic_write_json
+    from arexport.profiling.profiler import profile_generator
+    from arexport.profiling.sweep import parse_batches, run_sweep, sweep_lines, sweep_point
+
+    if plot_png:
+        raise ArexportError("--plot does not apply to --batch-sweep (the sweep is a table; use --json)")
+    batches = parse_batches(batch_sweep)
+    gens, sampling = {}, {}
+    for cfg in configs:  # one generator per config, loaded once, checked against the largest batch first
+        gens[cfg.label] = gen = load(cfg)
+        cfg.method = cfg.method or gen.engine.family.default_method
+        sampling[cfg.label] = gen.sampling_params(cfg_scale=cfg_scale)
+        gen.engine.check_batch(max(batches) * (2 if sampling[cfg.label].uses_cfg else 1))
+
+    def run(images, cfg):
+        gen, sp = gens[cfg.label], sampling[cfg.label]
+        batch = [conds[i % len(conds)] for i in range(images)]
+        prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
+        console.log(f"sweep: {cfg.label} at {images} image(s) per batch ({repeats} timed)")
+        res = profile_generator(gen, cfg, None if prompts else batch, sp, images, warmup, repeats, None, prec,
+                                prompts=batch if prompts else None)
+        return sweep_point(gen, res, images, sp.uses_cfg, prec, bw)
+
+    rows = run_sweep([(b, cfg) for b in batches for cfg in configs], run)
+    for line in sweep_lines(rows):
+        click.echo(line)
+    if json_out:
+        atomic_write_json(json_out, {"batch_sweep": [r.as_dict() for r in rows],
+                                     "copy_bandwidth_gbps": (bw / 1e9) if bw else None})
 
 
 def torch_gpu_name(device: str):

@@ -110,6 +110,8 @@ def test_gpu_runbook_runs_on_the_cpu_in_smoke_mode(tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert any(s.startswith("trt:") for s in doc["skipped"])  # no TensorRT here, and it says so
     assert "| model |" in (tmp_path / "gpu_all.md").read_text()
+    sweep = json.loads((tmp_path / "batch_sweep.json").read_text())["rows"]  # step 3: the batch sweep (issue 35)
+    assert [r["images"] for r in sweep] == [1, 2] and all(0 < r["fraction of floor (decode)"] for r in sweep)
 
 
 def test_gpu_runbook_profile_lists_what_its_time_budget_left_out(tmp_path):

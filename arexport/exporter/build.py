@@ -47,6 +47,9 @@ class BuildOptions:
     # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on (ONNX
     # Runtime >= 1.27 has kernels for both; TensorRT >= 10.15 imports both, onnx-tensorrt operators.md)
     fused_ops: Optional[bool] = None
+    # masks narrowed to the live bound, attention over those cache slots only (models.fused.live_slots): off
+    # by default, as ORT CPU's Slice copies the live part, which near a full cache costs more than it saves
+    live_attention: bool = False
 
     @property
     def fused(self) -> bool:
@@ -121,7 +124,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     report(f"exporting the {kind.name} step graph ({kind.doc.split(':')[0]}; "
                            f"{'/'.join(kind.query_dims) or 'no query dim'} up to {max_q}, {opts.precision})")
                     t0 = time.perf_counter()
-                    g = export_step_kind(model, kind, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch)
+                    g = export_step_kind(model, kind, spec, tmp, store, dtype, max_q=max_q, max_batch=max_batch,
+                                         live=opts.live_attention)
                     labels = {} if not kind.query_dims else {kind.labels[0]: 1, kind.labels[-1]: max_q}
                     graphs[kind.graph] = Graph(g.file, kinds=labels, q_range=[1, max_q] if kind.query_dims else None,
                                                aliases=dict(aliases), step=kind.name,
@@ -174,7 +178,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
                    "s_max": spec.s_max, "lookahead": spec.s_max - spec.min_slots, "dtype": opts.precision,
                    "slots": "generation order; positions drive RoPE"},
-            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, **({"text_encoder": text_info} if text_info is not None else {}),
+            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, "live_attention": opts.live_attention, **({"text_encoder": text_info} if text_info is not None else {}),
                 **({"prompter": loaded.prompter["info"]} if loaded.prompter is not None else {})})
         if opts.backend == "trt":
             from arexport.exporter.trt_build import build_plans

@@ -184,19 +184,21 @@ def _example(io, sizes: dict[str, int], dtype: torch.dtype) -> torch.Tensor:
 
 
 def export_step_kind(model, kind, spec: ModelSpec, workdir: Path, store: WeightStore, dtype: torch.dtype, max_q: int,
-                     max_batch: int) -> ExportedGraph:
-    """Export a declared step kind (format.stepkinds): dynamic batch, q (and m) in [1, max_q], static
-    everything else; the per-layer caches follow its inputs and outputs."""
+                     max_batch: int, live: bool = False) -> ExportedGraph:
+    """Export a declared step kind (format.stepkinds): dynamic batch, q (and m) in [1, max_q], with `live` the
+    masks' live bound L in [1, S] (else L = S: masks as wide as the cache, no Slice), static everything else; the per-layer caches follow its inputs and outputs."""
     from torch.export import Dim
 
-    from arexport.format.stepkinds import DYNAMIC, spec_size
+    from arexport.format.stepkinds import DYNAMIC, MASKED, spec_size
 
     if max_q < kind.min_max_q:
         raise ValueError(f"the {kind.name} step needs max_q >= {kind.min_max_q} to trace distinct dynamic dims")
     # example sizes: distinct per dynamic dim and >= 2 (torch.export specializes dims traced at 1)
-    sizes = {"batch": 2, "q": min(3, max_q), "m": min(4, max_q)}
+    # live: the masks' bound L traces below S, so the live-slot Slice keeps a symbolic end (models.fused.live_slots)
+    sizes = {"batch": 2, "q": min(3, max_q), "m": min(4, max_q), MASKED: spec.s_max - 1 if live else spec.s_max}
     dims = {"batch": Dim("batch", min=1, max=max(max_batch, 2)),
-            "q": Dim("q", min=1, max=max_q) if max_q > 1 else None, "m": Dim("m", min=1, max=max_q)}
+            "q": Dim("q", min=1, max=max_q) if max_q > 1 else None, "m": Dim("m", min=1, max=max_q),
+            MASKED: Dim(MASKED, min=1, max=spec.s_max) if live else None}
     if dims["q"] is None:
         sizes["q"] = 1
     used = {d for io in kind.inputs for d in io.dims}

@@ -24,11 +24,13 @@ from arexport.families import get_family
 from arexport.format.profiles import graph_profiles, step_profiles
 
 
-def _shape_for(dims: list, batch: int, q: int, m: int = 1) -> tuple[int, ...]:
+def _shape_for(dims: list, batch: int, q: int, m: int = 1, live: int = 1) -> tuple[int, ...]:
     out = []
     for d in dims:
         if d == "batch":
             out.append(batch)
+        elif d == "L":  # the masks' live bound (format.stepkinds.MASKED)
+            out.append(live)
         elif d == "q":
             out.append(q)
         elif d == "m":
@@ -77,11 +79,14 @@ def _build_one(trt, logger, onnx_path: Path, plan_path: Path, inputs: list[dict]
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.exists() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    # masks narrowed to the live bound take any width 1..S (tuned for the whole cache, the slowest step)
+    slots = max([vi["shape"][2] for vi in inputs if vi["name"].startswith("past_key")] or [1])
+    live = (1, slots, slots)
     for p in profiles:
         prof = builder.create_optimization_profile()
         for vi in inputs:
             m = p.get("m", [1, 1, 1])
-            lo, opt, hi = (_shape_for(vi["shape"], p["batch"][j], p["q"][j] or 1, m[j]) for j in range(3))
+            lo, opt, hi = (_shape_for(vi["shape"], p["batch"][j], p["q"][j] or 1, m[j], live[j]) for j in range(3))
             prof.set_shape(vi["name"], lo, opt, hi)
         config.add_optimization_profile(prof)
     blob = builder.build_serialized_network(network, config)

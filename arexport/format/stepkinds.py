@@ -18,7 +18,10 @@ the other layers need, so none of them branches on its name:
 * `verify`: the scenario `arexport verify` builds its cases with (None: covered by the family's
   prefill case); `calibrate`: whether calibration captures its feeds (and the cache before them).
 
-Dims: "batch" (rows), "q" (query length, exported as 1..K) and "m" (ARPG's query count) are dynamic;
+Dims: "batch" (rows), "q" (query length, exported as 1..K), "m" (ARPG's query count) and "L" (the live
+bound: the width of every attention mask, 1..S, dynamic in engines built with --live-attention and S in
+the others; attention reads cache slots [0, L) only, see `models.fused.live_slots` and
+`runtime.engine.live_width`) are dynamic;
 "S" (cache slots), "V" (vocabulary), "dim" (model width), "T" (condition slots), "C" (caption width)
 come from the ModelSpec, and "extra.<key>" from `spec.extra[key]` (a family's own size).
 Dtypes: int64, bool, float32, or "model" (the engine's precision).
@@ -31,7 +34,8 @@ from typing import Any, Optional, Union
 
 from arexport.errors import ArexportError
 
-DYNAMIC = ("batch", "q", "m")
+DYNAMIC = ("batch", "q", "m", "L")
+MASKED = "L"  # the dim of the attention masks the runtime narrows to the live bound of each call
 Bound = Union[int, str]  # a profile bound: an int, "K" (largest q), "K/8" (max(1, K // 8)) or "Z" (largest exact size)
 
 
@@ -145,7 +149,7 @@ def spec_size(spec, sym: str) -> int:
         if key not in spec.extra:
             raise ArexportError(f"{spec.name} records no {key!r}, which a dim of its step graph needs")
         return int(spec.extra[key])
-    sizes = {"S": spec.s_max, "V": spec.vocab_size, "dim": spec.dim, "T": spec.cond_len, "C": spec.caption_dim}
+    sizes = {"S": spec.s_max, "L": spec.s_max, "V": spec.vocab_size, "dim": spec.dim, "T": spec.cond_len, "C": spec.caption_dim}
     if sym not in sizes:
         raise ArexportError(f"unknown step-graph dim {sym!r}")
     return int(sizes[sym])
@@ -156,7 +160,7 @@ _TOKEN_INPUTS = (
     IO("tokens", "int64", ("batch", "q")),
     IO("positions", "int64", ("batch", "q"), "arange"),
     IO("write_index", "int64", ("batch",), "slots"),
-    IO("attn_mask", "bool", ("batch", "1", "q", "S"), "ones"),
+    IO("attn_mask", "bool", ("batch", "1", "q", "L"), "ones"),
 )
 _TOKEN_PROFILES = (Profile("decode", q=(1, 1, 1)), Profile("verify", q=(2, "K", "K")))
 
@@ -177,7 +181,7 @@ TOKEN_HIDDEN = StepKind(
 MULTI_QUERY = StepKind(
     name="multi_query", graph="step", method="step",
     inputs=(*_TOKEN_INPUTS, IO("query_positions", "int64", ("batch", "m"), "arange"),
-            IO("query_mask", "bool", ("batch", "1", "m", "S"), "ones")),
+            IO("query_mask", "bool", ("batch", "1", "m", "L"), "ones")),
     outputs=(IO("logits", "float32", ("batch", "m", "V")),),
     labels=("multi_query",), profiles=(Profile("multi_query", q=(1, "K/8", "K"), m=(1, "K/8", "K")),),
     count_dim="m", min_max_q=4, verify="multi_query", calibrate=True,
@@ -187,14 +191,14 @@ SCALE = StepKind(
     name="scale", graph="step", method="step",
     inputs=(IO("features", "float32", ("batch", "q", "extra.cvae")), IO("positions", "int64", ("batch", "q"), "arange"),
             IO("classes", "int64", ("batch",)), IO("write_index", "int64", ("batch",), "slots"),
-            IO("attn_mask", "bool", ("batch", "1", "q", "S"), "ones")),
+            IO("attn_mask", "bool", ("batch", "1", "q", "L"), "ones")),
     outputs=(IO("logits", "float32", ("batch", "q", "V")),),
     labels=("scale",), profiles=(Profile("scale", exact=True), Profile("scale", q=(1, "Z", "K"))), verify="scale",
     doc="VAR: one scale block (q positions with their next-scale features, the rows' classes): logits [B, q, V]")
 
 CAPTION_PREFILL = StepKind(
     name="caption_prefill", graph="prefill", method="prefill_embeds",
-    inputs=(IO("cond_embeds", "model", ("batch", "T", "C")), IO("attn_mask", "bool", ("batch", "1", "T", "S"), "ones")),
+    inputs=(IO("cond_embeds", "model", ("batch", "T", "C")), IO("attn_mask", "bool", ("batch", "1", "T", "L"), "ones")),
     outputs=(IO("logits", "float32", ("batch", "V")),),
     labels=("prefill",), profiles=(Profile("prefill", q=(0, 0, 0)),), cache="condition", count_dim="T",
     doc="text-conditional LlamaGen: caption features at slots [0, T): logits of the last position [B, V]")

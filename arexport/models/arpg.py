@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.models.catalog import Catalog
+from arexport.models.fused import live_slots
 from arexport.models.llamagen import CacheWrite, FeedForward, Fp32RopeTables, RMSNorm, SwiGLUDims, inplace_cache_write, normal_init_
 from arexport.models.rope import apply_rope, rope_table_2d
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
@@ -224,7 +225,8 @@ class ARPG(Fp32RopeTables, nn.Module):
             q, k, v = layer.qkv(x, cos, sin)
             kk = cache_write(keys[i], k, write_index)
             vv = cache_write(values[i], v, write_index)
-            x = layer.finish(x, F.scaled_dot_product_attention(q, kk, vv, attn_mask=attn_mask))
+            x = layer.finish(x, F.scaled_dot_product_attention(q, live_slots(kk, attn_mask), live_slots(vv, attn_mask),
+                                                               attn_mask=attn_mask))
             new_k.append(kk)
             new_v.append(vv)
         gk, gv = self._global_kv(x, cos, sin)
@@ -236,7 +238,7 @@ class ARPG(Fp32RopeTables, nn.Module):
         qcos, qsin = self.rope(query_positions)
         h = self.embeddings(torch.full((b, m), self.cfg.mask_token, dtype=torch.long, device=tokens.device))
         for layer in self.layers.cross_dec:
-            h = layer(h, gk, gv, qcos, qsin, query_mask)
+            h = layer(h, live_slots(gk, query_mask), live_slots(gv, query_mask), qcos, qsin, query_mask)
         return self.head(self.norm(h)).float(), new_k, new_v
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arexport.errors import ArexportError, CheckpointError
+from arexport.models.fused import live_slots
 from arexport.models.rope import apply_rope, rope_table_2d
 
 # official `input_type` -> the grid its rope table covers (cnets_llamagen.py lines 561-573 at 3a56e45)
@@ -198,7 +199,7 @@ class EagleHead(nn.Module):
             qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
             keys[i] = cache_write(keys[i], kh, write_index)
             values[i] = cache_write(values[i], vh, write_index)
-            out = F.scaled_dot_product_attention(qh, keys[i], values[i], attn_mask=attn_mask,
+            out = F.scaled_dot_product_attention(qh, live_slots(keys[i], attn_mask), live_slots(values[i], attn_mask), attn_mask=attn_mask,
                                                  enable_gqa=c.n_kv_head != c.n_head)
             h = residual + a.o_proj(out.transpose(1, 2).reshape(b, q, c.dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))

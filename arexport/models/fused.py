@@ -15,6 +15,16 @@ rows are cast once per graph), bf16 models rotate in fp32 with q and k cast in a
 rows and products measurably worsen the logits (tests/test_gpu_path.py). ONNX Runtime 1.27 has CUDA
 kernels for both in fp16 and bf16 and CPU kernels in fp16; onnx-tensorrt 10.15 imports both
 (format/support/*.json).
+
+Live slots (issue 35): `live_slots(cache, mask)` is the part of a static cache [B, H, S, D] that a
+step's attention reads, slots [0, L) with L the mask's last dim (L = S unless narrowed: default builds
+export masks as wide as the cache and no Slice). For engines built with `--live-attention` the runtime
+hands step graphs masks only as wide as the live bound of the call (`runtime.engine.live_width`: the last slot any row can see,
+rounded up to a bucket), so attention reads L slots rather than the whole buffer S. Eager PyTorch
+takes a view (free); an exported graph gets one `Slice(present, 0, Shape(mask)[-1], axis=2)` per cache
+tensor after its TensorScatter, whose end is a shape, not data, so TensorRT profiles and CUDA graphs
+(one per bucket) hold. Every slot in [L, S) is masked out for every query, so the result is the same
+attention (bit-identical on the CPU kernels tested: tests/test_live_attention.py).
 """
 
 from __future__ import annotations
@@ -39,6 +49,12 @@ def fused_export(enabled: bool = True):
 
 def fused() -> bool:
     return _FUSED.get()
+
+
+def live_slots(cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cache [B, H, S, D] -> its first L slots [B, H, L, D], L = mask.shape[-1] (mask [B, 1, q, L], L <= S):
+    the only slots the mask lets any query see (see the module docstring)."""
+    return cache[:, :, : mask.shape[-1]]
 
 
 @torch.library.custom_op("arexport::rotary", mutates_args=())

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from arexport.models.catalog import Catalog
-from arexport.models.fused import fused
+from arexport.models.fused import fused, live_slots
 from arexport.models.rope import apply_rope, rope_table_2d, rotary_dtype
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 
@@ -232,11 +232,11 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward_step(self, h, cos, sin, write_index, attn_mask, past_k, past_v, cache_write: CacheWrite):
-        """Write this step's k/v into the static buffers, attend over all slots under attn_mask."""
+        """Write this step's k/v into the static buffers, attend over the live slots under attn_mask [B,1,q,L]."""
         q, k, v = self.attention.project(self.attention_norm(h), cos, sin)
         keys = cache_write(past_k, k, write_index)
         values = cache_write(past_v, v, write_index)
-        h = h + self.attention.attend(q, keys, values, attn_mask)
+        h = h + self.attention.attend(q, live_slots(keys, attn_mask), live_slots(values, attn_mask), attn_mask)
         return h + self.feed_forward(self.ffn_norm(h)), keys, values
 
 

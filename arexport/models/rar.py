@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 from arexport.models.catalog import Catalog
+from arexport.models.fused import live_slots
 from arexport.models.llamagen import CacheWrite, TransformerDims, inplace_cache_write
 
 POS_TABLE_EXTRA = 1024  # the reference sizes pos_embed / target_aware_pos_embed n + 1024 rows
@@ -229,7 +230,8 @@ class RAR(nn.Module):
                 v_all = cache_write(pv, vh, write_index)
                 new_keys.append(k_all)
                 new_values.append(v_all)
-                return F.scaled_dot_product_attention(qh, k_all.to(qh.dtype), v_all.to(qh.dtype), attn_mask=attn_mask)
+                return F.scaled_dot_product_attention(qh, live_slots(k_all, attn_mask).to(qh.dtype),
+                                                      live_slots(v_all, attn_mask).to(qh.dtype), attn_mask=attn_mask)
             h = blk(h, c, attend)
         store = cond.view(b, self.cfg.n_head, 1, self.cfg.head_dim).expand(b, self.cfg.n_head, q, self.cfg.head_dim)
         new_keys.append(cache_write(keys[-1], store, write_index))

@@ -38,6 +38,7 @@ from arexport.format.scales import Scales
 from arexport.format.spec import ImageSpec, ModelSpec, s_max_for
 from arexport.errors import ArexportError
 from arexport.models.catalog import Catalog
+from arexport.models.fused import live_slots
 from arexport.models.llamagen import CacheWrite, inplace_cache_write
 
 VAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # 680 tokens
@@ -277,7 +278,8 @@ class VAR(nn.Module):
                 v_all = cache_write(pv, vh, write_index)
                 new_keys.append(k_all)
                 new_values.append(v_all)
-                return F.scaled_dot_product_attention(qh, k_all.to(qh.dtype), v_all.to(qh.dtype), attn_mask=attn_mask,
+                return F.scaled_dot_product_attention(qh, live_slots(k_all, attn_mask).to(qh.dtype),
+                                                      live_slots(v_all, attn_mask).to(qh.dtype), attn_mask=attn_mask,
                                                       scale=blk.attn.scale)
             h = blk(h, mod, attend)
         return self.head_logits(h, cond), new_keys, new_values

@@ -29,7 +29,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.families import Conditions, get_family
 from arexport.format.spec import ModelSpec, s_max_for
-from arexport.format.stepkinds import CAPTION_PREFILL, MULTI_QUERY, SCALE, TOKEN, StepKind, get_step_kind
+from arexport.format.stepkinds import CAPTION_PREFILL, MASKED, MULTI_QUERY, SCALE, TOKEN, StepKind, get_step_kind
 from arexport.runtime.kv_cache import KVCache
 
 __all__ = ["Conditions", "StepEngine", "StepRecord", "declared_feeds", "step_kind"]
@@ -59,6 +59,47 @@ def declared_feeds(kind: StepKind, device, model_dtype: torch.dtype, feeds: dict
 _UNTIMED = nullcontext()
 
 
+def live_bucket(slots: int) -> int:
+    """Granularity of the live bound for a cache of `slots` slots: 32, or more so that a cache has at
+    most 16 widths (each width is its own launch: IOBinding, CUDA graph, TensorRT shape)."""
+    per = -(-slots // 16)
+    return max(32, (per + 7) // 8 * 8)
+
+
+def live_width(masks: list[torch.Tensor], slots: int) -> int:
+    """The live bound of one call: 1 + the last slot any query of any row may see in `masks` (each
+    [B, 1, q, slots] bool), rounded up to live_bucket(slots) and at most `slots`; `slots` when no slot
+    is visible. Slots at or past it are hidden from every query, so attention may skip them."""
+    seen = masks[0].reshape(-1, slots).any(0)
+    for m in masks[1:]:
+        seen |= m.reshape(-1, slots).any(0)
+    last = slots - int(torch.argmax(seen.flip(0).to(torch.uint8)))
+    if not bool(seen[last - 1]):
+        return slots
+    bucket = live_bucket(slots)
+    return min(slots, -(-last // bucket) * bucket)
+
+
+def graphs_take_live_masks(manifest) -> bool:
+    """Whether an engine directory's step graphs declare their masks' last dim as the live bound (built
+    since issue 35); directories built before take masks as wide as the cache only."""
+    shapes = [i["shape"] for name, kind in manifest.step_graphs().items() for i in manifest.graphs[name].inputs
+              if any(io.name == i["name"] and MASKED in io.dims for io in kind.inputs)]
+    return bool(shapes) and all(sh[-1] == MASKED for sh in shapes)
+
+
+def narrow_masks(kind: StepKind, feeds: dict, slots: int) -> dict:
+    """`feeds` with every attention mask (inputs with the live dim, format.stepkinds.MASKED) cut to the
+    live bound of the call: [.., slots] -> [.., L] views (issue 35: attention reads L slots, not S)."""
+    names = [io.name for io in kind.inputs if MASKED in io.dims]
+    if not names or feeds[names[0]].shape[-1] != slots:
+        return feeds
+    width = live_width([torch.as_tensor(feeds[n]) for n in names], slots)
+    if width == slots:
+        return feeds
+    return {n: (t[..., :width] if n in names else t) for n, t in feeds.items()}
+
+
 def step_kind(q: int) -> str:
     """Label of a token step by its query length: decode (q = 1) or verify (q > 1)."""
     return TOKEN.label({"q": q})
@@ -69,6 +110,7 @@ class StepEngine(ABC):
 
     backend: str = "?"
     fixed_slots: Optional[int] = None  # graph backends: the cache length their graphs were built for
+    live_masks: bool = False  # whether its step graphs take masks narrowed to the live bound (narrow_masks)
 
     def __init__(self, spec: ModelSpec, device: torch.device, cache_dtype: torch.dtype, max_q: Optional[int] = None):
         self.spec = spec
@@ -233,6 +275,8 @@ class StepEngine(ABC):
                     raise ArexportError(f"{kind.name} step with {d} = {dims[d]} exceeds this engine's maximum query length "
                                         f"{self.max_q}")
         label = label or kind.label(dims)
+        if self.live_masks:
+            feeds = narrow_masks(kind, feeds, cache.s_max)
         feeds = declared_feeds(kind, self.device, self.cache_dtype, feeds)
         with self._timed(label, dims["batch"], dims[kind.count_dim]):
             out = self._forward(kind, cache, feeds)

@@ -22,7 +22,7 @@ import torch
 
 from arexport.runtime.backends.arrays import EngineDirArrays
 from arexport.runtime.backends.ort.loader import OrtSessions, _ort
-from arexport.runtime.engine import TORCH_DTYPES, StepEngine
+from arexport.runtime.engine import TORCH_DTYPES, StepEngine, graphs_take_live_masks
 
 ONNX_TYPES = {torch.float32: 1, torch.uint8: 2, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16}
 
@@ -113,6 +113,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self.directory = sessions.directory
         self.manifest = manifest
         self.fixed_slots = manifest.spec.s_max
+        self.live_masks = graphs_take_live_masks(manifest)
         self.cuda_graph = sessions.cuda_graph
         self.static: "OrderedDict[tuple, _StaticIO]" = OrderedDict()
         self._graph_count = 0  # gpu_graph_ids handed out; never reused (ORT keeps a captured id forever)

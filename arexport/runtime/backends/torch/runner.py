@@ -19,6 +19,9 @@ class TorchEngine(StepEngine):
     K/V scattered into the cache buffers in place."""
 
     backend = "torch"
+    # Masks as wide as the cache by default: the reference keeps its bits (SDPA's CPU kernel blocks its
+    # softmax by key length, so narrowed masks move logits by ~1e-6); engines narrow them (issue 35).
+    live_masks = False
 
     def __init__(self, loaded, device="cpu", cuda_graph: bool = False):
         """loaded: an arexport.models.LoadedModel (the loader builds it)."""

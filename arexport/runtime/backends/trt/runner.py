@@ -16,7 +16,7 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.backends.arrays import EngineDirArrays
 from arexport.runtime.backends.trt.loader import Plan
-from arexport.runtime.engine import TORCH_DTYPES, StepEngine
+from arexport.runtime.engine import TORCH_DTYPES, StepEngine, graphs_take_live_masks
 
 
 class TrtEngine(EngineDirArrays, StepEngine):
@@ -30,6 +30,7 @@ class TrtEngine(EngineDirArrays, StepEngine):
         self.directory = directory
         self.manifest = manifest
         self.fixed_slots = manifest.spec.s_max
+        self.live_masks = graphs_take_live_masks(manifest)
         self.stream = stream
         self.plans = plans
         self.max_batch = max(manifest.profiles.batch_sizes)
