@@ -582,6 +582,10 @@ def _int_list(text: str, what: str) -> list[int]:
               help="What to write (not what runs it): onnx = ONNX graphs, run with --backend ort or torch; trt = also "
                    "TensorRT plans, run with --backend trt. --backend is this option's older name.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
+@click.option("--decoder-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Precision of the image decoder (and VAR's next-scale graphs): auto = the engine's, except that an fp16 "
+                   "decoder whose activations on calibration token grids come within 8x of fp16's range stays fp32; "
+                   "fp16 forced refuses such weights (docs/gpu.md).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory (only once the new one is complete).")
 @click.option("--overwrite-any-directory", "overwrite_any", is_flag=True,
               help="With --overwrite: also replace a directory that is not an arexport engine (its content is deleted).")
@@ -594,7 +598,7 @@ def _int_list(text: str, what: str) -> list[int]:
               "token_hidden: the token step that also returns the last hidden state (EAGLE draft heads).")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k, text_encoder, steps, dry_run):
+          lantern_k, text_encoder, steps, dry_run, decoder_precision):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -615,7 +619,7 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
                         trt_opt_level=trt_opt_level,
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
-                        text_encoder=text_encoder, steps=tuple(steps)).validate()
+                        text_encoder=text_encoder, steps=tuple(steps), decoder_precision=decoder_precision).validate()
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite, overwrite_any)
