@@ -754,6 +754,10 @@ def _print_manifest(manifest, console, brief: bool) -> None:
         top = ", ".join(f"{k} {v}" for k, v in list(hist.items())[: (6 if brief else 12)])
         t.add_row(name, g["file"], str(r.get("nodes", "?")), f"{r.get('parameters', 0):,}", top)
     console.print(t)
+    for name, rec in m.get("export", {}).get("decoders", {}).items():  # exporter/calibrate.py: each decoder graph's precision
+        islands = ", ".join(f"{r['op']} x{r['nodes']}" for r in rec.get("fp32_islands", []))
+        console.print(f"  {name}: {rec['precision']} ({rec['why']})" + (f"; fp32 islands: {islands}" if islands else ""),
+                      markup=False)
     if not brief:
         for name, g in m["graphs"].items():
             hist = m.get("report", {}).get(name, {}).get("op_histogram", {})

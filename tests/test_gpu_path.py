@@ -377,6 +377,12 @@ def test_decoders_are_built_in_the_engine_precision(family, precision, built):
     assert names and set(records) == names, (sorted(records), sorted(names))
     inlined = [f.line() for g, fs in check_directory(out, manifest, "cuda").items() if g in names for f in fs]
     assert not inlined, inlined
+    from click.testing import CliRunner
+
+    from arexport.cli import cli
+
+    shown = CliRunner().invoke(cli, ["inspect", str(out)]).output  # inspect prints each decision
+    assert all(f"{n}: {records[n]['precision']} (" in shown for n in names), shown
     half = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
     for name in names:
         rec = records[name]
