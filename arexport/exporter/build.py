@@ -78,8 +78,7 @@ Reporter = Callable[[str], None]
 def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> Manifest:
     """Export `loaded` (a LoadedModel) into the engine directory `out`; returns its manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
-    from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_next_scale,
-                                          export_step_kind, export_text_encoder)
+    from arexport.exporter.export import WeightStore, export_step_kind, export_text_encoder
     from arexport.hf import load_t5_encoder
 
     opts.validate()

@@ -174,11 +174,13 @@ def line(graph: str, rec: dict) -> str:
 
 
 def calibrate_image_decoder(decoder: nn.Module, vocab: int, n_tokens: int, graph: str = "vq_decoder") -> Peaks:
-    """Peaks of an fp32 tokens -> images decoder over the calibration grids."""
+    """Peaks of an fp32 tokens -> images decoder over the calibration grids (one at a time: a 512 px
+    decoder's feature maps are hundreds of MB per image)."""
     peaks = Peaks()
     with recording(decoder, peaks) as rec:
         rec.graph = graph
-        decoder(calibration_tokens(vocab, n_tokens))
+        for grid in calibration_tokens(vocab, n_tokens):
+            decoder(grid[None])
     return peaks
 
 
