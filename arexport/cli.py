@@ -584,6 +584,10 @@ def _int_list(text: str, what: str) -> list[int]:
               help="What to write (not what runs it): onnx = ONNX graphs, run with --backend ort or torch; trt = also "
                    "TensorRT plans, run with --backend trt. --backend is this option's older name.")
 @click.option("--no-images", is_flag=True, help="Skip the VQ decoder graph.")
+@click.option("--decoder-precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="Precision of the image decoder (and VAR's next-scale graphs): auto = the engine's, except that an fp16 "
+                   "decoder whose activations on calibration token grids come within 8x of fp16's range stays fp32; "
+                   "fp16 forced refuses such weights (docs/gpu.md).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory (only once the new one is complete).")
 @click.option("--overwrite-any-directory", "overwrite_any", is_flag=True,
               help="With --overwrite: also replace a directory that is not an arexport engine (its content is deleted).")
@@ -599,7 +603,7 @@ def _int_list(text: str, what: str) -> list[int]:
               "Runtime CPU; docs/benchmarks.md).")
 def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, out_dir, precision,
           batch_sizes, verify_len, backend, no_images, overwrite, overwrite_any, trt_opt_level, trt_timing_cache, trt_workspace_gb,
-          lantern_k, text_encoder, steps, dry_run, live_attention):
+          lantern_k, text_encoder, steps, dry_run, live_attention, decoder_precision):
     """Export MODEL_NAME's step functions into an engine directory (written atomically).
 
     \b
@@ -620,7 +624,8 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
                         backend=backend, images=not no_images, overwrite=overwrite, overwrite_any=overwrite_any,
                         trt_opt_level=trt_opt_level,
                         trt_timing_cache=trt_timing_cache, trt_workspace_gb=trt_workspace_gb, lantern_k=lantern_k,
-                        text_encoder=text_encoder, steps=tuple(steps), live_attention=live_attention).validate()
+                        text_encoder=text_encoder, steps=tuple(steps), live_attention=live_attention,
+                        decoder_precision=decoder_precision).validate()
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite, overwrite_any)
@@ -786,6 +791,10 @@ def _print_manifest(manifest, console, brief: bool) -> None:
         top = ", ".join(f"{k} {v}" for k, v in list(hist.items())[: (6 if brief else 12)])
         t.add_row(name, g["file"], str(r.get("nodes", "?")), f"{r.get('parameters', 0):,}", top)
     console.print(t)
+    for name, rec in m.get("export", {}).get("decoders", {}).items():  # exporter/calibrate.py: each decoder graph's precision
+        islands = ", ".join(f"{r['op']} x{r['nodes']}" for r in rec.get("fp32_islands", []))
+        console.print(f"  {name}: {rec['precision']} ({rec['why']})" + (f"; fp32 islands: {islands}" if islands else ""),
+                      markup=False)
     if not brief:
         for name, g in m["graphs"].items():
             hist = m.get("report", {}).get(name, {}).get("op_histogram", {})

@@ -44,6 +44,10 @@ class BuildOptions:
     lantern_k: int = 1000
     text_encoder: Optional[str] = None  # a T5 save_pretrained directory exported next to a t2i model (prompts)
     steps: tuple[str, ...] = ()  # step kinds (format.stepkinds) built besides the family's own
+    # image decoders and VAR's next-scale graphs: auto (the engine's precision; fp16 only where the
+    # build's calibration on these weights finds it safe, else fp32), fp32, or fp16/bf16 forced
+    # (exporter/calibrate.py: a forced fp16 that would overflow is refused)
+    decoder_precision: str = "auto"
     # RotaryEmbedding / RMSNormalization as single ONNX nodes (models/fused.py): default on (ONNX
     # Runtime >= 1.27 has kernels for both; TensorRT >= 10.15 imports both, onnx-tensorrt operators.md)
     fused_ops: Optional[bool] = None
@@ -62,6 +66,8 @@ class BuildOptions:
             raise ArexportError(f"batch sizes must be positive integers, got {self.batch_sizes}")
         if self.verify_len is not None and self.verify_len < 1:
             raise ArexportError(f"--verify-len must be >= 1, got {self.verify_len}")
+        if self.decoder_precision not in ("auto",) + PRECISIONS:
+            raise ArexportError(f"unknown decoder precision {self.decoder_precision!r}; choose auto, fp32, fp16 or bf16")
         if self.backend not in ("onnx", "trt"):
             raise ArexportError(f"unknown build backend {self.backend!r}; choose onnx or trt")
         for name in self.steps:
@@ -75,8 +81,7 @@ Reporter = Callable[[str], None]
 def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter = lambda s: None) -> Manifest:
     """Export `loaded` (a LoadedModel) into the engine directory `out`; returns its manifest."""
     from arexport.exporter.checks import check_graph, raise_on_problems
-    from arexport.exporter.export import (WeightStore, export_image_decoder, export_latent_decoder, export_next_scale,
-                                          export_step_kind, export_text_encoder)
+    from arexport.exporter.export import WeightStore, export_step_kind, export_text_encoder
     from arexport.hf import load_t5_encoder
 
     opts.validate()
@@ -141,22 +146,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
                     g = export_text_encoder(t5, spec.cond_len, tmp, store, max_batch=max_batch)
                     graphs["text_encoder"] = Graph(g.file)
                     shutil.copyfile(tokenizer_src, tmp / "tokenizer.json")
-                scales = family.scales(spec)
-                if scales is not None and loaded.decoder is not None:  # a multi-scale VQVAE: its next-scale inputs
-                    vae = loaded.decoder.float().eval()
-                    cvae = family.latent_channels(spec)
-                    for si in range(len(scales)):
-                        report(f"exporting next-scale graph {si + 1}/{len(scales)}")
-                        g = export_next_scale(vae, scales, cvae, si, tmp, store, max_batch=max_batch)
-                        graphs[g.name] = Graph(g.file)
-                    if opts.images:
-                        report("exporting latent decoder graph")
-                        g = export_latent_decoder(vae, scales, cvae, tmp, store, max_batch=max_batch)
-                        graphs["latent_decoder"] = Graph(g.file)
-                if opts.images and loaded.decoder is not None:
-                    report("exporting image decoder graph")
-                    g = export_image_decoder(loaded.decoder.float().eval(), spec, tmp, store, max_batch=max_batch)
-                    graphs["vq_decoder"] = Graph(g.file)
+                decoders = _export_decoders(loaded, spec, family, opts, tmp, store, max_batch, graphs, report)
         finally:
             store.close()
         extras = _write_arrays(loaded, tmp, opts)
@@ -178,7 +168,8 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
             cache={"layout": "[B, H_kv, S_max, D] per layer, K and V", "n_layers": spec.n_cache_layers,
                    "s_max": spec.s_max, "lookahead": spec.s_max - spec.min_slots, "dtype": opts.precision,
                    "slots": "generation order; positions drive RoPE"},
-            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, "live_attention": opts.live_attention, **({"text_encoder": text_info} if text_info is not None else {}),
+            report=reports, tools=tool_versions(), export={"fused_ops": opts.fused, "live_attention": opts.live_attention, **({"decoders": decoders} if decoders else {}),
+                **({"text_encoder": text_info} if text_info is not None else {}),
                 **({"prompter": loaded.prompter["info"]} if loaded.prompter is not None else {})})
         if opts.backend == "trt":
             from arexport.exporter.trt_build import build_plans
@@ -189,6 +180,70 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
         write_manifest(tmp, manifest)
     report(f"wrote {out}")
     return manifest
+
+
+def _export_decoders(loaded, spec, family, opts: BuildOptions, tmp: Path, store, max_batch: int, graphs: dict,
+                     report: Reporter) -> dict[str, dict]:
+    """Export VAR's next-scale and latent decoder graphs, or the image decoder, each in the precision
+    exporter/calibrate.decide picks (the calibration runs once, on the fp32 module, only for fp16);
+    returns graph -> the decision record for the manifest (`export.decoders`)."""
+    from arexport.exporter.calibrate import calibrate_image_decoder, calibrate_var, decide, line
+    from arexport.exporter.export import export_image_decoder, export_latent_decoder, export_next_scale
+
+    if loaded.decoder is None:
+        return {}
+    module = loaded.decoder.float().eval()
+    memo: dict = {}
+
+    def once(key, fn):
+        if key not in memo:
+            memo[key] = fn()
+        return memo[key]
+
+    def export(name: str, fn, peaks) -> None:
+        rec = decide(name, opts.decoder_precision, opts.precision, module, peaks)
+        half = rec["precision"] != "fp32"
+        g = fn(once(rec["precision"], lambda: _in_precision(module, rec["precision"])), half)
+        rec.update(fp32_islands=g.islands, casts=g.ops.get("Cast", 0), nodes=sum(g.ops.values()))
+        graphs[name] = Graph(g.file)
+        records[name] = rec
+        report(line(name, rec))
+
+    records: dict[str, dict] = {}
+    scales = family.scales(spec)
+    if scales is not None:  # a multi-scale VQVAE: its next-scale inputs, then its latent decoder
+        cvae = family.latent_channels(spec)
+        peaks = lambda: once("var peaks", lambda: calibrate_var(module, scales, module.codebook().shape[0]))  # noqa: E731
+        for si in range(len(scales)):
+            report(f"exporting next-scale graph {si + 1}/{len(scales)}")
+            export(f"next_scale_{si}", lambda m, half, si=si: export_next_scale(m, scales, cvae, si, tmp, store, max_batch=max_batch,
+                                                                                half=half), peaks)
+        if opts.images:
+            report("exporting latent decoder graph")
+            export("latent_decoder", lambda m, half: export_latent_decoder(m, scales, cvae, tmp, store, max_batch=max_batch,
+                                                                           half=half), peaks)
+    if opts.images:  # tokens -> images (VAR's too: its VQVAE's forward sums the scales, then decodes)
+        report("exporting image decoder graph")
+        vocab = module.codebook().shape[0] if hasattr(module, "codebook") else spec.vocab_size
+        peaks = lambda: once("image peaks", lambda: calibrate_image_decoder(module, vocab, spec.n_tokens))  # noqa: E731
+        export("vq_decoder", lambda m, half: export_image_decoder(m, spec, tmp, store, max_batch=max_batch, half=half), peaks)
+    return records
+
+
+def _in_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """A copy of `module` with its floating-point parameters in `precision` (buffers, e.g. a
+    decoder's pixel mapping constants, stay as they are; the loaded fp32 module is not touched)."""
+    if precision == "fp32":
+        return module
+    import copy
+
+    out = copy.deepcopy(module)
+    dtype = torch_dtype(precision)
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+    return out
 
 
 def step_kinds_to_build(loaded, family, extra: tuple[str, ...] = ()) -> list:

@@ -14,8 +14,9 @@ import io
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import onnx
 import torch
@@ -69,6 +70,8 @@ class ExportedGraph:
     file: str
     inputs: list[str]
     outputs: list[str]
+    islands: list[dict] = field(default_factory=list)  # fp32 islands placed in a half graph (exporter/islands.py)
+    ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes in the final graph
 
 
 @contextlib.contextmanager
@@ -106,11 +109,16 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_shapes)
         prog.save(str(path), external_data=True)
 
 
-def pack_graph(raw_path: Path, final_path: Path, store: WeightStore, dim_names: dict[str, str] | None = None) -> None:
+def pack_graph(raw_path: Path, final_path: Path, store: WeightStore, dim_names: dict[str, str] | None = None,
+               rewrite: Optional[Callable[[onnx.ModelProto], list]] = None) -> tuple[list, dict[str, int]]:
     """Move raw_path's initializers (inline or external) into the shared store and write the small
-    graph to final_path; symbolic dims are renamed by dim_names."""
+    graph to final_path; symbolic dims are renamed by dim_names, and `rewrite` (a graph pass) edits
+    the graph first. Returns what rewrite returned and the final graph's op counts."""
+    from arexport.exporter.islands import count_ops
+
     dim_names = dim_names or {}
     model = onnx.load(str(raw_path), load_external_data=False)
+    done = rewrite(model) if rewrite is not None else []
     base = raw_path.parent
     handles: dict[str, object] = {}
     try:
@@ -147,6 +155,7 @@ def pack_graph(raw_path: Path, final_path: Path, store: WeightStore, dim_names: 
             if d.HasField("dim_param") and d.dim_param in dim_names:
                 d.dim_param = dim_names[d.dim_param]
     onnx.save(model, str(final_path))
+    return done, count_ops(model)
 
 
 def _dim_renames(path: Path, wanted: dict[tuple[str, int], str]) -> dict[str, str]:
@@ -217,28 +226,30 @@ def export_step_kind(model, kind, spec: ModelSpec, workdir: Path, store: WeightS
                           graph_file(kind), store)
 
 
-def export_next_scale(vae, scales, cvae: int, si: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
+def export_next_scale(vae, scales, cvae: int, si: int, workdir: Path, store: WeightStore, max_batch: int,
+                      half: bool = False) -> ExportedGraph:
     """Export a multi-scale VQVAE's next-scale input of scale si (format.scales.Scales; dynamic batch),
-    as next_scale_{si}.onnx."""
+    as next_scale_{si}.onnx (fp32 in and out; `half`: the VQVAE's parameters are fp16/bf16)."""
     from torch.export import Dim
 
     pn, hw = scales.patch_nums[si], scales.patch_nums[-1]
     args = [torch.zeros(2, cvae, hw, hw), torch.zeros(2, pn * pn, cvae)]
     n = Dim("n", min=1, max=max(max_batch, 2))
     ins, outs = NextScaleGraph.io_names(si == len(scales) - 1)
-    return _export_packed(f"next_scale_{si}", NextScaleGraph(vae, si), args, [{0: n}, {0: n}], ins, outs,
-                          {("f_hat", 0): "batch"}, workdir, f"next_scale_{si}.onnx", store)
+    return _export_decoder(f"next_scale_{si}", NextScaleGraph(vae, si), args, [{0: n}, {0: n}], ins, outs,
+                           {("f_hat", 0): "batch"}, workdir, f"next_scale_{si}.onnx", store, half)
 
 
-def export_latent_decoder(vae, scales, cvae: int, workdir: Path, store: WeightStore, max_batch: int) -> ExportedGraph:
-    """Export a multi-scale VQVAE's decoder f_hat -> uint8 images (dynamic number of images)."""
+def export_latent_decoder(vae, scales, cvae: int, workdir: Path, store: WeightStore, max_batch: int,
+                          half: bool = False) -> ExportedGraph:
+    """Export a multi-scale VQVAE's decoder f_hat (fp32) -> uint8 images (dynamic number of images)."""
     from torch.export import Dim
 
     hw = scales.patch_nums[-1]
     n = Dim("n", min=1, max=max(max_batch, 2))
     ins, outs = LatentDecoderGraph.io_names()
-    return _export_packed("latent_decoder", LatentDecoderGraph(vae), [torch.zeros(2, cvae, hw, hw)], [{0: n}], ins, outs,
-                          {("f_hat", 0): "batch"}, workdir, "latent_decoder.onnx", store)
+    return _export_decoder("latent_decoder", LatentDecoderGraph(vae), [torch.zeros(2, cvae, hw, hw)], [{0: n}], ins, outs,
+                           {("f_hat", 0): "batch"}, workdir, "latent_decoder.onnx", store, half)
 
 
 class _T5Graph(torch.nn.Module):
@@ -264,28 +275,41 @@ def export_text_encoder(model, max_length: int, workdir: Path, store: WeightStor
 
 
 def export_image_decoder(decoder, spec: ModelSpec, workdir: Path, store: WeightStore, max_batch: int,
-                         file: str = "vq_decoder.onnx") -> ExportedGraph:
-    """Export tokens -> uint8 images (dynamic number of images)."""
+                         file: str = "vq_decoder.onnx", half: bool = False) -> ExportedGraph:
+    """Export tokens -> uint8 images (dynamic number of images; `half`: the decoder's parameters are fp16/bf16)."""
     from torch.export import Dim
 
     tokens = torch.zeros(2, spec.n_tokens, dtype=torch.int64)
     n = Dim("n", min=1, max=max(max_batch, 2))
     ins, outs = ImageDecoderGraph.io_names()
-    return _export_packed("vq_decoder", ImageDecoderGraph(decoder), [tokens], [{0: n}], ins, outs,
-                          {("tokens", 0): "batch"}, workdir, file, store)
+    return _export_decoder("vq_decoder", ImageDecoderGraph(decoder), [tokens], [{0: n}], ins, outs,
+                           {("tokens", 0): "batch"}, workdir, file, store, half)
 
 
 def _export_packed(name: str, module, args, dynamic_shapes, ins, outs, wanted: dict[tuple[str, int], str],
-                   workdir: Path, file: str, store: WeightStore) -> ExportedGraph:
+                   workdir: Path, file: str, store: WeightStore, rewrite=None) -> ExportedGraph:
     """Export `module` to a raw ONNX file, pack it into workdir/file with its weights in `store`
-    (dims named by `wanted`: (input, axis) -> name), and remove the raw files."""
+    (dims named by `wanted`: (input, axis) -> name; `rewrite` as pack_graph's), and remove the raw files."""
     raw = workdir / f".raw_{file}"
     try:
         _export(module.eval(), args, raw, ins, outs, dynamic_shapes)
-        pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted))
+        done, ops = pack_graph(raw, workdir / file, store, _dim_renames(raw, wanted), rewrite)
     finally:
         _cleanup_raw(raw)
-    return ExportedGraph(name, file, ins, outs)
+    return ExportedGraph(name, file, ins, outs, islands=done, ops=ops)
+
+
+def _export_decoder(name: str, module, args, dynamic_shapes, ins, outs, wanted, workdir: Path, file: str,
+                    store: WeightStore, half: bool) -> ExportedGraph:
+    """An image decoder's (or VAR next-scale) graph: GroupNorms as nodes with GPU kernels
+    (exporter/groupnorm.py) and, in a half graph, fp32 islands where the CUDA table has no half
+    kernel (exporter/islands.py)."""
+    from arexport.exporter.groupnorm import export_group_norms
+    from arexport.exporter.islands import add_fp32_islands
+
+    with export_group_norms(module):
+        return _export_packed(name, module, args, dynamic_shapes, ins, outs, wanted, workdir, file, store,
+                              rewrite=add_fp32_islands if half else None)
 
 
 def _cleanup_raw(raw: Path) -> None:

@@ -77,7 +77,9 @@ class ScaleStepGraph(nn.Module):
 
 
 class NextScaleGraph(nn.Module):
-    """VAR's VQVAE at scale si: (f_hat, h) -> (f_hat, next) (only f_hat after the last scale)."""
+    """VAR's VQVAE at scale si: (f_hat, h) -> (f_hat, next) (only f_hat after the last scale), fp32 in
+    and out; a half VQVAE runs its phi convolution in its dtype and f_hat accumulates in fp32
+    (VARVQVAE.next_scale)."""
 
     def __init__(self, vae, si: int):
         super().__init__()
@@ -93,14 +95,16 @@ class NextScaleGraph(nn.Module):
 
 
 class LatentDecoderGraph(nn.Module):
-    """VAR's VQVAE decoder: f_hat [N, Cvae, H, W] -> images [N, H', W', 3] uint8."""
+    """VAR's VQVAE decoder: f_hat [N, Cvae, H, W] fp32 -> images [N, H', W', 3] uint8; f_hat is cast to
+    the decoder's dtype inside the graph (the runtime feeds fp32 whatever the decoder's precision)."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
+        self.dtype = vae.post_quant_conv.weight.dtype
 
     def forward(self, f_hat):
-        return self.vae.latents_to_images(f_hat)
+        return self.vae.latents_to_images(f_hat.to(self.dtype))
 
     @staticmethod
     def io_names():

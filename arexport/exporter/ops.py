@@ -10,6 +10,7 @@ copying ScatterND on a constant.
 
 from __future__ import annotations
 
+import onnx
 import onnxscript
 import torch
 
@@ -52,8 +53,25 @@ def rms_normalize_onnx(x, scale, eps: float):
     return _op24.RMSNormalization(x, scale, axis=-1, epsilon=eps, stash_type=1)
 
 
+def group_norm_onnx(x, weight, bias, groups: int, eps: float, to: int):
+    """ONNX translation of arexport::group_norm (exporter/groupnorm.py): LayerNormalization over the
+    last axis of [N, G, C/G * spatial] in fp32 (a kernel on ONNX Runtime CUDA and in TensorRT; ONNX
+    Runtime has none for GroupNormalization, and its InstanceNormalization kernels stop at opset 6),
+    the per-channel affine in fp32, one Cast back to x's dtype (`to`)."""
+    xf = _op24.Cast(x, to=1)
+    grouped = _op24.Reshape(xf, _op24.Constant(value_ints=[0, groups, -1]))  # 0: keep N
+    size = _op24.Slice(_op24.Shape(grouped), _op24.Constant(value_ints=[2]), _op24.Constant(value_ints=[3]))
+    ones = _op24.ConstantOfShape(size, value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [1], [1.0]))
+    normed = _op24.LayerNormalization(grouped, ones, axis=-1, epsilon=eps, stash_type=1)[0]  # Y (mean, inv std unused)
+    y = _op24.Reshape(normed, _op24.Shape(x))
+    y = _op24.Add(_op24.Mul(y, _op24.Cast(weight, to=1)), _op24.Cast(bias, to=1))
+    return _op24.Cast(y, to=to)
+
+
+import arexport.exporter.groupnorm  # noqa: E402,F401  (defines arexport::group_norm)
 import arexport.models.fused  # noqa: E402,F401  (defines the fused custom ops)
 
 TRANSLATIONS = {torch.ops.arexport.kv_scatter.default: kv_scatter_onnx,
                 torch.ops.arexport.rotary.default: rotary_onnx,
-                torch.ops.arexport.rms_normalize.default: rms_normalize_onnx}
+                torch.ops.arexport.rms_normalize.default: rms_normalize_onnx,
+                torch.ops.arexport.group_norm.default: group_norm_onnx}

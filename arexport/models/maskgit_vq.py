@@ -104,11 +104,12 @@ class MaskGITDecoder(nn.Module):
         return self.quantize.embedding.weight
 
     def decode_float(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [N, g*g] -> images [N, 3, 16g, 16g] clamped to [0, 1]."""
+        """tokens [N, g*g] -> images [N, 3, 16g, 16g] clamped to [0, 1], fp32 (a half decoder's output is
+        clamped and mapped to pixels in fp32)."""
         n, t = tokens.shape
         g = int(round(t ** 0.5))
         z = self.quantize.embedding(tokens).reshape(n, g, g, -1).permute(0, 3, 1, 2)
-        return torch.clamp(self.decoder(z), 0.0, 1.0)
+        return torch.clamp(self.decoder(z).float(), 0.0, 1.0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.decode_float(tokens)

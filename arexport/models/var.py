@@ -490,12 +490,16 @@ class VARVQVAE(nn.Module):
 
     def next_scale(self, si: int, f_hat: torch.Tensor, h: torch.Tensor):
         """get_next_autoregressive_input: h [B, pn*pn, Cvae] of scale si (codebook rows, or their
-        soft mix) -> (f_hat [B,Cvae,H,W], the next scale's inputs [B, pn'*pn', Cvae], None after the last)."""
+        soft mix) -> (f_hat [B,Cvae,H,W], the next scale's inputs [B, pn'*pn', Cvae], None after the last).
+        A half-precision VQVAE (a half engine's next-scale graphs) upsamples and convolves h in its
+        dtype while f_hat keeps its own (fp32): what the reference demo does under fp16 autocast
+        (FoundationVision/VAR 78b9539, demo_sample.ipynb: conv2d runs in fp16, f_hat stays fp32)."""
         b, pn, hw, n = h.shape[0], self.patch_nums[si], self.patch_nums[-1], len(self.patch_nums)
-        h = h.transpose(1, 2).reshape(b, -1, pn, pn)
+        phi = self.phi(si)
+        h = h.transpose(1, 2).reshape(b, -1, pn, pn).to(phi.weight.dtype)
         if si == n - 1:
-            return f_hat + self.phi(si)(h), None
-        f_hat = f_hat + self.phi(si)(F.interpolate(h, size=(hw, hw), mode="bicubic"))
+            return f_hat + phi(h).to(f_hat.dtype), None
+        f_hat = f_hat + phi(F.interpolate(h, size=(hw, hw), mode="bicubic")).to(f_hat.dtype)
         pn1 = self.patch_nums[si + 1]
         return f_hat, F.interpolate(f_hat, size=(pn1, pn1), mode="area").view(b, -1, pn1 * pn1).transpose(1, 2)
 
@@ -503,14 +507,16 @@ class VARVQVAE(nn.Module):
         """All scales' tokens [N, L] -> f_hat [N, Cvae, H, W] (the same sums as inference)."""
         sc = self.cfg.scales
         hw = self.patch_nums[-1]
-        f_hat = torch.zeros(tokens.shape[0], self.cfg.cvae, hw, hw, dtype=self.codebook().dtype, device=tokens.device)
+        f_hat = torch.zeros(tokens.shape[0], self.cfg.cvae, hw, hw, device=tokens.device)  # fp32 sums (next_scale)
         for si in range(len(sc)):
             f_hat, _ = self.next_scale(si, f_hat, self.quantize.embedding(tokens[:, sc.begins[si]:sc.ends[si]]))
         return f_hat
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """[N,Cvae,H,W] -> images in [-1, 1], [N,3,H',W']."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+        """[N,Cvae,H,W] -> images in [-1, 1], [N,3,H',W'] fp32 (a half decoder's output is clamped and
+        mapped to pixels in fp32: no half Clip, and no rounding of 255 x in 8 bits of bf16 mantissa)."""
+        x = self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype))
+        return self.decoder(x).float().clamp(-1, 1)
 
     def latents_to_images(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat -> uint8 RGB [N, H, W, 3] (the reference demo's mapping, then the nearest upscale)."""
