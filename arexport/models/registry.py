@@ -37,7 +37,7 @@ import torch
 from arexport.errors import ArexportError, CheckpointError
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
-from arexport.models import arpg, emu3, janus, llamagen, lumina_mgpt, par, rar, var
+from arexport.models import arpg, emu3, janus, llamagen, lumina_mgpt, par, randar, rar, var
 from arexport.models.catalog import Catalog, LoadedModel, with_overrides
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LLAMAGEN_SIZES
@@ -50,7 +50,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # One catalog per family, each in its family's model module: names, aliases, configs, checkpoint markers.
 CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG,
-                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG)
+                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG, randar.CATALOG)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",
