@@ -19,6 +19,7 @@ The reference keeps its own KV cache as the official generate does (rewritten sl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -36,13 +37,15 @@ from arexport.runtime.sampling import SamplingParams
 BASE = {"n_layer": 2, "dim": 64, "n_head": 4, "multiple_of": 32, "vocab_size": 64, "num_classes": 10}
 
 
+@functools.lru_cache(maxsize=None)
 def tiny(grid: int, seed: int = 3):
-    """A 2-layer random RandAR; weights x4 (std 0.08) so that greedy tokens depend on their context."""
+    """A 2-layer random RandAR; weights x8 (std 0.16) so that greedy tokens depend on their context (x4 left 5 distinct tokens in a 6 x 6 image).
+    Cached: building the random VQ decoder is most of the cost; no test changes the weights."""
     lm = load_model("randar-L", random_init=True, seed=seed, overrides=dict(BASE, grid_size=grid))
     with torch.no_grad():
         for p in lm.model.parameters():
             if p.dim() > 1:
-                p.mul_(4.0)
+                p.mul_(8.0)
     return lm
 
 
@@ -240,7 +243,7 @@ def test_one_token_per_forward_is_teacher_forcing(monkeypatch):
 
 @pytest.mark.parametrize("grid,steps,scales", [(4, 6, (1.0, 4.0)), (6, 9, (1.0, 3.0)), (4, 5, (1.0, 1.0))])
 def test_greedy_generation_equals_the_reference(monkeypatch, grid, steps, scales):
-    lm = tiny(grid, seed=grid + steps)
+    lm = tiny(grid, seed=3 if grid == 4 else 11)
     n = grid * grid
     cls = torch.tensor([3, 8, 0])
     order = random_orders(3, n, steps)
