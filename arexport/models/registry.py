@@ -15,6 +15,7 @@ Names:
   end-of-line tokens are forced by the step graph (models/emu3.py).
 * `par-XL-4x`, `par-XXL-4x`, `par-3B-4x`, `par-3B-16x`: PAR (Epiphqny/PAR) checkpoints, LlamaGen's layout plus
   `spe_tok_embeddings`; `demo-par` is shipped.
+* `randar-L`, `randar-XL`: RandAR (ziqipang/RandAR) safetensors, LlamaGen's layout plus `pos_instruct_embeddings`.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 * `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
