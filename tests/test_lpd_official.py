@@ -12,7 +12,11 @@ The reference below is re-derived here, apart from the package, from:
   (sizes: norm eps 1e-6, mlp_ratio 4);
 * `models/mask.py` l. 6-37 (training mask from group ids) and `engine.py` l. 22-32, 171-174 (inference
   block-causal mask over [1, g_0, g_1, ...]);
-* `models/sampling.py` l. 53-80 (`sample`; sample_logits=False is the argmax).
+* `models/sampling.py` l. 53-80 (`sample`; sample_logits=False is the argmax);
+* `orders/lpd_order.py` l. 9-125 (the locality-aware order: proximity scores over the 8-neighbourhood,
+  shuffle then stable sort, repulsion inside a group, farthest-point sampling for the rest) with its
+  random calls (random.choice, random.shuffle, np.random.randint) replaced by the keys the package
+  documents (families.lpd.lpd_order): the smallest key is chosen, the shuffle sorts by key.
 """
 
 from __future__ import annotations
@@ -170,6 +174,63 @@ def gen_groups(groups):
     return ",".join(str(g) for g in groups)
 
 
+def ref_lpd_order(groups, grid, keys, proximity=1.0, repulsion=1.0):
+    """orders/lpd_order.py l. 9-81 and 84-125, random calls drawn from keys [G, N] (see module doc)."""
+    k = keys.double().numpy()
+    coords = [[i, j] for i in range(grid) for j in range(grid)]
+    rid = lambda c: c[0] * grid + c[1]  # noqa: E731
+    selected = []
+    for step, size in enumerate(groups):
+        if step == 0:
+            selected.append(coords[int(np.argmin(k[0]))])  # random.choice
+            continue
+        cands = []
+        for c in coords:
+            if c in selected:
+                continue
+            score = 0
+            for s_ in selected:
+                if abs(c[0] - s_[0]) <= 1 and abs(c[1] - s_[1]) <= 1:
+                    d = float(np.hypot(c[0] - s_[0], c[1] - s_[1]))
+                    if d > 0:
+                        score += 1.0 / d
+            cands.append([score, c])
+        cands.sort(key=lambda it: k[step][rid(it[1])])  # random.shuffle
+        cands.sort(key=lambda it: it[0], reverse=True)
+        c1 = [it[1] for it in cands if it[0] >= proximity]
+        c2 = [it[1] for it in cands if it[0] < proximity]
+        chosen, filtered = [], []
+        while len(chosen) < size and c1:
+            c = c1.pop(0)
+            if any(abs(c[0] - t[0]) <= repulsion and abs(c[1] - t[1]) <= repulsion for t in chosen):
+                filtered.append(c)
+            else:
+                chosen.append(c)
+        filtered.extend(c1)
+        c2.extend(filtered)
+        left = size - len(chosen)
+        if left > 0:
+            if len(c2) <= left:
+                chosen.extend(c2)
+            else:
+                cn = np.array(c2, dtype=np.float64)
+                have = np.array(chosen, dtype=np.float64).reshape(-1, 2)
+                idxs = []
+                for _ in range(left):
+                    if len(have) == 0:
+                        i = int(np.argmin([k[step][rid(c)] for c in c2]))  # np.random.randint
+                        have = cn[i][None]
+                    else:
+                        dist = np.sqrt(((cn[:, None] - have[None]) ** 2).sum(-1)).min(1)
+                        dist[idxs] = 0
+                        i = int(np.argmax(dist))
+                        have = np.vstack([have, cn[i]])
+                    idxs.append(i)
+                chosen.extend(c2[i] for i in idxs)
+        selected.extend(chosen)
+    return torch.tensor([rid(c) for c in selected])
+
+
 # -- tests ------------------------------------------------------------------------------------------
 def test_teacher_forced_logits_equal_the_reference():
     lm = tiny()
@@ -198,7 +259,7 @@ def test_greedy_generation_equals_the_reference(monkeypatch, cfg_scale, schedule
     forced_orders(monkeypatch, order)
     with torch.no_grad():
         ref = ref_generate_greedy(lm.model, cls, order, GROUPS, cfg_scale, schedule)
-    out = Generator(TorchEngine(lm)).generate(classes=cls.tolist(), method="lpd", method_options={"group_sizes": gen_groups(GROUPS)},
+    out = Generator(TorchEngine(lm)).generate(classes=cls.tolist(), method="lpd", method_options={"group_sizes": gen_groups(GROUPS), "group_order": "random"},
                                               images=False, sampling=SamplingParams(temperature=0.0, cfg_scale=cfg_scale,
                                                                                      cfg_schedule=schedule))
     assert np.array_equal(out.tokens, ref.numpy())
@@ -226,8 +287,46 @@ def test_ort_engine_greedy_equals_the_reference(tmp_path, monkeypatch):
     forced_orders(monkeypatch, order)
     with torch.no_grad():
         ref = ref_generate_greedy(lm.model, cls, order, GROUPS, 2.5)
-    out = Generator(eng).generate(classes=cls.tolist(), method="lpd", method_options={"group_sizes": gen_groups(GROUPS)},
+    out = Generator(eng).generate(classes=cls.tolist(), method="lpd", method_options={"group_sizes": gen_groups(GROUPS),
+                                                                                      "group_order": "random"},
                                   images=False, sampling=SamplingParams(temperature=0.0, cfg_scale=2.5, cfg_schedule="linear"))
+    assert np.array_equal(out.tokens, ref.numpy())
+
+
+@pytest.mark.parametrize("grid,groups,repulsion", [(16, "20", 2.0), (16, "20", 3.0), (16, "32", 2.0), (4, GROUPS, 1.0),
+                                                   (6, [1, 2, 3, 5, 8, 8, 9], 2.0)])
+def test_lpd_order_equals_the_reference(grid, groups, repulsion):
+    from arexport.families.lpd import lpd_group_sizes, lpd_order
+
+    sizes = lpd_group_sizes(256, int(groups)) if isinstance(groups, str) else groups
+    for seed in range(3):
+        keys = torch.rand(len(sizes), grid * grid, generator=torch.Generator().manual_seed(seed))
+        ours = lpd_order(sizes, grid, keys, repulsion)
+        assert torch.equal(ours, ref_lpd_order(sizes, grid, keys, repulsion=repulsion))
+        assert torch.equal(ours.sort().values, torch.arange(grid * grid))
+    # negative control: another repulsion distance gives another order
+    assert not torch.equal(ours, ref_lpd_order(sizes, grid, keys, repulsion=repulsion + 1))
+
+
+def test_lpd_order_generation_equals_the_reference(monkeypatch):
+    """`--group-order lpd` (the default): the decoder's orders are lpd_order's, and the tokens the reference's."""
+    from arexport.families import lpd as lpd_family
+
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(lpd_family.lpd_order(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(lpd_method, "lpd_order", spy)
+    lm = tiny()
+    cls = torch.tensor([2, 6])
+    out = Generator(TorchEngine(lm)).generate(classes=cls.tolist(), method="lpd", method_options={"group_sizes": gen_groups(GROUPS)},
+                                              images=False, sampling=SamplingParams(temperature=0.0, cfg_scale=3.0,
+                                                                                     cfg_schedule="linear"))
+    assert len(seen) == 2
+    with torch.no_grad():
+        ref = ref_generate_greedy(lm.model, cls, torch.stack(seen), GROUPS, 3.0)
     assert np.array_equal(out.tokens, ref.numpy())
 
 
@@ -248,6 +347,11 @@ def test_batch_invariance_and_bad_inputs():
     assert gen.generate(classes=[1], method="lpd", images=False).stats["target_forwards"] == 16  # no table: one per token
     with pytest.raises(ArexportError, match="method ar does not apply"):
         gen.generate(classes=[1], method="ar", images=False)
+    with pytest.raises(ArexportError, match="the lpd order starts with a group of one token; group-sizes start with 2"):
+        gen.generate(classes=[1], method="lpd", method_options={"group_sizes": "2,2,3,3,6"}, images=False)
+    c = gen.generate(classes=[5, 6, 7], method="lpd", method_options=dict(opts, group_order="random"), sampling=p, seed=3,
+                     images=False)
+    assert not np.array_equal(a.tokens, c.tokens)  # the default is the lpd order, not the random one
 
 
 def test_tables_and_catalog():

@@ -12,6 +12,9 @@ kind; an image takes 1 + N slots plus one group of queries past them.
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from arexport.errors import ArexportError
 from arexport.families.llamagen import LlamaGenFamily
 
@@ -46,6 +49,69 @@ def lpd_feed_len(sizes: list[int]) -> int:
     return max([1 + sizes[0]] + [n + m for n, m in zip(sizes, sizes[1:])])
 
 
+def lpd_order(group_sizes: list[int], grid: int, keys: torch.Tensor, repulsion: float, proximity: float = 1.0) -> torch.Tensor:
+    """LPD's locality-aware generation order: raster cell indices [N] in generation order.
+
+    The first group is one cell. For each later group, every free cell scores the sum of 1 / distance
+    to the generated cells among its 8 neighbours; cells scoring >= `proximity` are taken best first
+    unless within `repulsion` (per axis) of a cell already taken for this group; the rest of the group
+    is filled by farthest-point sampling (from this group's cells) over the low-score and the skipped
+    cells. keys [G, N] uniforms are the randomness: keys[0] picks the first cell (smallest key), keys[g]
+    breaks score ties in group g (smaller key first) and picks the first farthest-point cell when the
+    group has none yet."""
+    n = grid * grid
+    if sum(group_sizes) != n or group_sizes[0] != 1:
+        raise ArexportError(f"the lpd order needs group sizes starting with 1 and summing to {n}, got {group_sizes}")
+    k = keys.double().cpu().numpy()
+    rc = np.stack(np.divmod(np.arange(n), grid), 1)  # [N, 2] (row, column)
+    taken = np.zeros(n, dtype=bool)
+    first = int(np.argmin(k[0]))
+    out, taken[first] = [first], True
+    near = np.abs(rc[:, None, :] - rc[None, :, :]).max(-1) <= 1  # 8-neighbourhood (and self)
+    dist = np.sqrt(((rc[:, None, :] - rc[None, :, :]) ** 2).sum(-1))
+    inv = np.where(near & (dist > 0), 1.0 / np.where(dist > 0, dist, 1.0), 0.0)
+    for g, size in enumerate(group_sizes[1:], start=1):
+        free = np.flatnonzero(~taken)
+        score = np.round(inv[free][:, taken].sum(1), 9)  # equal sums tie whatever their order of addition
+        ranked = free[np.lexsort((k[g][free], -score))]
+        high = set(free[score >= proximity].tolist())
+        likely = [c for c in ranked if c in high]
+        rest = [c for c in ranked if c not in high]
+        chosen, skipped, at = [], [], 0
+        while len(chosen) < size and at < len(likely):
+            c = likely[at]
+            at += 1
+            if any(np.abs(rc[c] - rc[s]).max() <= repulsion for s in chosen):
+                skipped.append(c)
+            else:
+                chosen.append(c)
+        pool = rest + skipped + likely[at:]
+        need = size - len(chosen)
+        if need > 0:
+            chosen += pool if len(pool) <= need else farthest_points(rc, chosen, pool, need, k[g])
+        out += chosen
+        taken[chosen] = True
+    return torch.tensor(out)
+
+
+def farthest_points(rc: np.ndarray, existing: list[int], pool: list[int], need: int, key: np.ndarray) -> list[int]:
+    """`need` cells of `pool` (len > need), each the farthest (Euclidean, first on ties) from `existing`
+    and those picked before it; the smallest key starts when `existing` is empty."""
+    pts = rc[pool].astype(np.float64)
+    have = rc[existing].astype(np.float64)
+    picked: list[int] = []
+    for _ in range(need):
+        if len(have) == 0:
+            i = int(np.argmin(key[pool]))
+        else:
+            d = np.sqrt(((pts[:, None, :] - have[None, :, :]) ** 2).sum(-1)).min(1)
+            d[picked] = 0
+            i = int(np.argmax(d))
+        picked.append(i)
+        have = np.vstack([have, pts[i:i + 1]]) if len(have) else pts[i:i + 1]
+    return [pool[i] for i in picked]
+
+
 class LPDFamily(LlamaGenFamily):
     """Class-conditional LPD models: LlamaGen's class conditions and VQ-16 images, its own method."""
 
@@ -61,6 +127,11 @@ class LPDFamily(LlamaGenFamily):
     def sampling_defaults(self, spec):
         # main.py's defaults with the lpd-l-256 evaluation script's guidance: linear CFG 4.8, no top-k/top-p
         return {"cfg_scale": 4.8, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "linear"}
+
+    def repulsion(self, spec) -> float:
+        """The lpd order's repulsion distance: the evaluation scripts' for the model (1, the reference's
+        default, when the spec records none)."""
+        return float(spec.extra.get("lpd_repulsion", 1.0))
 
     def query_token(self, spec) -> int:
         """Token id of the position query."""

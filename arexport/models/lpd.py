@@ -216,6 +216,8 @@ class LPD(nn.Module):
 # its evaluation script at the fewest steps (scripts/eval/lpd_*_res*_steps{20,48}.sh, linear schedule)
 LPD_SIZES = {"l": (24, 16, 1024), "xl": (36, 20, 1280), "xxl": (48, 24, 1536)}
 LPD_MODELS = {"lpd-l-256": 4.8, "lpd-xl-256": 4.9, "lpd-xxl-256": 5.9, "lpd-l-512": 7.3, "lpd-xl-512": 6.0}
+# name -> repulsion threshold of the order file its evaluation script reads (res*_steps*_repulsion{2,3,4}.json)
+LPD_REPULSION = {"lpd-l-256": 2.0, "lpd-xl-256": 2.0, "lpd-xxl-256": 3.0, "lpd-l-512": 4.0, "lpd-xl-512": 4.0}
 
 
 class LPDCatalog(Catalog):
@@ -239,7 +241,8 @@ class LPDCatalog(Catalog):
         if image_size not in (None, int(px)):
             raise ArexportError(f"{name} is released at {px} px; pass the model of that resolution instead of --image-size {image_size}")
         return LPDConfig(dim=dim, n_layer=n_layer, n_head=n_head, grid_size=int(px) // 16,
-                         extra={"sampling_defaults": {"cfg_scale": LPD_MODELS[name], "cfg_schedule": "linear", "top_k": 0,
+                         extra={"lpd_repulsion": LPD_REPULSION[name],
+                                "sampling_defaults": {"cfg_scale": LPD_MODELS[name], "cfg_schedule": "linear", "top_k": 0,
                                                       "top_p": 1.0, "temperature": 1.0}})
 
 

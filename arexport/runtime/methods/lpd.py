@@ -1,6 +1,8 @@
 """`lpd`: LPD's parallel decoding with position queries (mit-han-lab/lpd `LPD.sample_tokens`).
 
-Each image draws a random generation order (from its own random stream: batch-invariant). With
+Each image draws its generation order from its own random stream (batch-invariant): LPD's
+locality-aware schedule (`--group-order lpd`, families.lpd.lpd_order, the evaluation scripts' choice) or a
+uniformly random one (`--group-order random`). With
 group sizes g_0 .. g_{G-1} (families.lpd.lpd_group_sizes) and c_0 = 0, c_{i+1} = 1 + g_0 + .. + g_{i-1},
 forward i writes from slot c_i: the class token (i = 0) or the tokens of group i - 1, then one query per
 position of group i (slots c_{i+1} .. c_{i+2} - 1, where group i's tokens go the forward after). Masks
@@ -23,7 +25,7 @@ from typing import Optional
 import torch
 
 from arexport.errors import ArexportError
-from arexport.families.lpd import lpd_feed_len, lpd_group_sizes
+from arexport.families.lpd import lpd_feed_len, lpd_group_sizes, lpd_order
 from arexport.runtime.kv_cache import arange
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs
@@ -54,10 +56,16 @@ def generation_order(keys: torch.Tensor) -> torch.Tensor:
 class LPDOptions(Options):
     steps: Optional[int] = option(None, "forwards per image: a schedule of LPD's table (20 or 32 at 256 px, 48 at 512 px; "
                                   "default the fewest) or one per token", flag="--steps")
+    group_order: str = option("lpd", "lpd generation order: lpd (the locality-aware schedule of the evaluation scripts) or "
+                              "random", flag="--group-order", choices=("lpd", "random"))
+    repulsion: Optional[float] = option(None, "lpd order: cells of one group stay farther apart than this per axis (default "
+                                        "the model's: 2 at 256 px, 3 for lpd-xxl-256, 4 at 512 px)", flag="--repulsion")
     group_sizes: str = option("", "comma-separated tokens per forward summing to the image's tokens (the reference's "
                               "--group_sizes; overrides --steps)", flag="--group-sizes")
 
     def validate(self):
+        if self.repulsion is not None and not 0 <= self.repulsion <= 1024:
+            raise ArexportError(f"lpd repulsion must be in [0, 1024], got {self.repulsion}")
         if self.group_sizes and parse_group_sizes(self.group_sizes) is None:
             raise ArexportError(f"lpd group-sizes must be comma-separated integers >= 1, got {self.group_sizes!r}")
         return self
@@ -95,6 +103,10 @@ class LPDDecoder(Decoder):
         self.sizes = torch.tensor(sizes, device=dev)
         self.n_calls, self.width = len(sizes), max(sizes)
         self.query = fam.query_token(spec)
+        self.group_sizes = sizes
+        self.repulsion = self.opts.repulsion if self.opts.repulsion is not None else fam.repulsion(spec)
+        if self.opts.group_order == "lpd" and sizes[0] != 1:
+            raise ArexportError(f"the lpd order starts with a group of one token; group-sizes start with {sizes[0]}")
         self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image, lookahead=width - 1))
         self.order = s.image_tensor((spec.n_tokens,))  # grid positions in generation order
         self.seq = s.image_tensor((spec.n_tokens + self.width,))  # tokens in generation order; the tail takes unused lanes
@@ -109,7 +121,13 @@ class LPDDecoder(Decoder):
 
     def start(self, a, b, conds):
         s = self.slots
-        self.order[a:b] = generation_order(s.uniform(self.spec.n_tokens, s.span(a, b))[a:b])
+        n_tok = self.spec.n_tokens
+        if self.opts.group_order == "random":
+            self.order[a:b] = generation_order(s.uniform(n_tok, s.span(a, b))[a:b])
+        else:
+            keys = s.uniform(len(self.group_sizes) * n_tok, s.span(a, b))[a:b].view(b - a, -1, n_tok)
+            self.order[a:b] = torch.stack([lpd_order(self.group_sizes, self.spec.grid_size, k, self.repulsion) for k in keys]
+                                          ).to(self.order.device)
         r0, r1 = s.rows_of(a, b)
         view = self.cache.view(r0, r1)
         view.length.zero_()
