@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""PAR against raster `ar` and ARPG: demo forwards and accuracy, and L-width ORT CPU wall clock.
+"""PAR, RandAR and LPD against raster `ar` and ARPG: demo forwards and accuracy, and L-width ORT CPU wall clock.
 
     python benchmarks/par_vs_ar.py demo --images 1000
-    python benchmarks/par_vs_ar.py shapes --workdir /tmp/par-l --layers 24
+    python benchmarks/par_vs_ar.py shapes --workdir /tmp/par-l --layers 24 [--only GPT-L,RandAR-L]
 
 `demo`: each shipped digits model at its default sampler (demo: ar; demo-par: par; demo-arpg: arpg at
 16 steps), seed 0, classes 0..9 in turn: target forwards per image and class accuracy under both judges.
 `shapes`: fp32 ORT engines with random weights of LlamaGen-L (`ar`), ARPG-L (`arpg`, 64 steps) and PAR
-at L width (par-XL-4x with n_layer/n_head/dim of L, `par`, k = 4), 256 tokens (16 x 16) per image,
-CFG 4 (two rows per image), batch 1: forwards and seconds per image (median of --repeat).
+at L width (par-XL-4x with n_layer/n_head/dim of L, `par`, k = 4) RandAR-L (`randar`, its default 88
+steps) and LPD-L (`lpd`, its default 20 steps; random order), 256 tokens (16 x 16) per image, constant CFG 4 (two rows per image), batch 1: forwards and
+seconds per image (median of --repeat). Engines are reused from --workdir when present.
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def shapes(args):
     rows = []
     for name, model, over, method, opts in (("GPT-L", "GPT-L", {}, "ar", {}),
                                            ("arpg-L", "arpg-L", {}, "arpg", {"steps": 64}),
-                                           ("PAR-L-4x", "par-XL-4x", {}, "par", {})):
+                                           ("PAR-L-4x", "par-XL-4x", {}, "par", {}),
+                                           ("RandAR-L", "randar-L", {}, "randar", {}),
+                                           ("LPD-L", "lpd-l-256", {}, "lpd", {})):
+        if args.only and name not in args.only.split(","):
+            continue
         d = work / name
         if not d.exists():
             print(f"building {d}", file=sys.stderr, flush=True)
@@ -85,6 +90,7 @@ def main():
     ap.add_argument("--workdir", default="/tmp/par-l")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="shapes: comma-separated model rows to run (default all)")
     args = ap.parse_args()
     demo(args) if args.what == "demo" else shapes(args)
 

@@ -100,7 +100,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     max_q = max([max_q] + [k.min_max_q for k in kinds])  # e.g. the multi-query export traces distinct dynamic n and m
     # the cache carries the lookahead rows of one batch need when they step different query lengths
     spec = dataclasses.replace(loaded.spec, s_max=s_max_for(loaded.spec.cond_len, loaded.spec.n_tokens,
-                                                            family.cache_lookahead(max_q)))
+                                                            family.cache_lookahead(max_q, loaded.spec)))
     model = loaded.model.to_precision(dtype=dtype).eval()
     max_batch = max(opts.batch_sizes)
     t5, text_info, tokenizer_src = None, None, None  # the text encoder to export, what the manifest records, its tokenizer.json

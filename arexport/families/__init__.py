@@ -8,12 +8,14 @@ from arexport.families.base import Conditions, Family
 from arexport.families.emu3 import Emu3Family, LuminaMGPTFamily
 from arexport.families.janus import JanusFamily
 from arexport.families.llamagen import LlamaGenFamily
+from arexport.families.lpd import LPDFamily
 from arexport.families.par import PARFamily
+from arexport.families.randar import RandARFamily
 from arexport.families.rar import RARFamily
 from arexport.families.var import VARFamily
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily(), JanusFamily(),
-                                             Emu3Family(), LuminaMGPTFamily(), PARFamily())}
+                                             Emu3Family(), LuminaMGPTFamily(), PARFamily(), RandARFamily(), LPDFamily())}
 
 
 def get_family(name: str) -> Family:

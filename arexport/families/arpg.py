@@ -19,5 +19,5 @@ class ARPGFamily(Family):
     def sampling_defaults(self, spec):
         return {"cfg_scale": 4.0, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "linear"}  # its demo
 
-    def cache_lookahead(self, max_q: int) -> int:
+    def cache_lookahead(self, max_q: int, spec=None) -> int:
         return 0  # its schedules end with their largest step, so padded feeds always fit

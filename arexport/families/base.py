@@ -105,9 +105,10 @@ class Family:
         """Inputs the prefill feeds through the step graph at once (the exported q range must reach it)."""
         return self.prefill_len
 
-    def cache_lookahead(self, max_q: int) -> int:
-        """Cache slots an engine needs past a whole image so that rows of one batch can step query
-        lengths up to max_q side by side (the short rows pad into them)."""
+    def cache_lookahead(self, max_q: int, spec=None) -> int:
+        """Cache slots an engine needs past a whole image (condition + tokens) so that rows of one batch
+        can step query lengths up to max_q side by side (the short rows pad into them); `spec` for
+        families whose layout adds slots (RandAR's instruction tokens)."""
         return max_q - 1
 
     def sampling_defaults(self, spec) -> dict[str, Any]:

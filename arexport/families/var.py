@@ -21,7 +21,7 @@ class VARFamily(Family):
     step_kinds = ("scale",)
     default_verify_len = None  # a CoDe refiner's first step feeds up to every position
 
-    def cache_lookahead(self, max_q: int) -> int:
+    def cache_lookahead(self, max_q: int, spec=None) -> int:
         return 0  # a padded scale block never passes the end: begin_k + largest scale <= total
 
     def sampling_defaults(self, spec):

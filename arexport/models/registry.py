@@ -15,6 +15,8 @@ Names:
   end-of-line tokens are forced by the step graph (models/emu3.py).
 * `par-XL-4x`, `par-XXL-4x`, `par-3B-4x`, `par-3B-16x`: PAR (Epiphqny/PAR) checkpoints, LlamaGen's layout plus
   `spe_tok_embeddings`; `demo-par` is shipped.
+* `lpd-{l,xl,xxl}-256`, `lpd-{l,xl}-512`: LPD (mit-han-lab/lpd) checkpoints (`model` entry of lpd_*.pth).
+* `randar-L`, `randar-XL`: RandAR (ziqipang/RandAR) safetensors, LlamaGen's layout plus `pos_instruct_embeddings`.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 * `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
@@ -37,7 +39,7 @@ import torch
 from arexport.errors import ArexportError, CheckpointError
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
-from arexport.models import arpg, emu3, janus, llamagen, lumina_mgpt, par, rar, var
+from arexport.models import arpg, emu3, janus, llamagen, lpd, lumina_mgpt, par, randar, rar, var
 from arexport.models.catalog import Catalog, LoadedModel, with_overrides
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LLAMAGEN_SIZES
@@ -50,7 +52,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # One catalog per family, each in its family's model module: names, aliases, configs, checkpoint markers.
 CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG,
-                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG)
+                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG, randar.CATALOG, lpd.CATALOG)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",
