@@ -983,10 +983,13 @@ def _partial_marker(out_dir: Optional[str], n: int):
 @click.option("--bandwidth/--no-bandwidth", default=True, show_default=True, help="Measure copy bandwidth and report the decode floor.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write all results as JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
+@click.option("--quality-images", type=click.IntRange(0, 10_000), default=20, show_default=True,
+              help="Images (the --classes cycled, seed 0, untimed) scored per config beside its speed: demo judge accuracy and "
+                   "feature distance, token agreement and token-histogram TV distance vs ar. 0 = off.")
 def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
             threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, refiner, prompt_list, prompts_file,
             text_encoder, warmup, repeats, cuda_graph, precision,
-            bandwidth, json_out, plot_png):
+            bandwidth, json_out, plot_png, quality_images):
     """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
 
     \b
@@ -1027,7 +1030,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
     prompts = _prompts(prompt_list, prompts_file)
     cls = None if prompts else _parse_classes(classes)
     bw = measure_copy_bandwidth(device) if bandwidth else None
-    results, context = [], {}
+    results, context, ar_caches = [], {}, {}
     for cfg in configs:
         gen = _load_generator(source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph,
                               text_encoder=text_encoder, **kw)
@@ -1037,6 +1040,11 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
         console.log(f"profiling {escape(cfg.label)} ({_precision_label(gen.engine)}) on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))
+        if quality_images:
+            from arexport.profiling.quality_column import measure_quality
+
+            results[-1].quality = measure_quality(gen, cfg.method, cfg.options, cls, sampling, batch_size, quality_images,
+                                                  prompts=prompts, ar_cache=ar_caches.setdefault(cfg.backend, {}))
         context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": _precision_label(gen.engine), "batch_size": batch_size,
                    "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,
                    "gpu": torch_gpu_name(device), "copy_bandwidth_gbps": (bw / 1e9) if bw else None}

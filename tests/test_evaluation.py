@@ -203,3 +203,41 @@ def test_inception_features_match_fid_helper(tmp_path):
     helper = fh.FidHelper(model_path=str(inception_weights()))
     theirs = helper.compute_ref_stat_from_dir(str(folder))
     np.testing.assert_allclose(ours.mean(0), theirs["mu"], rtol=1e-4, atol=1e-4)
+
+
+# -- the quality column of `arexport profile` (profiling/quality_column.py) ------------------------------
+
+def test_token_histogram_tv():
+    from arexport.profiling.quality_column import token_histogram_tv
+
+    a = np.array([[0, 1, 1, 2]])
+    assert token_histogram_tv(a, a.copy(), 4) == 0.0
+    assert token_histogram_tv(a, np.array([[3, 3, 3, 3]]), 4) == 1.0
+    assert token_histogram_tv(a, np.array([[0, 1, 2, 2]]), 4) == pytest.approx(0.25)
+
+
+def test_quality_beside_speed_greedy_agreement():
+    """Greedy sampling: lossless sjd reproduces ar's tokens exactly (agreement 1.0, TV 0), lossy zipar does not."""
+    from arexport.profiling.quality_column import measure_quality
+    from arexport.runtime import Generator
+
+    gen = Generator.load("demo")
+    greedy = gen.sampling_params(temperature=0.0)
+    cache: dict = {}
+    ar = measure_quality(gen, "ar", {}, [0, 1, 2, 3], greedy, 4, 8, ar_cache=cache)
+    assert ar["tokens_equal_ar"] == 1.0 and 0 <= ar["accuracy"] <= 1 and ar["feature_distance"] > 0
+    sjd = measure_quality(gen, "sjd", {}, [0, 1, 2, 3], greedy, 4, 8, ar_cache=cache)
+    assert sjd["tokens_equal_ar"] == 1.0 and sjd["token_tv_vs_ar"] == 0.0
+    zipar = measure_quality(gen, "zipar", {"window": 2}, [0, 1, 2, 3], greedy, 4, 8, ar_cache=cache)
+    assert zipar["tokens_equal_ar"] < 0.95 and zipar["token_tv_vs_ar"] > 0
+
+
+def test_profile_prints_quality_rows(tmp_path):
+    res = CliRunner().invoke(cli, ["profile", "--model", "demo", "--compare", "torch:ar,torch:zipar:window=2", "--classes", "0,1",
+                                   "--repeats", "1", "--warmup", "0", "--no-bandwidth", "--quality-images", "6",
+                                   "--json", str(tmp_path / "p.json")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for row in ("judge accuracy", "judge FD", "tokens = ar", "token TV vs ar"):
+        assert row in res.output
+    ar, zipar = (r["quality"] for r in json.loads((tmp_path / "p.json").read_text())["results"])
+    assert ar["images"] == zipar["images"] == 6 and ar["tokens_equal_ar"] == 1.0 and zipar["tokens_equal_ar"] < 1.0
