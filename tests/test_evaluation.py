@@ -241,3 +241,21 @@ def test_profile_prints_quality_rows(tmp_path):
         assert row in res.output
     ar, zipar = (r["quality"] for r in json.loads((tmp_path / "p.json").read_text())["results"])
     assert ar["images"] == zipar["images"] == 6 and ar["tokens_equal_ar"] == 1.0 and zipar["tokens_equal_ar"] < 1.0
+
+
+def test_eval_limits_are_checked_before_reading(digits, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import arexport.evaluation.features as features
+
+    real, gen, _ = digits
+    monkeypatch.setattr(features, "MAX_IMAGES", 30)  # gen holds 40
+    res = _run("--images", gen, "--ref", real, "--features", "cnn")
+    assert res.exit_code == 1 and "40 images, over the limit of 30" in res.output
+    monkeypatch.undo()
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(2):
+        Image.new("RGB", (features.MAX_SIDE + 1, 1)).save(wide / f"{i}.png")
+    res = _run("--images", wide, "--ref", real, "--features", "cnn")
+    assert res.exit_code == 1 and f"over the limit of {features.MAX_SIDE} pixels a side" in res.output

@@ -86,8 +86,10 @@ def load_feature_net(name: str, device: str = "cpu") -> FeatureNet:
     return _inception(device) if name == "inception" else _judge(name)
 
 
-def image_files(folder: str | Path, min_images: int, max_images: int = MAX_IMAGES) -> list[Path]:
-    """The image files under `folder` (recursive, sorted), checked for count before anything is read."""
+def image_files(folder: str | Path, min_images: int, max_images: Optional[int] = None) -> list[Path]:
+    """The image files under `folder` (recursive, sorted), checked for count before anything is read
+    (at most `max_images`, default MAX_IMAGES)."""
+    max_images = MAX_IMAGES if max_images is None else max_images
     p = Path(folder)
     if not p.is_dir():
         raise ArexportError(f"image folder not found: {folder}")
