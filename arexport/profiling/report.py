@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from arexport.profiling.profiler import SCHEMA_VERSION, ProfileResult
+from arexport.profiling.quality_column import quality_rows
 
 
 def to_json(results: list[ProfileResult], context: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +49,7 @@ def _cells(results: list[ProfileResult], compare: bool = False) -> list[tuple[st
             ("mean accepted", lambda r: f"{r.mean_accepted_length:.2f}" if r.mean_accepted_length else "-"),
             ("peak mem MiB", lambda r: f"{r.peak_memory_bytes / 2**20:.0f}")]
     rows += [(name, [cell(r) for r in results]) for name, cell in more]
+    rows += quality_rows(results)
     if compare and len(results) > 1:  # ratios against the first config, as rows of the same table
         base = results[0]
         rows.append(("x ms/image vs [1]", [f"{r.image_ms['p50'] / base.image_ms['p50']:.2f}" for r in results]))

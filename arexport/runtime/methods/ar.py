@@ -44,7 +44,7 @@ class ARDecoder(Decoder):
 
     def advance(self) -> list[int]:
         n, N = self.slots.n, self.N
-        t = self.t[:n].repeat_interleave(N)  # per candidate
+        t = self.t[:n] if N == 1 else self.t[:n].repeat_interleave(N)  # per candidate (a copy only when there are several)
         params = self.candidate_params()
         guided = self.guide(self.logits[:self.slots.rows], t, params)
         tok = sample_logits(guided, params, self.slots.uniform(1)[:, 0])
@@ -64,7 +64,7 @@ class ARDecoder(Decoder):
     def after(self) -> None:
         """Feed every live candidate's newest token (q = 1) for the next logits."""
         n, rows = self.slots.n, self.slots.rows
-        t = self.t[:n].repeat_interleave(self.N) - 1  # index of the newest token
+        t = (self.t[:n] if self.N == 1 else self.t[:n].repeat_interleave(self.N)) - 1  # index of the newest token
         tok = self.tokens[:n].view(n * self.N, -1).gather(1, t[:, None])
         view = self.cache.view(0, rows)
         write = view.length.clone()

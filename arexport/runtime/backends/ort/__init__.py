@@ -15,10 +15,12 @@ from arexport.runtime.backends.ort.loader import OrtSessions
 from arexport.runtime.backends.ort.runner import OrtEngine
 
 
-def open_directory(directory: Path, manifest, device="cpu", threads: Optional[int] = None, cuda_graph: bool = False):
-    """An OrtEngine over the directory (the step session is created now, so a broken graph fails here)."""
+def open_directory(directory: Path, manifest, device="cpu", threads: Optional[int] = None, cuda_graph: bool = False,
+                   spin: bool = False):
+    """An OrtEngine over the directory (the step session is created now, so a broken graph fails here).
+    spin: let ORT's CPU thread pool spin between parallel sections (its default; off here, see OrtSessions)."""
     dev = torch.device(device)
-    sessions = OrtSessions(directory, manifest, dev, threads, cuda_graph)
+    sessions = OrtSessions(directory, manifest, dev, threads, cuda_graph, spin)
     sessions.get("step")
     engine = OrtEngine(sessions, manifest, dev, torch_dtype(manifest.precision))
     chat = manifest.export.get("prompter")

@@ -44,7 +44,8 @@ class OrtSessions:
     torch stream that every session computes on (ORT's `user_compute_stream`), so copies into the
     runner's static buffers and the runs are ordered on one stream; None on the CPU."""
 
-    def __init__(self, directory: Path, manifest, device: torch.device, threads: Optional[int], cuda_graph: bool):
+    def __init__(self, directory: Path, manifest, device: torch.device, threads: Optional[int], cuda_graph: bool,
+                 spin: bool = False):
         ort = _ort()
         self.directory, self.manifest, self.device, self.cuda_graph = directory, manifest, device, cuda_graph
         if manifest.precision == "bf16" and device.type == "cpu":
@@ -56,6 +57,13 @@ class OrtSessions:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if device.type == "cpu" and not spin:
+            # ORT's intra-op workers spin after each parallel section waiting for more; between engine calls
+            # that spinning holds the cores the runtime's own step work (sampling, acceptance, masks) runs on.
+            # Measured on the demo at batch 1 (2 cores): host CPU per step 0.62 -> 0.32 ms (ar), 1.50 -> 0.70 (sjd),
+            # engine CPU 0.58 -> 0.32 ms (docs/benchmarks.md, host work per step). spin=True restores ORT's default.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.log_severity_level = 2  # warnings and above: in-place fallbacks are visible
         self.options = opts
         self._sessions: dict[str, object] = {}

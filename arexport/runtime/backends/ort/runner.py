@@ -119,6 +119,7 @@ class OrtEngine(EngineDirArrays, StepEngine):
         self._graph_count = 0  # gpu_graph_ids handed out; never reused (ORT keeps a captured id forever)
         self._run_options = _ort().RunOptions()
         self._kinds = tuple(k.name for k in manifest.step_graphs().values())
+        self._output_specs: dict[tuple, dict[str, tuple]] = {}  # (kind, feed shapes) -> output (shape, dtype)
 
     def _static_io(self, graph: str, feeds: dict[str, torch.Tensor], cache, outputs: dict[str, tuple]) -> _StaticIO:
         key = _launch_key(graph, feeds, cache)
@@ -157,9 +158,17 @@ class OrtEngine(EngineDirArrays, StepEngine):
         return self._kinds
 
     def _forward(self, kind, cache, feeds):
-        dims = kind.bind(feeds)
-        outs = {io.name: (kind.output_shape(io, dims, self.spec), TORCH_DTYPES.get(io.dtype, self.cache_dtype))
-                for io in kind.outputs}
+        # `run` has bound and checked these feeds' dims already; the output shapes follow from the feed
+        # shapes alone, so they are worked out once per (kind, shapes) instead of at every step
+        key = (kind.name, *(t.shape for t in feeds.values()))
+        outs = self._output_specs.get(key)
+        if outs is None:
+            dims = kind.bind(feeds)
+            outs = {io.name: (kind.output_shape(io, dims, self.spec), TORCH_DTYPES.get(io.dtype, self.cache_dtype))
+                    for io in kind.outputs}
+            if len(self._output_specs) >= 4096:  # bounded: (kind, batch, q) combinations
+                self._output_specs.clear()
+            self._output_specs[key] = outs
         return self._run(kind.graph, feeds, cache, outs)
 
     def _next_scale(self, si, f_hat, h):
