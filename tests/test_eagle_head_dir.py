@@ -1,0 +1,62 @@
+"""An exported draft-head directory (`arexport build-head`) in verify, calibrate and profile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from arexport.cli import cli
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("polygraphy")
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory):
+    """demo-eagle exported once for the demo (8 pairs per call, batch 4, 88 cache slots)."""
+    out = tmp_path_factory.mktemp("heads") / "demo-eagle"
+    r = CliRunner().invoke(cli, ["build-head", "demo-eagle", "--model", "demo", "--out", str(out), "--verify-len", "8",
+                                 "--batch-sizes", "4", "--extra-slots", "24"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_verify_checks_a_head_directory_and_rejects_a_perturbed_one(demo_engine, head_dir, tmp_path):
+    """`verify ENGINE --draft-head DIR` compares logits, hidden state and every cache after the call with the
+    PyTorch head (fp32 tolerances); a head whose weights file was perturbed fails (exit 1), and a head
+    directory built for another target is refused in one line naming both."""
+    js = tmp_path / "head.json"
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(head_dir), "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(js.read_text())
+    outs = {row["output"] for row in rep["rows"]}
+    assert {"logits", "hidden_out", "present_key_0", "present_value_0"} <= outs and rep["passed"]
+    assert max(row["max_abs"] for row in rep["rows"]) < 1e-4
+
+    # negative control: the same directory with a few of its weights scaled by 1.01
+    bad = tmp_path / "bad"
+    shutil.copytree(head_dir, bad)
+    info = json.loads((bad / "head.json").read_text())
+    w = bad / info["weights"]
+    arr = np.fromfile(w, dtype=np.float32)
+    arr[len(arr) // 2: len(arr) // 2 + 512] *= 1.01
+    arr.tofile(w)
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(bad), "--json", str(js)])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+    assert not json.loads(js.read_text())["passed"]
+
+    # a head directory for another target (here: one whose head.json names 100 image tokens)
+    other = tmp_path / "other"
+    shutil.copytree(head_dir, other)
+    info["n_tokens"] = 100
+    (other / "head.json").write_text(json.dumps(info))
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(other)])
+    assert r.exit_code != 0 and "built for a target of width 96, vocabulary 17 and 100 image tokens" in r.output, r.output
+    assert "demo has 96, 17 and 64" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(tmp_path / "empty")])
+    assert r.exit_code != 0 and "not a head directory" in r.output, r.output
