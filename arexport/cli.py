@@ -1179,8 +1179,10 @@ def torch_gpu_name(device: str):
               help="int8: symmetric s8 activations (TensorRT) or u8 (fast integer MatMul on ORT CPU).")
 @click.option("--force", is_flag=True, help="Write the engine even if it fails its gate (recorded in the manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--draft-head", help="Refused with the reason: calibrate tunes nothing for an EAGLE draft head (it quantizes "
+              "the target's step graph; the head stays fp32 and is passed at generate time).")
 def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min_agreement, max_kl, max_accuracy_drop,
-              int8_activations, force, overwrite):
+              int8_activations, force, overwrite, draft_head):
     """Quantize ENGINE_DIR (INT8 / FP8 Q/DQ, or INT4 weight-only) into a new engine directory, gated on accuracy.
 
     \b
@@ -1190,8 +1192,10 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
     """
     from rich.console import Console
 
-    from arexport.calibration.calibrate import calibrate_engine
+    from arexport.calibration.calibrate import calibrate_engine, refuse_draft_head
 
+    if draft_head:
+        refuse_draft_head(draft_head)
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite)
