@@ -88,7 +88,7 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
 
 
 def _refuse_unquantized_step_graphs(src: Path, manifest) -> None:
-    """Only the `step` graph is quantized; another step graph over the same cache (token_hidden, tree_verify:
+    """Only the `step` graph is quantized; another step graph over the same cache that returns hidden states (
     the target's hidden states that EAGLE draft heads read) would stay at full precision, so eagle / lantern /
     vvs with a draft head would verify on another model than the one ar decodes with. Refused, not re-packed."""
     others = sorted(f"{name} ({kind.name})" for name, kind in manifest.step_graphs().items()
