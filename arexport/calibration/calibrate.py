@@ -88,8 +88,8 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
 
 
 def _refuse_unquantized_step_graphs(src: Path, manifest) -> None:
-    """Only the `step` graph is quantized; another step graph over the same cache that returns hidden states (
-    the target's hidden states that EAGLE draft heads read) would stay at full precision, so eagle / lantern /
+    """Only the `step` graph is quantized; another step graph over the same cache that also returns
+    the target's hidden states (what EAGLE draft heads read) would stay at full precision, so eagle / lantern /
     vvs with a draft head would verify on another model than the one ar decodes with. Refused, not re-packed."""
     others = sorted(f"{name} ({kind.name})" for name, kind in manifest.step_graphs().items()
                     if name != "step" and any(o.name == "hidden" for o in kind.outputs))
