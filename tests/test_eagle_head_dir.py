@@ -87,3 +87,31 @@ def test_calibrate_hidden_graph_check_passes_a_token_only_engine(demo_engine):
     from arexport.format.manifest import read_manifest
 
     _refuse_unquantized_step_graphs(demo_engine, read_manifest(demo_engine))
+
+
+def test_profile_reports_the_head_as_its_own_step(head_dir, tmp_path, monkeypatch):
+    """`profile --method eagle` with an exported head: every head call is a `draft_head` step of its own (as many
+    as the head ran), kept out of the target's engine time and out of the host time, so engine + head + host
+    (+ image decoding) add up to the measured wall time and the target's ms/step is its steps' only."""
+    from arexport.runtime.backends.ort.head import OrtDraftHead
+    from arexport.runtime.engine import NOT_FORWARDS
+
+    calls = []
+    orig = OrtDraftHead.step
+    monkeypatch.setattr(OrtDraftHead, "step", lambda self, *a: calls.append(1) or orig(self, *a))
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["profile", "--model", "demo", "--method", "eagle", "--option", f"draft_head={head_dir}",
+                                 "--option", "tree=static", "--classes", "2", "--warmup", "0", "--repeats", "1",
+                                 "--no-bandwidth", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["results"][0]
+    steps = res["steps"]
+    assert steps["draft_head"]["count"] == len(calls) > 0
+    total = {k: s["mean_ms"] * s["count"] for k, s in steps.items()}
+    n = sum(s["count"] for k, s in steps.items() if k not in NOT_FORWARDS)
+    assert n == res["target_forwards_per_image"]  # one image
+    target = sum(v for k, v in total.items() if k not in ("vq_decode", "latent_decode", "draft_head"))
+    assert res["engine_ms_per_step"] == pytest.approx(target / n, rel=1e-6)
+    assert res["head_ms_per_step"] == pytest.approx(total["draft_head"] / n, rel=1e-6) and res["head_ms_per_step"] > 0
+    wall_ms = res["image_ms"]["p50"] * res["images"]  # one timed repeat
+    assert res["host_ms_per_step"] * n == pytest.approx(wall_ms - sum(total.values()), rel=1e-6, abs=1e-6)

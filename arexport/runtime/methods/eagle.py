@@ -28,12 +28,14 @@ the batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from arexport.errors import ArexportError
+from arexport.runtime.engine import HEAD_RECORD, StepRecord
 from arexport.runtime.kv_cache import KVCache
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits
@@ -147,9 +149,19 @@ class EagleDecoder(Decoder):
 
     # -- head -----------------------------------------------------------------------------------------
     def _head(self, hidden, tokens, positions, write, mask):
-        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row)."""
+        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row). When the target
+        engine records timings, the call is timed as a `draft_head` record of its own (HEAD_RECORD) in the target's
+        records, so `profile` reports it beside the target's steps instead of inside the host time."""
         hc = self.hcache.view(0, hidden.shape[0])
+        eng = self.engine
+        if not eng.record_timings:
+            logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+            return logits, out
+        eng._sync()
+        t0 = time.perf_counter()
         logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+        eng._sync()
+        eng.records.append(StepRecord(HEAD_RECORD, hidden.shape[0], tokens.shape[1], time.perf_counter() - t0))
         return logits, out
 
     def _draft_dist(self, logits, token_index):
