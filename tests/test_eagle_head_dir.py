@@ -115,3 +115,58 @@ def test_profile_reports_the_head_as_its_own_step(head_dir, tmp_path, monkeypatc
     assert res["head_ms_per_step"] == pytest.approx(total["draft_head"] / n, rel=1e-6) and res["head_ms_per_step"] > 0
     wall_ms = res["image_ms"]["p50"] * res["images"]  # one timed repeat
     assert res["host_ms_per_step"] * n == pytest.approx(wall_ms - sum(total.values()), rel=1e-6, abs=1e-6)
+
+
+def test_t2i_caption_prefill_feeds_the_head_so_round_one_drafts(tiny_t2i, tmp_path, monkeypatch):
+    """A t2i caption prefill through `caption_prefill_hidden` hands the head the last caption position's hidden
+    state (the output head's input: its projection is the prefill's logits), so round one drafts (control: the
+    same target without that step makes fewer head calls, round one's); greedy eagle equals greedy ar
+    whatever the tree, with and without it."""
+    import torch
+
+    from arexport.models.eagle import EagleConfig, EagleHead, save_eagle_head
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    lm = tiny_t2i
+    m = lm.model
+    head = EagleHead(EagleConfig(dim=64, n_head=4, n_kv_head=4, ffn_hidden=64, vocab_size=lm.spec.vocab_size,
+                                 grid_size=lm.spec.grid_size)).init_random(5, std=0.3)
+    with torch.no_grad():
+        head.embed_tokens.weight.copy_(m.tok_embeddings.weight)
+        head.lm_head.weight.copy_(m.output.weight)
+    path = tmp_path / "t2i-head.safetensors"
+    save_eagle_head(head, path)
+    emb = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+
+    # the graph's hidden output is the output head's input, and its logits are the plain prefill's
+    c = m.cfg
+    kvh = c.n_kv_head or c.n_head
+    bufs = lambda: ([torch.zeros(2, kvh, 6, c.dim // c.n_head) for _ in range(c.n_layer)],  # noqa: E731
+                    [torch.zeros(2, kvh, 6, c.dim // c.n_head) for _ in range(c.n_layer)])
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    with torch.no_grad():
+        logits, hidden, _, _ = m.prefill_embeds_hidden(emb, mask, *bufs())
+        plain, _, _ = m.prefill_embeds(emb, mask, *bufs())
+        assert torch.allclose(m.output(hidden).float(), logits) and torch.allclose(plain, logits)
+
+    def eagle_stats(engine_kinds=None, trees=("static", "dynamic")):
+        if engine_kinds is not None:
+            monkeypatch.setattr(type(m), "step_kinds", property(lambda self: engine_kinds))
+        gen = Generator(TorchEngine(lm))
+        kw = dict(captions=emb, seed=0, images=False, sampling=SamplingParams(temperature=0.0, cfg_scale=2.0))
+        ar = gen.generate(method="ar", timings=False, **kw)
+        out = []
+        for tree in trees:
+            res = gen.generate(method="eagle", method_options={"draft_head": str(path), "tree": tree}, timings=True, **kw)
+            assert np.array_equal(res.tokens, ar.tokens), tree
+            out.append(res.stats)
+        return out
+
+    a = eagle_stats()
+    without = tuple(k for k in m.step_kinds if k != "caption_prefill_hidden")
+    b = eagle_stats(without, trees=("static",))
+    # round one's catch-up and tree levels are head calls the image without a caption hidden state skips
+    assert all(x["draft_forwards_per_image"] > y["draft_forwards_per_image"] for x, y in zip(a, b)), (a, b)
+    assert [x["target_forwards_per_image"] for x in a] == [x["target_forwards_per_image"] for x in b]

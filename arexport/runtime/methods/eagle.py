@@ -18,8 +18,9 @@ A pair (h, x) sits at the grid cell of the token x it feeds (the official head's
 562-573, and `topK_genrate` numbers the shifted pairs from 0, lines 731-760, so the pair of the last
 condition position and token 0 lands on cell 0). The prefill of a c2i image runs through the
 `tree_verify` step, so it also returns the class position's hidden state: the image's first round
-catches up on (h_cond, token 0) and drafts, as the official `initialize_tree` does. A t2i caption
-prefill has no hidden-state graph: such an image's first round drafts nothing and its verify is a plain
+catches up on (h_cond, token 0) and drafts, as the official `initialize_tree` does; a t2i caption
+prefill does the same through the `caption_prefill_hidden` step (the last caption position's hidden state).
+On an engine built without that step, a t2i image's first round drafts nothing and its verify is a plain
 decode of token 0. Images of one batch share tree shapes; a node
 that would pass the image's last token is never accepted. Each image draws N + 1 uniforms per round
 for acceptance (and N for a static tree's draws) from its own stream, so its tokens do not depend on
@@ -139,7 +140,7 @@ class EagleDecoder(Decoder):
         self.n[a:b], self.pend[a:b] = 1, 0
         r0, r1 = self.slots.rows_of(a, b)
         self.hcache.length[r0:r1] = 0
-        if hidden is None:  # t2i: no hidden state of the caption; the first round drafts nothing
+        if hidden is None:  # t2i engine without caption_prefill_hidden: the first round drafts nothing
             self.pc[a:b] = 0
         else:  # the pair (h_cond, token 0) waits for the first round's catch-up
             self.ph[r0:r1, 0] = hidden.to(self.ph.dtype)
