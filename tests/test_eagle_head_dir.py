@@ -169,4 +169,4 @@ def test_t2i_caption_prefill_feeds_the_head_so_round_one_drafts(tiny_t2i, tmp_pa
     b = eagle_stats(without, trees=("static",))
     # round one's catch-up and tree levels are head calls the image without a caption hidden state skips
     assert all(x["draft_forwards_per_image"] > y["draft_forwards_per_image"] for x, y in zip(a, b)), (a, b)
-    assert [x["target_forwards_per_image"] for x in a] == [x["target_forwards_per_image"] for x in b]
+    assert a[0]["target_forwards_per_image"] == b[0]["target_forwards_per_image"]  # the head accepts nothing here
