@@ -385,8 +385,31 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
 
 # scenario -> (case maker(spec, batch, max_q, seed, first), case runner(engine, kind, feed)); a step
 # kind's declaration names its scenario
+def make_condition_hidden_cases(spec, batch: int, verify_len: int, seed: int = 0, first: bool = True) -> list[OrderedDict]:
+    """The condition prefill that also returns its last position's hidden state: the token scenario's
+    prefill case."""
+    return make_token_cases(spec, batch, verify_len, seed, with_prefill=True)[:1]
+
+
+def run_condition_hidden_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
+    """The family's hidden-state prefill (`prefill_hidden`, which runs `kind` where the engine has it): logits
+    [B, V], hidden [B, dim] and the K/V written at the condition's slots."""
+    spec = engine.spec
+    conds = engine.family.verify_feed_conditions(spec, feed)
+    cache = engine.allocate(len(feed["prefix_len"]))
+    logits, hidden = engine.family.prefill_hidden(engine, cache, conds)
+    if hidden is None:
+        raise ArexportError(f"{engine.backend} engine has a {kind.name} step but its prefill returned no hidden state")
+    out = OrderedDict(logits=logits.float().cpu().numpy(), hidden=hidden.float().cpu().numpy())
+    for li in sorted({0, spec.n_cache_layers - 1}):
+        for name, buf in (("key", cache.keys[li]), ("value", cache.values[li])):
+            out[f"new_{name}_{li}"] = buf[:, :, :spec.cond_len].float().cpu().numpy()
+    return out
+
+
 SCENARIOS = {"token": (make_token_cases, run_token_case), "multi_query": (make_multi_query_cases, run_multi_query_case),
-             "scale": (make_scale_cases, run_scale_case)}
+             "scale": (make_scale_cases, run_scale_case),
+             "condition_hidden": (make_condition_hidden_cases, run_condition_hidden_case)}
 
 
 # -- quantized engines ---------------------------------------------------------------------------------

@@ -170,3 +170,26 @@ def test_t2i_caption_prefill_feeds_the_head_so_round_one_drafts(tiny_t2i, tmp_pa
     # round one's catch-up and tree levels are head calls the image without a caption hidden state skips
     assert all(x["draft_forwards_per_image"] > y["draft_forwards_per_image"] for x, y in zip(a, b)), (a, b)
     assert a[0]["target_forwards_per_image"] == b[0]["target_forwards_per_image"]  # the head accepts nothing here
+
+
+def test_verify_compares_the_t2i_hidden_prefill(tiny_t2i):
+    """`verify` runs a case for `caption_prefill_hidden` (logits, hidden state, the caption's K/V); an engine whose
+    hidden output is off by 1e-3 fails on that row only (negative control)."""
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.verify import verify_engine
+
+    ref, eng = TorchEngine(tiny_t2i), TorchEngine(tiny_t2i)
+    rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=False)
+    rows = [r for r in rep.rows if "caption_prefill_hidden" in r["case"]]
+    assert rep.passed and {r["output"] for r in rows} >= {"logits", "hidden", "new_key_0", "new_value_1"}
+    forward = eng._forward
+
+    def off(kind, cache, feeds):
+        out = forward(kind, cache, feeds)
+        if kind.name == "caption_prefill_hidden":
+            out = dict(out, hidden=out["hidden"] + 1e-3)
+        return out
+
+    eng._forward = off
+    rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=False)
+    assert [(r["case"], r["output"]) for r in rep.rows if not r["passed"]] == [(rows[0]["case"], "hidden")]

@@ -224,7 +224,7 @@ DRAFT_HEAD = StepKind(
 CAPTION_PREFILL_HIDDEN = StepKind(
     name="caption_prefill_hidden", graph="prefill_hidden", method="prefill_embeds_hidden", inputs=CAPTION_PREFILL.inputs,
     outputs=(IO("logits", "float32", ("batch", "V")), IO("hidden", "model", ("batch", "dim"))),
-    labels=("prefill",), profiles=CAPTION_PREFILL.profiles, cache="condition", count_dim="T",
+    labels=("prefill",), profiles=CAPTION_PREFILL.profiles, cache="condition", count_dim="T", verify="condition_hidden",
     doc="caption_prefill that also returns the last caption position's hidden state [B, dim] (after the final norm): "
         "what an EAGLE draft head pairs with token 0 to draft a t2i image's first round")
 
