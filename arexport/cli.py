@@ -825,7 +825,10 @@ def _print_manifest(manifest, console, brief: bool) -> None:
 @click.option("--rtol", type=float, help="Relative tolerance.")
 @click.option("--images", "n_images", type=int, default=2, show_default=True, help="Whole images for greedy token agreement (0 = skip).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
-def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
+@click.option("--draft-head", "head_dir", type=click.Path(file_okay=False),
+              help="Check this exported draft-head directory (`arexport build-head`) for ENGINE_DIR's target instead: "
+                   "its ONNX Runtime graph against the PyTorch head (logits, hidden state, cache updates; fp32 tolerances).")
+def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out, head_dir):
     """Compare ENGINE_DIR with the PyTorch reference on every step function.
 
     Prints max abs / relative error per output for prefill, decode (q = 1) and verify (q = K) at
@@ -834,8 +837,9 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
     and mean KL of next-token distributions, and the class-accuracy drop for the digits demo.
 
     \b
-    Example:
+    Examples:
       arexport verify engines/demo
+      arexport verify engines/demo --draft-head engines/demo-eagle
     """
     from rich.console import Console
 
@@ -849,6 +853,8 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
     err.log(f"opening {engine_dir} on {backend} and its PyTorch reference")
     for flag, v in (("--atol", atol), ("--rtol", rtol)):
         _check_finite(flag, v, 0.0, 1e6)
+    if head_dir:
+        return _verify_head(engine_dir, head_dir, batch, atol, rtol, json_out, console, err)
     engine = open_engine(engine_dir, backend=backend, device=device)
     _check_verify_budget(engine, batch, device)
     reference = open_engine(engine_dir, backend="torch", device=device, verify_hashes=False)
@@ -865,6 +871,25 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out):
                             verify_len=engine.manifest.profiles.verify_len, atol=atol, rtol=rtol,
                             full_image=n_images > 0, n_images=max(n_images, 1), progress=err.log)
         _print_verify_report(engine_dir, backend, rep, console)
+    console.print(f"[bold]{'PASS' if rep.passed else 'FAIL'}[/] in {rep.seconds:.1f}s")
+    if json_out:
+        atomic_write_json(json_out, rep.as_dict())
+    if not rep.passed:
+        sys.exit(1)
+
+
+def _verify_head(engine_dir, head_dir, batch, atol, rtol, json_out, console, err) -> None:
+    """`verify ENGINE_DIR --draft-head DIR`: the head directory against its PyTorch head, for the engine's target
+    (the target's output projection comes from its PyTorch reference, for heads released without one)."""
+    from arexport.fileio import atomic_write_json
+    from arexport.runtime.loading import open_engine
+    from arexport.verify import verify_head
+
+    reference = open_engine(engine_dir, backend="torch", device="cpu", verify_hashes=False)
+    out_w = getattr(getattr(reference, "model", None), "output", None)
+    rep = verify_head(head_dir, reference.spec, lm_head=None if out_w is None else out_w.weight.detach().float(),
+                      batch=batch, atol=atol, rtol=rtol, progress=err.log)
+    _print_verify_report(head_dir, "ort", rep, console)
     console.print(f"[bold]{'PASS' if rep.passed else 'FAIL'}[/] in {rep.seconds:.1f}s")
     if json_out:
         atomic_write_json(json_out, rep.as_dict())
@@ -1267,8 +1292,10 @@ def torch_gpu_name(device: str):
               help="int8: symmetric s8 activations (TensorRT) or u8 (fast integer MatMul on ORT CPU).")
 @click.option("--force", is_flag=True, help="Write the engine even if it fails its gate (recorded in the manifest).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--draft-head", help="Refused with the reason: calibrate tunes nothing for an EAGLE draft head (it quantizes "
+              "the target's step graph; the head stays fp32 and is passed at generate time).")
 def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min_agreement, max_kl, max_accuracy_drop,
-              int8_activations, force, overwrite):
+              int8_activations, force, overwrite, draft_head):
     """Quantize ENGINE_DIR (INT8 / FP8 Q/DQ, or INT4 weight-only) into a new engine directory, gated on accuracy.
 
     \b
@@ -1278,8 +1305,10 @@ def calibrate(engine_dir, mode, out_dir, samples, calib_set, classes, every, min
     """
     from rich.console import Console
 
-    from arexport.calibration.calibrate import calibrate_engine
+    from arexport.calibration.calibrate import calibrate_engine, refuse_draft_head
 
+    if draft_head:
+        refuse_draft_head(draft_head)
     from arexport.fileio import check_output_dir
 
     check_output_dir(out_dir, overwrite)

@@ -385,8 +385,31 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
 
 # scenario -> (case maker(spec, batch, max_q, seed, first), case runner(engine, kind, feed)); a step
 # kind's declaration names its scenario
+def make_condition_hidden_cases(spec, batch: int, verify_len: int, seed: int = 0, first: bool = True) -> list[OrderedDict]:
+    """The condition prefill that also returns its last position's hidden state: the token scenario's
+    prefill case."""
+    return make_token_cases(spec, batch, verify_len, seed, with_prefill=True)[:1]
+
+
+def run_condition_hidden_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
+    """The family's hidden-state prefill (`prefill_hidden`, which runs `kind` where the engine has it): logits
+    [B, V], hidden [B, dim] and the K/V written at the condition's slots."""
+    spec = engine.spec
+    conds = engine.family.verify_feed_conditions(spec, feed)
+    cache = engine.allocate(len(feed["prefix_len"]))
+    logits, hidden = engine.family.prefill_hidden(engine, cache, conds)
+    if hidden is None:
+        raise ArexportError(f"{engine.backend} engine has a {kind.name} step but its prefill returned no hidden state")
+    out = OrderedDict(logits=logits.float().cpu().numpy(), hidden=hidden.float().cpu().numpy())
+    for li in sorted({0, spec.n_cache_layers - 1}):
+        for name, buf in (("key", cache.keys[li]), ("value", cache.values[li])):
+            out[f"new_{name}_{li}"] = buf[:, :, :spec.cond_len].float().cpu().numpy()
+    return out
+
+
 SCENARIOS = {"token": (make_token_cases, run_token_case), "multi_query": (make_multi_query_cases, run_multi_query_case),
-             "scale": (make_scale_cases, run_scale_case)}
+             "scale": (make_scale_cases, run_scale_case),
+             "condition_hidden": (make_condition_hidden_cases, run_condition_hidden_case)}
 
 
 # -- quantized engines ---------------------------------------------------------------------------------
@@ -477,3 +500,88 @@ def _digits_accuracy(engine: StepEngine, n_images: int, seed: int) -> float:
     res = Generator(engine).generate(classes=classes, seed=seed,  # the model's sampler
                                      batch_size=min(100, n_images), images=False, timings=False)
     return float(score_digits(res.tokens, classes).accuracy)
+
+
+# -- exported draft heads (`arexport build-head`) ---------------------------------------------------------
+def _head_cases(slots: int, max_q: int, batch: int):
+    """(name, write_index [B], q, tree) per case: one pair at offset 0 and at per-row offsets, a tree level
+    (row r > 0 sees only every other new pair) and the longest call at the deepest offsets that fit."""
+    deep = [max(0, slots - max_q - 2 * r) for r in range(batch)]
+    cases = [("decode q=1", [0] * batch, 1, False), ("decode q=1", [min(3 + 5 * r, slots - 1) for r in range(batch)], 1, False)]
+    q = min(4, max_q)
+    cases.append((f"tree q={q}", [min(3 + 4 * r, slots - q) for r in range(batch)], q, True))
+    cases.append((f"verify q={max_q}", deep, max_q, True))
+    return cases
+
+
+def verify_head(head_dir, spec, lm_head: Optional[torch.Tensor] = None, batch: int = 2, atol: Optional[float] = None,
+                rtol: Optional[float] = None, seed: int = 0, progress=lambda msg: None) -> VerifyReport:
+    """Compare an exported draft-head directory (ONNX Runtime, the runner `--draft-head DIR` uses) with the
+    PyTorch head it was built from, for the target `spec` (the engine's): logits [B, q, V], hidden_out
+    [B, q, dim] and every layer's K/V cache after the call [B, H_kv, slots, D] (the written slots and the
+    untouched ones), with the fp32 tolerances. `lm_head` [V, dim] is the target's output projection, for
+    heads released without one. A head built for another target is refused in one line."""
+    import json
+    from pathlib import Path
+
+    from arexport.models.eagle import load_eagle_head
+    from arexport.runtime.backends.ort.head import HEAD_FILE, HEAD_FORMAT, OrtDraftHead
+
+    d_atol, d_rtol = TOLERANCES["fp32"]  # the head graph is exported and run in fp32
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    d = Path(head_dir)
+    try:
+        info = json.loads((d / HEAD_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ArexportError(f"--draft-head {d}: not a head directory from `arexport build-head` (no readable {HEAD_FILE}: {e})") from None
+    if info.get("format") != HEAD_FORMAT:
+        raise ArexportError(f"--draft-head {d}: format {info.get('format')!r}, expected {HEAD_FORMAT}")
+    c = info.get("config", {})
+    built = (c.get("hidden_size"), c.get("vocab_size"), info.get("n_tokens"))
+    if built != (spec.dim, spec.vocab_size, spec.n_tokens):
+        raise ArexportError(f"draft head {d} was built for a target of width {built[0]}, vocabulary {built[1]} and "
+                            f"{built[2]} image tokens; {spec.name} has {spec.dim}, {spec.vocab_size} and {spec.n_tokens}")
+    if not (1 <= batch <= int(info["max_batch"])):
+        raise ArexportError(f"--batch {batch}: the draft head {d} takes 1..{info['max_batch']} rows")
+    ort_head = OrtDraftHead(str(d), spec.dim, spec.vocab_size)
+    progress(f"loading the PyTorch head {info['source']} the directory was built from")
+    head = load_eagle_head(info["source"], target_dim=spec.dim, target_vocab=spec.vocab_size, lm_head=lm_head,
+                           grid_size=spec.grid_size).float().eval()
+    if head.cfg.to_official() != c:
+        raise ArexportError(f"draft head {d}: its head.json config differs from that of {info['source']}, which it names as "
+                            "its source (rebuild the directory)")
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    slots, cfg = ort_head.slots, head.cfg
+    report = VerifyReport("fp32", atol, rtol)
+    for name, write, q, tree in _head_cases(slots, ort_head.max_q, batch):
+        write = torch.tensor(write)
+        positions = write[:, None] + torch.arange(q)[None, :]
+        s = torch.arange(slots)
+        mask = s[None, None, :] <= positions[:, :, None]
+        if tree:  # rows after the first see only every other earlier pair of the call
+            skip = (s[None, :] >= write[:, None]) & ((s[None, :] - write[:, None]) % 2 == 1) & (s[None, :] < (write + q - 1)[:, None])
+            skip[0] = False
+            mask = mask & ~skip[:, None, :]
+        hidden = torch.randn(batch, q, cfg.dim, generator=g)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, q), generator=g)
+        keys, values = ort_head.allocate(batch, slots)
+        for t in keys + values:
+            t.copy_(torch.randn(t.shape, generator=g) * 0.5)  # pairs already committed
+        rk, rv = [k.clone() for k in keys], [v.clone() for v in values]
+        logits, out, keys, values = ort_head.step(hidden, tokens, positions, write, mask[:, None], keys, values)
+        with torch.no_grad():
+            r_logits, r_out, rk, rv = head.step(hidden, tokens, positions, write, mask[:, None], rk, rv)
+        pairs = [("logits", logits, r_logits), ("hidden_out", out, r_out)]
+        pairs += [(f"present_key_{i}", a, b) for i, (a, b) in enumerate(zip(keys, rk))]
+        pairs += [(f"present_value_{i}", a, b) for i, (a, b) in enumerate(zip(values, rv))]
+        for output, a, b in pairs:
+            diff = (a.float() - b.float()).abs()
+            rel = diff / b.float().abs().clamp_min(1e-12)
+            report.rows.append({"case": f"draft_head {name}", "offsets": [int(x) for x in write], "output": output,
+                                "max_abs": float(diff.max()), "max_rel": float(rel.max()),
+                                "passed": bool(((diff <= atol) | (rel <= rtol)).all())})
+    progress(f"{len(report.rows)} head outputs compared")
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -35,6 +35,7 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
     if not step.calibrate:  # its declaration (format.stepkinds) says whether calibration captures it
         raise ArexportError(f"calibrate captures decode and multi-query steps; {spec.name}'s step graph serves "
                             f"{', '.join(manifest.step.kinds)} ({spec.family}), which it does not quantize yet")
+    _refuse_unquantized_step_graphs(src, manifest)
     th = dict(DEFAULT_THRESHOLDS[mode], **(thresholds or {}))
     calib_path = Path(calib_set) if calib_set else src.parent / f"{src.name}.calib"
     if not (calib_path / "manifest.json").exists():
@@ -84,3 +85,25 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         new.quantization["forced"] = bool(force and not gate.passed)
         write_manifest(tmp, new)
     return new
+
+
+def _refuse_unquantized_step_graphs(src: Path, manifest) -> None:
+    """Only the `step` graph is quantized; another step graph over the same cache that also returns
+    the target's hidden states (what EAGLE draft heads read) would stay at full precision, so eagle / lantern /
+    vvs with a draft head would verify on another model than the one ar decodes with. Refused, not re-packed."""
+    others = sorted(f"{name} ({kind.name})" for name, kind in manifest.step_graphs().items()
+                    if name != "step" and any(o.name == "hidden" for o in kind.outputs))
+    if others:
+        raise ArexportError(f"calibrate quantizes {src}'s token step only; its {', '.join(others)} graph would stay at "
+                            f"{manifest.precision}, so draft-head methods (eagle, lantern/vvs --draft-head) would verify "
+                            "on another model than ar decodes with. Quantizing those graphs is not implemented: calibrate an engine "
+                            "built without --step (draft-head methods then run on the full-precision engine)")
+
+
+def refuse_draft_head(head: str) -> None:
+    """`calibrate --draft-head`: there is nothing to tune for a head. calibrate quantizes a target engine's step
+    graph under accuracy gates; it chooses no speculative option (draft length, tree, thresholds), and an exported
+    head directory runs its fp32 graph on ONNX Runtime's CPU provider, which calibrate does not quantize."""
+    raise ArexportError(f"calibrate has nothing to tune for the draft head {head}: it quantizes the target engine's step "
+                        "graph only (no draft lengths, trees or thresholds are calibrated, and the head stays fp32); "
+                        "calibrate the engine without --draft-head and pass --draft-head at generate time")

@@ -59,10 +59,17 @@ def build_head_engine(source: str, out: str | Path, target_dim: int, target_voca
             raise ArexportError(f"the exported draft head differs from the PyTorch head by {max(err.values()):.2e} "
                                 f"(> {TOLERANCE}): {err}")
         info = {"format": HEAD_FORMAT, "graph": g.file, "weights": store.filename, "config": head.cfg.to_official(),
-                "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": str(source),
+                "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": _source_name(source),
                 "check": {"max_abs_error": err, "tolerance": TOLERANCE}}
         (tmp / HEAD_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def _source_name(source: str) -> str:
+    """A packaged head's name, else the absolute path: `arexport verify --draft-head` reloads it from here."""
+    from arexport.models.eagle import PACKAGED_HEADS
+
+    return source if source in PACKAGED_HEADS else str(Path(source).resolve())
 
 
 def _check(head, path: Path, slots: int, q: int) -> dict:

@@ -221,8 +221,15 @@ DRAFT_HEAD = StepKind(
         "positions t, written from slot write_index, under attn_mask (causal for a catch-up, the tree mask for a "
         "tree level): draft logits [B, q, V] (through the target's output projection) and its hidden states")
 
+CAPTION_PREFILL_HIDDEN = StepKind(
+    name="caption_prefill_hidden", graph="prefill_hidden", method="prefill_embeds_hidden", inputs=CAPTION_PREFILL.inputs,
+    outputs=(IO("logits", "float32", ("batch", "V")), IO("hidden", "model", ("batch", "dim"))),
+    labels=("prefill",), profiles=CAPTION_PREFILL.profiles, cache="condition", count_dim="T", verify="condition_hidden",
+    doc="caption_prefill that also returns the last caption position's hidden state [B, dim] (after the final norm): "
+        "what an EAGLE draft head pairs with token 0 to draft a t2i image's first round")
+
 STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL,
-                                                       TREE_VERIFY, DRAFT_HEAD)}
+                                                       TREE_VERIFY, DRAFT_HEAD, CAPTION_PREFILL_HIDDEN)}
 
 
 def get_step_kind(kind: Union[str, StepKind]) -> StepKind:

@@ -299,7 +299,8 @@ class LlamaGen(Fp32RopeTables, nn.Module):
     @property
     def step_kinds(self) -> tuple[str, ...]:
         """The step kinds (arexport.format.stepkinds) this model implements."""
-        return ("token", "token_hidden", "tree_verify") + (("caption_prefill",) if self.cfg.model_type == "t2i" else ())
+        return ("token", "token_hidden", "tree_verify") + (("caption_prefill", "caption_prefill_hidden")
+                                                           if self.cfg.model_type == "t2i" else ())
 
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
@@ -419,6 +420,17 @@ class LlamaGen(Fp32RopeTables, nn.Module):
         write_index = torch.zeros(b, dtype=torch.long, device=h.device)
         logits, keys, values = self._run_layers(h, positions, write_index, attn_mask, keys, values, cache_write, last_only=True)
         return logits, keys, values
+
+    def prefill_embeds_hidden(self, cond: torch.Tensor, attn_mask, keys, values, cache_write: CacheWrite = inplace_cache_write):
+        """`prefill_embeds` that also returns the last condition position's hidden state after the final norm:
+        (logits [B,V] fp32, hidden [B,dim] in the model's precision, keys, values)."""
+        h = self.condition_embeddings(cond)
+        b, t, _ = h.shape
+        positions = torch.full((b, t), -1, dtype=torch.long, device=h.device)
+        write_index = torch.zeros(b, dtype=torch.long, device=h.device)
+        h, keys, values = self._hidden(h, positions, write_index, attn_mask, keys, values, cache_write)
+        h = self.norm(h[:, -1])
+        return self.output(h).float(), h, keys, values
 
     def _run_layers(self, h, positions, write_index, attn_mask, keys, values, cache_write, last_only):
         h, new_keys, new_values = self._hidden(h, positions, write_index, attn_mask, keys, values, cache_write)

@@ -13,7 +13,7 @@ import torch
 
 from arexport.devices import precision_of
 from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, step_bytes
-from arexport.runtime.engine import NOT_FORWARDS
+from arexport.runtime.engine import HEAD_RECORD, NOT_FORWARDS
 from arexport.runtime.generator import Generator
 from arexport.runtime.methods.base import parse_method_options
 from arexport.runtime.sampling import SamplingParams
@@ -69,6 +69,7 @@ class ProfileResult:
     # and image decoder) next to the target engine's time, means over the timed repeats
     engine_ms_per_step: float = float("nan")
     host_ms_per_step: float = float("nan")
+    head_ms_per_step: float = 0.0  # an EAGLE draft head's calls (eagle, lantern/vvs --draft-head), per target step
     # latency curves the speculative methods measured (engine -> "rows,max_q" -> seconds per q = 1..max_q);
     # `generate/serve --latency-profile` reads them back instead of measuring (runtime/engine.py)
     latency_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
@@ -109,7 +110,7 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     records, image_s, stats, trace = [], [], None, []
-    t_all = host_s = engine_s = 0.0
+    t_all = host_s = engine_s = head_s = 0.0
     n_steps = 0
     for r in range(repeats):
         t0 = time.perf_counter()
@@ -119,7 +120,9 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         t_all += dt
         image_s.append(dt / len(classes))
         records += list(gen.engine.records)
-        steps_r = [x for x in gen.engine.records if x.kind not in ("vq_decode", "latent_decode")]  # VAR: next_scale is step work
+        # VAR: next_scale is step work; a draft head's calls are neither the target's nor the host's time
+        steps_r = [x for x in gen.engine.records if x.kind not in ("vq_decode", "latent_decode", HEAD_RECORD)]
+        head_s += sum(x.seconds for x in gen.engine.records if x.kind == HEAD_RECORD)
         outside = sum(x.seconds for x in gen.engine.records) + sum(x.seconds for x in (gen.draft.records if gen.draft else ()))
         host_s += dt - outside
         engine_s += sum(x.seconds for x in steps_r)
@@ -139,6 +142,7 @@ def profile_generator(gen: Generator, cfg: RunConfig, classes: list[int], sampli
         target_forwards_per_image=float(stats["target_forwards_per_image"]),
         mean_accepted_length=stats.get("mean_accepted_length"), peak_memory_bytes=peak, peak_memory_kind=peak_kind,
         trace=trace, engine_ms_per_step=1e3 * engine_s / max(n_steps, 1), host_ms_per_step=1e3 * host_s / max(n_steps, 1),
+        head_ms_per_step=1e3 * head_s / max(n_steps, 1),
         latency_curves={who: e.latency_curves() for who, e in (("target", gen.engine), ("draft", gen.draft))
                         if e is not None and e.latency_curves()})
     if bandwidth and "decode" in steps:

@@ -48,6 +48,8 @@ def _cells(results: list[ProfileResult], compare: bool = False) -> list[tuple[st
             ("host ms/step", lambda r: f"{r.host_ms_per_step:.2f}"),
             ("mean accepted", lambda r: f"{r.mean_accepted_length:.2f}" if r.mean_accepted_length else "-"),
             ("peak mem MiB", lambda r: f"{r.peak_memory_bytes / 2**20:.0f}")]
+    if any(r.head_ms_per_step for r in results):  # EAGLE draft heads: their calls, apart from engine and host
+        more.insert(5, ("head ms/step", lambda r: f"{r.head_ms_per_step:.2f}" if r.head_ms_per_step else "-"))
     rows += [(name, [cell(r) for r in results]) for name, cell in more]
     rows += quality_rows(results)
     if compare and len(results) > 1:  # ratios against the first config, as rows of the same table

@@ -45,7 +45,10 @@ class StepRecord:
     seconds: float
 
 
-NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode", "text_encode")  # calls that are not transformer forwards
+# an EAGLE draft head's call (runtime/methods/eagle.py): timed into the target's records when it records timings,
+# never counted in its calls; `profile` reports it as a step of its own, apart from the target's and the host's time
+HEAD_RECORD = "draft_head"
+NOT_FORWARDS = ("vq_decode", "next_scale", "latent_decode", "text_encode", HEAD_RECORD)  # not target forwards
 
 TORCH_DTYPES = {"int64": torch.int64, "bool": torch.bool, "float32": torch.float32}
 

@@ -19,12 +19,15 @@ def percentiles(values: Sequence[float], qs=(50, 90, 99)) -> dict[str, float]:
 
 
 def latency_table(engines: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """'target.decode' -> count, mean and percentiles in ms of an engine's timed calls, per step kind."""
+    """'target.decode' -> count, mean and percentiles in ms of an engine's timed calls, per step kind; an EAGLE
+    draft head's calls (timed into the target's records) as 'head.draft_head'."""
+    from arexport.runtime.engine import HEAD_RECORD
+
     out: dict[str, dict[str, float]] = {}
     for who, e in engines.items():
         for k in sorted({r.kind for r in e.records}):
             ms = [r.seconds * 1e3 for r in e.records if r.kind == k]
-            out[f"{who}.{k}"] = {"count": len(ms), "mean_ms": float(np.mean(ms)), **{f"{q}_ms": v for q, v in percentiles(ms).items()}}
+            out[f"{'head' if k == HEAD_RECORD else who}.{k}"] = {"count": len(ms), "mean_ms": float(np.mean(ms)), **{f"{q}_ms": v for q, v in percentiles(ms).items()}}
     return out
 
 

@@ -18,8 +18,9 @@ A pair (h, x) sits at the grid cell of the token x it feeds (the official head's
 562-573, and `topK_genrate` numbers the shifted pairs from 0, lines 731-760, so the pair of the last
 condition position and token 0 lands on cell 0). The prefill of a c2i image runs through the
 `tree_verify` step, so it also returns the class position's hidden state: the image's first round
-catches up on (h_cond, token 0) and drafts, as the official `initialize_tree` does. A t2i caption
-prefill has no hidden-state graph: such an image's first round drafts nothing and its verify is a plain
+catches up on (h_cond, token 0) and drafts, as the official `initialize_tree` does; a t2i caption
+prefill does the same through the `caption_prefill_hidden` step (the last caption position's hidden state).
+On an engine built without that step, a t2i image's first round drafts nothing and its verify is a plain
 decode of token 0. Images of one batch share tree shapes; a node
 that would pass the image's last token is never accepted. Each image draws N + 1 uniforms per round
 for acceptance (and N for a static tree's draws) from its own stream, so its tokens do not depend on
@@ -28,12 +29,14 @@ the batch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from arexport.errors import ArexportError
+from arexport.runtime.engine import HEAD_RECORD, StepRecord
 from arexport.runtime.kv_cache import KVCache
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits
@@ -137,7 +140,7 @@ class EagleDecoder(Decoder):
         self.n[a:b], self.pend[a:b] = 1, 0
         r0, r1 = self.slots.rows_of(a, b)
         self.hcache.length[r0:r1] = 0
-        if hidden is None:  # t2i: no hidden state of the caption; the first round drafts nothing
+        if hidden is None:  # t2i engine without caption_prefill_hidden: the first round drafts nothing
             self.pc[a:b] = 0
         else:  # the pair (h_cond, token 0) waits for the first round's catch-up
             self.ph[r0:r1, 0] = hidden.to(self.ph.dtype)
@@ -147,9 +150,19 @@ class EagleDecoder(Decoder):
 
     # -- head -----------------------------------------------------------------------------------------
     def _head(self, hidden, tokens, positions, write, mask):
-        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row)."""
+        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row). When the target
+        engine records timings, the call is timed as a `draft_head` record of its own (HEAD_RECORD) in the target's
+        records, so `profile` reports it beside the target's steps instead of inside the host time."""
         hc = self.hcache.view(0, hidden.shape[0])
+        eng = self.engine
+        if not eng.record_timings:
+            logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+            return logits, out
+        eng._sync()
+        t0 = time.perf_counter()
         logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+        eng._sync()
+        eng.records.append(StepRecord(HEAD_RECORD, hidden.shape[0], tokens.shape[1], time.perf_counter() - t0))
         return logits, out
 
     def _draft_dist(self, logits, token_index):

@@ -1,0 +1,195 @@
+"""An exported draft-head directory (`arexport build-head`) in verify, calibrate and profile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from arexport.cli import cli
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("polygraphy")
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory):
+    """demo-eagle exported once for the demo (8 pairs per call, batch 4, 88 cache slots)."""
+    out = tmp_path_factory.mktemp("heads") / "demo-eagle"
+    r = CliRunner().invoke(cli, ["build-head", "demo-eagle", "--model", "demo", "--out", str(out), "--verify-len", "8",
+                                 "--batch-sizes", "4", "--extra-slots", "24"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_verify_checks_a_head_directory_and_rejects_a_perturbed_one(demo_engine, head_dir, tmp_path):
+    """`verify ENGINE --draft-head DIR` compares logits, hidden state and every cache after the call with the
+    PyTorch head (fp32 tolerances); a head whose weights file was perturbed fails (exit 1), and a head
+    directory built for another target is refused in one line naming both."""
+    js = tmp_path / "head.json"
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(head_dir), "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(js.read_text())
+    outs = {row["output"] for row in rep["rows"]}
+    assert {"logits", "hidden_out", "present_key_0", "present_value_0"} <= outs and rep["passed"]
+    assert max(row["max_abs"] for row in rep["rows"]) < 1e-4
+
+    # negative control: the same directory with a few of its weights scaled by 1.01
+    bad = tmp_path / "bad"
+    shutil.copytree(head_dir, bad)
+    info = json.loads((bad / "head.json").read_text())
+    w = bad / info["weights"]
+    arr = np.fromfile(w, dtype=np.float32)
+    arr[len(arr) // 2: len(arr) // 2 + 512] *= 1.01
+    arr.tofile(w)
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(bad), "--json", str(js)])
+    assert r.exit_code == 1 and "FAIL" in r.output, r.output
+    assert not json.loads(js.read_text())["passed"]
+
+    # a head directory for another target (here: one whose head.json names 100 image tokens)
+    other = tmp_path / "other"
+    shutil.copytree(head_dir, other)
+    info["n_tokens"] = 100
+    (other / "head.json").write_text(json.dumps(info))
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(other)])
+    assert r.exit_code != 0 and "built for a target of width 96, vocabulary 17 and 100 image tokens" in r.output, r.output
+    assert "demo has 96, 17 and 64" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["verify", str(demo_engine), "--draft-head", str(tmp_path / "empty")])
+    assert r.exit_code != 0 and "not a head directory" in r.output, r.output
+
+
+def test_calibrate_refuses_what_it_cannot_tune_for_heads(demo_engine, head_dir, tmp_path):
+    """calibrate tunes nothing for a draft head (it quantizes the target's step graph, chooses no draft length
+    or tree, and the head stays fp32): `--draft-head` is refused with that reason. An engine with the hidden-state
+    graphs the heads read (tree_verify) is refused before anything is captured or written, since only its token
+    step would be quantized (control: the next test)."""
+    r = CliRunner().invoke(cli, ["calibrate", str(demo_engine), "--mode", "int8", "--out", str(tmp_path / "q"),
+                                 "--draft-head", str(head_dir)])
+    assert r.exit_code != 0 and "nothing to tune for the draft head" in r.output, r.output
+    assert not (tmp_path / "q").exists()
+    tree = tmp_path / "tree"
+    r = CliRunner().invoke(cli, ["build", "demo", "--batch-sizes", "2", "--verify-len", "4", "--no-images",
+                                 "--step", "tree_verify", "--out", str(tree)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["calibrate", str(tree), "--mode", "int8", "--out", str(tmp_path / "q"),
+                                 "--calib-set", str(tmp_path / "cal")])
+    assert r.exit_code != 0 and "step_tree (tree_verify) graph would stay at fp32" in r.output, r.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "cal").exists()
+
+
+def test_calibrate_hidden_graph_check_passes_a_token_only_engine(demo_engine):
+    """Control for the refusal above: the same check lets an engine with only its token step through."""
+    from arexport.calibration.calibrate import _refuse_unquantized_step_graphs
+    from arexport.format.manifest import read_manifest
+
+    _refuse_unquantized_step_graphs(demo_engine, read_manifest(demo_engine))
+
+
+def test_profile_reports_the_head_as_its_own_step(head_dir, tmp_path, monkeypatch):
+    """`profile --method eagle` with an exported head: every head call is a `draft_head` step of its own (as many
+    as the head ran), kept out of the target's engine time and out of the host time, so engine + head + host
+    (+ image decoding) add up to the measured wall time and the target's ms/step is its steps' only."""
+    from arexport.runtime.backends.ort.head import OrtDraftHead
+    from arexport.runtime.engine import NOT_FORWARDS
+
+    calls = []
+    orig = OrtDraftHead.step
+    monkeypatch.setattr(OrtDraftHead, "step", lambda self, *a: calls.append(1) or orig(self, *a))
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["profile", "--model", "demo", "--method", "eagle", "--option", f"draft_head={head_dir}",
+                                 "--option", "tree=static", "--classes", "2", "--warmup", "0", "--repeats", "1",
+                                 "--no-bandwidth", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["results"][0]
+    steps = res["steps"]
+    assert steps["draft_head"]["count"] == len(calls) > 0
+    total = {k: s["mean_ms"] * s["count"] for k, s in steps.items()}
+    n = sum(s["count"] for k, s in steps.items() if k not in NOT_FORWARDS)
+    assert n == res["target_forwards_per_image"]  # one image
+    target = sum(v for k, v in total.items() if k not in ("vq_decode", "latent_decode", "draft_head"))
+    assert res["engine_ms_per_step"] == pytest.approx(target / n, rel=1e-6)
+    assert res["head_ms_per_step"] == pytest.approx(total["draft_head"] / n, rel=1e-6) and res["head_ms_per_step"] > 0
+    wall_ms = res["image_ms"]["p50"] * res["images"]  # one timed repeat
+    assert res["host_ms_per_step"] * n == pytest.approx(wall_ms - sum(total.values()), rel=1e-6, abs=1e-6)
+
+
+def test_t2i_caption_prefill_feeds_the_head_so_round_one_drafts(tiny_t2i, tmp_path, monkeypatch):
+    """A t2i caption prefill through `caption_prefill_hidden` hands the head the last caption position's hidden
+    state (the output head's input: its projection is the prefill's logits), so round one drafts (control: the
+    same target without that step makes fewer head calls, round one's); greedy eagle equals greedy ar
+    whatever the tree, with and without it."""
+    import torch
+
+    from arexport.models.eagle import EagleConfig, EagleHead, save_eagle_head
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.sampling import SamplingParams
+
+    lm = tiny_t2i
+    m = lm.model
+    head = EagleHead(EagleConfig(dim=64, n_head=4, n_kv_head=4, ffn_hidden=64, vocab_size=lm.spec.vocab_size,
+                                 grid_size=lm.spec.grid_size)).init_random(5, std=0.3)
+    with torch.no_grad():
+        head.embed_tokens.weight.copy_(m.tok_embeddings.weight)
+        head.lm_head.weight.copy_(m.output.weight)
+    path = tmp_path / "t2i-head.safetensors"
+    save_eagle_head(head, path)
+    emb = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+
+    # the graph's hidden output is the output head's input, and its logits are the plain prefill's
+    c = m.cfg
+    kvh = c.n_kv_head or c.n_head
+    bufs = lambda: ([torch.zeros(2, kvh, 6, c.dim // c.n_head) for _ in range(c.n_layer)],  # noqa: E731
+                    [torch.zeros(2, kvh, 6, c.dim // c.n_head) for _ in range(c.n_layer)])
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    with torch.no_grad():
+        logits, hidden, _, _ = m.prefill_embeds_hidden(emb, mask, *bufs())
+        plain, _, _ = m.prefill_embeds(emb, mask, *bufs())
+        assert torch.allclose(m.output(hidden).float(), logits) and torch.allclose(plain, logits)
+
+    def eagle_stats(engine_kinds=None, trees=("static", "dynamic")):
+        if engine_kinds is not None:
+            monkeypatch.setattr(type(m), "step_kinds", property(lambda self: engine_kinds))
+        gen = Generator(TorchEngine(lm))
+        kw = dict(captions=emb, seed=0, images=False, sampling=SamplingParams(temperature=0.0, cfg_scale=2.0))
+        ar = gen.generate(method="ar", timings=False, **kw)
+        out = []
+        for tree in trees:
+            res = gen.generate(method="eagle", method_options={"draft_head": str(path), "tree": tree}, timings=True, **kw)
+            assert np.array_equal(res.tokens, ar.tokens), tree
+            out.append(res.stats)
+        return out
+
+    a = eagle_stats()
+    without = tuple(k for k in m.step_kinds if k != "caption_prefill_hidden")
+    b = eagle_stats(without, trees=("static",))
+    # round one's catch-up and tree levels are head calls the image without a caption hidden state skips
+    assert all(x["draft_forwards_per_image"] > y["draft_forwards_per_image"] for x, y in zip(a, b)), (a, b)
+    assert a[0]["target_forwards_per_image"] == b[0]["target_forwards_per_image"]  # the head accepts nothing here
+
+
+def test_verify_compares_the_t2i_hidden_prefill(tiny_t2i):
+    """`verify` runs a case for `caption_prefill_hidden` (logits, hidden state, the caption's K/V); an engine whose
+    hidden output is off by 1e-3 fails on that row only (negative control)."""
+    from arexport.runtime.backends.torch.runner import TorchEngine
+    from arexport.verify import verify_engine
+
+    ref, eng = TorchEngine(tiny_t2i), TorchEngine(tiny_t2i)
+    rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=False)
+    rows = [r for r in rep.rows if "caption_prefill_hidden" in r["case"]]
+    assert rep.passed and {r["output"] for r in rows} >= {"logits", "hidden", "new_key_0", "new_value_1"}
+    forward = eng._forward
+
+    def off(kind, cache, feeds):
+        out = forward(kind, cache, feeds)
+        if kind.name == "caption_prefill_hidden":
+            out = dict(out, hidden=out["hidden"] + 1e-3)
+        return out
+
+    eng._forward = off
+    rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=False)
+    assert [(r["case"], r["output"]) for r in rep.rows if not r["passed"]] == [(rows[0]["case"], "hidden")]
