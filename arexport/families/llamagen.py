@@ -12,6 +12,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.families.base import NEXT_TOKEN_METHODS, NEXT_TOKEN_STEPS, Conditions, Family
+from arexport.format.stepkinds import hidden_prefill_kind
 
 
 class LlamaGenFamily(Family):
@@ -99,23 +100,23 @@ class LlamaGenFamily(Family):
     def prefill_hidden(self, engine, cache, conds: Conditions):
         """`prefill` that also returns the condition position's last hidden state [B, dim] (after the final
         norm), which an EAGLE head pairs with token 0 to draft an image's first round: the c2i class token
-        goes through the `tree_verify` step (the same layers as the prefill, plus the hidden output), a t2i
-        caption through `caption_prefill_hidden`. An engine without that step: (logits, None)."""
+        goes through the kind declared `prefills="c2i"` (the tree step: the same layers as the prefill, plus the
+        hidden output), a t2i caption through the one declared `prefills="t2i"`. An engine without that step: (logits, None)."""
         spec = engine.spec
         b, dev = len(conds), engine.device
         zero = torch.zeros(b, dtype=torch.int64, device=dev)
-        if spec.model_type == "t2i" and "caption_prefill_hidden" in engine.step_kinds():
+        kind = hidden_prefill_kind(spec.model_type, engine.step_kinds())
+        if kind is None:
+            return self.prefill(engine, cache, conds), None
+        if kind.cache == "condition":  # caption features at slots [0, T)
             t = spec.cond_len
             cache.key_valid[:, :t] = conds.mask.to(dev).bool()
-            out = engine.run("caption_prefill_hidden", cache, label="prefill", cond_embeds=conds.embeds,
-                             attn_mask=cache.causal_mask(zero, t))
+            out = engine.run(kind.name, cache, label="prefill", cond_embeds=conds.embeds, attn_mask=cache.causal_mask(zero, t))
             cache.length.fill_(t)
             return out["logits"], out["hidden"]
-        if spec.model_type != "c2i" or "tree_verify" not in engine.step_kinds():
-            return self.prefill(engine, cache, conds), None
-        tokens = self.condition_tokens(spec, conds.classes.to(dev)).view(b, 1)
+        tokens = self.condition_tokens(spec, conds.classes.to(dev)).view(b, 1)  # the class token, fed as a token
         positions = torch.full((b, 1), -1, dtype=torch.int64, device=dev)
-        out = engine.run("tree_verify", cache, label="prefill", tokens=tokens, positions=positions, write_index=zero,
+        out = engine.run(kind.name, cache, label="prefill", tokens=tokens, positions=positions, write_index=zero,
                          attn_mask=cache.causal_mask(zero, 1))
         cache.length.fill_(spec.cond_len)
         return out["logits"][:, 0], out["hidden"][:, 0]

@@ -77,6 +77,8 @@ class StepKind:
     min_max_q: int = 1  # the export needs at least this largest q (distinct example sizes of q and m)
     verify: Optional[str] = None
     calibrate: bool = False
+    prefills: Optional[str] = None  # the model_type whose condition this kind prefills with a hidden output (EAGLE round one)
+    no_row_split: Optional[str] = None  # why a call cannot run on rows split across devices (runtime.multi_device)
     doc: str = ""
 
     @property
@@ -207,7 +209,8 @@ CAPTION_PREFILL = StepKind(
 TREE_VERIFY = StepKind(
     name="tree_verify", graph="step_tree", method="step_hidden", inputs=_TOKEN_INPUTS,
     outputs=(IO("logits", "float32", ("batch", "q", "V")), IO("hidden", "model", ("batch", "q", "dim"))),
-    labels=("tree",), profiles=(Profile("tree", q=(1, "K", "K")),), verify="token",
+    labels=("tree",), profiles=(Profile("tree", q=(1, "K", "K")),), verify="token", prefills="c2i",
+    no_row_split="EAGLE moves the accepted path's K/V inside the cache buffers itself",
     doc="a draft tree's K nodes [B, K] at per-node positions (root + depth), written from slot write_index, each "
         "attending to the cache and its ancestors in the block through attn_mask (the tree mask): logits [B, K, V] "
         "and the last hidden states [B, K, dim] (after the final norm) that the draft head's next round reads")
@@ -225,11 +228,22 @@ CAPTION_PREFILL_HIDDEN = StepKind(
     name="caption_prefill_hidden", graph="prefill_hidden", method="prefill_embeds_hidden", inputs=CAPTION_PREFILL.inputs,
     outputs=(IO("logits", "float32", ("batch", "V")), IO("hidden", "model", ("batch", "dim"))),
     labels=("prefill",), profiles=CAPTION_PREFILL.profiles, cache="condition", count_dim="T", verify="condition_hidden",
+    prefills="t2i",
     doc="caption_prefill that also returns the last caption position's hidden state [B, dim] (after the final norm): "
         "what an EAGLE draft head pairs with token 0 to draft a t2i image's first round")
 
 STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL,
                                                        TREE_VERIFY, DRAFT_HEAD, CAPTION_PREFILL_HIDDEN)}
+
+
+def hidden_prefill_kind(model_type: str, available) -> Optional[StepKind]:
+    """The kind among `available` (names) that prefills a `model_type` condition and also returns its last
+    hidden state (`prefills`), or None: the EAGLE head's round-one input."""
+    for name in available:
+        kind = STEP_KINDS.get(name)
+        if kind is not None and kind.prefills == model_type:
+            return kind
+    return None
 
 
 def get_step_kind(kind: Union[str, StepKind]) -> StepKind:

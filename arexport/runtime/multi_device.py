@@ -23,7 +23,8 @@ the weights whatever the batch (a memory-bound decode at small batch: t(b) ~ t(2
 CPU cores (both halves compete for the same cores).
 
 Methods that edit cache buffers directly rather than through engine calls cannot run on split
-caches: EAGLE's tree commit gathers K/V along the accepted path itself, so its `tree_verify` step
+caches: EAGLE's tree commit gathers K/V along the accepted path itself, so its tree step (declared
+`no_row_split`)
 is refused with an ArexportError (serve it with replicas); `SplitKVCache.keys` lists every part's
 buffers, whose row counts differ from the logical batch, so any other such edit fails too, never
 silently.
@@ -41,7 +42,6 @@ from arexport.runtime.engine import StepEngine
 from arexport.runtime.kv_cache import KVCache
 
 PARTS = 2  # rows split by parity: CFG's [cond, uncond] pairs land on two devices
-UNSPLITTABLE = {"tree_verify": "EAGLE moves the accepted path's K/V inside the cache buffers itself"}
 
 
 def _part_rows(start: int, stop: int, part: int) -> tuple[int, int]:
@@ -131,8 +131,8 @@ class RowSplitEngine(StepEngine):
                             torch.ones(batch, slots, dtype=torch.bool, device=self.device))
 
     def _forward(self, kind, cache, feeds):
-        if kind.name in UNSPLITTABLE:
-            raise ArexportError(f"the {kind.name} step cannot run on a CFG split: {UNSPLITTABLE[kind.name]}; run this method "
+        if kind.no_row_split:
+            raise ArexportError(f"the {kind.name} step cannot run on a CFG split: {kind.no_row_split}; run this method "
                                 "with one device per replica (serve --devices ... --device-split replicas)")
         if not isinstance(cache, SplitKVCache):
             raise ArexportError("a row-split engine runs on its own caches (allocate them with this engine)")
