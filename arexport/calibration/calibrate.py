@@ -53,6 +53,9 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
                f"{calib_manifest.get('every', every)}th is kept; pass a smaller --every (and a new --calib-set) for more")
     n_held = max(1, len(data) // 5)
     calib, heldout = data[:-n_held], data[-n_held:]
+    if not calib:  # checked here: ORT's calibrater would only say "No data is collected"
+        raise ArexportError(f"calibration set {calib_path} holds {len(data)} step call(s) of {spec.name}: too few to calibrate on "
+                            "with some held out for the gates; capture again into a new --calib-set with a smaller --every")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         report(f"quantizing the step graph ({mode}) with {len(calib)} calibration samples ({n_held} held out for the gates)")
         info, graphs = build_quantized_dir(src, Path(out_dir), mode, calib, tmp, activations)
