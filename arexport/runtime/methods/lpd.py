@@ -27,8 +27,8 @@ import torch
 from arexport.errors import ArexportError
 from arexport.families.lpd import lpd_feed_len, lpd_group_sizes, lpd_order
 from arexport.runtime.kv_cache import arange
-from arexport.runtime.methods.base import Decoder, Method, Options, option, register
-from arexport.runtime.sampling import probs_from_logits, sample_from_probs
+from arexport.runtime.methods.base import Method, Options, option, register
+from arexport.runtime.methods.random_order import RandomOrderDecoder, generation_order
 
 CLASS = -1  # feed code of the class token; -2 - i: the query for generation index i; >= 0: token i
 
@@ -45,11 +45,6 @@ def lpd_feeds(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     width = lpd_feed_len(sizes)
     return (torch.tensor([r + r[-1:] * (width - len(r)) for r in feeds]), torch.tensor([len(r) for r in feeds]),
             torch.tensor(prev), torch.tensor(firsts))
-
-
-def generation_order(keys: torch.Tensor) -> torch.Tensor:
-    """Grid positions in generation order [b, N] from uniforms [b, N]: a random permutation per image."""
-    return keys.argsort(dim=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +75,7 @@ def parse_group_sizes(text: str) -> Optional[list[int]]:
     return sizes if sizes and min(sizes) >= 1 else None
 
 
-class LPDDecoder(Decoder):
+class LPDDecoder(RandomOrderDecoder):
     def __init__(self, ctx, capacity):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         spec, s = self.spec, self.slots
@@ -155,23 +150,7 @@ class LPDDecoder(Decoder):
         view.length += cfg.expand(prev)  # the previous block is committed; the queries' slots get group i's tokens
         j = arange(m, dev)
         at = cfg.expand((prev[:, None] + j).clamp(max=q - 1))  # feed index of each query of the group
-        logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
-        logits = cfg.guide(logits, first[:, None] + j - 1, self.params)
-        new = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(m))
-        idx = first[:, None] + j
-        keep = j[None, :] < size[:, None]
-        self.seq[:n].scatter_(1, idx, torch.where(keep, new, self.seq[:n].gather(1, idx)))
-        self.c[:n] += 1
-        for st, k in zip(s.stats[:n], size.tolist()):
-            st.forwards += 1
-            st.accepted.append(k)
-        return s.where(self.c[:n] == self.n_calls)
-
-    def finish(self, i):
-        raster = torch.empty_like(self.seq[i, : self.spec.n_tokens])
-        raster[self.order[i]] = self.seq[i, : self.spec.n_tokens]
-        return self.finished(i, raster)
-
+        return self.commit_group(n, logits, at, first[:, None] + j - 1, first, size, m)
 
 @register("lpd")
 class LPDMethod(Method):

@@ -27,8 +27,8 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.families.randar import DEFAULT_STEPS, randar_feed_len, randar_group_sizes
-from arexport.runtime.methods.base import Decoder, Method, Options, option, register
-from arexport.runtime.sampling import probs_from_logits, sample_from_probs
+from arexport.runtime.methods.base import Method, Options, option, register
+from arexport.runtime.methods.random_order import RandomOrderDecoder, generation_order
 
 CLASS = -1  # feed code of the class token; -2 - i: the instruction for generation index i; >= 0: token i
 
@@ -49,18 +49,13 @@ def randar_feeds(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return (torch.tensor([r + r[-1:] * (width - len(r)) for r in feeds]), torch.tensor(lengths), torch.tensor(firsts))
 
 
-def generation_order(keys: torch.Tensor) -> torch.Tensor:
-    """Grid positions in generation order [b, N] from uniforms [b, N]: a random permutation per image."""
-    return keys.argsort(dim=1)
-
-
 @dataclasses.dataclass(frozen=True)
 class RandAROptions(Options):
     steps: int = option(DEFAULT_STEPS, "forwards per image (RandAR's num_inference_steps; -1: one token per forward)",
                         flag="--steps")
 
 
-class RandARDecoder(Decoder):
+class RandARDecoder(RandomOrderDecoder):
     def __init__(self, ctx, capacity):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
         spec, s = self.spec, self.slots
@@ -119,23 +114,7 @@ class RandARDecoder(Decoder):
         lane = torch.arange(m, device=dev)
         at = (fed - size)[:, None] + lane  # feed index of each instruction of the group
         at = cfg.expand(at.clamp(max=q - 1))
-        logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
-        logits = cfg.guide(logits, (first - 1)[:, None].expand(-1, m), self.params)
-        new = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(m))
-        idx = first[:, None] + lane
-        keep = lane[None, :] < size[:, None]
-        self.seq[:n].scatter_(1, idx, torch.where(keep, new, self.seq[:n].gather(1, idx)))
-        self.c[:n] += 1
-        for st, k in zip(s.stats[:n], size.tolist()):
-            st.forwards += 1
-            st.accepted.append(k)
-        return s.where(self.c[:n] == self.n_calls)
-
-    def finish(self, i):
-        raster = torch.empty_like(self.seq[i, : self.spec.n_tokens])
-        raster[self.order[i]] = self.seq[i, : self.spec.n_tokens]
-        return self.finished(i, raster)
-
+        return self.commit_group(n, logits, at, (first - 1)[:, None].expand(-1, m), first, size, m)
 
 @register("randar")
 class RandARMethod(Method):
