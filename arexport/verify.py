@@ -521,22 +521,16 @@ def verify_head(head_dir, spec, lm_head: Optional[torch.Tensor] = None, batch: i
     [B, q, dim] and every layer's K/V cache after the call [B, H_kv, slots, D] (the written slots and the
     untouched ones), with the fp32 tolerances. `lm_head` [V, dim] is the target's output projection, for
     heads released without one. A head built for another target is refused in one line."""
-    import json
     from pathlib import Path
 
     from arexport.models.eagle import load_eagle_head
-    from arexport.runtime.backends.ort.head import HEAD_FILE, HEAD_FORMAT, OrtDraftHead
+    from arexport.runtime.backends.ort.head import OrtDraftHead, read_head_info
 
     d_atol, d_rtol = TOLERANCES["fp32"]  # the head graph is exported and run in fp32
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     d = Path(head_dir)
-    try:
-        info = json.loads((d / HEAD_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ArexportError(f"--draft-head {d}: not a head directory from `arexport build-head` (no readable {HEAD_FILE}: {e})") from None
-    if info.get("format") != HEAD_FORMAT:
-        raise ArexportError(f"--draft-head {d}: format {info.get('format')!r}, expected {HEAD_FORMAT}")
+    info = read_head_info(d, "--draft-head")
     c = info.get("config", {})
     built = (c.get("hidden_size"), c.get("vocab_size"), info.get("n_tokens"))
     if built != (spec.dim, spec.vocab_size, spec.n_tokens):

@@ -27,6 +27,17 @@ def is_head_directory(path: str) -> bool:
     return (Path(path) / HEAD_FILE).is_file()
 
 
+def read_head_info(d: Path, label: str) -> dict:
+    """A head directory's head.json (written by `arexport build-head`); `label` names the directory in errors."""
+    try:
+        info = json.loads((d / HEAD_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ArexportError(f"{label} {d}: not a head directory from `arexport build-head` (no readable {HEAD_FILE}: {e})") from None
+    if info.get("format") != HEAD_FORMAT:
+        raise ArexportError(f"{label} {d}: format {info.get('format')!r}, expected {HEAD_FORMAT}")
+    return info
+
+
 class OrtDraftHead:
     """A draft-head directory's ONNX Runtime session; tensors in and out are torch on `device` (CPU)."""
 
@@ -34,12 +45,7 @@ class OrtDraftHead:
         from arexport.runtime.backends.ort.loader import _ort
 
         d = Path(directory)
-        try:
-            info = json.loads((d / HEAD_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise ArexportError(f"draft head directory {d}: unreadable {HEAD_FILE} ({e})") from None
-        if info.get("format") != HEAD_FORMAT:
-            raise ArexportError(f"draft head directory {d}: format {info.get('format')!r}, expected {HEAD_FORMAT}")
+        info = read_head_info(d, "draft head directory")
         if torch.device(device).type != "cpu":
             raise ArexportError(f"an exported draft head runs on ONNX Runtime's CPU provider here, not {device}: pass the "
                                 "head's .safetensors file or released directory to run it in PyTorch on that device")
