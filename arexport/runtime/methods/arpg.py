@@ -91,12 +91,8 @@ class ARPGDecoder(Decoder):
         if self.opts.order == "batch":  # one order for the images admitted together
             keys = keys[:1].expand(b - a, -1)
         self.order[a:b] = keys.argsort(dim=1)
-        r0, r1 = s.rows_of(a, b)
-        view = self.cache.view(r0, r1)
-        view.length.zero_()
-        view.key_valid.fill_(True)
-        rows = self.cfg.conditions(self.engine, conds)
-        self.feed[r0:r1, 0] = self.engine.family.condition_tokens(spec, rows.classes)
+        r0, r1, cls = self.fresh_class_rows(a, b, conds)
+        self.feed[r0:r1, 0] = cls
         self.feed_pos[r0:r1, 0] = -1
 
     def advance(self):

@@ -422,6 +422,17 @@ class Decoder:
         """Prefill images [a, b) (conditions of those images, in order)."""
         raise NotImplementedError
 
+    def fresh_class_rows(self, a: int, b: int, conds: Conditions) -> tuple[int, int, torch.Tensor]:
+        """For decoders that feed the class token themselves (ARPG, PAR, RandAR, LPD): clear the cache rows of
+        images [a, b) (length 0, every key valid) and return their rows [r0, r1) with each row's class token
+        (the null class on guidance rows) [r1 - r0]."""
+        r0, r1 = self.slots.rows_of(a, b)
+        view = self.cache.view(r0, r1)
+        view.length.zero_()
+        view.key_valid.fill_(True)
+        rows = self.cfg.conditions(self.engine, conds)
+        return r0, r1, self.engine.family.condition_tokens(self.spec, rows.classes)
+
     def prefill(self, engine, cache, a: int, b: int, rows: Conditions) -> torch.Tensor:
         """Prefill the rows of images [a, b) of `cache` (a contiguous view, stale key masks cleared)
         with the condition `rows` through `engine`'s family; logits [rows, V]."""

@@ -123,12 +123,8 @@ class LPDDecoder(RandomOrderDecoder):
             keys = s.uniform(len(self.group_sizes) * n_tok, s.span(a, b))[a:b].view(b - a, -1, n_tok)
             self.order[a:b] = torch.stack([lpd_order(self.group_sizes, self.spec.grid_size, k, self.repulsion) for k in keys]
                                           ).to(self.order.device)
-        r0, r1 = s.rows_of(a, b)
-        view = self.cache.view(r0, r1)
-        view.length.zero_()
-        view.key_valid.fill_(True)
-        rows = self.cfg.conditions(self.engine, conds)
-        self.cls[r0:r1] = self.engine.family.condition_tokens(self.spec, rows.classes)
+        r0, r1, cls = self.fresh_class_rows(a, b, conds)
+        self.cls[r0:r1] = cls
 
     def advance(self):
         s, cfg = self.slots, self.cfg

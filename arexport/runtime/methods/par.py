@@ -80,13 +80,8 @@ class PARDecoder(Decoder):
         self.cls = s.row_tensor((), torch.int64)  # class token per row (null class on guidance rows)
 
     def start(self, a, b, conds):
-        s = self.slots
-        r0, r1 = s.rows_of(a, b)
-        view = self.cache.view(r0, r1)
-        view.length.zero_()
-        view.key_valid.fill_(True)
-        rows = self.cfg.conditions(self.engine, conds)
-        self.cls[r0:r1] = self.engine.family.condition_tokens(self.spec, rows.classes)
+        r0, r1, cls = self.fresh_class_rows(a, b, conds)
+        self.cls[r0:r1] = cls
 
     def advance(self):
         s, cfg, k = self.slots, self.cfg, self.k

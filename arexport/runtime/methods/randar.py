@@ -89,12 +89,8 @@ class RandARDecoder(RandomOrderDecoder):
     def start(self, a, b, conds):
         s = self.slots
         self.order[a:b] = generation_order(s.uniform(self.spec.n_tokens, s.span(a, b))[a:b])
-        r0, r1 = s.rows_of(a, b)
-        view = self.cache.view(r0, r1)
-        view.length.zero_()
-        view.key_valid.fill_(True)
-        rows = self.cfg.conditions(self.engine, conds)
-        self.cls[r0:r1] = self.engine.family.condition_tokens(self.spec, rows.classes)
+        r0, r1, cls = self.fresh_class_rows(a, b, conds)
+        self.cls[r0:r1] = cls
 
     def advance(self):
         s, cfg = self.slots, self.cfg
