@@ -73,6 +73,19 @@ class EagleOptions(Options):
         return self
 
 
+class EagleDrafting:
+    """Methods for an options class whose method can draft with an EAGLE head (lantern, vvs): the class declares
+    `drafter` and EagleOptions' fields (draft_head, tree, top_k, depth, tokens, choices) under the same names."""
+
+    @property
+    def drafter_name(self) -> str:
+        return self.drafter or ("eagle" if self.draft_head else "sd")
+
+    def eagle_options(self) -> EagleOptions:
+        return EagleOptions(draft_head=self.draft_head, tree=self.tree, top_k=self.top_k, depth=self.depth,
+                            tokens=self.tokens, choices=self.choices)
+
+
 class EagleDecoder(Decoder):
     """EAGLE tree speculative decoding under an acceptance rule (StandardRule: lossless)."""
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, option, register
-from arexport.runtime.methods.eagle import Eagle, EagleOptions
+from arexport.runtime.methods.eagle import Eagle, EagleDrafting, EagleOptions
 from arexport.runtime.methods.sd import SD, SDOptions
 from arexport.runtime.methods.sjd import SJD, SJDOptions
 from arexport.runtime.speculative import LANTERN_RULES, LanternRule, check_lantern
@@ -24,7 +24,7 @@ DRAFTERS = {"sd": SD, "sjd": SJD, "eagle": Eagle}
 
 
 @dataclass(frozen=True)
-class LanternOptions(Options):
+class LanternOptions(EagleDrafting, Options):
     k: int = option(1000, "nearest codebook neighbours searched", flag="--lantern-k")
     delta: float = option(0.1, "total-variation budget delta", flag="--lantern-delta")
     lam: Optional[float] = option(None, "LANTERN++ bound: pooled mass <= (lambda - 1) p(x)", flag="--lantern-lambda")
@@ -45,10 +45,6 @@ class LanternOptions(Options):
     tokens: Optional[int] = None
     choices: Optional[str] = None
 
-    @property
-    def drafter_name(self) -> str:
-        return self.drafter or ("eagle" if self.draft_head else "sd")
-
     def validate(self):
         check_lantern(self.k, self.delta, self.lam, self.rule)
         self.drafter_options().validate()
@@ -56,8 +52,7 @@ class LanternOptions(Options):
 
     def drafter_options(self) -> Options:
         if self.drafter_name == "eagle":
-            return EagleOptions(draft_head=self.draft_head, tree=self.tree, top_k=self.top_k, depth=self.depth,
-                                tokens=self.tokens, choices=self.choices)
+            return self.eagle_options()
         if self.draft_head:
             raise ArexportError(f"--draft-head is read by the eagle drafter; lantern --drafter {self.drafter} does not use it")
         if self.drafter_name == "sd":

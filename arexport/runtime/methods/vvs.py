@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from arexport.errors import ArexportError
 from arexport.runtime.methods.base import Method, Options, RowStats, option, register
-from arexport.runtime.methods.eagle import EagleDecoder, EagleOptions
+from arexport.runtime.methods.eagle import EagleDecoder, EagleDrafting, EagleOptions
 from arexport.runtime.methods.sd import SDDecoder
 from arexport.runtime.speculative import LANTERN_RULES, LanternRule, StandardRule, check_lantern
 from arexport.runtime.tree import Tree
@@ -69,7 +69,7 @@ def candidate_similarity(q: torch.Tensor, latents: torch.Tensor, n_candidates: i
 
 
 @dataclass(frozen=True)
-class VVSOptions(Options):
+class VVSOptions(EagleDrafting, Options):
     gamma: Optional[int] = None  # sd's default
     policy: str = option("uniform", "when to skip verification", flag="--policy", choices=POLICIES)
     skip_interval: int = option(5, "uniform: skip every N-th round", flag="--skip-interval")
@@ -88,14 +88,6 @@ class VVSOptions(Options):
     depth: int = EagleOptions.__dataclass_fields__["depth"].default
     tokens: Optional[int] = None
     choices: Optional[str] = None
-
-    @property
-    def drafter_name(self) -> str:
-        return self.drafter or ("eagle" if self.draft_head else "sd")
-
-    def eagle_options(self) -> EagleOptions:
-        return EagleOptions(draft_head=self.draft_head, tree=self.tree, top_k=self.top_k, depth=self.depth,
-                            tokens=self.tokens, choices=self.choices)
 
     def validate(self):
         if self.gamma is not None and self.gamma < 1:
