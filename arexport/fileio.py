@@ -63,6 +63,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+
+def atomic_write_png(path: str | os.PathLike, fig, dpi: int = 110) -> None:
+    """A matplotlib figure rendered to PNG and written atomically (atomic_write_bytes); the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON (indented, sorted keys) written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())

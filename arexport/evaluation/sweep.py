@@ -114,11 +114,9 @@ def plot_pareto(rows: list[dict], path: str | Path) -> Optional[str]:
     except ImportError:
         return "matplotlib is not installed (pip install 'arexport[plot]'): no Pareto plot"
     matplotlib.use("Agg")
-    import io
-
     import matplotlib.pyplot as plt
 
-    from arexport.fileio import atomic_write_bytes
+    from arexport.fileio import atomic_write_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -131,8 +129,5 @@ def plot_pareto(rows: list[dict], path: str | Path) -> Optional[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_png(path, fig)
     return None

@@ -116,7 +116,7 @@ def plot(results: list[ProfileResult], path: str | os.PathLike) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from arexport.fileio import atomic_write_bytes
+    from arexport.fileio import atomic_write_png
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r, label in zip(results, column_labels(results)):
@@ -138,9 +138,4 @@ def plot(results: list[ProfileResult], path: str | os.PathLike) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_png(path, fig)
