@@ -226,7 +226,7 @@ def _method_kwargs(values: dict) -> dict:
 
 def _method_help() -> str:
     ms = _catalog()["methods"]
-    return ("Decoding method: " + ", ".join(ms) + " (default: the model's: ar; arpg for ARPG models; par for PAR models; randar for RandAR models; lpd for LPD models; var for VAR "
+    return ("Decoding method: " + ", ".join(ms) + " (default: the model's: ar; arpg for ARPG models; par for PAR models; randar for RandAR models; lpd for LPD models; nar for NAR models; var for VAR "
             "models). See the README's method table.")
 
 

@@ -238,11 +238,13 @@ def run_token_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np
         # garbage past its own length (never read, later overwritten), as rows do in real decoding.
         chunk = int(feed["chunk"])
         done, longest = 0, int(prefix.max())
+        prefix_kind = "token" if "token" in engine.step_kinds() else kind.name  # a model whose step has other outputs
         while done < longest:
             c = min(chunk, longest - done)
             w = cache.length.clone()
             pos = (done + torch.arange(c)).expand(b, c)
-            engine.step(cache, toks[:, done:done + c].contiguous(), pos, w, cache.causal_mask(w, c))
+            engine.run(prefix_kind, cache, tokens=toks[:, done:done + c].contiguous(), positions=pos, write_index=w,
+                       attn_mask=cache.causal_mask(w, c))
             cache.length += (prefix - done).clamp(min=0, max=c)
             done += c
         q = int(feed["q"])

@@ -9,13 +9,15 @@ from arexport.families.emu3 import Emu3Family, LuminaMGPTFamily
 from arexport.families.janus import JanusFamily
 from arexport.families.llamagen import LlamaGenFamily
 from arexport.families.lpd import LPDFamily
+from arexport.families.nar import NARFamily
 from arexport.families.par import PARFamily
 from arexport.families.randar import RandARFamily
 from arexport.families.rar import RARFamily
 from arexport.families.var import VARFamily
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (LlamaGenFamily(), ARPGFamily(), RARFamily(), VARFamily(), JanusFamily(),
-                                             Emu3Family(), LuminaMGPTFamily(), PARFamily(), RandARFamily(), LPDFamily())}
+                                             Emu3Family(), LuminaMGPTFamily(), PARFamily(), RandARFamily(), LPDFamily(),
+                                             NARFamily())}
 
 
 def get_family(name: str) -> Family:

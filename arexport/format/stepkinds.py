@@ -232,8 +232,17 @@ CAPTION_PREFILL_HIDDEN = StepKind(
     doc="caption_prefill that also returns the last caption position's hidden state [B, dim] (after the final norm): "
         "what an EAGLE draft head pairs with token 0 to draft a t2i image's first round")
 
+# -- two output heads (issue 33: NAR) --------------------------------------------------------------------
+TOKEN_TWO_HEADS = StepKind(
+    name="token_two_heads", graph="step", method="step", inputs=_TOKEN_INPUTS,
+    outputs=(IO("logits", "float32", ("batch", "q", "V")), IO("logits_below", "float32", ("batch", "q", "V"))),
+    labels=("decode", "verify"), profiles=_TOKEN_PROFILES, verify="token", calibrate=True,
+    doc="the token step of a model with two output heads, each logits [B, q, V] for every position fed: NAR's "
+        "`output` after layer n_layer (the token to the right of each fed token) and `medusa_output` after the last "
+        "layer (the token below); the decoding method combines them on the host")
+
 STEP_KINDS: dict[str, StepKind] = {k.name: k for k in (TOKEN, TOKEN_HIDDEN, MULTI_QUERY, SCALE, CAPTION_PREFILL,
-                                                       TREE_VERIFY, DRAFT_HEAD, CAPTION_PREFILL_HIDDEN)}
+                                                       TREE_VERIFY, DRAFT_HEAD, CAPTION_PREFILL_HIDDEN, TOKEN_TWO_HEADS)}
 
 
 def hidden_prefill_kind(model_type: str, available) -> Optional[StepKind]:

@@ -17,6 +17,8 @@ Names:
   `spe_tok_embeddings`; `demo-par` is shipped.
 * `lpd-{l,xl,xxl}-256`, `lpd-{l,xl}-512`: LPD (mit-han-lab/lpd) checkpoints (`model` entry of lpd_*.pth).
 * `randar-L`, `randar-XL`: RandAR (ziqipang/RandAR) safetensors, LlamaGen's layout plus `pos_instruct_embeddings`.
+* `nar-{B,M,L,XL,XXL}`: NAR (ThisisBillhe/NAR) checkpoints, LlamaGen's layout with the extra block(s) plus
+  `medusa_norm`/`medusa_output`.
 * `demo`, `demo-draft`, `demo-arpg`, `demo-var`, `demo-var-small`: the digits models shipped inside the
   package (weights committed; the VAR demos decode with their own multi-scale VQVAE, demo-var-vae).
 * `demo-t2i`: a text-conditional LlamaGen on the digits with its own small prompt encoder and
@@ -39,7 +41,7 @@ import torch
 from arexport.errors import ArexportError, CheckpointError
 from arexport.families import get_family
 from arexport.format.spec import ModelSpec
-from arexport.models import arpg, emu3, janus, llamagen, lpd, lumina_mgpt, par, randar, rar, var
+from arexport.models import arpg, emu3, janus, llamagen, lpd, lumina_mgpt, nar, par, randar, rar, var
 from arexport.models.catalog import Catalog, LoadedModel, with_overrides
 from arexport.models.checkpoint import file_sha256, load_into, read_state_dict
 from arexport.models.llamagen import LLAMAGEN_SIZES
@@ -52,7 +54,8 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # One catalog per family, each in its family's model module: names, aliases, configs, checkpoint markers.
 CATALOGS: tuple[Catalog, ...] = (llamagen.CATALOG, arpg.CATALOG, rar.CATALOG, var.CATALOG, janus.CATALOG,
-                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG, randar.CATALOG, lpd.CATALOG)
+                                  emu3.CATALOG, lumina_mgpt.CATALOG, par.CATALOG, randar.CATALOG, lpd.CATALOG,
+                                  nar.CATALOG)
 
 DEMO_MODELS = {
     "demo": "demo.safetensors",

@@ -283,7 +283,9 @@ class StepEngine(ABC):
         feeds = declared_feeds(kind, self.device, self.cache_dtype, feeds)
         with self._timed(label, dims["batch"], dims[kind.count_dim]):
             out = self._forward(kind, cache, feeds)
-        self._finite(out["logits"], label)
+        for name, t in out.items():  # every logits output (a kind may declare more than one head)
+            if name.startswith("logits"):
+                self._finite(t, label)
         return out
 
     def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
