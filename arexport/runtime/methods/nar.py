@@ -10,8 +10,9 @@ The cache holds [class, diagonal 0, diagonal 1, ...] (generation order); each fe
 up to the end of its own diagonal: the reference's proximity mask (RoPE carries the grid positions, so
 the slot order does not matter to attention).
 
-Guidance: constant scale on the combined logits (the reference's `cfg_scale`; its `cfg_interval`, off by
-default, is not offered). Images of one batch may be at different diagonals (continuous batching):
+Guidance: constant scale on the combined logits (the reference's `cfg_scale`); `cfg_interval` as the
+reference's: a diagonal is guided while the tokens generated before it are at most cfg_interval (-1:
+always, its default). Images of one batch may be at different diagonals (continuous batching):
 feeds are padded to the batch's longest, pads written past each row's diagonal, where nothing reads
 them before the next forward overwrites them.
 """
@@ -114,7 +115,10 @@ class NARDecoder(RandomOrderDecoder):
         logits = combine_heads(out["logits"], out["logits_below"], cfg.expand(fed), cfg.expand(sc["shift"][c]),
                                cfg.expand(sc["cls"][c]), m)
         lane = arange(m, dev)
-        return self.commit_group(n, logits, lane[None, :].expand(rows, -1), first[:, None] + lane, first, size, m)
+        # guidance index first + 1 for the whole diagonal: sampling's cfg_interval rule (index <= interval + 1) is then
+        # the reference's (guided while the tokens generated before the diagonal are at most cfg_interval)
+        guide = (first + 1)[:, None].expand(-1, m)
+        return self.commit_group(n, logits, lane[None, :].expand(rows, -1), guide, first, size, m)
 
 
 @register("nar")
