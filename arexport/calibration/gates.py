@@ -46,7 +46,9 @@ def _session(path: Path):
 
 
 def _logits(sess, sample: dict, dtypes: dict) -> np.ndarray:
-    return sess.run(["logits"], cast_to_inputs(sample, dtypes))[0]
+    """Every logits output of the step (a kind may declare more than one head), concatenated along the positions."""
+    names = [o.name for o in sess.get_outputs() if o.name.startswith("logits")]
+    return np.concatenate([o.reshape(-1, o.shape[-1]) for o in sess.run(names, cast_to_inputs(sample, dtypes))], 0)
 
 
 def step_agreement(ref_model: Path, q_model: Path, samples: list[dict]) -> tuple[float, float, int]:
