@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PAR, RandAR and LPD against raster `ar` and ARPG: demo forwards and accuracy, and L-width ORT CPU wall clock.
+"""PAR, RandAR, LPD and NAR against raster `ar` and ARPG: demo forwards and accuracy, and L-width ORT CPU wall clock.
 
     python benchmarks/par_vs_ar.py demo --images 1000
     python benchmarks/par_vs_ar.py shapes --workdir /tmp/par-l --layers 24 [--only GPT-L,RandAR-L]
@@ -8,7 +8,8 @@
 16 steps), seed 0, classes 0..9 in turn: target forwards per image and class accuracy under both judges.
 `shapes`: fp32 ORT engines with random weights of LlamaGen-L (`ar`), ARPG-L (`arpg`, 64 steps) and PAR
 at L width (par-XL-4x with n_layer/n_head/dim of L, `par`, k = 4) RandAR-L (`randar`, its default 88
-steps) and LPD-L (`lpd`, its default 20 steps; random order), 256 tokens (16 x 16) per image, constant CFG 4 (two rows per image), batch 1: forwards and
+steps), LPD-L (`lpd`, its default 20 steps; random order) and NAR-L (`nar`: 31 forwards, one anti-diagonal each;
+--layers blocks plus NAR's extra block and below head), 256 tokens (16 x 16) per image, constant CFG 4 (two rows per image), batch 1: forwards and
 seconds per image (median of --repeat). Engines are reused from --workdir when present.
 """
 
@@ -58,7 +59,8 @@ def shapes(args):
                                            ("arpg-L", "arpg-L", {}, "arpg", {"steps": 64}),
                                            ("PAR-L-4x", "par-XL-4x", {}, "par", {}),
                                            ("RandAR-L", "randar-L", {}, "randar", {}),
-                                           ("LPD-L", "lpd-l-256", {}, "lpd", {})):
+                                           ("LPD-L", "lpd-l-256", {}, "lpd", {}),
+                                           ("NAR-L", "nar-L", {}, "nar", {})):
         if args.only and name not in args.only.split(","):
             continue
         d = work / name
