@@ -229,6 +229,26 @@ def test_greedy_generation_equals_the_reference(grid, scale, interval):
         assert not np.array_equal(out.tokens, always.numpy())
 
 
+def test_a_causal_runtime_mask_breaks_parity(monkeypatch):
+    """Negative control on the implementation: the same decoder with a causal mask over the cache slots (a
+    diagonal's tokens no longer see the ones after them on that diagonal) no longer equals the reference."""
+    lm = tiny(4)
+    eng = TorchEngine(lm)
+    run = eng.run
+
+    def causal(kind, cache, label=None, **feeds):
+        feeds["attn_mask"] = cache.causal_mask(feeds["write_index"], feeds["tokens"].shape[1])
+        return run(kind, cache, label=label, **feeds)
+
+    monkeypatch.setattr(eng, "run", causal)
+    cls = torch.tensor([3, 8, 0])
+    out = Generator(eng).generate(classes=cls.tolist(), method="nar", images=False,
+                                  sampling=SamplingParams(temperature=0.0, cfg_scale=3.0))
+    with torch.no_grad():
+        ref = RefNAR(lm).generate_greedy(cls, 3.0)
+    assert not np.array_equal(out.tokens, ref.numpy())
+
+
 def test_ort_engine_greedy_equals_the_reference(tmp_path):
     from arexport.exporter.build import BuildOptions, build_engine
     from arexport.format.manifest import read_manifest
