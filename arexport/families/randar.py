@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from arexport.errors import ArexportError
 from arexport.families.llamagen import LlamaGenFamily
 
 DEFAULT_STEPS = 88  # RandAR's num_inference_steps (configs and sample_c2i.py)
+DEFAULT_CFG_START = 1.0  # the first of sample_c2i.py's --cfg-scales 1.0,4.0 (the ramp's scale at the first token)
 MAX_STEPS = 1 << 20  # the schedule runs at most one forward per token whatever steps says
 
 
@@ -37,6 +40,16 @@ def randar_group_sizes(n_tokens: int, steps: int) -> list[int]:
         done += size
         size = min(max(target - done, 1), n_tokens - done)
     return sizes
+
+
+def randar_cfg_scale(start: float, end: float, first, n_tokens: int):
+    """RandAR's guidance scale for a group whose first token has generation index `first` (an int or
+    an integer tensor) of n_tokens: the linear ramp start + (end - start) first / N (the reference's
+    `cfg_scales` pair; start = end is a constant scale). Computed in float64; a float for an int, else
+    a float32 tensor shaped like `first`."""
+    if isinstance(first, torch.Tensor):
+        return (start + (end - start) * first.double() / n_tokens).float()
+    return start + (end - start) * first / n_tokens
 
 
 def randar_feed_len(sizes: list[int]) -> int:
