@@ -223,7 +223,7 @@ class LPDFamily(LlamaGenFamily):
     methods = ("lpd",)
     default_method = "lpd"
     step_kinds = ("token",)
-    default_verify_len = 40  # the 256 px default schedule's longest feed (20 + 20); 512 px needs 67
+    default_verify_len = 40  # the 256 px default schedule's longest feed (20 + 20); 512 px: 67 (default_query_len)
 
     def caption_prefill(self, spec) -> bool:
         return False
@@ -231,6 +231,11 @@ class LPDFamily(LlamaGenFamily):
     def sampling_defaults(self, spec):
         # main.py's defaults with the lpd-l-256 evaluation script's guidance: linear CFG 4.8, no top-k/top-p
         return {"cfg_scale": 4.8, "top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "linear"}
+
+    def default_query_len(self, spec) -> int:
+        """The default schedule's longest feed on this grid (40 at 256 px, 67 at 512 px; one token per
+        forward, 2, on grids without a table), at least default_verify_len."""
+        return max(self.default_verify_len, lpd_feed_len(lpd_group_sizes(spec.n_tokens, None)))
 
     def repulsion(self, spec) -> float:
         """The lpd order's repulsion distance: the evaluation scripts' for the model (1, the reference's

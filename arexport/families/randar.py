@@ -67,6 +67,10 @@ class RandARFamily(LlamaGenFamily):
     step_kinds = ("token",)
     default_verify_len = 16  # covers the default schedule's longest feed on the released 16 x 16 grid (13)
 
+    def default_query_len(self, spec) -> int:
+        """The default schedule's longest feed on this grid (13 on 16 x 16), at least default_verify_len."""
+        return max(self.default_verify_len, randar_feed_len(randar_group_sizes(spec.n_tokens, DEFAULT_STEPS)))
+
     def caption_prefill(self, spec) -> bool:
         return False
 
