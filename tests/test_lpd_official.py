@@ -385,3 +385,146 @@ def test_released_layout_loads_with_the_weights_only_loader(tmp_path):
     torch.save({"model": bad}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="pos_embed"):
         load_model("lpd-l-256", checkpoint=str(tmp_path / "bad.pth"), overrides=dict(BASE, grid_size=4))
+
+
+# -- precomputed orders (the official evaluation's --lpd_order_file) ----------------------------------------
+def write_official_orders(path, orders):
+    """orders/run_lpd_order.py l. 58-62: json.dump of the list of orders (each a list of raster indices)."""
+    import json
+
+    with open(path, "w") as f:
+        json.dump([list(map(int, o)) for o in orders], f)
+
+
+def test_orders_file_generation_equals_the_reference(tmp_path):
+    """engine.py l. 34-44, 177, 186-205: image j of the evaluation uses orders[j] of the file; arexport's image with
+    row seed s uses order s mod R, so seeds 0, 1, 2 walk the file in order."""
+    lm = tiny()
+    keys = [torch.rand(len(GROUPS), 16, generator=torch.Generator().manual_seed(40 + i)) for i in range(4)]
+    orders = torch.stack([ref_lpd_order(GROUPS, 4, k, repulsion=1.0) for k in keys])  # what run_lpd_order.py writes
+    write_official_orders(tmp_path / "res64_steps5.json", orders)
+    cls = torch.tensor([3, 8, 0])
+    opts = {"group_sizes": gen_groups(GROUPS), "orders": str(tmp_path / "res64_steps5.json")}
+    greedy = SamplingParams(temperature=0.0, cfg_scale=3.0, cfg_schedule="linear")
+    gen = Generator(TorchEngine(lm))
+    out = gen.generate(classes=cls.tolist(), method="lpd", method_options=opts, images=False, sampling=greedy, seeds=[0, 1, 6])
+    with torch.no_grad():
+        ref = ref_generate_greedy(lm.model, cls, orders[[0, 1, 2]], GROUPS, 3.0)  # 6 mod 4 = 2
+        shifted = ref_generate_greedy(lm.model, cls, orders[[1, 2, 3]], GROUPS, 3.0)
+    assert np.array_equal(out.tokens, ref.numpy())
+    assert not np.array_equal(out.tokens, shifted.numpy())  # negative control: the next order of the file
+    again = gen.generate(classes=cls.tolist(), method="lpd", method_options=opts, images=False, sampling=greedy,
+                         seeds=[0, 1, 6], batch_size=2)
+    assert np.array_equal(out.tokens, again.tokens)  # batch-invariant (continuous batching)
+
+
+def test_orders_file_errors(tmp_path, monkeypatch):
+    from arexport.families import lpd as lpd_family
+    from arexport.runtime.verifiers import request_safe_options
+
+    gen = Generator(TorchEngine(tiny()))
+    perm = list(range(16))
+
+    def run(text, **opts):
+        p = tmp_path / "orders.json"
+        p.write_text(text)
+        gen.generate(classes=[1], method="lpd", method_options={"group_sizes": gen_groups(GROUPS), "orders": str(p), **opts},
+                     images=False)
+
+    with pytest.raises(ArexportError, match="order 1 has 15 entries; this model's images have 16 tokens"):
+        run(f"[{perm}, {perm[:15]}]")
+    with pytest.raises(ArexportError, match=r"order 0 is not a permutation of the cells 0..15"):
+        run(f"[{[0] + perm[:15]}]")
+    with pytest.raises(ArexportError, match="order 0 is not a permutation"):
+        run(f"[{perm[:15] + [16]}]")
+    with pytest.raises(ArexportError, match="not a JSON array of arrays of non-negative integers"):
+        run(f"[{perm[:15] + [-1]}]")
+    with pytest.raises(ArexportError, match="nested or misplaced brackets"):
+        run(f"[[{perm}]]")
+    with pytest.raises(ArexportError, match="not a non-empty JSON array"):
+        run("[]")
+    with pytest.raises(ArexportError, match="--group-order random cannot apply"):
+        run(f"[{perm}]", group_order="random")
+    with pytest.raises(ArexportError, match="--repulsion .* cannot apply"):
+        run(f"[{perm}]", repulsion=2.0)
+    with pytest.raises(ArexportError, match="lpd orders file .*missing.json: No such file"):
+        gen.generate(classes=[1], method="lpd", method_options={"orders": str(tmp_path / "missing.json")}, images=False)
+    monkeypatch.setattr(lpd_family, "MAX_ORDERS_FILE_BYTES", 10)
+    monkeypatch.setattr(lpd_family, "open", lambda *a, **k: pytest.fail("read an oversized orders file"), raising=False)
+    with pytest.raises(ArexportError, match=r"orders.json is \d+ bytes; at most 10 are read"):
+        gen.generate(classes=[1], method="lpd", method_options={"orders": str(tmp_path / "orders.json")}, images=False)
+    monkeypatch.undo()
+    with pytest.raises(ArexportError, match="orders names a file on the server"):
+        request_safe_options({"orders": "/etc/passwd"})
+
+
+def loop_lpd_order(group_sizes, grid, keys, repulsion, proximity=1.0, strict=False):
+    """families.lpd.lpd_order as it was before vectorising (a cell-by-cell scan, scores recomputed per group,
+    farthest points over the whole picked set), kept to pin that the vectorised one gives the same orders on
+    grids where the official re-derivation above is too slow (32 x 32). strict: repulsion compared with <, a
+    negative control."""
+    n = grid * grid
+    k = keys.double().numpy()
+    rc = np.stack(np.divmod(np.arange(n), grid), 1)
+    taken = np.zeros(n, dtype=bool)
+    first = int(np.argmin(k[0]))
+    out, taken[first] = [first], True
+    near = np.abs(rc[:, None, :] - rc[None, :, :]).max(-1) <= 1
+    dist = np.sqrt(((rc[:, None, :] - rc[None, :, :]) ** 2).sum(-1))
+    inv = np.where(near & (dist > 0), 1.0 / np.where(dist > 0, dist, 1.0), 0.0)
+    for g, size in enumerate(group_sizes[1:], start=1):
+        free = np.flatnonzero(~taken)
+        score = np.round(inv[free][:, taken].sum(1), 9)
+        ranked = free[np.lexsort((k[g][free], -score))]
+        high = set(free[score >= proximity].tolist())
+        likely = [c for c in ranked if c in high]
+        rest = [c for c in ranked if c not in high]
+        chosen, skipped, at = [], [], 0
+        while len(chosen) < size and at < len(likely):
+            c = likely[at]
+            at += 1
+            d = [np.abs(rc[c] - rc[s]).max() for s in chosen]
+            if any((x < repulsion) if strict else (x <= repulsion) for x in d):
+                skipped.append(c)
+            else:
+                chosen.append(c)
+        pool = rest + skipped + likely[at:]
+        need = size - len(chosen)
+        if need > 0:
+            if len(pool) <= need:
+                chosen += pool
+            else:
+                pts, have, picked = rc[pool].astype(np.float64), rc[chosen].astype(np.float64), []
+                for _ in range(need):
+                    if len(have) == 0:
+                        i = int(np.argmin(k[g][pool]))
+                    else:
+                        dd = np.sqrt(((pts[:, None, :] - have[None, :, :]) ** 2).sum(-1)).min(1)
+                        dd[picked] = 0
+                        i = int(np.argmax(dd))
+                    picked.append(i)
+                    have = np.vstack([have, pts[i:i + 1]]) if len(have) else pts[i:i + 1]
+                chosen += [pool[i] for i in picked]
+        out += chosen
+        taken[chosen] = True
+    return torch.tensor(out)
+
+
+def test_vectorised_lpd_order_equals_the_loop():
+    """The vectorised lpd_order gives the loop's orders for the same keys: the 512 px schedule (repulsion 4 and 1),
+    random schedules on odd grids (groups larger than the free high scorers, repulsion 0)."""
+    from arexport.families.lpd import lpd_group_sizes, lpd_order
+
+    cases = [(32, lpd_group_sizes(1024, 48), 4.0, 0), (32, lpd_group_sizes(1024, 48), 1.0, 1)]
+    g = torch.Generator().manual_seed(7)
+    for grid in (5, 7, 9):
+        for rep in (0.0, 1.0, 2.0):
+            cuts = sorted(torch.randperm(grid * grid - 2, generator=g)[:grid].add(2).tolist())
+            sizes = [1] + [b - a for a, b in zip([1] + cuts, cuts + [grid * grid])]
+            cases.append((grid, sizes, rep, grid))
+    for grid, sizes, rep, seed in cases:
+        keys = torch.rand(len(sizes), grid * grid, generator=torch.Generator().manual_seed(seed))
+        ours = lpd_order(sizes, grid, keys, rep)
+        assert torch.equal(ours, loop_lpd_order(sizes, grid, keys, rep)), (grid, sizes, rep)
+    # negative control: a scan that lets cells exactly `repulsion` apart into one group
+    assert not torch.equal(ours, loop_lpd_order(sizes, grid, keys, rep, strict=True))

@@ -265,6 +265,47 @@ def test_greedy_generation_equals_the_reference(monkeypatch, grid, steps, scales
         assert not np.array_equal(out.tokens, const.numpy())
 
 
+@pytest.mark.parametrize("scales,schedule", [((2.0, 4.0), "linear"), ((5.0, 1.5), "linear"), ((3.0, 3.0), "constant"),
+                                             ((3.0, 3.0), "linear")])
+def test_cfg_start_scale_equals_the_reference(monkeypatch, scales, schedule):
+    """The reference's --cfg-scales START,END (sample_c2i.py l. 120-127, 168; randar_gpt.py l. 500-509, 536, 576-579:
+    scale START + (END - START) f / N for the group starting at generation index f, guided only when END > 1):
+    `--cfg-start START --cfg-scale END`, rising, falling, and START = END both as `constant` and as a flat ramp."""
+    lm = tiny(4)
+    cls = torch.tensor([2, 9, 5])
+    order = random_orders(3, 16, 21)
+    forced_orders(monkeypatch, order)
+    with torch.no_grad():
+        ref, sizes = ref_generate_greedy(lm.model, cls, order, scales, 6)
+    opts = {"steps": 6} if schedule == "constant" else {"steps": 6, "cfg_start": scales[0]}
+    out = Generator(TorchEngine(lm)).generate(classes=cls.tolist(), method="randar", method_options=opts, images=False,
+                                              sampling=SamplingParams(temperature=0.0, cfg_scale=scales[1],
+                                                                      cfg_schedule=schedule))
+    assert np.array_equal(out.tokens, ref.numpy()) and max(sizes) > 1
+    if scales[0] != scales[1]:
+        with torch.no_grad():  # negative control: the start scale ignored (the ramp from 1, the default)
+            from_one, _ = ref_generate_greedy(lm.model, cls, order, (1.0, scales[1]), 6)
+        assert not np.array_equal(out.tokens, from_one.numpy())
+
+
+def test_cfg_start_edges():
+    """A start above 1 with END = 1 does not guide (the reference guides only when cfg_scales[-1] > 1); bad starts
+    are refused with one line."""
+    lm = tiny(4)
+    gen = Generator(TorchEngine(lm))
+    greedy = dict(classes=[3, 4], method="randar", images=False, seed=1)
+    plain = gen.generate(**greedy, method_options={"steps": 6}, sampling=SamplingParams(temperature=0.0, cfg_scale=1.0))
+    started = gen.generate(**greedy, method_options={"steps": 6, "cfg_start": 3.0},
+                           sampling=SamplingParams(temperature=0.0, cfg_scale=1.0, cfg_schedule="linear"))
+    assert np.array_equal(plain.tokens, started.tokens) and started.stats["target_forwards"] == plain.stats["target_forwards"]
+    with pytest.raises(ArexportError, match=r"randar cfg-start must be in \[0, 100\], got -1"):
+        gen.generate(**greedy, method_options={"cfg_start": -1.0})
+    with pytest.raises(ArexportError, match="cfg-start 2 is the linear schedule's first scale; cfg-schedule constant"):
+        gen.generate(**greedy, method_options={"cfg_start": 2.0}, sampling=SamplingParams(cfg_scale=3.0))
+    with pytest.raises(ArexportError, match="the reference has no cfg-interval"):
+        gen.generate(**greedy, sampling=SamplingParams(cfg_scale=3.0, cfg_schedule="linear", cfg_interval=4))
+
+
 def test_ort_engine_greedy_equals_the_reference(tmp_path, monkeypatch):
     from arexport.exporter.build import BuildOptions, build_engine
     from arexport.format.manifest import read_manifest

@@ -95,9 +95,7 @@ def build_engine(loaded, out: str | Path, opts: BuildOptions, report: Reporter =
     family = get_family(loaded.spec.family)
     kinds = step_kinds_to_build(loaded, family, opts.steps)
     dtype = torch_dtype(opts.precision)
-    max_q = min(opts.verify_len or family.default_verify_len or loaded.spec.n_tokens, loaded.spec.n_tokens)
-    max_q = max(max_q, family.prefill_queries(loaded.spec))  # RAR prefills two inputs, Janus its prompt, through the step graph
-    max_q = max([max_q] + [k.min_max_q for k in kinds])  # e.g. the multi-query export traces distinct dynamic n and m
+    max_q = step_query_len(family, loaded.spec, opts.verify_len, kinds)
     # the cache carries the lookahead rows of one batch need when they step different query lengths
     spec = dataclasses.replace(loaded.spec, s_max=s_max_for(loaded.spec.cond_len, loaded.spec.n_tokens,
                                                             family.cache_lookahead(max_q, loaded.spec)))
@@ -244,6 +242,15 @@ def _in_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
     return out
+
+
+def step_query_len(family, spec, verify_len: Optional[int], kinds) -> int:
+    """The largest query length (K) an engine of `spec` is built with: --verify-len, else the family's
+    default for this model (default_query_len; None: every token), at most the image's tokens, at least
+    what its prefill feeds and what its step kinds need traced (e.g. distinct dynamic n and m)."""
+    max_q = min(verify_len or family.default_query_len(spec) or spec.n_tokens, spec.n_tokens)
+    max_q = max(max_q, family.prefill_queries(spec))  # RAR prefills two inputs, Janus its prompt, through the step graph
+    return max([max_q] + [k.min_max_q for k in kinds])
 
 
 def step_kinds_to_build(loaded, family, extra: tuple[str, ...] = ()) -> list:

@@ -101,6 +101,12 @@ class Family:
         """Query lengths its steps take so often that TensorRT gets a profile for each (VAR: its scales)."""
         return ()
 
+    def default_query_len(self, spec) -> Optional[int]:
+        """Largest step query length an engine is built with when --verify-len is not given (None: all
+        tokens): `default_verify_len`, or more where the family's own method feeds more per forward on
+        this model's grid (its TensorRT profiles then cover every feed of the default schedule)."""
+        return self.default_verify_len
+
     def prefill_queries(self, spec) -> int:
         """Inputs the prefill feeds through the step graph at once (the exported q range must reach it)."""
         return self.prefill_len

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from arexport.errors import ArexportError
 from arexport.families.llamagen import LlamaGenFamily
 
 DEFAULT_STEPS = 88  # RandAR's num_inference_steps (configs and sample_c2i.py)
+DEFAULT_CFG_START = 1.0  # the first of sample_c2i.py's --cfg-scales 1.0,4.0 (the ramp's scale at the first token)
 MAX_STEPS = 1 << 20  # the schedule runs at most one forward per token whatever steps says
 
 
@@ -39,6 +42,16 @@ def randar_group_sizes(n_tokens: int, steps: int) -> list[int]:
     return sizes
 
 
+def randar_cfg_scale(start: float, end: float, first, n_tokens: int):
+    """RandAR's guidance scale for a group whose first token has generation index `first` (an int or
+    an integer tensor) of n_tokens: the linear ramp start + (end - start) first / N (the reference's
+    `cfg_scales` pair; start = end is a constant scale). Computed in float64; a float for an int, else
+    a float32 tensor shaped like `first`."""
+    if isinstance(first, torch.Tensor):
+        return (start + (end - start) * first.double() / n_tokens).float()
+    return start + (end - start) * first / n_tokens
+
+
 def randar_feed_len(sizes: list[int]) -> int:
     """The longest feed of a schedule: the previous group's tokens with their instructions (2 n - 1)
     plus the next group's instructions (m), or the class token and the first instruction."""
@@ -53,6 +66,10 @@ class RandARFamily(LlamaGenFamily):
     default_method = "randar"
     step_kinds = ("token",)
     default_verify_len = 16  # covers the default schedule's longest feed on the released 16 x 16 grid (13)
+
+    def default_query_len(self, spec) -> int:
+        """The default schedule's longest feed on this grid (13 on 16 x 16), at least default_verify_len."""
+        return max(self.default_verify_len, randar_feed_len(randar_group_sizes(spec.n_tokens, DEFAULT_STEPS)))
 
     def caption_prefill(self, spec) -> bool:
         return False

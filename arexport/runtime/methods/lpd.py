@@ -2,7 +2,9 @@
 
 Each image draws its generation order from its own random stream (batch-invariant): LPD's
 locality-aware schedule (`--group-order lpd`, families.lpd.lpd_order, the evaluation scripts' choice) or a
-uniformly random one (`--group-order random`). With
+uniformly random one (`--group-order random`), or reads it from an official orders file (`--orders FILE`,
+families.lpd.read_orders_file: the image whose row seed is s takes the file's order s mod R, so per-image
+seeds 0, 1, 2, ... walk the file in order as the official evaluation does). With
 group sizes g_0 .. g_{G-1} (families.lpd.lpd_group_sizes) and c_0 = 0, c_{i+1} = 1 + g_0 + .. + g_{i-1},
 forward i writes from slot c_i: the class token (i = 0) or the tokens of group i - 1, then one query per
 position of group i (slots c_{i+1} .. c_{i+2} - 1, where group i's tokens go the forward after). Masks
@@ -25,7 +27,7 @@ from typing import Optional
 import torch
 
 from arexport.errors import ArexportError
-from arexport.families.lpd import lpd_feed_len, lpd_group_sizes, lpd_order
+from arexport.families.lpd import lpd_feed_len, lpd_group_sizes, lpd_order, read_orders_file
 from arexport.runtime.kv_cache import arange
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.random_order import RandomOrderDecoder, generation_order
@@ -57,12 +59,19 @@ class LPDOptions(Options):
                                         "the model's: 2 at 256 px, 3 for lpd-xxl-256, 4 at 512 px)", flag="--repulsion")
     group_sizes: str = option("", "comma-separated tokens per forward summing to the image's tokens (the reference's "
                               "--group_sizes; overrides --steps)", flag="--group-sizes")
+    orders: Optional[str] = option(None, "precomputed generation orders: an official orders JSON file (orders/run_lpd_order.py; "
+                                   "made for the same group sizes), read instead of computing each image's; the image with "
+                                   "row seed s takes order s mod R", flag="--orders")
 
     def validate(self):
         if self.repulsion is not None and not 0 <= self.repulsion <= 1024:
             raise ArexportError(f"lpd repulsion must be in [0, 1024], got {self.repulsion}")
         if self.group_sizes and parse_group_sizes(self.group_sizes) is None:
             raise ArexportError(f"lpd group-sizes must be comma-separated integers >= 1, got {self.group_sizes!r}")
+        if self.orders is not None and self.group_order != "lpd":
+            raise ArexportError(f"lpd --orders gives the orders; --group-order {self.group_order} cannot apply with it")
+        if self.orders is not None and self.repulsion is not None:
+            raise ArexportError("lpd --orders gives the orders; --repulsion (which computes them) cannot apply with it")
         return self
 
 
@@ -102,6 +111,8 @@ class LPDDecoder(RandomOrderDecoder):
         self.repulsion = self.opts.repulsion if self.opts.repulsion is not None else fam.repulsion(spec)
         if self.opts.group_order == "lpd" and sizes[0] != 1:
             raise ArexportError(f"the lpd order starts with a group of one token; group-sizes start with {sizes[0]}")
+        # read before the cache is allocated: a bad file costs nothing
+        self.file_orders = read_orders_file(self.opts.orders, spec.n_tokens) if self.opts.orders is not None else None
         self.cache = s.cache(self.engine.allocate(capacity * self.cfg.per_image, lookahead=width - 1))
         self.order = s.image_tensor((spec.n_tokens,))  # grid positions in generation order
         self.seq = s.image_tensor((spec.n_tokens + self.width,))  # tokens in generation order; the tail takes unused lanes
@@ -117,7 +128,10 @@ class LPDDecoder(RandomOrderDecoder):
     def start(self, a, b, conds):
         s = self.slots
         n_tok = self.spec.n_tokens
-        if self.opts.group_order == "random":
+        if self.file_orders is not None:
+            rows = torch.remainder(s.seeds[a:b, 0].cpu(), self.file_orders.shape[0])
+            self.order[a:b] = self.file_orders[rows].to(self.order.device, torch.int64)
+        elif self.opts.group_order == "random":
             self.order[a:b] = generation_order(s.uniform(n_tok, s.span(a, b))[a:b])
         else:
             keys = s.uniform(len(self.group_sizes) * n_tok, s.span(a, b))[a:b].view(b - a, -1, n_tok)

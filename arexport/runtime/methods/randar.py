@@ -11,8 +11,11 @@ instructions of group c. The previous group's instructions after its first were 
 slots the forward before; the rewrite moves them into their pair slots. Attention is causal over the
 slots, so a group's instructions see each other in order but none of the group's tokens.
 
-Guidance: the sampler's schedule at the index of the group's first token for every token of the
-group; `linear` with scale g is the reference's linear ramp from 1 to g: 1 + (g - 1) f / N.
+Guidance (the reference's `cfg_scales` pair (start, end)): every token of group c is guided at the
+scale of the group's first generation index f. `--cfg-schedule linear` with cfg-scale g ramps from
+`--cfg-start` s (default 1, sample_c2i.py's 1.0,4.0) to g: s + (g - s) f / N; `constant` is g
+throughout (the reference's start = end). As in the reference, an image is guided only when g > 1
+(a start above 1 does not guide an image whose cfg-scale is 1).
 
 Images of one batch may be at different forwards (continuous batching): feeds are padded to the
 batch's longest, pads written past each row's fed slots, where nothing reads them before they are
@@ -26,9 +29,10 @@ import dataclasses
 import torch
 
 from arexport.errors import ArexportError
-from arexport.families.randar import DEFAULT_STEPS, randar_feed_len, randar_group_sizes
+from arexport.families.randar import DEFAULT_CFG_START, DEFAULT_STEPS, randar_cfg_scale, randar_feed_len, randar_group_sizes
 from arexport.runtime.methods.base import Method, Options, option, register
 from arexport.runtime.methods.random_order import RandomOrderDecoder, generation_order
+from arexport.runtime.sampling import MAX_CFG_SCALE, cfg_combine, per_group
 
 CLASS = -1  # feed code of the class token; -2 - i: the instruction for generation index i; >= 0: token i
 
@@ -53,6 +57,14 @@ def randar_feeds(sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 class RandAROptions(Options):
     steps: int = option(DEFAULT_STEPS, "forwards per image (RandAR's num_inference_steps; -1: one token per forward)",
                         flag="--steps")
+    cfg_start: float = option(DEFAULT_CFG_START, "guidance scale at the first token of the linear schedule, which ramps "
+                              "to --cfg-scale (RandAR's --cfg-scales START,END; START = END is a constant scale)",
+                              flag="--cfg-start")
+
+    def validate(self):
+        if not 0.0 <= self.cfg_start <= MAX_CFG_SCALE:
+            raise ArexportError(f"randar cfg-start must be in [0, {MAX_CFG_SCALE:g}], got {self.cfg_start:g}")
+        return self
 
 
 class RandARDecoder(RandomOrderDecoder):
@@ -84,7 +96,26 @@ class RandARDecoder(RandomOrderDecoder):
         if p.cfg_schedule not in ("constant", "linear"):  # guided at f - 1 = -1 for the first group (see module doc)
             raise ArexportError(f"randar guides with a constant scale or RandAR's linear ramp (cfg-schedule linear), "
                                 f"not cfg-schedule {p.cfg_schedule}")
+        if p.cfg_schedule == "constant" and self.opts.cfg_start != DEFAULT_CFG_START:
+            raise ArexportError(f"randar cfg-start {self.opts.cfg_start:g} is the linear schedule's first scale; "
+                                f"cfg-schedule constant guides at cfg-scale {p.cfg_scale:g} throughout")
+        if p.cfg_interval >= 0:
+            raise ArexportError(f"randar guides every group (the reference has no cfg-interval), got cfg-interval {p.cfg_interval}")
         return p
+
+    def guide_group(self, logits, guide_index):
+        """Guided logits [n, m, V] for groups whose tokens have guide_index = f - 1 (f: the group's first
+        generation index): the reference's scale s + (g - s) f / N under `linear`, g under `constant`."""
+        if self.cfg.per_image == 1:
+            return logits
+        n_tok, start = self.spec.n_tokens, self.opts.cfg_start
+
+        def guide(p, cond, uncond, index):
+            if p.cfg_schedule == "constant":
+                return cfg_combine(cond, uncond, p.cfg_scale)
+            return cfg_combine(cond, uncond, randar_cfg_scale(start, p.cfg_scale, index + 1, n_tok)[..., None])
+
+        return per_group(self.params, guide, logits[0::2], logits[1::2], guide_index)
 
     def start(self, a, b, conds):
         s = self.slots

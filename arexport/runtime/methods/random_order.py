@@ -27,7 +27,7 @@ class RandomOrderDecoder(Decoder):
         group's first generation index, `size` [n] its size (<= m; lanes past it keep their tokens)."""
         s = self.slots
         logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1]))
-        logits = self.cfg.guide(logits, guide_index, self.params)
+        logits = self.guide_group(logits, guide_index)
         new = sample_from_probs(probs_from_logits(logits, self.params), s.uniform(m))
         lane = arange(m, logits.device)
         idx = first[:, None] + lane
@@ -38,6 +38,11 @@ class RandomOrderDecoder(Decoder):
             st.forwards += 1
             st.accepted.append(k)
         return s.where(self.c[:n] == self.n_calls)
+
+    def guide_group(self, logits: torch.Tensor, guide_index: torch.Tensor) -> torch.Tensor:
+        """Per-row logits [rows, m, V] -> per-image guided logits [n, m, V]: the sampler's schedule at
+        `guide_index` [n, m] (a method with a schedule of its own overrides this)."""
+        return self.cfg.guide(logits, guide_index, self.params)
 
     def finish(self, i):
         raster = torch.empty_like(self.seq[i, : self.spec.n_tokens])
