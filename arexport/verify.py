@@ -524,7 +524,7 @@ def verify_head(head_dir, spec, lm_head: Optional[torch.Tensor] = None, batch: i
     from pathlib import Path
 
     from arexport.models.eagle import load_eagle_head
-    from arexport.runtime.backends.ort.head import OrtDraftHead, read_head_info
+    from arexport.runtime.backends.ort.head import OrtDraftHead, check_head_target, read_head_info
 
     d_atol, d_rtol = TOLERANCES["fp32"]  # the head graph is exported and run in fp32
     atol = d_atol if atol is None else atol
@@ -532,10 +532,7 @@ def verify_head(head_dir, spec, lm_head: Optional[torch.Tensor] = None, batch: i
     d = Path(head_dir)
     info = read_head_info(d, "--draft-head")
     c = info.get("config", {})
-    built = (c.get("hidden_size"), c.get("vocab_size"), info.get("n_tokens"))
-    if built != (spec.dim, spec.vocab_size, spec.n_tokens):
-        raise ArexportError(f"draft head {d} was built for a target of width {built[0]}, vocabulary {built[1]} and "
-                            f"{built[2]} image tokens; {spec.name} has {spec.dim}, {spec.vocab_size} and {spec.n_tokens}")
+    check_head_target(info, d, spec)
     if not (1 <= batch <= int(info["max_batch"])):
         raise ArexportError(f"--batch {batch}: the draft head {d} takes 1..{info['max_batch']} rows")
     ort_head = OrtDraftHead(str(d), spec.dim, spec.vocab_size)

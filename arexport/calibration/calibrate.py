@@ -59,6 +59,11 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         report(f"quantizing the step graph ({mode}) with {len(calib)} calibration samples ({n_held} held out for the gates)")
         info, graphs = build_quantized_dir(src, Path(out_dir), mode, calib, tmp, activations)
+        if manifest.draft_head:  # a head built into the source (build-head --into) comes along unchanged (fp32)
+            import shutil
+
+            for key in ("graph", "weights"):
+                shutil.copy2(src / manifest.draft_head[key], tmp / manifest.draft_head[key])
         from arexport.exporter.checks import check_graph, raise_on_problems
 
         reports = copy.deepcopy(manifest.report)

@@ -7,6 +7,13 @@ weights file, and `head.json` (the head's config in the released drafter's keys,
 `arexport.runtime.backends.ort.head`; `--draft-head DIR` picks it up, so the head runs beside any
 backend's target without PyTorch modules on the hot path.
 
+Inside an engine directory (`embed_head_engine`, `build-head --into ENGINE_DIR`) the same graph and weights
+sit beside the target's files under names carrying a fresh tag (`draft_head-<tag>.onnx`, `draft_head-<tag>.bin`),
+listed with their hashes in manifest.files, and head.json's content is the manifest's `draft_head` record. A
+replaced head (`--overwrite`) is switched by the one atomic manifest write: the new files go in first under
+new names, the manifest then names them, and only then are the old ones deleted, so an interrupted build
+leaves either the old head or the new one, never a manifest naming half-written files.
+
 Before the directory is written, the graph is run on ONNX Runtime against the PyTorch head on random
 inputs (a tree-shaped mask, a cache already holding pairs) and refused beyond `TOLERANCE`.
 """
@@ -24,6 +31,7 @@ from arexport.errors import ArexportError
 
 HEAD_FORMAT = "arexport-draft-head/1"
 HEAD_FILE = "head.json"
+HEAD_WEIGHTS = "draft_head.bin"  # not the engine's weights.bin: the head can live beside a target's files
 TOLERANCE = 1e-3  # max |ORT - torch| on the logits and hidden states (fp32)
 
 
@@ -33,8 +41,77 @@ def build_head_engine(source: str, out: str | Path, target_dim: int, target_voca
     """Export the head named by `source` (as --draft-head reads it) for a target of width `target_dim`,
     vocabulary `target_vocab`, `n_tokens` image tokens; returns head.json's content. An existing `out` is
     refused, never replaced."""
-    from arexport.exporter.export import WeightStore, export_step_kind
     from arexport.fileio import atomic_directory
+
+    with atomic_directory(out, report=report) as tmp:
+        info = _export(source, tmp, target_dim, target_vocab, grid_size, n_tokens, lm_head, max_q, max_batch,
+                       extra_slots, report)
+        (tmp / HEAD_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[torch.Tensor] = None, max_q: int = 16,
+                      max_batch: int = 8, extra_slots: int = 64, overwrite: bool = False, report=lambda s: None) -> dict:
+    """Export the head named by `source` for the engine directory's own target (its manifest's spec) into that
+    directory and record it as the manifest's `draft_head`; returns the record. An engine that already holds a
+    head is refused unless `overwrite`; nothing else of the directory is touched."""
+    import os
+    import secrets
+    import shutil
+    import tempfile
+
+    from arexport.fileio import atomic_write_json
+    from arexport.format.manifest import MANIFEST, FileEntry, file_sha256, read_manifest, verify_files
+
+    d = Path(engine_dir)
+    manifest = read_manifest(d)
+    verify_files(d, manifest)
+    old = manifest.draft_head
+    if old and not overwrite:
+        raise ArexportError(f"{d} already holds a draft head (from {old.get('source')}): pass --overwrite to replace it")
+    if manifest.quantization:
+        raise ArexportError(f"{d} is a quantized engine ({manifest.quantization['mode']}): embed the head in its source "
+                            "engine before calibrating (calibrate carries it over)")
+    spec = manifest.spec
+    tag = secrets.token_hex(4)
+    names = {"graph": f"draft_head-{tag}.onnx", "weights": f"draft_head-{tag}.bin"}
+    for n in names.values():
+        if (d / n).exists():
+            raise ArexportError(f"{d / n} exists; nothing was written (run build-head again for a fresh tag)")
+    tmp = Path(tempfile.mkdtemp(prefix=".draft_head.building.", dir=d))
+    moved = []
+    try:
+        info = _export(source, tmp, spec.dim, spec.vocab_size, spec.grid_size, spec.n_tokens, lm_head, max_q, max_batch,
+                       extra_slots, report, weights_file=names["weights"])
+        os.replace(tmp / info["graph"], tmp / names["graph"])
+        info["graph"] = names["graph"]
+        for n in names.values():
+            os.replace(tmp / n, d / n)
+            moved.append(d / n)
+        for key in ("graph", "weights"):  # the replaced head's files leave the listing with it
+            if old and old.get(key):
+                manifest.files.pop(old[key], None)
+        for n in names.values():
+            manifest.files[n] = FileEntry((d / n).stat().st_size, file_sha256(d / n))
+        manifest.draft_head = info
+        atomic_write_json(d / MANIFEST, manifest.to_json())
+        moved = []  # the manifest names them now
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for f in moved:  # an error before the manifest named them: the directory is as it was
+            f.unlink(missing_ok=True)
+    if old:  # no longer named by the manifest
+        for key in ("graph", "weights"):
+            if old.get(key) and old[key] not in names.values():
+                (d / old[key]).unlink(missing_ok=True)
+        report(f"replaced the draft head from {old.get('source')}")
+    return info
+
+
+def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm_head, max_q, max_batch, extra_slots,
+            report, weights_file: str = HEAD_WEIGHTS) -> dict:
+    """Export and check the head's graph into `tmp` (graph + weights files); returns the head.json record."""
+    from arexport.exporter.export import WeightStore, export_step_kind
     from arexport.format.stepkinds import get_step_kind
     from arexport.models.eagle import load_eagle_head
 
@@ -46,23 +123,20 @@ def build_head_engine(source: str, out: str | Path, target_dim: int, target_voca
     slots = n_tokens + extra_slots
     spec = head.spec(slots)
     kind = get_step_kind("draft_head")
-    with atomic_directory(out, report=report) as tmp:
-        store = WeightStore(tmp)
-        try:
-            report(f"exporting the draft_head step graph (q up to {max_q}, {slots} cache slots)")
-            g = export_step_kind(head, kind, spec, tmp, store, torch.float32, max_q=max(max_q, kind.min_max_q),
-                                 max_batch=max_batch)
-        finally:
-            store.close()
-        err = _check(head, tmp / g.file, slots, min(max_q, 4))
-        if max(err.values()) > TOLERANCE:
-            raise ArexportError(f"the exported draft head differs from the PyTorch head by {max(err.values()):.2e} "
-                                f"(> {TOLERANCE}): {err}")
-        info = {"format": HEAD_FORMAT, "graph": g.file, "weights": store.filename, "config": head.cfg.to_official(),
-                "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": _source_name(source),
-                "check": {"max_abs_error": err, "tolerance": TOLERANCE}}
-        (tmp / HEAD_FILE).write_text(json.dumps(info, indent=2))
-    return info
+    store = WeightStore(tmp, filename=weights_file)
+    try:
+        report(f"exporting the draft_head step graph (q up to {max_q}, {slots} cache slots)")
+        g = export_step_kind(head, kind, spec, tmp, store, torch.float32, max_q=max(max_q, kind.min_max_q),
+                             max_batch=max_batch)
+    finally:
+        store.close()
+    err = _check(head, tmp / g.file, slots, min(max_q, 4))
+    if max(err.values()) > TOLERANCE:
+        raise ArexportError(f"the exported draft head differs from the PyTorch head by {max(err.values()):.2e} "
+                            f"(> {TOLERANCE}): {err}")
+    return {"format": HEAD_FORMAT, "graph": g.file, "weights": store.filename, "config": head.cfg.to_official(),
+            "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": _source_name(source),
+            "check": {"max_abs_error": err, "tolerance": TOLERANCE}}
 
 
 def _source_name(source: str) -> str:

@@ -414,17 +414,44 @@ def _static_level_mask(committed, base, anc, level, N):
 
 
 def load_head(opts, spec, device):
-    """The head named by --draft-head, checked against the target's width and vocabulary: an exported head
-    directory (`arexport build-head`) runs on ONNX Runtime, anything else in PyTorch."""
+    """The head named by --draft-head, checked against the target's width and vocabulary (and, for an exported
+    head, its image tokens): an exported head directory (`arexport build-head`) or an engine directory holding
+    one (`build-head --into`) runs on ONNX Runtime, anything else in PyTorch."""
+    from pathlib import Path
+
     from arexport.runtime.backends import backend_package
 
     if not opts.draft_head:
-        raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo)")
-    from arexport.runtime.backends.ort.head import OrtDraftHead, is_head_directory
+        raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo), or "
+                            "embed one in the engine directory with `arexport build-head HEAD --into ENGINE_DIR`")
+    from arexport.runtime.backends.ort.head import OrtDraftHead, check_head_target, is_head_directory, read_head_info
 
     if is_head_directory(opts.draft_head):
+        check_head_target(read_head_info(Path(opts.draft_head), "--draft-head"), opts.draft_head, spec)
         return OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
     return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
+
+
+def engine_head(engine) -> Optional[str]:
+    """The engine's directory when its manifest records a draft head built into it (`build-head --into`), else None."""
+    from arexport.runtime.backends.ort.head import embedded_head
+
+    d = getattr(engine, "directory", None)
+    return None if d is None or embedded_head(d) is None else str(d)
+
+
+def with_engine_head(method_cls, options: Optional[dict], engine, has_draft: bool) -> Optional[dict]:
+    """`options` for `method_cls`, with `draft_head` set to the engine's own head when the method drafts with a head
+    (eagle; lantern and vvs, whose drafter then defaults to eagle) and the caller named none, chose no other
+    drafter, and gave no draft model (which lantern/vvs would draft with: sd). Explicit choices always win."""
+    fields = getattr(method_cls.Options, "__dataclass_fields__", {})
+    o = options or {}
+    if "draft_head" not in fields or o.get("draft_head"):
+        return options
+    if "drafter" in fields and (o.get("drafter") not in (None, "eagle") or (o.get("drafter") is None and has_draft)):
+        return options
+    d = engine_head(engine)
+    return options if d is None else dict(o, draft_head=d)
 
 
 @register("eagle")
