@@ -694,13 +694,15 @@ def build_head(head, model_name, out_dir, engine_dir, overwrite, verify_len, bat
     else:
         if not model_name:
             raise ArexportError("build-head --out DIR needs --model NAME (the target the head drafts for)")
+        from arexport.exporter.head import caption_pairs
         from arexport.models.registry import load_model
 
         loaded = load_model(model_name)
         spec = loaded.spec
         out_w = getattr(loaded.model, "output", None)
         info = build_head_engine(head, out_dir, spec.dim, spec.vocab_size, spec.grid_size, spec.n_tokens,
-                                 lm_head=None if out_w is None else out_w.weight.detach().float(), **kw)
+                                 lm_head=None if out_w is None else out_w.weight.detach().float(),
+                                 caption_pairs=caption_pairs(spec), **kw)
         where = out_dir
     click.echo(f"wrote {where}: draft_head step, {info['slots']} cache slots, ORT vs torch max error "
                f"{max(info['check']['max_abs_error'].values()):.1e}")

@@ -115,8 +115,8 @@ def test_profile_reports_the_head_as_its_own_step(head_dir, tmp_path, monkeypatc
 
 
 def test_t2i_caption_prefill_feeds_the_head_so_round_one_drafts(tiny_t2i, tmp_path, monkeypatch):
-    """A t2i caption prefill through `caption_prefill_hidden` hands the head the last caption position's hidden
-    state (the output head's input: its projection is the prefill's logits), so round one drafts (control: the
+    """A t2i caption prefill through `caption_prefill_hidden` hands the head every caption position's hidden
+    state (the output head's input: the last one's projection is the prefill's logits), so round one drafts (control: the
     same target without that step makes fewer head calls, round one's); greedy eagle equals greedy ar
     whatever the tree, with and without it."""
     import torch
@@ -146,7 +146,8 @@ def test_t2i_caption_prefill_feeds_the_head_so_round_one_drafts(tiny_t2i, tmp_pa
     with torch.no_grad():
         logits, hidden, _, _ = m.prefill_embeds_hidden(emb, mask, *bufs())
         plain, _, _ = m.prefill_embeds(emb, mask, *bufs())
-        assert torch.allclose(m.output(hidden).float(), logits) and torch.allclose(plain, logits)
+        assert hidden.shape == (2, 6, 64)  # every caption position
+        assert torch.allclose(m.output(hidden[:, -1]).float(), logits) and torch.allclose(plain, logits)
 
     def eagle_stats(engine_kinds=None, trees=("static", "dynamic")):
         if engine_kinds is not None:

@@ -29,7 +29,7 @@ import torch
 
 from arexport.errors import ArexportError
 
-HEAD_FORMAT = "arexport-draft-head/1"
+HEAD_FORMAT = "arexport-draft-head/2"  # 2: position -1 is the zero-rotary condition row (1 clamped it to cell 0)
 HEAD_FILE = "head.json"
 HEAD_WEIGHTS = "draft_head.bin"  # not the engine's weights.bin: the head can live beside a target's files
 TOLERANCE = 1e-3  # max |ORT - torch| on the logits and hidden states (fp32)
@@ -37,15 +37,16 @@ TOLERANCE = 1e-3  # max |ORT - torch| on the logits and hidden states (fp32)
 
 def build_head_engine(source: str, out: str | Path, target_dim: int, target_vocab: int, grid_size: int, n_tokens: int,
                       lm_head: Optional[torch.Tensor] = None, max_q: int = 16, max_batch: int = 8,
-                      extra_slots: int = 64, report=lambda s: None) -> dict:
+                      extra_slots: int = 64, caption_pairs: int = 0, report=lambda s: None) -> dict:
     """Export the head named by `source` (as --draft-head reads it) for a target of width `target_dim`,
-    vocabulary `target_vocab`, `n_tokens` image tokens; returns head.json's content. An existing `out` is
+    vocabulary `target_vocab`, `n_tokens` image tokens (and, t2i, `caption_pairs` = caption length - 1 cache slots for
+    the caption catch-up); returns head.json's content. An existing `out` is
     refused, never replaced."""
     from arexport.fileio import atomic_directory
 
     with atomic_directory(out, report=report) as tmp:
         info = _export(source, tmp, target_dim, target_vocab, grid_size, n_tokens, lm_head, max_q, max_batch,
-                       extra_slots, report)
+                       extra_slots, report, caption_pairs=caption_pairs)
         (tmp / HEAD_FILE).write_text(json.dumps(info, indent=2))
     return info
 
@@ -82,7 +83,7 @@ def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[tor
     moved = []
     try:
         info = _export(source, tmp, spec.dim, spec.vocab_size, spec.grid_size, spec.n_tokens, lm_head, max_q, max_batch,
-                       extra_slots, report, weights_file=names["weights"])
+                       extra_slots, report, weights_file=names["weights"], caption_pairs=caption_pairs(spec))
         os.replace(tmp / info["graph"], tmp / names["graph"])
         info["graph"] = names["graph"]
         for n in names.values():
@@ -109,7 +110,7 @@ def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[tor
 
 
 def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm_head, max_q, max_batch, extra_slots,
-            report, weights_file: str = HEAD_WEIGHTS) -> dict:
+            report, weights_file: str = HEAD_WEIGHTS, caption_pairs: int = 0) -> dict:
     """Export and check the head's graph into `tmp` (graph + weights files); returns the head.json record."""
     from arexport.exporter.export import WeightStore, export_step_kind
     from arexport.format.stepkinds import get_step_kind
@@ -120,7 +121,7 @@ def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm
                             f"--extra-slots {extra_slots} (0..4096) out of range")
     head = load_eagle_head(source, target_dim=target_dim, target_vocab=target_vocab, lm_head=lm_head,
                            grid_size=grid_size).float().eval()
-    slots = n_tokens + extra_slots
+    slots = caption_pairs + n_tokens + extra_slots
     spec = head.spec(slots)
     kind = get_step_kind("draft_head")
     store = WeightStore(tmp, filename=weights_file)
@@ -137,6 +138,12 @@ def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm
     return {"format": HEAD_FORMAT, "graph": g.file, "weights": store.filename, "config": head.cfg.to_official(),
             "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": _source_name(source),
             "check": {"max_abs_error": err, "tolerance": TOLERANCE}}
+
+
+def caption_pairs(spec) -> int:
+    """Head cache slots a target's condition fills before the first round: a t2i caption of T positions leaves T - 1
+    pairs (the last one is the first round's catch-up; runtime/methods/eagle.py `_caption_catch_up`)."""
+    return max(spec.cond_len - 1, 0) if spec.model_type == "t2i" else 0
 
 
 def _source_name(source: str) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from arexport.errors import ArexportError
 
-HEAD_FORMAT = "arexport-draft-head/1"  # what arexport.exporter.head writes
+HEAD_FORMAT = "arexport-draft-head/2"  # 2: position -1 is the zero-rotary condition row (1 clamped it to cell 0)  # what arexport.exporter.head writes
 HEAD_FILE = "head.json"
 
 
