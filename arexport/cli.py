@@ -658,7 +658,9 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
 @click.option("--verify-len", type=int, default=16, show_default=True, help="Most pairs per head call (tree level or catch-up).")
 @click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Rows per call (CFG: 2 rows per image); the largest is the limit.")
 @click.option("--extra-slots", type=int, default=64, show_default=True, help="Head cache slots beyond one per image token (tree levels).")
-def build_head(head, model_name, out_dir, engine_dir, overwrite, verify_len, batch_sizes, extra_slots):
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="trt: also build the graph's TensorRT plan (needs TensorRT and a GPU), which a CUDA target then runs.")
+def build_head(head, model_name, out_dir, engine_dir, overwrite, verify_len, batch_sizes, extra_slots, backend):
     """Export the EAGLE draft head HEAD (demo-eagle, a released drafter directory or a .safetensors file) as
     an ONNX `draft_head` step with its own static cache, checked against the PyTorch head on ONNX Runtime.
     `--out DIR` writes a head directory (`--draft-head DIR` runs it beside any backend's target); `--into
@@ -677,8 +679,12 @@ def build_head(head, model_name, out_dir, engine_dir, overwrite, verify_len, bat
                             "(--into ENGINE_DIR): give exactly one")
     if overwrite and out_dir:
         raise ArexportError("--overwrite replaces the head inside an --into engine directory; --out DIR must be new")
+    if backend == "trt":
+        from arexport.devices import require_tensorrt
+
+        require_tensorrt()  # before anything is exported or written
     kw = dict(max_q=verify_len, max_batch=max(_int_list(batch_sizes, "--batch-sizes")), extra_slots=extra_slots,
-              report=lambda m: click.echo(m, err=True))
+              trt={} if backend == "trt" else None, report=lambda m: click.echo(m, err=True))
     if engine_dir:
         from arexport.format.manifest import read_manifest
         from arexport.runtime.loading import open_engine
@@ -727,6 +733,9 @@ def inspect(engine_dir, as_json, check_hashes, target):
 
     from arexport.format.manifest import read_manifest, verify_files
 
+    if target and (Path(engine_dir) / "head.json").is_file() and not (Path(engine_dir) / "manifest.json").is_file():
+        _inspect_target(engine_dir, None, target, as_json)  # a draft-head directory (build-head --out)
+        return
     manifest = read_manifest(engine_dir)
     verify_files(engine_dir, manifest, check_hashes=check_hashes)
     if target:
@@ -746,8 +755,18 @@ def _inspect_target(engine_dir, manifest, target: str, as_json: bool) -> None:
 
     from arexport.format.coverage import check_directory, load_table
 
+    from arexport.format.coverage import check_graph
+
     table = load_table(target)
-    found = check_directory(engine_dir, manifest, target)
+    if manifest is None:  # a head directory (build-head --out): its draft_head graph
+        from arexport.runtime.backends.ort.head import read_head_info
+
+        info = read_head_info(Path(engine_dir), "inspect")
+        found = {"draft_head": check_graph(Path(engine_dir) / info["graph"], target, "draft_head")}
+    else:
+        found = check_directory(engine_dir, manifest, target)
+    if manifest is not None and manifest.draft_head:  # the EAGLE head built into the directory (build-head --into)
+        found["draft_head"] = check_graph(Path(engine_dir) / manifest.draft_head["graph"], target, "draft_head")
     blocking = sum(f.severity in ("fail", "fallback") for fs in found.values() for f in fs)
     if as_json:
         click.echo(_json.dumps({"target": target, "table": table["source"], "blocking": blocking,

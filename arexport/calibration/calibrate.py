@@ -62,8 +62,10 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
         if manifest.draft_head:  # a head built into the source (build-head --into) comes along unchanged (fp32)
             import shutil
 
-            for key in ("graph", "weights"):
-                shutil.copy2(src / manifest.draft_head[key], tmp / manifest.draft_head[key])
+            from arexport.exporter.head import head_files
+
+            for f in head_files(manifest.draft_head):
+                shutil.copy2(src / f, tmp / f)
         from arexport.exporter.checks import check_graph, raise_on_problems
 
         reports = copy.deepcopy(manifest.report)

@@ -37,22 +37,26 @@ TOLERANCE = 1e-3  # max |ORT - torch| on the logits and hidden states (fp32)
 
 def build_head_engine(source: str, out: str | Path, target_dim: int, target_vocab: int, grid_size: int, n_tokens: int,
                       lm_head: Optional[torch.Tensor] = None, max_q: int = 16, max_batch: int = 8,
-                      extra_slots: int = 64, caption_pairs: int = 0, report=lambda s: None) -> dict:
+                      extra_slots: int = 64, caption_pairs: int = 0, trt: Optional[dict] = None,
+                      report=lambda s: None) -> dict:
     """Export the head named by `source` (as --draft-head reads it) for a target of width `target_dim`,
     vocabulary `target_vocab`, `n_tokens` image tokens (and, t2i, `caption_pairs` = caption length - 1 cache slots for
-    the caption catch-up); returns head.json's content. An existing `out` is
+    the caption catch-up); `trt` (build_head_plan's options) adds a TensorRT plan; returns head.json's content. An existing `out` is
     refused, never replaced."""
     from arexport.fileio import atomic_directory
 
     with atomic_directory(out, report=report) as tmp:
         info = _export(source, tmp, target_dim, target_vocab, grid_size, n_tokens, lm_head, max_q, max_batch,
                        extra_slots, report, caption_pairs=caption_pairs)
+        if trt is not None:
+            info["tensorrt"] = build_head_plan(tmp, info, "draft_head.plan", report=report, **trt)
         (tmp / HEAD_FILE).write_text(json.dumps(info, indent=2))
     return info
 
 
 def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[torch.Tensor] = None, max_q: int = 16,
-                      max_batch: int = 8, extra_slots: int = 64, overwrite: bool = False, report=lambda s: None) -> dict:
+                      max_batch: int = 8, extra_slots: int = 64, overwrite: bool = False, trt: Optional[dict] = None,
+                      report=lambda s: None) -> dict:
     """Export the head named by `source` for the engine directory's own target (its manifest's spec) into that
     directory and record it as the manifest's `draft_head`; returns the record. An engine that already holds a
     head is refused unless `overwrite`; nothing else of the directory is touched."""
@@ -76,6 +80,8 @@ def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[tor
     spec = manifest.spec
     tag = secrets.token_hex(4)
     names = {"graph": f"draft_head-{tag}.onnx", "weights": f"draft_head-{tag}.bin"}
+    if trt is not None:
+        names["plan"] = f"draft_head-{tag}.plan"
     for n in names.values():
         if (d / n).exists():
             raise ArexportError(f"{d / n} exists; nothing was written (run build-head again for a fresh tag)")
@@ -86,12 +92,13 @@ def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[tor
                        extra_slots, report, weights_file=names["weights"], caption_pairs=caption_pairs(spec))
         os.replace(tmp / info["graph"], tmp / names["graph"])
         info["graph"] = names["graph"]
+        if trt is not None:
+            info["tensorrt"] = build_head_plan(tmp, info, names["plan"], report=report, **trt)
         for n in names.values():
             os.replace(tmp / n, d / n)
             moved.append(d / n)
-        for key in ("graph", "weights"):  # the replaced head's files leave the listing with it
-            if old and old.get(key):
-                manifest.files.pop(old[key], None)
+        for f in head_files(old):  # the replaced head's files leave the listing with it
+            manifest.files.pop(f, None)
         for n in names.values():
             manifest.files[n] = FileEntry((d / n).stat().st_size, file_sha256(d / n))
         manifest.draft_head = info
@@ -102,9 +109,9 @@ def embed_head_engine(source: str, engine_dir: str | Path, lm_head: Optional[tor
         for f in moved:  # an error before the manifest named them: the directory is as it was
             f.unlink(missing_ok=True)
     if old:  # no longer named by the manifest
-        for key in ("graph", "weights"):
-            if old.get(key) and old[key] not in names.values():
-                (d / old[key]).unlink(missing_ok=True)
+        for f in head_files(old):
+            if f not in names.values():
+                (d / f).unlink(missing_ok=True)
         report(f"replaced the draft head from {old.get('source')}")
     return info
 
@@ -135,9 +142,51 @@ def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm
     if max(err.values()) > TOLERANCE:
         raise ArexportError(f"the exported draft head differs from the PyTorch head by {max(err.values()):.2e} "
                             f"(> {TOLERANCE}): {err}")
+    from arexport.format.coverage import check_graph
+
+    targets = {t: [f.line() for f in check_graph(tmp / g.file, t, "draft_head")] for t in ("cuda", "trt")}
+    for t, lines in targets.items():
+        report(f"draft_head on --target {t}: " + ("; ".join(lines) if lines else "every node supported"))
     return {"format": HEAD_FORMAT, "graph": g.file, "weights": store.filename, "config": head.cfg.to_official(),
             "slots": slots, "max_q": max_q, "max_batch": max_batch, "n_tokens": n_tokens, "source": _source_name(source),
-            "check": {"max_abs_error": err, "tolerance": TOLERANCE}}
+            "check": {"max_abs_error": err, "tolerance": TOLERANCE}, "targets": targets}
+
+
+def build_head_plan(directory: Path, info: dict, plan_file: str, opt_level: int = 3, workspace_gb: Optional[float] = None,
+                    timing_cache: Optional[str] = None, report=lambda s: None) -> dict:
+    """A TensorRT plan of the head graph `info["graph"]` in `directory`, through the engine builder's own path
+    (exporter/trt_build.py: strongly typed, the step kind's declared profile: rows 1..max_batch, pairs 1..max_q);
+    returns the record head.json / the manifest's `draft_head` keeps under "tensorrt". Needs TensorRT and a GPU
+    (BackendUnavailable says which is missing); a graph node TensorRT's parser does not take is refused first."""
+    from types import SimpleNamespace
+
+    from arexport.devices import current_gpu, require_tensorrt
+    from arexport.exporter.trt_build import _build_one
+    from arexport.format.coverage import check_graph
+    from arexport.format.profiles import step_profiles
+
+    trt = require_tensorrt()
+    bad = [f.line() for f in check_graph(directory / info["graph"], "trt", "draft_head") if f.severity in ("fail", "fallback")]
+    if bad:
+        raise ArexportError("TensorRT cannot import the draft head graph: " + "; ".join(bad))
+    import onnx
+
+    m = onnx.load(str(directory / info["graph"]), load_external_data=False)
+    inputs = [{"name": v.name, "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]}
+              for v in m.graph.input]
+    profiles = step_profiles([int(info["max_batch"])], int(info["max_q"]), "draft_head")
+    opts = SimpleNamespace(trt_opt_level=opt_level, trt_workspace_gb=workspace_gb, trt_timing_cache=timing_cache)
+    report(f"TensorRT: {info['graph']} with {len(profiles)} profile(s)")
+    _build_one(trt, trt.Logger(trt.Logger.WARNING), directory / info["graph"], directory / plan_file, inputs, profiles,
+               opts, Path(timing_cache) if timing_cache else None)
+    return {"plan": plan_file, "version": trt.__version__, "gpu": current_gpu(), "profiles": profiles, "strongly_typed": True}
+
+
+def head_files(info: Optional[dict]) -> list[str]:
+    """The files a head record names: graph, weights and (built with --backend trt) its plan."""
+    if not info:
+        return []
+    return [f for f in (info.get("graph"), info.get("weights"), (info.get("tensorrt") or {}).get("plan")) if f]
 
 
 def caption_pairs(spec) -> int:

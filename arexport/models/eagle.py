@@ -187,7 +187,9 @@ class EagleHead(nn.Module):
             from arexport.models.llamagen import inplace_cache_write as cache_write
         c = self.cfg
         b, q, _ = hidden.shape
-        idx = (positions + 1).clamp(0, c.grid_size**2)  # -1: a condition position (rope row 0: zero rotary)
+        # -1: a condition position (rope row 0: zero rotary); Max/Min, not Clip: TensorRT parses Clip in float only
+        idx = torch.minimum(torch.maximum(positions + 1, torch.zeros_like(positions)),
+                            torch.full_like(positions, c.grid_size**2))
         cos, sin = self.rope_cos[idx].unsqueeze(2), self.rope_sin[idx].unsqueeze(2)
         h = self.fc(torch.cat([self.embed_tokens(tokens).to(hidden.dtype), hidden], dim=-1))
         keys, values = list(keys), list(values)

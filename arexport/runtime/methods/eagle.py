@@ -455,7 +455,8 @@ def _static_level_mask(committed, base, anc, level, N):
 def load_head(opts, spec, device):
     """The head named by --draft-head, checked against the target's width and vocabulary (and, for an exported
     head, its image tokens): an exported head directory (`arexport build-head`) or an engine directory holding
-    one (`build-head --into`) runs on ONNX Runtime, anything else in PyTorch."""
+    one (`build-head --into`) runs on ONNX Runtime beside a CPU target and as its TensorRT plan beside a CUDA one,
+    anything else in PyTorch."""
     from pathlib import Path
 
     from arexport.runtime.backends import backend_package
@@ -467,6 +468,10 @@ def load_head(opts, spec, device):
 
     if is_head_directory(opts.draft_head):
         check_head_target(read_head_info(Path(opts.draft_head), "--draft-head"), opts.draft_head, spec)
+        if torch.device(device).type == "cuda":  # its TensorRT plan (build-head --backend trt)
+            from arexport.runtime.backends.trt.head import TrtDraftHead
+
+            return TrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
         return OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
     return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
 
