@@ -109,7 +109,7 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
 
 def _refuse_unquantized_step_graphs(src: Path, manifest) -> None:
     """The step graph is quantized, and so is every step graph fed the step's own inputs (same_feed_graphs: the
-    tree_verify graph whose hidden states EAGLE heads read), on the same samples. A condition prefill that also
+    tree-verification graph whose hidden states EAGLE heads read), on the same samples. A condition prefill that also
     returns hidden states (caption_prefill_hidden) stays at full precision like the plain condition prefill ar
     uses. Any other step graph with hidden-state outputs would stay at full precision while ar decodes with the
     quantized step, so eagle / lantern / vvs would verify on another model: refused, not re-packed."""

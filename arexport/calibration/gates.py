@@ -106,7 +106,7 @@ SAME_MODEL_ATOL = 1e-4  # max |logits| difference allowed between a hidden-state
 
 
 def hidden_graph_fidelity(ref_graph: Path, q_graph: Path, q_step: Path, samples: list[dict]) -> dict:
-    """How a quantized hidden-state graph (tree_verify's) compares, on held-out step samples:
+    """How a quantized hidden-state graph (the tree-verification graph's) compares, on held-out step samples:
 
     * `logits_vs_step_max_abs`: max |logits| difference from the quantized step graph on the same feeds; the
       draft-head methods verify with this graph while `ar` decodes with the step graph, so it must be ~0

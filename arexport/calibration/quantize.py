@@ -1,7 +1,7 @@
 """Quantized engine directories with ONNX Runtime's quantization tools (explicit Q/DQ graphs).
 
-Modes (the step graph, and every other step graph fed exactly the step's inputs, such as `tree_verify`'s
-`step_tree`, whose hidden-state outputs EAGLE heads read: quantized with the same captured samples, so
+Modes (the step graph, and every other step graph fed exactly the step's inputs, such as the tree-verification
+graph, whose hidden-state outputs EAGLE heads read: quantized with the same captured samples, so
 its MatMuls get the step's scales and it verifies on the model `ar` decodes with; the image decoder and
 condition prefills, hidden or not, are copied as is):
 * `int8`  — static QDQ INT8 (`quantize_static`): symmetric per-channel weights, activations
@@ -150,7 +150,7 @@ def _quantize(src: Path, dst: Path, mode: str, samples, activations: str) -> dic
 
 
 def same_feed_graphs(manifest) -> list[str]:
-    """Step graphs besides `step` whose declared inputs are the step's own (such as tree_verify's): the captured
+    """Step graphs besides `step` whose declared inputs are the step's own (such as the tree-verification graph): the captured
     step samples are valid feeds of theirs, so they are quantized on the same samples (identical MatMul inputs,
     hence identical MinMax scales, on the same layers)."""
     kinds = manifest.step_graphs()
