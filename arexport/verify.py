@@ -393,7 +393,7 @@ def make_condition_hidden_cases(spec, batch: int, verify_len: int, seed: int = 0
 
 def run_condition_hidden_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """The family's hidden-state prefill (`prefill_hidden`, which runs `kind` where the engine has it): logits
-    [B, V], hidden [B, dim] and the K/V written at the condition's slots."""
+    [B, V], hidden [B, T_cond, dim] (every condition position) and the K/V written at the condition's slots."""
     spec = engine.spec
     conds = engine.family.verify_feed_conditions(spec, feed)
     cache = engine.allocate(len(feed["prefix_len"]))
