@@ -386,7 +386,7 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
 # scenario -> (case maker(spec, batch, max_q, seed, first), case runner(engine, kind, feed)); a step
 # kind's declaration names its scenario
 def make_condition_hidden_cases(spec, batch: int, verify_len: int, seed: int = 0, first: bool = True) -> list[OrderedDict]:
-    """The condition prefill that also returns its last position's hidden state: the token scenario's
+    """The condition prefill that also returns every condition position's hidden state: the token scenario's
     prefill case."""
     return make_token_cases(spec, batch, verify_len, seed, with_prefill=True)[:1]
 
