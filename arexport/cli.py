@@ -649,32 +649,68 @@ def build(model_name, checkpoint, random_init, vq_checkpoint, model_config, imag
 
 @cli.command("build-head")
 @click.argument("head")
-@click.option("--model", "model_name", required=True, help="The target model the head drafts for (its width, vocabulary, "
-              "grid and, for released drafters without one, output projection).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Head directory to write (new).")
+@click.option("--model", "model_name", help="The target model the head drafts for (its width, vocabulary, grid and, for "
+              "released drafters without one, output projection); with --into, the engine's own model (optional).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Head directory to write (new).")
+@click.option("--into", "engine_dir", type=click.Path(file_okay=False), help="Build the head into this engine directory "
+              "instead: its graph beside the target's files, recorded in its manifest, found by eagle/lantern/vvs without --draft-head.")
+@click.option("--overwrite", is_flag=True, help="With --into: replace the head the engine already holds.")
 @click.option("--verify-len", type=int, default=16, show_default=True, help="Most pairs per head call (tree level or catch-up).")
 @click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="Rows per call (CFG: 2 rows per image); the largest is the limit.")
 @click.option("--extra-slots", type=int, default=64, show_default=True, help="Head cache slots beyond one per image token (tree levels).")
-def build_head(head, model_name, out_dir, verify_len, batch_sizes, extra_slots):
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="trt: also build the graph's TensorRT plan (needs TensorRT and a GPU), which a CUDA target then runs.")
+def build_head(head, model_name, out_dir, engine_dir, overwrite, verify_len, batch_sizes, extra_slots, backend):
     """Export the EAGLE draft head HEAD (demo-eagle, a released drafter directory or a .safetensors file) as
-    an ONNX `draft_head` step with its own static cache, checked against the PyTorch head on ONNX Runtime;
-    `--draft-head OUT` then runs it on ONNX Runtime beside any backend's target.
+    an ONNX `draft_head` step with its own static cache, checked against the PyTorch head on ONNX Runtime.
+    `--out DIR` writes a head directory (`--draft-head DIR` runs it beside any backend's target); `--into
+    ENGINE_DIR` puts it inside that engine directory, where eagle, lantern and vvs find it without --draft-head
+    (an explicit --draft-head still wins) and `verify ENGINE_DIR` checks it.
 
     \b
-    Example:
+    Examples:
       arexport build-head demo-eagle --model demo --out engines/demo-eagle
+      arexport build-head demo-eagle --into engines/demo
     """
-    from arexport.exporter.head import build_head_engine
-    from arexport.models.registry import load_model
+    from arexport.exporter.head import build_head_engine, embed_head_engine
 
-    loaded = load_model(model_name)
-    spec = loaded.spec
-    out_w = getattr(loaded.model, "output", None)
-    info = build_head_engine(head, out_dir, spec.dim, spec.vocab_size, spec.grid_size, spec.n_tokens,
-                             lm_head=None if out_w is None else out_w.weight.detach().float(), max_q=verify_len,
-                             max_batch=max(_int_list(batch_sizes, "--batch-sizes")), extra_slots=extra_slots,
-                             report=lambda m: click.echo(m, err=True))
-    click.echo(f"wrote {out_dir}: draft_head step, {info['slots']} cache slots, ORT vs torch max error "
+    if (out_dir is None) == (engine_dir is None):
+        raise ArexportError("build-head writes either a head directory (--out DIR) or into an engine directory "
+                            "(--into ENGINE_DIR): give exactly one")
+    if overwrite and out_dir:
+        raise ArexportError("--overwrite replaces the head inside an --into engine directory; --out DIR must be new")
+    if backend == "trt":
+        from arexport.devices import require_tensorrt
+
+        require_tensorrt()  # before anything is exported or written
+    kw = dict(max_q=verify_len, max_batch=max(_int_list(batch_sizes, "--batch-sizes")), extra_slots=extra_slots,
+              trt={} if backend == "trt" else None, report=lambda m: click.echo(m, err=True))
+    if engine_dir:
+        from arexport.format.manifest import read_manifest
+        from arexport.runtime.loading import open_engine
+
+        built = read_manifest(engine_dir).source.get("model")
+        if model_name and model_name != built:
+            raise ArexportError(f"--model {model_name}: {engine_dir} was built from {built}; drop --model or name that one")
+        reference = open_engine(engine_dir, backend="torch", device="cpu", verify_hashes=False)
+        out_w = getattr(getattr(reference, "model", None), "output", None)
+        info = embed_head_engine(head, engine_dir, lm_head=None if out_w is None else out_w.weight.detach().float(),
+                                 overwrite=overwrite, **kw)
+        where = f"{engine_dir} ({info['graph']})"
+    else:
+        if not model_name:
+            raise ArexportError("build-head --out DIR needs --model NAME (the target the head drafts for)")
+        from arexport.exporter.head import caption_pairs
+        from arexport.models.registry import load_model
+
+        loaded = load_model(model_name)
+        spec = loaded.spec
+        out_w = getattr(loaded.model, "output", None)
+        info = build_head_engine(head, out_dir, spec.dim, spec.vocab_size, spec.grid_size, spec.n_tokens,
+                                 lm_head=None if out_w is None else out_w.weight.detach().float(),
+                                 caption_pairs=caption_pairs(spec), **kw)
+        where = out_dir
+    click.echo(f"wrote {where}: draft_head step, {info['slots']} cache slots, ORT vs torch max error "
                f"{max(info['check']['max_abs_error'].values()):.1e}")
 
 
@@ -697,6 +733,9 @@ def inspect(engine_dir, as_json, check_hashes, target):
 
     from arexport.format.manifest import read_manifest, verify_files
 
+    if target and (Path(engine_dir) / "head.json").is_file() and not (Path(engine_dir) / "manifest.json").is_file():
+        _inspect_target(engine_dir, None, target, as_json)  # a draft-head directory (build-head --out)
+        return
     manifest = read_manifest(engine_dir)
     verify_files(engine_dir, manifest, check_hashes=check_hashes)
     if target:
@@ -716,8 +755,18 @@ def _inspect_target(engine_dir, manifest, target: str, as_json: bool) -> None:
 
     from arexport.format.coverage import check_directory, load_table
 
+    from arexport.format.coverage import check_graph
+
     table = load_table(target)
-    found = check_directory(engine_dir, manifest, target)
+    if manifest is None:  # a head directory (build-head --out): its draft_head graph
+        from arexport.runtime.backends.ort.head import read_head_info
+
+        info = read_head_info(Path(engine_dir), "inspect")
+        found = {"draft_head": check_graph(Path(engine_dir) / info["graph"], target, "draft_head")}
+    else:
+        found = check_directory(engine_dir, manifest, target)
+    if manifest is not None and manifest.draft_head:  # the EAGLE head built into the directory (build-head --into)
+        found["draft_head"] = check_graph(Path(engine_dir) / manifest.draft_head["graph"], target, "draft_head")
     blocking = sum(f.severity in ("fail", "fallback") for fs in found.values() for f in fs)
     if as_json:
         click.echo(_json.dumps({"target": target, "table": table["source"], "blocking": blocking,
@@ -871,10 +920,20 @@ def verify(engine_dir, backend, device, batch, atol, rtol, n_images, json_out, h
                             verify_len=engine.manifest.profiles.verify_len, atol=atol, rtol=rtol,
                             full_image=n_images > 0, n_images=max(n_images, 1), progress=err.log)
         _print_verify_report(engine_dir, backend, rep, console)
-    console.print(f"[bold]{'PASS' if rep.passed else 'FAIL'}[/] in {rep.seconds:.1f}s")
+    out, passed, seconds = rep.as_dict(), rep.passed, rep.seconds
+    if engine.manifest.draft_head:  # the head built into the directory (build-head --into), against its PyTorch head
+        from arexport.verify import verify_head
+
+        out_w = getattr(getattr(reference, "model", None), "output", None)
+        hrep = verify_head(engine_dir, reference.spec, lm_head=None if out_w is None else out_w.weight.detach().float(),
+                           batch=min(batch, int(engine.manifest.draft_head["max_batch"])), progress=err.log)
+        _print_verify_report(f"{engine_dir} draft head", "ort", hrep, console)
+        out["draft_head"], passed, seconds = hrep.as_dict(), passed and hrep.passed, seconds + hrep.seconds
+        out["passed"] = passed
+    console.print(f"[bold]{'PASS' if passed else 'FAIL'}[/] in {seconds:.1f}s")
     if json_out:
-        atomic_write_json(json_out, rep.as_dict())
-    if not rep.passed:
+        atomic_write_json(json_out, out)
+    if not passed:
         sys.exit(1)
 
 

@@ -388,14 +388,14 @@ def greedy_agreement(engine: StepEngine, reference: StepEngine, n_images: int, s
 # scenario -> (case maker(spec, batch, max_q, seed, first), case runner(engine, kind, feed)); a step
 # kind's declaration names its scenario
 def make_condition_hidden_cases(spec, batch: int, verify_len: int, seed: int = 0, first: bool = True) -> list[OrderedDict]:
-    """The condition prefill that also returns its last position's hidden state: the token scenario's
+    """The condition prefill that also returns every condition position's hidden state: the token scenario's
     prefill case."""
     return make_token_cases(spec, batch, verify_len, seed, with_prefill=True)[:1]
 
 
 def run_condition_hidden_case(engine: StepEngine, kind, feed: dict) -> "OrderedDict[str, np.ndarray]":
     """The family's hidden-state prefill (`prefill_hidden`, which runs `kind` where the engine has it): logits
-    [B, V], hidden [B, dim] and the K/V written at the condition's slots."""
+    [B, V], hidden [B, T_cond, dim] (every condition position) and the K/V written at the condition's slots."""
     spec = engine.spec
     conds = engine.family.verify_feed_conditions(spec, feed)
     cache = engine.allocate(len(feed["prefix_len"]))
@@ -526,7 +526,7 @@ def verify_head(head_dir, spec, lm_head: Optional[torch.Tensor] = None, batch: i
     from pathlib import Path
 
     from arexport.models.eagle import load_eagle_head
-    from arexport.runtime.backends.ort.head import OrtDraftHead, read_head_info
+    from arexport.runtime.backends.ort.head import OrtDraftHead, check_head_target, read_head_info
 
     d_atol, d_rtol = TOLERANCES["fp32"]  # the head graph is exported and run in fp32
     atol = d_atol if atol is None else atol
@@ -534,10 +534,7 @@ def verify_head(head_dir, spec, lm_head: Optional[torch.Tensor] = None, batch: i
     d = Path(head_dir)
     info = read_head_info(d, "--draft-head")
     c = info.get("config", {})
-    built = (c.get("hidden_size"), c.get("vocab_size"), info.get("n_tokens"))
-    if built != (spec.dim, spec.vocab_size, spec.n_tokens):
-        raise ArexportError(f"draft head {d} was built for a target of width {built[0]}, vocabulary {built[1]} and "
-                            f"{built[2]} image tokens; {spec.name} has {spec.dim}, {spec.vocab_size} and {spec.n_tokens}")
+    check_head_target(info, d, spec)
     if not (1 <= batch <= int(info["max_batch"])):
         raise ArexportError(f"--batch {batch}: the draft head {d} takes 1..{info['max_batch']} rows")
     ort_head = OrtDraftHead(str(d), spec.dim, spec.vocab_size)

@@ -46,6 +46,18 @@ def demo_engine(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_tree_engine(tmp_path_factory):
+    """The demo with its tree_verify step too (eagle / lantern / vvs verify trees with it), batch 2 and 4, blocks of
+    8, no image decoder; built once per session. Tests copy it before changing it."""
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
+    out = tmp_path_factory.mktemp("engines") / "demo-tree"
+    build_engine(load_model("demo"), out, BuildOptions(batch_sizes=[2, 4], verify_len=8, images=False, steps=("tree_verify",)))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """CLI tests run in-process and the CLI may set torch's intra-op threads: no test inherits that."""

@@ -249,7 +249,7 @@ def test_eagle_and_vvs_heads_run_on_an_ort_engine(hidden_engine, tmp_path):
     c1, c2 = eng.allocate(2), eng.allocate(2)
     plain = eng.family.prefill(eng, c1, conds)
     logits, hidden = eng.family.prefill_hidden(eng, c2, conds)
-    assert torch.allclose(plain, logits, atol=1e-5) and hidden.shape == (2, spec.dim)
+    assert torch.allclose(plain, logits, atol=1e-5) and hidden.shape == (2, 1, spec.dim)  # one condition position (c2i)
     gen = Generator(eng)
     greedy = SamplingParams(temperature=0.0, cfg_scale=1.0)
     kw = dict(classes=[1, 2, 3], sampling=greedy, seed=0, images=False, timings=False)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from arexport.calibration.capture import capture_set, load_set
-from arexport.calibration.gates import DEFAULT_THRESHOLDS, evaluate
-from arexport.calibration.quantize import MODES, build_quantized_dir
+from arexport.calibration.gates import DEFAULT_THRESHOLDS, evaluate, hidden_graph_fidelity
+from arexport.calibration.quantize import MODES, build_quantized_dir, same_feed_graphs
 from arexport.format.manifest import read_manifest, tool_versions, verify_files, write_manifest
 from arexport.errors import ArexportError
 from arexport.fileio import atomic_directory
@@ -59,6 +59,13 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         report(f"quantizing the step graph ({mode}) with {len(calib)} calibration samples ({n_held} held out for the gates)")
         info, graphs = build_quantized_dir(src, Path(out_dir), mode, calib, tmp, activations)
+        if manifest.draft_head:  # a head built into the source (build-head --into) comes along unchanged (fp32)
+            import shutil
+
+            from arexport.exporter.head import head_files
+
+            for f in head_files(manifest.draft_head):
+                shutil.copy2(src / f, tmp / f)
         from arexport.exporter.checks import check_graph, raise_on_problems
 
         reports = copy.deepcopy(manifest.report)
@@ -78,6 +85,16 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
                             "calibration": {"path": os.path.relpath(calib_path.resolve(), here), "hash": calib_manifest["hash"],
                                             "samples": len(calib), "heldout": len(heldout)}}
         write_manifest(tmp, new)
+        for name in info["graphs"]:  # hidden-state graphs quantized beside the step (same_feed_graphs)
+            fid = hidden_graph_fidelity(src / manifest.graphs[name].file, tmp / graphs[name].file, tmp / graphs["step"].file,
+                                        heldout)
+            new.quantization["graphs"][name]["fidelity"] = fid
+            report(f"{name}: logits vs the quantized step {fid['logits_vs_step_max_abs']:.2e}, hidden states vs "
+                   f"{manifest.precision}: cosine min {fid['hidden_cosine_min']:.5f}, relative L2 max {fid['hidden_rel_l2_max']:.4f}")
+            if fid["logits_vs_step_max_abs"] > fid["same_model_atol"]:  # not a gate that --force lifts: a wrong engine
+                raise ArexportError(f"the quantized {name} graph's logits differ from the quantized step graph's by "
+                                    f"{fid['logits_vs_step_max_abs']:.2e} on the same feeds (> {fid['same_model_atol']}): "
+                                    "draft-head methods would verify on another model than ar decodes with; nothing was written")
         demo = spec.image.kind == "digits"
         report("evaluating accuracy gates on held-out steps" + (" and generated digits" if demo else ""))
         gate = evaluate(src, tmp, graphs["step"].file, heldout, mode, th, demo=demo)
@@ -91,16 +108,20 @@ def calibrate_engine(src_dir: str | Path, out_dir: str | Path, mode: str, sample
 
 
 def _refuse_unquantized_step_graphs(src: Path, manifest) -> None:
-    """Only the `step` graph is quantized; another step graph over the same cache that also returns
-    the target's hidden states (what EAGLE draft heads read) would stay at full precision, so eagle / lantern /
-    vvs with a draft head would verify on another model than the one ar decodes with. Refused, not re-packed."""
+    """The step graph is quantized, and so is every step graph fed the step's own inputs (same_feed_graphs: the
+    tree-verification graph whose hidden states EAGLE heads read), on the same samples. A condition prefill that also
+    returns hidden states (caption_prefill_hidden) stays at full precision like the plain condition prefill ar
+    uses. Any other step graph with hidden-state outputs would stay at full precision while ar decodes with the
+    quantized step, so eagle / lantern / vvs would verify on another model: refused, not re-packed."""
+    same = set(same_feed_graphs(manifest))
     others = sorted(f"{name} ({kind.name})" for name, kind in manifest.step_graphs().items()
-                    if name != "step" and any(o.name == "hidden" for o in kind.outputs))
+                    if name != "step" and name not in same and kind.cache != "condition"
+                    and any(o.name == "hidden" for o in kind.outputs))
     if others:
-        raise ArexportError(f"calibrate quantizes {src}'s token step only; its {', '.join(others)} graph would stay at "
-                            f"{manifest.precision}, so draft-head methods (eagle, lantern/vvs --draft-head) would verify "
-                            "on another model than ar decodes with. Quantizing those graphs is not implemented: calibrate an engine "
-                            "built without --step (draft-head methods then run on the full-precision engine)")
+        raise ArexportError(f"calibrate quantizes {src}'s token step and the step graphs fed its inputs; its "
+                            f"{', '.join(others)} graph takes other inputs and would stay at {manifest.precision}, so "
+                            "draft-head methods (eagle, lantern/vvs --draft-head) would verify on another model than ar "
+                            "decodes with: calibrate an engine built without that --step")
 
 
 def refuse_draft_head(head: str) -> None:

@@ -102,3 +102,35 @@ def evaluate(ref_dir: Path, q_dir: Path, step_file: str, heldout: list[dict], mo
         if drop > thresholds["max_accuracy_drop"]:
             rep.failures.append(f"demo accuracy drop {drop:.3f} > {thresholds['max_accuracy_drop']}")
     return rep
+
+
+SAME_MODEL_ATOL = 1e-4  # max |logits| difference allowed between a hidden-state graph and the step graph, both quantized
+
+
+def hidden_graph_fidelity(ref_graph: Path, q_graph: Path, q_step: Path, samples: list[dict]) -> dict:
+    """How a quantized hidden-state graph (the tree-verification graph's) compares, on held-out step samples:
+
+    * `logits_vs_step_max_abs`: max |logits| difference from the quantized step graph on the same feeds; the
+      draft-head methods verify with this graph while `ar` decodes with the step graph, so it must be ~0
+      (same model), gated at SAME_MODEL_ATOL;
+    * the hidden states [.., dim] against the full-precision graph's (what the head was trained on): cosine
+      per position (`hidden_cosine_min` / `_mean`), relative L2 error per position ||h_q - h|| / ||h||
+      (`hidden_rel_l2_max` / `_mean`) and elementwise max |h_q - h| / max |h| (`hidden_max_rel_error`)."""
+    ref, q, step = _session(ref_graph), _session(q_graph), _session(q_step)
+    rt, qt, st = input_dtypes(ref_graph), input_dtypes(q_graph), input_dtypes(q_step)
+    cos, rel, diff_logits, worst = [], [], 0.0, 0.0
+    for s in samples:
+        h = ref.run(["hidden"], cast_to_inputs(s, rt))[0].astype(np.float64)
+        lq, hq = q.run(["logits", "hidden"], cast_to_inputs(s, qt))
+        ls = step.run(["logits"], cast_to_inputs(s, st))[0]
+        diff_logits = max(diff_logits, float(np.abs(lq.astype(np.float64) - ls).max()))
+        hq = hq.astype(np.float64)
+        a, b = h.reshape(-1, h.shape[-1]), hq.reshape(-1, hq.shape[-1])
+        na, nb = np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)
+        cos += list((a * b).sum(-1) / np.maximum(na * nb, 1e-30))
+        rel += list(np.linalg.norm(a - b, axis=-1) / np.maximum(na, 1e-30))
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)))
+    return {"logits_vs_step_max_abs": diff_logits, "hidden_cosine_min": float(np.min(cos)),
+            "hidden_cosine_mean": float(np.mean(cos)), "hidden_rel_l2_max": float(np.max(rel)),
+            "hidden_rel_l2_mean": float(np.mean(rel)), "hidden_max_rel_error": worst, "samples": len(samples),
+            "same_model_atol": SAME_MODEL_ATOL}

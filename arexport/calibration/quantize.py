@@ -1,6 +1,9 @@
 """Quantized engine directories with ONNX Runtime's quantization tools (explicit Q/DQ graphs).
 
-Modes (the step graph only; the image decoder is copied as is):
+Modes (the step graph, and every other step graph fed exactly the step's inputs, such as the tree-verification
+graph, whose hidden-state outputs EAGLE heads read: quantized with the same captured samples, so
+its MatMuls get the step's scales and it verifies on the model `ar` decodes with; the image decoder and
+condition prefills, hidden or not, are copied as is):
 * `int8`  — static QDQ INT8 (`quantize_static`): symmetric per-channel weights, activations
   calibrated with MinMax on the captured step inputs. Activations are symmetric int8 by default
   (`activations="s8"`, zero point 0, what TensorRT requires); `activations="u8"` makes asymmetric
@@ -146,24 +149,40 @@ def _quantize(src: Path, dst: Path, mode: str, samples, activations: str) -> dic
     return info
 
 
+def same_feed_graphs(manifest) -> list[str]:
+    """Step graphs besides `step` whose declared inputs are the step's own (such as the tree-verification graph): the captured
+    step samples are valid feeds of theirs, so they are quantized on the same samples (identical MatMul inputs,
+    hence identical MinMax scales, on the same layers)."""
+    kinds = manifest.step_graphs()
+    feeds = [io.name for io in kinds["step"].inputs]
+    return [name for name, kind in kinds.items() if name != "step" and [io.name for io in kind.inputs] == feeds]
+
+
 def build_quantized_dir(src_dir: Path, out_dir: Path, mode: str, samples, tmpdir: Path,
                         activations: str = "s8") -> tuple[dict[str, Any], dict]:
-    """Quantize src_dir's step graph and assemble the new engine directory's files in tmpdir.
+    """Quantize src_dir's step graph (and the step graphs `same_feed_graphs` names) and assemble the new engine
+    directory's files in tmpdir.
 
-    Returns (quantization info, graphs section). Other graphs and arrays are re-packed unchanged.
+    Returns (quantization info, graphs section); info["graphs"] has each further quantized graph's own info.
+    Other graphs and arrays are re-packed unchanged.
     """
     from arexport.exporter.export import WeightStore, pack_graph
     from arexport.format.manifest import read_manifest
 
     manifest = read_manifest(src_dir)
     with tempfile.TemporaryDirectory() as work:
-        raw = Path(work) / "model.q.onnx"
-        info = quantize_step_graph(src_dir / manifest.step.file, raw, mode, samples, activations)
+        raw = {"step": Path(work) / "model.q.onnx"}
+        info = quantize_step_graph(src_dir / manifest.step.file, raw["step"], mode, samples, activations)
+        info["graphs"] = {}
+        for name in same_feed_graphs(manifest):
+            raw[name] = Path(work) / f"{name}.q.onnx"
+            info["graphs"][name] = quantize_step_graph(src_dir / manifest.graphs[name].file, raw[name], mode, samples,
+                                                       activations)
         store = WeightStore(tmpdir)
         try:
             graphs = {}
             for name, g in manifest.graphs.items():
-                source = raw if name == "step" else src_dir / g.file
+                source = raw.get(name, src_dir / g.file)
                 pack_graph(source, tmpdir / g.file, store)
                 graphs[name] = dataclasses.replace(g)
         finally:

@@ -98,10 +98,11 @@ class LlamaGenFamily(Family):
         return logits
 
     def prefill_hidden(self, engine, cache, conds: Conditions):
-        """`prefill` that also returns the condition position's last hidden state [B, dim] (after the final
-        norm), which an EAGLE head pairs with token 0 to draft an image's first round: the c2i class token
-        goes through the kind declared `prefills="c2i"` (the tree step: the same layers as the prefill, plus the
-        hidden output), a t2i caption through the one declared `prefills="t2i"`. An engine without that step: (logits, None)."""
+        """`prefill` that also returns every condition position's hidden state [B, T_cond, dim] (after the final
+        norm), which an EAGLE head catches up on (the last one paired with token 0) to draft an image's first round:
+        the c2i class token goes through the kind declared `prefills="c2i"` (the tree step: the same layers as the
+        prefill, plus the hidden output; T_cond 1), a t2i caption through the one declared `prefills="t2i"` (every
+        caption position). An engine without that step: (logits, None)."""
         spec = engine.spec
         b, dev = len(conds), engine.device
         zero = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -113,10 +114,13 @@ class LlamaGenFamily(Family):
             cache.key_valid[:, :t] = conds.mask.to(dev).bool()
             out = engine.run(kind.name, cache, label="prefill", cond_embeds=conds.embeds, attn_mask=cache.causal_mask(zero, t))
             cache.length.fill_(t)
+            if out["hidden"].dim() != 3:
+                raise ArexportError(f"this engine's {kind.name} graph returns only the last caption position's hidden state "
+                                    "(built before heads caught up on every caption position): rebuild it")
             return out["logits"], out["hidden"]
         tokens = self.condition_tokens(spec, conds.classes.to(dev)).view(b, 1)  # the class token, fed as a token
         positions = torch.full((b, 1), -1, dtype=torch.int64, device=dev)
         out = engine.run(kind.name, cache, label="prefill", tokens=tokens, positions=positions, write_index=zero,
                          attn_mask=cache.causal_mask(zero, 1))
         cache.length.fill_(spec.cond_len)
-        return out["logits"][:, 0], out["hidden"][:, 0]
+        return out["logits"][:, 0], out["hidden"]

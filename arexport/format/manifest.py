@@ -97,6 +97,7 @@ class Manifest:
     tensorrt: Optional[dict[str, Any]] = None
     quantization: Optional[dict[str, Any]] = None
     export: dict[str, Any] = field(default_factory=dict)  # how the graphs were traced (fused_ops)
+    draft_head: Optional[dict[str, Any]] = None  # an EAGLE head built into the directory (exporter/head.py)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -164,6 +165,9 @@ class Manifest:
         for name, file in (m.get("arrays") or {}).items():
             if file not in files:
                 raise ManifestError(f"{where}: array {name} names a file that the manifest does not list")
+        head = out.draft_head
+        if head is not None and not (isinstance(head, dict) and all(head.get(k) in files for k in ("graph", "weights"))):
+            raise ManifestError(f"{where}: draft_head must name its graph and weights files, both listed in files")
         if isinstance(out.weights, dict) and out.weights.get("file") is not None and out.weights["file"] not in files:
             raise ManifestError(f"{where}: the weights file is not listed in the manifest")
         top = 4 * (spec.cond_len + spec.n_tokens) + 64  # the cache holds condition, image and a verify block

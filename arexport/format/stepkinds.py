@@ -226,11 +226,11 @@ DRAFT_HEAD = StepKind(
 
 CAPTION_PREFILL_HIDDEN = StepKind(
     name="caption_prefill_hidden", graph="prefill_hidden", method="prefill_embeds_hidden", inputs=CAPTION_PREFILL.inputs,
-    outputs=(IO("logits", "float32", ("batch", "V")), IO("hidden", "model", ("batch", "dim"))),
+    outputs=(IO("logits", "float32", ("batch", "V")), IO("hidden", "model", ("batch", "T", "dim"))),
     labels=("prefill",), profiles=CAPTION_PREFILL.profiles, cache="condition", count_dim="T", verify="condition_hidden",
     prefills="t2i",
-    doc="caption_prefill that also returns the last caption position's hidden state [B, dim] (after the final norm): "
-        "what an EAGLE draft head pairs with token 0 to draft a t2i image's first round")
+    doc="caption_prefill that also returns every caption position's hidden state [B, T, dim] (after the final norm): "
+        "an EAGLE draft head catches up on all of them (the last one paired with token 0) before a t2i image's first round")
 
 # -- two output heads (issue 33: NAR) --------------------------------------------------------------------
 TOKEN_TWO_HEADS = StepKind(

@@ -12,7 +12,9 @@ The layout follows the drafters LANTERN trains and releases (jadohu/LANTERN
 * no final norm: the head's output hidden state goes straight into the target's output projection
   (`lm_head.weight` [V, dim]; the released drafters do not carry it, the target's is used).
 
-The pair (h_t, x_{t+1}) sits at grid position t (RoPE as the target's 2D table, interleaved pairs).
+The pair (h_t, x_{t+1}) sits at grid position t (RoPE as the target's 2D table, interleaved pairs); position -1
+is a condition position, whose q and k the all-zero rotary row zeroes (the official t2i table's first
+`cls_token_num` rows, lines 47-63 and 561-573).
 A call writes its q new K/V at slots write_index[b] .. + q of a static cache [B, H_kv, S, D] per layer
 and attends under attn_mask [B, 1, q, S] (True = attend), so a whole draft-tree level is one call.
 """
@@ -185,7 +187,9 @@ class EagleHead(nn.Module):
             from arexport.models.llamagen import inplace_cache_write as cache_write
         c = self.cfg
         b, q, _ = hidden.shape
-        idx = positions.clamp(0, c.grid_size**2 - 1) + 1
+        # -1: a condition position (rope row 0: zero rotary); Max/Min, not Clip: TensorRT parses Clip in float only
+        idx = torch.minimum(torch.maximum(positions + 1, torch.zeros_like(positions)),
+                            torch.full_like(positions, c.grid_size**2))
         cos, sin = self.rope_cos[idx].unsqueeze(2), self.rope_sin[idx].unsqueeze(2)
         h = self.fc(torch.cat([self.embed_tokens(tokens).to(hidden.dtype), hidden], dim=-1))
         keys, values = list(keys), list(values)

@@ -422,15 +422,15 @@ class LlamaGen(Fp32RopeTables, nn.Module):
         return logits, keys, values
 
     def prefill_embeds_hidden(self, cond: torch.Tensor, attn_mask, keys, values, cache_write: CacheWrite = inplace_cache_write):
-        """`prefill_embeds` that also returns the last condition position's hidden state after the final norm:
-        (logits [B,V] fp32, hidden [B,dim] in the model's precision, keys, values)."""
+        """`prefill_embeds` that also returns every condition position's hidden state after the final norm:
+        (logits [B,V] fp32 of the last position, hidden [B,T,dim] in the model's precision, keys, values)."""
         h = self.condition_embeddings(cond)
         b, t, _ = h.shape
         positions = torch.full((b, t), -1, dtype=torch.long, device=h.device)
         write_index = torch.zeros(b, dtype=torch.long, device=h.device)
         h, keys, values = self._hidden(h, positions, write_index, attn_mask, keys, values, cache_write)
-        h = self.norm(h[:, -1])
-        return self.output(h).float(), h, keys, values
+        h = self.norm(h)
+        return self.output(h[:, -1]).float(), h, keys, values
 
     def _run_layers(self, h, positions, write_index, attn_mask, keys, values, cache_write, last_only):
         h, new_keys, new_values = self._hidden(h, positions, write_index, attn_mask, keys, values, cache_write)

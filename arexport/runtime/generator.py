@@ -24,7 +24,8 @@ import torch
 from arexport.errors import ArexportError
 from arexport.runtime.backends import get_backend
 from arexport.runtime.engine import StepEngine
-from arexport.runtime.methods.base import Method, RowStats, make_method
+from arexport.runtime.methods.base import METHODS, Method, RowStats, make_method
+from arexport.runtime.methods.eagle import with_engine_head
 from arexport.runtime.sampling import SamplingParams, default_sampling
 from arexport.runtime.session import Session, decode_finished
 from arexport.runtime.stats import RunStats
@@ -100,6 +101,8 @@ class Generator:
     def method(self, method: Optional[str], options: Optional[dict] = None) -> Method:
         """A validated method for this model (its family's default when None)."""
         name = method or self.engine.family.default_method
+        if name in METHODS:  # an engine directory's own draft head (build-head --into) unless told otherwise
+            options = with_engine_head(METHODS[name], options, self.engine, self.draft is not None)
         m = make_method(name, **(options or {}))
         self.engine.family.check_method(name, self.spec)
         if m.requires_draft() and self.draft is None:

@@ -19,7 +19,9 @@ A pair (h, x) sits at the grid cell of the token x it feeds (the official head's
 condition position and token 0 lands on cell 0). The prefill of a c2i image runs through the
 `tree_verify` step, so it also returns the class position's hidden state: the image's first round
 catches up on (h_cond, token 0) and drafts, as the official `initialize_tree` does; a t2i caption
-prefill does the same through the `caption_prefill_hidden` step (the last caption position's hidden state).
+prefill does the same through the `caption_prefill_hidden` step, which returns every caption position's hidden
+state: the head first catches up on all of them as the official t2i `initialize_tree` -> `topK_genrate` does
+(`_caption_catch_up`), then drafts from the last one paired with token 0.
 On an engine built without that step, a t2i image's first round drafts nothing and its verify is a plain
 decode of token 0. Images of one batch share tree shapes; a node
 that would pass the image's last token is never accepted. Each image draws N + 1 uniforms per round
@@ -133,7 +135,9 @@ class EagleDecoder(Decoder):
         self.tcache = s.cache(self.engine.allocate(rows, lookahead=N + self.max_pend))
         hc = self.head.cfg
         tree_slots = N if self.static is not None else o.depth * o.top_k
-        hslots = spec.n_tokens + max(N, tree_slots) + self.max_depth + 2  # committed pairs, a catch-up, the tree levels
+        self.caption_pairs = max(spec.cond_len - 1, 0) if spec.model_type == "t2i" else 0  # see _caption_catch_up
+        # committed pairs (caption ones included), a catch-up, the tree levels
+        hslots = self.caption_pairs + spec.n_tokens + max(N, tree_slots) + self.max_depth + 2
         k, v = self.head.allocate(rows, hslots)
         hslots = k[0].shape[2]  # an exported head's static cache may be longer than needed
         self.hcache = s.cache(KVCache(k, v, torch.zeros(rows, dtype=torch.long, device=s.device),
@@ -155,13 +159,48 @@ class EagleDecoder(Decoder):
         self.hcache.length[r0:r1] = 0
         if hidden is None:  # t2i engine without caption_prefill_hidden: the first round drafts nothing
             self.pc[a:b] = 0
-        else:  # the pair (h_cond, token 0) waits for the first round's catch-up
-            self.ph[r0:r1, 0] = hidden.to(self.ph.dtype)
+        else:  # hidden [rows, T_cond, dim]: the pair (h_last, token 0) waits for the first round's catch-up
+            if hidden.shape[1] > 1:
+                self._caption_catch_up(a, b, r0, r1, hidden[:, :-1])
+            self.ph[r0:r1, 0] = hidden[:, -1].to(self.ph.dtype)
             self.pc[a:b] = 1
         for st in self.slots.stats[a:b]:
             st.forwards += 1
 
     # -- head -----------------------------------------------------------------------------------------
+    def _caption_catch_up(self, a, b, r0, r1, hidden):
+        """A t2i image's head cache before its first round, as the official first head call fills it: the pairs
+        (h_i, x_{i+1}) of caption positions i < T-1 (every target hidden state but the last, hidden [rows, T-1,
+        dim]), whose x_{i+1} are token 0 (the official zero padding after the caption) at position -1 (zero
+        rotary: the head table's `cls_token_num` = T-1 leading rows), causal, no caption mask, at head slots
+        0..T-2; the last pair (h_{T-1}, token 0 of the image) at cell 0 is the round's catch-up. Calls of at most
+        the head's query limit (an exported head's max_q), each timed like `_head`; the outputs are unused (the
+        official call drafts from its last output, the pair the catch-up feeds)."""
+        rows, t = hidden.shape[0], hidden.shape[1]
+        if t > self.caption_pairs:
+            raise ArexportError(f"{t} caption hidden states exceed the {self.caption_pairs} head slots set aside for them")
+        dev = hidden.device
+        hc = self.hcache.view(r0, r1)
+        slots = torch.arange(self.hcache.s_max, device=dev)
+        chunk = int(getattr(self.head, "max_q", t))
+        eng = self.engine
+        for s0 in range(0, t, chunk):
+            q = min(chunk, t - s0)
+            write = torch.full((rows,), s0, dtype=torch.long, device=dev)
+            mask = (slots[None, None, :] <= (s0 + torch.arange(q, device=dev))[None, :, None]).expand(rows, -1, -1)
+            feed = (hidden[:, s0:s0 + q].to(self.head.dtype), torch.zeros(rows, q, dtype=torch.long, device=dev),
+                    torch.full((rows, q), -1, dtype=torch.long, device=dev), write, mask[:, None].contiguous())
+            if eng.record_timings:
+                eng._sync()
+                t0 = time.perf_counter()
+            self.head.step(*feed, hc.keys, hc.values)
+            if eng.record_timings:
+                eng._sync()
+                eng.records.append(StepRecord(HEAD_RECORD, rows, q, time.perf_counter() - t0))
+            for st in self.slots.stats[a:b]:
+                st.draft_forwards += 1
+        self.hcache.length[r0:r1] = t
+
     def _head(self, hidden, tokens, positions, write, mask):
         """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row). When the target
         engine records timings, the call is timed as a `draft_head` record of its own (HEAD_RECORD) in the target's
@@ -414,17 +453,49 @@ def _static_level_mask(committed, base, anc, level, N):
 
 
 def load_head(opts, spec, device):
-    """The head named by --draft-head, checked against the target's width and vocabulary: an exported head
-    directory (`arexport build-head`) runs on ONNX Runtime, anything else in PyTorch."""
+    """The head named by --draft-head, checked against the target's width and vocabulary (and, for an exported
+    head, its image tokens): an exported head directory (`arexport build-head`) or an engine directory holding
+    one (`build-head --into`) runs on ONNX Runtime beside a CPU target and as its TensorRT plan beside a CUDA one,
+    anything else in PyTorch."""
+    from pathlib import Path
+
     from arexport.runtime.backends import backend_package
 
     if not opts.draft_head:
-        raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo)")
-    from arexport.runtime.backends.ort.head import OrtDraftHead, is_head_directory
+        raise ArexportError("eagle needs a draft head: pass --draft-head DIR|FILE (or demo-eagle for --model demo), or "
+                            "embed one in the engine directory with `arexport build-head HEAD --into ENGINE_DIR`")
+    from arexport.runtime.backends.ort.head import OrtDraftHead, check_head_target, is_head_directory, read_head_info
 
     if is_head_directory(opts.draft_head):
+        check_head_target(read_head_info(Path(opts.draft_head), "--draft-head"), opts.draft_head, spec)
+        if torch.device(device).type == "cuda":  # its TensorRT plan (build-head --backend trt)
+            from arexport.runtime.backends.trt.head import TrtDraftHead
+
+            return TrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
         return OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
     return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
+
+
+def engine_head(engine) -> Optional[str]:
+    """The engine's directory when its manifest records a draft head built into it (`build-head --into`), else None."""
+    from arexport.runtime.backends.ort.head import embedded_head
+
+    d = getattr(engine, "directory", None)
+    return None if d is None or embedded_head(d) is None else str(d)
+
+
+def with_engine_head(method_cls, options: Optional[dict], engine, has_draft: bool) -> Optional[dict]:
+    """`options` for `method_cls`, with `draft_head` set to the engine's own head when the method drafts with a head
+    (eagle; lantern and vvs, whose drafter then defaults to eagle) and the caller named none, chose no other
+    drafter, and gave no draft model (which lantern/vvs would draft with: sd). Explicit choices always win."""
+    fields = getattr(method_cls.Options, "__dataclass_fields__", {})
+    o = options or {}
+    if "draft_head" not in fields or o.get("draft_head"):
+        return options
+    if "drafter" in fields and (o.get("drafter") not in (None, "eagle") or (o.get("drafter") is None and has_draft)):
+        return options
+    d = engine_head(engine)
+    return options if d is None else dict(o, draft_head=d)
 
 
 @register("eagle")

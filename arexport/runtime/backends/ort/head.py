@@ -19,23 +19,55 @@ import torch
 
 from arexport.errors import ArexportError
 
-HEAD_FORMAT = "arexport-draft-head/1"  # what arexport.exporter.head writes
+HEAD_FORMAT = "arexport-draft-head/2"  # 2: position -1 is the zero-rotary condition row (1 clamped it to cell 0)  # what arexport.exporter.head writes
 HEAD_FILE = "head.json"
 
 
+ENGINE_MANIFEST = "manifest.json"  # an engine directory's; its `draft_head` record is head.json's content
+
+
 def is_head_directory(path: str) -> bool:
-    return (Path(path) / HEAD_FILE).is_file()
+    """A head directory (head.json) or an engine directory holding a head (`build-head --into`)."""
+    return (Path(path) / HEAD_FILE).is_file() or embedded_head(path) is not None
+
+
+def embedded_head(path) -> Optional[dict]:
+    """The `draft_head` record of an engine directory's manifest (None: not an engine directory, or no head)."""
+    m = Path(path) / ENGINE_MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        head = json.loads(m.read_text()).get("draft_head")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return head if isinstance(head, dict) else None
 
 
 def read_head_info(d: Path, label: str) -> dict:
-    """A head directory's head.json (written by `arexport build-head`); `label` names the directory in errors."""
-    try:
-        info = json.loads((d / HEAD_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ArexportError(f"{label} {d}: not a head directory from `arexport build-head` (no readable {HEAD_FILE}: {e})") from None
+    """A head directory's head.json (written by `arexport build-head`), or an engine directory's embedded head
+    record (`build-head --into`); `label` names the directory in errors."""
+    if not (d / HEAD_FILE).is_file() and (d / ENGINE_MANIFEST).is_file():
+        info = embedded_head(d)
+        if info is None:
+            raise ArexportError(f"{label} {d}: this engine directory holds no draft head (embed one with "
+                                f"`arexport build-head HEAD --into {d}`)")
+    else:
+        try:
+            info = json.loads((d / HEAD_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise ArexportError(f"{label} {d}: not a head directory from `arexport build-head` (no readable {HEAD_FILE}: {e})") from None
     if info.get("format") != HEAD_FORMAT:
         raise ArexportError(f"{label} {d}: format {info.get('format')!r}, expected {HEAD_FORMAT}")
     return info
+
+
+def check_head_target(info: dict, d, spec) -> None:
+    """Refuse, in one line naming both, a head built for another target than `spec` (width, vocabulary, image tokens)."""
+    c = info.get("config", {})
+    built = (c.get("hidden_size"), c.get("vocab_size"), info.get("n_tokens"))
+    if built != (spec.dim, spec.vocab_size, spec.n_tokens):
+        raise ArexportError(f"draft head {d} was built for a target of width {built[0]}, vocabulary {built[1]} and "
+                            f"{built[2]} image tokens; {spec.name} has {spec.dim}, {spec.vocab_size} and {spec.n_tokens}")
 
 
 class OrtDraftHead:

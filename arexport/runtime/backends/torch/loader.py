@@ -58,6 +58,7 @@ def open_directory(directory: Path, manifest, device: str = "cpu", cuda_graph: b
         engine.decoder = None  # mirror the engine: it was built without images
     engine.spec = manifest.spec  # same model; the directory's spec records its cache length
     engine.max_q = manifest.max_q
+    engine.directory = directory  # its embedded draft head, if any (methods.eagle.engine_head)
     text = manifest.export.get("text_encoder")
     if text and Path(text["source"]).is_dir():  # the T5 directory the engine's text encoder was exported from
         from arexport.runtime.text import TorchT5
