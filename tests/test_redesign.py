@@ -199,3 +199,7 @@ def test_http_requests_cannot_name_code_to_run():
     for opts in ({"verifier": "os:system"}, {"scorer": "builtins:print"}, {"reformulate": "x:y"}):
         with pytest.raises(ArexportError, match="never by a request|Python API hook"):
             request_safe_options(opts)
+    # a request may not name files on the server either: an EAGLE head path would be loaded by the service
+    for opts in ({"draft_head": "/tmp/any-dir"}, {"draft_head": "demo-eagle"}, {"orders": "/etc/passwd"}):
+        with pytest.raises(ArexportError, match="names a file on the server"):
+            request_safe_options(opts)

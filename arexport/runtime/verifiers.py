@@ -99,8 +99,10 @@ def request_safe_options(options: dict) -> None:
                                 "set by the operator (CLI or Python API), never by a request")
     if options.get("reformulate") is not None:
         raise ArexportError("reformulate is a Python API hook; a request cannot set it")
-    if options.get("orders") is not None:  # lpd: a path on the server
-        raise ArexportError("orders names a file on the server; the operator passes it (CLI or Python API), never a request")
+    for k in ("orders", "draft_head"):  # lpd's orders file, eagle/lantern/vvs's head: paths on the server
+        if options.get(k) is not None:
+            raise ArexportError(f"{k} names a file on the server; the operator passes it (CLI or Python API, or "
+                                "`build-head --into` for a head), never a request")
 
 
 def call_hook(fn, what: str, n: int, *args) -> torch.Tensor:
