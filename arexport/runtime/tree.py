@@ -36,9 +36,12 @@ from arexport.errors import ArexportError
 from arexport.runtime.sampling import sample_from_probs
 
 # LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
-# the official default; this is a prefix-closed 15-node tree sized for small verify blocks)
+# the official default, 57 nodes); this is a prefix-closed 15-node tree for small verify blocks, 4 levels deep,
+# so a round costs 4 head calls (the catch-up and 3 levels), what a chain draft of 4 costs (sd --gamma 4):
+# on the digits demo it accepts more per target forward than that chain with fewer draft calls per image
+# (docs/benchmarks.md, issue 30's table). Ranks 0-2 at the first level, the best-ranked branches deepest.
 SMALL_STATIC_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
-                     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 0, 0, 0))
+                     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0))
 LOGP_FLOOR = -1e4  # -inf draft log-probs (filtered tokens) clamp here so a child never outranks its parent
 
 

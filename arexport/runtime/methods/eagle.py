@@ -62,7 +62,7 @@ class EagleOptions(Options):
     tokens: Optional[int] = option(None, "draft nodes per tree (dynamic; default: the engine's verify block - 1, at most 15)",
                                    flag="--tree-tokens")
     choices: Optional[str] = option(None, "static tree paths, child ranks joined by ',' and paths by ';' "
-                                    "(default: a 15-node tree)", flag="--tree-choices")
+                                    "(default: a 15-node tree 4 levels deep)", flag="--tree-choices")
 
     def validate(self):
         if self.top_k < 1 or self.depth < 0:
