@@ -3,7 +3,9 @@
 
     python benchmarks/eagle_cost.py --engine E --draft D --head H --images 1000 --json docs/eagle_cost.json
     (E: `arexport build demo --step tree_verify --out E`; D: `arexport build demo-draft --out D`;
-     H: `arexport build-head demo-eagle --model demo --out H`)
+     H: `arexport build-head demo-eagle --model demo --out H`; all three with --batch-sizes 1,2,4,8,200 for
+     --batch-size 100 with CFG; the vvs-on-eagle rows (9, 10) need --verify-len 24 on E and H: a skipped path
+     of up to 4 drafts goes in front of the 15-node tree)
 
 Per config, two runs with the same seed:
 * quality: --images images (classes cycled) at --batch-size, untimed: both packaged judges' accuracy,
