@@ -36,9 +36,12 @@ from arexport.errors import ArexportError
 from arexport.runtime.sampling import sample_from_probs
 
 # LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
-# the official default; this is a prefix-closed 15-node tree sized for small verify blocks)
+# the official default, 57 nodes); this is a prefix-closed 15-node tree for small verify blocks, 4 levels deep,
+# so a round costs 4 head calls (the catch-up and 3 levels), what a chain draft of 4 costs (sd --gamma 4):
+# on the digits demo it accepts more per target forward than that chain with fewer draft calls per image
+# (docs/benchmarks.md, issue 30's table). Ranks 0-2 at the first level, the best-ranked branches deepest.
 SMALL_STATIC_TREE = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0),
-                     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 0, 0, 0))
+                     (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0))
 LOGP_FLOOR = -1e4  # -inf draft log-probs (filtered tokens) clamp here so a child never outranks its parent
 
 
@@ -53,24 +56,27 @@ class Tree:
     depth: torch.Tensor
     rank: torch.Tensor
     q: Optional[torch.Tensor] = None
+    anc: Optional[torch.Tensor] = None  # [B, N+1, N+1] ancestor mask when already known (static trees)
 
     @property
     def size(self) -> int:
         return self.tokens.shape[1]
 
     def mask(self) -> torch.Tensor:
-        return ancestor_mask(self.parent)
+        return self.anc if self.anc is not None else ancestor_mask(self.parent)
 
 
 def ancestor_mask(parent: torch.Tensor) -> torch.Tensor:
-    """[B, N+1] parents (each before its children) -> [B, N+1, N+1] bool: node i sees j iff j is i or
-    an ancestor of i."""
+    """[B, N+1] parents (-1 at the root) -> [B, N+1, N+1] bool: node i sees j iff j is i or an ancestor
+    of i. Transitive closure of "is i or i's parent" by squaring: ceil(log2(N+1)) boolean products
+    instead of a Python loop over the nodes (host work per round)."""
     b, n = parent.shape
-    m = torch.eye(n, dtype=torch.bool, device=parent.device).expand(b, n, n).clone()
-    for i in range(1, n):
-        par = parent[:, i]
-        m[:, i] |= m[torch.arange(b), par.clamp(min=0)] & (par >= 0)[:, None]
-    return m
+    eye = torch.eye(n, dtype=torch.bool, device=parent.device)
+    up = torch.nn.functional.one_hot(parent.clamp(min=0), n).bool() & (parent >= 0)[:, :, None]
+    m = (eye | up).float()  # reach within one step
+    for _ in range(max(n - 1, 1).bit_length()):
+        m = (torch.bmm(m, m) > 0).float()
+    return m > 0
 
 
 def grow_dynamic(logp0: torch.Tensor, expand: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -166,6 +172,79 @@ def static_tree(paths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.tensor(parent), torch.tensor(depth), torch.tensor(rank)
 
 
+@dataclass(frozen=True)
+class StaticLevel:
+    """One depth d of a static tree, precomputed once per decoder (host work per round is tensor ops only).
+
+    nodes [L]: the level's node indices (consecutive, from `first`); parents [C]: the distinct parents of
+    those nodes, ascending; draws: per child rank r, (positions into `parents` of the parents that have a
+    rank-r child [a], the node index of each such child [a]); node_parent [L]: each node's parent;
+    seen [L, N]: node i sees draft node j + 1 (itself or an ancestor; the root's pair is committed)."""
+
+    nodes: torch.Tensor
+    first: int
+    parents: torch.Tensor
+    draws: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    node_parent: torch.Tensor
+    seen: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """A static tree (`static_tree`'s parent, depth, rank [N+1]), its ancestor mask anc [N+1, N+1] and
+    levels 1..max depth."""
+
+    parent: torch.Tensor
+    depth: torch.Tensor
+    rank: torch.Tensor
+    anc: torch.Tensor
+    levels: tuple[StaticLevel, ...]
+
+    @property
+    def n_nodes(self) -> int:
+        return self.parent.numel() - 1
+
+    def to(self, device) -> "StaticPlan":
+        move = lambda t: t.to(device)  # noqa: E731
+        levels = tuple(StaticLevel(move(lv.nodes), lv.first, move(lv.parents),
+                                   tuple((move(a), move(b)) for a, b in lv.draws), move(lv.node_parent), move(lv.seen))
+                       for lv in self.levels)
+        return StaticPlan(move(self.parent), move(self.depth), move(self.rank), move(self.anc), levels)
+
+
+def static_plan(paths) -> StaticPlan:
+    """The StaticPlan of choice paths (nodes ordered as `static_tree` orders them)."""
+    parent, depth, rank = static_tree(paths)
+    anc = ancestor_mask(parent[None])[0]
+    N = parent.numel() - 1
+    par, dep, rk = parent.tolist(), depth.tolist(), rank.tolist()
+    levels = []
+    for d in range(1, max(dep) + 1):
+        nodes = [i for i in range(1, N + 1) if dep[i] == d]  # consecutive: nodes are sorted by depth
+        parents = sorted({par[i] for i in nodes})
+        draws = []
+        for r in range(max(rk[i] for i in nodes) + 1):
+            kids = [i for i in nodes if rk[i] == r]  # ranks are contiguous per parent (check_tree_choices)
+            draws.append((torch.tensor([parents.index(par[i]) for i in kids]), torch.tensor(kids)))
+        levels.append(StaticLevel(torch.tensor(nodes), nodes[0], torch.tensor(parents), tuple(draws),
+                                  torch.tensor([par[i] for i in nodes]), anc[nodes][:, 1:].clone()))
+    return StaticPlan(parent, depth, rank, anc, tuple(levels))
+
+
+def sampled_level(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Draw a static level's children for B images: dist [B, N+1, V] the head's distribution after each node
+    (the level's parents filled), u [B, N] one uniform per draft node (node i reads u[:, i - 1]); writes
+    tokens[:, node]. Each parent's children are `sampled_children` of its row (rank r the r-th draw without
+    replacement), all parents of the level drawing rank r at once."""
+    q = dist[:, level.parents].clone()  # [B, C, V]
+    for pos, kids in level.draws:
+        qa = q[:, pos]
+        x = sample_from_probs(qa, u[:, kids - 1])  # [B, a]
+        tokens[:, kids] = x
+        qa.scatter_(2, x[:, :, None], 0.0)
+        q[:, pos] = torch.where(qa.sum(2, keepdim=True) > 0, qa, torch.ones_like(qa))  # exhausted support: any token
+
+
 def sampled_children(q: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
     """n draws without replacement from rows q [B, V] with uniforms u [B, n]: tokens [B, n]
     (rank r is the r-th draw: q with the earlier draws removed, renormalised)."""
@@ -193,12 +272,16 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
     parent, rank [N+1], q [N+1, V] or None (dynamic tree: q = 1), u [N+1] uniforms (u[t] for the t-th
     test, u[N] for the final draw), allowed [N+1] bool: nodes that may be accepted (inside the image)."""
     n = tokens.shape[0]
+    # the tree's small integer arrays as Python lists once (per-element tensor reads cost microseconds each)
+    toks, par, rk = tokens.tolist(), parent.tolist(), rank.tolist()
+    ok = [True] * n if allowed is None else allowed.tolist()
+    uu = u.tolist()
     children: dict[int, list[int]] = {}
     for i in range(1, n):
-        if allowed is None or bool(allowed[i]):
-            children.setdefault(int(parent[i]), []).append(i)
+        if ok[i]:
+            children.setdefault(par[i], []).append(i)
     for c in children.values():
-        c.sort(key=lambda i: int(rank[i]))
+        c.sort(key=lambda i: rk[i])
     node, path, t = 0, [0], 0
     p, rejected = P[0], False
     while True:
@@ -206,7 +289,7 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
         rejected = False
         accepted = None
         for ch in children.get(node, []):
-            x = int(tokens[ch])
+            x = toks[ch]
             if x in tried:
                 continue
             if q is None:
@@ -223,7 +306,7 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
             tried.append(x)
             xt = torch.tensor([x], device=p.device)
             a = float(rule.acceptance(p[None], qrow[x][None], xt)[0])
-            ut = float(u[t])  # t <= N - 1 tests in all: u[N] stays for the final draw
+            ut = uu[t]  # t <= N - 1 tests in all: u[N] stays for the final draw
             t += 1
             if ut < a:
                 accepted = ch

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -43,8 +44,8 @@ from arexport.runtime.kv_cache import KVCache
 from arexport.runtime.methods.base import Decoder, Method, Options, option, register
 from arexport.runtime.sampling import probs_from_logits
 from arexport.runtime.speculative import StandardRule
-from arexport.runtime.tree import (SMALL_STATIC_TREE, Tree, accept_tree, ancestor_mask, grow_dynamic, parse_tree_choices,
-                                   sampled_children, static_tree)
+from arexport.runtime.tree import (SMALL_STATIC_TREE, Tree, accept_tree, grow_dynamic, parse_tree_choices, sampled_level,
+                                   static_plan)
 
 TREES = ("dynamic", "static")
 VERIFY_KIND = "tree_verify"
@@ -63,7 +64,7 @@ class EagleOptions(Options):
     tokens: Optional[int] = option(None, "draft nodes per tree (dynamic; default: the engine's verify block - 1, at most 15)",
                                    flag="--tree-tokens")
     choices: Optional[str] = option(None, "static tree paths, child ranks joined by ',' and paths by ';' "
-                                    "(default: a 15-node tree)", flag="--tree-choices")
+                                    "(default: a 15-node tree 4 levels deep)", flag="--tree-choices")
 
     def validate(self):
         if self.top_k < 1 or self.depth < 0:
@@ -92,6 +93,9 @@ class EagleDecoder(Decoder):
     """EAGLE tree speculative decoding under an acceptance rule (StandardRule: lossless)."""
 
     max_pend = 0  # tokens a skipped round may leave without target K/V (VVS: a tree path's drafts)
+    # a static tree grows no level past the deepest node any image can accept (fewer head calls near an image's end;
+    # the tokens are the same). VVS keeps every level: its skip decision reads every node's token.
+    trim_levels = True
 
     def __init__(self, ctx, capacity: int, rule=None, head=None):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
@@ -105,13 +109,13 @@ class EagleDecoder(Decoder):
         limit = self.engine.max_q - 1
         if o.tree == "static":
             paths = parse_tree_choices(o.choices) if o.choices else SMALL_STATIC_TREE
-            parent, depth, rank = static_tree(paths)
-            if parent.numel() - 1 > limit:
-                raise ArexportError(f"the static tree has {parent.numel() - 1} nodes; this engine verifies at most {limit} "
+            plan = static_plan(paths)
+            if plan.n_nodes > limit:
+                raise ArexportError(f"the static tree has {plan.n_nodes} nodes; this engine verifies at most {limit} "
                                     "drafts at once: pass smaller --tree-choices or rebuild with a larger --verify-len")
-            self.static = (parent, depth, rank)
-            self.n_nodes = parent.numel() - 1
-            self.max_depth = int(depth.max())
+            self.static = plan.to(self.slots.device)
+            self.n_nodes = plan.n_nodes
+            self.max_depth = len(plan.levels)
         else:
             pool = o.top_k + o.depth * o.top_k**2
             room = limit - (o.depth + 1 if self.max_pend else 0)  # VVS: a skipped path's drafts go first
@@ -287,39 +291,37 @@ class EagleDecoder(Decoder):
 
             tree = grow_dynamic(lp0, expand, k, self.opts.depth, self.n_nodes)
             return tree
-        parent, depth, rank = (t.to(dev) for t in self.static)
-        N = self.n_nodes
+        plan, N = self.static, self.n_nodes
         u = self.slots.uniform(N, ready)  # one draw per node
         tokens = torch.zeros(b, N + 1, dtype=torch.long, device=dev)
         tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
-        q = torch.zeros(b, N + 1, p0.shape[-1], device=dev)
-        anc = ancestor_mask(parent[None])[0]  # [N+1, N+1]
-        dist = {0: p0}  # node -> the head's distribution after it [B, V]
-        hid = {0: out_root}
-        for d in range(1, self.max_depth + 1):
-            level = [i for i in range(1, N + 1) if int(depth[i]) == d]
-            for c in sorted({int(parent[i]) for i in level}):
-                kids = [i for i in level if int(parent[i]) == c]
-                kids.sort(key=lambda i: int(rank[i]))
-                drawn = sampled_children(dist[c], len(kids), u[:, [i - 1 for i in kids]])
-                for r, i in enumerate(kids):
-                    tokens[:, i] = drawn[:, r]
-                    q[:, i] = dist[c]
-            if d == self.max_depth or not any(int(depth[i]) == d + 1 for i in range(1, N + 1)):
+        dist = p0.new_zeros(b, N + 1, p0.shape[-1])  # the head's distribution after each node
+        dist[:, 0] = p0
+        hid = out_root.new_zeros(rows, N + 1, out_root.shape[-1])  # the head's output at each node
+        hid[:, 0] = out_root
+        slot_of = base[:, None, None] + torch.arange(N, device=dev)  # draft node j + 1's head slot
+        deepest = self.max_depth
+        if self.trim_levels:  # no image can accept a node deeper than its tokens left - 1: those levels cost nothing
+            left = (self.spec.n_tokens - n)[ready]
+            deepest = min(deepest, int(left.max()) - 1 if left.numel() else 0)
+        for d, lv in enumerate(plan.levels, start=1):
+            sampled_level(dist, lv, u, tokens)
+            if d >= deepest:
                 break
             # feed the level's nodes to the head: each sees the committed pairs, its ancestors' slots and itself
-            first, L = level[0], len(level)
-            write = base + (first - 1)
-            m = _static_level_mask(committed, base, anc, level, N)
-            hin = torch.stack([hid[int(parent[i])] for i in level], 1)
+            L = lv.nodes.numel()
+            m = committed[:, None, :].expand(-1, L, -1).clone()
+            m.scatter_(2, slot_of.expand(-1, L, -1), lv.seen.expand(rows, -1, -1))  # slots >= base: uncommitted
             pos = cfg.expand((n - 1 + d)[:, None].expand(-1, L))  # depth-d nodes are token n - 1 + d
-            logits, out = self._head(hin, cfg.expand(tokens[:, level]), pos, write, m[:, None])
+            logits, out = self._head(hid[:, lv.node_parent], cfg.expand(tokens[:, lv.nodes]), pos, base + (lv.first - 1),
+                                     m[:, None])
             _, pl = self._draft_dist(logits, (n[:, None] + d).clamp(max=self.spec.n_tokens - 1).expand(-1, L))
-            for a_, i in enumerate(level):
-                dist[i], hid[i] = pl[:, a_], out[:, a_]
+            dist[:, lv.nodes], hid[:, lv.nodes] = pl.to(dist.dtype), out.to(hid.dtype)
             self._count(ready, draft=True)
-        pb = parent[None].expand(b, -1)
-        return Tree(tokens=tokens, parent=pb, depth=depth[None].expand(b, -1), rank=rank[None].expand(b, -1), q=q)
+        q = torch.zeros(b, N + 1, p0.shape[-1], device=dev)
+        q[:, 1:] = dist[:, plan.parent[1:]]  # what each node was drawn from
+        return Tree(tokens=tokens, parent=plan.parent[None].expand(b, -1), depth=plan.depth[None].expand(b, -1),
+                    rank=plan.rank[None].expand(b, -1), q=q, anc=plan.anc[None].expand(b, -1, -1))
 
     # -- one round -----------------------------------------------------------------------------------
     def advance(self):
@@ -431,6 +433,7 @@ class EagleDecoder(Decoder):
         self.pc[:b] = torch.where(verifying, adv, self.pc[:b])
         self.pend[:b] = torch.where(verifying, 0, self.pend[:b])
         self.n[:b] += adv
+
     def _count(self, rows: torch.Tensor, draft: bool = False) -> None:
         for st, on in zip(self.slots.stats, rows.tolist()):
             if on and draft:
@@ -440,25 +443,28 @@ class EagleDecoder(Decoder):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
 
 
-def _static_level_mask(committed, base, anc, level, N):
-    """[rows, L, S] head mask for a static tree level: committed slots, the ancestors' slots (node j at
-    base + j - 1; the root has none: its pair is the last committed one) and the node itself."""
-    L = len(level)
-    m = committed[:, None, :].expand(-1, L, -1).clone()
-    for a_, i in enumerate(level):
-        js = [j for j in range(1, N + 1) if bool(anc[i, j])]
-        idx = base[:, None] + torch.tensor([j - 1 for j in js], device=base.device)[None, :]
-        m[:, a_].scatter_(1, idx, True)
-    return m
+HEAD_CACHE_SIZE = 4
+_heads: dict = {}  # loaded heads, newest last: each decoder (one per generate call or session) reuses them
+
+
+def _files_stamp(source: str):
+    """What changes when the head on disk changes: (name, mtime_ns, size) of the file or the directory's files;
+    None for a name that is not a path (a packaged head)."""
+    path = Path(source)
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
+        return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file()) or None
+    except OSError:
+        return None
 
 
 def load_head(opts, spec, device):
     """The head named by --draft-head, checked against the target's width and vocabulary (and, for an exported
     head, its image tokens): an exported head directory (`arexport build-head`) or an engine directory holding
     one (`build-head --into`) runs on ONNX Runtime beside a CPU target and as its TensorRT plan beside a CUDA one,
-    anything else in PyTorch."""
-    from pathlib import Path
-
+    anything else in PyTorch. A head holds only weights (or a session) that no call changes, so one is loaded
+    once per source, files, device and target shape (40-70 ms on the demo, which a batch-1 generate call would
+    otherwise pay); the target check runs on every call."""
     from arexport.runtime.backends import backend_package
 
     if not opts.draft_head:
@@ -466,14 +472,25 @@ def load_head(opts, spec, device):
                             "embed one in the engine directory with `arexport build-head HEAD --into ENGINE_DIR`")
     from arexport.runtime.backends.ort.head import OrtDraftHead, check_head_target, is_head_directory, read_head_info
 
-    if is_head_directory(opts.draft_head):
+    directory = is_head_directory(opts.draft_head)
+    if directory:
         check_head_target(read_head_info(Path(opts.draft_head), "--draft-head"), opts.draft_head, spec)
-        if torch.device(device).type == "cuda":  # its TensorRT plan (build-head --backend trt)
+    key = (opts.draft_head, _files_stamp(opts.draft_head), str(device), spec.dim, spec.vocab_size, spec.grid_size)
+    head = _heads.pop(key, None)
+    if head is None:
+        if directory and torch.device(device).type == "cuda":  # its TensorRT plan (build-head --backend trt)
             from arexport.runtime.backends.trt.head import TrtDraftHead
 
-            return TrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
-        return OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
-    return backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size, str(device))
+            head = TrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
+        elif directory:
+            head = OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
+        else:
+            head = backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size,
+                                                            str(device))
+    _heads[key] = head
+    while len(_heads) > HEAD_CACHE_SIZE:
+        _heads.pop(next(iter(_heads)))
+    return head
 
 
 def engine_head(engine) -> Optional[str]:

@@ -235,6 +235,7 @@ class VVSEagleDecoder(EagleDecoder):
 
     row_stats = VVSStats
     max_pend = 1  # becomes the tree's depth in EagleDecoder.__init__
+    trim_levels = False  # the dynamic policy's path similarity reads every node's token, deep ones included
 
     def __init__(self, ctx, capacity, vopts: "VVSOptions", rule):
         super().__init__(ctx, capacity, rule)

@@ -97,6 +97,8 @@ class OrtDraftHead:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
+        # no spinning, as the target's CPU sessions (ort/loader.py): idle workers held the cores between calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(d / info["graph"]), opts, providers=["CPUExecutionProvider"])
         self.present = [f"present_{k}_{i}" for i in range(self.cfg.n_layer) for k in ("key", "value")]
         self.calls = 0

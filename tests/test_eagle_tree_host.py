@@ -1,0 +1,113 @@
+"""The tree bookkeeping eagle does on the host each round, done with array ops (issue 30, host work): the
+ancestor mask by boolean squaring equals walking each node's parents, a static level's batched draws equal
+drawing each parent's children on its own, a static tree grows no level past what any image can accept
+(same tokens, fewer head calls), and a head is loaded once per source until its files change."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from arexport.runtime.generator import Generator
+from arexport.runtime.methods import eagle as eagle_mod
+from arexport.runtime.methods.eagle import EagleDecoder, EagleOptions, load_head
+from arexport.runtime.sampling import SamplingParams
+from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, sampled_children, sampled_level, static_plan
+
+DEEP = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1))
+
+
+def _walk(parent: torch.Tensor) -> torch.Tensor:
+    """Reference: node i sees j iff j is i or reached from i by following parents."""
+    b, n = parent.shape
+    m = torch.zeros(b, n, n, dtype=torch.bool)
+    for r in range(b):
+        for i in range(n):
+            j = i
+            while j >= 0:
+                m[r, i, j] = True
+                j = int(parent[r, j])
+    return m
+
+
+def _random_parents(b: int, n: int, g: torch.Generator, chain: bool = False) -> torch.Tensor:
+    par = torch.full((b, n), -1, dtype=torch.long)
+    for i in range(1, n):
+        par[:, i] = i - 1 if chain else torch.randint(0, i, (b,), generator=g)
+    return par
+
+
+def _one_squaring_short(parent):
+    """Negative control: the closure with one squaring fewer (misses ancestors more than 2^(t-1) levels up)."""
+    b, n = parent.shape
+    up = torch.nn.functional.one_hot(parent.clamp(min=0), n).bool() & (parent >= 0)[:, :, None]
+    m = (torch.eye(n, dtype=torch.bool) | up).float()
+    for _ in range(max(n - 1, 1).bit_length() - 1):
+        m = (torch.bmm(m, m) > 0).float()
+    return m > 0
+
+
+def test_ancestor_mask_is_the_parent_walk():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 5, 9, 16, 17, 33):
+        for chain in (False, True):
+            par = _random_parents(3, n, g, chain)
+            assert torch.equal(ancestor_mask(par), _walk(par)), (n, chain)
+    deep = _random_parents(1, 18, g, chain=True)  # 17 levels: 4 squarings reach 16
+    assert not torch.equal(_one_squaring_short(deep), _walk(deep))  # the comparison catches a short closure
+
+
+@pytest.mark.parametrize("paths", [SMALL_STATIC_TREE, DEEP], ids=["default", "deep"])
+def test_a_static_level_draws_as_each_parent_alone(paths):
+    """All parents of a level draw rank r together; each parent's children must be exactly sampled_children of its
+    row with its children's uniforms, on rows with zeros and with fewer tokens than children (exhausted support)."""
+    plan = static_plan(paths)
+    N, B, V = plan.n_nodes, 4, 3
+    g = torch.Generator().manual_seed(1)
+    dist = torch.rand(B, N + 1, V, generator=g)
+    dist[dist < 0.3] = 0.0
+    dist[:, :, 0] += 1e-3  # every row keeps some mass
+    u = torch.rand(B, N, generator=g)
+    got = torch.zeros(B, N + 1, dtype=torch.long)
+    for lv in plan.levels:
+        sampled_level(dist, lv, u, got)
+    want = torch.zeros_like(got)
+    par = plan.parent.tolist()
+    for c in sorted(set(par[1:])):
+        kids = [i for i in range(1, N + 1) if par[i] == c]  # ascending = rank order
+        want[:, kids] = sampled_children(dist[:, c], len(kids), u[:, [i - 1 for i in kids]])
+    assert torch.equal(got, want)
+    shuffled = torch.zeros_like(got)
+    for lv in plan.levels:
+        sampled_level(dist, lv, u.flip(1), shuffled)
+    assert not torch.equal(shuffled, want)  # the comparison sees which uniform each node reads
+
+
+def test_static_tree_grows_no_level_past_the_image(monkeypatch):
+    gen = Generator.load("demo")
+    kw = dict(classes=[3, 8], method="eagle", method_options={"draft_head": "demo-eagle", "tree": "static"},
+              sampling=SamplingParams(cfg_scale=1.5), seed=4, batch_size=2, images=False, timings=False)
+    trimmed = gen.generate(**kw)
+    monkeypatch.setattr(EagleDecoder, "trim_levels", False)
+    full = gen.generate(**kw)
+    assert (trimmed.tokens == full.tokens).all()
+    assert trimmed.stats["target_forwards_per_image"] == full.stats["target_forwards_per_image"]
+    assert trimmed.stats["draft_forwards_per_image"] < full.stats["draft_forwards_per_image"]
+
+
+def test_a_head_loads_once_until_its_file_changes(tmp_path):
+    from arexport.models.eagle import resolve_head_path
+
+    path = tmp_path / "head.safetensors"
+    path.write_bytes(resolve_head_path("demo-eagle").read_bytes())
+    spec = Generator.load("demo").spec
+    opts = EagleOptions(draft_head=str(path))
+    a = load_head(opts, spec, torch.device("cpu"))
+    assert load_head(opts, spec, torch.device("cpu")) is a
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file was replaced
+    b = load_head(opts, spec, torch.device("cpu"))
+    assert b is not a and load_head(opts, spec, torch.device("cpu")) is b
+    assert len(eagle_mod._heads) <= eagle_mod.HEAD_CACHE_SIZE
