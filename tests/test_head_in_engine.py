@@ -72,11 +72,15 @@ def test_methods_find_the_engines_head_and_an_explicit_one_wins(with_head, tmp_p
     init = OrtDraftHead.__init__
     monkeypatch.setattr(OrtDraftHead, "__init__", lambda self, directory, *a, **k: opened.append(str(directory)) or
                         init(self, directory, *a, **k))
+    from arexport.runtime.methods import eagle as eagle_method
+
     for method in ("eagle", "lantern", "vvs"):
         opened.clear()
+        eagle_method._heads.clear()  # loaded heads are reused across calls: open each afresh to see which one runs
         tokens, stats = _run(d, method)
         assert opened == [str(d)] and stats["draft_forwards_per_image"] > 0, (method, opened)
         opened.clear()
+        eagle_method._heads.clear()
         explicit, _ = _run(d, method, draft_head=str(sep))
         assert opened == [str(sep)], method
         assert np.array_equal(tokens, explicit), method  # same graph, same seed: same tokens
