@@ -16,6 +16,7 @@ seconds per image (median of --repeat). Engines are reused from --workdir when p
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -69,17 +70,24 @@ def shapes(args):
             lm = load_model(model, random_init=True, overrides={**L, **over}, image_size=256)
             build_engine(lm, d, BuildOptions(batch_sizes=[2], images=False))
             del lm
+        if args.build_only:
+            continue
         gen = Generator.load(str(d), backend="ort")
         p = SamplingParams(cfg_scale=4.0)
         gen.generate(classes=[1], method=method, method_options=opts, sampling=p, images=False, timings=False)  # warm-up
-        secs = []
+        secs, loads = [], [os.getloadavg()[0]]
         for i in range(args.repeat):
             t0 = time.perf_counter()
             r = gen.generate(classes=[i], method=method, method_options=opts, sampling=p, images=False, timings=False)
             secs.append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
         rows.append({"model": name, "method": method, "fwd/image": r.stats["target_forwards_per_image"],
-                     "s/image (median)": statistics.median(secs), "s/image (all)": " ".join(f"{s:.2f}" for s in secs)})
+                     "s/image (median)": statistics.median(secs), "s/image (min)": min(secs),
+                     "s/image (all)": " ".join(f"{s:.2f}" for s in secs),
+                     "load (1-min, before/after each)": " ".join(f"{x:.1f}" for x in loads)})
         print(rows[-1], file=sys.stderr, flush=True)
+    if not rows:
+        return
     print(f"L width (n_head 16, dim 1024), {args.layers} layers, random weights, fp32 ORT CPU, 256 tokens, CFG 4, batch 1; "
           f"{machine()}; commit {git_rev()}")
     print(markdown_table(rows, list(rows[0])))
@@ -93,6 +101,7 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="", help="shapes: comma-separated model rows to run (default all)")
+    ap.add_argument("--build-only", action="store_true", help="shapes: build the missing engines, time nothing")
     args = ap.parse_args()
     demo(args) if args.what == "demo" else shapes(args)
 
