@@ -180,23 +180,18 @@ class DrawCache:
 
     def __init__(self, depth: int = 32, max_streams: int = 1024):
         self.depth, self.max_streams = depth, max_streams
-        self._blocks: OrderedDict[int, tuple[int, np.ndarray]] = OrderedDict()
+        self._blocks: OrderedDict[int, tuple[int, torch.Tensor]] = OrderedDict()
 
     def draws(self, seeds: list[int], counters: list[int], lanes: Sequence[int]) -> list[torch.Tensor]:
-        """`draws` for these rows: [B, lanes[i]] for draw i (counters + i), as new tensors (the rows are
-        gathered in numpy, where a small copy costs a fraction of torch's per-op overhead)."""
-        if len(seeds) == 1:
-            sd, c = seeds[0], counters[0]
-            return [torch.from_numpy(self._row(sd, c + i, n)[None].copy()) for i, n in enumerate(lanes)]
-        return [torch.from_numpy(np.stack([self._row(sd, c + i, n) for sd, c in zip(seeds, counters)]))
-                for i, n in enumerate(lanes)]
+        """`draws` for these rows: [B, lanes[i]] for draw i (counters + i), as new tensors."""
+        return [torch.stack([self._row(sd, c + i, n) for sd, c in zip(seeds, counters)]) for i, n in enumerate(lanes)]
 
-    def _row(self, seed: int, counter: int, width: int) -> np.ndarray:
+    def _row(self, seed: int, counter: int, width: int) -> torch.Tensor:
         entry = self._blocks.get(seed)
         if entry is None or not entry[0] <= counter < entry[0] + self.depth or entry[1].shape[1] < width:
             wide = max(width, entry[1].shape[1] if entry is not None else 0)
             words = np.array([_row_word(seed, counter + i) for i in range(self.depth)], dtype=np.uint32)
-            entry = (counter, _finish_np(words[:, None] ^ _lane_words(wide)[None, :], 0))
+            entry = (counter, torch.from_numpy(_finish_np(words[:, None] ^ _lane_words(wide)[None, :], 0)))
             self._blocks[seed] = entry
             if len(self._blocks) > self.max_streams:
                 self._blocks.popitem(last=False)

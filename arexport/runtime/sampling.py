@@ -312,8 +312,6 @@ def entropy_temperature(logits: torch.Tensor) -> torch.Tensor:
 
 def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: probs [..., V] (rows need not be normalised), u [...] in [0,1) -> ids [...]."""
-    if probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64) and not probs.requires_grad:
-        return _sample_from_probs_np(probs.numpy(), u.numpy())
     cdf = torch.cumsum(probs, -1, dtype=torch.float64)
     total = cdf[..., -1:]
     # the first index whose cdf exceeds u * total has mass; u * total can round up to total, so the
@@ -322,18 +320,6 @@ def sample_from_probs(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # total of probabilities from float32 is never subnormal. No host synchronisation.
     target = torch.minimum(u.double().unsqueeze(-1) * total, total * (1.0 - 2.0**-53))
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-
-
-def _sample_from_probs_np(probs: np.ndarray, u: np.ndarray) -> torch.Tensor:
-    """`sample_from_probs` on the CPU in numpy, the same ids (issue 35: on a step's few rows numpy's
-    per-call cost is a fraction of torch's). numpy's cumsum, like torch's on the CPU, adds left to
-    right in float64, so the cdf has the same bits (tested); the number of cdf entries <= the target
-    is searchsorted(right=True) on a non-decreasing cdf."""
-    cdf = np.cumsum(probs, -1, dtype=np.float64)
-    total = cdf[..., -1:]
-    target = np.minimum(u.astype(np.float64, copy=False)[..., None] * total, total * (1.0 - 2.0**-53))
-    ids = np.count_nonzero(cdf <= target, axis=-1)
-    return torch.from_numpy(np.minimum(ids, probs.shape[-1] - 1).astype(np.int64, copy=False))
 
 
 def sample_logits(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor) -> torch.Tensor:
