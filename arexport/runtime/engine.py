@@ -128,6 +128,7 @@ class StepEngine(ABC):
         self._latency: dict[tuple, torch.Tensor] = {}  # (rows, max_q) -> latency_curve
         # (rows, max_q) -> a curve from the user's latency profile: the only timings speculation reads
         self.profiled_latency: dict[tuple, torch.Tensor] = {}
+        self._plans: dict[tuple, tuple] = {}  # call signature -> StepEngine._plan's outcome (see run)
         self.text_encoder = None  # runtime.text: prompts -> T5 caption features (LlamaGen t2i) or prompt ids (ChatPrompter, Janus)
 
     # -- to implement ---------------------------------------------------------------------------
@@ -268,6 +269,38 @@ class StepEngine(ABC):
         (default: the kind's own by query length; "prefill" also lifts the query-length limit, a
         prefill through the step graph being sized by the engine's build)."""
         kind = get_step_kind(kind)
+        # the checks and conversions below depend only on the feeds' names, shapes, dtypes and devices:
+        # a call shaped like an earlier one (every decode step of a run) reuses their outcome (issue 35:
+        # this ran at every step and cost as much as a small model's sampling)
+        try:
+            sig = (kind.name, label, *[(n, t.shape, t.dtype, t.device) for n, t in feeds.items()])
+        except AttributeError:  # a feed that is not a tensor yet: the full path converts it
+            sig = None
+        plan = self._plans.get(sig) if sig is not None else None
+        if plan is None:
+            plan = self._plan(kind, label, feeds)
+            if sig is not None:
+                if len(self._plans) >= 1024:  # bounded: (kind, shapes) combinations
+                    self._plans.clear()
+                self._plans[sig] = plan
+        label, batch, count, ready = plan
+        if self.live_masks:
+            feeds = narrow_masks(kind, feeds, cache.s_max)
+            ready = False  # the narrowed width varies per call
+        if ready:  # declared order, dtypes and device already: only contiguity may differ
+            feeds = {n: t.contiguous() for n, t in feeds.items()}
+        else:
+            feeds = declared_feeds(kind, self.device, self.cache_dtype, feeds)
+        with self._timed(label, batch, count):
+            out = self._forward(kind, cache, feeds)
+        for name, t in out.items():  # every logits output (a kind may declare more than one head)
+            if name.startswith("logits"):
+                self._finite(t, label)
+        return out
+
+    def _plan(self, kind: StepKind, label: Optional[str], feeds: dict) -> tuple:
+        """Validate a call's feeds against the declaration: (label, batch, count dim, whether the feeds
+        are in the declared order, dtypes and on this device, so that `declared_feeds` would not change them)."""
         if kind.name not in self.step_kinds():
             raise ArexportError(f"{self.spec.name} is an {self.spec.family} model without a {kind.name} step "
                                 f"(it has {', '.join(self.step_kinds())}): it decodes with --method {self.family.default_method}")
@@ -277,16 +310,10 @@ class StepEngine(ABC):
                 if dims[d] > self.max_q:
                     raise ArexportError(f"{kind.name} step with {d} = {dims[d]} exceeds this engine's maximum query length "
                                         f"{self.max_q}")
-        label = label or kind.label(dims)
-        if self.live_masks:
-            feeds = narrow_masks(kind, feeds, cache.s_max)
-        feeds = declared_feeds(kind, self.device, self.cache_dtype, feeds)
-        with self._timed(label, dims["batch"], dims[kind.count_dim]):
-            out = self._forward(kind, cache, feeds)
-        for name, t in out.items():  # every logits output (a kind may declare more than one head)
-            if name.startswith("logits"):
-                self._finite(t, label)
-        return out
+        ready = list(feeds) == list(kind.input_names) and all(
+            isinstance(t := feeds[io.name], torch.Tensor) and t.device == self.device
+            and t.dtype == TORCH_DTYPES.get(io.dtype, self.cache_dtype) for io in kind.inputs)
+        return label or kind.label(dims), dims["batch"], dims[kind.count_dim], ready
 
     def step(self, cache: KVCache, tokens, positions, write_index, attn_mask, kind: Optional[str] = None) -> torch.Tensor:
         """Feed q new tokens [B,q] at positions [B,q] from slot write_index [B]; logits [B,q,V]. `kind`

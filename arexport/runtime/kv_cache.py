@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,7 @@ class KVCache:
     length: torch.Tensor  # [B] int64: committed slots per row
     key_valid: torch.Tensor  # [B, S] bool: False for padded condition slots
     _views: dict = field(default_factory=dict, repr=False, compare=False)
+    _buffers: Optional[tuple] = field(default=None, repr=False, compare=False)  # (keys, values, buffer_key())
 
     @classmethod
     def allocate(cls, spec, batch: int, dtype: torch.dtype, device, slots: int) -> "KVCache":
@@ -38,6 +40,15 @@ class KVCache:
         values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_cache_layers)]
         return cls(keys, values, torch.zeros(batch, dtype=torch.int64, device=device),
                    torch.ones(batch, slots, dtype=torch.bool, device=device))
+
+    def buffer_key(self) -> tuple:
+        """The row shape and addresses of its K and V buffers (what a backend's standing binding of
+        this cache depends on), worked out once: a cache's buffers never move (views included)."""
+        have = self._buffers
+        if have is None or have[0] is not self.keys or have[1] is not self.values:
+            have = self._buffers = (self.keys, self.values, (
+                tuple(self.keys[0].shape), tuple(k.data_ptr() for k in self.keys), tuple(v.data_ptr() for v in self.values)))
+        return have[2]
 
     @property
     def batch(self) -> int:
@@ -71,11 +82,13 @@ class KVCache:
 
     def causal_mask(self, write_index: torch.Tensor, q: int) -> torch.Tensor:
         """[B,1,q,S] bool: query i (slot write_index+i) sees valid slots <= its own slot, and itself."""
-        slots = arange(self.s_max, self.device).view(1, 1, -1)
-        qslot = write_index.view(-1, 1, 1) + arange(q, self.device).view(1, q, 1)
-        mask = (slots <= qslot) & self.key_valid.unsqueeze(1)
+        kv = self.key_valid
+        slots, lanes = _mask_ranges(kv.shape[1], q, kv.device)
+        qslot = write_index.view(-1, 1, 1) if q == 1 else write_index.view(-1, 1, 1) + lanes
+        mask = slots <= qslot
+        mask &= kv[:, None]
         mask |= slots == qslot
-        return mask.unsqueeze(1)
+        return mask[:, None]
 
     def block_mask(self, write_index: torch.Tensor, q: int, fed=None) -> torch.Tensor:
         """[B,1,q,S] bool: every new token sees all committed slots and the row's `fed` [B] new slots
@@ -91,3 +104,9 @@ def arange(n: int, device: torch.device) -> torch.Tensor:
     """0 .. n-1 on `device`, made once per (n, device): masks and lanes are built every step.
     Shared: callers must not write to it."""
     return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_ranges(slots: int, q: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots 0 .. slots-1 as [1, 1, slots] and query lanes 0 .. q-1 as [1, q, 1] (shared, read-only)."""
+    return arange(slots, device).view(1, 1, -1), arange(q, device).view(1, q, 1)

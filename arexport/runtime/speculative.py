@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from arexport.errors import ArexportError
@@ -265,36 +266,50 @@ class WindowArms:
         # the window wins where tokens / (c(L) + host) >= 1 / (c(1) + host)
         self.threshold = float((cost[window - 1] + host) / (cost[0] + host))
         self.window, self.reprobe, self.probe, self.decay, self.trust = window, reprobe, probe, decay, trust
-        self.tokens = slots.image_tensor((), torch.float64)  # the window's committed tokens per step (running mean)
-        self.counted = slots.image_tensor(())  # window steps measured
-        self.since = slots.image_tensor(())  # steps since the window last ran
-        self.burst = slots.image_tensor(())  # window steps left in the current re-measurement
-        self.last = slots.image_tensor(())  # the arm of the previous step (0: none yet)
-        self.previous = slots.image_tensor(())  # and of the one before it
+        # per-image state on the host whatever the engine's device: the decoder reads the arms as host
+        # ints anyway, and numpy on views of these tensors costs a fraction of torch's per-op overhead
+        # on a few numbers (issue 35); float64 arithmetic gives the same bits either way
+        cpu = torch.device("cpu")
+        self.tokens = slots.image_tensor((), torch.float64, device=cpu)  # the window's committed tokens per step (running mean)
+        self.counted = slots.image_tensor((), device=cpu)  # window steps measured
+        self.since = slots.image_tensor((), device=cpu)  # steps since the window last ran
+        self.burst = slots.image_tensor((), device=cpu)  # window steps left in the current re-measurement
+        self.last = slots.image_tensor((), device=cpu)  # the arm of the previous step (0: none yet)
+        self.previous = slots.image_tensor((), device=cpu)  # and of the one before it
+        self._np = {k: getattr(self, k).numpy() for k in ("tokens", "counted", "since", "burst", "last", "previous")}
 
     def choose(self, n: int) -> torch.Tensor:
-        """The window length of each image [n] (int64) for the next step: the window or 1."""
-        w = self.window
-        burst, since = self.burst[:n], self.since[:n]
-        keep = (self.counted[:n] < self.trust) | (burst > 0) | (self.tokens[:n] >= self.threshold)
+        """The window length of each image [n] (int64, on the CPU) for the next step: the window or 1."""
+        a, w = self._np, self.window
+        burst, since = a["burst"][:n], a["since"][:n]
+        keep = (a["counted"][:n] < self.trust) | (burst > 0) | (a["tokens"][:n] >= self.threshold)
         probe = ~keep & (since >= self.reprobe)  # one token per step wins; re-measure the window now and then
         window = keep | probe
-        burst = torch.where(probe, self.probe, burst)
-        self.burst[:n] = torch.where(window, (burst - 1).clamp(min=0), burst)
-        self.since[:n] = torch.where(window, 0, since + 1)
-        arm = torch.where(window, w, 1)
-        self.previous[:n], self.last[:n] = self.last[:n], arm
-        return arm
+        burst = np.where(probe, self.probe, burst)
+        a["burst"][:n] = np.where(window, np.maximum(burst - 1, 0), burst)
+        a["since"][:n] = np.where(window, 0, since + 1)
+        arm = np.where(window, w, 1).astype(np.int64)
+        a["previous"][:n], a["last"][:n] = a["last"][:n], arm
+        return torch.from_numpy(arm)
 
-    def observe(self, committed: torch.Tensor, full: torch.Tensor) -> None:
+    def observe(self, committed, full) -> None:
         """After a step: tokens each image committed [n] (float), and whether it ran its whole chosen
-        arm [n] (bool; a window cut short by the image's end or the speculative interval says little)."""
-        n = committed.shape[0]
-        use = full & (self.last[:n] == self.window) & (self.previous[:n] == self.window)
-        old = self.tokens[:n]
-        mean = torch.where(self.counted[:n] > 0, self.decay * old + (1 - self.decay) * committed, committed)
-        self.tokens[:n] = torch.where(use, mean, old)
-        self.counted[:n] += use.long()
+        arm [n] (bool; a window cut short by the image's end or the speculative interval says little);
+        tensors (any device), arrays or lists."""
+        committed, full = _host(committed, np.float64), _host(full, bool)
+        n, a = committed.shape[0], self._np
+        use = full & (a["last"][:n] == self.window) & (a["previous"][:n] == self.window)
+        old = a["tokens"][:n]
+        mean = np.where(a["counted"][:n] > 0, self.decay * old + (1 - self.decay) * committed, committed)
+        a["tokens"][:n] = np.where(use, mean, old)
+        a["counted"][:n] += use
+
+
+def _host(x, dtype) -> np.ndarray:
+    """x (a tensor on any device, an array or a list) as a numpy array of dtype."""
+    if isinstance(x, torch.Tensor):
+        x = x.cpu().numpy()
+    return np.asarray(x, dtype=dtype)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class ARDecoder(Decoder):
         self.logits = s.row_tensor((self.spec.vocab_size,))  # pending logits per row, predicting token t
         self.tokens = s.image_tensor((candidates, n_tok))
         self.t = s.image_tensor(())  # next token index (candidates move in lockstep)
+        self.left = s.image_list()  # tokens still to sample per image (host ints: the finished check needs no sync)
 
     def start(self, a: int, b: int, conds: Conditions) -> None:
         s = self.slots
@@ -39,6 +40,7 @@ class ARDecoder(Decoder):
         rows = self.cfg.conditions(self.engine, conds.repeat_interleave(self.N))
         self.logits[r0:r1] = self.prefill(self.engine, self.cache, a, b, rows)
         self.t[a:b] = 0
+        self.left[a:b] = [self.spec.n_tokens] * (b - a)
         for st in s.stats[a:b]:
             st.forwards += 1
 
@@ -50,7 +52,10 @@ class ARDecoder(Decoder):
         tok = sample_logits(guided, params, self.slots.uniform(1)[:, 0])
         self.tokens[:n].view(n * N, -1).scatter_(1, t[:, None], tok[:, None])
         self.t[:n] += 1
-        return self.slots.where(self.t[:n] == self.spec.n_tokens)
+        left = self.left
+        for i in range(n):
+            left[i] -= 1
+        return [i for i in range(n) if not left[i]]
 
     def candidate_params(self):
         """Sampling per candidate row of the live images (each image's, N times)."""

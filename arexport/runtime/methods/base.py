@@ -209,8 +209,10 @@ class Slots:
         self.counters = self.image_tensor((streams,), torch.int64)
         self._cache = DrawCache() if self.device.type == "cpu" else None  # on a device: hashed there, no host trip
 
-    def image_tensor(self, shape: tuple, dtype=torch.int64, fill=0) -> torch.Tensor:
-        t = torch.full((self.capacity, *shape), fill, dtype=dtype, device=self.device)
+    def image_tensor(self, shape: tuple, dtype=torch.int64, fill=0, device=None) -> torch.Tensor:
+        """A per-image tensor [capacity, *shape] that moves with its image (on the slots' device unless
+        `device` says otherwise: host-side state the decoder reads on the host anyway)."""
+        t = torch.full((self.capacity, *shape), fill, dtype=dtype, device=self.device if device is None else device)
         self._image.append(t)
         self._fill.append(fill)
         return t

@@ -135,7 +135,7 @@ class SJDDecoder(Decoder):
         self.rows = P.view(-1, P.shape[-1])
         self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
         if self.arms is not None:  # a window cut short by an image's end says little
-            self.arms.observe(adv.to(torch.float64), torch.tensor([q == a for q, a in zip(qlen, arms)], device=dev))
+            self.arms.observe(advanced, [q == a for q, a in zip(qlen, arms)])
         return [i for i, c in enumerate(count) if c >= n_tok]
 
     def finish(self, i):

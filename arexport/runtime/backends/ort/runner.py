@@ -97,8 +97,7 @@ class _StaticIO:
 def _launch_key(graph: str, feeds: dict[str, torch.Tensor], cache) -> tuple:
     """What fixes a launch's buffers: the graph, each feed's name/shape/dtype, and the cache's
     buffer addresses and row shape (a cache at other addresses needs its own binding and graph)."""
-    return (graph, tuple((n, tuple(t.shape), t.dtype) for n, t in feeds.items()), tuple(cache.keys[0].shape),
-            tuple(k.data_ptr() for k in cache.keys), tuple(v.data_ptr() for v in cache.values))
+    return (graph, tuple((n, tuple(t.shape), t.dtype) for n, t in feeds.items()), cache.buffer_key())
 
 
 class OrtEngine(EngineDirArrays, StepEngine):
@@ -123,15 +122,17 @@ class OrtEngine(EngineDirArrays, StepEngine):
 
     def _static_io(self, graph: str, feeds: dict[str, torch.Tensor], cache, outputs: dict[str, tuple]) -> _StaticIO:
         key = _launch_key(graph, feeds, cache)
-        entry = self.static.pop(key, None)
-        if entry is None:
-            ro = self._run_options
-            if self.cuda_graph:
-                self._graph_count += 1
-                ro = _ort().RunOptions()
-                ro.add_run_config_entry("gpu_graph_id", str(self._graph_count))
-            entry = _StaticIO(self.sessions.get(graph), cache, feeds, outputs, self.device, ro)
-        self.static[key] = entry  # most recently used last
+        entry = self.static.get(key)
+        if entry is not None:  # most recently used last
+            self.static.move_to_end(key)
+            return entry
+        ro = self._run_options
+        if self.cuda_graph:
+            self._graph_count += 1
+            ro = _ort().RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(self._graph_count))
+        entry = _StaticIO(self.sessions.get(graph), cache, feeds, outputs, self.device, ro)
+        self.static[key] = entry
         while len(self.static) > self.MAX_STATIC:
             self.static.popitem(last=False)
         return entry
