@@ -46,6 +46,19 @@ def demo_engine(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_int8(demo_engine):
+    """demo_engine quantized to int8 once per session (samples=40, calibrate's defaults otherwise): the
+    calibration set demo.calib and the engine demo-int8 sit beside it. (source dir, quantized dir, calibrate's
+    report lines, the quantized manifest). Read-only: tests that calibrate again write under their tmp_path."""
+    from arexport.calibration.calibrate import calibrate_engine
+
+    said: list[str] = []
+    out = demo_engine.parent / "demo-int8"
+    m = calibrate_engine(demo_engine, out, "int8", samples=40, report=said.append)
+    return demo_engine, out, said, m
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """CLI tests run in-process and the CLI may set torch's intra-op threads: no test inherits that."""
