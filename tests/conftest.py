@@ -46,6 +46,17 @@ def demo_engine(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """CLI tests run in-process and the CLI may set torch's intra-op threads: no test inherits that."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def demo_t2i_engine(tmp_path_factory):
     """demo-t2i built once per session (batch sizes 1, 2, 4; verify blocks up to 8), with its prompt encoder.
@@ -69,14 +80,3 @@ def demo_int8(demo_engine):
     out = demo_engine.parent / "demo-int8"
     m = calibrate_engine(demo_engine, out, "int8", samples=40, report=said.append)
     return demo_engine, out, said, m
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """CLI tests run in-process and the CLI may set torch's intra-op threads: no test inherits that."""
-    import torch
-
-    n = torch.get_num_threads()
-    yield
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
