@@ -10,8 +10,11 @@ graphs) -- and for LlamaGen-XL shapes (ar, sjd window 16, sjd latency-aware) and
 (arpg, 64 steps), random weights in bf16, batch 1 and 8 images (CFG doubles the rows): per-image
 wall clock, decode p50, engine and host ms per step, forwards per image, the decode step's fraction
 of the HBM floor and every config's step floor fraction (bytes a step reads / copy bandwidth
-measured in the same run, over its engine ms per step); then images/s of the image decoder at
-batch 1, 8 and 32. ONNX Runtime and TensorRT engines are built into --out/engines first (their
+measured in the same run, over its engine ms per step), and beside the speed the quality the config
+costs (profiling/quality_column.py, as `arexport profile` prints it: on the digits demos the judge's
+accuracy and feature distance; on every model the fraction of tokens equal to ar's and the token-
+histogram TV distance vs ar, same seed, on --quality-images untimed images); then images/s of the image
+decoder at batch 1, 8 and 32. ONNX Runtime and TensorRT engines are built into --out/engines first (their
 build seconds are recorded). A backend the machine lacks is listed under `skipped` with the reason,
 never silently left out and never a failure. The JSON and the table are rewritten after every
 config, and `--budget-s` stops starting new configs once that much time has passed (they are listed
@@ -35,6 +38,7 @@ from common import git_rev, machine, markdown_table  # noqa: E402
 
 from arexport.profiling.bandwidth import floor_seconds, mean_live_tokens, measure_copy_bandwidth, step_bytes  # noqa: E402
 from arexport.profiling.profiler import RunConfig, profile_generator  # noqa: E402
+from arexport.profiling.quality_column import MAX_QUALITY_IMAGES, measure_quality  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
 from arexport.runtime.sampling import default_sampling  # noqa: E402
 
@@ -42,6 +46,9 @@ from arexport.runtime.sampling import default_sampling  # noqa: E402
 FULL = [("GPT-XL", "bf16", ["ar", "sjd:window=16", "sjd"]), ("arpg-XL", "bf16", ["arpg:steps=64"])]
 SMOKE = [("demo", "fp32", ["ar", "sjd:window=16", "sjd"]), ("demo-arpg", "fp32", ["arpg:steps=16"])]
 DECODER_BATCHES = (1, 8, 32)
+QUALITY_BATCH = 8  # images per batch of the untimed quality runs (a seed's tokens do not depend on the batch)
+QUALITY_COLS = {"judge accuracy": "accuracy", "judge FD": "feature_distance", "tokens = ar": "tokens_equal_ar",
+                "token TV vs ar": "token_tv_vs_ar"}
 
 
 def backend_reason(backend: str, device: str) -> str | None:
@@ -122,9 +129,15 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="demo models, batch 1, one repeat (checks the script, not the GPU)")
+    ap.add_argument("--quality-images", type=int, default=None,
+                    help=f"untimed images scored per config beside its speed (default 16, 4 with --smoke; 0 = off; at most "
+                         f"{MAX_QUALITY_IMAGES})")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="start no new config after this many seconds (default 420; what is left is listed as not run)")
     args = ap.parse_args()
+    n_quality = args.quality_images if args.quality_images is not None else (4 if args.smoke else 16)
+    if not 0 <= n_quality <= MAX_QUALITY_IMAGES:
+        ap.error(f"--quality-images must be 0..{MAX_QUALITY_IMAGES}, got {n_quality}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = args.device.startswith("cuda")
@@ -140,8 +153,9 @@ def main() -> int:
     bw = measure_copy_bandwidth(args.device)
     gpu = torch.cuda.get_device_name(torch.device(args.device)) if cuda else None
     rows, results, decoder_rows, builds, not_run = [], [], [], [], []
+    ar_caches: dict[tuple, dict] = {}  # ar's quality tokens per (model, backend, cuda graph): ar runs once for all configs
     cols = ["model", "batch", "cuda graph", "config", "ms/image", "decode p50 ms", "engine ms/step", "host ms/step",
-            "fwd/image", "floor fraction", "step floor fraction"]
+            "fwd/image", "floor fraction", "step floor fraction"] + (list(QUALITY_COLS) if n_quality else [])
     dcols = ["model", "backend", "batch", "ms/batch", "images/s"]
 
     def write() -> None:
@@ -152,6 +166,8 @@ def main() -> int:
         (out / "gpu_all.json").write_text(json.dumps(doc, indent=1, default=str))
         md = [f"Machine: {doc['machine']}" + (f"; GPU {gpu}" if gpu else ""),
               f"Copy bandwidth {bw / 1e9:.0f} GB/s (the HBM floor of every row, measured in this run); git {doc['git']}",
+              *([f"Quality (untimed, {n_quality} images per config, seed 0): judge accuracy and FD on the digits demos only; "
+                 "tokens = ar and token TV vs ar against ar's tokens on the same engine"] if n_quality else []),
               "", markdown_table(rows, cols), "", "Image decoder:", "", markdown_table(decoder_rows, dcols), ""]
         md += [f"- built: {b['engine']} in {b['seconds']:.0f} s" for b in builds]
         md += [f"- skipped: {s}" for s in skipped] + [f"- not run (time budget): {s}" for s in not_run]
@@ -189,8 +205,13 @@ def main() -> int:
                     continue
                 classes = [i % gen.spec.num_classes for i in range(b)]
                 t0 = time.perf_counter()
-                r = profile_generator(gen, RunConfig.parse(text), classes, sampling, b, warmup=1, repeats=repeats,
+                cfg = RunConfig.parse(text)
+                r = profile_generator(gen, cfg, classes, sampling, b, warmup=1, repeats=repeats,
                                       bandwidth=bw, precision=precision)
+                if n_quality:  # untimed, after the timed runs: the cost beside the speed
+                    r.quality = measure_quality(gen, cfg.method or gen.engine.family.default_method, cfg.options, classes,
+                                                sampling, QUALITY_BATCH, n_quality,
+                                                ar_cache=ar_caches.setdefault((model, backend, graph), {}))
                 rows_per_step = 2 * b if sampling.uses_cfg else b
                 sb = step_bytes(gen.spec, precision, precision, rows_per_step, mean_live_tokens(gen.spec))
                 step_floor = floor_seconds(sb.total, bw) * 1e3 / r.engine_ms_per_step if r.engine_ms_per_step else float("nan")
@@ -200,7 +221,9 @@ def main() -> int:
                        "engine ms/step": r.engine_ms_per_step, "host ms/step": r.host_ms_per_step,
                        "fwd/image": r.target_forwards_per_image,
                        "floor fraction": (r.bandwidth or {}).get("fraction_of_floor", float("nan")),
-                       "step floor fraction": step_floor, "seconds": time.perf_counter() - t0}
+                       "step floor fraction": step_floor,
+                       **{c: r.quality.get(k, "-") for c, k in QUALITY_COLS.items() if n_quality},
+                       "seconds": time.perf_counter() - t0}
                 rows.append(row)
                 results.append({**row, "result": r.as_dict()})
                 write()

@@ -67,3 +67,28 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def demo_t2i_engine(tmp_path_factory):
+    """demo-t2i built once per session (batch sizes 1, 2, 4; verify blocks up to 8), with its prompt encoder.
+    Read-only: test_demo_t2i.py and test_deploy_triton.py both use it."""
+    from arexport.exporter.build import BuildOptions, build_engine
+    from arexport.models.registry import load_model
+
+    out = tmp_path_factory.mktemp("engines") / "demo-t2i"
+    build_engine(load_model("demo-t2i"), out, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_int8(demo_engine):
+    """demo_engine quantized to int8 once per session (samples=40, calibrate's defaults otherwise): the
+    calibration set demo.calib and the engine demo-int8 sit beside it. (source dir, quantized dir, calibrate's
+    report lines, the quantized manifest). Read-only: tests that calibrate again write under their tmp_path."""
+    from arexport.calibration.calibrate import calibrate_engine
+
+    said: list[str] = []
+    out = demo_engine.parent / "demo-int8"
+    m = calibrate_engine(demo_engine, out, "int8", samples=40, report=said.append)
+    return demo_engine, out, said, m

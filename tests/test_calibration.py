@@ -19,16 +19,20 @@ from arexport.runtime.generator import Generator
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("calib") / "demo"
-    build_engine(load_model("demo"), d, BuildOptions(batch_sizes=[2, 4], verify_len=4))
-    return d
+def demo_dir(demo_int8):
+    """The session's demo engine (conftest): its int8 calibration, and the calibration set it captured
+    (demo.calib beside it), are shared with test_newcomer.py instead of built and captured twice."""
+    return demo_int8[0]
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8", "int4-weight"])
-def test_capture_quantize_run_end_to_end(demo_dir, mode):
+def test_capture_quantize_run_end_to_end(demo_dir, demo_int8, mode):
     out = demo_dir.parent / f"demo-{mode}"
-    m = calibrate_engine(demo_dir, out, mode, samples=40)
+    if mode == "int8":  # the session's int8 calibration (conftest.demo_int8) is this mode's run
+        assert demo_int8[1] == out
+        m = demo_int8[3]
+    else:
+        m = calibrate_engine(demo_dir, out, mode, samples=40)
     q = m.quantization
     assert q["mode"] == mode and q["qdq_nodes"] > 0 and len(q["calibration"]["hash"]) == 64
     g = q["gates"]
@@ -52,7 +56,7 @@ def test_capture_quantize_run_end_to_end(demo_dir, mode):
 
 def test_calibration_set_is_reused_and_validated(demo_dir, tmp_path):
     calib = demo_dir.parent / "demo.calib"
-    calibrate_engine(demo_dir, tmp_path / "a", "int8", samples=40)
+    assert (calib / "manifest.json").exists()  # captured by the session's int8 calibration (conftest.demo_int8)
     stamp = os.path.getmtime(calib / "manifest.json")
     m = calibrate_engine(demo_dir, tmp_path / "b", "int8", samples=40)
     assert os.path.getmtime(calib / "manifest.json") == stamp
@@ -96,8 +100,45 @@ def test_broken_quantization_fails_the_gate(demo_dir, tmp_path, monkeypatch):
     assert m.quantization["gates"]["top1_agreement"] < 0.9
 
 
-def test_requantizing_is_refused(demo_dir, tmp_path):
-    out = tmp_path / "q"
-    calibrate_engine(demo_dir, out, "int4-weight", samples=40)
+def test_requantizing_is_refused(demo_int8, tmp_path):
+    out = demo_int8[1]  # a quantized engine (int8; any mode is refused the same way, before any work)
     with pytest.raises(ArexportError, match="already quantized"):
         calibrate_engine(out, tmp_path / "qq", "int8")
+    assert not (tmp_path / "qq").exists()
+
+
+def test_capture_holds_the_engines_own_activations_for_a_changed_random_weight_model(tmp_path):
+    """A random-weight model changed after loading (weights x8, as the parallel-family tests build theirs)
+    records only its seed in the manifest. Every captured cache must be the one the engine's own step graph
+    wrote: running the graph on sample i gives sample i+1's K/V (every=1, consecutive decode calls). A capture
+    that rebuilt the model from the seed (the bug: other weights) wrote other K/V and fails here."""
+    import onnxruntime as ort
+    import torch
+
+    from arexport.calibration.capture import capture_set
+
+    lm = load_model("llamagen-c2i-B", random_init=True, seed=4,
+                    overrides={"n_layer": 2, "dim": 64, "n_head": 4, "grid_size": 4, "multiple_of": 32, "vocab_size": 64})
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    eng = tmp_path / "eng"
+    build_engine(lm, eng, BuildOptions(batch_sizes=[2, 4], verify_len=2, images=False))
+    assert read_manifest(eng).source.get("random_init_seed") == 4  # all the manifest knows of these weights
+    capture_set(eng, tmp_path / "calib", [0, 1], every=1, samples=64)
+    files = sorted((tmp_path / "calib").glob("sample_*.npz"))
+    samples = [dict(np.load(f)) for f in files]
+    assert len(samples) >= 8
+    sess = ort.InferenceSession(str(eng / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    outs = [o.name for o in sess.get_outputs()]
+    checked = 0
+    for a, b in zip(samples, samples[1:]):
+        if a["tokens"].shape[1] != 1 or b["tokens"].shape[1] != 1:  # decode steps follow each other
+            continue
+        got = dict(zip(outs, sess.run(None, {n: a[n] for n in names})))
+        for k in (n for n in outs if n.startswith("present_")):
+            np.testing.assert_allclose(got[k], b[k.replace("present_", "past_")], rtol=1e-4, atol=1e-4, err_msg=k)
+        checked += 1
+    assert checked >= 8

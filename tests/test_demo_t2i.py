@@ -30,13 +30,9 @@ def gen():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from arexport.exporter.build import BuildOptions, build_engine
-    from arexport.models.registry import load_model
-
-    d = tmp_path_factory.mktemp("t2i") / "eng"
-    build_engine(load_model("demo-t2i"), d, BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
-    return d
+def engine(demo_t2i_engine):
+    """The session's demo-t2i engine (conftest), built once for this module and test_deploy_triton.py."""
+    return demo_t2i_engine
 
 
 @pytest.fixture(scope="module")

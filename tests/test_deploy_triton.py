@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def triton(demo_engine, tmp_path_factory):
+def triton(demo_engine, demo_t2i_engine, tmp_path_factory):
     """(url, repository's engine dir): a tritonserver on 127.0.0.1 serving `export-triton demo_engine`."""
     pt = _pytriton_dir()
     ts = pt / "tritonserver"
@@ -57,12 +57,8 @@ def triton(demo_engine, tmp_path_factory):
         pytest.skip(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
     if not (Path(libdir) / f"libpython{version}.so.1.0").exists():
         pytest.skip(f"the Python backend stub needs libpython{version}.so.1.0 (a shared-library Python) in {libdir}")
-    from arexport.exporter.build import BuildOptions, build_engine
-    from arexport.models.registry import load_model
-
     tmp = tmp_path_factory.mktemp("triton")
-    build_engine(load_model("demo-t2i"), tmp / "t2i", BuildOptions(batch_sizes=[1, 2, 4], verify_len=8))
-    for engine, name in ((demo_engine, "arexport"), (tmp / "t2i", "t2i")):  # two models in one repository
+    for engine, name in ((demo_engine, "arexport"), (demo_t2i_engine, "t2i")):  # two models in one repository
         res = CliRunner().invoke(cli, ["export-triton", str(engine), "--out", str(tmp / "repo"), "--name", name,
                                        "--capacity", "8"], catch_exceptions=False)
         assert res.exit_code == 0, res.output

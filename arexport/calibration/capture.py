@@ -1,9 +1,14 @@
-"""Capture real step inputs while decoding with the reference model: a reusable calibration set.
+"""Capture real step inputs while decoding with the engine itself: a reusable calibration set.
 
-A `CapturingEngine` wraps the PyTorch reference engine of an engine directory; every n-th call of a
+A `CapturingEngine` wraps the engine directory's own ONNX Runtime engine; every n-th call of a
 step kind whose declaration says `calibrate` records the step graph's full input — its declared
 feeds (tokens, positions, write_index, attn_mask, ...) and the K/V buffers as they were before the
-step — exactly the feed ONNX Runtime's calibrators need. Samples are saved
+step — exactly the feed ONNX Runtime's calibrators need.
+
+Why the directory's graphs and not the PyTorch reference rebuilt from the manifest's weight source:
+the graphs hold the weights the engine was built from. A rebuild from a recorded seed gives other
+weights whenever the model was changed after it was loaded (a test's scaled random-weight model), and
+the set would then hold the activations, and the K/V history, of another model than the one quantized. Samples are saved
 one `.npz` per step with a manifest (engine identity, classes, method, file hashes); the set's
 hash goes into the manifest of every engine quantized from it.
 """
@@ -35,6 +40,7 @@ class CapturingEngine(StepEngine):
         self.samples: list[dict[str, np.ndarray]] = []
         self._n = 0
         self.fixed_slots = inner.spec.s_max  # capture the cache at the engine graph's length
+        self.live_masks = inner.live_masks  # masks as the graph takes them (narrowed to the live bound or not)
 
     def _record(self, cache, feeds: dict[str, torch.Tensor]) -> None:
         self._n += 1
@@ -66,14 +72,14 @@ class CapturingEngine(StepEngine):
 
 def capture_set(engine_dir: str | Path, out: str | Path, classes: list[int], method: str = "ar", every: int = 4,
                 samples: int = 64, seed: int = 0) -> dict[str, Any]:
-    """Decode `classes` with the reference model of `engine_dir`, keep up to `samples` step inputs."""
+    """Decode `classes` with `engine_dir`'s own step graphs (ONNX Runtime, CPU), keep up to `samples` step inputs."""
     from arexport.format.manifest import read_manifest
     from arexport.runtime.backends import open_directory
     from arexport.runtime.generator import Generator
 
     manifest = read_manifest(engine_dir)
-    ref = open_directory("torch", Path(engine_dir), manifest)
-    cap = CapturingEngine(ref, every=every, limit=samples)
+    own = open_directory("ort", Path(engine_dir), manifest)  # the weights in the graphs (see the module docstring)
+    cap = CapturingEngine(own, every=every, limit=samples)
     method = method if method in cap.family.methods else cap.family.default_method
     Generator(cap).generate(classes=classes, method=method, seed=seed, batch_size=max(1, len(classes)),
                             images=False, timings=False)
