@@ -6,9 +6,9 @@ The graph's cache length is static (`slots` in head.json): `allocate` hands out 
 length and refuses a decoder that needs more. The cache is written in place, as the target's OrtEngine
 writes its own (runner.py): each K/V buffer the caller passes is bound through IOBinding as both `past_*`
 input and `present_*` output, so the graph's TensorScatter writes the new pairs into it and nothing copies
-the cache per call (the earlier runner passed it in as numpy and copied the `present_*` outputs back: about
-half the CPU time of a demo head call). Bindings are the runner's `_StaticIO`, one per (feed shapes, cache
-buffer addresses), least recently used dropped first.
+the cache per call (the earlier runner fed it in as numpy and copied the `present_*` outputs back; the
+before/after is in docs/benchmarks.md, "issue 30: the exported head's cache in place"). Bindings are the
+runner's `_StaticIO`, one per (feed shapes, cache buffer addresses), least recently used dropped first.
 """
 
 from __future__ import annotations
