@@ -185,3 +185,56 @@ def test_verify_compares_the_t2i_hidden_prefill(tiny_t2i):
     eng._forward = off
     rep = verify_engine(eng, ref, "fp32", batch=2, verify_len=4, full_image=False)
     assert [(r["case"], r["output"]) for r in rep.rows if not r["passed"]] == [(rows[0]["case"], "hidden")]
+
+
+def test_ort_head_writes_its_cache_in_place_and_equals_a_plain_run(head_dir, capfd):
+    """OrtDraftHead binds each K/V buffer as past_* and present_* (IOBinding), so the graph's TensorScatter writes
+    the pairs into the caller's buffers with no copy: over calls of other shapes, on row slices of the buffers and
+    on a second cache (each its own standing binding), logits, hidden_out and every cache buffer equal a plain
+    session.run fed copies of the cache (bit for bit), the buffers never move, and ORT logs no in-place fallback.
+    Control: the same session run plainly does log the fallback (so the log check can fail, e.g. on the earlier
+    runner, which fed numpy copies and copied present_* back); a strided buffer is refused."""
+    import torch
+
+    from arexport.errors import ArexportError
+    from arexport.runtime.backends.ort.head import OrtDraftHead
+
+    head = OrtDraftHead(str(head_dir), 96, 17)
+    plain = head.session  # the same session run without a binding: the reference, and the log control
+    g = torch.Generator().manual_seed(3)
+    caches = [head.allocate(4, 20) for _ in range(2)]
+    refs = [([k.clone() for k in ks], [v.clone() for v in vs]) for ks, vs in caches]
+    ptrs = [t.data_ptr() for ks, vs in caches for t in ks + vs]
+    capfd.readouterr()
+    for c, rows, q, w0 in ((0, (0, 4), 3, 0), (0, (0, 4), 1, 3), (1, (0, 2), 4, 0), (0, (1, 3), 2, 4), (1, (0, 2), 4, 4),
+                           (0, (0, 2), 4, 8), (0, (0, 4), 1, 12)):  # (0, 2) q 4 on both caches: same shapes, other buffers
+        r0, r1 = rows
+        b = r1 - r0
+        hidden = torch.randn(b, q, 96, generator=g)
+        tokens = torch.randint(0, 17, (b, q), generator=g)
+        write = torch.full((b,), w0) + torch.arange(b) % 2
+        positions = write[:, None] + torch.arange(q)[None, :]
+        mask = (torch.arange(head.slots)[None, None, :] <= positions[:, :, None])[:, None]
+        ks, vs = [k[r0:r1] for k in caches[c][0]], [v[r0:r1] for v in caches[c][1]]
+        logits, out, _, _ = head.step(hidden, tokens, positions, write, mask, ks, vs)
+        rk, rv = [k[r0:r1] for k in refs[c][0]], [v[r0:r1] for v in refs[c][1]]
+        feeds = {"hidden": hidden.numpy(), "tokens": tokens.numpy(), "positions": positions.numpy(),
+                 "write_index": write.numpy(), "attn_mask": mask.numpy()}
+        for i, (k, v) in enumerate(zip(rk, rv)):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k.numpy().copy(), v.numpy().copy()
+        names = ["logits", "hidden_out"] + [f"present_{n}_{i}" for i in range(len(rk)) for n in ("key", "value")]
+        err = capfd.readouterr().err
+        assert "in-place optimization not activated" not in err, err
+        ref = plain.run(names, feeds)
+        assert "in-place optimization not activated" in capfd.readouterr().err  # the control: a plain run copies
+        for i in range(len(rk)):
+            rk[i].copy_(torch.from_numpy(ref[2 + 2 * i]))
+            rv[i].copy_(torch.from_numpy(ref[3 + 2 * i]))
+        assert torch.equal(logits, torch.from_numpy(ref[0])) and torch.equal(out, torch.from_numpy(ref[1]))
+        for a, r in zip(caches[0][0] + caches[0][1] + caches[1][0] + caches[1][1], refs[0][0] + refs[0][1] + refs[1][0] + refs[1][1]):
+            assert torch.equal(a, r)
+    assert [t.data_ptr() for ks, vs in caches for t in ks + vs] == ptrs
+    assert not torch.equal(caches[0][0][0], torch.zeros_like(caches[0][0][0])), "the calls must write the bound buffers"
+    ks, vs = caches[0]
+    with pytest.raises(ArexportError, match="writes its cache in place"):
+        head.step(hidden[:1], tokens[:1], positions[:1], write[:1], mask[:1], [k[:, :, ::2] for k in ks], vs)

@@ -236,11 +236,14 @@ def sampled_level(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, token
     (the level's parents filled), u [B, N] one uniform per draft node (node i reads u[:, i - 1]); writes
     tokens[:, node]. Each parent's children are `sampled_children` of its row (rank r the r-th draw without
     replacement), all parents of the level drawing rank r at once."""
-    q = dist[:, level.parents].clone()  # [B, C, V]
-    for pos, kids in level.draws:
+    q = dist[:, level.parents]  # [B, C, V] (advanced indexing: a copy, so the removals below leave dist alone)
+    last = len(level.draws) - 1
+    for r, (pos, kids) in enumerate(level.draws):
         qa = q[:, pos]
         x = sample_from_probs(qa, u[:, kids - 1])  # [B, a]
         tokens[:, kids] = x
+        if r == last:  # nothing draws from the updated rows
+            break
         qa.scatter_(2, x[:, :, None], 0.0)
         q[:, pos] = torch.where(qa.sum(2, keepdim=True) > 0, qa, torch.ones_like(qa))  # exhausted support: any token
 
@@ -297,7 +300,8 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
                 qrow[x] = 1.0
             else:
                 qrow = q[ch].clone()
-                qrow[tried] = 0.0
+                if tried:
+                    qrow[tried] = 0.0
                 s = qrow.sum()
                 if s <= 0 or qrow[x] <= 0:
                     tried.append(x)

@@ -318,8 +318,8 @@ class EagleDecoder(Decoder):
             _, pl = self._draft_dist(logits, (n[:, None] + d).clamp(max=self.spec.n_tokens - 1).expand(-1, L))
             dist[:, lv.nodes], hid[:, lv.nodes] = pl.to(dist.dtype), out.to(hid.dtype)
             self._count(ready, draft=True)
-        q = torch.zeros(b, N + 1, p0.shape[-1], device=dev)
-        q[:, 1:] = dist[:, plan.parent[1:]]  # what each node was drawn from
+        q = dist[:, plan.parent].to(torch.float32)  # what each node was drawn from (a copy); the root: from nothing
+        q[:, 0] = 0.0
         return Tree(tokens=tokens, parent=plan.parent[None].expand(b, -1), depth=plan.depth[None].expand(b, -1),
                     rank=plan.rank[None].expand(b, -1), q=q, anc=plan.anc[None].expand(b, -1, -1))
 

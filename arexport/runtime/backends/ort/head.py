@@ -3,18 +3,22 @@
 `OrtDraftHead` offers what the eagle decoders call on a PyTorch head (`cfg.dim`, `dtype`, `allocate`,
 `step`), so `--draft-head DIR` works beside any backend's target with no PyTorch module on the hot path.
 The graph's cache length is static (`slots` in head.json): `allocate` hands out buffers of exactly that
-length and refuses a decoder that needs more. The updated cache comes back as the graph's `present_*`
-outputs and is copied into the caller's buffers (the decoder's static cache stays the one it allocated).
+length and refuses a decoder that needs more. The cache is written in place, as the target's OrtEngine
+writes its own (runner.py): each K/V buffer the caller passes is bound through IOBinding as both `past_*`
+input and `present_*` output, so the graph's TensorScatter writes the new pairs into it and nothing copies
+the cache per call (the earlier runner fed it in as numpy and copied the `present_*` outputs back; the
+before/after is in docs/benchmarks.md, "issue 30: the exported head's cache in place"). Bindings are the
+runner's `_StaticIO`, one per (feed shapes, cache buffer addresses), least recently used dropped first.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Optional
 
-import numpy as np
 import torch
 
 from arexport.errors import ArexportError
@@ -94,14 +98,42 @@ class OrtDraftHead:
         self.dtype = torch.float32
         ort = _ort()
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 2  # warnings and above, as the target's sessions: an in-place fallback is visible
         if threads:
             opts.intra_op_num_threads = threads
         # no spinning, as the target's CPU sessions (ort/loader.py): idle workers held the cores between calls
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(d / info["graph"]), opts, providers=["CPUExecutionProvider"])
-        self.present = [f"present_{k}_{i}" for i in range(self.cfg.n_layer) for k in ("key", "value")]
+        self.static: "OrderedDict[tuple, object]" = OrderedDict()  # launch key -> runner._StaticIO
+        self._run_options = ort.RunOptions()
         self.calls = 0
+
+    MAX_STATIC = 64  # launches kept bound: a round's tree levels and catch-ups take a few (rows, q) shapes per cache
+
+    def _static_io(self, feeds: dict, keys, values):
+        """The standing binding of these feed shapes and cache buffers (made on first use)."""
+        from arexport.runtime.backends.ort.runner import _StaticIO
+
+        key = (tuple((n, tuple(t.shape), t.dtype) for n, t in feeds.items()),
+               tuple(t.data_ptr() for t in keys), tuple(t.data_ptr() for t in values), tuple(keys[0].shape))
+        entry = self.static.get(key)
+        if entry is not None:
+            self.static.move_to_end(key)
+            return entry
+        for t in (*keys, *values):
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != tuple(keys[0].shape):
+                raise ArexportError("the exported draft head writes its cache in place: pass the contiguous fp32 CPU buffers "
+                                    f"its allocate() made (or row slices of them), not {t.dtype} {tuple(t.shape)} on {t.device}")
+        b, q = feeds["tokens"].shape
+        outputs = {"logits": ((b, q, self.cfg.vocab_size), torch.float32), "hidden_out": ((b, q, self.cfg.dim), torch.float32)}
+        shapes = {n: t.contiguous() for n, t in feeds.items()}  # the fixed buffers are dense (a feed may be a view)
+        entry = _StaticIO(self.session, SimpleNamespace(keys=keys, values=values), shapes, outputs, torch.device("cpu"),
+                          self._run_options)
+        self.static[key] = entry
+        while len(self.static) > self.MAX_STATIC:
+            self.static.popitem(last=False)
+        return entry
 
     def allocate(self, batch: int, slots: int):
         """Zeroed per-layer K and V buffers [batch, H_kv, self.slots, D]; `slots` is what the caller needs."""
@@ -120,13 +152,8 @@ class OrtDraftHead:
         if q > self.max_q:
             raise ArexportError(f"a draft-head call of {q} pairs exceeds the exported head's limit {self.max_q}: rebuild "
                                 "it with a larger --verify-len")
-        feeds = {"hidden": hidden.detach().float().contiguous().numpy(), "tokens": tokens.long().numpy(),
-                 "positions": positions.long().numpy(), "write_index": write_index.long().numpy(),
-                 "attn_mask": attn_mask.bool().numpy()}
-        for i, (k, v) in enumerate(zip(keys, values)):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = k.numpy(), v.numpy()
-        outs = self.session.run(["logits", "hidden_out", *self.present], feeds)
-        for buf, new in zip([t for kv in zip(keys, values) for t in kv], outs[2:]):
-            buf.copy_(torch.from_numpy(np.asarray(new)))
+        feeds = {"hidden": hidden.detach().float(), "tokens": tokens.long(), "positions": positions.long(),
+                 "write_index": write_index.long(), "attn_mask": attn_mask.bool()}
+        outs = self._static_io(feeds, keys, values).run(feeds)  # copies the feeds in, runs, returns output copies
         self.calls += 1
-        return torch.from_numpy(outs[0]), torch.from_numpy(outs[1]), keys, values
+        return outs["logits"], outs["hidden_out"], keys, values
