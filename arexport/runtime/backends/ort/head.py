@@ -74,6 +74,21 @@ def check_head_target(info: dict, d, spec) -> None:
                             f"{built[2]} image tokens; {spec.name} has {spec.dim}, {spec.vocab_size} and {spec.n_tokens}")
 
 
+def head_limits(info: dict, d, target_dim: int, target_vocab: int) -> tuple:
+    """An exported head's (cfg: dim, n_layer, n_kv_head, head_dim, vocab_size; cache slots; max pairs per call; max
+    rows) from its head record, refused in one line when its width or vocabulary is not the target's. Shared by the
+    ONNX Runtime and TensorRT head runners."""
+    c = info["config"]
+    cfg = SimpleNamespace(dim=int(c["hidden_size"]), n_layer=int(c.get("num_hidden_layers", 1)),
+                          n_kv_head=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
+                          head_dim=int(c["hidden_size"]) // int(c["num_attention_heads"]), vocab_size=int(c["vocab_size"]))
+    if cfg.dim != target_dim:
+        raise ArexportError(f"draft head {d} has width {cfg.dim}; the target's hidden state has width {target_dim}")
+    if cfg.vocab_size != target_vocab:
+        raise ArexportError(f"draft head {d} has a vocabulary of {cfg.vocab_size}; the target's is {target_vocab}")
+    return cfg, int(info["slots"]), int(info["max_q"]), int(info["max_batch"])
+
+
 class OrtDraftHead:
     """A draft-head directory's ONNX Runtime session; tensors in and out are torch on `device` (CPU)."""
 
@@ -85,16 +100,7 @@ class OrtDraftHead:
         if torch.device(device).type != "cpu":
             raise ArexportError(f"an exported draft head runs on ONNX Runtime's CPU provider here, not {device}: pass the "
                                 "head's .safetensors file or released directory to run it in PyTorch on that device")
-        c = info["config"]
-        self.cfg = SimpleNamespace(dim=int(c["hidden_size"]), n_layer=int(c.get("num_hidden_layers", 1)),
-                                   n_kv_head=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-                                   head_dim=int(c["hidden_size"]) // int(c["num_attention_heads"]),
-                                   vocab_size=int(c["vocab_size"]))
-        if self.cfg.dim != target_dim:
-            raise ArexportError(f"draft head {d} has width {self.cfg.dim}; the target's hidden state has width {target_dim}")
-        if self.cfg.vocab_size != target_vocab:
-            raise ArexportError(f"draft head {d} has a vocabulary of {self.cfg.vocab_size}; the target's is {target_vocab}")
-        self.slots, self.max_q, self.max_batch = int(info["slots"]), int(info["max_q"]), int(info["max_batch"])
+        self.cfg, self.slots, self.max_q, self.max_batch = head_limits(info, d, target_dim, target_vocab)
         self.dtype = torch.float32
         ort = _ort()
         opts = ort.SessionOptions()

@@ -13,13 +13,12 @@ installed on this project's CI machines, where its tests skip.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.backends.ort.head import read_head_info
+from arexport.runtime.backends.ort.head import head_limits, read_head_info
 
 
 class TrtDraftHead:
@@ -41,16 +40,7 @@ class TrtDraftHead:
         trt = require_tensorrt()
         index = dev.index or 0
         check_plan_compat(rec, trt.__version__, current_gpu(index))
-        c = info["config"]
-        self.cfg = SimpleNamespace(dim=int(c["hidden_size"]), n_layer=int(c.get("num_hidden_layers", 1)),
-                                   n_kv_head=int(c.get("num_key_value_heads") or c["num_attention_heads"]),
-                                   head_dim=int(c["hidden_size"]) // int(c["num_attention_heads"]),
-                                   vocab_size=int(c["vocab_size"]))
-        if self.cfg.dim != target_dim:
-            raise ArexportError(f"draft head {d} has width {self.cfg.dim}; the target's hidden state has width {target_dim}")
-        if self.cfg.vocab_size != target_vocab:
-            raise ArexportError(f"draft head {d} has a vocabulary of {self.cfg.vocab_size}; the target's is {target_vocab}")
-        self.slots, self.max_q, self.max_batch = int(info["slots"]), int(info["max_q"]), int(info["max_batch"])
+        self.cfg, self.slots, self.max_q, self.max_batch = head_limits(info, d, target_dim, target_vocab)
         self.dtype = torch.float32  # the head graph is exported in fp32
         self.device = dev
         self.stream = torch.cuda.Stream(dev)
