@@ -89,6 +89,20 @@ def head_limits(info: dict, d, target_dim: int, target_vocab: int) -> tuple:
     return cfg, int(info["slots"]), int(info["max_q"]), int(info["max_batch"])
 
 
+def allocate_head_cache(head, batch: int, slots: int, device) -> tuple:
+    """Zeroed per-layer K and V buffers [batch, H_kv, head.slots, D] on `device` for an exported head (ORT or
+    TensorRT), after checking the caller's `slots` and `batch` against the limits the head was built with."""
+    if slots > head.slots:
+        raise ArexportError(f"the decoder needs {slots} draft-head cache slots; this exported head has {head.slots}: "
+                            "rebuild it with a larger --extra-slots")
+    if batch > head.max_batch:
+        raise ArexportError(f"{batch} rows exceed the exported draft head's batch limit {head.max_batch}: rebuild it "
+                            "with larger --batch-sizes")
+    shape = (batch, head.cfg.n_kv_head, head.slots, head.cfg.head_dim)
+    mk = lambda: torch.zeros(shape, device=device)  # noqa: E731
+    return [mk() for _ in range(head.cfg.n_layer)], [mk() for _ in range(head.cfg.n_layer)]
+
+
 class OrtDraftHead:
     """A draft-head directory's ONNX Runtime session; tensors in and out are torch on `device` (CPU)."""
 
@@ -143,14 +157,7 @@ class OrtDraftHead:
 
     def allocate(self, batch: int, slots: int):
         """Zeroed per-layer K and V buffers [batch, H_kv, self.slots, D]; `slots` is what the caller needs."""
-        if slots > self.slots:
-            raise ArexportError(f"the decoder needs {slots} draft-head cache slots; this exported head has {self.slots}: "
-                                "rebuild it with a larger --extra-slots")
-        if batch > self.max_batch:
-            raise ArexportError(f"{batch} rows exceed the exported draft head's batch limit {self.max_batch}: rebuild it "
-                                "with larger --batch-sizes")
-        shape = (batch, self.cfg.n_kv_head, self.slots, self.cfg.head_dim)
-        return ([torch.zeros(shape) for _ in range(self.cfg.n_layer)], [torch.zeros(shape) for _ in range(self.cfg.n_layer)])
+        return allocate_head_cache(self, batch, slots, torch.device("cpu"))
 
     def step(self, hidden, tokens, positions, write_index, attn_mask, keys, values):
         """As EagleHead.step: (logits [B,q,V] fp32, out hidden [B,q,dim], keys, values), K/V written in place."""

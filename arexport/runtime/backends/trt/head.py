@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.backends.ort.head import head_limits, read_head_info
+from arexport.runtime.backends.ort.head import allocate_head_cache, head_limits, read_head_info
 
 
 class TrtDraftHead:
@@ -50,15 +50,7 @@ class TrtDraftHead:
 
     def allocate(self, batch: int, slots: int):
         """Zeroed per-layer K and V buffers [batch, H_kv, self.slots, D] on the GPU; `slots` is what the caller needs."""
-        if slots > self.slots:
-            raise ArexportError(f"the decoder needs {slots} draft-head cache slots; this exported head has {self.slots}: "
-                                "rebuild it with a larger --extra-slots")
-        if batch > self.max_batch:
-            raise ArexportError(f"{batch} rows exceed the exported draft head's batch limit {self.max_batch}: rebuild it "
-                                "with larger --batch-sizes")
-        shape = (batch, self.cfg.n_kv_head, self.slots, self.cfg.head_dim)
-        mk = lambda: torch.zeros(shape, device=self.device)  # noqa: E731
-        return [mk() for _ in range(self.cfg.n_layer)], [mk() for _ in range(self.cfg.n_layer)]
+        return allocate_head_cache(self, batch, slots, self.device)
 
     def step(self, hidden, tokens, positions, write_index, attn_mask, keys, values):
         """As EagleHead.step: (logits [B,q,V] fp32, out hidden [B,q,dim], keys, values), K/V written in place."""
