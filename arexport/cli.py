@@ -995,6 +995,11 @@ def _print_quantized_report(engine_dir, backend, rep, console) -> None:
     for g, before in zip(rep.gates, earlier):
         t.add_row(g["name"], f"{g['value']:.4g}", g["limit"], before, "[green]ok[/]" if g["passed"] else "[red]FAIL[/]")
     console.print(t)
+    for step, h in rep.hidden_fidelity.items():
+        cal_min = h["calibrate_cosine_min"]
+        console.print(f"{step} hidden states (what a draft head reads) vs the reference: cosine min {h['cosine_min']:.5f}, "
+                      f"mean {h['cosine_mean']:.5f} over {h['positions']} positions"
+                      + (f" (calibrate measured min {cal_min:.5f})" if cal_min is not None else "") + "; informational")
     if rep.token_agreement is not None:
         console.print(f"greedy whole-image token agreement: {rep.token_agreement:.4f} ({rep.images_identical} images "
                       "identical); informational: a quantized engine may take another greedy path")

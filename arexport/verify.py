@@ -430,6 +430,9 @@ class QuantizedReport:
     gates: list[dict] = field(default_factory=list)  # name, value, limit, passed
     calibration: dict = field(default_factory=dict)  # what calibrate measured (manifest), shown next to ours
     token_agreement: Optional[float] = None  # greedy whole images: informational (quantization may diverge)
+    # per hidden-state step graph (tree_verify): cosine of its hidden states against the reference's, per
+    # position; informational, shown beside what calibrate measured (a draft head reads these states)
+    hidden_fidelity: dict = field(default_factory=dict)
     images_identical: Optional[str] = None
     seconds: float = 0.0
 
@@ -455,6 +458,13 @@ def logits_agreement(ref: np.ndarray, out: np.ndarray) -> tuple[int, list[float]
     return int((a.argmax(-1) == b.argmax(-1)).sum()), list(kl), a.shape[0]
 
 
+def hidden_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Cosine similarity per position of hidden states [..., dim] (reference against quantized)."""
+    a = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    b = out.reshape(-1, out.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
 def verify_quantized(engine: StepEngine, reference: StepEngine, quantization: dict, batch: int = 2,
                      verify_len: int = 16, n_images: int = 2, seed: int = 0, demo_images: int = DEMO_GATE_IMAGES,
                      progress=lambda msg: None) -> QuantizedReport:
@@ -466,14 +476,25 @@ def verify_quantized(engine: StepEngine, reference: StepEngine, quantization: di
     t0 = time.perf_counter()
     rep = QuantizedReport(quantization["mode"], dict(th), calibration={
         k: gates[k] for k in ("top1_agreement", "mean_kl", "heldout_steps", "demo", "passed") if k in gates})
-    cases = make_cases(engine.spec, batch, verify_len, seed)
+    # every step graph the directory has (a tree-verification graph included), not only the family's default
+    cases = make_cases(engine.spec, batch, verify_len, seed, steps=engine.step_kinds())
     progress(f"running {len(cases)} step cases on the quantized engine and the PyTorch reference")
     agree, kls, n = 0, [], 0
+    hidden: dict[str, list[np.ndarray]] = {}
     for case in cases:
         ref_out, q_out = run_case(reference, dict(case)), run_case(engine, dict(case))
-        if "logits" in ref_out:
-            a, k, m = logits_agreement(ref_out["logits"], q_out["logits"])
-            agree, kls, n = agree + a, kls + k, n + m
+        for name in ref_out:
+            if name.startswith("logits"):  # every head's next-token distribution (NAR's logits_below too)
+                a, k, m = logits_agreement(ref_out[name], q_out[name])
+                agree, kls, n = agree + a, kls + k, n + m
+            elif name == "hidden":  # what a draft head reads: its fidelity is reported beside calibrate's
+                hidden.setdefault(STEPS[int(case["step"])], []).append(hidden_cosines(ref_out[name], q_out[name]))
+    for step, c in hidden.items():
+        recorded = ((quantization.get("graphs") or {}).get(get_step_kind(step).graph) or {}).get("fidelity") or {}
+        rep.hidden_fidelity[step] = {"cosine_min": float(np.min(np.concatenate(c))),
+                                     "cosine_mean": float(np.mean(np.concatenate(c))),
+                                     "positions": int(sum(len(x) for x in c)),
+                                     "calibrate_cosine_min": recorded.get("hidden_cosine_min")}
     top1, mean_kl = agree / max(n, 1), float(np.mean(kls)) if kls else float("nan")
     rep.gates.append({"name": f"top-1 agreement ({n} positions)", "value": top1, "limit": f">= {th['min_agreement']}",
                       "passed": top1 >= th["min_agreement"]})
