@@ -1,0 +1,89 @@
+"""verify_chain's per-row host path (StandardRule, SampledProposals, CPU, few chains) against its tensor
+path: the same accepted counts and bit-equal distributions on random windows with zero-probability
+tokens, sampled and one-hot drafts, every limit, rejected drafts and exact ties of u with the ratio.
+Controls: perturbed row paths (the limit ignored, the bonus after a rejection) are rejected."""
+
+import numpy as np
+import pytest
+import torch
+
+import arexport.runtime.speculative as spec
+from arexport.runtime.speculative import SampledProposals, StandardRule, verify_chain
+
+
+def _case(seed: int, b: int, l: int, v: int, one_hot: float, rows: bool):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, l + 1, v, generator=g) * 3
+    logits[torch.rand(b, l + 1, v, generator=g) < 0.3] = float("-inf")  # zero-probability tokens
+    logits[..., 0] = 0.0  # every row keeps some mass
+    P = torch.softmax(logits, -1)
+    n = 3 * b * l
+    R = torch.softmax(torch.randn(max(n, 1), v, generator=g) * 2, -1) if rows else None
+    index = torch.randint(0, max(n, 1), (b, l), generator=g) if rows else torch.full((b, l), -1)
+    index[torch.rand(b, l, generator=g) < one_hot] = -1
+    D = torch.randint(0, v, (b, l), generator=g)
+    if rows:  # sampled drafts come from their rows (drawn, not one-hot), so q(x) > 0
+        drawn = torch.multinomial(R[index.clamp(min=0).view(-1)], 1, generator=g).view(b, l)
+        D = torch.where(index >= 0, drawn, D)
+    limit = torch.randint(0, l + 1, (b,), generator=g)
+    u = torch.rand(b, l, generator=g, dtype=torch.float64)
+    if l:  # an exact tie u == ratio must reject (u < ratio accepts)
+        Q = SampledProposals(R, index, D, v)
+        u[0, 0] = float(torch.clamp(P[0, 0, D[0, 0]] / Q.qx[0, 0].clamp(min=1e-30), max=1.0))
+    return P, SampledProposals(R, index, D, v), D, limit, u
+
+
+CASES = [(s, b, l, v, oh, rows) for s, (b, l, v) in enumerate([(1, 15, 17), (2, 7, 17), (4, 3, 5), (3, 1, 9), (1, 0, 17),
+                                                                 (4, 15, 64), (1, 15, 2)])
+         for oh in (0.0, 0.5, 1.0) for rows in (True, False)]
+
+
+def _compare(case, path=None):
+    P, Q, D, limit, u = _case(*case)
+    want = spec._verify_tensors(P, Q, D, limit, u, None, StandardRule())
+    got = (path or spec._verify_rows)(P, Q, D, limit, u)
+    return torch.equal(want.accepted, got.accepted) and torch.equal(want.dist, got.dist), want
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_row_path_matches_tensor_path(case):
+    ok, want = _compare(case)
+    assert ok
+
+
+def test_cases_exercise_rejections_and_bonuses():
+    """The cases cover both outcomes, so equality is not vacuous."""
+    kinds = set()
+    for case in CASES:
+        P, Q, D, limit, u = _case(*case)
+        res = spec._verify_tensors(P, Q, D, limit, u, None, StandardRule())
+        kinds |= {"rejected" if int(k) < int(m) else "bonus" for k, m in zip(res.accepted, limit)}
+        kinds |= {"accepted"} if bool((res.accepted > 0).any()) else set()
+    assert kinds == {"rejected", "bonus", "accepted"}
+
+
+def test_verify_chain_takes_the_row_path_only_where_it_applies(monkeypatch):
+    calls = []
+    real = spec._verify_rows
+    monkeypatch.setattr(spec, "_verify_rows", lambda *a: calls.append(1) or real(*a))
+    P, Q, D, limit, u = _case(0, 2, 7, 17, 0.5, True)
+    res = verify_chain(P, Q, D, limit, u, torch.rand(2, dtype=torch.float64), StandardRule())
+    assert calls == [1] and res.token.shape == (2,)
+    P, Q, D, limit, u = _case(1, spec.ROW_PATH_ROWS + 1, 7, 17, 0.5, True)
+    verify_chain(P, Q, D, limit, u, None, StandardRule())
+    assert calls == [1]  # more chains: the tensor path
+
+
+def _ignores_limit(P, Q, D, limit, u):
+    return spec._verify_rows(P, Q, D, torch.full_like(limit, D.shape[1]), u)
+
+
+def _bonus_after_rejection(P, Q, D, limit, u):
+    res = spec._verify_rows(P, Q, D, limit, u)
+    k = res.accepted
+    return spec.ChainResult(k, P.gather(1, k.view(-1, 1, 1).expand(-1, 1, P.shape[-1]))[:, 0], None)
+
+
+@pytest.mark.parametrize("control", [_ignores_limit, _bonus_after_rejection])
+def test_controls_are_rejected(control):
+    assert not all(_compare(case, control)[0] for case in CASES)
