@@ -87,3 +87,37 @@ def _bonus_after_rejection(P, Q, D, limit, u):
 @pytest.mark.parametrize("control", [_ignores_limit, _bonus_after_rejection])
 def test_controls_are_rejected(control):
     assert not all(_compare(case, control)[0] for case in CASES)
+
+
+@pytest.mark.parametrize("n", [1, 2, spec.ROW_PATH_ROWS])
+def test_window_arms_row_path_matches_arrays(n):
+    """WindowArms for a few images in Python scalars (choose, observe with lists) against the numpy
+    arrays over all of them: the same arms and the same bits of state over a long random run that
+    crosses trust, bursts and re-probes. Control: an arrays run fed other yields diverges."""
+    from types import SimpleNamespace
+
+    def arms():
+        slots = SimpleNamespace(image_tensor=lambda shape, dtype=torch.int64, fill=0, device=None:
+                                torch.full((8, *shape), fill, dtype=dtype))
+        return spec.WindowArms(slots, torch.tensor([1.0, 1.2] + [1.5] * 14), 16, 0.5, reprobe=5, probe=2, trust=3)
+
+    rows, arrays, control = arms(), arms(), arms()
+    g = np.random.default_rng(n)
+    same_control, seen = True, set()
+    for t in range(300):
+        a = rows.choose(n)
+        seen.update(a)
+        b = arrays._choose_arrays(n).tolist()
+        c = control._choose_arrays(n)
+        assert a == b, t
+        choices = [1, 1, 2, 3, 7, 15] if (t // 60) % 2 == 0 else [1, 1, 1, 2]  # phases where the window pays and not
+        yields = [float(g.choice(choices)) if x == 16 else 1.0 for x in a]
+        full = [bool(g.random() < 0.9) for _ in a]
+        rows.observe(yields, full)
+        arrays.observe(np.array(yields), np.array(full))
+        control.observe(np.array(yields) + 0.5, np.array(full))
+        for k in ("tokens", "counted", "since", "burst", "last", "previous"):
+            assert np.array_equal(rows._np[k], arrays._np[k]), (t, k)
+        same_control &= np.array_equal(control._np["tokens"], arrays._np["tokens"]) and c.tolist() == b
+    assert seen == {1, 16}  # both arms ran
+    assert not same_control

@@ -278,8 +278,31 @@ class WindowArms:
         self.previous = slots.image_tensor((), device=cpu)  # and of the one before it
         self._np = {k: getattr(self, k).numpy() for k in ("tokens", "counted", "since", "burst", "last", "previous")}
 
-    def choose(self, n: int) -> torch.Tensor:
-        """The window length of each image [n] (int64, on the CPU) for the next step: the window or 1."""
+    def choose(self, n: int) -> list[int]:
+        """The window length of each image [n] for the next step: the window or 1."""
+        if n <= ROW_PATH_ROWS:
+            return [self._choose_one(i) for i in range(n)]
+        return self._choose_arrays(n).tolist()
+
+    def _choose_one(self, i: int) -> int:
+        """`_choose_arrays` for image i alone, in Python scalars (the same decisions and state)."""
+        a, w = self._np, self.window
+        burst, since = int(a["burst"][i]), int(a["since"][i])
+        keep = a["counted"][i] < self.trust or burst > 0 or a["tokens"][i] >= self.threshold
+        probe = not keep and since >= self.reprobe
+        if probe:
+            burst = self.probe
+        window = keep or probe
+        if window:
+            a["burst"][i], a["since"][i] = max(burst - 1, 0), 0
+        else:
+            a["since"][i] = since + 1
+        arm = w if window else 1
+        a["previous"][i], a["last"][i] = a["last"][i], arm
+        return arm
+
+    def _choose_arrays(self, n: int) -> np.ndarray:
+        """The arms of images [0, n) in numpy over all of them: int64 [n]."""
         a, w = self._np, self.window
         burst, since = a["burst"][:n], a["since"][:n]
         keep = (a["counted"][:n] < self.trust) | (burst > 0) | (a["tokens"][:n] >= self.threshold)
@@ -290,12 +313,16 @@ class WindowArms:
         a["since"][:n] = np.where(window, 0, since + 1)
         arm = np.where(window, w, 1).astype(np.int64)
         a["previous"][:n], a["last"][:n] = a["last"][:n], arm
-        return torch.from_numpy(arm)
+        return arm
 
     def observe(self, committed, full) -> None:
         """After a step: tokens each image committed [n] (float), and whether it ran its whole chosen
         arm [n] (bool; a window cut short by the image's end or the speculative interval says little);
         tensors (any device), arrays or lists."""
+        if isinstance(committed, list) and len(committed) <= ROW_PATH_ROWS:
+            for i, (c, f) in enumerate(zip(committed, full)):
+                self._observe_one(i, float(c), bool(f))
+            return
         committed, full = _host(committed, np.float64), _host(full, bool)
         n, a = committed.shape[0], self._np
         use = full & (a["last"][:n] == self.window) & (a["previous"][:n] == self.window)
@@ -303,6 +330,14 @@ class WindowArms:
         mean = np.where(a["counted"][:n] > 0, self.decay * old + (1 - self.decay) * committed, committed)
         a["tokens"][:n] = np.where(use, mean, old)
         a["counted"][:n] += use
+
+    def _observe_one(self, i: int, committed: float, full: bool) -> None:
+        """`observe` of image i alone, in Python floats (float64: the same bits as the arrays')."""
+        a = self._np
+        if full and a["last"][i] == self.window and a["previous"][i] == self.window:
+            old = float(a["tokens"][i])
+            a["tokens"][i] = self.decay * old + (1 - self.decay) * committed if a["counted"][i] > 0 else committed
+            a["counted"][i] += 1
 
 
 def _host(x, dtype) -> np.ndarray:

@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from arexport.errors import ArexportError
@@ -96,13 +97,14 @@ class SJDDecoder(Decoder):
     def advance(self):
         s, o, rule, cfg = self.slots, self.opts, self.rule, self.cfg
         b, n_tok, dev = s.n, self.spec.n_tokens, s.device
-        arms = [self.window] * b if self.arms is None else self.arms.choose(b).tolist()
+        arms = [self.window] * b if self.arms is None else self.arms.choose(b)
         count = self.count
         # per image: positions fed (its window; 1 outside [start, end)) and drafts that may be accepted
         qlen = [min(n_tok - c, arm) if o.start <= c < self.end else 1 for c, arm in zip(count, arms)]
         Q = max(qlen)
-        n, length, accept = torch.tensor([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]],
-                                         device=dev)
+        # through numpy: torch.tensor on nested lists costs several times more on a CPU
+        n, length, accept = torch.from_numpy(np.array([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]],
+                                                      dtype=np.int64)).to(dev)
         tok_index = n[:, None] + self.lanes[:Q]  # the token each output position predicts
         # everything that does not need the logits comes first: an engine call evicts the host's
         # code and data from the CPU caches, and the same work costs 2-3x right after it
