@@ -40,9 +40,13 @@ CASES = [(s, b, l, v, oh, rows) for s, (b, l, v) in enumerate([(1, 15, 17), (2, 
 
 def _compare(case, path=None):
     P, Q, D, limit, u = _case(*case)
-    want = spec._verify_tensors(P, Q, D, limit, u, None, StandardRule())
-    got = (path or spec._verify_rows)(P, Q, D, limit, u)
-    return torch.equal(want.accepted, got.accepted) and torch.equal(want.dist, got.dist), want
+    # token uniforms over [0, 1), including 0 and the largest double below 1 (the target clamp)
+    u_token = torch.rand(P.shape[0], generator=torch.Generator().manual_seed(case[0] + 100), dtype=torch.float64)
+    u_token[0] = 1.0 - 2.0**-53 if case[0] % 2 else 0.0
+    want = spec._verify_tensors(P, Q, D, limit, u, u_token, StandardRule())
+    got = (path or spec._verify_rows)(P, Q, D, limit, u, u_token)
+    same = torch.equal(want.accepted, got.accepted) and torch.equal(want.dist, got.dist)
+    return same and torch.equal(want.token, got.token), want
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -74,17 +78,26 @@ def test_verify_chain_takes_the_row_path_only_where_it_applies(monkeypatch):
     assert calls == [1]  # more chains: the tensor path
 
 
-def _ignores_limit(P, Q, D, limit, u):
-    return spec._verify_rows(P, Q, D, torch.full_like(limit, D.shape[1]), u)
+def _ignores_limit(P, Q, D, limit, u, u_token):
+    return spec._verify_rows(P, Q, D, torch.full_like(limit, D.shape[1]), u, u_token)
 
 
-def _bonus_after_rejection(P, Q, D, limit, u):
-    res = spec._verify_rows(P, Q, D, limit, u)
+def _bonus_after_rejection(P, Q, D, limit, u, u_token):
+    res = spec._verify_rows(P, Q, D, limit, u, u_token)
     k = res.accepted
-    return spec.ChainResult(k, P.gather(1, k.view(-1, 1, 1).expand(-1, 1, P.shape[-1]))[:, 0], None)
+    dist = P.gather(1, k.view(-1, 1, 1).expand(-1, 1, P.shape[-1]))[:, 0]
+    return spec.ChainResult(k, dist, res.token)
 
 
-@pytest.mark.parametrize("control", [_ignores_limit, _bonus_after_rejection])
+def _float32_running_sum(P, Q, D, limit, u, u_token):
+    """The token drawn with a float32 running sum instead of float64."""
+    res = spec._verify_rows(P, Q, D, limit, u, None)
+    cdf = torch.cumsum(res.dist, -1)
+    target = u_token.float()[:, None] * cdf[:, -1:]
+    return spec.ChainResult(res.accepted, res.dist, torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=P.shape[-1] - 1))
+
+
+@pytest.mark.parametrize("control", [_ignores_limit, _bonus_after_rejection, _float32_running_sum])
 def test_controls_are_rejected(control):
     assert not all(_compare(case, control)[0] for case in CASES)
 

@@ -390,15 +390,21 @@ class SampledProposals(Proposals):
     """Drafts D [B, L] that are either samples from rows of an earlier step's distributions or
     one-hot proposals (q = 1 at the draft itself: SJD's new random or repeated tokens): `index`
     [B, L] into `rows` [N, V] (None when there are none), -1 for one-hot. Nothing of size [B, L, V]
-    is built, and q(D) is read at construction (it does not depend on the step's logits, so a
-    decoder can make this before its engine call)."""
+    is built, and q(D) is read when first asked for."""
 
     def __init__(self, rows: Optional[torch.Tensor], index: torch.Tensor, D: torch.Tensor, vocab: int):
         self.rows, self.index, self.D, self.vocab = rows, index, D, vocab
-        if rows is None:
-            self.qx = torch.ones(D.shape, dtype=torch.float32, device=D.device)
-        else:
-            self.qx = torch.where(index < 0, 1.0, rows.view(-1).take(index.clamp(min=0) * vocab + D))
+        self._qx: Optional[torch.Tensor] = None
+
+    @property
+    def qx(self) -> torch.Tensor:
+        """q(D) [B, L], read on first use (the host row path of `verify_chain` reads its few entries itself)."""
+        if self._qx is None:
+            if self.rows is None:
+                self._qx = torch.ones(self.D.shape, dtype=torch.float32, device=self.D.device)
+            else:
+                self._qx = torch.where(self.index < 0, 1.0, self.rows.view(-1).take(self.index.clamp(min=0) * self.vocab + self.D))
+        return self._qx
 
     def prob(self, D):
         if D is not self.D and not torch.equal(D, self.D):
@@ -433,8 +439,7 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     """
     b, l = D.shape
     if type(rule) is StandardRule and type(Q) is SampledProposals and P.device.type == "cpu" and b <= ROW_PATH_ROWS:
-        res = _verify_rows(P, Q, D, limit, u_accept)
-        return res if u_token is None else ChainResult(res.accepted, res.dist, sample_from_probs(res.dist, u_token))
+        return _verify_rows(P, Q, D, limit, u_accept, u_token)
     return _verify_tensors(P, Q, D, limit, u_accept, u_token, rule)
 
 
@@ -466,7 +471,7 @@ _ONE = np.float32(1.0)
 
 
 def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit: torch.Tensor,
-                 u_accept: torch.Tensor) -> ChainResult:
+                 u_accept: torch.Tensor, u_token: Optional[torch.Tensor] = None) -> ChainResult:
     """`_verify_tensors` for StandardRule and SampledProposals on the CPU, one chain at a time: the same
     numbers (float32 ratios min(1, p(x) / max(q(x), 1e-30)) compared with the float64 uniforms, the
     residual max(0, p - q) without x, falling back to p without x, then p), computed only where
@@ -474,15 +479,15 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
     ratios instead of all of them, and the residual is built for one row per rejected chain (issue
     35: the tensor path's ~45 small ops were a fifth of a small model's SJD step on the host)."""
     b, l = D.shape
-    p, d, qx, u = P.numpy(), D.numpy(), Q.qx.numpy(), u_accept.numpy()
-    index = Q.index.numpy()
+    p, d, u, index = P.numpy(), D.numpy(), u_accept.numpy(), Q.index.numpy()
     rows = None if Q.rows is None else Q.rows.numpy()
     accepted, dist = [], np.empty((b, p.shape[-1]), dtype=p.dtype)
     for i, lim in enumerate(limit.tolist()):
         k, stop = 0, min(lim, l)
         while k < stop:
-            x = d[i, k]
-            ratio = min(p[i, k, x] / max(qx[i, k], _TINY), _ONE)  # float32, as the tensor path's
+            x, j = d[i, k], index[i, k]
+            qx = _ONE if j < 0 or rows is None else rows[j, x]  # q(x): 1 for a one-hot proposal
+            ratio = min(p[i, k, x] / max(qx, _TINY), _ONE)  # float32, as the tensor path's
             if not u[i, k] < ratio:
                 break
             k += 1
@@ -503,7 +508,19 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
             if not r.sum() > 0:
                 r = pk
         dist[i] = r
-    return ChainResult(torch.tensor(accepted, dtype=torch.long), torch.from_numpy(dist), None)
+    token = None
+    if u_token is not None:
+        token = torch.from_numpy(np.array([_draw(dist[i], w) for i, w in enumerate(u_token.tolist())], dtype=np.int64))
+    return ChainResult(torch.tensor(accepted, dtype=torch.long), torch.from_numpy(dist), token)
+
+
+def _draw(probs: np.ndarray, u: float) -> int:
+    """`sample_from_probs` of one row [V] in numpy: the same float64 running sum (numpy's cumsum adds
+    in order, as torch's does on a CPU), target and right-side search."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    total = cdf[-1]
+    target = min(u * total, total * (1.0 - 2.0**-53))
+    return min(int(np.searchsorted(cdf, target, side="right")), probs.shape[0] - 1)
 
 
 _ZERO = np.float32(0.0)

@@ -119,11 +119,11 @@ class SJDDecoder(Decoder):
                                write, view.causal_mask(write, Q))
         params = self.params
         P = rule.target_probs(cfg.guide(out, tok_index, params), params)
-        res = verify_chain(P, proposals, drafts, accept, u_accept, None, rule)
         # the token after the accepted run, and fresh samples from this step's p (what the unverified
         # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)
+        res = verify_chain(P, proposals, drafts, accept, u_accept, u_draw[:, 0], rule)
         P = rule.bonus(P)
-        k, token, fresh = res.accepted, sample_from_probs(res.dist, u_draw[:, 0]), sample_from_probs(P, u_draw[:, 1:])
+        k, token, fresh = res.accepted, res.token, sample_from_probs(P, u_draw[:, 1:])
         token1 = token[:, None]
         vals = torch.cat([drafts, token1], 1).scatter_(1, k[:, None], token1)
         self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
