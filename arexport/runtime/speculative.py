@@ -517,7 +517,7 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
 def _draw(probs: np.ndarray, u: float) -> int:
     """`sample_from_probs` of one row [V] in numpy: the same float64 running sum (numpy's cumsum adds
     in order, as torch's does on a CPU), target and right-side search."""
-    cdf = np.cumsum(probs, dtype=np.float64)
+    cdf = probs.astype(np.float64).cumsum()  # exact widening, then the sum in order
     total = cdf[-1]
     target = min(u * total, total * (1.0 - 2.0**-53))
     return min(int(np.searchsorted(cdf, target, side="right")), probs.shape[0] - 1)
