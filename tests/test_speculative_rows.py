@@ -134,3 +134,38 @@ def test_window_arms_row_path_matches_arrays(n):
         same_control &= np.array_equal(control._np["tokens"], arrays._np["tokens"]) and c.tolist() == b
     assert seen == {1, 16}  # both arms ran
     assert not same_control
+
+
+@pytest.fixture(scope="module")
+def demo_torch():
+    from arexport.runtime.generator import Generator
+
+    return Generator.load("demo")
+
+
+@pytest.mark.parametrize("batch,images,options", [(1, 3, {}), (3, 5, {"window": 4}), (2, 4, {"window": 6, "start": 5}),
+                                                  (6, 6, {})])
+def test_sjd_host_paths_give_the_tensor_paths_tokens(demo_torch, monkeypatch, batch, images, options):
+    """Whole sjd generations with every host path (row verification, scalar window arms, numpy
+    bookkeeping) against the same with all of them off: the same tokens and accepted runs.
+    Control: a host bookkeeping that commits one token fewer per step changes them."""
+    from arexport.runtime.methods import sjd
+
+    def run():
+        res = demo_torch.generate(classes=[i % 10 for i in range(images)], method="sjd", method_options=options,
+                                  batch_size=batch, images=False, seed=7)
+        return res.tokens.copy() if hasattr(res.tokens, "copy") else res.tokens.clone()
+
+    fast = run()
+    real_observe = spec.WindowArms.observe
+    with monkeypatch.context() as m:
+        m.setattr(spec, "ROW_PATH_ROWS", 0)
+        m.setattr(sjd, "HOST_BOOKKEEPING", False)
+        m.setattr(spec.WindowArms, "choose", lambda self, n: self._choose_arrays(n).tolist())
+        m.setattr(spec.WindowArms, "observe", lambda self, c, f: real_observe(self, np.asarray(c, float), np.asarray(f)))
+        slow = run()
+    assert np.array_equal(np.asarray(fast), np.asarray(slow))
+    real_commit = sjd.SJDDecoder._commit_host
+    with monkeypatch.context() as m:  # control
+        m.setattr(sjd.SJDDecoder, "_commit_host", lambda self, b, k, *a: real_commit(self, b, (k - 1).clamp(min=0), *a))
+        assert not np.array_equal(np.asarray(run()), np.asarray(fast))

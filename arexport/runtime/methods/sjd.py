@@ -32,6 +32,7 @@ from arexport.runtime.speculative import SampledProposals, StandardRule, WindowA
 from arexport.runtime.step_cost import prices
 
 INITS = ("random", "repeat_horizon")
+HOST_BOOKKEEPING = True  # numpy bookkeeping on a CPU (`SJDDecoder._commit_host`); tests compare both branches
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,12 @@ class SJDDecoder(Decoder):
         self.lanes = torch.arange(w + 1, device=s.device)
         self.images = torch.arange(capacity, device=s.device)
         self.arms = None
+        # on a CPU the per-step bookkeeping runs in numpy on views of these buffers (`_commit_host`):
+        # the same integer arithmetic as the tensor code, at a fraction of torch's per-op cost
+        self.host = s.device.type == "cpu" and o.init == "random" and HOST_BOOKKEEPING
+        if self.host:
+            self._np = {"feed": self.feed.numpy(), "source": self.source.numpy(), "tokens": self.tokens.numpy(),
+                        "lanes": self.lanes.numpy(), "images": self.images.numpy()}
         if adaptive:  # per image, the whole window or one token per step, priced at one image's rows (no clock)
             pr = prices(self.engine, self.cfg.per_image, w)
             self.arms = WindowArms(s, pr.target, w, pr.host)
@@ -124,21 +131,48 @@ class SJDDecoder(Decoder):
         res = verify_chain(P, proposals, drafts, accept, u_accept, u_draw[:, 0], rule)
         P = rule.bonus(P)
         k, token, fresh = res.accepted, res.token, sample_from_probs(P, u_draw[:, 1:])
-        token1 = token[:, None]
-        vals = torch.cat([drafts, token1], 1).scatter_(1, k[:, None], token1)
-        self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
-        adv = k + 1
-        cfg.add_per_image(view.length, adv)  # the cache keeps `last` and the accepted drafts
-        advanced = adv.tolist()
+        self.rows = P.view(-1, P.shape[-1])
+        if self.host:
+            advanced = self._commit_host(b, k, token, fresh, length, tok_index, drafts, new, view.length)
+        else:
+            token1 = token[:, None]
+            vals = torch.cat([drafts, token1], 1).scatter_(1, k[:, None], token1)
+            self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
+            adv = k + 1
+            cfg.add_per_image(view.length, adv)  # the cache keeps `last` and the accepted drafts
+            advanced = adv.tolist()
+            self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
         for i, (st, a) in enumerate(zip(s.stats[:b], advanced)):
             count[i] += a
             st.forwards += 1
             st.accepted.append(a)
-        self.rows = P.view(-1, P.shape[-1])
-        self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
         if self.arms is not None:  # a window cut short by an image's end says little
             self.arms.observe(advanced, [q == a for q, a in zip(qlen, arms)])
         return [i for i, c in enumerate(count) if c >= n_tok]
+
+    def _commit_host(self, b, k, token, fresh, length, tok_index, drafts, new, lengths) -> list[int]:
+        """The tensor branch of `advance` after verification and `_pad_drafts` (random drafts) in numpy
+        on the CPU buffers' views, with the same integers: commit the accepted drafts and the token,
+        advance the cache lengths, and write the next window. Returns the tokens committed per image."""
+        a = self._np
+        k, token, fresh = k.numpy(), token.numpy(), fresh.numpy()
+        vals = np.concatenate([drafts.numpy(), token[:, None]], 1)  # a copy: the window is rewritten below
+        vals[a["images"][:b], k] = token
+        np.put_along_axis(a["tokens"][:b], tok_index.numpy(), vals, 1)  # past n + k: rewritten before committed
+        adv = k + 1
+        rows = lengths.numpy()
+        rows += np.repeat(adv, rows.shape[0] // b)  # every row of an image (CFG pairs): the cache keeps the run
+        # the next window: the token, then fresh samples after the run where there are some, else new drafts
+        feed, source, size = a["feed"][:b], a["source"][:b], self.window - 1
+        feed[:, 0] = token
+        idx = adv[:, None] + a["lanes"][:size]
+        miss = idx >= length.numpy()[:, None]
+        src = np.minimum(idx, fresh.shape[1] - 1)
+        feed[:, 1:] = np.where(miss, new.numpy(), np.take_along_axis(fresh, src, 1))
+        row = src + a["images"][:b, None] * fresh.shape[1]  # rows of this step's [B * Q, V]
+        row[miss] = -1
+        source[:] = row
+        return adv.tolist()
 
     def finish(self, i):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
