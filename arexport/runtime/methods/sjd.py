@@ -110,9 +110,18 @@ class SJDDecoder(Decoder):
         qlen = [min(n_tok - c, arm) if o.start <= c < self.end else 1 for c, arm in zip(count, arms)]
         Q = max(qlen)
         # through numpy: torch.tensor on nested lists costs several times more on a CPU
-        n, length, accept = torch.from_numpy(np.array([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]],
-                                                      dtype=np.int64)).to(dev)
-        tok_index = n[:, None] + self.lanes[:Q]  # the token each output position predicts
+        steps = np.array([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]], dtype=np.int64)
+        if self.host:  # the window's token indices, positions and tokens fed, in numpy (see __init__)
+            tok = steps[0][:, None] + self._np["lanes"][:Q]  # the token each output position predicts
+            pos, fed = np.minimum(tok - 1, n_tok - 1), self._np["feed"][:b, :Q]
+            if cfg.per_image > 1:  # the CFG rows of each image
+                pos, fed = np.repeat(pos, cfg.per_image, 0), np.repeat(fed, cfg.per_image, 0)
+            tok_index, length, accept = torch.from_numpy(tok), torch.from_numpy(steps[1]), torch.from_numpy(steps[2])
+            positions, fed = torch.from_numpy(pos), torch.from_numpy(fed)
+        else:
+            n, length, accept = torch.from_numpy(steps).to(dev)
+            tok_index = n[:, None] + self.lanes[:Q]  # the token each output position predicts
+            positions, fed = cfg.expand((tok_index - 1).clamp(max=n_tok - 1)), cfg.expand(self.feed[:b, :Q])
         # everything that does not need the logits comes first: an engine call evicts the host's
         # code and data from the CPU caches, and the same work costs 2-3x right after it
         u, u_new = s.uniforms(2 * Q, self.window - 1)  # this step's and the new drafts'
@@ -122,8 +131,7 @@ class SJDDecoder(Decoder):
         new = self._random_tokens(u_new)  # new drafts, where needed
         view = self.cache.view(0, s.rows)
         write = view.length.clone()
-        out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
-                               write, view.causal_mask(write, Q))
+        out = self.engine.step(view, fed, positions, write, view.causal_mask(write, Q))
         params = self.params
         P = rule.target_probs(cfg.guide(out, tok_index, params), params)
         # the token after the accepted run, and fresh samples from this step's p (what the unverified
