@@ -94,7 +94,8 @@ def _float32_running_sum(P, Q, D, limit, u, u_token):
     res = spec._verify_rows(P, Q, D, limit, u, None)
     cdf = torch.cumsum(res.dist, -1)
     target = u_token.float()[:, None] * cdf[:, -1:]
-    return spec.ChainResult(res.accepted, res.dist, torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=P.shape[-1] - 1))
+    token = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=P.shape[-1] - 1)
+    return spec.ChainResult(res.accepted, res.dist, token)
 
 
 @pytest.mark.parametrize("control", [_ignores_limit, _bonus_after_rejection, _float32_running_sum])

@@ -403,7 +403,8 @@ class SampledProposals(Proposals):
             if self.rows is None:
                 self._qx = torch.ones(self.D.shape, dtype=torch.float32, device=self.D.device)
             else:
-                self._qx = torch.where(self.index < 0, 1.0, self.rows.view(-1).take(self.index.clamp(min=0) * self.vocab + self.D))
+                flat = self.index.clamp(min=0) * self.vocab + self.D
+                self._qx = torch.where(self.index < 0, 1.0, self.rows.view(-1).take(flat))
         return self._qx
 
     def prob(self, D):
