@@ -512,7 +512,7 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
     token = None
     if u_token is not None:
         token = torch.from_numpy(np.array([_draw(dist[i], w) for i, w in enumerate(u_token.tolist())], dtype=np.int64))
-    return ChainResult(torch.tensor(accepted, dtype=torch.long), torch.from_numpy(dist), token)
+    return ChainResult(torch.from_numpy(np.array(accepted, dtype=np.int64)), torch.from_numpy(dist), token)
 
 
 def _draw(probs: np.ndarray, u: float) -> int:
