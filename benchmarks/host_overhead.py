@@ -58,8 +58,9 @@ def main():
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--label", default=None, help="name of this checkout in the table (default: its git revision)")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     args = ap.parse_args()
-    gen = Generator.load(args.engine, backend="ort")
+    gen = Generator.load(args.engine, backend="ort", **({"threads": args.threads} if args.threads else {}))
     acc = instrument(gen)
     classes = [i % 10 for i in range(args.images)]
     methods = ("ar", "sjd")
@@ -88,7 +89,8 @@ def main():
         r["x ar (wall)"] = rows[0]["ms/image"] / r["ms/image"]
         r["x ar (CPU)"] = rows[0]["CPU ms/image"] / r["CPU ms/image"]
     print(machine(), "git", git_rev(), "arexport from", Path(arexport.__file__).parent)
-    print(f"ORT CPU, batch 1, {args.images} images x {args.runs} runs (median of each column), {args.engine}")
+    print(f"ORT CPU, batch 1, {args.images} images x {args.runs} runs (median of each column), {args.engine}, "
+          f"ORT intra-op threads: {args.threads or 'default'}")
     print(markdown_table(rows, ["checkout", "method", "steps/image", "engine ms/step", "host ms/step", "engine CPU ms/step",
                                 "host CPU ms/step", "ms/image", "CPU ms/image", "x ar (wall)", "x ar (CPU)",
                                 "torch calls/step", "tokens"]))

@@ -384,8 +384,8 @@ def test_window_arms_pick_the_window_only_where_it_pays():
         seen = []
         for _ in range(steps):
             a = arms.choose(2)
-            seen.append(a.tolist())
-            got = torch.tensor([y if x == 16 else 1.0 for x, y in zip(a.tolist(), yields)], dtype=torch.float64)
+            seen.append(list(a))
+            got = torch.tensor([y if x == 16 else 1.0 for x, y in zip(a, yields)], dtype=torch.float64)
             arms.observe(got, torch.tensor([True, True]))
         return seen
 
@@ -442,7 +442,7 @@ def test_lossless_when_the_window_changes_every_step(enum_models, method, monkey
         calls[0] += 1
         arm = 1 + (torch.arange(n) + calls[0]) % self.window
         used.update(arm.tolist())
-        return arm
+        return arm.tolist()
 
     monkeypatch.setattr(speculative.DraftLength, "choose", cycling)
     monkeypatch.setattr(speculative.WindowArms, "choose", cycling_window)

@@ -122,6 +122,33 @@ def _row_word(seed: int, counter: int) -> int:
     return h
 
 
+_ROW_SALTS = tuple(np.uint32(_GOLDEN * (i + 1) & _M32) for i in range(3))
+
+
+def _row_words_np(seeds: Sequence[int], counters: Sequence[int]) -> np.ndarray:
+    """`_row_word` of every (seed, counter) pair at once, as uint32 [N]: the same three words through
+    the same mixer in numpy's wrapping uint32 arithmetic (w + salt mod 2**32 is `(w + salt) & _M32`).
+    Seeds are 63-bit and counters non-negative int64, so both fit int64 before their words are split."""
+    s = np.asarray(seeds, dtype=np.int64)
+    c = np.asarray(counters, dtype=np.int64)
+    h = np.zeros(s.shape, dtype=np.uint32)
+    for w, salt in zip(((s & _M32).astype(np.uint32), ((s >> 32) & _M32).astype(np.uint32),
+                        (c & _M32).astype(np.uint32)), _ROW_SALTS):
+        h ^= w + salt
+        _mix32_np(h)
+    return h
+
+
+_ROWS_NP = 16  # from this many row words on, numpy hashes them (below, Python ints are cheaper per call)
+
+
+def _row_words(seeds: Sequence[int], counters: Sequence[int]) -> list[int]:
+    """`_row_word` of each pair, in whichever of the two equal forms is cheaper for this many."""
+    if len(seeds) >= _ROWS_NP:
+        return _row_words_np(seeds, counters).tolist()
+    return [_row_word(seed, counter) for seed, counter in zip(seeds, counters)]
+
+
 def _words32(start: int, n: int) -> np.ndarray:
     """start, start + 1, ... (n words) mod 2**32 as uint32."""
     return (np.arange(start, start + n, dtype=np.uint64) & np.uint64(_M32)).astype(np.uint32)
@@ -142,8 +169,9 @@ def _draws_np(seeds: list[int], counters: list[int], lanes: Sequence[int], strea
     """`draws` in numpy: the same words, the same mixer, the same bits. The per-row words are hashed
     with Python ints (a step has a handful of rows; numpy's per-call cost is larger), then every
     draw's lanes in one flat array."""
-    rows = [[_row_word(seed, counter + i) for seed, counter in zip(seeds, counters)] for i in range(len(lanes))]
     b = len(seeds)
+    flat = _row_words(list(seeds) * len(lanes), [c + i for i in range(len(lanes)) for c in counters])
+    rows = [flat[i * b:(i + 1) * b] for i in range(len(lanes))]
     if b * sum(lanes) <= _SMALL:  # a decode step's few draws: Python ints beat numpy's per-call cost
         return [np.array([[_finish_int(h, lane, stream) for lane in range(n)] for h in hs], dtype=np.float64).reshape(b, n)
                 for hs, n in zip(rows, lanes)]
@@ -183,14 +211,15 @@ class DrawCache:
         self._blocks: OrderedDict[int, tuple[int, torch.Tensor]] = OrderedDict()
 
     def draws(self, seeds: list[int], counters: list[int], lanes: Sequence[int]) -> list[torch.Tensor]:
-        """`draws` for these rows: [B, lanes[i]] for draw i (counters + i), as new tensors."""
+        """`draws` for these rows: [B, lanes[i]] for draw i (counters + i), as new tensors. (Served
+        through numpy instead, sjd's step was ~2% cheaper but ar's ~2% dearer in the same runs.)"""
         return [torch.stack([self._row(sd, c + i, n) for sd, c in zip(seeds, counters)]) for i, n in enumerate(lanes)]
 
     def _row(self, seed: int, counter: int, width: int) -> torch.Tensor:
         entry = self._blocks.get(seed)
         if entry is None or not entry[0] <= counter < entry[0] + self.depth or entry[1].shape[1] < width:
             wide = max(width, entry[1].shape[1] if entry is not None else 0)
-            words = np.array([_row_word(seed, counter + i) for i in range(self.depth)], dtype=np.uint32)
+            words = _row_words_np([seed] * self.depth, range(counter, counter + self.depth))
             entry = (counter, torch.from_numpy(_finish_np(words[:, None] ^ _lane_words(wide)[None, :], 0)))
             self._blocks[seed] = entry
             if len(self._blocks) > self.max_streams:

@@ -278,8 +278,31 @@ class WindowArms:
         self.previous = slots.image_tensor((), device=cpu)  # and of the one before it
         self._np = {k: getattr(self, k).numpy() for k in ("tokens", "counted", "since", "burst", "last", "previous")}
 
-    def choose(self, n: int) -> torch.Tensor:
-        """The window length of each image [n] (int64, on the CPU) for the next step: the window or 1."""
+    def choose(self, n: int) -> list[int]:
+        """The window length of each image [n] for the next step: the window or 1."""
+        if n <= ROW_PATH_ROWS:
+            return [self._choose_one(i) for i in range(n)]
+        return self._choose_arrays(n).tolist()
+
+    def _choose_one(self, i: int) -> int:
+        """`_choose_arrays` for image i alone, in Python scalars (the same decisions and state)."""
+        a, w = self._np, self.window
+        burst, since = int(a["burst"][i]), int(a["since"][i])
+        keep = a["counted"][i] < self.trust or burst > 0 or a["tokens"][i] >= self.threshold
+        probe = not keep and since >= self.reprobe
+        if probe:
+            burst = self.probe
+        window = keep or probe
+        if window:
+            a["burst"][i], a["since"][i] = max(burst - 1, 0), 0
+        else:
+            a["since"][i] = since + 1
+        arm = w if window else 1
+        a["previous"][i], a["last"][i] = a["last"][i], arm
+        return arm
+
+    def _choose_arrays(self, n: int) -> np.ndarray:
+        """The arms of images [0, n) in numpy over all of them: int64 [n]."""
         a, w = self._np, self.window
         burst, since = a["burst"][:n], a["since"][:n]
         keep = (a["counted"][:n] < self.trust) | (burst > 0) | (a["tokens"][:n] >= self.threshold)
@@ -290,12 +313,16 @@ class WindowArms:
         a["since"][:n] = np.where(window, 0, since + 1)
         arm = np.where(window, w, 1).astype(np.int64)
         a["previous"][:n], a["last"][:n] = a["last"][:n], arm
-        return torch.from_numpy(arm)
+        return arm
 
     def observe(self, committed, full) -> None:
         """After a step: tokens each image committed [n] (float), and whether it ran its whole chosen
         arm [n] (bool; a window cut short by the image's end or the speculative interval says little);
         tensors (any device), arrays or lists."""
+        if isinstance(committed, list) and len(committed) <= ROW_PATH_ROWS:
+            for i, (c, f) in enumerate(zip(committed, full)):
+                self._observe_one(i, float(c), bool(f))
+            return
         committed, full = _host(committed, np.float64), _host(full, bool)
         n, a = committed.shape[0], self._np
         use = full & (a["last"][:n] == self.window) & (a["previous"][:n] == self.window)
@@ -303,6 +330,14 @@ class WindowArms:
         mean = np.where(a["counted"][:n] > 0, self.decay * old + (1 - self.decay) * committed, committed)
         a["tokens"][:n] = np.where(use, mean, old)
         a["counted"][:n] += use
+
+    def _observe_one(self, i: int, committed: float, full: bool) -> None:
+        """`observe` of image i alone, in Python floats (float64: the same bits as the arrays')."""
+        a = self._np
+        if full and a["last"][i] == self.window and a["previous"][i] == self.window:
+            old = float(a["tokens"][i])
+            a["tokens"][i] = self.decay * old + (1 - self.decay) * committed if a["counted"][i] > 0 else committed
+            a["counted"][i] += 1
 
 
 def _host(x, dtype) -> np.ndarray:
@@ -355,15 +390,22 @@ class SampledProposals(Proposals):
     """Drafts D [B, L] that are either samples from rows of an earlier step's distributions or
     one-hot proposals (q = 1 at the draft itself: SJD's new random or repeated tokens): `index`
     [B, L] into `rows` [N, V] (None when there are none), -1 for one-hot. Nothing of size [B, L, V]
-    is built, and q(D) is read at construction (it does not depend on the step's logits, so a
-    decoder can make this before its engine call)."""
+    is built, and q(D) is read when first asked for."""
 
     def __init__(self, rows: Optional[torch.Tensor], index: torch.Tensor, D: torch.Tensor, vocab: int):
         self.rows, self.index, self.D, self.vocab = rows, index, D, vocab
-        if rows is None:
-            self.qx = torch.ones(D.shape, dtype=torch.float32, device=D.device)
-        else:
-            self.qx = torch.where(index < 0, 1.0, rows.view(-1).take(index.clamp(min=0) * vocab + D))
+        self._qx: Optional[torch.Tensor] = None
+
+    @property
+    def qx(self) -> torch.Tensor:
+        """q(D) [B, L], read on first use (the host row path of `verify_chain` reads its few entries itself)."""
+        if self._qx is None:
+            if self.rows is None:
+                self._qx = torch.ones(self.D.shape, dtype=torch.float32, device=self.D.device)
+            else:
+                flat = self.index.clamp(min=0) * self.vocab + self.D
+                self._qx = torch.where(self.index < 0, 1.0, self.rows.view(-1).take(flat))
+        return self._qx
 
     def prob(self, D):
         if D is not self.D and not torch.equal(D, self.D):
@@ -397,6 +439,17 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     leading run with u < acceptance probability.
     """
     b, l = D.shape
+    if type(rule) is StandardRule and type(Q) is SampledProposals and P.device.type == "cpu" and b <= ROW_PATH_ROWS:
+        return _verify_rows(P, Q, D, limit, u_accept, u_token)
+    return _verify_tensors(P, Q, D, limit, u_accept, u_token, rule)
+
+
+ROW_PATH_ROWS = 4  # up to this many chains, lossless verification of sampled drafts walks each row on the host
+
+
+def _verify_tensors(P, Q, D, limit, u_accept, u_token, rule) -> ChainResult:
+    """`verify_chain` in tensor ops over the whole batch (any rule, any proposals, any device)."""
+    b, l = D.shape
     v = P.shape[-1]
     Q = Proposals(Q) if isinstance(Q, torch.Tensor) else Q
     if l:
@@ -412,3 +465,63 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     else:
         dist = rule.bonus(p_k)
     return ChainResult(k, dist, None if u_token is None else sample_from_probs(dist, u_token))
+
+
+_TINY = np.float32(1e-30)
+_ONE = np.float32(1.0)
+
+
+def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit: torch.Tensor,
+                 u_accept: torch.Tensor, u_token: Optional[torch.Tensor] = None) -> ChainResult:
+    """`_verify_tensors` for StandardRule and SampledProposals on the CPU, one chain at a time: the same
+    numbers (float32 ratios min(1, p(x) / max(q(x), 1e-30)) compared with the float64 uniforms, the
+    residual max(0, p - q) without x, falling back to p without x, then p), computed only where
+    they are read. A chain stops at its first rejection, so a step reads a few of the window's
+    ratios instead of all of them, and the residual is built for one row per rejected chain (issue
+    35: the tensor path's ~45 small ops were a fifth of a small model's SJD step on the host)."""
+    b, l = D.shape
+    p, d, u, index = P.numpy(), D.numpy(), u_accept.numpy(), Q.index.numpy()
+    rows = None if Q.rows is None else Q.rows.numpy()
+    accepted, dist = [], np.empty((b, p.shape[-1]), dtype=p.dtype)
+    for i, lim in enumerate(limit.tolist()):
+        k, stop = 0, min(lim, l)
+        while k < stop:
+            x, j = d[i, k], index[i, k]
+            qx = _ONE if j < 0 or rows is None else rows[j, x]  # q(x): 1 for a one-hot proposal
+            ratio = min(p[i, k, x] / max(qx, _TINY), _ONE)  # float32, as the tensor path's
+            if not u[i, k] < ratio:
+                break
+            k += 1
+        accepted.append(k)
+        pk = p[i, k]
+        if not (l and k < lim):  # every allowed draft accepted: the bonus row
+            dist[i] = pk
+            continue
+        x, j = d[i, min(k, l - 1)], index[i, min(k, l - 1)]
+        if j < 0 or rows is None:  # a one-hot proposal: max(0, p - q) is p except at x
+            r = pk.copy()
+        else:
+            r = np.maximum(pk - rows[j], _ZERO)
+        r[x] = 0
+        if not r.sum() > 0:  # no residual mass: p without x, else p (`_nonempty`)
+            r = pk.copy()
+            r[x] = 0
+            if not r.sum() > 0:
+                r = pk
+        dist[i] = r
+    token = None
+    if u_token is not None:
+        token = torch.from_numpy(np.array([_draw(dist[i], w) for i, w in enumerate(u_token.tolist())], dtype=np.int64))
+    return ChainResult(torch.from_numpy(np.array(accepted, dtype=np.int64)), torch.from_numpy(dist), token)
+
+
+def _draw(probs: np.ndarray, u: float) -> int:
+    """`sample_from_probs` of one row [V] in numpy: the same float64 running sum (numpy's cumsum adds
+    in order, as torch's does on a CPU), target and right-side search."""
+    cdf = probs.astype(np.float64).cumsum()  # exact widening, then the sum in order
+    total = cdf[-1]
+    target = min(u * total, total * (1.0 - 2.0**-53))
+    return min(int(np.searchsorted(cdf, target, side="right")), probs.shape[0] - 1)
+
+
+_ZERO = np.float32(0.0)

@@ -22,6 +22,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from arexport.errors import ArexportError
@@ -31,6 +32,7 @@ from arexport.runtime.speculative import SampledProposals, StandardRule, WindowA
 from arexport.runtime.step_cost import prices
 
 INITS = ("random", "repeat_horizon")
+HOST_BOOKKEEPING = True  # numpy bookkeeping on a CPU (`SJDDecoder._commit_host`); tests compare both branches
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ class SJDDecoder(Decoder):
         self.lanes = torch.arange(w + 1, device=s.device)
         self.images = torch.arange(capacity, device=s.device)
         self.arms = None
+        # on a CPU the per-step bookkeeping runs in numpy on views of these buffers (`_commit_host`):
+        # the same integer arithmetic as the tensor code, at a fraction of torch's per-op cost
+        self.host = s.device.type == "cpu" and o.init == "random" and HOST_BOOKKEEPING
+        if self.host:
+            self._np = {"feed": self.feed.numpy(), "source": self.source.numpy(), "tokens": self.tokens.numpy(),
+                        "lanes": self.lanes.numpy(), "images": self.images.numpy()}
         if adaptive:  # per image, the whole window or one token per step, priced at one image's rows (no clock)
             pr = prices(self.engine, self.cfg.per_image, w)
             self.arms = WindowArms(s, pr.target, w, pr.host)
@@ -96,14 +104,24 @@ class SJDDecoder(Decoder):
     def advance(self):
         s, o, rule, cfg = self.slots, self.opts, self.rule, self.cfg
         b, n_tok, dev = s.n, self.spec.n_tokens, s.device
-        arms = [self.window] * b if self.arms is None else self.arms.choose(b).tolist()
+        arms = [self.window] * b if self.arms is None else self.arms.choose(b)
         count = self.count
         # per image: positions fed (its window; 1 outside [start, end)) and drafts that may be accepted
         qlen = [min(n_tok - c, arm) if o.start <= c < self.end else 1 for c, arm in zip(count, arms)]
         Q = max(qlen)
-        n, length, accept = torch.tensor([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]],
-                                         device=dev)
-        tok_index = n[:, None] + self.lanes[:Q]  # the token each output position predicts
+        # through numpy: torch.tensor on nested lists costs several times more on a CPU
+        steps = np.array([count, qlen, [min(q - 1, self.end - c) for q, c in zip(qlen, count)]], dtype=np.int64)
+        if self.host:  # the window's token indices, positions and tokens fed, in numpy (see __init__)
+            tok = steps[0][:, None] + self._np["lanes"][:Q]  # the token each output position predicts
+            pos, fed = np.minimum(tok - 1, n_tok - 1), self._np["feed"][:b, :Q]
+            if cfg.per_image > 1:  # the CFG rows of each image
+                pos, fed = np.repeat(pos, cfg.per_image, 0), np.repeat(fed, cfg.per_image, 0)
+            tok_index, length, accept = torch.from_numpy(tok), torch.from_numpy(steps[1]), torch.from_numpy(steps[2])
+            positions, fed = torch.from_numpy(pos), torch.from_numpy(fed)
+        else:
+            n, length, accept = torch.from_numpy(steps).to(dev)
+            tok_index = n[:, None] + self.lanes[:Q]  # the token each output position predicts
+            positions, fed = cfg.expand((tok_index - 1).clamp(max=n_tok - 1)), cfg.expand(self.feed[:b, :Q])
         # everything that does not need the logits comes first: an engine call evicts the host's
         # code and data from the CPU caches, and the same work costs 2-3x right after it
         u, u_new = s.uniforms(2 * Q, self.window - 1)  # this step's and the new drafts'
@@ -113,30 +131,56 @@ class SJDDecoder(Decoder):
         new = self._random_tokens(u_new)  # new drafts, where needed
         view = self.cache.view(0, s.rows)
         write = view.length.clone()
-        out = self.engine.step(view, cfg.expand(self.feed[:b, :Q]), cfg.expand((tok_index - 1).clamp(max=n_tok - 1)),
-                               write, view.causal_mask(write, Q))
+        out = self.engine.step(view, fed, positions, write, view.causal_mask(write, Q))
         params = self.params
         P = rule.target_probs(cfg.guide(out, tok_index, params), params)
-        res = verify_chain(P, proposals, drafts, accept, u_accept, None, rule)
         # the token after the accepted run, and fresh samples from this step's p (what the unverified
         # tail becomes; the rule's bonus: argmax under LANTERN's greedy variant)
+        res = verify_chain(P, proposals, drafts, accept, u_accept, u_draw[:, 0], rule)
         P = rule.bonus(P)
-        k, token, fresh = res.accepted, sample_from_probs(res.dist, u_draw[:, 0]), sample_from_probs(P, u_draw[:, 1:])
-        token1 = token[:, None]
-        vals = torch.cat([drafts, token1], 1).scatter_(1, k[:, None], token1)
-        self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
-        adv = k + 1
-        cfg.add_per_image(view.length, adv)  # the cache keeps `last` and the accepted drafts
-        advanced = adv.tolist()
+        k, token, fresh = res.accepted, res.token, sample_from_probs(P, u_draw[:, 1:])
+        self.rows = P.view(-1, P.shape[-1])
+        if self.host:
+            advanced = self._commit_host(b, k, token, fresh, length, tok_index, drafts, new, view.length)
+        else:
+            token1 = token[:, None]
+            vals = torch.cat([drafts, token1], 1).scatter_(1, k[:, None], token1)
+            self.tokens[:b].scatter_(1, tok_index, vals)  # past n + k: rewritten before they are committed
+            adv = k + 1
+            cfg.add_per_image(view.length, adv)  # the cache keeps `last` and the accepted drafts
+            advanced = adv.tolist()
+            self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
         for i, (st, a) in enumerate(zip(s.stats[:b], advanced)):
             count[i] += a
             st.forwards += 1
             st.accepted.append(a)
-        self.rows = P.view(-1, P.shape[-1])
-        self._pad_drafts(slice(0, b), token, fresh, length, adv, new)
         if self.arms is not None:  # a window cut short by an image's end says little
             self.arms.observe(advanced, [q == a for q, a in zip(qlen, arms)])
         return [i for i, c in enumerate(count) if c >= n_tok]
+
+    def _commit_host(self, b, k, token, fresh, length, tok_index, drafts, new, lengths) -> list[int]:
+        """The tensor branch of `advance` after verification and `_pad_drafts` (random drafts) in numpy
+        on the CPU buffers' views, with the same integers: commit the accepted drafts and the token,
+        advance the cache lengths, and write the next window. Returns the tokens committed per image."""
+        a = self._np
+        k, token, fresh = k.numpy(), token.numpy(), fresh.numpy()
+        vals = np.concatenate([drafts.numpy(), token[:, None]], 1)  # a copy: the window is rewritten below
+        vals[a["images"][:b], k] = token
+        np.put_along_axis(a["tokens"][:b], tok_index.numpy(), vals, 1)  # past n + k: rewritten before committed
+        adv = k + 1
+        rows = lengths.numpy()
+        rows += np.repeat(adv, rows.shape[0] // b)  # every row of an image (CFG pairs): the cache keeps the run
+        # the next window: the token, then fresh samples after the run where there are some, else new drafts
+        feed, source, size = a["feed"][:b], a["source"][:b], self.window - 1
+        feed[:, 0] = token
+        idx = adv[:, None] + a["lanes"][:size]
+        miss = idx >= length.numpy()[:, None]
+        src = np.minimum(idx, fresh.shape[1] - 1)
+        feed[:, 1:] = np.where(miss, new.numpy(), np.take_along_axis(fresh, src, 1))
+        row = src + a["images"][:b, None] * fresh.shape[1]  # rows of this step's [B * Q, V]
+        row[miss] = -1
+        source[:] = row
+        return adv.tolist()
 
     def finish(self, i):
         return self.finished(i, self.tokens[i, : self.spec.n_tokens].clone())
