@@ -111,3 +111,30 @@ def test_a_head_loads_once_until_its_file_changes(tmp_path):
     b = load_head(opts, spec, torch.device("cpu"))
     assert b is not a and load_head(opts, spec, torch.device("cpu")) is b
     assert len(eagle_mod._heads) <= eagle_mod.HEAD_CACHE_SIZE
+
+
+def test_the_tree_and_the_walk_drawn_in_one_hash_equal_two_draws(monkeypatch):
+    """A static-tree round where every image verifies draws the tree's N uniforms and the walk's N + 1 in one
+    `Slots.uniforms` call: the tokens equal the round drawing each with its own `uniform` call (one_hash off; batch 2
+    over 3 images, so an image joins mid-run; CFG on). The fast path must have run. Control (checked by hand): the
+    two draws swapped fails."""
+    from arexport.runtime.methods.base import Slots
+
+    gen = Generator.load("demo")
+    kw = dict(classes=[3, 8, 1], method="eagle", method_options={"draft_head": "demo-eagle", "tree": "static"},
+              sampling=SamplingParams(cfg_scale=1.5), seed=6, batch_size=2, images=False, timings=False)
+    lanes_seen = []
+    hashed = Slots.uniforms
+
+    def counted(self, *lanes):
+        lanes_seen.append(lanes)
+        return hashed(self, *lanes)
+
+    monkeypatch.setattr(Slots, "uniforms", counted)
+    once = gen.generate(**kw)
+    n = len(SMALL_STATIC_TREE)
+    assert lanes_seen and set(lanes_seen) == {(n, n + 1)}
+    monkeypatch.setattr(Slots, "uniforms", hashed)
+    monkeypatch.setattr(EagleDecoder, "one_hash", False)  # the tree's and the walk's own `uniform` calls
+    two = gen.generate(**kw)
+    assert (once.tokens == two.tokens).all()

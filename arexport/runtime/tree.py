@@ -191,14 +191,16 @@ class StaticLevel:
 
 @dataclass(frozen=True)
 class StaticPlan:
-    """A static tree (`static_tree`'s parent, depth, rank [N+1]), its ancestor mask anc [N+1, N+1] and
-    levels 1..max depth."""
+    """A static tree (`static_tree`'s parent, depth, rank [N+1]), its ancestor mask anc [N+1, N+1],
+    levels 1..max depth and seen [N, N]: draft node i + 1 sees draft node j + 1 (anc without the root; each
+    level's `seen` is its rows)."""
 
     parent: torch.Tensor
     depth: torch.Tensor
     rank: torch.Tensor
     anc: torch.Tensor
     levels: tuple[StaticLevel, ...]
+    seen: torch.Tensor
 
     @property
     def n_nodes(self) -> int:
@@ -209,7 +211,7 @@ class StaticPlan:
         levels = tuple(StaticLevel(move(lv.nodes), lv.first, move(lv.parents),
                                    tuple((move(a), move(b)) for a, b in lv.draws), move(lv.node_parent), move(lv.seen))
                        for lv in self.levels)
-        return StaticPlan(move(self.parent), move(self.depth), move(self.rank), move(self.anc), levels)
+        return StaticPlan(move(self.parent), move(self.depth), move(self.rank), move(self.anc), levels, move(self.seen))
 
 
 def static_plan(paths) -> StaticPlan:
@@ -228,7 +230,7 @@ def static_plan(paths) -> StaticPlan:
             draws.append((torch.tensor([parents.index(par[i]) for i in kids]), torch.tensor(kids)))
         levels.append(StaticLevel(torch.tensor(nodes), nodes[0], torch.tensor(parents), tuple(draws),
                                   torch.tensor([par[i] for i in nodes]), anc[nodes][:, 1:].clone()))
-    return StaticPlan(parent, depth, rank, anc, tuple(levels))
+    return StaticPlan(parent, depth, rank, anc, tuple(levels), anc[1:, 1:].clone())
 
 
 def sampled_level(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -237,15 +239,22 @@ def sampled_level(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, token
     tokens[:, node]. Each parent's children are `sampled_children` of its row (rank r the r-th draw without
     replacement), all parents of the level drawing rank r at once."""
     q = dist[:, level.parents]  # [B, C, V] (advanced indexing: a copy, so the removals below leave dist alone)
-    last = len(level.draws) - 1
+    last, C = len(level.draws) - 1, level.parents.numel()
     for r, (pos, kids) in enumerate(level.draws):
-        qa = q[:, pos]
+        # every parent draws this rank (rank 0 always; pos is ascending and distinct, so C of them is 0..C-1): q
+        # itself, no gather and put back
+        whole = pos.numel() == C
+        qa = q if whole else q[:, pos]
         x = sample_from_probs(qa, u[:, kids - 1])  # [B, a]
         tokens[:, kids] = x
         if r == last:  # nothing draws from the updated rows
             break
         qa.scatter_(2, x[:, :, None], 0.0)
-        q[:, pos] = torch.where(qa.sum(2, keepdim=True) > 0, qa, torch.ones_like(qa))  # exhausted support: any token
+        qa = torch.where(qa.sum(2, keepdim=True) > 0, qa, 1.0)  # exhausted support: any token
+        if whole:
+            q = qa
+        else:
+            q[:, pos] = qa
 
 
 def sampled_children(q: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
