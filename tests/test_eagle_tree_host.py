@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,9 @@ from arexport.runtime.generator import Generator
 from arexport.runtime.methods import eagle as eagle_mod
 from arexport.runtime.methods.eagle import EagleDecoder, EagleOptions, load_head
 from arexport.runtime.sampling import SamplingParams
-from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, sampled_children, sampled_level, static_plan
+from arexport.runtime import tree as tree_mod
+from arexport.runtime.sampling import sample_from_probs
+from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, host_draw, sampled_children, sampled_level, static_plan
 
 DEEP = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1))
 
@@ -59,10 +62,14 @@ def test_ancestor_mask_is_the_parent_walk():
     assert not torch.equal(_one_squaring_short(deep), _walk(deep))  # the comparison catches a short closure
 
 
+@pytest.mark.parametrize("draw", ["cpu", "torch"])
 @pytest.mark.parametrize("paths", [SMALL_STATIC_TREE, DEEP], ids=["default", "deep"])
-def test_a_static_level_draws_as_each_parent_alone(paths):
+def test_a_static_level_draws_as_each_parent_alone(paths, draw, monkeypatch):
     """All parents of a level draw rank r together; each parent's children must be exactly sampled_children of its
-    row with its children's uniforms, on rows with zeros and with fewer tokens than children (exhausted support)."""
+    row with its children's uniforms, on rows with zeros and with fewer tokens than children (exhausted support).
+    Both implementations: the numpy draws CPU tensors take and the torch ops any other device takes."""
+    if draw == "torch":
+        monkeypatch.setattr(tree_mod, "_sampled_level_host", tree_mod._sampled_level_torch)
     plan = static_plan(paths)
     N, B, V = plan.n_nodes, 4, 3
     g = torch.Generator().manual_seed(1)
@@ -83,6 +90,32 @@ def test_a_static_level_draws_as_each_parent_alone(paths):
     for lv in plan.levels:
         sampled_level(dist, lv, u.flip(1), shuffled)
     assert not torch.equal(shuffled, want)  # the comparison sees which uniform each node reads
+
+
+def test_host_draw_picks_what_sample_from_probs_picks():
+    """tree.host_draw (numpy) is sampling.sample_from_probs on host arrays: the same ids on rows of 17 and 16384 tokens
+    with zeros, tiny masses (1e-30), unnormalised rows, a one-token row, and uniforms at 0, just below 1 and on a cdf
+    step's edge. Control: a left-sided search (cdf < target) picks other ids on the edge cases."""
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for v in (17, 16384):
+        p = torch.rand(64, v, generator=g)
+        p[p < 0.4] = 0.0
+        p[:8] *= 1e-30
+        p[8:16] = p[8:16] / p[8:16].sum(-1, keepdim=True)
+        p[16, :] = 0.0
+        p[16, 3] = 1.0
+        rows.append(p)
+    for p in rows:
+        u = torch.rand(p.shape[0], generator=g, dtype=torch.float64)
+        u[:4], u[4:8] = 0.0, 1.0 - 2.0**-53
+        cdf = torch.cumsum(p, -1, dtype=torch.float64)
+        u[20:30] = (cdf[20:30, 5] / cdf[20:30, -1]).clamp(max=1 - 2.0**-53)  # exactly on a step's edge
+        want = sample_from_probs(p, u)
+        assert np.array_equal(host_draw(p.numpy(), u.numpy()), want.numpy())
+        target = np.minimum(u.numpy()[:, None] * cdf[:, -1:].numpy(), cdf[:, -1:].numpy() * (1.0 - 2.0**-53))
+        left = np.minimum((cdf.numpy() < target).sum(-1), p.shape[-1] - 1)
+        assert not np.array_equal(left, want.numpy())
 
 
 def test_static_tree_grows_no_level_past_the_image(monkeypatch):

@@ -160,6 +160,7 @@ class EagleDecoder(Decoder):
         self.pc = s.image_tensor(())  # pending head pairs (hidden states in self.ph)
         self.pend = s.image_tensor(())  # committed tokens before the root without target K/V (VVS skips)
         self.ph = s.row_tensor((self.max_depth + 1, hc.dim), self.head.dtype)
+        self._aranges: dict = {}
 
     def start(self, a, b, conds):
         rows = self.cfg.conditions(self.engine, conds)
@@ -254,19 +255,20 @@ class EagleDecoder(Decoder):
         rows = b * cfg.per_image
         ready = pc > 0
         P = max(int(pc.max()), 1)
-        j = torch.arange(P, device=dev)
+        j = self._arange(P)
         tok_idx = (n - pc)[:, None] + j  # x_{t+1} of pair j
         toks = torch.where(j < pc[:, None], self.tokens[:b].gather(1, tok_idx.clamp(0, self.tokens.shape[1] - 1)), 0)
         pos = tok_idx  # the fed token's cell
         hl = self.hcache.length[:rows]
         write = hl.clone()
-        slots = torch.arange(self.hcache.s_max, device=dev)
+        slots = self._arange(self.hcache.s_max)
         qslot = write[:, None] + j[None, :]
         mask = (slots[None, None, :] <= qslot[:, :, None]).unsqueeze(1)
         logits, out = self._head(self.ph[:rows, :P], cfg.expand(toks), cfg.expand(pos), write, mask)
         last = cfg.expand((pc - 1).clamp(min=0))
-        out_last = out[torch.arange(rows, device=dev), last]
-        lg_last = logits[torch.arange(rows, device=dev), last][:, None]
+        every = self._arange(rows)
+        out_last = out[every, last]
+        lg_last = logits[every, last][:, None]
         self.hcache.length[:rows] += cfg.expand(pc)
         lp, p = self._draft_dist(lg_last, n[:, None].clamp(max=self.spec.n_tokens - 1))
         self._count(ready, draft=True)
@@ -277,7 +279,7 @@ class EagleDecoder(Decoder):
         cfg, n = self.cfg, self.n[:b]
         rows = b * cfg.per_image
         base = self.hcache.length[:rows].clone()  # committed head slots (catch-up included)
-        slots = torch.arange(self.hcache.s_max, device=dev)
+        slots = self._arange(self.hcache.s_max)
         committed = slots[None, :] < base[:, None]  # [rows, S]
         if self.static is None:
             k = self.opts.top_k
@@ -316,7 +318,7 @@ class EagleDecoder(Decoder):
         dist[:, 0] = p0
         hid = out_root.new_zeros(rows, N + 1, out_root.shape[-1])  # the head's output at each node
         hid[:, 0] = out_root
-        slot_of = base[:, None, None] + torch.arange(N, device=dev)  # draft node j + 1's head slot
+        slot_of = base[:, None, None] + self._arange(N)  # draft node j + 1's head slot
         deepest = self.max_depth
         if self.trim_levels:  # no image can accept a node deeper than its tokens left - 1: those levels cost nothing
             left = (self.spec.n_tokens - n)[ready]
@@ -390,9 +392,9 @@ class EagleDecoder(Decoder):
         T = Pm + N1
         view = self.tcache.view(0, s.rows)
         write = view.length.clone()
-        slots = torch.arange(view.s_max, device=dev)
+        slots = self._arange(view.s_max)
         m = ((slots[None, None, :] < write[:, None, None]) & view.key_valid[:, None, :]).expand(-1, T, -1).clone()
-        tslots = (write[:, None] + torch.arange(T, device=dev)[None, :]).clamp(max=view.s_max - 1)
+        tslots = (write[:, None] + self._arange(T)[None, :]).clamp(max=view.s_max - 1)
         tree_pos = (n[:, None] - 1 + tree.depth).clamp(max=n_tok - 1)
         if Pm:
             j = torch.arange(Pm, device=dev)
@@ -451,11 +453,14 @@ class EagleDecoder(Decoder):
             keep_src = paths
         rk_ = cfg.expand(keep_src)
         src = (write[:, None] + rk_).clamp(max=view.s_max - 1)
-        dst = (write[:, None] + torch.arange(rk_.shape[1], device=dev)[None, :]).clamp(max=view.s_max - 1)
+        dst = (write[:, None] + self._arange(rk_.shape[1])[None, :]).clamp(max=view.s_max - 1)
+        index = {}  # (heads, head dim) -> the expanded source and destination indices, made once for all layers
         for buf in view.keys + view.values:
-            h, d = buf.shape[1], buf.shape[3]
-            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
-            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+            hd = (buf.shape[1], buf.shape[3])
+            if hd not in index:
+                index[hd] = (src[:, None, :, None].expand(-1, hd[0], -1, hd[1]), dst[:, None, :, None].expand(-1, hd[0], -1, hd[1]))
+            gi, si = index[hd]
+            buf.scatter_(2, si, buf.gather(2, gi))
         rp = cfg.expand(paths)
         path_hidden = hidden[:, Pm:].gather(1, rp[:, :, None].expand(-1, -1, hidden.shape[-1]))
         vr = cfg.expand(verifying)
@@ -468,6 +473,13 @@ class EagleDecoder(Decoder):
         if self.max_pend:
             self.pend[:b] = torch.where(verifying, 0, self.pend[:b])
         self.n[:b] += adv
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """torch.arange(n) on the slots' device, made once per n (read only: nothing writes into it)."""
+        t = self._aranges.get(n)
+        if t is None:
+            t = self._aranges[n] = torch.arange(n, device=self.slots.device)
+        return t
 
     def _count(self, rows: torch.Tensor, draft: bool = False) -> None:
         for st, on in zip(self.slots.stats, rows.tolist()):
