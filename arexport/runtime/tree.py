@@ -380,7 +380,8 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
         path.append(node)
         p = P[node]
     final = p if rejected else rule.bonus(p[None])[0]
-    y = int(sample_from_probs(final[None], u[n - 1:n])[0])
+    y = int(host_draw(final.numpy()[None], np.asarray(uu[n - 1:n]))[0]) if final.device.type == "cpu" \
+        else int(sample_from_probs(final[None], u[n - 1:n])[0])  # the same id (host_draw)
     return TreeResult(path, y, t, final)
 
 

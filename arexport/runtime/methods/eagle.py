@@ -328,15 +328,17 @@ class EagleDecoder(Decoder):
             fed = committed[:, None, :].expand(-1, N, -1).clone()
             fed.scatter_(2, slot_of.expand(-1, N, -1), plan.seen.expand(rows, -1, -1))
             fed = fed[:, None]
+            node_depth = plan.depth[1:]  # every draft node's position and guidance index at once; a level slices them
+            pos_all = cfg.expand(n[:, None] - 1 + node_depth)  # a depth-d node is token n - 1 + d
+            guide_all = (n[:, None] + node_depth).clamp(max=self.spec.n_tokens - 1)  # its draft predicts token n + d
         for d, lv in enumerate(plan.levels, start=1):
             sampled_level(dist, lv, u, tokens)
             if d >= deepest:
                 break
             L, f0 = lv.nodes.numel(), lv.first - 1
-            pos = cfg.expand((n - 1 + d)[:, None].expand(-1, L))  # depth-d nodes are token n - 1 + d
-            logits, out = self._head(hid[:, lv.node_parent], cfg.expand(tokens[:, lv.first:lv.first + L]), pos, base + f0,
-                                     fed[:, :, f0:f0 + L])
-            pl = self._draft_probs(logits, (n[:, None] + d).clamp(max=self.spec.n_tokens - 1).expand(-1, L))
+            logits, out = self._head(hid[:, lv.node_parent], cfg.expand(tokens[:, lv.first:lv.first + L]),
+                                     pos_all[:, f0:f0 + L], base + f0, fed[:, :, f0:f0 + L])
+            pl = self._draft_probs(logits, guide_all[:, f0:f0 + L])
             dist[:, lv.first:lv.first + L], hid[:, lv.first:lv.first + L] = pl.to(dist.dtype), out.to(hid.dtype)
             self._count(ready, draft=True)
         q = dist[:, plan.parent].to(torch.float32)  # what each node was drawn from (a copy); the root: from nothing
