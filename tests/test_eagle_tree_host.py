@@ -171,3 +171,35 @@ def test_the_tree_and_the_walk_drawn_in_one_hash_equal_two_draws(monkeypatch):
     monkeypatch.setattr(EagleDecoder, "one_hash", False)  # the tree's and the walk's own `uniform` calls
     two = gen.generate(**kw)
     assert (once.tokens == two.tokens).all()
+
+
+def test_the_walk_scalar_acceptance_equals_the_rule_on_tensors():
+    """accept_tree takes the lossless rule's acceptance on fp32 CPU rows of a sampled tree as numpy fp32 scalars; the
+    walk must equal the generic path (a StandardRule subclass, which takes the rule's tensor methods) on random
+    static trees: the same path, next token, tests and final distribution, with zero-probability drafts, rows
+    that do not sum to 1 and repeated sibling tokens. Control (checked by hand): q(x) not renormalised fails."""
+    from arexport.runtime.speculative import StandardRule
+    from arexport.runtime.tree import accept_tree
+
+    class Generic(StandardRule):
+        pass
+
+    plan = static_plan(SMALL_STATIC_TREE)
+    n1, V = plan.n_nodes + 1, 5
+    g = torch.Generator().manual_seed(11)
+    walks = 0
+    for _ in range(300):
+        P = torch.rand(n1, V, generator=g)
+        P[P < 0.2] = 0.0
+        P = P / P.sum(-1, keepdim=True).clamp(min=1e-6)
+        q = torch.rand(n1, V, generator=g)
+        q[q < 0.3] = 0.0
+        q[:, 0] += 1e-3
+        q = q * (0.5 + torch.rand(n1, 1, generator=g))  # rows that do not sum to 1
+        tok = torch.randint(0, V, (n1,), generator=g)
+        u = torch.rand(n1, generator=g, dtype=torch.float64)
+        a = accept_tree(P, tok, plan.parent, plan.rank, q, StandardRule(), u)
+        b = accept_tree(P, tok, plan.parent, plan.rank, q, Generic(), u)
+        assert (a.path, a.token, a.tests) == (b.path, b.token, b.tests) and torch.equal(a.dist, b.dist)
+        walks += len(a.path) > 1
+    assert 30 < walks < 300  # both accepting and rejecting walks were compared

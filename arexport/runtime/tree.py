@@ -35,6 +35,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.sampling import sample_from_probs
+from arexport.runtime.speculative import StandardRule
 
 # LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
 # the official default, 57 nodes); this is a prefix-closed 15-node tree for small verify blocks, 4 levels deep,
@@ -341,6 +342,11 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
             children.setdefault(par[i], []).append(i)
     for c in children.values():
         c.sort(key=lambda i: rk[i])
+    # the lossless rule on fp32 CPU rows of a sampled tree: a child's acceptance min(1, p(x) / q'(x)) as numpy fp32
+    # scalars, the same IEEE operations StandardRule.acceptance does on one-element tensors (a few torch calls per
+    # test less); the renormalised row q' is made only when a rejection needs the residual
+    scalar = (q is not None and type(rule) is StandardRule and P.dtype == q.dtype == torch.float32
+              and P.device.type == "cpu" and q.device.type == "cpu")
     node, path, t = 0, [0], 0
     p, rejected = P[0], False
     while True:
@@ -360,6 +366,22 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
                     qrow = qrow.clone()
                     qrow[tried] = 0.0
                 s = qrow.sum()
+                if scalar:
+                    s32, qx32 = s.numpy()[()], qrow.numpy()[x]
+                    if s32 <= 0 or qx32 <= 0:
+                        tried.append(x)
+                        continue
+                    tried.append(x)
+                    px32 = p.numpy()[x]
+                    a = float(min(px32 / max(qx32 / s32, np.float32(1e-30)), np.float32(1.0)))
+                    ut = uu[t]
+                    t += 1
+                    if ut < a:
+                        accepted = ch
+                        break
+                    r = _tree_residual(rule, p, qrow / s, torch.tensor([x]), False)
+                    p, rejected = r / r.sum(), True
+                    continue
                 if s <= 0 or qrow[x] <= 0:
                     tried.append(x)
                     continue
