@@ -46,8 +46,9 @@ DECODERS = ("vq_decode", "latent_decode")
 DEEP_TREE = "0;1;2;0,0;0,1;1,0;0,0,0;0,0,1;0,1,0;0,0,0,0;0,0,0,1;0,0,1,0;0,0,0,0,0;0,0,0,0,1;0,0,0,0,0,0"
 
 
-def configs(head: str) -> list[tuple[str, dict]]:
-    h = {"draft_head": head}
+def configs(head: str, trees: tuple = (), head_threads=None) -> list[tuple[str, dict]]:
+    """Rows 0-10 (the issue's table), then one eagle static row per extra tree (--trees)."""
+    h = {"draft_head": head} if head_threads is None else {"draft_head": head, "head_threads": head_threads}
     return [
         ("ar", {}),
         ("sd", {"gamma": 4}),
@@ -60,7 +61,7 @@ def configs(head: str) -> list[tuple[str, dict]]:
         ("vvs", {"gamma": 4}),
         ("vvs", dict(h, tree="static")),
         ("vvs", dict(h, tree="static", k=1)),
-    ]
+    ] + [("eagle", dict(h, tree="static", choices=t)) for t in trees]
 
 
 class CpuMeter:
@@ -94,7 +95,7 @@ def cost(gen: Generator, method: str, opts: dict, classes: list[int], params: Sa
                  images=False, timings=False)  # warm-up (and the head's one load)
     meters = {"target": CpuMeter(gen.engine, "run")}
     if opts.get("draft_head"):
-        meters["draft"] = CpuMeter(load_head(EagleOptions(draft_head=opts["draft_head"]), gen.spec, gen.engine.device),
+        meters["draft"] = CpuMeter(load_head(EagleOptions(draft_head=opts["draft_head"], head_threads=opts.get("head_threads")), gen.spec, gen.engine.device),
                                    "step")
     elif gen.draft is not None:
         meters["draft"] = CpuMeter(gen.draft, "run")
@@ -131,18 +132,23 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="run only these config numbers (comma-separated, from 0)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--trees", default="", help="extra eagle static-tree rows (11, 12, ...): --tree-choices values "
+                    "separated by '|'")
+    ap.add_argument("--head-threads", type=int, default=None, help="the head rows' head_threads (default: the rule in "
+                    "runtime/backends/ort/head.py default_head_threads)")
     args = ap.parse_args()
     gen = Generator.load(args.engine, backend="ort", draft=args.draft)
     params = SamplingParams(cfg_scale=args.cfg_scale)
     classes = [i % 10 for i in range(args.images)]
     rows = []
-    for i, (method, opts) in enumerate(configs(args.head)):
+    trees = tuple(t.strip() for t in args.trees.split("|") if t.strip())
+    for i, (method, opts) in enumerate(configs(args.head, trees, args.head_threads)):
         if args.only and str(i) not in args.only.split(","):
             continue
         res = gen.generate(classes=classes, method=method, method_options=opts, sampling=params, seed=args.seed,
                            batch_size=args.batch_size, images=False, timings=False)
         fwd = res.stats["forwards_per_image_alone"]
-        shown = {k: ("deep15" if v == DEEP_TREE else v) for k, v in opts.items() if k != "draft_head"}
+        shown = {k: ("deep15" if v == DEEP_TREE else v) for k, v in opts.items() if k not in ("draft_head", "head_threads")}
         row = {"method": config_label(method, shown),
                "target fwd/img": fwd, "tokens/fwd": 64 / fwd,
                **cost(gen, method, opts, [c for c in range(10)] * (args.latency_images // 10), params, args.seed + 1),

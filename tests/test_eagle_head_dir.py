@@ -238,3 +238,32 @@ def test_ort_head_writes_its_cache_in_place_and_equals_a_plain_run(head_dir, cap
     ks, vs = caches[0]
     with pytest.raises(ArexportError, match="writes its cache in place"):
         head.step(hidden[:1], tokens[:1], positions[:1], write[:1], mask[:1], [k[:, :, ::2] for k in ks], vs)
+
+
+def test_head_threads_follow_the_width_rule_or_the_option(head_dir):
+    """The exported head's ORT session: 1 intra-op thread by default for a head narrower than SMALL_HEAD_WIDTH (the
+    demo's 96), ORT's default (None) for a wider one, `head_threads` when given (a separate cached head; the session
+    really has it); refused in one line: a count out of range, head_threads for a head that runs in PyTorch, and a
+    served request naming it."""
+    import torch
+
+    from arexport.errors import ArexportError
+    from arexport.runtime.backends.ort.head import SMALL_HEAD_WIDTH, default_head_threads
+    from arexport.runtime.generator import Generator
+    from arexport.runtime.methods.eagle import EagleOptions, load_head
+    from arexport.runtime.verifiers import request_safe_options
+
+    assert default_head_threads(96) == 1 and default_head_threads(SMALL_HEAD_WIDTH - 1) == 1
+    assert default_head_threads(SMALL_HEAD_WIDTH) is None and default_head_threads(2048) is None
+    spec, cpu = Generator.load("demo").spec, torch.device("cpu")
+    one = load_head(EagleOptions(draft_head=str(head_dir)), spec, cpu)
+    two = load_head(EagleOptions(draft_head=str(head_dir), head_threads=2), spec, cpu)
+    assert two is not one and (one.threads, two.threads) == (1, 2)
+    assert one.session.get_session_options().intra_op_num_threads == 1
+    assert two.session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(ArexportError, match="head-threads must be in"):
+        EagleOptions(draft_head=str(head_dir), head_threads=0).validate()
+    with pytest.raises(ArexportError, match="runs in PyTorch"):
+        load_head(EagleOptions(draft_head="demo-eagle", head_threads=1), spec, cpu)
+    with pytest.raises(ArexportError, match="head_threads"):
+        request_safe_options({"head_threads": 1})

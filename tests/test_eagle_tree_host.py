@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,9 @@ from arexport.runtime.generator import Generator
 from arexport.runtime.methods import eagle as eagle_mod
 from arexport.runtime.methods.eagle import EagleDecoder, EagleOptions, load_head
 from arexport.runtime.sampling import SamplingParams
-from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, sampled_children, sampled_level, static_plan
+from arexport.runtime import tree as tree_mod
+from arexport.runtime.sampling import sample_from_probs
+from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, host_draw, sampled_children, sampled_level, static_plan
 
 DEEP = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1))
 
@@ -59,10 +62,14 @@ def test_ancestor_mask_is_the_parent_walk():
     assert not torch.equal(_one_squaring_short(deep), _walk(deep))  # the comparison catches a short closure
 
 
+@pytest.mark.parametrize("draw", ["cpu", "torch"])
 @pytest.mark.parametrize("paths", [SMALL_STATIC_TREE, DEEP], ids=["default", "deep"])
-def test_a_static_level_draws_as_each_parent_alone(paths):
+def test_a_static_level_draws_as_each_parent_alone(paths, draw, monkeypatch):
     """All parents of a level draw rank r together; each parent's children must be exactly sampled_children of its
-    row with its children's uniforms, on rows with zeros and with fewer tokens than children (exhausted support)."""
+    row with its children's uniforms, on rows with zeros and with fewer tokens than children (exhausted support).
+    Both implementations: the numpy draws CPU tensors take and the torch ops any other device takes."""
+    if draw == "torch":
+        monkeypatch.setattr(tree_mod, "_sampled_level_host", tree_mod._sampled_level_torch)
     plan = static_plan(paths)
     N, B, V = plan.n_nodes, 4, 3
     g = torch.Generator().manual_seed(1)
@@ -83,6 +90,32 @@ def test_a_static_level_draws_as_each_parent_alone(paths):
     for lv in plan.levels:
         sampled_level(dist, lv, u.flip(1), shuffled)
     assert not torch.equal(shuffled, want)  # the comparison sees which uniform each node reads
+
+
+def test_host_draw_picks_what_sample_from_probs_picks():
+    """tree.host_draw (numpy) is sampling.sample_from_probs on host arrays: the same ids on rows of 17 and 16384 tokens
+    with zeros, tiny masses (1e-30), unnormalised rows, a one-token row, and uniforms at 0, just below 1 and on a cdf
+    step's edge. Control: a left-sided search (cdf < target) picks other ids on the edge cases."""
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for v in (17, 16384):
+        p = torch.rand(64, v, generator=g)
+        p[p < 0.4] = 0.0
+        p[:8] *= 1e-30
+        p[8:16] = p[8:16] / p[8:16].sum(-1, keepdim=True)
+        p[16, :] = 0.0
+        p[16, 3] = 1.0
+        rows.append(p)
+    for p in rows:
+        u = torch.rand(p.shape[0], generator=g, dtype=torch.float64)
+        u[:4], u[4:8] = 0.0, 1.0 - 2.0**-53
+        cdf = torch.cumsum(p, -1, dtype=torch.float64)
+        u[20:30] = (cdf[20:30, 5] / cdf[20:30, -1]).clamp(max=1 - 2.0**-53)  # exactly on a step's edge
+        want = sample_from_probs(p, u)
+        assert np.array_equal(host_draw(p.numpy(), u.numpy()), want.numpy())
+        target = np.minimum(u.numpy()[:, None] * cdf[:, -1:].numpy(), cdf[:, -1:].numpy() * (1.0 - 2.0**-53))
+        left = np.minimum((cdf.numpy() < target).sum(-1), p.shape[-1] - 1)
+        assert not np.array_equal(left, want.numpy())
 
 
 def test_static_tree_grows_no_level_past_the_image(monkeypatch):
@@ -111,3 +144,62 @@ def test_a_head_loads_once_until_its_file_changes(tmp_path):
     b = load_head(opts, spec, torch.device("cpu"))
     assert b is not a and load_head(opts, spec, torch.device("cpu")) is b
     assert len(eagle_mod._heads) <= eagle_mod.HEAD_CACHE_SIZE
+
+
+def test_the_tree_and_the_walk_drawn_in_one_hash_equal_two_draws(monkeypatch):
+    """A static-tree round where every image verifies draws the tree's N uniforms and the walk's N + 1 in one
+    `Slots.uniforms` call: the tokens equal the round drawing each with its own `uniform` call (one_hash off; batch 2
+    over 3 images, so an image joins mid-run; CFG on). The fast path must have run. Control (checked by hand): the
+    two draws swapped fails."""
+    from arexport.runtime.methods.base import Slots
+
+    gen = Generator.load("demo")
+    kw = dict(classes=[3, 8, 1], method="eagle", method_options={"draft_head": "demo-eagle", "tree": "static"},
+              sampling=SamplingParams(cfg_scale=1.5), seed=6, batch_size=2, images=False, timings=False)
+    lanes_seen = []
+    hashed = Slots.uniforms
+
+    def counted(self, *lanes):
+        lanes_seen.append(lanes)
+        return hashed(self, *lanes)
+
+    monkeypatch.setattr(Slots, "uniforms", counted)
+    once = gen.generate(**kw)
+    n = len(SMALL_STATIC_TREE)
+    assert lanes_seen and set(lanes_seen) == {(n, n + 1)}
+    monkeypatch.setattr(Slots, "uniforms", hashed)
+    monkeypatch.setattr(EagleDecoder, "one_hash", False)  # the tree's and the walk's own `uniform` calls
+    two = gen.generate(**kw)
+    assert (once.tokens == two.tokens).all()
+
+
+def test_the_walk_scalar_acceptance_equals_the_rule_on_tensors():
+    """accept_tree takes the lossless rule's acceptance on fp32 CPU rows of a sampled tree as numpy fp32 scalars; the
+    walk must equal the generic path (a StandardRule subclass, which takes the rule's tensor methods) on random
+    static trees: the same path, next token, tests and final distribution, with zero-probability drafts, rows
+    that do not sum to 1 and repeated sibling tokens. Control (checked by hand): q(x) not renormalised fails."""
+    from arexport.runtime.speculative import StandardRule
+    from arexport.runtime.tree import accept_tree
+
+    class Generic(StandardRule):
+        pass
+
+    plan = static_plan(SMALL_STATIC_TREE)
+    n1, V = plan.n_nodes + 1, 5
+    g = torch.Generator().manual_seed(11)
+    walks = 0
+    for _ in range(300):
+        P = torch.rand(n1, V, generator=g)
+        P[P < 0.2] = 0.0
+        P = P / P.sum(-1, keepdim=True).clamp(min=1e-6)
+        q = torch.rand(n1, V, generator=g)
+        q[q < 0.3] = 0.0
+        q[:, 0] += 1e-3
+        q = q * (0.5 + torch.rand(n1, 1, generator=g))  # rows that do not sum to 1
+        tok = torch.randint(0, V, (n1,), generator=g)
+        u = torch.rand(n1, generator=g, dtype=torch.float64)
+        a = accept_tree(P, tok, plan.parent, plan.rank, q, StandardRule(), u)
+        b = accept_tree(P, tok, plan.parent, plan.rank, q, Generic(), u)
+        assert (a.path, a.token, a.tests) == (b.path, b.token, b.tests) and torch.equal(a.dist, b.dist)
+        walks += len(a.path) > 1
+    assert 30 < walks < 300  # both accepting and rejecting walks were compared

@@ -30,10 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.sampling import sample_from_probs
+from arexport.runtime.speculative import StandardRule
 
 # LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
 # the official default, 57 nodes); this is a prefix-closed 15-node tree for small verify blocks, 4 levels deep,
@@ -178,27 +180,31 @@ class StaticLevel:
 
     nodes [L]: the level's node indices (consecutive, from `first`); parents [C]: the distinct parents of
     those nodes, ascending; draws: per child rank r, (positions into `parents` of the parents that have a
-    rank-r child [a], the node index of each such child [a]); node_parent [L]: each node's parent;
+    rank-r child [a], the node index of each such child [a], its uniform's lane: node - 1 [a]); node_parent [L]:
+    each node's parent;
     seen [L, N]: node i sees draft node j + 1 (itself or an ancestor; the root's pair is committed)."""
 
     nodes: torch.Tensor
     first: int
     parents: torch.Tensor
-    draws: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    draws: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
     node_parent: torch.Tensor
     seen: torch.Tensor
+    host: tuple = ()  # numpy copies for the CPU draws: (parents, ((pos, kids - first, lane) per rank))
 
 
 @dataclass(frozen=True)
 class StaticPlan:
-    """A static tree (`static_tree`'s parent, depth, rank [N+1]), its ancestor mask anc [N+1, N+1] and
-    levels 1..max depth."""
+    """A static tree (`static_tree`'s parent, depth, rank [N+1]), its ancestor mask anc [N+1, N+1],
+    levels 1..max depth and seen [N, N]: draft node i + 1 sees draft node j + 1 (anc without the root; each
+    level's `seen` is its rows)."""
 
     parent: torch.Tensor
     depth: torch.Tensor
     rank: torch.Tensor
     anc: torch.Tensor
     levels: tuple[StaticLevel, ...]
+    seen: torch.Tensor
 
     @property
     def n_nodes(self) -> int:
@@ -207,9 +213,10 @@ class StaticPlan:
     def to(self, device) -> "StaticPlan":
         move = lambda t: t.to(device)  # noqa: E731
         levels = tuple(StaticLevel(move(lv.nodes), lv.first, move(lv.parents),
-                                   tuple((move(a), move(b)) for a, b in lv.draws), move(lv.node_parent), move(lv.seen))
+                                   tuple(tuple(move(t) for t in dr) for dr in lv.draws), move(lv.node_parent),
+                                   move(lv.seen), lv.host)
                        for lv in self.levels)
-        return StaticPlan(move(self.parent), move(self.depth), move(self.rank), move(self.anc), levels)
+        return StaticPlan(move(self.parent), move(self.depth), move(self.rank), move(self.anc), levels, move(self.seen))
 
 
 def static_plan(paths) -> StaticPlan:
@@ -225,27 +232,77 @@ def static_plan(paths) -> StaticPlan:
         draws = []
         for r in range(max(rk[i] for i in nodes) + 1):
             kids = [i for i in nodes if rk[i] == r]  # ranks are contiguous per parent (check_tree_choices)
-            draws.append((torch.tensor([parents.index(par[i]) for i in kids]), torch.tensor(kids)))
+            draws.append((torch.tensor([parents.index(par[i]) for i in kids]), torch.tensor(kids), torch.tensor(kids) - 1))
+        host = (np.array(parents), tuple((pos.numpy(), kids.numpy() - nodes[0], lane.numpy()) for pos, kids, lane in draws))
         levels.append(StaticLevel(torch.tensor(nodes), nodes[0], torch.tensor(parents), tuple(draws),
-                                  torch.tensor([par[i] for i in nodes]), anc[nodes][:, 1:].clone()))
-    return StaticPlan(parent, depth, rank, anc, tuple(levels))
+                                  torch.tensor([par[i] for i in nodes]), anc[nodes][:, 1:].clone(), host))
+    return StaticPlan(parent, depth, rank, anc, tuple(levels), anc[1:, 1:].clone())
 
 
 def sampled_level(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
     """Draw a static level's children for B images: dist [B, N+1, V] the head's distribution after each node
     (the level's parents filled), u [B, N] one uniform per draft node (node i reads u[:, i - 1]); writes
     tokens[:, node]. Each parent's children are `sampled_children` of its row (rank r the r-th draw without
-    replacement), all parents of the level drawing rank r at once."""
+    replacement), all parents of the level drawing rank r at once. On the CPU the draws run in numpy
+    (`_sampled_level_host`, the same tokens: tests/test_eagle_tree_host.py), elsewhere as torch ops."""
+    if dist.device.type == "cpu" and u.device.type == "cpu":
+        _sampled_level_host(dist, level, u, tokens)
+    else:
+        _sampled_level_torch(dist, level, u, tokens)
+
+
+def _sampled_level_torch(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
     q = dist[:, level.parents]  # [B, C, V] (advanced indexing: a copy, so the removals below leave dist alone)
-    last = len(level.draws) - 1
-    for r, (pos, kids) in enumerate(level.draws):
-        qa = q[:, pos]
-        x = sample_from_probs(qa, u[:, kids - 1])  # [B, a]
+    last, C = len(level.draws) - 1, level.parents.numel()
+    for r, (pos, kids, lane) in enumerate(level.draws):
+        # every parent draws this rank (rank 0 always; pos is ascending and distinct, so C of them is 0..C-1): q
+        # itself, no gather and put back
+        whole = pos.numel() == C
+        qa = q if whole else q[:, pos]
+        x = sample_from_probs(qa, u[:, lane])  # [B, a]
         tokens[:, kids] = x
         if r == last:  # nothing draws from the updated rows
             break
         qa.scatter_(2, x[:, :, None], 0.0)
-        q[:, pos] = torch.where(qa.sum(2, keepdim=True) > 0, qa, torch.ones_like(qa))  # exhausted support: any token
+        qa = torch.where(qa.sum(2, keepdim=True) > 0, qa, 1.0)  # exhausted support: any token
+        if whole:
+            q = qa
+        else:
+            q[:, pos] = qa
+
+
+def host_draw(q: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """`sampling.sample_from_probs` on host arrays, q [..., V] >= 0 and u [...] -> ids [...]: the same float64
+    cumulative sum (a sequential scan in numpy as in torch's CPU kernel), the same target below the total, and
+    its right-sided search as a count (cdf entries <= target; the cdf never decreases), so the same ids. A small
+    row costs ~1 us per numpy op against ~3-5 us per torch op (a static tree draws ~9 ranks a round)."""
+    cdf = np.cumsum(q, axis=-1, dtype=np.float64)
+    total = cdf[..., -1:]
+    target = np.minimum(np.asarray(u, dtype=np.float64)[..., None] * total, total * (1.0 - 2.0**-53))
+    return np.minimum((cdf <= target).sum(-1), q.shape[-1] - 1)
+
+
+def _sampled_level_host(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
+    """`_sampled_level_torch` in numpy on CPU tensors (the level's tokens written in one op)."""
+    parents, draws = level.host
+    q = dist.numpy()[:, parents]  # a copy, as above
+    un = u.numpy()
+    last, C, first = len(draws) - 1, parents.size, level.first
+    xs = np.empty((q.shape[0], level.nodes.numel()), dtype=np.int64)
+    for r, (pos, col, lane) in enumerate(draws):
+        whole = pos.size == C
+        qa = q if whole else q[:, pos]
+        x = host_draw(qa, un[:, lane])  # [B, a]
+        xs[:, col] = x
+        if r == last:
+            break
+        qa[np.arange(x.shape[0])[:, None], np.arange(x.shape[1])[None, :], x] = 0.0
+        qa = np.where(qa.sum(2, keepdims=True) > 0, qa, qa.dtype.type(1.0))  # exhausted support: any token
+        if whole:
+            q = qa
+        else:
+            q[:, pos] = qa
+    tokens[:, first:first + xs.shape[1]] = torch.from_numpy(xs).to(tokens.dtype)
 
 
 def sampled_children(q: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:
@@ -285,6 +342,11 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
             children.setdefault(par[i], []).append(i)
     for c in children.values():
         c.sort(key=lambda i: rk[i])
+    # the lossless rule on fp32 CPU rows of a sampled tree: a child's acceptance min(1, p(x) / q'(x)) as numpy fp32
+    # scalars, the same IEEE operations StandardRule.acceptance does on one-element tensors (a few torch calls per
+    # test less); the renormalised row q' is made only when a rejection needs the residual
+    scalar = (q is not None and type(rule) is StandardRule and P.dtype == q.dtype == torch.float32
+              and P.device.type == "cpu" and q.device.type == "cpu")
     node, path, t = 0, [0], 0
     p, rejected = P[0], False
     while True:
@@ -299,10 +361,27 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
                 qrow = torch.zeros_like(p)
                 qrow[x] = 1.0
             else:
-                qrow = q[ch].clone()
-                if tried:
+                qrow = q[ch]
+                if tried:  # a copy with the earlier siblings removed (q itself is left alone)
+                    qrow = qrow.clone()
                     qrow[tried] = 0.0
                 s = qrow.sum()
+                if scalar:
+                    s32, qx32 = s.numpy()[()], qrow.numpy()[x]
+                    if s32 <= 0 or qx32 <= 0:
+                        tried.append(x)
+                        continue
+                    tried.append(x)
+                    px32 = p.numpy()[x]
+                    a = float(min(px32 / max(qx32 / s32, np.float32(1e-30)), np.float32(1.0)))
+                    ut = uu[t]
+                    t += 1
+                    if ut < a:
+                        accepted = ch
+                        break
+                    r = _tree_residual(rule, p, qrow / s, torch.tensor([x]), False)
+                    p, rejected = r / r.sum(), True
+                    continue
                 if s <= 0 or qrow[x] <= 0:
                     tried.append(x)
                     continue
@@ -323,7 +402,8 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
         path.append(node)
         p = P[node]
     final = p if rejected else rule.bonus(p[None])[0]
-    y = int(sample_from_probs(final[None], u[n - 1:n])[0])
+    y = int(host_draw(final.numpy()[None], np.asarray(uu[n - 1:n]))[0]) if final.device.type == "cpu" \
+        else int(sample_from_probs(final[None], u[n - 1:n])[0])  # the same id (host_draw)
     return TreeResult(path, y, t, final)
 
 

@@ -99,6 +99,8 @@ def request_safe_options(options: dict) -> None:
                                 "set by the operator (CLI or Python API), never by a request")
     if options.get("reformulate") is not None:
         raise ArexportError("reformulate is a Python API hook; a request cannot set it")
+    if options.get("head_threads") is not None:  # a new session per value, sized by the request
+        raise ArexportError("head_threads sizes the server's draft-head session; the operator sets it, never a request")
     for k in ("orders", "draft_head"):  # lpd's orders file, eagle/lantern/vvs's head: paths on the server
         if options.get(k) is not None:
             raise ArexportError(f"{k} names a file on the server; the operator passes it (CLI or Python API, or "

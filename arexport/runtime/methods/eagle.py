@@ -48,6 +48,7 @@ from arexport.runtime.tree import (SMALL_STATIC_TREE, Tree, accept_tree, grow_dy
                                    static_plan)
 
 TREES = ("dynamic", "static")
+MAX_HEAD_THREADS = 256
 VERIFY_KIND = "tree_verify"
 
 
@@ -65,6 +66,9 @@ class EagleOptions(Options):
                                    flag="--tree-tokens")
     choices: Optional[str] = option(None, "static tree paths, child ranks joined by ',' and paths by ';' "
                                     "(default: a 15-node tree 4 levels deep)", flag="--tree-choices")
+    head_threads: Optional[int] = option(None, "intra-op threads of an exported head's ONNX Runtime session (default: 1 "
+                                         "for a head narrower than 512, ONNX Runtime's default otherwise)",
+                                         flag="--head-threads")
 
     def validate(self):
         if self.top_k < 1 or self.depth < 0:
@@ -73,6 +77,8 @@ class EagleOptions(Options):
             raise ArexportError(f"eagle --tree-tokens must be >= 1, got {self.tokens}")
         if self.choices is not None:
             parse_tree_choices(self.choices)
+        if self.head_threads is not None and not 1 <= self.head_threads <= MAX_HEAD_THREADS:
+            raise ArexportError(f"eagle --head-threads must be in 1..{MAX_HEAD_THREADS}, got {self.head_threads}")
         return self
 
 
@@ -96,6 +102,9 @@ class EagleDecoder(Decoder):
     # a static tree grows no level past the deepest node any image can accept (fewer head calls near an image's end;
     # the tokens are the same). VVS keeps every level: its skip decision reads every node's token.
     trim_levels = True
+    # a static-tree round where every image verifies draws the tree's N uniforms and the walk's N + 1 in one hash
+    # (Slots.uniforms: the same numbers as two calls). VVS's skipping images draw no walk, so it draws them apart.
+    one_hash = True
 
     def __init__(self, ctx, capacity: int, rule=None, head=None):
         super().__init__(ctx, capacity, 2 if ctx.params.uses_cfg else 1)
@@ -151,6 +160,7 @@ class EagleDecoder(Decoder):
         self.pc = s.image_tensor(())  # pending head pairs (hidden states in self.ph)
         self.pend = s.image_tensor(())  # committed tokens before the root without target K/V (VVS skips)
         self.ph = s.row_tensor((self.max_depth + 1, hc.dim), self.head.dtype)
+        self._aranges: dict = {}
 
     def start(self, a, b, conds):
         rows = self.cfg.conditions(self.engine, conds)
@@ -231,6 +241,13 @@ class EagleDecoder(Decoder):
         p = probs_from_logits(g, params)
         return torch.log(p), p
 
+    def _draft_probs(self, logits, token_index):
+        """`_draft_dist`'s probabilities alone (a static tree draws from them and never reads the log)."""
+        params = self.params
+        if getattr(params, "greedy", False):
+            return self._draft_dist(logits, token_index)[1]
+        return probs_from_logits(self.cfg.guide(logits, token_index, params), params)
+
     def _catch_up(self, b, dev):
         """Feed the pending pairs; the head's last output per row (hidden [rows, dim]) and per-image draft
         log-probs / probs [B, V] for the root's children; `ready` [B]: images with a pending pair."""
@@ -238,30 +255,31 @@ class EagleDecoder(Decoder):
         rows = b * cfg.per_image
         ready = pc > 0
         P = max(int(pc.max()), 1)
-        j = torch.arange(P, device=dev)
+        j = self._arange(P)
         tok_idx = (n - pc)[:, None] + j  # x_{t+1} of pair j
         toks = torch.where(j < pc[:, None], self.tokens[:b].gather(1, tok_idx.clamp(0, self.tokens.shape[1] - 1)), 0)
         pos = tok_idx  # the fed token's cell
         hl = self.hcache.length[:rows]
         write = hl.clone()
-        slots = torch.arange(self.hcache.s_max, device=dev)
+        slots = self._arange(self.hcache.s_max)
         qslot = write[:, None] + j[None, :]
         mask = (slots[None, None, :] <= qslot[:, :, None]).unsqueeze(1)
         logits, out = self._head(self.ph[:rows, :P], cfg.expand(toks), cfg.expand(pos), write, mask)
         last = cfg.expand((pc - 1).clamp(min=0))
-        out_last = out[torch.arange(rows, device=dev), last]
-        lg_last = logits[torch.arange(rows, device=dev), last][:, None]
+        every = self._arange(rows)
+        out_last = out[every, last]
+        lg_last = logits[every, last][:, None]
         self.hcache.length[:rows] += cfg.expand(pc)
         lp, p = self._draft_dist(lg_last, n[:, None].clamp(max=self.spec.n_tokens - 1))
         self._count(ready, draft=True)
         return out_last, lp[:, 0], p[:, 0], ready
 
-    def _grow(self, b, dev, out_root, lp0, p0, ready):
-        """The round's tree [B] and the head calls it took."""
+    def _grow(self, b, dev, out_root, lp0, p0, ready, u=None):
+        """The round's tree [B] and the head calls it took; u: a static tree's uniforms [B, N] when already drawn."""
         cfg, n = self.cfg, self.n[:b]
         rows = b * cfg.per_image
         base = self.hcache.length[:rows].clone()  # committed head slots (catch-up included)
-        slots = torch.arange(self.hcache.s_max, device=dev)
+        slots = self._arange(self.hcache.s_max)
         committed = slots[None, :] < base[:, None]  # [rows, S]
         if self.static is None:
             k = self.opts.top_k
@@ -292,31 +310,36 @@ class EagleDecoder(Decoder):
             tree = grow_dynamic(lp0, expand, k, self.opts.depth, self.n_nodes)
             return tree
         plan, N = self.static, self.n_nodes
-        u = self.slots.uniform(N, ready)  # one draw per node
+        if u is None:
+            u = self.slots.uniform(N, ready)  # one draw per node
         tokens = torch.zeros(b, N + 1, dtype=torch.long, device=dev)
         tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
         dist = p0.new_zeros(b, N + 1, p0.shape[-1])  # the head's distribution after each node
         dist[:, 0] = p0
         hid = out_root.new_zeros(rows, N + 1, out_root.shape[-1])  # the head's output at each node
         hid[:, 0] = out_root
-        slot_of = base[:, None, None] + torch.arange(N, device=dev)  # draft node j + 1's head slot
+        slot_of = base[:, None, None] + self._arange(N)  # draft node j + 1's head slot
         deepest = self.max_depth
         if self.trim_levels:  # no image can accept a node deeper than its tokens left - 1: those levels cost nothing
             left = (self.spec.n_tokens - n)[ready]
             deepest = min(deepest, int(left.max()) - 1 if left.numel() else 0)
+        if deepest > 1:  # the head mask of every fed node at once [rows, 1, N, S]: the committed pairs, its
+            # ancestors' slots and itself (slots >= base: uncommitted); a level reads its consecutive nodes' rows
+            fed = committed[:, None, :].expand(-1, N, -1).clone()
+            fed.scatter_(2, slot_of.expand(-1, N, -1), plan.seen.expand(rows, -1, -1))
+            fed = fed[:, None]
+            node_depth = plan.depth[1:]  # every draft node's position and guidance index at once; a level slices them
+            pos_all = cfg.expand(n[:, None] - 1 + node_depth)  # a depth-d node is token n - 1 + d
+            guide_all = (n[:, None] + node_depth).clamp(max=self.spec.n_tokens - 1)  # its draft predicts token n + d
         for d, lv in enumerate(plan.levels, start=1):
             sampled_level(dist, lv, u, tokens)
             if d >= deepest:
                 break
-            # feed the level's nodes to the head: each sees the committed pairs, its ancestors' slots and itself
-            L = lv.nodes.numel()
-            m = committed[:, None, :].expand(-1, L, -1).clone()
-            m.scatter_(2, slot_of.expand(-1, L, -1), lv.seen.expand(rows, -1, -1))  # slots >= base: uncommitted
-            pos = cfg.expand((n - 1 + d)[:, None].expand(-1, L))  # depth-d nodes are token n - 1 + d
-            logits, out = self._head(hid[:, lv.node_parent], cfg.expand(tokens[:, lv.nodes]), pos, base + (lv.first - 1),
-                                     m[:, None])
-            _, pl = self._draft_dist(logits, (n[:, None] + d).clamp(max=self.spec.n_tokens - 1).expand(-1, L))
-            dist[:, lv.nodes], hid[:, lv.nodes] = pl.to(dist.dtype), out.to(hid.dtype)
+            L, f0 = lv.nodes.numel(), lv.first - 1
+            logits, out = self._head(hid[:, lv.node_parent], cfg.expand(tokens[:, lv.first:lv.first + L]),
+                                     pos_all[:, f0:f0 + L], base + f0, fed[:, :, f0:f0 + L])
+            pl = self._draft_probs(logits, guide_all[:, f0:f0 + L])
+            dist[:, lv.first:lv.first + L], hid[:, lv.first:lv.first + L] = pl.to(dist.dtype), out.to(hid.dtype)
             self._count(ready, draft=True)
         q = dist[:, plan.parent].to(torch.float32)  # what each node was drawn from (a copy); the root: from nothing
         q[:, 0] = 0.0
@@ -328,13 +351,16 @@ class EagleDecoder(Decoder):
         s, spec, dev = self.slots, self.spec, self.slots.device
         b, n_tok = s.n, spec.n_tokens
         out_root, lp0, p0, ready = self._catch_up(b, dev)
-        tree = self._grow(b, dev, out_root, lp0, p0, ready)
+        u_tree = u_walk = None
+        if self.static is not None and self.one_hash and bool(ready.all()):  # see one_hash
+            u_tree, u_walk = s.uniforms(self.n_nodes, self.n_nodes + 1)
+        tree = self._grow(b, dev, out_root, lp0, p0, ready, u_tree)
         n = self.n[:b]
         tree.tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
         skipping = self.skip(tree, ready)
         verifying = ~skipping
         if bool(verifying.any()):  # before the skips commit: the verify reads n, pend and the head's pairs
-            self._verify(tree, ready, verifying)
+            self._verify(tree, ready, verifying, u_walk)
         if bool(skipping.any()):
             self.commit_unverified(tree, skipping)
         return s.where(self.n[: s.n] >= n_tok)
@@ -353,86 +379,109 @@ class EagleDecoder(Decoder):
         chain_len valid: right-aligned) and of the kept path [rows, D+1, dim] (first path_len valid)."""
 
     # -- verification ------------------------------------------------------------------------------------
-    def _verify(self, tree: Tree, ready: torch.Tensor, verifying: torch.Tensor) -> None:
+    def _verify(self, tree: Tree, ready: torch.Tensor, verifying: torch.Tensor, u: Optional[torch.Tensor] = None) -> None:
         """One target call for the verifying images over [pad, pending chain, root, nodes]: the chain (tokens a
         skipped round committed, VVS) causal, right-aligned against the root; each node sees the cache, the chain
         and its ancestors. The walk keeps a path and draws the next token; the chain's and the path's K/V move
-        down to consecutive slots."""
+        down to consecutive slots. Without a chain (eagle, and VVS rounds after a verify) the block is the tree
+        alone: none of the chain's tensors are built (host work per round)."""
         s, spec, cfg, dev = self.slots, self.spec, self.cfg, self.slots.device
         b, n_tok = s.n, spec.n_tokens
         n = self.n[:b]
-        pend = torch.where(verifying, self.pend[:b], 0)
-        Pm = int(pend.max())
+        pend = torch.where(verifying, self.pend[:b], 0) if self.max_pend else None
+        Pm = int(pend.max()) if self.max_pend else 0
         N1 = tree.size
         T = Pm + N1
         view = self.tcache.view(0, s.rows)
         write = view.length.clone()
-        slots = torch.arange(view.s_max, device=dev)
-        j = torch.arange(Pm, device=dev)
-        chain_on = j[None, :] >= (Pm - pend)[:, None]  # [B, Pm] the real chain entries (right-aligned)
+        slots = self._arange(view.s_max)
         m = ((slots[None, None, :] < write[:, None, None]) & view.key_valid[:, None, :]).expand(-1, T, -1).clone()
-        tslots = (write[:, None] + torch.arange(T, device=dev)[None, :]).clamp(max=view.s_max - 1)
-        blk = torch.zeros(b, T, T, dtype=torch.bool, device=dev)
-        causal = torch.ones(Pm, Pm, dtype=torch.bool, device=dev).tril()
-        blk[:, :Pm, :Pm] = causal[None] & chain_on[:, None, :]
-        blk[:, :Pm, :Pm] |= torch.eye(Pm, dtype=torch.bool, device=dev)[None]  # padding rows see themselves
-        blk[:, Pm:, :Pm] = chain_on[:, None, :]
-        blk[:, Pm:, Pm:] = tree.mask()
+        tslots = (write[:, None] + self._arange(T)[None, :]).clamp(max=view.s_max - 1)
+        tree_pos = (n[:, None] - 1 + tree.depth).clamp(max=n_tok - 1)
+        if Pm:
+            j = torch.arange(Pm, device=dev)
+            chain_on = j[None, :] >= (Pm - pend)[:, None]  # [B, Pm] the real chain entries (right-aligned)
+            blk = torch.zeros(b, T, T, dtype=torch.bool, device=dev)
+            causal = torch.ones(Pm, Pm, dtype=torch.bool, device=dev).tril()
+            blk[:, :Pm, :Pm] = causal[None] & chain_on[:, None, :]
+            blk[:, :Pm, :Pm] |= torch.eye(Pm, dtype=torch.bool, device=dev)[None]  # padding rows see themselves
+            blk[:, Pm:, :Pm] = chain_on[:, None, :]
+            blk[:, Pm:, Pm:] = tree.mask()
+            cstart = n - 1 - pend  # token index of the first chain token
+            ctok = self.tokens[:b].gather(1, (cstart[:, None] + j - (Pm - pend)[:, None]).clamp(0, n_tok))
+            feed = torch.cat([torch.where(chain_on, ctok, 0), tree.tokens], 1)
+            cpos = (cstart[:, None] + j - (Pm - pend)[:, None]).clamp(0, n_tok - 1)
+            pos = torch.cat([cpos, tree_pos], 1)
+        else:
+            blk, feed, pos = tree.mask(), tree.tokens, tree_pos
         m.scatter_(2, tslots[:, None, :].expand(-1, T, -1), cfg.expand(blk))
-        cstart = n - 1 - pend  # token index of the first chain token
-        ctok = self.tokens[:b].gather(1, (cstart[:, None] + j - (Pm - pend)[:, None]).clamp(0, n_tok))
-        feed = torch.cat([torch.where(chain_on, ctok, 0), tree.tokens], 1)
-        cpos = (cstart[:, None] + j - (Pm - pend)[:, None]).clamp(0, n_tok - 1)
-        pos = torch.cat([cpos, (n[:, None] - 1 + tree.depth).clamp(max=n_tok - 1)], 1)
         out = self.engine.run(VERIFY_KIND, view, tokens=cfg.expand(feed), positions=cfg.expand(pos), write_index=write,
                               attn_mask=m[:, None])
         params = self.params
         tok_index = (n[:, None] + tree.depth).clamp(max=n_tok - 1)
         P = self.rule.target_probs(cfg.guide(out["logits"][:, Pm:], tok_index, params), params)  # [B, N+1, V]
         hidden = out["hidden"]
-        u = s.uniform(N1, verifying)
+        if u is None:  # the walk's uniforms [B, N + 1] unless advance drew them with the tree's
+            u = s.uniform(N1, verifying)
         remaining = n_tok - n
         allowed = (tree.depth <= (remaining - 1)[:, None]) & ready[:, None]
-        paths = torch.zeros(b, self.max_depth + 1, dtype=torch.long, device=dev)
-        adv = torch.zeros(b, dtype=torch.long, device=dev)
+        D1 = self.max_depth + 1
         Pc, uc, ac = P.cpu(), u.cpu(), allowed.cpu()
         tk, pa, rk = tree.tokens.cpu(), tree.parent.cpu(), tree.rank.cpu()
         qc = None if tree.q is None else tree.q.cpu()
-        for i in range(b):
-            if not bool(verifying[i]):
+        tk_rows, n_list = tk.tolist(), n.tolist()
+        paths_l, adv_l = [[0] * D1 for _ in range(b)], [0] * b
+        for i, on in enumerate(verifying.tolist()):
+            if not on:
                 continue
             res = accept_tree(Pc[i], tk[i], pa[i], rk[i], None if qc is None else qc[i], self.rule, uc[i], ac[i])
             L = len(res.path) - 1
-            ni = int(n[i])
-            self.tokens[i, ni:ni + L] = tree.tokens[i, res.path[1:]]
-            self.tokens[i, ni + L] = res.token
-            adv[i] = L + 1
-            paths[i, : L + 1] = torch.tensor(res.path)
-            paths[i, L + 1:] = res.path[-1]  # padding: copies past the kept slots, which nothing reads
+            ni = n_list[i]
+            self.tokens[i, ni:ni + L + 1] = torch.tensor([tk_rows[i][j_] for j_ in res.path[1:]] + [res.token])
+            adv_l[i] = L + 1
+            paths_l[i] = res.path + [res.path[-1]] * (D1 - L - 1)  # padding: copies past the kept slots, which nothing reads
             s.stats[i].forwards += 1
             s.stats[i].accepted.append(L + 1)
+        paths = torch.tensor(paths_l, dtype=torch.long, device=dev)
+        adv = torch.tensor(adv_l, dtype=torch.long, device=dev)
         # kept K/V: the chain, then the path, down to consecutive slots from the first one written (sources never
         # precede their destinations; everything is read before anything is written)
-        keep_src = torch.cat([j[None, :].expand(b, -1), Pm + paths], 1)  # block offsets
-        order = torch.argsort((~torch.cat([chain_on, torch.ones_like(paths, dtype=torch.bool)], 1)).long(), dim=1, stable=True)
-        keep_src = keep_src.gather(1, order)  # the real chain entries first, then the path
+        if Pm:
+            keep_src = torch.cat([j[None, :].expand(b, -1), Pm + paths], 1)  # block offsets
+            order = torch.argsort((~torch.cat([chain_on, torch.ones_like(paths, dtype=torch.bool)], 1)).long(), dim=1,
+                                  stable=True)
+            keep_src = keep_src.gather(1, order)  # the real chain entries first, then the path
+        else:
+            keep_src = paths
         rk_ = cfg.expand(keep_src)
         src = (write[:, None] + rk_).clamp(max=view.s_max - 1)
-        dst = (write[:, None] + torch.arange(rk_.shape[1], device=dev)[None, :]).clamp(max=view.s_max - 1)
+        dst = (write[:, None] + self._arange(rk_.shape[1])[None, :]).clamp(max=view.s_max - 1)
+        index = {}  # (heads, head dim) -> the expanded source and destination indices, made once for all layers
         for buf in view.keys + view.values:
-            h, d = buf.shape[1], buf.shape[3]
-            moved = buf.gather(2, src[:, None, :, None].expand(-1, h, -1, d))
-            buf.scatter_(2, dst[:, None, :, None].expand(-1, h, -1, d), moved)
+            hd = (buf.shape[1], buf.shape[3])
+            if hd not in index:
+                index[hd] = (src[:, None, :, None].expand(-1, hd[0], -1, hd[1]), dst[:, None, :, None].expand(-1, hd[0], -1, hd[1]))
+            gi, si = index[hd]
+            buf.scatter_(2, si, buf.gather(2, gi))
         rp = cfg.expand(paths)
         path_hidden = hidden[:, Pm:].gather(1, rp[:, :, None].expand(-1, -1, hidden.shape[-1]))
         vr = cfg.expand(verifying)
         rows = s.rows
         self.ph[:rows, : rp.shape[1]] = torch.where(vr[:, None, None], path_hidden.to(self.ph.dtype), self.ph[:rows, : rp.shape[1]])
-        view.length.copy_(torch.where(vr, write + cfg.expand(pend + adv), write))
-        self.verified(vr, hidden[:, :Pm], cfg.expand(pend), path_hidden, cfg.expand(adv))
+        pend_rows = cfg.expand(pend) if Pm else torch.zeros_like(write)
+        view.length.copy_(torch.where(vr, write + pend_rows + cfg.expand(adv), write))
+        self.verified(vr, hidden[:, :Pm], pend_rows, path_hidden, cfg.expand(adv))
         self.pc[:b] = torch.where(verifying, adv, self.pc[:b])
-        self.pend[:b] = torch.where(verifying, 0, self.pend[:b])
+        if self.max_pend:
+            self.pend[:b] = torch.where(verifying, 0, self.pend[:b])
         self.n[:b] += adv
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """torch.arange(n) on the slots' device, made once per n (read only: nothing writes into it)."""
+        t = self._aranges.get(n)
+        if t is None:
+            t = self._aranges[n] = torch.arange(n, device=self.slots.device)
+        return t
 
     def _count(self, rows: torch.Tensor, draft: bool = False) -> None:
         for st, on in zip(self.slots.stats, rows.tolist()):
@@ -475,7 +524,11 @@ def load_head(opts, spec, device):
     directory = is_head_directory(opts.draft_head)
     if directory:
         check_head_target(read_head_info(Path(opts.draft_head), "--draft-head"), opts.draft_head, spec)
-    key = (opts.draft_head, _files_stamp(opts.draft_head), str(device), spec.dim, spec.vocab_size, spec.grid_size)
+    threads = getattr(opts, "head_threads", None)  # lantern/vvs options carry none: the default rule
+    if threads is not None and not (directory and torch.device(device).type == "cpu"):
+        raise ArexportError("--head-threads sets an exported head's ONNX Runtime session; this head runs in "
+                            f"{'TensorRT' if directory else 'PyTorch'} (its threads are torch's: see --threads)")
+    key = (opts.draft_head, _files_stamp(opts.draft_head), str(device), spec.dim, spec.vocab_size, spec.grid_size, threads)
     head = _heads.pop(key, None)
     if head is None:
         if directory and torch.device(device).type == "cuda":  # its TensorRT plan (build-head --backend trt)
@@ -483,7 +536,7 @@ def load_head(opts, spec, device):
 
             head = TrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
         elif directory:
-            head = OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device))
+            head = OrtDraftHead(opts.draft_head, spec.dim, spec.vocab_size, str(device), threads=threads)
         else:
             head = backend_package("torch").open_draft_head(opts.draft_head, spec.dim, spec.vocab_size, spec.grid_size,
                                                             str(device))

@@ -235,6 +235,7 @@ class VVSEagleDecoder(EagleDecoder):
 
     row_stats = VVSStats
     max_pend = 1  # becomes the tree's depth in EagleDecoder.__init__
+    one_hash = False  # a skipping image draws no walk (EagleDecoder.one_hash)
     trim_levels = False  # the dynamic policy's path similarity reads every node's token, deep ones included
 
     def __init__(self, ctx, capacity, vopts: "VVSOptions", rule):

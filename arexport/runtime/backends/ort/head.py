@@ -25,6 +25,8 @@ from arexport.errors import ArexportError
 
 HEAD_FORMAT = "arexport-draft-head/2"  # 2: position -1 is the zero-rotary condition row (1 clamped it to cell 0)  # what arexport.exporter.head writes
 HEAD_FILE = "head.json"
+# heads narrower than this run on one intra-op thread unless told otherwise (`default_head_threads`)
+SMALL_HEAD_WIDTH = 512
 
 
 ENGINE_MANIFEST = "manifest.json"  # an engine directory's; its `draft_head` record is head.json's content
@@ -103,8 +105,19 @@ def allocate_head_cache(head, batch: int, slots: int, device) -> tuple:
     return [mk() for _ in range(head.cfg.n_layer)], [mk() for _ in range(head.cfg.n_layer)]
 
 
+def default_head_threads(dim: int) -> Optional[int]:
+    """The head session's intra-op threads when the caller names none: 1 for a head narrower than SMALL_HEAD_WIDTH,
+    else None (ONNX Runtime's default, one per core). A narrow head's call (the demo's: width 96, ~0.1 M multiply-adds
+    per pair) is far too small to split: a second thread only adds its hand-off, 15.5 -> 12.8 head CPU ms per demo
+    image on one thread (docs/benchmarks.md, issue 30 eagle30w); a released head (width 1024-2048, a 16384-code
+    output layer, ~20-35 M multiply-adds per pair) has work each core can share, so it keeps ORT's default."""
+    return 1 if dim < SMALL_HEAD_WIDTH else None
+
+
 class OrtDraftHead:
-    """A draft-head directory's ONNX Runtime session; tensors in and out are torch on `device` (CPU)."""
+    """A draft-head directory's ONNX Runtime session; tensors in and out are torch on `device` (CPU).
+    threads: the session's intra-op threads (None: `default_head_threads` of the head's width); `self.threads`
+    holds what was set (None: ORT's default)."""
 
     def __init__(self, directory: str, target_dim: int, target_vocab: int, device: str = "cpu", threads: Optional[int] = None):
         from arexport.runtime.backends.ort.loader import _ort
@@ -119,8 +132,11 @@ class OrtDraftHead:
         ort = _ort()
         opts = ort.SessionOptions()
         opts.log_severity_level = 2  # warnings and above, as the target's sessions: an in-place fallback is visible
-        if threads:
-            opts.intra_op_num_threads = threads
+        if threads is not None and threads < 1:
+            raise ArexportError(f"draft-head threads must be >= 1, got {threads}")
+        self.threads = threads if threads is not None else default_head_threads(self.cfg.dim)
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
         # no spinning, as the target's CPU sessions (ort/loader.py): idle workers held the cores between calls
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
