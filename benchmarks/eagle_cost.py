@@ -47,13 +47,15 @@ DEEP_TREE = "0;1;2;0,0;0,1;1,0;0,0,0;0,0,1;0,1,0;0,0,0,0;0,0,0,1;0,0,1,0;0,0,0,0
 
 
 def configs(head: str, trees: tuple = (), head_threads=None) -> list[tuple[str, dict]]:
-    """Rows 0-10 (the issue's table), then one eagle static row per extra tree (--trees)."""
-    h = {"draft_head": head} if head_threads is None else {"draft_head": head, "head_threads": head_threads}
+    """Rows 0-10 (the issue's table), then one eagle static row per extra tree (--trees). head_threads goes to
+    the eagle rows only (lantern and vvs take the head's default)."""
+    h = {"draft_head": head}
+    e = h if head_threads is None else dict(h, head_threads=head_threads)
     return [
         ("ar", {}),
         ("sd", {"gamma": 4}),
-        ("eagle", dict(h, tree="static")),
-        ("eagle", dict(h, tree="dynamic")),
+        ("eagle", dict(e, tree="static")),
+        ("eagle", dict(e, tree="dynamic")),
         ("lantern", {"gamma": 4}),  # on the sd chain, the official k = 1000, delta = 0.1
         ("lantern", {"gamma": 4, "k": 1}),
         ("lantern", dict(h, tree="static")),  # LANTERN++ with the official defaults
@@ -61,7 +63,7 @@ def configs(head: str, trees: tuple = (), head_threads=None) -> list[tuple[str, 
         ("vvs", {"gamma": 4}),
         ("vvs", dict(h, tree="static")),
         ("vvs", dict(h, tree="static", k=1)),
-    ] + [("eagle", dict(h, tree="static", choices=t)) for t in trees]
+    ] + [("eagle", dict(e, tree="static", choices=t)) for t in trees]
 
 
 class CpuMeter:

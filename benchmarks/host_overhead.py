@@ -60,7 +60,9 @@ def main():
     ap.add_argument("--label", default=None, help="name of this checkout in the table (default: its git revision)")
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: ORT's)")
     args = ap.parse_args()
-    gen = Generator.load(args.engine, backend="ort", **({"threads": args.threads} if args.threads else {}))
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    gen = Generator.load(args.engine, backend="ort", **({"threads": args.threads} if args.threads is not None else {}))
     acc = instrument(gen)
     classes = [i % 10 for i in range(args.images)]
     methods = ("ar", "sjd")

@@ -17,7 +17,8 @@ from arexport.runtime.methods.eagle import EagleDecoder, EagleOptions, load_head
 from arexport.runtime.sampling import SamplingParams
 from arexport.runtime import tree as tree_mod
 from arexport.runtime.sampling import sample_from_probs
-from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, host_draw, sampled_children, sampled_level, static_plan
+from arexport.runtime.sampling import sample_from_probs_host as host_draw
+from arexport.runtime.tree import SMALL_STATIC_TREE, ancestor_mask, sampled_children, sampled_level, static_plan
 
 DEEP = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1))
 
@@ -93,7 +94,7 @@ def test_a_static_level_draws_as_each_parent_alone(paths, draw, monkeypatch):
 
 
 def test_host_draw_picks_what_sample_from_probs_picks():
-    """tree.host_draw (numpy) is sampling.sample_from_probs on host arrays: the same ids on rows of 17 and 16384 tokens
+    """sampling.sample_from_probs_host (numpy) is sampling.sample_from_probs on host arrays: the same ids on rows of 17 and 16384 tokens
     with zeros, tiny masses (1e-30), unnormalised rows, a one-token row, and uniforms at 0, just below 1 and on a cdf
     step's edge. Control: a left-sided search (cdf < target) picks other ids on the edge cases."""
     g = torch.Generator().manual_seed(5)

@@ -167,8 +167,8 @@ def _lane_words(n: int) -> np.ndarray:
 
 def _draws_np(seeds: list[int], counters: list[int], lanes: Sequence[int], stream: int) -> list[np.ndarray]:
     """`draws` in numpy: the same words, the same mixer, the same bits. The per-row words are hashed
-    with Python ints (a step has a handful of rows; numpy's per-call cost is larger), then every
-    draw's lanes in one flat array."""
+    by `_row_words` (Python ints for a handful of rows, where numpy's per-call cost is larger; numpy from
+    _ROWS_NP on), then every draw's lanes in one flat array."""
     b = len(seeds)
     flat = _row_words(list(seeds) * len(lanes), [c + i for i in range(len(lanes)) for c in counters])
     rows = [flat[i * b:(i + 1) * b] for i in range(len(lanes))]

@@ -31,7 +31,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.kv_cache import arange
-from arexport.runtime.sampling import probs_from_logits, sample_from_probs
+from arexport.runtime.sampling import probs_from_logits, sample_from_probs, sample_from_probs_host
 
 
 class StandardRule:
@@ -398,7 +398,8 @@ class SampledProposals(Proposals):
 
     @property
     def qx(self) -> torch.Tensor:
-        """q(D) [B, L], read on first use (the host row path of `verify_chain` reads its few entries itself)."""
+        """q(D) [B, L], read on first use (the host row path of `verify_chain` reads its few entries itself).
+        Valid only until the decoder commits: in sjd D and the rows are views of buffers the commit rewrites."""
         if self._qx is None:
             if self.rows is None:
                 self._qx = torch.ones(self.D.shape, dtype=torch.float32, device=self.D.device)
@@ -444,7 +445,9 @@ def verify_chain(P: torch.Tensor, Q, D: torch.Tensor, limit: torch.Tensor, u_acc
     return _verify_tensors(P, Q, D, limit, u_accept, u_token, rule)
 
 
-ROW_PATH_ROWS = 4  # up to this many chains, lossless verification of sampled drafts walks each row on the host
+# up to this many chains (images), lossless verification of sampled drafts walks each row on the host, and
+# WindowArms.choose / observe decide in Python scalars instead of arrays (the same bits either way)
+ROW_PATH_ROWS = 4
 
 
 def _verify_tensors(P, Q, D, limit, u_accept, u_token, rule) -> ChainResult:
@@ -511,17 +514,8 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
         dist[i] = r
     token = None
     if u_token is not None:
-        token = torch.from_numpy(np.array([_draw(dist[i], w) for i, w in enumerate(u_token.tolist())], dtype=np.int64))
+        token = torch.from_numpy(sample_from_probs_host(dist, u_token.numpy()).astype(np.int64))
     return ChainResult(torch.from_numpy(np.array(accepted, dtype=np.int64)), torch.from_numpy(dist), token)
-
-
-def _draw(probs: np.ndarray, u: float) -> int:
-    """`sample_from_probs` of one row [V] in numpy: the same float64 running sum (numpy's cumsum adds
-    in order, as torch's does on a CPU), target and right-side search."""
-    cdf = probs.astype(np.float64).cumsum()  # exact widening, then the sum in order
-    total = cdf[-1]
-    target = min(u * total, total * (1.0 - 2.0**-53))
-    return min(int(np.searchsorted(cdf, target, side="right")), probs.shape[0] - 1)
 
 
 _ZERO = np.float32(0.0)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from arexport.errors import ArexportError
-from arexport.runtime.sampling import sample_from_probs
+from arexport.runtime.sampling import sample_from_probs, sample_from_probs_host
 from arexport.runtime.speculative import StandardRule
 
 # LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
@@ -181,23 +181,21 @@ class StaticLevel:
     nodes [L]: the level's node indices (consecutive, from `first`); parents [C]: the distinct parents of
     those nodes, ascending; draws: per child rank r, (positions into `parents` of the parents that have a
     rank-r child [a], the node index of each such child [a], its uniform's lane: node - 1 [a]); node_parent [L]:
-    each node's parent;
-    seen [L, N]: node i sees draft node j + 1 (itself or an ancestor; the root's pair is committed)."""
+    each node's parent; host: numpy copies for the CPU draws (parents, ((pos, kids - first, lane) per rank))."""
 
     nodes: torch.Tensor
     first: int
     parents: torch.Tensor
     draws: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
     node_parent: torch.Tensor
-    seen: torch.Tensor
-    host: tuple = ()  # numpy copies for the CPU draws: (parents, ((pos, kids - first, lane) per rank))
+    host: tuple
 
 
 @dataclass(frozen=True)
 class StaticPlan:
     """A static tree (`static_tree`'s parent, depth, rank [N+1]), its ancestor mask anc [N+1, N+1],
-    levels 1..max depth and seen [N, N]: draft node i + 1 sees draft node j + 1 (anc without the root; each
-    level's `seen` is its rows)."""
+    levels 1..max depth and seen [N, N]: draft node i + 1 sees draft node j + 1 (anc without the root; a
+    level's rows are sliced from it per round)."""
 
     parent: torch.Tensor
     depth: torch.Tensor
@@ -214,7 +212,7 @@ class StaticPlan:
         move = lambda t: t.to(device)  # noqa: E731
         levels = tuple(StaticLevel(move(lv.nodes), lv.first, move(lv.parents),
                                    tuple(tuple(move(t) for t in dr) for dr in lv.draws), move(lv.node_parent),
-                                   move(lv.seen), lv.host)
+                                   lv.host)
                        for lv in self.levels)
         return StaticPlan(move(self.parent), move(self.depth), move(self.rank), move(self.anc), levels, move(self.seen))
 
@@ -235,7 +233,7 @@ def static_plan(paths) -> StaticPlan:
             draws.append((torch.tensor([parents.index(par[i]) for i in kids]), torch.tensor(kids), torch.tensor(kids) - 1))
         host = (np.array(parents), tuple((pos.numpy(), kids.numpy() - nodes[0], lane.numpy()) for pos, kids, lane in draws))
         levels.append(StaticLevel(torch.tensor(nodes), nodes[0], torch.tensor(parents), tuple(draws),
-                                  torch.tensor([par[i] for i in nodes]), anc[nodes][:, 1:].clone(), host))
+                                  torch.tensor([par[i] for i in nodes]), host))
     return StaticPlan(parent, depth, rank, anc, tuple(levels), anc[1:, 1:].clone())
 
 
@@ -271,17 +269,6 @@ def _sampled_level_torch(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor
             q[:, pos] = qa
 
 
-def host_draw(q: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """`sampling.sample_from_probs` on host arrays, q [..., V] >= 0 and u [...] -> ids [...]: the same float64
-    cumulative sum (a sequential scan in numpy as in torch's CPU kernel), the same target below the total, and
-    its right-sided search as a count (cdf entries <= target; the cdf never decreases), so the same ids. A small
-    row costs ~1 us per numpy op against ~3-5 us per torch op (a static tree draws ~9 ranks a round)."""
-    cdf = np.cumsum(q, axis=-1, dtype=np.float64)
-    total = cdf[..., -1:]
-    target = np.minimum(np.asarray(u, dtype=np.float64)[..., None] * total, total * (1.0 - 2.0**-53))
-    return np.minimum((cdf <= target).sum(-1), q.shape[-1] - 1)
-
-
 def _sampled_level_host(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
     """`_sampled_level_torch` in numpy on CPU tensors (the level's tokens written in one op)."""
     parents, draws = level.host
@@ -292,7 +279,7 @@ def _sampled_level_host(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor,
     for r, (pos, col, lane) in enumerate(draws):
         whole = pos.size == C
         qa = q if whole else q[:, pos]
-        x = host_draw(qa, un[:, lane])  # [B, a]
+        x = sample_from_probs_host(qa, un[:, lane])  # [B, a]
         xs[:, col] = x
         if r == last:
             break
@@ -402,8 +389,8 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
         path.append(node)
         p = P[node]
     final = p if rejected else rule.bonus(p[None])[0]
-    y = int(host_draw(final.numpy()[None], np.asarray(uu[n - 1:n]))[0]) if final.device.type == "cpu" \
-        else int(sample_from_probs(final[None], u[n - 1:n])[0])  # the same id (host_draw)
+    y = int(sample_from_probs_host(final.numpy()[None], np.asarray(uu[n - 1:n]))[0]) if final.device.type == "cpu" \
+        else int(sample_from_probs(final[None], u[n - 1:n])[0])  # the same id (sample_from_probs_host)
     return TreeResult(path, y, t, final)
 
 

@@ -88,8 +88,9 @@ HOOK_OPTIONS = {"verifier": BUILTIN_VERIFIERS, "scorer": BUILTIN_SCORERS}
 
 
 def request_safe_options(options: dict) -> None:
-    """Refuse method options that would run code named by a request: `verifier`/`scorer` may only
-    name built-ins ('auto' included), and `reformulate` is for the Python API."""
+    """Refuse method options a request must not set: `verifier`/`scorer` may only name built-ins ('auto'
+    included); `reformulate` is for the Python API; `head_threads` sizes a server session; `orders` and
+    `draft_head` name files on the server."""
     for k, builtins in HOOK_OPTIONS.items():
         v = options.get(k, "auto")
         if not isinstance(v, str):  # a callable or any other object comes only from the Python API

@@ -108,8 +108,8 @@ def allocate_head_cache(head, batch: int, slots: int, device) -> tuple:
 def default_head_threads(dim: int) -> Optional[int]:
     """The head session's intra-op threads when the caller names none: 1 for a head narrower than SMALL_HEAD_WIDTH,
     else None (ONNX Runtime's default, one per core). A narrow head's call (the demo's: width 96, ~0.1 M multiply-adds
-    per pair) is far too small to split: a second thread only adds its hand-off, 15.5 -> 12.8 head CPU ms per demo
-    image on one thread (docs/benchmarks.md, issue 30 eagle30w); a released head (width 1024-2048, a 16384-code
+    per pair) is far too small to split: a second thread only adds its hand-off (docs/benchmarks.md, issue 30 eagle30w: per demo
+    image, draft CPU 14.7 -> 12.4 ms and wall 15.4 -> 13.1 ms, medians, 2 threads -> 1); a released head (width 1024-2048, a 16384-code
     output layer, ~20-35 M multiply-adds per pair) has work each core can share, so it keeps ORT's default."""
     return 1 if dim < SMALL_HEAD_WIDTH else None
 
