@@ -430,8 +430,8 @@ class QuantizedReport:
     gates: list[dict] = field(default_factory=list)  # name, value, limit, passed
     calibration: dict = field(default_factory=dict)  # what calibrate measured (manifest), shown next to ours
     token_agreement: Optional[float] = None  # greedy whole images: informational (quantization may diverge)
-    # per hidden-state step graph (tree_verify): cosine of its hidden states against the reference's, per
-    # position; informational, shown beside what calibrate measured (a draft head reads these states)
+    # per step graph with a hidden-state output (a draft head's tree verification): cosine of its hidden states
+    # against the reference's, per position; informational, shown beside what calibrate measured
     hidden_fidelity: dict = field(default_factory=dict)
     images_identical: Optional[str] = None
     seconds: float = 0.0
