@@ -270,26 +270,45 @@ def _sampled_level_torch(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor
 
 
 def _sampled_level_host(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
-    """`_sampled_level_torch` in numpy on CPU tensors (the level's tokens written in one op)."""
+    """`_sampled_level_torch` in numpy on CPU tensors (the level's tokens written in one op). q is widened to
+    float64 once per level (exact: the draw widens each rank's rows anyway, zeroes stay zero and a row of
+    non-negative float32 sums to > 0 in either width exactly when one entry is > 0), so a rank's draw is a
+    scan, a compare and a count."""
     parents, draws = level.host
-    q = dist.numpy()[:, parents]  # a copy, as above
+    q = dist.numpy()[:, parents].astype(np.float64)  # a copy, as above
     un = u.numpy()
     last, C, first = len(draws) - 1, parents.size, level.first
+    V = q.shape[2]
     xs = np.empty((q.shape[0], level.nodes.numel()), dtype=np.int64)
     for r, (pos, col, lane) in enumerate(draws):
         whole = pos.size == C
         qa = q if whole else q[:, pos]
-        x = sample_from_probs_host(qa, un[:, lane])  # [B, a]
+        cdf = qa.cumsum(-1)
+        total = cdf[..., -1:]
+        target = np.minimum(un[:, lane][..., None] * total, total * (1.0 - 2.0**-53))
+        x = np.minimum((cdf <= target).sum(-1), V - 1)  # sample_from_probs_host on the widened rows
         xs[:, col] = x
         if r == last:
             break
-        qa[np.arange(x.shape[0])[:, None], np.arange(x.shape[1])[None, :], x] = 0.0
-        qa = np.where(qa.sum(2, keepdims=True) > 0, qa, qa.dtype.type(1.0))  # exhausted support: any token
-        if whole:
-            q = qa
-        else:
+        bi, ai = _grid(*x.shape)
+        qa[bi, ai, x] = 0.0  # (fancy-indexed copies need not be C-ordered: index, never reshape)
+        empty = ~(qa.max(2) > 0)  # exhausted support: any token
+        if empty.any():
+            qa[empty] = 1.0
+        if not whole:
             q[:, pos] = qa
     tokens[:, first:first + xs.shape[1]] = torch.from_numpy(xs).to(tokens.dtype)
+
+
+_GRIDS: dict = {}
+
+
+def _grid(B: int, a: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays arange(B)[:, None], arange(a)[None, :] (made once per shape; read only)."""
+    g = _GRIDS.get((B, a))
+    if g is None:
+        g = _GRIDS[(B, a)] = (np.arange(B)[:, None], np.arange(a)[None, :])
+    return g
 
 
 def sampled_children(q: torch.Tensor, n: int, u: torch.Tensor) -> torch.Tensor:

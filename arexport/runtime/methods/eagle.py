@@ -216,17 +216,18 @@ class EagleDecoder(Decoder):
         self.hcache.length[r0:r1] = t
 
     def _head(self, hidden, tokens, positions, write, mask):
-        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row). When the target
+        """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row); positions are cells
+        >= 0 (every caller's: a catch-up's n - pc + j, a node's n - 1 + depth, n >= pc >= 0). When the target
         engine records timings, the call is timed as a `draft_head` record of its own (HEAD_RECORD) in the target's
         records, so `profile` reports it beside the target's steps instead of inside the host time."""
         hc = self.hcache.view(0, hidden.shape[0])
         eng = self.engine
         if not eng.record_timings:
-            logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+            logits, out, _, _ = self.head.step(hidden, tokens, positions, write, mask, hc.keys, hc.values)
             return logits, out
         eng._sync()
         t0 = time.perf_counter()
-        logits, out, _, _ = self.head.step(hidden, tokens, positions.clamp(min=0), write, mask, hc.keys, hc.values)
+        logits, out, _, _ = self.head.step(hidden, tokens, positions, write, mask, hc.keys, hc.values)
         eng._sync()
         eng.records.append(StepRecord(HEAD_RECORD, hidden.shape[0], tokens.shape[1], time.perf_counter() - t0))
         return logits, out
@@ -312,11 +313,11 @@ class EagleDecoder(Decoder):
         plan, N = self.static, self.n_nodes
         if u is None:
             u = self.slots.uniform(N, ready)  # one draw per node
-        tokens = torch.zeros(b, N + 1, dtype=torch.long, device=dev)
-        tokens[:, 0] = self.tokens[:b].gather(1, (n - 1)[:, None])[:, 0]
+        tokens = torch.zeros(b, N + 1, dtype=torch.long, device=dev)  # the root's (column 0): advance writes it
         dist = p0.new_zeros(b, N + 1, p0.shape[-1])  # the head's distribution after each node
         dist[:, 0] = p0
-        hid = out_root.new_zeros(rows, N + 1, out_root.shape[-1])  # the head's output at each node
+        hid = out_root.new_empty(rows, N + 1, out_root.shape[-1])  # its output at each node (a level reads only
+        # its parents' rows, which the root or an earlier level wrote: not zeroed)
         hid[:, 0] = out_root
         slot_of = base[:, None, None] + self._arange(N)  # draft node j + 1's head slot
         deepest = self.max_depth
@@ -331,6 +332,7 @@ class EagleDecoder(Decoder):
             node_depth = plan.depth[1:]  # every draft node's position and guidance index at once; a level slices them
             pos_all = cfg.expand(n[:, None] - 1 + node_depth)  # a depth-d node is token n - 1 + d
             guide_all = (n[:, None] + node_depth).clamp(max=self.spec.n_tokens - 1)  # its draft predicts token n + d
+        ready_l = ready.tolist()
         for d, lv in enumerate(plan.levels, start=1):
             sampled_level(dist, lv, u, tokens)
             if d >= deepest:
@@ -340,7 +342,7 @@ class EagleDecoder(Decoder):
                                      pos_all[:, f0:f0 + L], base + f0, fed[:, :, f0:f0 + L])
             pl = self._draft_probs(logits, guide_all[:, f0:f0 + L])
             dist[:, lv.first:lv.first + L], hid[:, lv.first:lv.first + L] = pl.to(dist.dtype), out.to(hid.dtype)
-            self._count(ready, draft=True)
+            self._count(ready_l, draft=True)
         q = dist[:, plan.parent].to(torch.float32)  # what each node was drawn from (a copy); the root: from nothing
         q[:, 0] = 0.0
         return Tree(tokens=tokens, parent=plan.parent[None].expand(b, -1), depth=plan.depth[None].expand(b, -1),
@@ -483,8 +485,9 @@ class EagleDecoder(Decoder):
             t = self._aranges[n] = torch.arange(n, device=self.slots.device)
         return t
 
-    def _count(self, rows: torch.Tensor, draft: bool = False) -> None:
-        for st, on in zip(self.slots.stats, rows.tolist()):
+    def _count(self, rows, draft: bool = False) -> None:
+        """rows: [B] bool tensor, or its list (a static tree's levels make it once per round)."""
+        for st, on in zip(self.slots.stats, rows if isinstance(rows, list) else rows.tolist()):
             if on and draft:
                 st.draft_forwards += 1
 
