@@ -63,14 +63,19 @@ def test_ancestor_mask_is_the_parent_walk():
     assert not torch.equal(_one_squaring_short(deep), _walk(deep))  # the comparison catches a short closure
 
 
-@pytest.mark.parametrize("draw", ["cpu", "torch"])
+@pytest.mark.parametrize("draw", ["small", "cpu", "torch"])
 @pytest.mark.parametrize("paths", [SMALL_STATIC_TREE, DEEP], ids=["default", "deep"])
 def test_a_static_level_draws_as_each_parent_alone(paths, draw, monkeypatch):
     """All parents of a level draw rank r together; each parent's children must be exactly sampled_children of its
     row with its children's uniforms, on rows with zeros and with fewer tokens than children (exhausted support).
-    Both implementations: the numpy draws CPU tensors take and the torch ops any other device takes."""
+    All three implementations: Python floats for a small level, numpy for a larger one on CPU tensors and the
+    torch ops any other device takes."""
+    assert 4 * 3 * 3 <= tree_mod.SMALL_LEVEL  # the rows below take the Python path unless told otherwise
+    if draw == "cpu":
+        monkeypatch.setattr(tree_mod, "SMALL_LEVEL", 0)
     if draw == "torch":
         monkeypatch.setattr(tree_mod, "_sampled_level_host", tree_mod._sampled_level_torch)
+        monkeypatch.setattr(tree_mod, "SMALL_LEVEL", 0)
     plan = static_plan(paths)
     N, B, V = plan.n_nodes, 4, 3
     g = torch.Generator().manual_seed(1)
