@@ -101,7 +101,8 @@ def test_a_static_level_draws_as_each_parent_alone(paths, draw, monkeypatch):
 def test_host_draw_picks_what_sample_from_probs_picks():
     """sampling.sample_from_probs_host (numpy) is sampling.sample_from_probs on host arrays: the same ids on rows of 17 and 16384 tokens
     with zeros, tiny masses (1e-30), unnormalised rows, a one-token row, and uniforms at 0, just below 1 and on a cdf
-    step's edge. Control: a left-sided search (cdf < target) picks other ids on the edge cases."""
+    step's edge; so is tree._draw_small on the 17-token rows. Control: a left-sided search (cdf < target) picks other
+    ids on the edge cases."""
     g = torch.Generator().manual_seed(5)
     rows = []
     for v in (17, 16384):
@@ -119,6 +120,9 @@ def test_host_draw_picks_what_sample_from_probs_picks():
         u[20:30] = (cdf[20:30, 5] / cdf[20:30, -1]).clamp(max=1 - 2.0**-53)  # exactly on a step's edge
         want = sample_from_probs(p, u)
         assert np.array_equal(host_draw(p.numpy(), u.numpy()), want.numpy())
+        if p.shape[-1] <= tree_mod.SMALL_LEVEL:  # the walk's final draw on a small row, in Python floats
+            small = [tree_mod._draw_small(row, ui) for row, ui in zip(p.tolist(), u.tolist())]
+            assert small == want.tolist()
         target = np.minimum(u.numpy()[:, None] * cdf[:, -1:].numpy(), cdf[:, -1:].numpy() * (1.0 - 2.0**-53))
         left = np.minimum((cdf.numpy() < target).sum(-1), p.shape[-1] - 1)
         assert not np.array_equal(left, want.numpy())

@@ -320,23 +320,27 @@ def _sampled_level_small(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor
     q = dist.numpy()[:, parents].tolist()  # [B][C][V]: copies, as above
     un = u.numpy().tolist()
     last, first, V = len(draws) - 1, level.first, dist.shape[2]
-    below = 1.0 - 2.0**-53
     xs = [[0] * level.nodes.numel() for _ in q]
     for r, children in enumerate(draws):
         for qb, ub, xb in zip(q, un, xs):
             for c, k, ln in children:
                 row = qb[c]
-                cdf = list(accumulate(row))  # in order, in doubles
-                acc = cdf[-1]
-                target = min(ub[ln] * acc, acc * below)
-                x = min(sum(1 for e in cdf if e <= target), V - 1)
-                xb[k] = x
+                xb[k] = x = _draw_small(row, ub[ln])
                 if r == last:
                     continue
                 row[x] = 0.0
                 if not sum(row) > 0:  # exhausted support: any token
                     qb[c] = [1.0] * V
     tokens[:, first:first + len(xs[0])] = torch.tensor(xs, dtype=tokens.dtype)
+
+
+def _draw_small(row: list, u: float) -> int:
+    """`sample_from_probs_host` of one row of Python floats (probabilities widened to doubles) and uniform u: the
+    in-order double scan, the target just below the total and the count of scan entries <= target."""
+    cdf = list(accumulate(row))
+    total = cdf[-1]
+    target = min(u * total, total * (1.0 - 2.0**-53))
+    return min(sum(1 for e in cdf if e <= target), len(row) - 1)
 
 
 _GRIDS: dict = {}
@@ -447,8 +451,12 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
         path.append(node)
         p = P[node]
     final = p if rejected else rule.bonus(p[None])[0]
-    y = int(sample_from_probs_host(final.numpy()[None], np.asarray(uu[n - 1:n]))[0]) if final.device.type == "cpu" \
-        else int(sample_from_probs(final[None], u[n - 1:n])[0])  # the same id (sample_from_probs_host)
+    if final.device.type != "cpu":
+        y = int(sample_from_probs(final[None], u[n - 1:n])[0])
+    elif final.shape[0] <= SMALL_LEVEL:  # the same id in Python floats (_draw_small), numpy or torch
+        y = _draw_small(final.tolist(), uu[n - 1])
+    else:
+        y = int(sample_from_probs_host(final.numpy()[None], np.asarray(uu[n - 1:n]))[0])
     return TreeResult(path, y, t, final)
 
 
