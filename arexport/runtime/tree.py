@@ -278,9 +278,9 @@ def _sampled_level_torch(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor
 
 def _sampled_level_host(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor, tokens: torch.Tensor) -> None:
     """`_sampled_level_torch` in numpy on CPU tensors (the level's tokens written in one op). q is widened to
-    float64 once per level (exact: the draw widens each rank's rows anyway, zeroes stay zero and a row of
-    non-negative float32 sums to > 0 in either width exactly when one entry is > 0), so a rank's draw is a
-    scan, a compare and a count."""
+    float64 once per level (exact: the draw widens each rank's rows anyway and zeroes stay zero), so a rank's draw
+    is a scan, a compare and a count; a row is exhausted when no entry is > 0 (max: for non-negative rows the
+    same test as a sum > 0, NaN included)."""
     parents, draws, _ = level.host
     q = dist.numpy()[:, parents].astype(np.float64)  # a copy, as above
     un = u.numpy()
