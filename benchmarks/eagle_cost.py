@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import config_label, digit_quality, git_rev, machine, markdown_table  # noqa: E402
+from common import config_label, digit_quality, emit, git_rev, machine  # noqa: E402
 
 from arexport.runtime.engine import HEAD_RECORD  # noqa: E402
 from arexport.runtime.generator import Generator  # noqa: E402
@@ -162,10 +162,7 @@ def main():
     cols = ["method", "target fwd/img", "tokens/fwd", "draft calls/img", "draft ms/img", "draft CPU ms/img",
             "target ms/img", "target CPU ms/img", "host ms/img", "host CPU ms/img", "wall ms/img", "CPU ms/img",
             "acc CNN", "acc MLP"]
-    print(header)
-    print(markdown_table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    emit(header, rows, cols, args.json)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ accuracy of the requested class and Frechet distance (benchmarks/common.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import QUALITY_COLS, git_rev, machine, markdown_table  # noqa: E402
+from common import QUALITY_COLS, emit, git_rev, machine  # noqa: E402
 from methods_demo import run  # noqa: E402
 
 from arexport.runtime.generator import Generator  # noqa: E402
@@ -67,10 +66,7 @@ def main():
               f"commit {git_rev()}")
     cols = ["method", "target fwd/img", "tokens/target fwd", "mean accepted", "draft fwd/img", "ms/img (batch 1)",
             *QUALITY_COLS]
-    print(header)
-    print(markdown_table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    emit(header, rows, cols, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ floor (weights once + the live K/V of every row, profiling.bandwidth) at the sam
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import git_rev, machine, markdown_table  # noqa: E402
+from common import emit, git_rev, machine  # noqa: E402
 
 from arexport.exporter.build import BuildOptions, build_engine  # noqa: E402
 from arexport.models.registry import load_model, parse_overrides  # noqa: E402
@@ -91,10 +90,7 @@ def main() -> None:
               f"{args.rows} rows, decode q = 1, best of {args.rounds} rounds of the median of {args.iters} calls; copy bandwidth "
               f"{bw / 1e9:.1f} GB/s; {machine()}; commit {git_rev()}")
     cols = ["engine", "live masks", "tokens in cache", "step ms", f"/ step at {lives[-1]}", "floor ms", "x floor"]
-    print(header)
-    print(markdown_table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    emit(header, rows, cols, args.json)
 
 
 if __name__ == "__main__":
