@@ -328,7 +328,7 @@ def sample_from_probs_host(probs: np.ndarray, u) -> np.ndarray:
     just below the total, and its right-sided search as a count of cdf entries <= target (the cdf never
     decreases), so the same ids. For the CPU host paths (SJD's row verification, EAGLE's tree levels): a small
     row costs ~1 us per numpy op against ~3-5 us per torch op."""
-    cdf = probs.astype(np.float64).cumsum(-1)
+    cdf = np.asarray(probs, dtype=np.float64).cumsum(-1)  # no copy for rows already float64
     total = cdf[..., -1:]
     target = np.minimum(np.asarray(u, dtype=np.float64)[..., None] * total, total * (1.0 - 2.0**-53))
     return np.minimum((cdf <= target).sum(-1), probs.shape[-1] - 1)

@@ -34,6 +34,9 @@ from arexport.runtime.kv_cache import arange
 from arexport.runtime.sampling import probs_from_logits, sample_from_probs, sample_from_probs_host
 
 
+_TINY, _ONE, _ZERO = np.float32(1e-30), np.float32(1.0), np.float32(0.0)  # the host paths' float32 constants
+
+
 class StandardRule:
     """Lossless speculative sampling."""
 
@@ -66,6 +69,12 @@ class StandardRule:
         """Unnormalised distribution to resample from after x was rejected: [N, V]."""
         x = x[:, None]
         return _nonempty((p - q).clamp(min=0).scatter_(-1, x, 0.0), p.scatter(-1, x, 0.0), p)
+
+
+def ratio_host(px: np.float32, qx: np.float32) -> np.float32:
+    """`_ratio` on numpy float32 scalars: the same IEEE operations as on one-element tensors, without
+    their per-op cost (the CPU host paths: SJD's row verification, EAGLE's tree walk)."""
+    return min(px / max(qx, _TINY), _ONE)
 
 
 def _ratio(px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
@@ -470,8 +479,6 @@ def _verify_tensors(P, Q, D, limit, u_accept, u_token, rule) -> ChainResult:
     return ChainResult(k, dist, None if u_token is None else sample_from_probs(dist, u_token))
 
 
-_TINY = np.float32(1e-30)
-_ONE = np.float32(1.0)
 
 
 def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit: torch.Tensor,
@@ -491,7 +498,7 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
         while k < stop:
             x, j = d[i, k], index[i, k]
             qx = _ONE if j < 0 or rows is None else rows[j, x]  # q(x): 1 for a one-hot proposal
-            ratio = min(p[i, k, x] / max(qx, _TINY), _ONE)  # float32, as the tensor path's
+            ratio = ratio_host(p[i, k, x], qx)  # float32, as the tensor path's
             if not u[i, k] < ratio:
                 break
             k += 1
@@ -516,6 +523,3 @@ def _verify_rows(P: torch.Tensor, Q: "SampledProposals", D: torch.Tensor, limit:
     if u_token is not None:
         token = torch.from_numpy(sample_from_probs_host(dist, u_token.numpy()).astype(np.int64))
     return ChainResult(torch.from_numpy(np.array(accepted, dtype=np.int64)), torch.from_numpy(dist), token)
-
-
-_ZERO = np.float32(0.0)

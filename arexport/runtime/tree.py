@@ -36,7 +36,7 @@ import torch
 
 from arexport.errors import ArexportError
 from arexport.runtime.sampling import sample_from_probs, sample_from_probs_host
-from arexport.runtime.speculative import StandardRule
+from arexport.runtime.speculative import StandardRule, ratio_host
 
 # LANTERN++'s default --static_tree choices (`models/drafters/choices.py` `naive_extend_57` at 3a56e45 is
 # the official default, 57 nodes); this is a prefix-closed 15-node tree for small verify blocks, 4 levels deep,
@@ -285,15 +285,11 @@ def _sampled_level_host(dist: torch.Tensor, level: StaticLevel, u: torch.Tensor,
     q = dist.numpy()[:, parents].astype(np.float64)  # a copy, as above
     un = u.numpy()
     last, C, first = len(draws) - 1, parents.size, level.first
-    V = q.shape[2]
     xs = np.empty((q.shape[0], level.nodes.numel()), dtype=np.int64)
     for r, (pos, col, lane) in enumerate(draws):
         whole = pos.size == C
         qa = q if whole else q[:, pos]
-        cdf = qa.cumsum(-1)
-        total = cdf[..., -1:]
-        target = np.minimum(un[:, lane][..., None] * total, total * (1.0 - 2.0**-53))
-        x = np.minimum((cdf <= target).sum(-1), V - 1)  # sample_from_probs_host on the widened rows
+        x = sample_from_probs_host(qa, un[:, lane])
         xs[:, col] = x
         if r == last:
             break
@@ -392,8 +388,7 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
     for c in children.values():
         c.sort(key=lambda i: rk[i])
     # the lossless rule on fp32 CPU rows of a sampled tree: a child's acceptance min(1, p(x) / q'(x)) as numpy fp32
-    # scalars, the same IEEE operations StandardRule.acceptance does on one-element tensors (a few torch calls per
-    # test less); the renormalised row q' is made only when a rejection needs the residual
+    # scalars (speculative.ratio_host, the same IEEE operations StandardRule.acceptance does on one-element tensors)
     scalar = (q is not None and type(rule) is StandardRule and P.dtype == q.dtype == torch.float32
               and P.device.type == "cpu" and q.device.type == "cpu")
     node, path, t = 0, [0], 0
@@ -406,6 +401,7 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
             x = toks[ch]
             if x in tried:
                 continue
+            a = None
             if q is None:
                 qrow = torch.zeros_like(p)
                 qrow[x] = 1.0
@@ -415,35 +411,24 @@ def accept_tree(P: torch.Tensor, tokens: torch.Tensor, parent: torch.Tensor, ran
                     qrow = qrow.clone()
                     qrow[tried] = 0.0
                 s = qrow.sum()
-                if scalar:
-                    s32, qx32 = s.numpy()[()], qrow.numpy()[x]
-                    if s32 <= 0 or qx32 <= 0:
-                        tried.append(x)
-                        continue
-                    tried.append(x)
-                    px32 = p.numpy()[x]
-                    a = float(min(px32 / max(qx32 / s32, np.float32(1e-30)), np.float32(1.0)))
-                    ut = uu[t]
-                    t += 1
-                    if ut < a:
-                        accepted = ch
-                        break
-                    r = _tree_residual(rule, p, qrow / s, torch.tensor([x]), False)
-                    p, rejected = r / r.sum(), True
-                    continue
-                if s <= 0 or qrow[x] <= 0:
+                s_, qx = (s.numpy()[()], qrow.numpy()[x]) if scalar else (s, qrow[x])
+                if s_ <= 0 or qx <= 0:
                     tried.append(x)
                     continue
-                qrow = qrow / s
+                if scalar:  # the renormalised row q' only when a rejection reads it (below)
+                    a = float(ratio_host(p.numpy()[x], qx / s_))
+                else:
+                    qrow = qrow / s
             tried.append(x)
             xt = torch.tensor([x], device=p.device)
-            a = float(rule.acceptance(p[None], qrow[x][None], xt)[0])
+            if a is None:
+                a = float(rule.acceptance(p[None], qrow[x][None], xt)[0])
             ut = uu[t]  # t <= N - 1 tests in all: u[N] stays for the final draw
             t += 1
             if ut < a:
                 accepted = ch
                 break
-            r = _tree_residual(rule, p, qrow, xt, q is None)
+            r = _tree_residual(rule, p, qrow / s if scalar else qrow, xt, q is None)
             p, rejected = r / r.sum(), True
         if accepted is None:
             break

@@ -197,39 +197,32 @@ class EagleDecoder(Decoder):
         hc = self.hcache.view(r0, r1)
         slots = torch.arange(self.hcache.s_max, device=dev)
         chunk = int(getattr(self.head, "max_q", t))
-        eng = self.engine
         for s0 in range(0, t, chunk):
             q = min(chunk, t - s0)
             write = torch.full((rows,), s0, dtype=torch.long, device=dev)
             mask = (slots[None, None, :] <= (s0 + torch.arange(q, device=dev))[None, :, None]).expand(rows, -1, -1)
-            feed = (hidden[:, s0:s0 + q].to(self.head.dtype), torch.zeros(rows, q, dtype=torch.long, device=dev),
-                    torch.full((rows, q), -1, dtype=torch.long, device=dev), write, mask[:, None].contiguous())
-            if eng.record_timings:
-                eng._sync()
-                t0 = time.perf_counter()
-            self.head.step(*feed, hc.keys, hc.values)
-            if eng.record_timings:
-                eng._sync()
-                eng.records.append(StepRecord(HEAD_RECORD, rows, q, time.perf_counter() - t0))
+            self._head(hidden[:, s0:s0 + q].to(self.head.dtype), torch.zeros(rows, q, dtype=torch.long, device=dev),
+                       torch.full((rows, q), -1, dtype=torch.long, device=dev), write, mask[:, None].contiguous(), hc)
             for st in self.slots.stats[a:b]:
                 st.draft_forwards += 1
         self.hcache.length[r0:r1] = t
 
-    def _head(self, hidden, tokens, positions, write, mask):
+    def _head(self, hidden, tokens, positions, write, mask, hc=None):
         """One head call on rows: (guided draft logits per image [B, q, V], out hidden per row); positions are cells
-        >= 0 (every caller's: a catch-up's n - pc + j, a node's n - 1 + depth, n >= pc >= 0). When the target
-        engine records timings, the call is timed as a `draft_head` record of its own (HEAD_RECORD) in the target's
-        records, so `profile` reports it beside the target's steps instead of inside the host time."""
-        hc = self.hcache.view(0, hidden.shape[0])
+        >= 0 (every node's and catch-up's: n - pc + j, n - 1 + depth, n >= pc >= 0), or -1 for a caption pair. hc:
+        the head cache's rows (default: the first hidden.shape[0]). When the target engine records timings, the
+        call is timed as a `draft_head` record of its own (HEAD_RECORD) in the target's records, so `profile`
+        reports it beside the target's steps instead of inside the host time."""
+        hc = self.hcache.view(0, hidden.shape[0]) if hc is None else hc
         eng = self.engine
-        if not eng.record_timings:
-            logits, out, _, _ = self.head.step(hidden, tokens, positions, write, mask, hc.keys, hc.values)
-            return logits, out
-        eng._sync()
-        t0 = time.perf_counter()
+        timed = eng.record_timings
+        if timed:
+            eng._sync()
+            t0 = time.perf_counter()
         logits, out, _, _ = self.head.step(hidden, tokens, positions, write, mask, hc.keys, hc.values)
-        eng._sync()
-        eng.records.append(StepRecord(HEAD_RECORD, hidden.shape[0], tokens.shape[1], time.perf_counter() - t0))
+        if timed:
+            eng._sync()
+            eng.records.append(StepRecord(HEAD_RECORD, hidden.shape[0], tokens.shape[1], time.perf_counter() - t0))
         return logits, out
 
     def _draft_dist(self, logits, token_index):

@@ -23,7 +23,8 @@ import torch
 
 from arexport.errors import ArexportError
 
-HEAD_FORMAT = "arexport-draft-head/2"  # 2: position -1 is the zero-rotary condition row (1 clamped it to cell 0)  # what arexport.exporter.head writes
+# what arexport.exporter.head writes; 2: position -1 is the zero-rotary condition row (1 clamped it to cell 0)
+HEAD_FORMAT = "arexport-draft-head/2"
 HEAD_FILE = "head.json"
 # heads narrower than this run on one intra-op thread unless told otherwise (`default_head_threads`)
 SMALL_HEAD_WIDTH = 512
