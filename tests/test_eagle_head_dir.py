@@ -267,3 +267,69 @@ def test_head_threads_follow_the_width_rule_or_the_option(head_dir):
         load_head(EagleOptions(draft_head="demo-eagle", head_threads=1), spec, cpu)
     with pytest.raises(ArexportError, match="head_threads"):
         request_safe_options({"head_threads": 1})
+
+
+def test_head_graph_is_fused_and_the_fused_step_equals_the_plain_one(head_dir):
+    """The exported head traces under fused_export: per layer one q/k/v MatMul (and Split), one gate/up MatMul,
+    RotaryEmbedding on q and k, RMSNormalization for each norm, and no decomposed norm (Pow, ReduceMean, Sqrt); its
+    call is then ~50 nodes where the plain trace took ~80 (a small head's call costs per node). The fused step run
+    eagerly (the custom ops' reference arithmetic) equals the plain step on a tree-shaped mask, a cache already
+    holding pairs and a condition position (-1). Control: what a fused MLP reading gate and up in the wrong order
+    computes (the plain step with the two weights exchanged) is rejected."""
+    from collections import Counter
+
+    import onnx
+    import torch
+
+    from arexport.models.eagle import EagleConfig, EagleHead
+    from arexport.models.fused import fused_export
+
+    g = onnx.load(str(head_dir / "draft_head.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in g.graph.node)
+    assert ops["RotaryEmbedding"] == 2 and ops["RMSNormalization"] == 1 and ops["Attention"] == 1, ops
+    assert ops["MatMul"] == 6, ops  # fc, q/k/v, o, gate/up, down, lm_head
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(ops), ops
+    assert len(g.graph.node) <= 56, len(g.graph.node)
+
+    cfg = EagleConfig(dim=48, n_head=4, n_kv_head=2, ffn_hidden=80, vocab_size=11, grid_size=4, n_layer=2)
+    head = EagleHead(cfg).init_random(5, std=0.2).eval()
+    with torch.no_grad():
+        for layer in head.layers:  # norms away from 1 so that a wrong norm shows
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                if hasattr(layer, n):
+                    getattr(layer, n).weight.uniform_(0.5, 1.5)
+    gen = torch.Generator().manual_seed(1)
+    b, q, slots = 3, 4, 12
+    hidden = torch.randn(b, q, 48, generator=gen)
+    tokens = torch.randint(0, 11, (b, q), generator=gen)
+    positions = torch.tensor([[3, 4, 4, 5], [-1, 0, 1, 1], [14, 15, 16, 17]])  # a condition row; past the grid
+    write = torch.tensor([2, 0, 5])
+    s = torch.arange(slots)
+    mask = (s[None, None, :] < write[:, None, None]).expand(b, q, slots).clone()
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    for i in range(b):
+        mask[i, :, write[i]:write[i] + q] = tree
+    mask = mask[:, None]
+    past_k, past_v = head.allocate(b, slots)
+    for t in past_k + past_v:
+        t.copy_(torch.randn(t.shape, generator=gen))
+
+    def run(fused_on):
+        ks, vs = [t.clone() for t in past_k], [t.clone() for t in past_v]
+        with torch.no_grad(), fused_export(fused_on):
+            out = head.step(hidden, tokens, positions, write, mask, ks, vs)
+        return out[0], out[1], ks + vs
+
+    ref_logits, ref_h, ref_cache = run(False)
+    logits, h, cache = run(True)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, ref_h, rtol=1e-5, atol=1e-5)
+    for a, r in zip(cache, ref_cache):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    mlp = head.layers[1].mlp
+    with torch.no_grad():
+        gate = mlp.gate_proj.weight.clone()
+        mlp.gate_proj.weight.copy_(mlp.up_proj.weight)
+        mlp.up_proj.weight.copy_(gate)
+    bad_logits, _, _ = run(False)
+    assert (bad_logits - ref_logits).abs().max() > 1e-2

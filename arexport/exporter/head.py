@@ -122,6 +122,7 @@ def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm
     from arexport.exporter.export import WeightStore, export_step_kind
     from arexport.format.stepkinds import get_step_kind
     from arexport.models.eagle import load_eagle_head
+    from arexport.models.fused import fused_export
 
     if not (1 <= max_q <= 256 and 1 <= max_batch <= 1024 and 0 <= extra_slots <= 4096):
         raise ArexportError(f"draft head engine: --verify-len {max_q} (1..256), batch {max_batch} (1..1024) and "
@@ -134,8 +135,9 @@ def _export(source, tmp: Path, target_dim, target_vocab, grid_size, n_tokens, lm
     store = WeightStore(tmp, filename=weights_file)
     try:
         report(f"exporting the draft_head step graph (q up to {max_q}, {slots} cache slots)")
-        g = export_step_kind(head, kind, spec, tmp, store, torch.float32, max_q=max(max_q, kind.min_max_q),
-                             max_batch=max_batch)
+        with fused_export():  # RotaryEmbedding / RMSNormalization nodes, one q/k/v and one gate/up MatMul (models/eagle.py)
+            g = export_step_kind(head, kind, spec, tmp, store, torch.float32, max_q=max(max_q, kind.min_max_q),
+                                 max_batch=max_batch)
     finally:
         store.close()
     err = _check(head, tmp / g.file, slots, min(max_q, 4))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arexport.errors import ArexportError, CheckpointError
-from arexport.models.fused import live_slots
+from arexport.models.fused import fused, live_slots
 from arexport.models.rope import apply_rope, rope_table_2d
 
 # official `input_type` -> the grid its rope table covers (cnets_llamagen.py lines 561-573 at 3a56e45)
@@ -100,6 +100,8 @@ class _RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if fused() and x.dtype == self.weight.dtype:  # tracing a head engine: one RMSNormalization node (models/fused.py)
+            return torch.ops.arexport.rms_normalize(x, self.weight, self.eps)
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
@@ -113,6 +115,14 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(c.dim, c.n_kv_head * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.dim, c.dim, bias=False)
 
+    def project(self, x):
+        """q, k, v [B, q, width] (the official separate projections; tracing a head engine, one MatMul and a Split:
+        ONNX Runtime folds the weights' Concat once, the node count of a small head's call is its cost)."""
+        if not fused():
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        return F.linear(x, w).split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+
 
 class _MLP(nn.Module):
     def __init__(self, c: EagleConfig):
@@ -122,6 +132,9 @@ class _MLP(nn.Module):
         self.down_proj = nn.Linear(c.ffn_hidden, c.dim, bias=False)
 
     def forward(self, x):
+        if fused():  # tracing a head engine: gate and up as one MatMul (ONNX Runtime folds the weights' Concat once)
+            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -187,19 +200,21 @@ class EagleHead(nn.Module):
             from arexport.models.llamagen import inplace_cache_write as cache_write
         c = self.cfg
         b, q, _ = hidden.shape
-        # -1: a condition position (rope row 0: zero rotary); Max/Min, not Clip: TensorRT parses Clip in float only
+        # -1: a condition position (rope row 0: zero rotary); Max/Min, not Clip: TensorRT parses Clip in float only (and
+        # the exporter folds Max/Min against constant bounds into a Clip)
         idx = torch.minimum(torch.maximum(positions + 1, torch.zeros_like(positions)),
                             torch.full_like(positions, c.grid_size**2))
-        cos, sin = self.rope_cos[idx].unsqueeze(2), self.rope_sin[idx].unsqueeze(2)
+        cos, sin = F.embedding(idx, self.rope_cos).unsqueeze(2), F.embedding(idx, self.rope_sin).unsqueeze(2)
         h = self.fc(torch.cat([self.embed_tokens(tokens).to(hidden.dtype), hidden], dim=-1))
         keys, values = list(keys), list(values)
         for i, layer in enumerate(self.layers):
             residual = h
             x = layer.input_layernorm(h) if i else h
             a = layer.self_attn
-            qh = a.q_proj(x).view(b, q, c.n_head, c.head_dim).transpose(1, 2)
-            kh = a.k_proj(x).view(b, q, c.n_kv_head, c.head_dim).transpose(1, 2)
-            vh = a.v_proj(x).view(b, q, c.n_kv_head, c.head_dim).transpose(1, 2)
+            qh, kh, vh = a.project(x)
+            qh = qh.view(b, q, c.n_head, c.head_dim).transpose(1, 2)
+            kh = kh.view(b, q, c.n_kv_head, c.head_dim).transpose(1, 2)
+            vh = vh.view(b, q, c.n_kv_head, c.head_dim).transpose(1, 2)
             qh, kh = apply_rope(qh, cos, sin), apply_rope(kh, cos, sin)
             keys[i] = cache_write(keys[i], kh, write_index)
             values[i] = cache_write(values[i], vh, write_index)
