@@ -138,8 +138,11 @@ def main():
                     "separated by '|'")
     ap.add_argument("--head-threads", type=int, default=None, help="the head rows' head_threads (default: the rule in "
                     "runtime/backends/ort/head.py default_head_threads)")
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads of the target and draft "
+                    "engines (default: ORT's, one per core)")
     args = ap.parse_args()
-    gen = Generator.load(args.engine, backend="ort", draft=args.draft)
+    gen = Generator.load(args.engine, backend="ort", draft=args.draft,
+                         **({"threads": args.threads} if args.threads else {}))
     params = SamplingParams(cfg_scale=args.cfg_scale)
     classes = [i % 10 for i in range(args.images)]
     rows = []

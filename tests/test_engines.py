@@ -136,6 +136,19 @@ def test_ort_on_cpu_runs_the_runtime_on_one_torch_thread(demo_engine, monkeypatc
     assert seen == [1]
 
 
+def test_ort_threads_reach_the_draft_engine_too(demo_engine):
+    """Generator.load(threads=N) sets the intra-op threads of the draft engine's sessions as well as the target's
+    (the CLI's --threads is per engine call, and a draft engine left at ORT's default made sd's draft steps slower
+    than the target's on the demo); without it both keep ORT's default (0 = one per core)."""
+    from arexport.runtime.generator import Generator
+
+    gen = Generator.load(str(demo_engine), backend="ort", draft=str(demo_engine), threads=1)
+    assert gen.engine.sessions.options.intra_op_num_threads == 1
+    assert gen.draft.sessions.options.intra_op_num_threads == 1
+    plain = Generator.load(str(demo_engine), backend="ort", draft=str(demo_engine))
+    assert plain.draft.sessions.options.intra_op_num_threads == 0
+
+
 def test_fused_rotary_and_norm_nodes_match_the_decomposed_graph(demo_engine, tmp_path):
     """ONNX Runtime engines trace RoPE and RMSNorm as one RotaryEmbedding / RMSNormalization node each
     (issue 19: fewer nodes per decode step); the decomposed graph (fused_ops=False) gives the

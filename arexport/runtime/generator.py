@@ -78,7 +78,7 @@ class Generator:
             torch.set_num_threads(host_threads)
         draft_engine = None
         if draft is not None:
-            dkw = {k: v for k, v in kw.items() if k in ("dtype",)}
+            dkw = {k: v for k, v in kw.items() if k in ("dtype", "threads")}
             draft_engine = open_engine(draft, backend=backend, device=device, **dkw)
             engine.family.check_draft(engine.spec, draft_engine.spec)
         if latency_profile is not None:
