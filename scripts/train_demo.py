@@ -20,7 +20,8 @@ Writes:
   demo-t2i-text.safetensors  its prompt encoder (one transformer block), trained jointly with it
   demo-t2i-tokenizer.json    the encoder's word-level tokenizer (vocabulary of the prompt templates below)
   demo-eagle.safetensors     EAGLE draft head for demo, trained on demo's own last hidden states (--only eagle:
-                             about 3 minutes on one busy core)
+                             5000 steps, about 8 minutes on one core; last-batch top-1 agreement with demo 0.82,
+                             against 0.70 after the 400 steps of earlier versions)
 Data: a token is a pixel's grey level 0..16; images are raster sequences of 64 tokens.
 The split is fixed (seed 0): 80% train, 20% held out for classifier accuracy and feature stats.
 The ARPG model learns from the real training split plus digits sampled from the raster demo model
@@ -451,7 +452,7 @@ def save_model(model, cfg, path: Path, info: dict, quiet: bool = False, dtype: t
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["classifiers", "target", "draft", "arpg", "var", "t2i", "eagle", "par"], default=None)
-    ap.add_argument("--eagle-steps", type=int, default=400)
+    ap.add_argument("--eagle-steps", type=int, default=5000)
     ap.add_argument("--eagle-synthetic", type=int, default=0, help="digits sampled from demo added to the EAGLE head's data")
     ap.add_argument("--var-steps", type=int, default=2500)
     ap.add_argument("--var-vae-steps", type=int, default=2000)
