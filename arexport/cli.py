@@ -124,7 +124,7 @@ def engine_or_model_options():
             click.option("--device", default="cpu", show_default=True),
             click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
                      "threads (default: 1 for models under 20M step weights, where more threads only contend; torch's "
-                     "default otherwise), ONNX Runtime intra-op threads (default: ORT's)."),
+                     "default otherwise), ONNX Runtime intra-op threads of the target's and the draft's sessions (default: ORT's)."),
         ]
         for o in reversed(opts):
             f = o(f)
@@ -334,7 +334,7 @@ def _dry_run(model_name, checkpoint, overrides, precision, verify_len) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads per engine call: torch intra-op "
                      "threads (default: 1 for models under 20M step weights, where more threads only contend; torch's "
-                     "default otherwise), ONNX Runtime intra-op threads (default: ORT's).")
+                     "default otherwise), ONNX Runtime intra-op threads of the target's and the draft's sessions (default: ORT's).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="torch backend weight/cache dtype (default fp32).")
 @click.option("--cfg-scale", type=float, help="Classifier-free guidance scale (>1 doubles the batch). Default: the model's.")
 @click.option("--cfg-interval", type=int, default=-1, show_default=True, help="Guide only image tokens 0..N+1 (LlamaGen); -1 = all.")

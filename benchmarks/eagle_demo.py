@@ -52,12 +52,15 @@ def main():
     ap.add_argument("--cfg-scale", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None, help="run only these config numbers (comma-separated, from 0)")
     args = ap.parse_args()
     gen = Generator.load("demo", draft="demo-draft")
     params = SamplingParams(cfg_scale=args.cfg_scale)
     classes = [i % 10 for i in range(args.images)]
     rows = []
-    for method, opts in CONFIGS:
+    for i, (method, opts) in enumerate(CONFIGS):
+        if args.only and str(i) not in args.only.split(","):
+            continue
         row = run(gen, method, opts, classes, params, args.seed, args.batch_size, args.latency_images)
         row["tokens/target fwd"] = 64 / row["target fwd/img"]
         rows.append(row)
