@@ -32,6 +32,7 @@ from torch import nn
 
 from arexport.errors import ArexportError, CheckpointError
 from arexport.models.fused import fused, live_slots
+from arexport.models.llamagen import RMSNorm  # the same fp32 norm; traced as one RMSNormalization node
 from arexport.models.rope import apply_rope, rope_table_2d
 
 # official `input_type` -> the grid its rope table covers (cnets_llamagen.py lines 561-573 at 3a56e45)
@@ -93,19 +94,6 @@ class EagleConfig:
                 "grid_size": self.grid_size}
 
 
-class _RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        if fused() and x.dtype == self.weight.dtype:  # tracing a head engine: one RMSNormalization node (models/fused.py)
-            return torch.ops.arexport.rms_normalize(x, self.weight, self.eps)
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
 class _Attention(nn.Module):
     def __init__(self, c: EagleConfig):
         super().__init__()
@@ -144,8 +132,8 @@ class _Layer(nn.Module):
         self.self_attn = _Attention(c)
         self.mlp = _MLP(c)
         if index:
-            self.input_layernorm = _RMSNorm(c.dim, c.norm_eps)
-        self.post_attention_layernorm = _RMSNorm(c.dim, c.norm_eps)
+            self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
 
 
 class EagleHead(nn.Module):
